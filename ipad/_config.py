@@ -1,0 +1,130 @@
+"""The daemon configuration as plain data: frozen attrs classes that know nothing of TOML."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import attrs
+
+from ._duration import Duration
+
+
+class LogFormat(enum.Enum):
+    """Where and how log records are rendered."""
+
+    CONSOLE = "console"
+    JSON = "json"
+    JOURNAL = "journal"
+
+
+class LogLevel(enum.Enum):
+    """Threshold below which records are dropped."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class RestartMode(enum.Enum):
+    """When a worker that exited is started again (the meaning of systemd's Restart=)."""
+
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
+@attrs.frozen
+class DaemonSettings:
+    """The ``[daemon]`` table."""
+
+    #: None means "the default for this user" (see ipad._paths.default_socket_path).
+    socket: Path | None = None
+    log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.CONSOLE
+    #: Searched after the install directory, before $IPAD_WORKER_PATH.
+    worker_dirs: tuple[Path, ...] = ()
+    #: Searched after the install directory, before $IPAD_MODULE_PATH.
+    module_dirs: tuple[Path, ...] = ()
+
+
+@attrs.frozen
+class RestartPolicy:
+    """How one module's worker is supervised; the ``[restart]`` table holds the defaults."""
+
+    restart: RestartMode = RestartMode.ON_FAILURE
+    #: Delay before the second consecutive restart; the first after a healthy run is immediate.
+    initial_delay: Duration = Duration(0.01)
+    max_delay: Duration = Duration(30.0)
+    multiplier: float = 2.0
+    #: Fraction of each delay added or removed at random so crash loops do not march in step.
+    jitter: float = 0.1
+    #: A worker that stays up this long has its backoff reset.
+    stable_after: Duration = Duration(10.0)
+    #: More failures than this within ``failure_window`` put the module in cooldown.
+    max_failures: int = 5
+    failure_window: Duration = Duration(60.0)
+    #: In cooldown, a module is retried at this fixed interval instead of being given up.
+    cooldown_interval: Duration = Duration(30.0)
+    #: A worker that has not said ``ready`` by then counts as a failed start.
+    start_timeout: Duration = Duration(5.0)
+    #: Grace between SIGTERM and killing the worker's whole process group or cgroup.
+    stop_timeout: Duration = Duration(2.0)
+    heartbeat_interval: Duration = Duration(1.0)
+    #: A worker that has not answered a heartbeat for this long is hung.
+    heartbeat_timeout: Duration = Duration(3.0)
+
+
+@attrs.frozen
+class RestartOverrides:
+    """A module's ``restart`` table: any key left out takes the ``[restart]`` value."""
+
+    restart: RestartMode | None = None
+    initial_delay: Duration | None = None
+    max_delay: Duration | None = None
+    multiplier: float | None = None
+    jitter: float | None = None
+    stable_after: Duration | None = None
+    max_failures: int | None = None
+    failure_window: Duration | None = None
+    cooldown_interval: Duration | None = None
+    start_timeout: Duration | None = None
+    stop_timeout: Duration | None = None
+    heartbeat_interval: Duration | None = None
+    heartbeat_timeout: Duration | None = None
+
+    def apply_to(self, base: RestartPolicy) -> RestartPolicy:
+        """Return ``base`` with every key this table sets replaced."""
+        changes = {k: v for k, v in attrs.asdict(self, recurse=False).items() if v is not None}
+        return attrs.evolve(base, **changes)
+
+
+@attrs.frozen
+class ModuleSettings:
+    """One ``[modules.<name>]`` table."""
+
+    enabled: bool = True
+    #: The registered proxy kind (isolation strategy) that runs this module.
+    proxy: str = "isolated"
+    #: Worker executable name; None takes the one the manifest names.
+    worker: str | None = None
+    #: Tuning file name, looked up as docs/configuration.md says; None means uncalibrated.toml.
+    tuning: str | None = None
+    restart: RestartOverrides = RestartOverrides()
+    #: Names of the daemon's environment variables a worker may see; all others are dropped.
+    env: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Config:
+    """A whole, validated configuration and the file it came from."""
+
+    daemon: DaemonSettings = DaemonSettings()
+    restart: RestartPolicy = RestartPolicy()
+    modules: dict[str, ModuleSettings] = attrs.field(factory=dict)
+
+    def restart_policy(self, module: str) -> RestartPolicy:
+        """The effective restart policy of one module: defaults, then its overrides."""
+        return self.modules[module].restart.apply_to(self.restart)

@@ -1,0 +1,167 @@
+"""Read a configuration file into a Config, or raise ConfigError naming every bad key."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._config import Config, DaemonSettings, RestartPolicy
+from ._convert import structure
+from ._manifest import MODULE_NAME
+from ._problems import ConfigError, Problem, join_key
+from ._search_path import is_plain_name
+
+#: POSIX portable environment variable names.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def load_config(path: Path, *, proxy_kinds: Collection[str] | None = None) -> Config:
+    """Read and validate the configuration at ``path``.
+
+    ``proxy_kinds``, when given, is the set of registered proxy kinds each
+    module's ``proxy`` must name. Relative directories in ``[daemon]`` are taken
+    relative to the file's own directory, so a checkout's config works from any
+    working directory.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(path, "(file)", f"cannot read: {exc}")]) from None
+    return parse_config(text, path, proxy_kinds=proxy_kinds)
+
+
+def parse_config(text: str, path: Path, *, proxy_kinds: Collection[str] | None = None) -> Config:
+    """Validate configuration text; ``path`` is used in messages and for relative dirs."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(path, "(toml)", f"invalid TOML: {exc}")]) from None
+    config, problems = structure(data, Config, path)
+    if config is None:
+        raise ConfigError(problems)
+    problems = list(_check(config, data, path, proxy_kinds))
+    if problems:
+        raise ConfigError(problems)
+    return _anchor_dirs(config, path.parent.resolve())
+
+
+def _anchor_dirs(config: Config, base: Path) -> Config:
+    daemon = attrs.evolve(
+        config.daemon,
+        worker_dirs=tuple(base / d for d in config.daemon.worker_dirs),
+        module_dirs=tuple(base / d for d in config.daemon.module_dirs),
+    )
+    return attrs.evolve(config, daemon=daemon)
+
+
+def _check(
+    config: Config, data: dict[str, Any], path: Path, proxy_kinds: Collection[str] | None
+) -> Iterator[Problem]:
+    yield from _check_daemon(config.daemon, path)
+    written = set(data.get("restart", {}))
+    yield from _check_policy(config.restart, path, "restart", written, blame_defaults=True)
+    for name in config.modules:
+        written = set(data["modules"][name].get("restart", {}))
+        yield from _check_module(config, name, path, proxy_kinds, written)
+
+
+def _check_daemon(daemon: DaemonSettings, path: Path) -> Iterator[Problem]:
+    if daemon.socket is not None and not daemon.socket.is_absolute():
+        yield Problem(
+            path, "daemon.socket", f"{str(daemon.socket)!r} is relative", "an absolute path"
+        )
+
+
+def _check_module(
+    config: Config,
+    name: str,
+    path: Path,
+    proxy_kinds: Collection[str] | None,
+    written: set[str],
+) -> Iterator[Problem]:
+    module = config.modules[name]
+    key = join_key("modules", name)
+    if not MODULE_NAME.fullmatch(name):
+        yield Problem(path, key, "invalid module name", "letters, digits, '-' and '_'")
+    if proxy_kinds is not None and module.proxy not in proxy_kinds:
+        kinds = ", ".join(sorted(proxy_kinds)) or "none"
+        yield Problem(
+            path, f"{key}.proxy", f"unknown proxy kind {module.proxy!r}", f"registered: {kinds}"
+        )
+    for field in ("worker", "tuning"):
+        value = getattr(module, field)
+        if value is not None and not is_plain_name(value):
+            yield Problem(
+                path,
+                f"{key}.{field}",
+                f"{value!r} is not a plain file name",
+                "a name without '/', searched as docs/configuration.md says",
+            )
+    for index, variable in enumerate(module.env):
+        if not ENV_NAME.fullmatch(variable):
+            yield Problem(
+                path,
+                f"{key}.env[{index}]",
+                f"{variable!r} is not a variable name",
+                "letters, digits and '_', not starting with a digit",
+            )
+    # Check the merged policy, but report each problem where the user can fix it.
+    policy = config.restart_policy(name)
+    yield from _check_policy(policy, path, f"{key}.restart", written, blame_defaults=False)
+
+
+def _check_policy(
+    policy: RestartPolicy, path: Path, key: str, written: set[str], *, blame_defaults: bool
+) -> Iterator[Problem]:
+    """Check a merged policy and blame a key the user wrote in the table at ``key``.
+
+    A module's table is blamed only for keys it sets itself, so a bad ``[restart]``
+    value is reported once, not again for every module that inherits it.
+    """
+
+    def mine(*names: str) -> str | None:
+        for field in names:
+            if field in written:
+                return f"{key}.{field}"
+        return f"{key}.{names[0]}" if blame_defaults else None
+
+    def problem(names: tuple[str, ...], message: str, expected: str) -> Iterator[Problem]:
+        where = mine(*names)
+        if where is not None:
+            yield Problem(path, where, message, expected)
+
+    if policy.multiplier < 1.0:
+        yield from problem(("multiplier",), f"{policy.multiplier} is below 1", "a number >= 1")
+    if not 0.0 <= policy.jitter < 1.0:
+        yield from problem(("jitter",), f"{policy.jitter} is out of range", "0 <= jitter < 1")
+    if policy.max_failures < 1:
+        yield from problem(
+            ("max_failures",), f"{policy.max_failures} is below 1", "an integer >= 1"
+        )
+    if policy.initial_delay > policy.max_delay:
+        yield from problem(
+            ("initial_delay", "max_delay"),
+            f"initial_delay {policy.initial_delay} exceeds max_delay {policy.max_delay}",
+            "initial_delay <= max_delay",
+        )
+    for field in (
+        "start_timeout",
+        "stop_timeout",
+        "heartbeat_interval",
+        "failure_window",
+        "cooldown_interval",
+    ):
+        if getattr(policy, field).seconds == 0:
+            yield from problem((field,), "must not be zero", "a positive duration")
+    if policy.heartbeat_timeout <= policy.heartbeat_interval:
+        yield from problem(
+            ("heartbeat_timeout", "heartbeat_interval"),
+            f"heartbeat_timeout {policy.heartbeat_timeout} is not longer than "
+            f"heartbeat_interval {policy.heartbeat_interval}",
+            "heartbeat_timeout > heartbeat_interval",
+        )

@@ -1,0 +1,24 @@
+"""Shared fixtures: every test starts from a clean ipad environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+
+@pytest.fixture(autouse=True)
+def _clean_ipad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own IPAD_* variables must not steer what a test sees."""
+    for name in list(os.environ):
+        if name.startswith("IPAD_") or name == "JOURNAL_STREAM":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """A test that configures logging (as the CLIs do) must not change the next test's."""
+    yield
+    structlog.reset_defaults()

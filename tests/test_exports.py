@@ -1,0 +1,32 @@
+"""The public front: every re-exported name imports, and importing ipad stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import ipad
+
+
+@pytest.mark.parametrize("name", ipad.__all__)
+def test_public_name_resolves(name: str) -> None:
+    """Each name in ipad.__all__ is importable from ipad."""
+    assert getattr(ipad, name) is not None
+
+
+def test_unknown_name_raises_attribute_error() -> None:
+    """A typo in a public name is an AttributeError, as for any module."""
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = ipad.nope
+
+
+@pytest.mark.timeout(60)
+def test_import_ipad_does_not_import_heavy_dependencies() -> None:
+    """Workers import ipad's package; that alone must not pull in trio, cattrs or structlog."""
+    code = "import sys, ipad; print(sorted(m for m in ('trio', 'cattrs', 'structlog') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout.strip() == "[]"
