@@ -1,0 +1,98 @@
+"""Logging set-up: one structlog processor chain whose last step picks the output.
+
+Console, JSON lines and journald are interchangeable final renderers of the
+same event dicts, so every output carries the same event name and fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from ._config import LogFormat, LogLevel
+from ._journal import JournalLogger, journal_message
+
+#: Call-site fields; journald shows them as CODE_FILE, CODE_LINE and CODE_FUNC.
+_CALLSITE = structlog.processors.CallsiteParameterAdder(
+    {
+        structlog.processors.CallsiteParameter.FILENAME,
+        structlog.processors.CallsiteParameter.LINENO,
+        structlog.processors.CallsiteParameter.FUNC_NAME,
+    }
+)
+
+
+def shared_processors() -> list[Processor]:
+    """The steps every output shares, before its renderer."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _CALLSITE,
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def render_journal(_: WrappedLogger, __: str, event_dict: EventDict) -> bytes:
+    """Final step for journald: a human MESSAGE plus every field as its own journal field."""
+    fields = dict(event_dict)
+    exc_text = ""
+    if "exception" in fields:
+        exc_text = "\n" + str(fields["exception"])
+    shown = " ".join(
+        f"{k}={v}" for k, v in fields.items() if k not in _NOT_IN_MESSAGE and v is not None
+    )
+    message = f"{fields.get('event', '')} {shown}".rstrip() + exc_text
+    return journal_message(fields, message)
+
+
+#: Fields the journal already shows apart from MESSAGE's text.
+_NOT_IN_MESSAGE = frozenset(
+    {"event", "level", "timestamp", "filename", "lineno", "func_name", "exception"}
+)
+
+
+def _drop_callsite(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    for key in ("filename", "lineno", "func_name"):
+        event_dict.pop(key, None)
+    return event_dict
+
+
+def renderers(fmt: LogFormat, stream: TextIO) -> list[Processor]:
+    """The last steps of the chain for one output format."""
+    if fmt is LogFormat.JSON:
+        return [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+    if fmt is LogFormat.JOURNAL:
+        return [structlog.processors.format_exc_info, render_journal]
+    colors = stream.isatty()
+    return [_drop_callsite, structlog.dev.ConsoleRenderer(colors=colors)]
+
+
+def configure_logging(
+    level: LogLevel = LogLevel.INFO,
+    fmt: LogFormat = LogFormat.CONSOLE,
+    stream: TextIO | None = None,
+) -> None:
+    """Configure structlog globally for the daemon or a CLI."""
+    out = sys.stderr if stream is None else stream
+    factory: Callable[..., Any]
+    if fmt is LogFormat.JOURNAL:
+        journal = JournalLogger()
+
+        def factory(*_: object) -> JournalLogger:
+            return journal
+    else:
+        factory = structlog.WriteLoggerFactory(file=out)
+    structlog.configure(
+        processors=[*shared_processors(), *renderers(fmt, out)],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.value.upper()]
+        ),
+        logger_factory=factory,
+        cache_logger_on_first_use=False,
+    )
