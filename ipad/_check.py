@@ -1,0 +1,106 @@
+"""Whole-configuration checks: the file itself, then what it refers to on disk.
+
+``ipad --check-config`` and daemon start-up run the same checks, so a config
+that passes the check does not fail at start for a missing manifest, worker
+executable or tuning file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+from ._config import Config
+from ._config_loader import load_config
+from ._discovery import Discovery, discover_modules
+from ._manifest import ModuleSource
+from ._problems import ConfigError, Problem, join_key
+from ._registry import REGISTRY, ProxyRegistry
+from ._resolve import WorkerNotFound, resolve_worker
+from ._tuning import TuningFileNotFound, find_tuning_file
+
+
+@attrs.frozen
+class ModulePlan:
+    """Everything needed to run one enabled module, all of it found and checked."""
+
+    name: str
+    source: ModuleSource
+    worker: Path
+    tuning: Path
+
+
+@attrs.frozen
+class CheckedConfig:
+    """A configuration together with the modules it will run."""
+
+    config: Config
+    path: Path
+    discovery: Discovery
+    plans: dict[str, ModulePlan]
+
+
+def check_config(
+    path: Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    registry: ProxyRegistry = REGISTRY,
+) -> CheckedConfig:
+    """Load ``path`` and check every enabled module; raise ConfigError listing all problems."""
+    env = os.environ if environ is None else environ
+    config = load_config(path, proxy_kinds=registry.kinds())
+    discovery = discover_modules(module_dirs=config.daemon.module_dirs, environ=env)
+    plans: dict[str, ModulePlan] = {}
+    problems: list[Problem] = []
+    for name, settings in config.modules.items():
+        if not settings.enabled:
+            continue
+        plan, found = _plan(config, path, name, discovery, env)
+        if plan is not None:
+            plans[name] = plan
+        problems.extend(found)
+    if problems:
+        raise ConfigError(problems)
+    return CheckedConfig(config=config, path=path, discovery=discovery, plans=plans)
+
+
+def _plan(
+    config: Config, path: Path, name: str, discovery: Discovery, environ: Mapping[str, str]
+) -> tuple[ModulePlan | None, list[Problem]]:
+    key = join_key("modules", name)
+    settings = config.modules[name]
+    source = discovery.modules.get(name)
+    if source is None:
+        searched = ", ".join(str(d) for d in discovery.searched) or "no directories"
+        missing = [Problem(path, key, f"no manifest {name}.toml found", f"searched: {searched}")]
+        # A manifest that exists but is broken explains the miss better than the search list.
+        for rejected in discovery.rejected:
+            missing.extend(p for p in rejected.problems if p.file.stem == name)
+        return None, missing
+    worker_name = settings.worker or source.manifest.worker
+    worker: Path | None = None
+    tuning: Path | None = None
+    problems: list[Problem] = []
+    try:
+        worker = resolve_worker(worker_name, extra_dirs=config.daemon.worker_dirs, environ=environ)
+    except WorkerNotFound as exc:
+        tried = "; ".join(f"{a.path}: {a.reason}" for a in exc.attempts) or "no directories"
+        problems.append(
+            Problem(
+                path,
+                f"{key}.worker",
+                f"no usable worker executable {worker_name!r}",
+                f"tried {tried}",
+            )
+        )
+    try:
+        tuning = find_tuning_file(name, settings.tuning, environ=environ)
+    except TuningFileNotFound as exc:
+        tried = "; ".join(str(p) for p in exc.tried)
+        problems.append(Problem(path, f"{key}.tuning", "no tuning file found", f"tried {tried}"))
+    if worker is None or tuning is None:
+        return None, problems
+    return ModulePlan(name=name, source=source, worker=worker, tuning=tuning), problems

@@ -1,0 +1,107 @@
+"""The ``ipad`` command: run the daemon, or check a configuration and exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from ._check import CheckedConfig, check_config
+from ._config import LogFormat, LogLevel
+from ._journal import stderr_is_journal
+from ._logging import configure_logging
+from ._problems import ConfigError
+from ._version import __version__
+
+#: Used when neither --config nor $IPAD_CONFIG names a file.
+DEFAULT_CONFIG = Path("/etc/ipad/config.toml")
+
+#: Exit status for an invalid configuration or a daemon that cannot start.
+EXIT_CONFIG = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's command line."""
+    parser = argparse.ArgumentParser(
+        prog="ipad",
+        description="Run IPA modules in supervised, isolated worker processes.",
+    )
+    parser.add_argument("--version", action="version", version=f"ipad {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"configuration file (default: $IPAD_CONFIG, else {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="check the configuration at PATH and everything it refers to, then exit",
+    )
+    parser.add_argument(
+        "--log-level", choices=[lvl.value for lvl in LogLevel], help="override [daemon] log_level"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=[fmt.value for fmt in LogFormat],
+        help="override [daemon] log_format (journal is chosen by itself under systemd)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ipad`` and ``python -m ipad``."""
+    args = build_parser().parse_args(argv)
+    # Until the configuration is read, only warnings (a shadowed module, an
+    # ignored search path entry) are worth showing, and only on stderr.
+    configure_logging(LogLevel.WARNING, LogFormat.CONSOLE)
+    if args.check_config is not None:
+        return _check_only(args.check_config)
+    path = args.config or Path(os.environ.get("IPAD_CONFIG") or DEFAULT_CONFIG)
+    try:
+        checked = check_config(path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    daemon = checked.config.daemon
+    level = LogLevel(args.log_level) if args.log_level else daemon.log_level
+    fmt = LogFormat(args.log_format) if args.log_format else daemon.log_format
+    if args.log_format is None and stderr_is_journal():
+        fmt = LogFormat.JOURNAL
+    configure_logging(level, fmt)
+    return _run(checked)
+
+
+def _run(checked: CheckedConfig) -> int:
+    import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
+
+    from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
+
+    try:
+        trio.run(run_daemon, checked)
+    except (SocketInUse, OSError) as exc:
+        structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
+        return EXIT_CONFIG
+    return 0
+
+
+def _check_only(path: Path) -> int:
+    try:
+        checked = check_config(path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    modules = ", ".join(sorted(checked.plans)) or "none"
+    print(f"{path}: ok (modules: {modules})")
+    return 0
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)

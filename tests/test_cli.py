@@ -1,0 +1,240 @@
+"""The ipad and ipadctl commands, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Generous: a loaded CI machine may take seconds to start Python and import trio.
+PROCESS_TIMEOUT = 30
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Python entry point of this checkout and capture its output."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env=env,
+        check=False,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.timeout(60)
+def test_check_config_accepts_the_shipped_config() -> None:
+    """`ipad --check-config config.toml` exits 0 and says so."""
+    result = run("-m", "ipad", "--check-config", "config.toml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config.toml: ok")
+
+
+@pytest.mark.timeout(60)
+def test_check_config_prints_every_problem(tmp_path: Path) -> None:
+    """A broken config exits 1 and prints one `PATH: key: what (expected)` line per problem."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[daemon]\nlog_levl = 'info'\n[restart]\nmax_delay = 'forever'\n"
+        "[modules.awb]\nenabled = 'yes'\nproxy = 'jail'\n"
+    )
+    result = run("-m", "ipad", "--check-config", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"{path}: daemon.log_levl: unknown key (did you mean 'log_level'?)",
+        (
+            f"{path}: restart.max_delay: cannot read duration 'forever' "
+            '(a duration such as "10ms", "1.5s" or "2min 30s"; units: us, ms, s, min, h)'
+        ),
+        f"{path}: modules.awb.enabled: got a string 'yes' (true or false)",
+    ]
+    assert result.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_check_config_reports_unknown_proxy_kind(tmp_path: Path) -> None:
+    """A module with an unregistered proxy kind fails the check, listing the registered kinds."""
+    path = tmp_path / "c.toml"
+    path.write_text("[modules.awb]\nproxy = 'jail'\n")
+    result = run("-m", "ipad", "--check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: modules.awb.proxy: unknown proxy kind 'jail' (registered: isolated)"
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    """A missing config file is one clear line, not a traceback."""
+    result = run("-m", "ipad", "--check-config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{tmp_path / 'nope.toml'}: (file): cannot read:")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [["-m", "ipad"], ["-m", "ipad._cli_ctl"]])
+def test_version_and_help(command: list[str]) -> None:
+    """Both commands answer --version and --help."""
+    version = run(*command, "--version")
+    assert version.returncode == 0
+    assert version.stdout.strip().endswith("0.1.0")
+    helped = run(*command, "--help")
+    assert helped.returncode == 0
+    assert "usage:" in helped.stdout
+
+
+@pytest.mark.timeout(60)
+def test_console_scripts_are_installed() -> None:
+    """The installed `ipad` and `ipadctl` scripts sit next to this interpreter and run."""
+    bindir = Path(sys.executable).parent
+    for name in ("ipad", "ipadctl"):
+        result = subprocess.run(
+            [str(bindir / name), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{name} 0.1.0")
+
+
+@pytest.fixture
+def daemon_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose daemon socket lives in this test's directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAD_")}
+    env["IPAD_SOCKET"] = str(tmp_path / "run" / "ipad.sock")
+    return env
+
+
+class Daemon:
+    """A real `python -m ipad` process, read through its JSON log on stderr."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipad", "--config", str(config), "--log-format", "json"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+
+    def wait_for(self, event: str) -> dict[str, object]:
+        """Read log records until ``event``; the test's timeout bounds the wait."""
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            record = json.loads(line)
+            if record["event"] == event:
+                return dict(record)
+        raise AssertionError(f"daemon exited ({self.proc.wait()}) before {event}")
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=PROCESS_TIMEOUT)
+
+    def kill(self) -> None:
+        """Teardown: whatever happened, leave no process behind."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=PROCESS_TIMEOUT)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def start_daemon(daemon_env: dict[str, str]) -> Iterator[object]:
+    """Start daemons for a test and kill and reap every one of them afterwards."""
+    started: list[Daemon] = []
+
+    def start(config: Path = REPO / "config.toml") -> Daemon:
+        daemon = Daemon(config, daemon_env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.mark.timeout(60)
+def test_daemon_binds_socket_and_stops_on_sigterm(
+    start_daemon: object, daemon_env: dict[str, str]
+) -> None:
+    """The daemon serves a 0660 SEQPACKET socket at $IPAD_SOCKET and removes it on SIGTERM."""
+    daemon = start_daemon()  # type: ignore[operator]
+    record = daemon.wait_for("daemon.started")
+    path = Path(daemon_env["IPAD_SOCKET"])
+    assert record["socket"] == str(path)
+    assert (path.stat().st_mode & 0o777) == 0o660
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    probe.connect(str(path))
+    probe.close()
+    assert daemon.stop() == 0
+    assert not path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_daemon_replaces_stale_socket(start_daemon: object, daemon_env: dict[str, str]) -> None:
+    """A socket file left by a dead daemon is replaced."""
+    path = Path(daemon_env["IPAD_SOCKET"])
+    path.parent.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(path))
+    stale.close()  # bound, never listening: nobody answers
+    daemon = start_daemon()  # type: ignore[operator]
+    daemon.wait_for("daemon.started")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_second_daemon_refuses_live_socket(start_daemon: object) -> None:
+    """A second daemon on the same socket exits 1 and leaves the first one serving."""
+    first = start_daemon()  # type: ignore[operator]
+    first.wait_for("daemon.started")
+    second = start_daemon()  # type: ignore[operator]
+    record = second.wait_for("daemon.start_failed")
+    assert "another daemon is listening" in str(record["error"])
+    assert second.proc.wait(timeout=PROCESS_TIMEOUT) == 1
+    assert first.proc.poll() is None
+    assert first.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_daemon_refuses_to_replace_a_regular_file(
+    start_daemon: object, daemon_env: dict[str, str]
+) -> None:
+    """A regular file where the socket should be is never deleted."""
+    path = Path(daemon_env["IPAD_SOCKET"])
+    path.parent.mkdir(parents=True)
+    path.write_text("precious")
+    daemon = start_daemon()  # type: ignore[operator]
+    record = daemon.wait_for("daemon.start_failed")
+    assert "is not a socket" in str(record["error"])
+    assert daemon.proc.wait(timeout=PROCESS_TIMEOUT) == 1
+    assert path.read_text() == "precious"
+
+
+@pytest.mark.timeout(60)
+def test_daemon_with_invalid_config_exits_1(tmp_path: Path, daemon_env: dict[str, str]) -> None:
+    """The daemon does not start on a broken config; it prints the problems and exits 1."""
+    path = tmp_path / "c.toml"
+    path.write_text("[daemon]\nlog_format = 'xml'\n")
+    result = run("-m", "ipad", "--config", str(path), env=daemon_env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: daemon.log_format: got 'xml' (one of 'console', 'json', 'journal')"
+    ]
