@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-#: A wheel carries the shipped workers here (see pyproject's force-include).
-_WHEEL_INSTALL_DIR = _PACKAGE_DIR / "_installed" / "workers"
 #: In a checkout or an editable install the workers sit next to the package.
 _CHECKOUT_INSTALL_DIR = _PACKAGE_DIR.parent / "workers"
+#: Its pyproject.toml tells a checkout from a site-packages that happens to hold workers/.
+_CHECKOUT_MARKER = _PACKAGE_DIR.parent / "pyproject.toml"
+#: An installed wheel puts them here (pyproject's shared-data), like libcamera's IPA_PROXY_DIR.
+_PREFIX_INSTALL_DIR = Path(sys.prefix) / "share" / "ipad" / "workers"
 
 #: The system-wide socket, created under systemd's RuntimeDirectory=ipad.
 SYSTEM_SOCKET = Path("/run/ipad/ipad.sock")
@@ -26,9 +29,9 @@ def install_dir() -> Path:
     Worker executables sit directly in it, module manifests in ``modules/``
     and the shipped tuning files in ``tuning/<module>/``.
     """
-    if _WHEEL_INSTALL_DIR.is_dir():
-        return _WHEEL_INSTALL_DIR
-    return _CHECKOUT_INSTALL_DIR
+    if _CHECKOUT_INSTALL_DIR.is_dir() and _CHECKOUT_MARKER.is_file():
+        return _CHECKOUT_INSTALL_DIR
+    return _PREFIX_INSTALL_DIR
 
 
 def install_module_dir() -> Path:
