@@ -1,12 +1,32 @@
-"""The ``ipadctl`` admin command; its operations arrive as the daemon grows them."""
+"""The ``ipadctl`` admin command: inspect the daemon, call modules, follow events.
+
+It uses the blocking client, so it starts without importing trio.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import msgspec
+
+from ._client_blocking import BlockingClient
+from ._errors import IpadError
 from ._version import __version__
+
+#: Exit status when the daemon answered with an error or could not be reached.
+EXIT_FAILED = 1
+#: Exit status for a usage error (argparse's own).
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """The command's arguments cannot be used; the message says why."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemon socket (default: $IPAD_SOCKET, else the per-user or system default)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("status", help="the daemon's and every module's state")
+    commands.add_parser("modules", help="discovered modules and their manifests")
+    call = commands.add_parser("call", help="request a proxy, call one method, print the result")
+    call.add_argument("module")
+    call.add_argument("method")
+    call.add_argument("args", nargs="?", default="{}", help="arguments as a JSON object")
+    call.add_argument(
+        "--fd",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="pass FILE, opened read-only, as the Buffer argument NAME (repeatable)",
+    )
+    events = commands.add_parser("events", help="recent events; --follow for new ones too")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     return parser
 
 
@@ -32,12 +70,123 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_usage()
-        return 2
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    try:
+        with BlockingClient(args.socket, name="ipadctl") as client:
+            return int(_COMMANDS[args.command](client, args))
+    except IpadError as exc:
+        _fail(args, exc.code, exc.message, exc.details)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        _fail(args, "unreachable", f"no daemon at {exc.filename or args.socket}: {exc.strerror}")
+    except UsageError as exc:
+        _fail(args, "usage", str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader (say, `| head`) left: stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return EXIT_FAILED
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None) -> None:
+    if args.json:
+        error = {"code": code, "message": message, "details": details or {}}
+        print(json.dumps({"error": error}))
+    else:
+        print(f"ipadctl: {message}", file=sys.stderr)
+        if details and "traceback" in details:
+            print(details["traceback"], file=sys.stderr)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=True))
+
+
+def _status(client: BlockingClient, args: argparse.Namespace) -> int:
+    reply = client.status()
+    if args.json:
+        _print_json({"daemon": reply.daemon, "modules": reply.modules})
+        return 0
+    d = reply.daemon
+    print(
+        f"ipad {d['version']} pid {d['pid']}, up {d['uptime']:.1f}s, {d['clients']} client(s), "
+        f"{d['proxies']} proxy(ies), socket {d['socket']}"
+    )
+    rows: list[tuple[str, ...]] = [
+        ("MODULE", "STATE", "PID", "RESTARTS", "PROXIES", "VERSION", "REASON")
+    ]
+    for name, m in sorted(reply.modules.items()):
+        rows.append((name, m["state"], str(m["worker_pid"] or "-"), str(m["restarts"]),
+                     str(m["proxies"]), m["version"], m["reason"] or ""))  # fmt: skip
+    _print_table(rows)
     return 0
 
 
-if __name__ == "__main__":
-    import sys
+def _modules(client: BlockingClient, args: argparse.Namespace) -> int:
+    modules = client.modules()
+    if args.json:
+        _print_json(modules)
+        return 0
+    rows: list[tuple[str, ...]] = [("MODULE", "VERSION", "ENABLED", "PIPELINES", "MANIFEST")]
+    for name, m in sorted(modules.items()):
+        pipe = m["pipeline"]
+        handlers = ",".join(pipe["handlers"]) + f" v{pipe['min_version']}-{pipe['max_version']}"
+        rows.append((name, m["version"], "yes" if m["enabled"] else "no", handlers, m["manifest"]))
+    _print_table(rows)
+    return 0
 
+
+def _call(client: BlockingClient, args: argparse.Namespace) -> int:
+    try:
+        call_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"arguments are not JSON: {exc}") from None
+    if not isinstance(call_args, dict):
+        raise UsageError('arguments must be a JSON object, such as \'{"text": "hi"}\'')
+    fds: dict[str, int] = {}
+    try:
+        for spec in args.fd:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--fd takes NAME=FILE, not {spec!r}")
+            fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        proxy = client.request_proxy(args.module)
+        result = proxy.call(args.method, call_args, fds, timeout=args.timeout)
+        proxy.release()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    _print_json(result) if args.json or not isinstance(result, str) else print(result)
+    return 0
+
+
+def _events(client: BlockingClient, args: argparse.Namespace) -> int:
+    client.subscribe(since=0)
+    timeout: float | None = None if args.follow else 0.2
+    while (event := client.next_event(timeout)) is not None:
+        if args.json:
+            print(json.dumps(msgspec.to_builtins(event)), flush=True)
+        else:
+            fields = " ".join(
+                f"{k}={v}"
+                for k, v in msgspec.to_builtins(event).items()
+                if v not in (None, {}) and k not in ("seq", "kind", "module")
+            )
+            print(f"{event.seq:6d} {event.kind}:{event.module} {fields}", flush=True)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+_COMMANDS = {"status": _status, "modules": _modules, "call": _call, "events": _events}
+
+
+if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,9 @@ DEFAULT_CONFIG = Path("/etc/ipad/config.toml")
 #: Exit status for an invalid configuration or a daemon that cannot start.
 EXIT_CONFIG = 1
 
+#: Exit status when a signal interrupted the orderly shutdown (128 + SIGINT, as shells do).
+EXIT_INTERRUPTED = 130
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The daemon's command line."""
@@ -85,6 +88,8 @@ def _run(checked: CheckedConfig) -> int:
 
     try:
         trio.run(run_daemon, checked)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except (SocketInUse, OSError) as exc:
         structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
         return EXIT_CONFIG

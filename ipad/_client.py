@@ -1,0 +1,267 @@
+"""The trio client: connect to the daemon, request proxies, call modules directly.
+
+Calls do not pass through the daemon: each proxy owns a channel straight to
+its module instance in the worker. The daemon connection carries requests,
+status and validity events. Everything runs inside the nursery that
+``open_client`` opens, so nothing outlives the ``async with`` block.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import _protocol as p
+from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, build_call, expect
+from ._errors import Disconnected, IpadError, WorkerCrashed
+from ._paths import socket_path
+from ._transport import PacketSocket, Requests
+
+#: Events kept for a reader that is behind; older ones are dropped first.
+EVENT_BACKLOG = 1024
+
+
+class EventQueue:
+    """A bounded queue that never blocks its writer: when full, the oldest entry goes."""
+
+    def __init__(self, size: int = EVENT_BACKLOG) -> None:
+        self._items: collections.deque[Any] = collections.deque(maxlen=size)
+        self._ready = trio.Event()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: object) -> None:
+        """Add an item, dropping the oldest if the queue is full."""
+        if len(self._items) == self._items.maxlen:
+            self.dropped += 1
+        self._items.append(item)
+        self._ready.set()
+
+    def close(self) -> None:
+        """No more items will come; readers finish once the queue is drained."""
+        self._closed = True
+        self._ready.set()
+
+    async def get(self) -> Any:
+        """The next item; raise trio.EndOfChannel once closed and drained."""
+        while not self._items:
+            if self._closed:
+                raise trio.EndOfChannel
+            self._ready = trio.Event()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.get()
+            except trio.EndOfChannel:
+                return
+
+
+class Proxy:
+    """A handle on one module instance, valid while its worker lives."""
+
+    def __init__(self, client: Client, info: ProxyInfo, channel: PacketSocket) -> None:
+        self.client = client
+        self.info = info
+        self.proxy_id = info.proxy_id
+        self.module = info.module
+        self.channel = channel
+        self.requests = Requests(f"proxy:{info.proxy_id}")
+        self.state = "valid"
+        self.reason: str | None = None
+        self.module_events = EventQueue()
+        self._closed = False
+
+    @property
+    def valid(self) -> bool:
+        """True while the worker is alive and the instance is initialised."""
+        return self.state == "valid"
+
+    async def call(
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        fds: Mapping[str, int] | None = None,
+    ) -> Any:
+        """Call ``method`` on the module instance; ``fds`` maps Buffer parameters to descriptors.
+
+        A crash of the worker fails the call at once with WorkerCrashed.
+        """
+        message, fd_list = build_call(method, args, fds)
+        try:
+            frame = await self.requests.call(self.channel, message, fd_list)
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise WorkerCrashed(f"{self.module} channel is closed: {exc}") from None
+        return expect(frame, p.Result).value
+
+    async def read_channel(self) -> None:
+        """Deliver replies and module events until the worker closes the channel."""
+        reason = "worker closed the channel"
+        try:
+            while True:
+                try:
+                    frame = await self.channel.receive()
+                except p.ProtocolError as exc:
+                    reason = f"worker broke the protocol: {exc.reason}"
+                    break
+                except (OSError, trio.ClosedResourceError):
+                    break
+                if frame is None:
+                    break
+                if isinstance(frame.message, p.ModuleEvent):
+                    self.module_events.put(frame.message)
+                else:
+                    self.requests.deliver(frame)
+        finally:
+            if not self._closed:
+                self.state = "invalid"
+                self.reason = reason
+            self.requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
+            self.module_events.close()
+
+    def _on_event(self, event: p.Event) -> None:
+        if event.state is not None:
+            self.state = event.state
+            self.reason = event.reason
+
+    async def release(self) -> None:
+        """Give the instance back; the proxy cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.state = "closed"
+        self.channel.close()
+        self.client.proxies.pop(self.proxy_id, None)
+        await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+
+
+class Client:
+    """A connection to the daemon."""
+
+    def __init__(self, conn: PacketSocket, nursery: trio.Nursery) -> None:
+        self.conn = conn
+        self.nursery = nursery
+        self.requests = Requests("daemon")
+        self.proxies: dict[int, Proxy] = {}
+        self.events = EventQueue()
+        self.welcome: p.Welcome | None = None
+        self.goodbye: str | None = None
+
+    async def request(self, message: p.Message, reply: type[M]) -> M:
+        """Send a request to the daemon and return its reply of type ``reply``."""
+        try:
+            frame = await self.requests.call(self.conn, message)
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise Disconnected(self.goodbye or f"connection to the daemon lost: {exc}") from None
+        return expect(frame, reply)
+
+    async def hello(self, name: str) -> p.Welcome:
+        """Negotiate the protocol version."""
+        self.welcome = await self.request(p.Hello(CLIENT_VERSIONS, name), p.Welcome)
+        return self.welcome
+
+    async def subscribe(self, since: int | None = None) -> p.Subscribed:
+        """Receive events from now on, after the kept ones later than ``since`` if given."""
+        return await self.request(p.Subscribe(since), p.Subscribed)
+
+    async def status(self) -> p.StatusReply:
+        """The daemon's and every module's state."""
+        reply: p.StatusReply = await self.request(p.Status(), p.StatusReply)
+        return reply
+
+    async def modules(self) -> dict[str, dict[str, Any]]:
+        """Every discovered module and its manifest."""
+        reply: p.Modules = await self.request(p.ListModules(), p.Modules)
+        return reply.modules
+
+    async def request_proxy(
+        self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
+    ) -> Proxy:
+        """A proxy to a new instance of ``module``."""
+        try:
+            frame = await self.requests.call(
+                self.conn, p.RequestProxy(module, pipeline, pipeline_version)
+            )
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise Disconnected(self.goodbye or f"connection to the daemon lost: {exc}") from None
+        granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise IpadError("PROXY_GRANTED came without its channel")
+        channel = PacketSocket.from_stdlib(
+            socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL
+        )
+        proxy = Proxy(self, ProxyInfo.from_granted(granted), channel)
+        self.proxies[proxy.proxy_id] = proxy
+        self.nursery.start_soon(proxy.read_channel)
+        return proxy
+
+    async def read_daemon(self) -> None:
+        """Deliver replies and events until the daemon closes the connection."""
+        try:
+            while True:
+                try:
+                    frame = await self.conn.receive()
+                except p.ProtocolError as exc:
+                    self.goodbye = f"daemon broke the protocol: {exc.reason}"
+                    break
+                except (OSError, trio.ClosedResourceError):
+                    break
+                if frame is None:
+                    break
+                message = frame.message
+                if isinstance(message, p.Event):
+                    self._on_event(message)
+                elif isinstance(message, p.Goodbye):
+                    self.goodbye = message.reason
+                else:
+                    self.requests.deliver(frame)
+        finally:
+            reason = self.goodbye or "the daemon closed the connection"
+            self.requests.fail_all(lambda: Disconnected(reason))
+            self.events.close()
+
+    def _on_event(self, event: p.Event) -> None:
+        if event.proxy_id is not None and event.proxy_id in self.proxies:
+            self.proxies[event.proxy_id]._on_event(event)
+        self.events.put(event)
+
+    def close(self) -> None:
+        """Close the daemon connection and every proxy channel."""
+        for proxy in self.proxies.values():
+            proxy.channel.close()
+        self.conn.close()
+
+
+@asynccontextmanager
+async def open_client(
+    path: str | Path | None = None, *, name: str = "", subscribe: bool = True
+) -> AsyncIterator[Client]:
+    """Connect to the daemon ($IPAD_SOCKET or the default path unless ``path`` is given)."""
+    target = str(path) if path is not None else str(socket_path(None))
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        await sock.connect(target)
+    except BaseException:
+        sock.close()
+        raise
+    conn = PacketSocket(sock, p.FROM_DAEMON)
+    async with trio.open_nursery() as nursery:
+        client = Client(conn, nursery)
+        nursery.start_soon(client.read_daemon)
+        try:
+            await client.hello(name)
+            if subscribe:
+                await client.subscribe()
+            yield client
+        finally:
+            client.close()
+            nursery.cancel_scope.cancel()

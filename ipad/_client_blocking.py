@@ -1,0 +1,220 @@
+"""The blocking client, for programs without an event loop and for ipadctl.
+
+It imports no trio, so a command-line call starts fast. One thread at a time
+may use a client and its proxies. Events that arrive while a reply is awaited
+are queued and returned by ``next_event``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import _protocol as p
+from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, build_call, expect
+from ._errors import Disconnected, IpadError, WorkerCrashed
+from ._fdpass import recv_packet, send_packet
+from ._paths import socket_path
+
+#: Events kept while nobody reads them; the oldest go first.
+EVENT_BACKLOG = 1024
+
+
+class _Connection:
+    """A blocking SEQPACKET connection with request ids and an event backlog."""
+
+    def __init__(self, sock: socket.socket, allowed: frozenset[p.MsgType], what: str) -> None:
+        self.sock = sock
+        self.allowed = allowed
+        self.what = what
+        self.ids = itertools.count(1)
+        self.backlog: collections.deque[p.Message] = collections.deque(maxlen=EVENT_BACKLOG)
+        self.closed_reason: str | None = None
+
+    def request(
+        self, message: p.Message, fds: list[int] | None = None, timeout: float | None = None
+    ) -> p.Frame:
+        """Send and wait for the reply with the same id, queueing whatever comes between."""
+        if self.closed_reason is not None:
+            raise self._gone()
+        request_id = next(self.ids)
+        try:
+            send_packet(self.sock, p.encode(message, request_id, len(fds or ())), fds or ())
+        except OSError as exc:
+            self.closed_reason = f"{self.what} is gone: {exc.strerror}"
+            raise self._gone() from None
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                frame = self._receive()
+                if frame is None:
+                    continue
+                if frame.request_id == request_id:
+                    return frame
+                # A late reply to an abandoned request: drop it, never misdeliver it.
+                frame.close_fds()
+        finally:
+            self.sock.settimeout(None)
+
+    def next_event(self, timeout: float | None) -> p.Message | None:
+        """The oldest queued or next arriving event; None if none came within ``timeout``."""
+        if self.backlog:
+            return self.backlog.popleft()
+        if self.closed_reason is not None:
+            raise self._gone()
+        self.sock.settimeout(timeout)
+        try:
+            while not self.backlog:
+                frame = self._receive()
+                if frame is not None:
+                    frame.close_fds()  # a late reply nobody waits for
+        except TimeoutError:
+            return None
+        finally:
+            self.sock.settimeout(None)
+        return self.backlog.popleft()
+
+    def _receive(self) -> p.Frame | None:
+        """The next packet: a reply is returned; an event is queued and a goodbye noted (None)."""
+        try:
+            received = recv_packet(self.sock)
+            if received is not None:
+                frame = p.decode(*received, allowed=self.allowed)
+        except p.ProtocolError as exc:
+            self.closed_reason = f"{self.what} broke the protocol: {exc.reason}"
+            raise self._gone() from None
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            self.closed_reason = f"{self.what} is gone: {exc.strerror}"
+            raise self._gone() from None
+        if received is None:
+            self.closed_reason = self.closed_reason or f"{self.what} closed the connection"
+            raise self._gone()
+        message = frame.message
+        if isinstance(message, p.Event | p.ModuleEvent):
+            self.backlog.append(message)
+            return None
+        if isinstance(message, p.Goodbye):
+            self.closed_reason = message.reason
+            return None
+        return frame
+
+    def _gone(self) -> IpadError:
+        if self.what == "daemon":
+            return Disconnected(self.closed_reason or "disconnected")
+        return WorkerCrashed(self.closed_reason or "worker is gone")
+
+
+class BlockingProxy:
+    """A handle on one module instance."""
+
+    def __init__(self, client: BlockingClient, info: ProxyInfo, channel: socket.socket) -> None:
+        self.client = client
+        self.info = info
+        self.proxy_id = info.proxy_id
+        self.module = info.module
+        self._conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{info.module} worker")
+
+    def call(
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        fds: Mapping[str, int] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call ``method``; a dead worker fails the call at once with WorkerCrashed."""
+        message, fd_list = build_call(method, args, fds)
+        return expect(self._conn.request(message, fd_list, timeout), p.Result).value
+
+    def next_event(self, timeout: float | None = None) -> p.ModuleEvent | None:
+        """The next event the module instance sent, or None after ``timeout`` seconds."""
+        event = self._conn.next_event(timeout)
+        assert event is None or isinstance(event, p.ModuleEvent)  # noqa: S101 - channel sends only these
+        return event
+
+    def release(self) -> None:
+        """Give the instance back."""
+        self._conn.sock.close()
+        self.client.proxies.pop(self.proxy_id, None)
+        self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+
+
+class BlockingClient:
+    """A blocking connection to the daemon."""
+
+    def __init__(
+        self, path: str | Path | None = None, *, name: str = "", subscribe: bool = False
+    ) -> None:
+        target = str(path) if path is not None else str(socket_path(None))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(target)
+        except BaseException:
+            sock.close()
+            raise
+        self._conn = _Connection(sock, p.FROM_DAEMON, "daemon")
+        self.proxies: dict[int, BlockingProxy] = {}
+        try:
+            self.welcome: p.Welcome = self.request(p.Hello(CLIENT_VERSIONS, name), p.Welcome)
+            if subscribe:
+                self.subscribe()
+        except BaseException:
+            sock.close()
+            raise
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(self, message: p.Message, reply: type[M], timeout: float | None = None) -> M:
+        """Send a request to the daemon; return its reply of type ``reply``."""
+        return expect(self._conn.request(message, timeout=timeout), reply)
+
+    def subscribe(self, since: int | None = None) -> p.Subscribed:
+        """Receive events from now on, after the kept ones later than ``since`` if given."""
+        return self.request(p.Subscribe(since), p.Subscribed)
+
+    def next_event(self, timeout: float | None = None) -> p.Event | None:
+        """The next daemon event, or None after ``timeout`` seconds."""
+        event = self._conn.next_event(timeout)
+        assert event is None or isinstance(event, p.Event)  # noqa: S101 - daemon sends only these
+        return event
+
+    def status(self) -> p.StatusReply:
+        """The daemon's and every module's state."""
+        reply: p.StatusReply = self.request(p.Status(), p.StatusReply)
+        return reply
+
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Every discovered module and its manifest."""
+        reply: p.Modules = self.request(p.ListModules(), p.Modules)
+        return reply.modules
+
+    def request_proxy(
+        self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
+    ) -> BlockingProxy:
+        """A proxy to a new instance of ``module``."""
+        frame = self._conn.request(p.RequestProxy(module, pipeline, pipeline_version))
+        granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise IpadError("PROXY_GRANTED came without its channel")
+        proxy = BlockingProxy(
+            self, ProxyInfo.from_granted(granted), socket.socket(fileno=frame.fds[0])
+        )
+        self.proxies[proxy.proxy_id] = proxy
+        return proxy
+
+    def close(self) -> None:
+        """Close every proxy channel and the connection."""
+        for proxy in list(self.proxies.values()):
+            proxy._conn.sock.close()
+        self.proxies.clear()
+        self._conn.sock.close()

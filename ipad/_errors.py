@@ -1,0 +1,101 @@
+"""Errors a client sees: one exception class per error code, all under IpadError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _protocol as p
+
+
+class IpadError(Exception):
+    """An error reply from the daemon or a worker, or a connection that ended."""
+
+    code: str = p.ErrorCode.INTERNAL.value
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class UnsupportedVersion(IpadError):
+    """The daemon does not speak any protocol version this client does."""
+
+    code = p.ErrorCode.UNSUPPORTED_VERSION.value
+
+
+class UnknownModule(IpadError):
+    """No enabled module by that name."""
+
+    code = p.ErrorCode.UNKNOWN_MODULE.value
+
+
+class UnknownProxy(IpadError):
+    """No such proxy on this connection."""
+
+    code = p.ErrorCode.UNKNOWN_PROXY.value
+
+
+class UnknownMethod(IpadError):
+    """The module has no such method."""
+
+    code = p.ErrorCode.UNKNOWN_METHOD.value
+
+
+class BadArguments(IpadError):
+    """The arguments do not fit the method's signature or types."""
+
+    code = p.ErrorCode.BAD_ARGUMENTS.value
+
+
+class ModuleError(IpadError):
+    """The module method raised; ``details['traceback']`` has the worker's short traceback."""
+
+    code = p.ErrorCode.MODULE_ERROR.value
+
+
+class ModuleUnavailable(IpadError):
+    """The module's worker is not running, so no proxy can be made now."""
+
+    code = p.ErrorCode.MODULE_UNAVAILABLE.value
+
+
+class PipelineMismatch(IpadError):
+    """The module does not support the requested pipeline handler or version."""
+
+    code = p.ErrorCode.PIPELINE_MISMATCH.value
+
+
+class WorkerCrashed(IpadError):
+    """The proxy's worker died while the call was in flight, or before it was made."""
+
+    code = p.ErrorCode.WORKER_CRASHED.value
+
+
+class BadMessage(IpadError):
+    """The peer judged a message malformed."""
+
+    code = p.ErrorCode.BAD_MESSAGE.value
+
+
+class Disconnected(IpadError):
+    """The daemon closed the connection; ``message`` is its reason when it gave one."""
+
+    code = "disconnected"
+
+
+_BY_CODE: dict[str, type[IpadError]] = {
+    cls.code: cls
+    for cls in (
+        UnsupportedVersion, UnknownModule, UnknownProxy, UnknownMethod, BadArguments,
+        ModuleError, ModuleUnavailable, PipelineMismatch, WorkerCrashed, BadMessage,
+    )
+}  # fmt: skip
+
+
+def error_from_reply(error: p.Error) -> IpadError:
+    """The exception for an error reply; unknown codes become a plain IpadError."""
+    cls = _BY_CODE.get(error.code, IpadError)
+    exc = cls(error.message, dict(error.details))
+    exc.code = error.code
+    return exc

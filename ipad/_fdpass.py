@@ -1,0 +1,68 @@
+"""Packets with file descriptors over SOCK_SEQPACKET sockets, for blocking code.
+
+The worker host and the blocking client use these directly; the trio transport
+shares ``unpack_received`` so both sides judge truncation the same way.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from collections.abc import Sequence
+
+from ._protocol import MAX_FDS, MAX_PACKET, ProtocolError, close_fds
+
+#: Room for MAX_FDS descriptors; more than that sets MSG_CTRUNC and the kernel closes the rest.
+ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+#: Received descriptors are close-on-exec so a worker spawned later never inherits them.
+RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+
+
+def unpack_received(
+    data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int
+) -> tuple[bytes, list[int]] | None:
+    """Turn a recvmsg result into (packet, fds); None at end of stream.
+
+    A truncated packet or descriptor list is a ProtocolError, with every
+    descriptor that did arrive already closed.
+    """
+    fds = fds_from_ancdata(ancdata)
+    if msg_flags & socket.MSG_TRUNC:
+        close_fds(fds)
+        raise ProtocolError(f"packet larger than {MAX_PACKET} bytes")
+    if msg_flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise ProtocolError(f"more than {MAX_FDS} file descriptors")
+    if not data:
+        close_fds(fds)
+        return None  # our packets are never empty: this is the peer's end of stream
+    return data, fds
+
+
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in SCM_RIGHTS control messages."""
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % array.array("i").itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that passes ``fds``."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def send_packet(sock: socket.socket, packet: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one packet with its descriptors (which stay open on this side)."""
+    sock.sendmsg([packet], rights(fds))
+
+
+def recv_packet(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """Receive one packet and its descriptors; None at end of stream."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(MAX_PACKET, ANCILLARY_SIZE, RECV_FLAGS)
+    return unpack_received(data, ancdata, msg_flags)

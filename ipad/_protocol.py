@@ -1,0 +1,463 @@
+"""The wire protocol, sans I/O: packets and file descriptors in, messages or ProtocolError out.
+
+Like h11, this module does no networking and imports no trio: the daemon, the
+worker host and the client library each wrap it in their own I/O. Every
+message is one SOCK_SEQPACKET packet: a fixed 20-byte header, then a msgpack
+payload encoded by msgspec (docs/protocol.md says why msgspec), with up to
+MAX_FDS file descriptors passed alongside with SCM_RIGHTS.
+
+Header, little-endian:
+
+    magic    2s   b"IP"
+    version  u8   PROTOCOL_VERSION
+    type     u8   MsgType
+    flags    u16  reserved, must be 0
+    nfds     u16  file descriptors that came with the packet
+    id       u64  request id; a reply carries its request's id, 0 = no reply expected
+    length   u32  payload bytes that follow
+
+Received descriptors belong to the receiver: ``decode`` closes them on any
+error, and a Frame's owner hands them on or closes them (``Frame.close_fds``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import struct
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import msgspec
+
+MAGIC = b"IP"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<2sBBHHQI")
+HEADER_SIZE = HEADER.size
+
+#: Descriptors one message may carry; SCM_RIGHTS allows 253, a call needs a handful.
+MAX_FDS = 16
+#: Payload bytes one message may carry; bulk data goes in memfds, not in messages.
+MAX_PAYLOAD = 256 * 1024
+#: The receive buffer that holds any valid packet, plus one byte to see oversized ones.
+MAX_PACKET = HEADER_SIZE + MAX_PAYLOAD
+#: Request ids are u64; 0 means "no reply expected".
+MAX_REQUEST_ID = 2**64 - 1
+
+
+class MsgType(enum.IntEnum):
+    """Every message type; the number is the header's type byte."""
+
+    # client <-> daemon
+    HELLO = 1
+    WELCOME = 2
+    REQUEST_PROXY = 3
+    PROXY_GRANTED = 4
+    RELEASE_PROXY = 5
+    RELEASED = 6
+    SUBSCRIBE = 7
+    SUBSCRIBED = 8
+    EVENT = 9
+    STATUS = 10
+    STATUS_REPLY = 11
+    LIST_MODULES = 12
+    MODULES = 13
+    GOODBYE = 14
+    # any direction: the typed error reply
+    ERROR = 15
+    # daemon <-> worker (the control channel)
+    LOAD = 32
+    READY = 33
+    OPEN_INSTANCE = 34
+    INSTANCE_OPENED = 35
+    PING = 36
+    PONG = 37
+    SHUTDOWN = 38
+    CLOSE_INSTANCE = 39
+    # client <-> worker (a proxy's channel)
+    CALL = 48
+    RESULT = 49
+    MODULE_EVENT = 50
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of all messages; ``TYPE`` is the header's type."""
+
+    TYPE: ClassVar[MsgType]
+
+
+# --- client <-> daemon -------------------------------------------------------
+
+
+class Hello(Message, frozen=True, forbid_unknown_fields=True):
+    """First message of a client; ``versions`` are the protocol versions it speaks."""
+
+    TYPE = MsgType.HELLO
+    versions: tuple[int, ...]
+    client: str = ""
+
+
+class Welcome(Message, frozen=True, forbid_unknown_fields=True):
+    """The daemon accepts a client and says which version they will speak."""
+
+    TYPE = MsgType.WELCOME
+    version: int
+    daemon_version: str
+    pid: int
+
+
+class RequestProxy(Message, frozen=True, forbid_unknown_fields=True):
+    """Ask for a proxy to a module, optionally for a pipeline handler at a version."""
+
+    TYPE = MsgType.REQUEST_PROXY
+    module: str
+    pipeline: str | None = None
+    pipeline_version: int | None = None
+
+
+class MethodSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A module method as the worker announced it."""
+
+    name: str
+    setup: bool = False
+
+
+class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
+    """A proxy; its channel to the worker instance comes as the one passed fd."""
+
+    TYPE = MsgType.PROXY_GRANTED
+    proxy_id: int
+    module: str
+    module_version: str
+    worker_pid: int
+    methods: tuple[MethodSpec, ...]
+    state: str
+    seq: int
+
+
+class ReleaseProxy(Message, frozen=True, forbid_unknown_fields=True):
+    """The client is done with a proxy; its instance is freed."""
+
+    TYPE = MsgType.RELEASE_PROXY
+    proxy_id: int
+
+
+class Released(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to ReleaseProxy."""
+
+    TYPE = MsgType.RELEASED
+    proxy_id: int
+
+
+class Subscribe(Message, frozen=True, forbid_unknown_fields=True):
+    """Ask for events from now on; with ``since``, first those after it the daemon still has."""
+
+    TYPE = MsgType.SUBSCRIBE
+    since: int | None = None
+
+
+class Subscribed(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to Subscribe; ``replayed`` past events follow it, then new ones after ``seq``."""
+
+    TYPE = MsgType.SUBSCRIBED
+    seq: int
+    replayed: int = 0
+
+
+class Event(Message, frozen=True, forbid_unknown_fields=True):
+    """Something changed; ``seq`` increases by one for every event the daemon makes."""
+
+    TYPE = MsgType.EVENT
+    seq: int
+    kind: str
+    module: str
+    proxy_id: int | None = None
+    state: str | None = None
+    reason: str | None = None
+    worker_pid: int | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Status(Message, frozen=True, forbid_unknown_fields=True):
+    """Ask for the daemon's and every module's state."""
+
+    TYPE = MsgType.STATUS
+
+
+class StatusReply(Message, frozen=True, forbid_unknown_fields=True):
+    """The daemon's state; ``modules`` maps a module name to its state fields."""
+
+    TYPE = MsgType.STATUS_REPLY
+    daemon: dict[str, Any]
+    modules: dict[str, dict[str, Any]]
+
+
+class ListModules(Message, frozen=True, forbid_unknown_fields=True):
+    """Ask for the discovered modules and their manifests."""
+
+    TYPE = MsgType.LIST_MODULES
+
+
+class Modules(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to ListModules."""
+
+    TYPE = MsgType.MODULES
+    modules: dict[str, dict[str, Any]]
+
+
+class Goodbye(Message, frozen=True, forbid_unknown_fields=True):
+    """The sender closes the connection, and says why."""
+
+    TYPE = MsgType.GOODBYE
+    reason: str
+
+
+class Error(Message, frozen=True, forbid_unknown_fields=True):
+    """A typed error reply: ``code`` is one of ErrorCode, for programs; ``message`` for people."""
+
+    TYPE = MsgType.ERROR
+    code: str
+    message: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ErrorCode(enum.StrEnum):
+    """Error codes; new ones may be added, so receivers treat unknown codes as errors too."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_MODULE = "unknown_module"
+    UNKNOWN_PROXY = "unknown_proxy"
+    UNKNOWN_METHOD = "unknown_method"
+    BAD_ARGUMENTS = "bad_arguments"
+    MODULE_ERROR = "module_error"
+    MODULE_UNAVAILABLE = "module_unavailable"
+    WORKER_CRASHED = "worker_crashed"
+    PIPELINE_MISMATCH = "pipeline_mismatch"
+    INTERNAL = "internal"
+
+
+# --- daemon <-> worker -------------------------------------------------------
+
+
+class Load(Message, frozen=True, forbid_unknown_fields=True):
+    """Tell a worker host which module to load, from where, with which tuning file."""
+
+    TYPE = MsgType.LOAD
+    module: str
+    entry_point: str
+    module_dir: str
+    tuning: str
+
+
+class Ready(Message, frozen=True, forbid_unknown_fields=True):
+    """The worker loaded its module and serves."""
+
+    TYPE = MsgType.READY
+    module: str
+    version: str
+    methods: tuple[MethodSpec, ...]
+    pid: int
+
+
+class OpenInstance(Message, frozen=True, forbid_unknown_fields=True):
+    """Create a module instance served on the passed channel fd."""
+
+    TYPE = MsgType.OPEN_INSTANCE
+    instance_id: int
+
+
+class InstanceOpened(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to OpenInstance."""
+
+    TYPE = MsgType.INSTANCE_OPENED
+    instance_id: int
+
+
+class Ping(Message, frozen=True, forbid_unknown_fields=True):
+    """Heartbeat request."""
+
+    TYPE = MsgType.PING
+
+
+class Pong(Message, frozen=True, forbid_unknown_fields=True):
+    """Heartbeat reply."""
+
+    TYPE = MsgType.PONG
+
+
+class Shutdown(Message, frozen=True, forbid_unknown_fields=True):
+    """Ask a worker to close its instances and exit."""
+
+    TYPE = MsgType.SHUTDOWN
+
+
+class CloseInstance(Message, frozen=True, forbid_unknown_fields=True):
+    """Free an instance (its proxy was released) and close its channel; no reply."""
+
+    TYPE = MsgType.CLOSE_INSTANCE
+    instance_id: int
+
+
+# --- client <-> worker -------------------------------------------------------
+
+
+class Call(Message, frozen=True, forbid_unknown_fields=True):
+    """Call a method; the passed fds go, in order, to the parameters named in ``fd_args``."""
+
+    TYPE = MsgType.CALL
+    method: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    fd_args: tuple[str, ...] = ()
+
+
+class Result(Message, frozen=True, forbid_unknown_fields=True):
+    """A method's return value."""
+
+    TYPE = MsgType.RESULT
+    value: Any = None
+
+
+class ModuleEvent(Message, frozen=True, forbid_unknown_fields=True):
+    """An event a module instance sent to its client."""
+
+    TYPE = MsgType.MODULE_EVENT
+    name: str
+    data: Any = None
+
+
+MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe,
+        Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
+        Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, Call, Result,
+        ModuleEvent,
+    )
+}  # fmt: skip
+
+#: What each side may receive; anything else is a protocol error from that peer.
+FROM_CLIENT = frozenset(
+    {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
+     MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE}
+)  # fmt: skip
+FROM_DAEMON = frozenset(
+    {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
+     MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR}
+)  # fmt: skip
+TO_WORKER_CONTROL = frozenset(
+    {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN}
+)  # fmt: skip
+FROM_WORKER_CONTROL = frozenset(
+    {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.PONG, MsgType.ERROR}
+)  # fmt: skip
+TO_WORKER_CHANNEL = frozenset({MsgType.CALL})
+FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_EVENT})
+
+#: Messages that may carry descriptors, and how many at most.
+FD_LIMITS: dict[MsgType, int] = {
+    MsgType.PROXY_GRANTED: 1,
+    MsgType.OPEN_INSTANCE: 1,
+    MsgType.CALL: MAX_FDS,
+}
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {
+    kind: msgspec.msgpack.Decoder(cls) for kind, cls in MESSAGE_CLASSES.items()
+}
+
+
+class ProtocolError(Exception):
+    """The peer sent something that breaks the protocol; ``reason`` says what, for the peer."""
+
+    def __init__(self, reason: str, request_id: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class Frame(msgspec.Struct, frozen=True):
+    """A received message with its request id and the descriptors that came with it."""
+
+    message: Message
+    request_id: int = 0
+    fds: tuple[int, ...] = ()
+
+    def close_fds(self) -> None:
+        """Close every descriptor; for a receiver that does not hand them on."""
+        close_fds(self.fds)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close descriptors, ignoring ones already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def encode(message: Message, request_id: int = 0, nfds: int = 0) -> bytes:
+    """One packet: header plus payload. ``nfds`` is how many fds the caller sends with it."""
+    if not 0 <= nfds <= FD_LIMITS.get(message.TYPE, 0):
+        raise ValueError(f"{message.TYPE.name} cannot carry {nfds} file descriptors")
+    payload = _ENCODER.encode(message)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(
+            f"{message.TYPE.name} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}"
+        )
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, message.TYPE, 0, nfds, request_id, len(payload))
+    return header + payload
+
+
+def decode(
+    packet: bytes,
+    fds: Sequence[int] = (),
+    *,
+    allowed: frozenset[MsgType] | None = None,
+    max_payload: int = MAX_PAYLOAD,
+) -> Frame:
+    """Decode one packet; raise ProtocolError (closing ``fds``) for anything malformed.
+
+    ``allowed`` is the set of types this receiver accepts from this peer.
+    """
+    try:
+        return _decode(bytes(packet), tuple(fds), allowed, max_payload)
+    except ProtocolError:
+        close_fds(fds)
+        raise
+
+
+def _decode(
+    packet: bytes, fds: tuple[int, ...], allowed: frozenset[MsgType] | None, max_payload: int
+) -> Frame:
+    if len(packet) < HEADER_SIZE:
+        raise ProtocolError(f"packet of {len(packet)} bytes is shorter than the header")
+    magic, version, kind, flags, nfds, request_id, length = HEADER.unpack_from(packet)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}", request_id)
+    try:
+        msg_type = MsgType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {kind}", request_id) from None
+    if allowed is not None and msg_type not in allowed:
+        raise ProtocolError(f"unexpected message {msg_type.name}", request_id)
+    if flags:
+        raise ProtocolError(f"unknown flags {flags:#x}", request_id)
+    if length != len(packet) - HEADER_SIZE:
+        received = len(packet) - HEADER_SIZE
+        raise ProtocolError(
+            f"payload length {length} does not match the {received} bytes received", request_id
+        )
+    if length > max_payload:
+        raise ProtocolError(f"payload of {length} bytes exceeds {max_payload}", request_id)
+    if nfds != len(fds):
+        raise ProtocolError(f"header announces {nfds} fds but {len(fds)} arrived", request_id)
+    if len(fds) > FD_LIMITS.get(msg_type, 0):
+        raise ProtocolError(f"{msg_type.name} cannot carry {len(fds)} file descriptors", request_id)
+    try:
+        message = _DECODERS[msg_type].decode(packet[HEADER_SIZE:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"bad {msg_type.name} payload: {exc}", request_id) from None
+    return Frame(message, request_id, fds)

@@ -1,0 +1,330 @@
+"""The client socket: one session per connection, each failing alone.
+
+A client that breaks the protocol gets a GOODBYE with the reason and loses
+its connection; every other client, and the daemon's state, are untouched.
+A client that goes away has its proxies released and their instances freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+import trio
+
+from . import _protocol as p
+from ._events import EventBus, Subscription
+from ._proxies import ProxyTable
+from ._states import ProxyState
+from ._supervisor import ModuleSupervisor, ModuleUnavailable
+from ._transport import PacketSocket
+from ._version import __version__
+from ._worker import WorkerCrashed
+
+log = structlog.get_logger("ipad")
+
+#: A new connection must say HELLO within this many seconds or be dropped.
+HELLO_TIMEOUT = 5.0
+
+
+class Daemon:
+    """What sessions need from the daemon: modules, proxies, events, and facts for status."""
+
+    def __init__(
+        self,
+        supervisors: Mapping[str, ModuleSupervisor],
+        proxies: ProxyTable,
+        events: EventBus,
+        modules_info: Callable[[], dict[str, dict[str, Any]]],
+        socket_path: str,
+    ) -> None:
+        self.supervisors = supervisors
+        self.proxies = proxies
+        self.events = events
+        self.modules_info = modules_info
+        self.socket_path = socket_path
+        self.started = time.monotonic()
+        self.sessions: set[Session] = set()
+
+
+class Session:
+    """One client connection."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, daemon: Daemon, conn: PacketSocket, peer: tuple[int, int, int]) -> None:
+        self.daemon = daemon
+        self.conn = conn
+        self.client_id = next(self._ids)
+        self.pid, self.uid, self.gid = peer
+        self.subscription: Subscription | None = None
+        self.log = log.bind(client_id=self.client_id, peer_pid=self.pid, peer_uid=self.uid)
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or breaks the rules."""
+        reason = "client closed the connection"
+        try:
+            async with trio.open_nursery() as nursery:
+                reason = await self._serve(nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._release_all()
+                if self.subscription is not None:
+                    self.daemon.events.unsubscribe(self.subscription)
+                self.conn.close()
+            self.log.info("client.disconnected", reason=reason)
+
+    async def _serve(self, nursery: trio.Nursery) -> str:
+        first: p.Frame | None = None
+        with trio.move_on_after(HELLO_TIMEOUT) as hello_wait:
+            try:
+                first = await self.conn.receive()
+            except p.ProtocolError as exc:
+                return await self._goodbye(f"protocol error: {exc.reason}")
+            except (OSError, trio.ClosedResourceError):
+                return "connection lost"
+        if hello_wait.cancelled_caught:
+            return await self._goodbye(f"no HELLO within {HELLO_TIMEOUT:g}s")
+        if first is None:
+            return "client closed the connection"
+        if not await self._hello(first):
+            return "handshake failed"
+        return await self._receive_loop(nursery)
+
+    async def _hello(self, frame: p.Frame) -> bool:
+        message = frame.message
+        if not isinstance(message, p.Hello):
+            await self._goodbye(f"expected HELLO, got {message.TYPE.name}")
+            return False
+        if p.PROTOCOL_VERSION not in message.versions:
+            await self._reply(
+                frame,
+                p.Error(
+                    p.ErrorCode.UNSUPPORTED_VERSION,
+                    f"this daemon speaks protocol version {p.PROTOCOL_VERSION} only",
+                    {"supported": [p.PROTOCOL_VERSION]},
+                ),
+            )
+            await self._goodbye("unsupported protocol version")
+            return False
+        self.log.info("client.connected", client=message.client)
+        await self._reply(frame, p.Welcome(p.PROTOCOL_VERSION, __version__, os.getpid()))
+        return True
+
+    async def _receive_loop(self, nursery: trio.Nursery) -> str:
+        while True:
+            try:
+                frame = await self.conn.receive()
+            except p.ProtocolError as exc:
+                return await self._goodbye(f"protocol error: {exc.reason}")
+            except (OSError, trio.ClosedResourceError):
+                return "connection lost"
+            if frame is None:
+                return "client closed the connection"
+            message = frame.message
+            if isinstance(message, p.Goodbye):
+                return f"client said goodbye: {message.reason}"
+            if isinstance(message, p.Hello):
+                frame.close_fds()
+                return await self._goodbye("HELLO sent twice")
+            if frame.fds:
+                frame.close_fds()
+                return await self._goodbye(f"{message.TYPE.name} cannot carry file descriptors")
+            nursery.start_soon(self._handle, frame)
+
+    async def _handle(self, frame: p.Frame) -> None:
+        message = frame.message
+        if isinstance(message, p.RequestProxy):
+            await self._request_proxy(frame, message)
+        elif isinstance(message, p.ReleaseProxy):
+            await self._release_proxy(frame, message)
+        elif isinstance(message, p.Subscribe):
+            await self._subscribe(frame, message)
+        elif isinstance(message, p.Status):
+            await self._reply(frame, self._status())
+        elif isinstance(message, p.ListModules):
+            await self._reply(frame, p.Modules(self.daemon.modules_info()))
+
+    async def _reply(
+        self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
+    ) -> None:
+        try:
+            await self.conn.send(message, frame.request_id, fds or ())
+        except (OSError, trio.ClosedResourceError) as exc:
+            self.log.info("client.send_failed", error=str(exc))
+
+    async def say_goodbye(self, reason: str) -> None:
+        """Tell the client the connection ends (the daemon is stopping)."""
+        await self._goodbye(reason)
+
+    async def _goodbye(self, reason: str) -> str:
+        self.log.warning("client.dropped", reason=reason)
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            await self.conn.send(p.Goodbye(reason))
+        return reason
+
+    # --- proxies ---------------------------------------------------------------
+
+    async def _request_proxy(self, frame: p.Frame, message: p.RequestProxy) -> None:
+        supervisor = self.daemon.supervisors.get(message.module)
+        if supervisor is None:
+            known = ", ".join(sorted(self.daemon.supervisors)) or "none"
+            await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
+                              f"no module {message.module!r}; modules: {known}")  # fmt: skip
+            return
+        support = supervisor.plan.source.manifest.pipeline
+        if message.pipeline is not None:
+            version = message.pipeline_version
+            if version is None:
+                version = support.max_version
+            if not support.supports(message.pipeline, version):
+                await self._error(
+                    frame,
+                    p.ErrorCode.PIPELINE_MISMATCH,
+                    f"{message.module} does not support pipeline {message.pipeline!r} "
+                    f"version {version}",
+                    {"handlers": list(support.handlers), "min_version": support.min_version,
+                     "max_version": support.max_version},
+                )  # fmt: skip
+                return
+        record = self.daemon.proxies.create(message.module, self.client_id)
+        try:
+            instance_id, channel = await supervisor.open_instance()
+        except (ModuleUnavailable, WorkerCrashed) as exc:
+            self.daemon.proxies.set_state(record, ProxyState.CLOSED, str(exc))
+            await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
+                              f"{message.module} is unavailable: {exc}")  # fmt: skip
+            return
+        record.instance_id = instance_id
+        record.worker_pid = supervisor.worker.pid if supervisor.worker else None
+        seq = self.daemon.proxies.set_state(record, ProxyState.VALID)
+        ready = supervisor.ready
+        granted = p.ProxyGranted(
+            proxy_id=record.proxy_id,
+            module=message.module,
+            module_version=ready.version if ready else "",
+            worker_pid=record.worker_pid or 0,
+            methods=ready.methods if ready else (),
+            state=record.state.value,
+            seq=seq,
+        )
+        with channel:
+            await self._reply(frame, granted, [channel.fileno()])
+        self.log.info("proxy.granted", proxy_id=record.proxy_id, module=message.module,
+                      worker_pid=record.worker_pid)  # fmt: skip
+
+    async def _release_proxy(self, frame: p.Frame, message: p.ReleaseProxy) -> None:
+        record = self.daemon.proxies.get(message.proxy_id)
+        if record is None or record.client_id != self.client_id:
+            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
+                              f"no proxy {message.proxy_id} on this connection")  # fmt: skip
+            return
+        await self._release(record.proxy_id)
+        await self._reply(frame, p.Released(message.proxy_id))
+
+    async def _release(self, proxy_id: int) -> None:
+        record = self.daemon.proxies.get(proxy_id)
+        if record is None:
+            return
+        supervisor = self.daemon.supervisors.get(record.module)
+        if supervisor is not None and record.instance_id is not None:
+            await supervisor.close_instance(record.instance_id)
+        self.daemon.proxies.set_state(record, ProxyState.CLOSED, "released")
+
+    async def _release_all(self) -> None:
+        for record in self.daemon.proxies.of_client(self.client_id):
+            await self._release(record.proxy_id)
+
+    async def _error(
+        self, frame: p.Frame, code: p.ErrorCode, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        self.log.info("request.failed", code=code.value, message=message)
+        await self._reply(frame, p.Error(code.value, message, details or {}))
+
+    # --- events and status ------------------------------------------------------
+
+    async def _subscribe(self, frame: p.Frame, message: p.Subscribe) -> None:
+        events = self.daemon.events
+        if self.subscription is not None:
+            await self._reply(frame, p.Subscribed(events.last_seq))
+            return
+        # Subscribe and copy the history with no await between: no event is missed or doubled.
+        self.subscription = events.subscribe()
+        past = events.since(message.since) if message.since is not None else []
+        await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
+        for event in past:
+            await self.conn.send(event)
+        await self._forward_events(self.subscription)
+
+    async def _forward_events(self, sub: Subscription) -> None:
+        async for event in sub.receive:
+            try:
+                await self.conn.send(event)
+            except (OSError, trio.ClosedResourceError):
+                return
+        if sub.overflowed:
+            await self._goodbye("event queue overflow: the client does not read its events")
+            self.conn.close()
+
+    def _status(self) -> p.StatusReply:
+        d = self.daemon
+        return p.StatusReply(
+            daemon={
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime": round(time.monotonic() - d.started, 3),
+                "socket": d.socket_path,
+                "clients": len(d.sessions),
+                "proxies": len(d.proxies),
+                "event_seq": d.events.last_seq,
+            },
+            modules={name: sup.status() for name, sup in d.supervisors.items()},
+        )
+
+
+#: struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from SO_PEERCRED."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+async def serve_clients(
+    listener: socket.socket,
+    daemon: Daemon,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections for ever, one session task each."""
+    sock = trio.socket.from_stdlib_socket(listener)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            conn, _ = await sock.accept()
+            try:
+                peer = peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
+            session = Session(daemon, PacketSocket(conn, p.FROM_CLIENT), peer)
+            nursery.start_soon(_run_session, daemon, session)
+
+
+async def _run_session(daemon: Daemon, session: Session) -> None:
+    daemon.sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        daemon.sessions.discard(session)

@@ -1,0 +1,124 @@
+"""Packets and requests over SEQPACKET sockets, for trio code.
+
+``PacketSocket`` sends and receives whole protocol messages with their fds;
+``Requests`` matches replies to the calls waiting for them by request id. A
+reply whose caller was cancelled or timed out is dropped and logged, never
+handed to another caller, and request ids are never reused on a connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable, Iterator, Sequence
+
+import structlog
+import trio
+
+from . import _protocol as p
+from ._fdpass import ANCILLARY_SIZE, RECV_FLAGS, rights, unpack_received
+
+log = structlog.get_logger("ipad")
+
+
+class PacketSocket:
+    """A SEQPACKET socket that carries protocol messages; sends are serialised."""
+
+    def __init__(self, sock: trio.socket.SocketType, allowed: frozenset[p.MsgType]) -> None:
+        self.sock = sock
+        self.allowed = allowed
+        self._send_lock = trio.StrictFIFOLock()
+
+    @classmethod
+    def from_stdlib(cls, sock: socket.socket, allowed: frozenset[p.MsgType]) -> PacketSocket:
+        """Wrap a plain socket (one end of a socketpair, a passed fd)."""
+        return cls(trio.socket.from_stdlib_socket(sock), allowed)
+
+    async def send(self, message: p.Message, request_id: int = 0, fds: Sequence[int] = ()) -> None:
+        """Send one message; ``fds`` stay open on this side."""
+        packet = p.encode(message, request_id, len(fds))
+        async with self._send_lock:
+            await self.sock.sendmsg([packet], rights(fds))
+
+    async def receive(self) -> p.Frame | None:
+        """The next message, or None at end of stream; ProtocolError if the peer broke the rules."""
+        data, ancdata, msg_flags, _ = await self.sock.recvmsg(
+            p.MAX_PACKET, ANCILLARY_SIZE, RECV_FLAGS
+        )
+        received = unpack_received(data, ancdata, msg_flags)
+        if received is None:
+            return None
+        return p.decode(*received, allowed=self.allowed)
+
+    def close(self) -> None:
+        """Close the socket (a blocked receive wakes with an error)."""
+        self.sock.close()
+
+
+class _Slot:
+    __slots__ = ("done", "error", "frame")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.frame: p.Frame | None = None
+        self.error: Callable[[], Exception] | None = None
+
+
+class Requests:
+    """Requests in flight on one connection, by id."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self._ids: Iterator[int] = itertools.count(1)
+        self._pending: dict[int, _Slot] = {}
+        self._closed: Callable[[], Exception] | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def call(
+        self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
+    ) -> p.Frame:
+        """Send ``message`` and wait for its reply; the caller owns the reply's fds."""
+        if self._closed is not None:
+            raise self._closed()
+        request_id = next(self._ids)
+        slot = _Slot()
+        self._pending[request_id] = slot
+        try:
+            await conn.send(message, request_id, fds)
+            await slot.done.wait()
+        finally:
+            # Cancelled or failed: forget the id, so a late reply is dropped, not misdelivered.
+            self._pending.pop(request_id, None)
+        if slot.error is not None:
+            raise slot.error()
+        assert slot.frame is not None  # noqa: S101 - set together with done
+        return slot.frame
+
+    def deliver(self, frame: p.Frame) -> bool:
+        """Hand a reply to its caller; a reply nobody waits for is logged and its fds closed."""
+        slot = self._pending.pop(frame.request_id, None)
+        if slot is None:
+            log.warning(
+                "reply.dropped",
+                connection=self.name,
+                request_id=frame.request_id,
+                message=frame.message.TYPE.name,
+            )
+            frame.close_fds()
+            return False
+        slot.frame = frame
+        slot.done.set()
+        return True
+
+    def fail_all(self, error: Callable[[], Exception]) -> None:
+        """The connection is gone: every caller fails at once, and so does every later call.
+
+        ``error`` makes each caller its own exception, so tracebacks do not pile up on one.
+        """
+        self._closed = error
+        pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.error = error
+            slot.done.set()

@@ -1,0 +1,170 @@
+"""A worker process as the daemon sees it: spawned, talked to, watched through its pidfd."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Mapping, Sequence
+
+import attrs
+import structlog
+import trio
+
+from . import _protocol as p
+from ._transport import PacketSocket, Requests
+
+log = structlog.get_logger("ipad")
+
+#: The control socket's descriptor number in the worker (see ipad/_worker_host.py).
+CONTROL_FD = 3
+
+
+@attrs.frozen
+class ExitStatus:
+    """How a worker ended: an exit code or a signal, as waitid reported it."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def clean(self) -> bool:
+        """Exited with status 0."""
+        return self.code == 0
+
+    def describe(self) -> str:
+        """``exit status 3`` or ``signal SIGKILL``, for reasons and logs."""
+        if self.signal is not None:
+            try:
+                return f"signal {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"signal {self.signal}"
+        return f"exit status {self.code}"
+
+    def log_fields(self) -> dict[str, object]:
+        """``exit_status`` or ``signal`` for a log record."""
+        if self.signal is not None:
+            return {"signal": signal.Signals(self.signal).name}
+        return {"exit_status": self.code}
+
+
+class WorkerCrashed(Exception):
+    """The worker died or was stopped while a request to it was in flight."""
+
+
+class WorkerProcess:
+    """One spawned worker: its pid, its pidfd, its control channel."""
+
+    def __init__(self, module: str, pid: int, pidfd: int, control: socket.socket) -> None:
+        self.module = module
+        self.pid = pid
+        self.pidfd = pidfd
+        self.control = PacketSocket.from_stdlib(control, p.FROM_WORKER_CONTROL)
+        self.requests = Requests(f"worker:{module}:{pid}")
+        self.exit_status: ExitStatus | None = None
+        self._exited = trio.Event()
+
+    async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
+        """Send a control request and wait for its reply."""
+        return await self.requests.call(self.control, message, fds)
+
+    async def read_control(self) -> None:
+        """Deliver control replies until the worker closes its end; then fail what waits."""
+        try:
+            while True:
+                try:
+                    frame = await self.control.receive()
+                except p.ProtocolError as exc:
+                    log.error("worker.protocol_error", module=self.module, worker_pid=self.pid,
+                              reason=exc.reason)  # fmt: skip
+                    break
+                except (OSError, trio.ClosedResourceError):
+                    break
+                if frame is None:
+                    break
+                self.requests.deliver(frame)
+        finally:
+            self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
+
+    async def watch(self) -> None:
+        """Wait for the worker to exit (its pidfd becomes readable) and reap it.
+
+        Exactly one task runs this per worker; everyone else awaits ``wait_exit``.
+        No timer, no polling: the kernel wakes us the moment the process ends.
+        """
+        await trio.lowlevel.wait_readable(self.pidfd)
+        self.exit_status = self._reap()
+        self._exited.set()
+
+    async def wait_exit(self) -> ExitStatus:
+        """How the worker ended, once ``watch`` has reaped it."""
+        await self._exited.wait()
+        assert self.exit_status is not None  # noqa: S101 - set before the event
+        return self.exit_status
+
+    def _reap(self) -> ExitStatus:
+        info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+        assert info is not None  # noqa: S101 - without WNOHANG waitid always reports
+        if info.si_code == os.CLD_EXITED:
+            return ExitStatus(code=info.si_status)
+        return ExitStatus(signal=info.si_status)
+
+    def signal(self, signum: int) -> None:
+        """Signal the worker's whole process group (it leads one), ignoring a gone group."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)
+
+    async def stop(self, grace: float) -> ExitStatus:
+        """SIGTERM, wait up to ``grace``, then SIGKILL; always reaped before returning."""
+        if self.exit_status is not None:
+            return self.exit_status
+        with trio.CancelScope(shield=True):
+            self.signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await self.wait_exit()
+            if self.exit_status is None:
+                self.signal(signal.SIGKILL)
+            return await self.wait_exit()
+        raise AssertionError("unreachable: a shielded scope is never cancelled")
+
+    def close(self) -> None:
+        """Close the control socket and the pidfd (after the worker was reaped)."""
+        self.control.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def spawn_worker(
+    module: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+) -> WorkerProcess:
+    """Start a worker with its control socket on fd 3, leading a new process group.
+
+    posix_spawn (vfork) keeps the daemon's start-up cost per worker low; every
+    other descriptor of the daemon is close-on-exec, so the worker inherits
+    only stdin, stdout, stderr and its control socket.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # dup2 onto the same number would keep close-on-exec: start from a fresh number.
+    source = os.dup(theirs.fileno())
+    try:
+        pid = os.posix_spawn(
+            argv[0],
+            [*argv, "--parent-pid", str(os.getpid())],
+            dict(env),
+            file_actions=[(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)],
+            setpgroup=0,
+            setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        os.close(source)
+        theirs.close()
+    pidfd = os.pidfd_open(pid)
+    log.debug("worker.spawned", module=module, worker_pid=pid, argv=list(argv))
+    return WorkerProcess(module, pid, pidfd, ours)

@@ -1,0 +1,320 @@
+"""The Python worker host: one IPA module in one process, served by a blocking loop.
+
+It imports neither trio nor structlog, so a worker is up in tens of
+milliseconds. The daemon starts it with the control socket on fd 3 and sends
+LOAD; the host imports the module, reads its tuning file and answers READY.
+Each OPEN_INSTANCE brings a channel socket, served by its own module instance
+until the client closes it. Calls on one worker run one at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import os
+import selectors
+import signal
+import socket
+import sys
+import tomllib
+import traceback
+import typing
+from collections.abc import Callable
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import _protocol as p
+from ._fdpass import recv_packet, send_packet
+from .ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup
+
+#: The control socket's descriptor number in a worker started by the daemon.
+CONTROL_FD = 3
+
+#: prctl(2) option: the signal this process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+#: Traceback frames kept in an error reply: enough to find the bug, short enough to log.
+TRACEBACK_LIMIT = 5
+
+#: Exit status of a worker whose module could not be loaded (not a crash to retry quickly).
+EXIT_LOAD_FAILED = 3
+
+
+def log(event: str, **fields: object) -> None:
+    """One ``event key=value`` line on stderr; the daemon relays it with the module's name."""
+    text = " ".join(f"{k}={v}" for k, v in fields.items())
+    print(f"{event} {text}".rstrip(), file=sys.stderr, flush=True)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Never outlive the daemon: ask for SIGKILL when the parent goes, then check it is there.
+
+    The check closes the race where the parent died before prctl took effect.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log("worker.pdeathsig_failed", errno=ctypes.get_errno())
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class Method:
+    """A callable module method with what is needed to convert its arguments."""
+
+    def __init__(self, name: str, function: Callable[..., Any], setup: bool) -> None:
+        self.name = name
+        self.setup = setup
+        self.signature = inspect.signature(function)
+        hints = typing.get_type_hints(function)
+        self.types: dict[str, Any] = {}
+        self.buffers: set[str] = set()
+        for param in list(self.signature.parameters.values())[1:]:  # skip self
+            hint = hints.get(param.name, Any)
+            if hint is Buffer:
+                self.buffers.add(param.name)
+            else:
+                self.types[param.name] = hint
+
+    def bind(self, call: p.Call, fds: tuple[int, ...]) -> dict[str, Any]:
+        """Convert a call's arguments to the annotated types; ValueError names what is wrong."""
+        if len(call.fd_args) != len(fds):
+            raise ValueError(f"{len(fds)} fds for {len(call.fd_args)} fd arguments")
+        kwargs: dict[str, Any] = {}
+        for name, value in call.args.items():
+            if name not in self.types:
+                raise ValueError(f"{self.name}() has no argument {name!r}")
+            hint = self.types[name]
+            kwargs[name] = value if hint is Any else msgspec.convert(value, hint)
+        for name, fd in zip(call.fd_args, fds, strict=True):
+            if name not in self.buffers:
+                raise ValueError(f"{self.name}() argument {name!r} is not a Buffer")
+            kwargs[name] = Buffer(fd)
+        missing = [
+            n
+            for n, prm in self.signature.parameters.items()
+            if n != "self" and prm.default is inspect.Parameter.empty and n not in kwargs
+        ]
+        if missing:
+            raise ValueError(f"{self.name}() is missing {', '.join(map(repr, missing))}")
+        return kwargs
+
+
+class LoadedModule:
+    """The module class a worker serves and its method table."""
+
+    def __init__(self, load: p.Load) -> None:
+        if load.module_dir not in sys.path:
+            sys.path.insert(0, load.module_dir)
+        module_name, _, class_name = load.entry_point.partition(":")
+        cls = getattr(import_module(module_name), class_name)
+        if not (isinstance(cls, type) and issubclass(cls, IPAModule)):
+            raise TypeError(f"{load.entry_point} is not an ipad.ipa.IPAModule subclass")
+        self.cls: type[IPAModule] = cls
+        self.name = load.module
+        self.version = str(getattr(sys.modules[module_name], "__version__", "0"))
+        self.tuning = tomllib.loads(Path(load.tuning).read_text(encoding="utf-8"))
+        self.methods = {
+            name: Method(name, fn, is_setup(cls, name))
+            for name, fn in callable_methods(cls).items()
+        }
+
+
+class Instance:
+    """One module instance and the channel its client calls it on."""
+
+    def __init__(self, instance_id: int, sock: socket.socket, module: IPAModule | None) -> None:
+        self.instance_id = instance_id
+        self.sock = sock
+        self.module = module
+
+
+class WorkerHost:
+    """The blocking event loop over the control socket and every instance's channel."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(control, selectors.EVENT_READ, None)
+        self.loaded: LoadedModule | None = None
+        self.instances: dict[int, Instance] = {}
+        self.running = True
+        self.exit_status = 0
+
+    def serve(self) -> int:
+        """Run until the daemon says SHUTDOWN or goes away; return the exit status."""
+        while self.running:
+            for key, _ in self.selector.select():
+                if key.data is None:
+                    self._on_control()
+                else:
+                    self._on_channel(key.data)
+        for instance_id in list(self.instances):
+            self._close_instance(instance_id)
+        return self.exit_status
+
+    # --- control channel ---------------------------------------------------
+
+    def _on_control(self) -> None:
+        try:
+            received = recv_packet(self.control)
+            if received is None:
+                self.running = False  # the daemon is gone
+                return
+            frame = p.decode(*received, allowed=p.TO_WORKER_CONTROL)
+        except p.ProtocolError as exc:
+            log("worker.control_protocol_error", reason=exc.reason)
+            self.running = False
+            return
+        message = frame.message
+        if isinstance(message, p.Load):
+            self._load(message, frame.request_id)
+        elif isinstance(message, p.OpenInstance):
+            self._open_instance(message, frame)
+        elif isinstance(message, p.Ping):
+            self._send_control(p.Pong(), frame.request_id)
+        elif isinstance(message, p.CloseInstance):
+            self._close_instance(message.instance_id)
+        elif isinstance(message, p.Shutdown):
+            self.running = False
+
+    def _send_control(self, message: p.Message, request_id: int) -> None:
+        send_packet(self.control, p.encode(message, request_id))
+
+    def _load(self, load: p.Load, request_id: int) -> None:
+        if self.loaded is not None:
+            self._send_control(
+                p.Error(p.ErrorCode.BAD_MESSAGE, "module already loaded"), request_id
+            )
+            return
+        try:
+            self.loaded = LoadedModule(load)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is reported, then we exit
+            log("worker.load_failed", module=load.module, error=repr(exc))
+            self._send_control(
+                p.Error(
+                    p.ErrorCode.MODULE_ERROR,
+                    f"cannot load {load.entry_point}: {exc!r}",
+                    {"traceback": _short_traceback(exc)},
+                ),
+                request_id,
+            )
+            self.running = False
+            self.exit_status = EXIT_LOAD_FAILED
+            return
+        methods = tuple(p.MethodSpec(m.name, m.setup) for m in self.loaded.methods.values())
+        ready = p.Ready(load.module, self.loaded.version, methods, os.getpid())
+        self._send_control(ready, request_id)
+
+    def _open_instance(self, message: p.OpenInstance, frame: p.Frame) -> None:
+        if self.loaded is None or len(frame.fds) != 1 or message.instance_id in self.instances:
+            frame.close_fds()
+            error = p.Error(p.ErrorCode.BAD_MESSAGE, "cannot open that instance now")
+            self._send_control(error, frame.request_id)
+            return
+        sock = socket.socket(fileno=frame.fds[0])
+        instance = Instance(message.instance_id, sock, None)
+        context = ModuleContext(
+            self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
+            message.instance_id,
+        )  # fmt: skip
+        try:
+            instance.module = self.loaded.cls(context)
+        except Exception as exc:  # noqa: BLE001 - the module's constructor failed: tell the daemon
+            sock.close()
+            error = p.Error(
+                p.ErrorCode.MODULE_ERROR,
+                f"{self.loaded.name} instance failed: {exc!r}",
+                {"traceback": _short_traceback(exc)},
+            )
+            self._send_control(error, frame.request_id)
+            return
+        self.instances[message.instance_id] = instance
+        self.selector.register(sock, selectors.EVENT_READ, instance)
+        self._send_control(p.InstanceOpened(message.instance_id), frame.request_id)
+
+    # --- instance channels ---------------------------------------------------
+
+    def _on_channel(self, instance: Instance) -> None:
+        try:
+            received = recv_packet(instance.sock)
+            if received is None:
+                self._close_instance(instance.instance_id)
+                return
+            frame = p.decode(*received, allowed=p.TO_WORKER_CHANNEL)
+        except p.ProtocolError as exc:
+            self._reply(instance, p.Error(p.ErrorCode.BAD_MESSAGE, exc.reason), exc.request_id)
+            self._close_instance(instance.instance_id)
+            return
+        except OSError:
+            self._close_instance(instance.instance_id)
+            return
+        assert isinstance(frame.message, p.Call)  # noqa: S101 - decode allowed only CALL
+        self._reply(instance, self._call(instance, frame.message, frame.fds), frame.request_id)
+
+    def _call(self, instance: Instance, call: p.Call, fds: tuple[int, ...]) -> p.Message:
+        assert self.loaded is not None  # noqa: S101 - instances exist only once loaded
+        method = self.loaded.methods.get(call.method)
+        if method is None:
+            p.close_fds(fds)
+            known = ", ".join(sorted(self.loaded.methods))
+            message = f"{self.loaded.name} has no method {call.method!r}; methods: {known}"
+            return p.Error(p.ErrorCode.UNKNOWN_METHOD, message)
+        try:
+            kwargs = method.bind(call, fds)
+        except (ValueError, msgspec.ValidationError) as exc:
+            p.close_fds(fds)
+            return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
+        try:
+            value = getattr(instance.module, call.method)(**kwargs)
+            return p.Result(msgspec.to_builtins(value))
+        except Exception as exc:  # noqa: BLE001 - the module's bug becomes the caller's error reply
+            details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
+            return p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+        finally:
+            for arg in kwargs.values():
+                if isinstance(arg, Buffer):
+                    arg.close()
+
+    def _reply(self, instance: Instance, message: p.Message, request_id: int) -> None:
+        self._send_channel(instance, message, request_id)
+
+    def _emit(self, instance: Instance, name: str, data: object) -> None:
+        self._send_channel(instance, p.ModuleEvent(name, msgspec.to_builtins(data)), 0)
+
+    def _send_channel(self, instance: Instance, message: p.Message, request_id: int) -> None:
+        if instance.instance_id not in self.instances:
+            return
+        try:
+            instance.sock.sendmsg([p.encode(message, request_id)], [], socket.MSG_DONTWAIT)
+        except OSError as exc:
+            # A client that stops reading must not stall every other instance of this worker.
+            log("worker.channel_dropped", instance=instance.instance_id, error=exc.strerror)
+            self._close_instance(instance.instance_id)
+
+    def _close_instance(self, instance_id: int) -> None:
+        instance = self.instances.pop(instance_id, None)
+        if instance is None:
+            return
+        self.selector.unregister(instance.sock)
+        instance.sock.close()
+        if instance.module is not None:
+            try:
+                instance.module.close()
+            except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
+                log("worker.close_failed", instance=instance_id, error=repr(exc))
+
+
+def _short_traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc, limit=-TRACEBACK_LIMIT)).rstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ipad-worker`` executable."""
+    args = sys.argv[1:] if argv is None else argv
+    parent = int(args[args.index("--parent-pid") + 1]) if "--parent-pid" in args else None
+    die_with_parent(parent)
+    control = socket.socket(fileno=CONTROL_FD)
+    return WorkerHost(control).serve()

@@ -1,0 +1,69 @@
+"""ipad's client library: a trio API and a blocking API.
+
+    async with ipad.client.open_client() as client:
+        awb = await client.request_proxy("awb")
+        gains = await awb.call("process_stats", {"frame": 1}, fds={"stats": memfd})
+
+    with ipad.client.BlockingClient() as client:
+        echo = client.request_proxy("echo")
+        echo.call("echo", {"text": "hi"})
+
+Only re-exports: the trio client lives in ipad._client, the blocking one in
+ipad._client_blocking (which does not import trio).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._client_blocking import BlockingClient, BlockingProxy
+from ._client_common import ProxyInfo
+from ._errors import (
+    BadArguments,
+    BadMessage,
+    Disconnected,
+    IpadError,
+    ModuleError,
+    ModuleUnavailable,
+    PipelineMismatch,
+    UnknownMethod,
+    UnknownModule,
+    UnknownProxy,
+    UnsupportedVersion,
+    WorkerCrashed,
+)
+
+if TYPE_CHECKING:
+    from ._client import Client, Proxy, open_client
+
+__all__ = [
+    "BadArguments",
+    "BadMessage",
+    "BlockingClient",
+    "BlockingProxy",
+    "Client",
+    "Disconnected",
+    "IpadError",
+    "ModuleError",
+    "ModuleUnavailable",
+    "PipelineMismatch",
+    "Proxy",
+    "ProxyInfo",
+    "UnknownMethod",
+    "UnknownModule",
+    "UnknownProxy",
+    "UnsupportedVersion",
+    "WorkerCrashed",
+    "open_client",
+]
+
+#: The trio API is imported on first use, so blocking users never import trio.
+_TRIO_NAMES = frozenset({"Client", "Proxy", "open_client"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRIO_NAMES:
+        from . import _client  # noqa: PLC0415 - lazy on purpose
+
+        return getattr(_client, name)
+    raise AttributeError(f"module 'ipad.client' has no attribute {name!r}")

@@ -1,0 +1,139 @@
+"""The API an IPA module implements, as the Python worker host runs it.
+
+A module is a class with libcamera's lifecycle — ``init``, ``configure``,
+``start``, ``stop`` and per-frame ``process_stats`` — whose arguments and
+results are attrs classes (or plain msgpack values). Every public method is
+callable through a proxy. Methods marked ``@setup`` (init, configure and start
+by default) are the ones a client replays, in order, after its worker was
+restarted, to bring a new instance to the state the old one had.
+
+Large data travels as file descriptors: a parameter annotated ``Buffer``
+receives a memfd the client passed with the call, mapped read-only.
+
+This module is imported inside workers: it uses only attrs and the standard
+library, so a worker starts in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The attribute ``@setup`` sets on a method.
+SETUP_ATTRIBUTE = "__ipad_setup__"
+
+
+def setup(method: F) -> F:
+    """Mark a method as setup: replayed after a worker restart, in call order."""
+    setattr(method, SETUP_ATTRIBUTE, True)
+    return method
+
+
+def is_setup(cls: type, name: str) -> bool:
+    """Whether method ``name`` of ``cls`` is setup: marked ``@setup`` here or in a base class.
+
+    Looking through the MRO means overriding ``configure`` without repeating
+    the decorator keeps it a setup method.
+    """
+    return any(getattr(vars(base).get(name), SETUP_ATTRIBUTE, False) for base in cls.__mro__)
+
+
+class Buffer:
+    """A file descriptor passed with a call, mapped on demand and closed after the call."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map: mmap.mmap | None = None
+
+    @property
+    def size(self) -> int:
+        """The size of the file behind the descriptor."""
+        return os.fstat(self.fd).st_size
+
+    def map(self) -> memoryview:
+        """Map the whole buffer read-only; zero-copy, valid until the call returns."""
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+        return memoryview(self._map)
+
+    def close(self) -> None:
+        """Unmap and close; the worker host calls this when the call is over."""
+        if self._map is not None:
+            # A view the module kept alive holds the mapping until it goes.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ModuleContext:
+    """What the host gives an instance: its tuning data and a way to send events."""
+
+    def __init__(
+        self, tuning: Mapping[str, Any], emit: Callable[[str, object], None], instance_id: int
+    ) -> None:
+        self.tuning = tuning
+        self.instance_id = instance_id
+        self._emit = emit
+
+    def emit(self, name: str, data: object = None) -> None:
+        """Send an event (for example new sensor controls) to this instance's client."""
+        self._emit(name, data)
+
+
+class IPAModule:
+    """Base class of IPA modules; one instance per proxy, so clients never share state."""
+
+    def __init__(self, context: ModuleContext) -> None:
+        self.context = context
+
+    @setup
+    def init(self, settings: Mapping[str, Any] | None = None) -> None:
+        """Prepare the algorithm; ``settings`` come from the pipeline handler."""
+
+    @setup
+    def configure(self, sensor_info: Mapping[str, Any] | None = None) -> None:
+        """Adapt to the sensor mode the camera was configured for."""
+
+    @setup
+    def start(self) -> None:
+        """Streaming starts."""
+
+    def stop(self) -> None:
+        """Streaming stops."""
+
+    def close(self) -> None:
+        """The proxy was released or its client went away; free what the instance holds."""
+
+
+#: Methods of the base class that are not callable through a proxy.
+NOT_CALLABLE = frozenset({"close", "context"})
+
+
+def callable_methods(cls: type[IPAModule]) -> dict[str, Callable[..., Any]]:
+    """The methods a proxy may call: every public method but ``close``."""
+    methods: dict[str, Callable[..., Any]] = {}
+    for name in dir(cls):
+        if name.startswith("_") or name in NOT_CALLABLE:
+            continue
+        value = getattr(cls, name)
+        if callable(value) and not isinstance(value, type):
+            methods[name] = value
+    return methods
+
+
+@attrs.frozen
+class MethodInfo:
+    """What READY tells the daemon about one method."""
+
+    name: str
+    setup: bool
