@@ -19,7 +19,7 @@ import trio
 
 from . import _protocol as p
 from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, build_call, expect
-from ._errors import Disconnected, IpadError, WorkerCrashed
+from ._errors import Disconnected, IpadError, UnknownProxy, WorkerCrashed
 from ._paths import socket_path
 from ._transport import PacketSocket, Requests
 
@@ -57,12 +57,16 @@ class EventQueue:
             await self._ready.wait()
         return self._items.popleft()
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                yield await self.get()
-            except trio.EndOfChannel:
-                return
+    def __aiter__(self) -> EventQueue:
+        # An iterator object, not an async generator: breaking out of ``async for``
+        # then leaves no generator to be finalised behind trio's back.
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.get()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
 
 class Proxy:
@@ -121,7 +125,8 @@ class Proxy:
                 else:
                     self.requests.deliver(frame)
         finally:
-            if not self._closed:
+            # The daemon's event, when it came first, says more (exit status or signal).
+            if not self._closed and self.state == "valid":
                 self.state = "invalid"
                 self.reason = reason
             self.requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
@@ -138,9 +143,13 @@ class Proxy:
             return
         self._closed = True
         self.state = "closed"
-        self.channel.close()
         self.client.proxies.pop(self.proxy_id, None)
-        await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        try:
+            await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        except UnknownProxy:
+            pass  # its channel broke or its instance was closed: it is gone already
+        finally:
+            self.channel.close()
 
 
 class Client:

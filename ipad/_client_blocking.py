@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _protocol as p
 from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, build_call, expect
-from ._errors import Disconnected, IpadError, WorkerCrashed
+from ._errors import Disconnected, IpadError, UnknownProxy, WorkerCrashed
 from ._fdpass import recv_packet, send_packet
 from ._paths import socket_path
 
@@ -45,7 +45,8 @@ class _Connection:
         try:
             send_packet(self.sock, p.encode(message, request_id, len(fds or ())), fds or ())
         except OSError as exc:
-            self.closed_reason = f"{self.what} is gone: {exc.strerror}"
+            self._drain()
+            self.closed_reason = self.closed_reason or f"{self.what} is gone: {exc.strerror}"
             raise self._gone() from None
         self.sock.settimeout(timeout)
         try:
@@ -77,6 +78,15 @@ class _Connection:
         finally:
             self.sock.settimeout(None)
         return self.backlog.popleft()
+
+    def _drain(self) -> None:
+        """Read what the peer sent before it closed: its GOODBYE says why."""
+        self.sock.settimeout(0)
+        try:
+            while self._receive() is None and self.closed_reason is None:
+                pass
+        except (IpadError, OSError):
+            pass
 
     def _receive(self) -> p.Frame | None:
         """The next packet: a reply is returned; an event is queued and a goodbye noted (None)."""
@@ -138,10 +148,14 @@ class BlockingProxy:
         return event
 
     def release(self) -> None:
-        """Give the instance back."""
-        self._conn.sock.close()
+        """Give the instance back (a proxy the daemon already closed is simply forgotten)."""
         self.client.proxies.pop(self.proxy_id, None)
-        self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        try:
+            self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        except UnknownProxy:
+            pass  # its channel broke or its instance was closed: it is gone already
+        finally:
+            self._conn.sock.close()
 
 
 class BlockingClient:

@@ -40,7 +40,7 @@ HEADER_SIZE = HEADER.size
 MAX_FDS = 16
 #: Payload bytes one message may carry; bulk data goes in memfds, not in messages.
 MAX_PAYLOAD = 256 * 1024
-#: The receive buffer that holds any valid packet, plus one byte to see oversized ones.
+#: The receive buffer that holds any valid packet; a larger one is seen by MSG_TRUNC.
 MAX_PACKET = HEADER_SIZE + MAX_PAYLOAD
 #: Request ids are u64; 0 means "no reply expected".
 MAX_REQUEST_ID = 2**64 - 1
@@ -75,6 +75,7 @@ class MsgType(enum.IntEnum):
     PONG = 37
     SHUTDOWN = 38
     CLOSE_INSTANCE = 39
+    INSTANCE_CLOSED = 40
     # client <-> worker (a proxy's channel)
     CALL = 48
     RESULT = 49
@@ -300,6 +301,14 @@ class CloseInstance(Message, frozen=True, forbid_unknown_fields=True):
     instance_id: int
 
 
+class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
+    """The worker closed an instance on its own (its channel ended or broke); no reply."""
+
+    TYPE = MsgType.INSTANCE_CLOSED
+    instance_id: int
+    reason: str
+
+
 # --- client <-> worker -------------------------------------------------------
 
 
@@ -332,8 +341,8 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     for cls in (
         Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
-        Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, Call, Result,
-        ModuleEvent,
+        Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
+        Call, Result, ModuleEvent,
     )
 }  # fmt: skip
 
@@ -350,7 +359,7 @@ TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN}
 )  # fmt: skip
 FROM_WORKER_CONTROL = frozenset(
-    {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.PONG, MsgType.ERROR}
+    {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.INSTANCE_CLOSED, MsgType.PONG, MsgType.ERROR}
 )  # fmt: skip
 TO_WORKER_CHANNEL = frozenset({MsgType.CALL})
 FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_EVENT})
@@ -399,7 +408,9 @@ def close_fds(fds: Sequence[int]) -> None:
 def encode(message: Message, request_id: int = 0, nfds: int = 0) -> bytes:
     """One packet: header plus payload. ``nfds`` is how many fds the caller sends with it."""
     if not 0 <= nfds <= FD_LIMITS.get(message.TYPE, 0):
-        raise ValueError(f"{message.TYPE.name} cannot carry {nfds} file descriptors")
+        raise ValueError(f"{message.TYPE.name} cannot carry {_fds(nfds)}")
+    if not 0 <= request_id <= MAX_REQUEST_ID:
+        raise ValueError(f"request id {request_id} is outside 0..2**64-1")
     payload = _ENCODER.encode(message)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
@@ -422,8 +433,8 @@ def decode(
     """
     try:
         return _decode(bytes(packet), tuple(fds), allowed, max_payload)
-    except ProtocolError:
-        close_fds(fds)
+    except BaseException:
+        close_fds(fds)  # the fds were ours; nobody else will ever close them
         raise
 
 
@@ -453,11 +464,17 @@ def _decode(
     if length > max_payload:
         raise ProtocolError(f"payload of {length} bytes exceeds {max_payload}", request_id)
     if nfds != len(fds):
-        raise ProtocolError(f"header announces {nfds} fds but {len(fds)} arrived", request_id)
+        raise ProtocolError(f"header announces {_fds(nfds)} but {len(fds)} arrived", request_id)
     if len(fds) > FD_LIMITS.get(msg_type, 0):
-        raise ProtocolError(f"{msg_type.name} cannot carry {len(fds)} file descriptors", request_id)
+        raise ProtocolError(f"{msg_type.name} cannot carry {_fds(len(fds))}", request_id)
     try:
         message = _DECODERS[msg_type].decode(packet[HEADER_SIZE:])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # DecodeError and ValidationError are ValueErrors, and so is invalid UTF-8;
+        # absurd nesting exhausts the recursion limit. All of it is the peer's fault.
         raise ProtocolError(f"bad {msg_type.name} payload: {exc}", request_id) from None
     return Frame(message, request_id, fds)
+
+
+def _fds(count: int) -> str:
+    return f"{count} file descriptor" + ("" if count == 1 else "s")

@@ -326,5 +326,8 @@ async def _run_session(daemon: Daemon, session: Session) -> None:
     daemon.sessions.add(session)
     try:
         await session.run()
+    except Exception:
+        # A bug met by one client must not stop the daemon serving all the others.
+        session.log.exception("client.session_failed")
     finally:
         daemon.sessions.discard(session)

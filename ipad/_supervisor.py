@@ -96,7 +96,7 @@ class ModuleSupervisor:
         self.starts += 1
         argv = self.kind.worker_argv(self.plan.worker)
         try:
-            worker = spawn_worker(self.name, argv, self.env)
+            worker = spawn_worker(self.name, argv, self.env, self._on_notice)
         except OSError as exc:
             self._set_state(WorkerState.FAILED, f"cannot start {argv[0]}: {exc.strerror}")
             log.error("worker.spawn_failed", module=self.name, error=str(exc))
@@ -112,6 +112,7 @@ class ModuleSupervisor:
             tuning=str(self.plan.tuning),
         )
         failure: str | None = None
+        exiting = False  # the worker said why it cannot run and is exiting by itself
         with trio.move_on_after(self.policy.start_timeout.seconds) as timeout:
             try:
                 frame = await worker.request(load)
@@ -122,10 +123,12 @@ class ModuleSupervisor:
                     self.ready = frame.message
                 else:
                     failure = _describe_error(frame.message)
+                    exiting = True
         if timeout.cancelled_caught:
             failure = f"not ready within {self.policy.start_timeout}"
         if failure is not None:
-            status = await worker.stop(self.policy.stop_timeout.seconds)
+            grace = self.policy.stop_timeout.seconds
+            status = await (worker.finish(grace) if exiting else worker.stop(grace))
             worker.close()
             reason = f"failed to start: {failure} ({status.describe()})"
             log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
@@ -164,6 +167,13 @@ class ModuleSupervisor:
             await worker.stop(self.policy.stop_timeout.seconds)
 
     # --- instances -------------------------------------------------------------
+
+    def _on_notice(self, message: p.Message) -> None:
+        """A one-way message from the worker: an instance it closed on its own."""
+        if isinstance(message, p.InstanceClosed):
+            for record in self.proxies.of_module(self.name):
+                if record.instance_id == message.instance_id:
+                    self.proxies.set_state(record, ProxyState.CLOSED, message.reason)
 
     async def open_instance(self) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel."""

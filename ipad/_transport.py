@@ -88,9 +88,13 @@ class Requests:
         try:
             await conn.send(message, request_id, fds)
             await slot.done.wait()
-        finally:
-            # Cancelled or failed: forget the id, so a late reply is dropped, not misdelivered.
+        except BaseException:
+            # Cancelled or failed: forget the id, so a late reply is dropped, not misdelivered;
+            # a reply that was delivered in the same instant is dropped here, fds and all.
             self._pending.pop(request_id, None)
+            if slot.frame is not None:
+                self._drop(slot.frame)
+            raise
         if slot.error is not None:
             raise slot.error()
         assert slot.frame is not None  # noqa: S101 - set together with done
@@ -100,17 +104,20 @@ class Requests:
         """Hand a reply to its caller; a reply nobody waits for is logged and its fds closed."""
         slot = self._pending.pop(frame.request_id, None)
         if slot is None:
-            log.warning(
-                "reply.dropped",
-                connection=self.name,
-                request_id=frame.request_id,
-                message=frame.message.TYPE.name,
-            )
-            frame.close_fds()
+            self._drop(frame)
             return False
         slot.frame = frame
         slot.done.set()
         return True
+
+    def _drop(self, frame: p.Frame) -> None:
+        log.warning(
+            "reply.dropped",
+            connection=self.name,
+            request_id=frame.request_id,
+            message=frame.message.TYPE.name,
+        )
+        frame.close_fds()
 
     def fail_all(self, error: Callable[[], Exception]) -> None:
         """The connection is gone: every caller fails at once, and so does every later call.

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import structlog
@@ -56,8 +56,16 @@ class WorkerCrashed(Exception):
 class WorkerProcess:
     """One spawned worker: its pid, its pidfd, its control channel."""
 
-    def __init__(self, module: str, pid: int, pidfd: int, control: socket.socket) -> None:
+    def __init__(
+        self,
+        module: str,
+        pid: int,
+        pidfd: int,
+        control: socket.socket,
+        on_notice: Callable[[p.Message], None] = lambda _: None,
+    ) -> None:
         self.module = module
+        self.on_notice = on_notice
         self.pid = pid
         self.pidfd = pidfd
         self.control = PacketSocket.from_stdlib(control, p.FROM_WORKER_CONTROL)
@@ -83,7 +91,10 @@ class WorkerProcess:
                     break
                 if frame is None:
                     break
-                self.requests.deliver(frame)
+                if frame.request_id == 0:
+                    self.on_notice(frame.message)  # one-way: not a reply to anything
+                else:
+                    self.requests.deliver(frame)
         finally:
             self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
 
@@ -115,6 +126,12 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
 
+    async def finish(self, grace: float) -> ExitStatus:
+        """Let a worker that is on its way out exit by itself, then ``stop`` it if it does not."""
+        with trio.move_on_after(grace):
+            return await self.wait_exit()
+        return await self.stop(grace)
+
     async def stop(self, grace: float) -> ExitStatus:
         """SIGTERM, wait up to ``grace``, then SIGKILL; always reaped before returning."""
         if self.exit_status is not None:
@@ -140,6 +157,7 @@ def spawn_worker(
     module: str,
     argv: Sequence[str],
     env: Mapping[str, str],
+    on_notice: Callable[[p.Message], None] = lambda _: None,
 ) -> WorkerProcess:
     """Start a worker with its control socket on fd 3, leading a new process group.
 
@@ -167,4 +185,4 @@ def spawn_worker(
         theirs.close()
     pidfd = os.pidfd_open(pid)
     log.debug("worker.spawned", module=module, worker_pid=pid, argv=list(argv))
-    return WorkerProcess(module, pid, pidfd, ours)
+    return WorkerProcess(module, pid, pidfd, ours, on_notice)

@@ -116,6 +116,9 @@ class LoadedModule:
         self.name = load.module
         self.version = str(getattr(sys.modules[module_name], "__version__", "0"))
         self.tuning = tomllib.loads(Path(load.tuning).read_text(encoding="utf-8"))
+        # One probe instance checks the tuning now: a bad tuning file fails the start,
+        # with the module's own message, instead of every proxy request later.
+        cls(ModuleContext(self.tuning, _discard_event, instance_id=0)).close()
         self.methods = {
             name: Method(name, fn, is_setup(cls, name))
             for name, fn in callable_methods(cls).items()
@@ -152,7 +155,7 @@ class WorkerHost:
                 else:
                     self._on_channel(key.data)
         for instance_id in list(self.instances):
-            self._close_instance(instance_id)
+            self._close_instance(instance_id, notify=None)
         return self.exit_status
 
     # --- control channel ---------------------------------------------------
@@ -176,7 +179,7 @@ class WorkerHost:
         elif isinstance(message, p.Ping):
             self._send_control(p.Pong(), frame.request_id)
         elif isinstance(message, p.CloseInstance):
-            self._close_instance(message.instance_id)
+            self._close_instance(message.instance_id, notify=None)
         elif isinstance(message, p.Shutdown):
             self.running = False
 
@@ -241,15 +244,15 @@ class WorkerHost:
         try:
             received = recv_packet(instance.sock)
             if received is None:
-                self._close_instance(instance.instance_id)
+                self._close_instance(instance.instance_id, notify="client closed the channel")
                 return
             frame = p.decode(*received, allowed=p.TO_WORKER_CHANNEL)
         except p.ProtocolError as exc:
             self._reply(instance, p.Error(p.ErrorCode.BAD_MESSAGE, exc.reason), exc.request_id)
-            self._close_instance(instance.instance_id)
+            self._close_instance(instance.instance_id, notify=f"protocol error: {exc.reason}")
             return
-        except OSError:
-            self._close_instance(instance.instance_id)
+        except OSError as exc:
+            self._close_instance(instance.instance_id, notify=f"channel failed: {exc.strerror}")
             return
         assert isinstance(frame.message, p.Call)  # noqa: S101 - decode allowed only CALL
         self._reply(instance, self._call(instance, frame.message, frame.fds), frame.request_id)
@@ -292,12 +295,18 @@ class WorkerHost:
         except OSError as exc:
             # A client that stops reading must not stall every other instance of this worker.
             log("worker.channel_dropped", instance=instance.instance_id, error=exc.strerror)
-            self._close_instance(instance.instance_id)
+            self._close_instance(instance.instance_id, notify="client does not read its channel")
 
-    def _close_instance(self, instance_id: int) -> None:
+    def _close_instance(self, instance_id: int, *, notify: str | None) -> None:
+        """Free an instance; ``notify`` tells the daemon why when it did not ask for it."""
         instance = self.instances.pop(instance_id, None)
         if instance is None:
             return
+        if notify is not None:
+            try:
+                self._send_control(p.InstanceClosed(instance_id, notify), 0)
+            except OSError:
+                self.running = False  # the daemon is gone
         self.selector.unregister(instance.sock)
         instance.sock.close()
         if instance.module is not None:
@@ -305,6 +314,10 @@ class WorkerHost:
                 instance.module.close()
             except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
                 log("worker.close_failed", instance=instance_id, error=repr(exc))
+
+
+def _discard_event(name: str, data: object) -> None:
+    """Events of the load-time probe instance go nowhere."""
 
 
 def _short_traceback(exc: BaseException) -> str:

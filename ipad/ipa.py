@@ -91,7 +91,12 @@ class ModuleContext:
 
 
 class IPAModule:
-    """Base class of IPA modules; one instance per proxy, so clients never share state."""
+    """Base class of IPA modules; one instance per proxy, so clients never share state.
+
+    The constructor must be cheap and free of side effects beyond the instance:
+    the host builds one probe instance when it loads the module, so a tuning
+    file the constructor rejects fails the worker's start with that message.
+    """
 
     def __init__(self, context: ModuleContext) -> None:
         self.context = context

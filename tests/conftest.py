@@ -22,3 +22,7 @@ def _reset_structlog() -> Iterator[None]:
     """A test that configures logging (as the CLIs do) must not change the next test's."""
     yield
     structlog.reset_defaults()
+
+
+# Real-daemon fixtures, shared by the integration tests.
+from tests.daemon_process import daemon_env, start_daemon  # noqa: E402, F401

@@ -1,0 +1,143 @@
+"""Codec cost on the call path: msgspec vs cattrs+msgpack, next to a raw socket round trip.
+
+One call costs an encode and a decode at each end. This measures both codecs on
+the same Call message and, in the same run, a SOCK_SEQPACKET ping-pong between
+two processes, so the codec's share of a call is a ratio, not an absolute time.
+Run: python bench/bench_codec.py  (prints a table, writes bench/results/codec.json)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import msgpack
+import msgspec
+
+from ipad import _protocol as p
+
+ROUNDS = 7
+CALLS = 20_000
+PINGS = 20_000
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class CallStruct(msgspec.Struct, frozen=True, array_like=True):
+    """The call message as a msgspec Struct (array-like: no field names on the wire)."""
+
+    method: str
+    args: dict[str, Any]
+    fd_args: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class CallAttrs:
+    """The same message as an attrs class, for msgspec's attrs support and for cattrs."""
+
+    method: str
+    args: dict[str, Any]
+    fd_args: tuple[str, ...] = ()
+
+
+ARGS: dict[str, Any] = {"frame": 1234, "sensor": {"exposure_us": 10000, "gain": 1.5}}
+
+
+def per_call_us(fn: Callable[[], object], n: int) -> float:
+    """Median over ROUNDS of the time per call, in microseconds."""
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(times)
+
+
+def codec_figures() -> dict[str, float]:
+    """Encode+decode of one call message with each codec."""
+    struct_enc = msgspec.msgpack.Encoder()
+    struct_dec = msgspec.msgpack.Decoder(CallStruct)
+    attrs_dec = msgspec.msgpack.Decoder(CallAttrs)
+    conv = cattrs.Converter()
+    s_msg = CallStruct("process_stats", ARGS, ("stats",))
+    a_msg = CallAttrs("process_stats", ARGS, ("stats",))
+
+    def msgspec_struct() -> object:
+        return struct_dec.decode(struct_enc.encode(s_msg))
+
+    def msgspec_attrs() -> object:
+        return attrs_dec.decode(struct_enc.encode(a_msg))
+
+    def cattrs_msgpack() -> object:
+        data = msgpack.packb(conv.unstructure(a_msg))
+        return conv.structure(msgpack.unpackb(data), CallAttrs)
+
+    wire = p.Call("process_stats", ARGS, ("stats",))
+
+    def ipad_wire() -> object:
+        return p.decode(p.encode(wire, 1), allowed=p.TO_WORKER_CHANNEL)
+
+    return {
+        "ipad encode()+decode() (header, map)": per_call_us(ipad_wire, CALLS),
+        "msgspec Struct": per_call_us(msgspec_struct, CALLS),
+        "msgspec + attrs": per_call_us(msgspec_attrs, CALLS),
+        "cattrs + msgpack": per_call_us(cattrs_msgpack, CALLS),
+    }
+
+
+def socket_round_trip_us() -> float:
+    """One 64-byte SEQPACKET message there and back between two processes."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the echo peer
+        parent.close()
+        while data := child.recv(4096):
+            child.send(data)
+        os._exit(0)
+    child.close()
+    payload = b"x" * 64
+    try:
+
+        def ping() -> None:
+            parent.send(payload)
+            parent.recv(4096)
+
+        return per_call_us(ping, PINGS)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+
+
+def main() -> None:
+    """Print the table and save the figures."""
+    codecs = codec_figures()
+    rtt = socket_round_trip_us()
+    rows = [(name, us, us / rtt) for name, us in codecs.items()]
+    print(f"{'codec (encode+decode, one call msg)':38s} {'us':>8s} {'x socket RTT':>13s}")
+    # A call costs two encode+decode pairs (the request and its reply).
+    for name, us, ratio in rows:
+        print(f"{name:38s} {us:8.2f} {ratio:13.3f}")
+    print(f"{'raw SEQPACKET round trip (limit)':38s} {rtt:8.2f} {1.0:13.3f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                    "cpus": os.cpu_count()},
+        "socket_round_trip_us": rtt,
+        "codecs_us": codecs,
+        "codec_share_of_round_trip": {name: ratio for name, _, ratio in rows},
+    }
+    (RESULTS / "codec.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""A real ipad daemon in a subprocess, for integration tests, read through its JSON log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_MODULES = Path(__file__).resolve().parent / "modules"
+
+#: Generous bounds for a loaded CI machine; tests still finish in well under a second normally.
+WAIT = 30.0
+
+Record = dict[str, Any]
+
+
+class DaemonProcess:
+    """`python -m ipad` with a JSON log that a thread collects, so the pipe never fills."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.socket = Path(env["IPAD_SOCKET"])
+        self.env = env
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipad", "--config", str(config), "--log-format", "json",
+             "--log-level", "debug"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )  # fmt: skip
+        self.records: list[Record] = []
+        self.raw: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.raw.append(line)
+                with contextlib.suppress(json.JSONDecodeError):
+                    self.records.append(json.loads(line))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(
+        self, event: str, where: Callable[[Record], bool] = lambda _: True, timeout: float = WAIT
+    ) -> Record:
+        """The first log record named ``event`` that satisfies ``where``; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for record in self.records:
+                    if record.get("event") == event and where(record):
+                        return record
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    tail = "".join(self.raw[-20:])
+                    raise AssertionError(f"no {event} in the daemon's log; last lines:\n{tail}")
+                self._changed.wait(min(left, 0.5))
+
+    def events(self, event: str) -> list[Record]:
+        """Every log record named ``event`` so far."""
+        with self._changed:
+            return [r for r in self.records if r.get("event") == event]
+
+    def worker_pids(self) -> dict[str, int]:
+        """The pid of each module's most recent worker, from the log."""
+        return {r["module"]: r["worker_pid"] for r in self.events("worker.ready")}
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ipadctl against this daemon."""
+        result = subprocess.run(
+            [sys.executable, "-m", "ipad._cli_ctl", *args],
+            capture_output=True, text=True, env=self.env, timeout=WAIT, check=False,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"ipadctl {args} failed: {result.stdout}{result.stderr}")
+        return result
+
+    def stop(self) -> int:
+        """SIGTERM and the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=WAIT)
+
+    def kill(self) -> None:
+        """Teardown: the daemon and every worker it started are gone and reaped."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=WAIT)
+        for record in self.events("worker.spawned"):
+            kill_group(record["worker_pid"])
+        self._reader.join(timeout=WAIT)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a worker's process group if anything of it is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def open_fds(pid: int) -> int:
+    """How many descriptors process ``pid`` has open."""
+    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll a condition the test cannot be told about (a process disappearing)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def write_config(directory: Path, extra: str = "", *, modules: str | None = None) -> Path:
+    """A config with the shipped modules (or ``modules``) plus ``extra`` TOML."""
+    shipped = "[modules.awb]\n[modules.agc]\n[modules.echo]\n"
+    path = directory / "config.toml"
+    path.write_text(f"{extra}\n{shipped if modules is None else modules}")
+    return path
+
+
+@pytest.fixture
+def daemon_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment whose socket and tuning search are this test's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAD_")}
+    env["IPAD_SOCKET"] = str(tmp_path / "run" / "ipad.sock")
+    env["IPAD_CONFIG_PATH"] = str(TEST_MODULES / "tuning")
+    return env
+
+
+@pytest.fixture
+def start_daemon(
+    tmp_path: Path, daemon_env: dict[str, str]
+) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start real daemons; each is killed and reaped, workers included, after the test."""
+    started: list[DaemonProcess] = []
+
+    def start(config: Path | None = None, *, wait: bool = True) -> DaemonProcess:
+        daemon = DaemonProcess(config or write_config(tmp_path), daemon_env)
+        started.append(daemon)
+        if wait:
+            daemon.wait_for("daemon.started")
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()

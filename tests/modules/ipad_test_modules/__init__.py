@@ -1,0 +1,1 @@
+"""IPA modules that misbehave on purpose, for the daemon's integration tests."""
