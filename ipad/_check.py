@@ -58,7 +58,7 @@ def check_config(
     for name, settings in config.modules.items():
         if not settings.enabled:
             continue
-        plan, found = _plan(config, path, name, discovery, env)
+        plan, found = _plan(config, path, name, discovery, env, registry)
         if plan is not None:
             plans[name] = plan
         problems.extend(found)
@@ -68,7 +68,12 @@ def check_config(
 
 
 def _plan(
-    config: Config, path: Path, name: str, discovery: Discovery, environ: Mapping[str, str]
+    config: Config,
+    path: Path,
+    name: str,
+    discovery: Discovery,
+    environ: Mapping[str, str],
+    registry: ProxyRegistry,
 ) -> tuple[ModulePlan | None, list[Problem]]:
     key = join_key("modules", name)
     settings = config.modules[name]
@@ -86,6 +91,9 @@ def _plan(
     problems: list[Problem] = []
     try:
         worker = resolve_worker(worker_name, extra_dirs=config.daemon.worker_dirs, environ=environ)
+        for reason in registry.create(settings.proxy).problems(worker):
+            problems.append(Problem(path, f"{key}.worker", reason))
+            worker = None
     except WorkerNotFound as exc:
         tried = "; ".join(f"{a.path}: {a.reason}" for a in exc.attempts) or "no directories"
         problems.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,13 @@ class IsolatedProcess(ProxyKind):
         if is_python_script(executable):
             return [sys.executable, "-I", str(executable)]
         return [str(executable)]
+
+    def problems(self, executable: Path) -> list[str]:
+        """A Python worker needs this interpreter to be executable by the daemon's user."""
+        if is_python_script(executable) and not os.access(sys.executable, os.X_OK):
+            interpreter = sys.executable
+            return [f"the Python interpreter {interpreter} is not executable by this user"]
+        return []
 
 
 def is_python_script(executable: Path) -> bool:

@@ -37,6 +37,10 @@ class ProxyKind(abc.ABC):
     def worker_argv(self, executable: Path) -> list[str]:
         """The command line that starts a worker from its resolved executable."""
 
+    def problems(self, executable: Path) -> list[str]:
+        """Why this kind cannot start that worker here; checked by ``--check-config``."""
+        return []
+
 
 class DuplicateProxyKind(ValueError):
     """A proxy kind name was registered twice."""

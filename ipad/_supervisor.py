@@ -141,7 +141,10 @@ class ModuleSupervisor:
         return worker
 
     def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> None:
-        reason = f"worker exited with {status.describe()}"
+        if self.state is WorkerState.STOPPING:
+            reason = f"module stopped ({status.describe()})"
+        else:
+            reason = f"worker exited with {status.describe()}"
         level = log.info if self.state is WorkerState.STOPPING else log.error
         level("worker.exited", module=self.name, worker_pid=worker.pid, **status.log_fields())
         worker.close()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,13 @@ Record = dict[str, Any]
 class DaemonProcess:
     """`python -m ipad` with a JSON log that a thread collects, so the pipe never fills."""
 
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
+    def __init__(self, config: Path, env: dict[str, str], prefix: Sequence[str] = ()) -> None:
         self.socket = Path(env["IPAD_SOCKET"])
         self.env = env
+        self.prefix = list(prefix)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipad", "--config", str(config), "--log-format", "json",
-             "--log-level", "debug"],
+            [*prefix, sys.executable, "-m", "ipad", "--config", str(config), "--log-format",
+             "json", "--log-level", "debug"],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -85,7 +86,7 @@ class DaemonProcess:
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ipadctl against this daemon."""
         result = subprocess.run(
-            [sys.executable, "-m", "ipad._cli_ctl", *args],
+            [*self.prefix, sys.executable, "-m", "ipad._cli_ctl", *args],
             capture_output=True, text=True, env=self.env, timeout=WAIT, check=False,
         )  # fmt: skip
         if check and result.returncode != 0:
@@ -162,8 +163,14 @@ def start_daemon(
     """Start real daemons; each is killed and reaped, workers included, after the test."""
     started: list[DaemonProcess] = []
 
-    def start(config: Path | None = None, *, wait: bool = True) -> DaemonProcess:
-        daemon = DaemonProcess(config or write_config(tmp_path), daemon_env)
+    def start(
+        config: Path | None = None,
+        *,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(config or write_config(tmp_path), env or daemon_env, prefix)
         started.append(daemon)
         if wait:
             daemon.wait_for("daemon.started")
