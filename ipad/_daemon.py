@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -14,12 +15,16 @@ from typing import Any
 import structlog
 import trio
 
-from ._check import CheckedConfig
+from . import _protocol as p
+from ._check import CheckedConfig, ModulePlan, check_config
 from ._events import EventBus
-from ._paths import socket_path
+from ._launcher import Launcher
+from ._paths import install_dir, socket_path
+from ._problems import ConfigError
 from ._proxies import ProxyTable
 from ._registry import REGISTRY
-from ._server import Daemon, serve_clients
+from ._resolve import WorkerNotFound, resolve_worker
+from ._server import AdminError, Daemon, serve_clients
 from ._supervisor import ModuleSupervisor, worker_env
 
 log = structlog.get_logger("ipad")
@@ -73,19 +78,19 @@ def _remove_stale(path: Path) -> None:
     raise SocketInUse(f"another daemon is listening on {path}")
 
 
-def build_supervisors(checked: CheckedConfig, proxies: ProxyTable) -> dict[str, ModuleSupervisor]:
-    """One supervisor per enabled module, with its proxy kind, policy and environment."""
-    config = checked.config
-    return {
-        name: ModuleSupervisor(
-            plan,
-            config.restart_policy(name),
-            REGISTRY.create(config.modules[name].proxy),
-            worker_env(config.modules[name].env),
-            proxies,
-        )
-        for name, plan in checked.plans.items()
-    }
+#: The Python worker host shipped with ipad: workers it runs can be forked by the fork server.
+WORKER_HOST = "ipad-worker"
+
+
+def forkable_argv(plans: Iterable[ModulePlan]) -> list[str] | None:
+    """The argv of workers the fork server can fork, if any module runs the shipped host."""
+    try:
+        host = resolve_worker(WORKER_HOST, install=install_dir(), environ={})
+    except WorkerNotFound:
+        return None
+    if not any(plan.worker == host for plan in plans):
+        return None
+    return REGISTRY.create("isolated").worker_argv(host)
 
 
 def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
@@ -112,34 +117,170 @@ def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
     return info
 
 
+class DaemonRuntime:
+    """The running daemon: its configuration, supervisors, and the operations on them."""
+
+    def __init__(self, checked: CheckedConfig, path: Path) -> None:
+        self.checked = checked
+        self.socket_path = path
+        self.events = EventBus()
+        self.proxies = ProxyTable(self.events)
+        self.launcher = Launcher(forkable_argv(checked.plans.values()))
+        self.supervisors: dict[str, ModuleSupervisor] = {}
+        self.stop_requested = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._reload_lock = trio.Lock()
+        self.daemon = Daemon(
+            self.supervisors,
+            self.proxies,
+            self.events,
+            lambda: modules_info(self.checked),
+            str(path),
+            controller=self,
+            extra_status=self._status,
+        )
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "config": str(self.checked.path),
+            "forkserver_pid": self.launcher.forkserver.pid if self.launcher.forkserver else None,
+            "workers_forked": self.launcher.forks,
+            "workers_spawned": self.launcher.spawns,
+        }
+
+    def _supervisor(self, checked: CheckedConfig, name: str) -> ModuleSupervisor:
+        settings = checked.config.modules[name]
+        return ModuleSupervisor(
+            checked.plans[name],
+            checked.config.restart_policy(name),
+            REGISTRY.create(settings.proxy),
+            worker_env(settings.env),
+            self.proxies,
+            self.launcher,
+        )
+
+    async def start_modules(self, nursery: trio.Nursery, names: Iterable[str]) -> None:
+        """Start modules at once; return when each is running or has failed to start."""
+
+        async def start_one(name: str) -> None:
+            supervisor = self._supervisor(self.checked, name)
+            self.supervisors[name] = supervisor
+            await nursery.start(supervisor.run)
+
+        async with trio.open_nursery() as starters:
+            for name in names:
+                starters.start_soon(start_one, name)
+
+    async def run(self, listener: socket.socket, task_status: trio.TaskStatus[Path]) -> None:
+        """Start everything, serve until asked to stop, then stop everything."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.launcher.run)
+            await self.start_modules(nursery, self.checked.plans)
+            await nursery.start(serve_clients, listener, self.daemon)
+            states = {name: sup.state.value for name, sup in self.supervisors.items()}
+            log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
+                     modules=states, config=str(self.checked.path),
+                     forkserver=self.launcher.forkserver is not None)  # fmt: skip
+            task_status.started(self.socket_path)
+            await self.stop_requested.wait()
+            await self._shutdown()
+            nursery.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        """Tell every client, then stop every worker in parallel."""
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for session in list(self.daemon.sessions):
+                    nursery.start_soon(session.say_goodbye, "daemon stopping")
+            async with trio.open_nursery() as nursery:
+                for supervisor in self.supervisors.values():
+                    nursery.start_soon(supervisor.stop)
+
+    # --- admin operations --------------------------------------------------------
+
+    async def admin(self, command: str, module: str | None) -> dict[str, Any]:
+        """Run an operator's command (restart MODULE, reload, stop)."""
+        if command == "restart":
+            return await self.restart(module)
+        if command == "reload":
+            return await self.reload()
+        if command == "stop":
+            log.info("daemon.stopping", requested_by="admin")
+            self.stop_requested.set()
+            return {"stopping": True}
+        raise AdminError(p.ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}",
+                         {"commands": ["restart", "reload", "stop"]})  # fmt: skip
+
+    async def restart(self, module: str | None) -> dict[str, Any]:
+        """Restart one module's worker now, ending any backoff or cooldown."""
+        supervisor = self.supervisors.get(module or "")
+        if supervisor is None:
+            known = ", ".join(sorted(self.supervisors)) or "none"
+            raise AdminError(p.ErrorCode.UNKNOWN_MODULE, f"no module {module!r}; modules: {known}")
+        await supervisor.restart()
+        with trio.move_on_after(supervisor.policy.start_timeout.seconds):
+            await supervisor.wait_running()
+        return {"module": module, "state": supervisor.state.value, "reason": supervisor.reason}
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration: start added modules, stop removed ones, restart changed ones.
+
+        An invalid new configuration changes nothing: the old one keeps running.
+        """
+        async with self._reload_lock:
+            log.info("daemon.reloading", config=str(self.checked.path))
+            try:
+                new = check_config(self.checked.path)
+            except ConfigError as exc:
+                problems = [str(problem) for problem in exc.problems]
+                log.error("daemon.reload_failed", problems=problems)
+                message = "the new configuration is invalid; the old one keeps running"
+                details = {"problems": problems}
+                raise AdminError(p.ErrorCode.INVALID_CONFIG, message, details) from None
+            old = self.checked
+            removed = sorted(set(old.plans) - set(new.plans))
+            added = sorted(set(new.plans) - set(old.plans))
+            changed = sorted(
+                name
+                for name in set(old.plans) & set(new.plans)
+                if old.plans[name] != new.plans[name]
+                or old.config.modules[name] != new.config.modules[name]
+                or old.config.restart_policy(name) != new.config.restart_policy(name)
+            )
+            if old.config.daemon.socket != new.config.daemon.socket:
+                log.warning("daemon.reload_socket_unchanged", reason="the socket moves at restart")
+            async with trio.open_nursery() as stopping:
+                for name in [*removed, *changed]:
+                    stopping.start_soon(self.supervisors[name].stop)
+            for name in [*removed, *changed]:
+                del self.supervisors[name]
+            self.checked = new
+            assert self._nursery is not None  # noqa: S101 - set by run()
+            await self.start_modules(self._nursery, [*added, *changed])
+            result = {"added": added, "removed": removed, "changed": changed,
+                      "unchanged": sorted(set(new.plans) - set(added) - set(changed))}  # fmt: skip
+            log.info("daemon.reloaded", **result)
+            return result
+
+
 async def run_daemon(
     checked: CheckedConfig, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Start every module, serve clients until SIGTERM or SIGINT, then stop everything.
 
-    ``task_status`` reports the socket path once every module has reached a
-    final state (running, or failed with its reason) and clients are served.
+    SIGHUP reloads the configuration. ``task_status`` reports the socket path
+    once every module has reached a first state (running, or failed with its
+    reason) and clients are served.
     """
     path = socket_path(checked.config.daemon.socket)
     listener = bind_listener(path)
-    events = EventBus()
-    proxies = ProxyTable(events)
-    supervisors = build_supervisors(checked, proxies)
-    daemon = Daemon(supervisors, proxies, events, lambda: modules_info(checked), str(path))
+    runtime = DaemonRuntime(checked, path)
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                await _start_modules(nursery, supervisors.values())
-                await nursery.start(serve_clients, listener, daemon)
-                states = {name: sup.state.value for name, sup in supervisors.items()}
-                log.info("daemon.started", socket=str(path), pid=os.getpid(),
-                         modules=states, config=str(checked.path))  # fmt: skip
-                task_status.started(path)
-                async for signum in signals:
-                    log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                    break
-                nursery.start_soon(_while_stopping, signals)
-                await _shutdown(daemon)
+                nursery.start_soon(_handle_signals, runtime, signals)
+                await runtime.run(listener, task_status)
                 nursery.cancel_scope.cancel()
     finally:
         listener.close()
@@ -147,29 +288,14 @@ async def run_daemon(
     log.info("daemon.stopped")
 
 
-async def _start_modules(nursery: trio.Nursery, supervisors: Iterable[ModuleSupervisor]) -> None:
-    """Start every module at once; return when each is running or has failed."""
-
-    async def start_one(supervisor: ModuleSupervisor) -> None:
-        await nursery.start(supervisor.run)
-
-    async with trio.open_nursery() as starters:
-        for supervisor in supervisors:
-            starters.start_soon(start_one, supervisor)
-
-
-async def _while_stopping(signals: AsyncIterator[int]) -> None:
-    """Consume further stop signals so they do not interrupt the orderly shutdown."""
+async def _handle_signals(runtime: DaemonRuntime, signals: AsyncIterator[int]) -> None:
     async for signum in signals:
-        log.info("daemon.already_stopping", signal=signal.Signals(signum).name)
-
-
-async def _shutdown(daemon: Daemon) -> None:
-    """Tell every client, then stop every worker in parallel."""
-    with trio.CancelScope(shield=True):
-        async with trio.open_nursery() as nursery:
-            for session in list(daemon.sessions):
-                nursery.start_soon(session.say_goodbye, "daemon stopping")
-        async with trio.open_nursery() as nursery:
-            for supervisor in daemon.supervisors.values():
-                nursery.start_soon(supervisor.stop)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            with contextlib.suppress(AdminError):
+                await runtime.reload()
+        elif runtime.stop_requested.is_set():
+            log.info("daemon.already_stopping", signal=name)
+        else:
+            log.info("daemon.stopping", signal=name)
+            runtime.stop_requested.set()

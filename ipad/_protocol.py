@@ -64,6 +64,11 @@ class MsgType(enum.IntEnum):
     LIST_MODULES = 12
     MODULES = 13
     GOODBYE = 14
+    ADMIN = 16
+    ADMIN_DONE = 17
+    REOPEN_PROXY = 18
+    PROXY_READY = 19
+    PROXY_STATE = 20
     # any direction: the typed error reply
     ERROR = 15
     # daemon <-> worker (the control channel)
@@ -76,6 +81,9 @@ class MsgType(enum.IntEnum):
     SHUTDOWN = 38
     CLOSE_INSTANCE = 39
     INSTANCE_CLOSED = 40
+    # daemon <-> fork server
+    SPAWN = 56
+    SPAWNED = 57
     # client <-> worker (a proxy's channel)
     CALL = 48
     RESULT = 49
@@ -207,6 +215,45 @@ class Modules(Message, frozen=True, forbid_unknown_fields=True):
     modules: dict[str, dict[str, Any]]
 
 
+class Admin(Message, frozen=True, forbid_unknown_fields=True):
+    """An operator's command: ``restart`` a module, ``reload`` the configuration, ``stop``."""
+
+    TYPE = MsgType.ADMIN
+    command: str
+    module: str | None = None
+
+
+class AdminDone(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to Admin: what was done."""
+
+    TYPE = MsgType.ADMIN_DONE
+    result: dict[str, Any]
+
+
+class ReopenProxy(Message, frozen=True, forbid_unknown_fields=True):
+    """After its worker was restarted, a new channel for an invalid proxy (reply: PROXY_GRANTED)."""
+
+    TYPE = MsgType.REOPEN_PROXY
+    proxy_id: int
+
+
+class ProxyReady(Message, frozen=True, forbid_unknown_fields=True):
+    """The client replayed a reopened proxy's setup calls: it is valid again."""
+
+    TYPE = MsgType.PROXY_READY
+    proxy_id: int
+    replayed: int = 0
+
+
+class ProxyStateReply(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to ProxyReady: the proxy's state and the event that announced it."""
+
+    TYPE = MsgType.PROXY_STATE
+    proxy_id: int
+    state: str
+    seq: int
+
+
 class Goodbye(Message, frozen=True, forbid_unknown_fields=True):
     """The sender closes the connection, and says why."""
 
@@ -229,6 +276,8 @@ class ErrorCode(enum.StrEnum):
     BAD_MESSAGE = "bad_message"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_MODULE = "unknown_module"
+    UNKNOWN_COMMAND = "unknown_command"
+    INVALID_CONFIG = "invalid_config"
     UNKNOWN_PROXY = "unknown_proxy"
     UNKNOWN_METHOD = "unknown_method"
     BAD_ARGUMENTS = "bad_arguments"
@@ -309,6 +358,23 @@ class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
     reason: str
 
 
+# --- daemon <-> fork server ----------------------------------------------------
+
+
+class Spawn(Message, frozen=True, forbid_unknown_fields=True):
+    """Fork a worker host serving the passed control socket, with this environment."""
+
+    TYPE = MsgType.SPAWN
+    env: dict[str, str]
+
+
+class Spawned(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to Spawn: the new worker's pid (a child of the daemon, not of the fork server)."""
+
+    TYPE = MsgType.SPAWNED
+    pid: int
+
+
 # --- client <-> worker -------------------------------------------------------
 
 
@@ -339,21 +405,24 @@ class ModuleEvent(Message, frozen=True, forbid_unknown_fields=True):
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe,
+        Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe, Admin,
+        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
-        Call, Result, ModuleEvent,
+        Spawn, Spawned, Call, Result, ModuleEvent,
     )
 }  # fmt: skip
 
 #: What each side may receive; anything else is a protocol error from that peer.
 FROM_CLIENT = frozenset(
     {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
-     MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE}
+     MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE, MsgType.ADMIN,
+     MsgType.REOPEN_PROXY, MsgType.PROXY_READY}
 )  # fmt: skip
 FROM_DAEMON = frozenset(
     {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
-     MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR}
+     MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR,
+     MsgType.ADMIN_DONE, MsgType.PROXY_STATE}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN}
@@ -361,6 +430,8 @@ TO_WORKER_CONTROL = frozenset(
 FROM_WORKER_CONTROL = frozenset(
     {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.INSTANCE_CLOSED, MsgType.PONG, MsgType.ERROR}
 )  # fmt: skip
+TO_FORKSERVER = frozenset({MsgType.SPAWN, MsgType.SHUTDOWN})
+FROM_FORKSERVER = frozenset({MsgType.SPAWNED, MsgType.ERROR})
 TO_WORKER_CHANNEL = frozenset({MsgType.CALL})
 FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_EVENT})
 
@@ -368,6 +439,7 @@ FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_E
 FD_LIMITS: dict[MsgType, int] = {
     MsgType.PROXY_GRANTED: 1,
     MsgType.OPEN_INSTANCE: 1,
+    MsgType.SPAWN: 1,
     MsgType.CALL: MAX_FDS,
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 
@@ -48,7 +49,13 @@ class ProxyTable:
         self._proxies[record.proxy_id] = record
         return record
 
-    def set_state(self, record: ProxyRecord, state: ProxyState, reason: str | None = None) -> int:
+    def set_state(
+        self,
+        record: ProxyRecord,
+        state: ProxyState,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> int:
         """Move a proxy to ``state`` and publish it; return the event's sequence number."""
         record.state = advance_proxy(record.state, state)
         record.reason = reason
@@ -61,6 +68,7 @@ class ProxyTable:
             state=state.value,
             reason=reason,
             worker_pid=record.worker_pid,
+            details=details,
         )
         return event.seq
 

@@ -14,14 +14,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
 
 from . import _protocol as p
 from ._events import EventBus, Subscription
-from ._proxies import ProxyTable
+from ._proxies import ProxyRecord, ProxyTable
 from ._states import ProxyState
 from ._supervisor import ModuleSupervisor, ModuleUnavailable
 from ._transport import PacketSocket
@@ -34,6 +34,26 @@ log = structlog.get_logger("ipad")
 HELLO_TIMEOUT = 5.0
 
 
+class AdminError(Exception):
+    """An admin command failed; ``code`` is an ErrorCode, ``message`` says why."""
+
+    def __init__(
+        self, code: p.ErrorCode, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class Controller(Protocol):
+    """The daemon's operations an admin client may ask for."""
+
+    async def admin(self, command: str, module: str | None) -> dict[str, Any]:
+        """Run ``command``; raise AdminError if it cannot be done."""
+        ...
+
+
 class Daemon:
     """What sessions need from the daemon: modules, proxies, events, and facts for status."""
 
@@ -44,7 +64,11 @@ class Daemon:
         events: EventBus,
         modules_info: Callable[[], dict[str, dict[str, Any]]],
         socket_path: str,
+        controller: Controller | None = None,
+        extra_status: Callable[[], dict[str, Any]] = dict,
     ) -> None:
+        self.controller = controller
+        self.extra_status = extra_status
         self.supervisors = supervisors
         self.proxies = proxies
         self.events = events
@@ -152,6 +176,12 @@ class Session:
             await self._reply(frame, self._status())
         elif isinstance(message, p.ListModules):
             await self._reply(frame, p.Modules(self.daemon.modules_info()))
+        elif isinstance(message, p.ReopenProxy):
+            await self._reopen_proxy(frame, message)
+        elif isinstance(message, p.ProxyReady):
+            await self._proxy_ready(frame, message)
+        elif isinstance(message, p.Admin):
+            await self._admin(frame, message)
 
     async def _reply(
         self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
@@ -221,6 +251,69 @@ class Session:
         self.log.info("proxy.granted", proxy_id=record.proxy_id, module=message.module,
                       worker_pid=record.worker_pid)  # fmt: skip
 
+    def _own_proxy(self, proxy_id: int) -> ProxyRecord | None:
+        record = self.daemon.proxies.get(proxy_id)
+        return record if record is not None and record.client_id == self.client_id else None
+
+    async def _reopen_proxy(self, frame: p.Frame, message: p.ReopenProxy) -> None:
+        """A new instance for a proxy whose worker was restarted; it stays invalid until ready."""
+        record = self._own_proxy(message.proxy_id)
+        if record is None:
+            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
+                              f"no proxy {message.proxy_id} on this connection")  # fmt: skip
+            return
+        supervisor = self.daemon.supervisors.get(record.module)
+        if supervisor is None:
+            await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
+                              f"module {record.module!r} is no longer configured")  # fmt: skip
+            return
+        try:
+            instance_id, channel = await supervisor.open_instance()
+        except (ModuleUnavailable, WorkerCrashed) as exc:
+            await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
+                              f"{record.module} is unavailable: {exc}")  # fmt: skip
+            return
+        record.instance_id = instance_id
+        record.worker_pid = supervisor.worker.pid if supervisor.worker else None
+        ready = supervisor.ready
+        granted = p.ProxyGranted(
+            proxy_id=record.proxy_id,
+            module=record.module,
+            module_version=ready.version if ready else "",
+            worker_pid=record.worker_pid or 0,
+            methods=ready.methods if ready else (),
+            state=record.state.value,
+            seq=self.daemon.events.last_seq,
+        )
+        with channel:
+            await self._reply(frame, granted, [channel.fileno()])
+
+    async def _proxy_ready(self, frame: p.Frame, message: p.ProxyReady) -> None:
+        record = self._own_proxy(message.proxy_id)
+        if record is None:
+            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
+                              f"no proxy {message.proxy_id} on this connection")  # fmt: skip
+            return
+        seq = self.daemon.events.last_seq
+        if record.state is ProxyState.INVALID:
+            seq = self.daemon.proxies.set_state(
+                record, ProxyState.VALID, "recovered", {"replayed": message.replayed}
+            )
+        await self._reply(frame, p.ProxyStateReply(record.proxy_id, record.state.value, seq))
+
+    async def _admin(self, frame: p.Frame, message: p.Admin) -> None:
+        controller = self.daemon.controller
+        if controller is None:
+            await self._error(frame, p.ErrorCode.UNKNOWN_COMMAND, "no admin operations here")
+            return
+        self.log.info("admin.requested", command=message.command, module=message.module)
+        try:
+            result = await controller.admin(message.command, message.module)
+        except AdminError as exc:
+            await self._error(frame, exc.code, exc.message, exc.details)
+            return
+        await self._reply(frame, p.AdminDone(result))
+
     async def _release_proxy(self, frame: p.Frame, message: p.ReleaseProxy) -> None:
         record = self.daemon.proxies.get(message.proxy_id)
         if record is None or record.client_id != self.client_id:
@@ -285,6 +378,7 @@ class Session:
                 "clients": len(d.sessions),
                 "proxies": len(d.proxies),
                 "event_seq": d.events.last_seq,
+                **d.extra_status(),
             },
             modules={name: sup.status() for name, sup in d.supervisors.items()},
         )

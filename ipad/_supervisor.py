@@ -1,10 +1,20 @@
-"""One module's supervision: start its worker, open instances on it, watch it end."""
+"""One module's supervision: start its worker, watch it, restart it by policy.
+
+The worker's exit is seen through its pidfd the moment it happens; a worker
+that stops answering heartbeats is killed as hung; one that does not say
+READY within its start timeout has failed to start. Each ending goes to the
+RestartTracker (ipad/_backoff.py), which says when to start again: at once,
+after a backoff, or at the slow cooldown interval. Nothing is given up for
+good except by ``restart = "never"`` or a clean exit under ``on-failure``,
+and ``ipadctl restart`` always starts over at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import os
+import signal
 import socket
 from collections.abc import Mapping
 
@@ -12,12 +22,14 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._backoff import Action, RestartTracker
 from ._check import ModulePlan
 from ._config import RestartPolicy
+from ._launcher import Launcher
 from ._proxies import ProxyTable
 from ._registry import ProxyKind
 from ._states import ProxyState, WorkerState, advance_worker
-from ._worker import ExitStatus, WorkerCrashed, WorkerProcess, spawn_worker
+from ._worker import ExitStatus, WorkerCrashed, WorkerProcess
 
 log = structlog.get_logger("ipad")
 
@@ -36,6 +48,7 @@ class ModuleSupervisor:
         kind: ProxyKind,
         env: Mapping[str, str],
         proxies: ProxyTable,
+        launcher: Launcher,
     ) -> None:
         self.plan = plan
         self.name = plan.name
@@ -44,12 +57,21 @@ class ModuleSupervisor:
         self.env = dict(env)
         self.events = proxies.events
         self.proxies = proxies
+        self.launcher = launcher
+        self.tracker = RestartTracker(policy)
         self.state = WorkerState.STOPPED
         self.reason: str | None = None
         self.worker: WorkerProcess | None = None
         self.ready: p.Ready | None = None
         self.starts = 0
+        self.running_since: float | None = None
         self._instance_ids = itertools.count(1)
+        self._wake = trio.Event()
+        self._stopping = False
+        self._restart_requested = False
+        self._hung = False
+        self._running = trio.Event()
+        self._finished = trio.Event()
 
     # --- state ----------------------------------------------------------------
 
@@ -60,50 +82,120 @@ class ModuleSupervisor:
         self.events.publish(
             "module", self.name, state=state.value, reason=reason, worker_pid=pid, details=fields
         )
+        if state is WorkerState.RUNNING:
+            self._running.set()
+        else:
+            self._running = trio.Event() if self._running.is_set() else self._running
 
     def status(self) -> dict[str, object]:
         """The module's state for ``ipadctl status``."""
+        running = self.state is WorkerState.RUNNING
         return {
             "state": self.state.value,
             "reason": self.reason,
-            "worker_pid": self.worker.pid
-            if self.worker and self.state is WorkerState.RUNNING
-            else None,
+            "valid": running,
+            "worker_pid": self.worker.pid if running and self.worker else None,
             "version": self.ready.version if self.ready else self.plan.source.manifest.version,
             "starts": self.starts,
             "restarts": max(self.starts - 1, 0),
-            "valid": self.state is WorkerState.RUNNING,
+            "consecutive_failures": self.tracker.consecutive,
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
             "worker": str(self.plan.worker),
             "tuning": str(self.plan.tuning),
         }
 
-    # --- running -------------------------------------------------------------
+    # --- the supervision loop ------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the worker and watch it; ``started`` once it is running or has failed to start."""
-        async with trio.open_nursery() as nursery:
-            worker = await self._start(nursery)
-            task_status.started()
-            if worker is None:
-                return
-            status = await worker.wait_exit()
-            self._on_exit(worker, status)
+        """Supervise until ``stop``; ``started`` once the first start has succeeded or failed."""
+        try:
+            await self._supervise(task_status)
+        finally:
+            self._finished.set()
 
-    async def _start(self, nursery: trio.Nursery) -> WorkerProcess | None:
+    async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
+        reported = False
+        while not self.stop_requested():
+            self._restart_requested = self._hung = False
+            async with trio.open_nursery() as nursery:
+                worker, failure = await self._start(nursery)
+                if not reported:
+                    task_status.started()
+                    reported = True
+                if worker is not None:
+                    nursery.start_soon(self._heartbeat, worker)
+                    status = await worker.wait_exit()
+                    failure = self._on_exit(worker, status)
+                nursery.cancel_scope.cancel()
+            if self.stop_requested():
+                break
+            await self._after_ending(failure)
+        if self.state is not WorkerState.STOPPED:
+            self._set_state(WorkerState.STOPPED, "stopped")
+
+    def stop_requested(self) -> bool:
+        """Whether ``stop`` was called (a method, so checks are not folded away)."""
+        return self._stopping
+
+    async def _after_ending(self, failure: str | None) -> None:
+        """Ask the tracker what next, and wait for it (or for an operator's request)."""
+        now = trio.current_time()
+        decision = self.tracker.ended(
+            now, failed=failure is not None, requested=self._restart_requested
+        )
+        reason = failure or self.reason or "exited"
+        if decision.action is Action.STOP:
+            final = WorkerState.FAILED if failure else WorkerState.EXITED
+            if self.state is not final:
+                self._set_state(final, f"{reason}; not restarted ({decision.reason})")
+            await self._wait_for_request(None)
+        elif decision.action is Action.COOLDOWN:
+            self._set_state(WorkerState.COOLDOWN, f"{reason}; {decision.reason}")
+            log.error("module.cooldown", module=self.name, reason=reason,
+                      retry_in=decision.delay, failures=decision.reason)  # fmt: skip
+            await self._wait_for_request(decision.delay)
+        elif decision.delay > 0:
+            log.info("module.backoff", module=self.name, delay=round(decision.delay, 4),
+                     consecutive_failures=self.tracker.consecutive)  # fmt: skip
+            await self._wait_for_request(decision.delay)
+
+    async def _wait_for_request(self, timeout: float | None) -> None:
+        """Sleep ``timeout`` seconds (None: until asked), ending early on restart or stop."""
+        self._wake = trio.Event()
+        if timeout is None:
+            await self._wake.wait()
+        else:
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+
+    async def _start(self, nursery: trio.Nursery) -> tuple[WorkerProcess | None, str | None]:
+        """Start a worker and wait for READY: the worker, or the reason it failed."""
         self._set_state(WorkerState.STARTING)
         self.starts += 1
+        self.tracker.started(trio.current_time())
         argv = self.kind.worker_argv(self.plan.worker)
         try:
-            worker = spawn_worker(self.name, argv, self.env, self._on_notice)
+            worker = await self.launcher.launch(self.name, argv, self.env, self._on_notice)
         except OSError as exc:
-            self._set_state(WorkerState.FAILED, f"cannot start {argv[0]}: {exc.strerror}")
+            reason = f"cannot start {argv[0]}: {exc.strerror or exc}"
             log.error("worker.spawn_failed", module=self.name, error=str(exc))
-            return None
+            self._set_state(WorkerState.EXITED, reason)
+            return None, reason
         self.worker = worker
         nursery.start_soon(worker.watch)
         nursery.start_soon(worker.read_control)
+        failure = await self._load(worker)
+        if failure is None:
+            log.info("worker.ready", module=self.name, worker_pid=worker.pid,
+                     version=self.ready.version if self.ready else None)  # fmt: skip
+            self.running_since = trio.current_time()
+            self._set_state(WorkerState.RUNNING)
+            return worker, None
+        return None, failure
+
+    async def _load(self, worker: WorkerProcess) -> str | None:
+        """Send LOAD; return None once READY, else why the start failed (worker reaped)."""
         manifest = self.plan.source.manifest
         load = p.Load(
             module=self.name,
@@ -121,53 +213,106 @@ class ModuleSupervisor:
             else:
                 if isinstance(frame.message, p.Ready):
                     self.ready = frame.message
-                else:
-                    failure = _describe_error(frame.message)
-                    exiting = True
+                    return None
+                failure = _describe_error(frame.message)
+                exiting = True
         if timeout.cancelled_caught:
             failure = f"not ready within {self.policy.start_timeout}"
-        if failure is not None:
-            grace = self.policy.stop_timeout.seconds
-            status = await (worker.finish(grace) if exiting else worker.stop(grace))
-            worker.close()
-            reason = f"failed to start: {failure} ({status.describe()})"
-            log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
-                      reason=failure, **status.log_fields())  # fmt: skip
-            self._set_state(WorkerState.FAILED, reason)
-            return None
-        log.info("worker.ready", module=self.name, worker_pid=worker.pid,
-                 version=self.ready.version if self.ready else None)  # fmt: skip
-        self._set_state(WorkerState.RUNNING)
-        return worker
+        grace = self.policy.stop_timeout.seconds
+        status = await (worker.finish(grace) if exiting else worker.stop(grace))
+        self._sweep(worker)
+        worker.close()
+        reason = f"failed to start: {failure} ({status.describe()})"
+        log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
+                  reason=failure, **status.log_fields())  # fmt: skip
+        self._set_state(WorkerState.EXITED, reason)
+        return reason
 
-    def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> None:
-        if self.state is WorkerState.STOPPING:
-            reason = f"module stopped ({status.describe()})"
+    async def _heartbeat(self, worker: WorkerProcess) -> None:
+        """Ping the worker; one that does not answer within the timeout is hung: kill it."""
+        interval = self.policy.heartbeat_interval.seconds
+        timeout = self.policy.heartbeat_timeout.seconds
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    await worker.request(p.Ping())
+                except WorkerCrashed:
+                    return  # its exit is being handled
+            if waited.cancelled_caught:
+                self._hung = True
+                log.error("worker.hung", module=self.name, worker_pid=worker.pid,
+                          timeout=self.policy.heartbeat_timeout.seconds)  # fmt: skip
+                worker.signal(signal.SIGKILL)
+                return
+
+    def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> str | None:
+        """Record how the worker ended; return the failure, or None for a clean or asked-for end."""
+        self.running_since = None
+        self._sweep(worker)
+        worker.close()
+        if self._stopping or self._restart_requested:
+            failure = None
+            reason = f"module {'stopped' if self._stopping else 'restarting'} ({status.describe()})"
+            log.info("worker.exited", module=self.name, worker_pid=worker.pid,
+                     **status.log_fields())  # fmt: skip
+        elif self._hung:
+            failure = reason = (
+                f"worker hung: no heartbeat reply within {self.policy.heartbeat_timeout}"
+            )
+            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="hung",
+                      **status.log_fields())  # fmt: skip
         else:
             reason = f"worker exited with {status.describe()}"
-        level = log.info if self.state is WorkerState.STOPPING else log.error
-        level("worker.exited", module=self.name, worker_pid=worker.pid, **status.log_fields())
-        worker.close()
+            failure = None if status.clean else reason
+            level = log.info if status.clean else log.error
+            level("worker.exited", module=self.name, worker_pid=worker.pid, **status.log_fields())
         for record in self.proxies.of_module(self.name):
             if record.state in (ProxyState.VALID, ProxyState.PENDING):
                 self.proxies.set_state(record, ProxyState.INVALID, reason)
-        if self.state is WorkerState.STOPPING:
-            self._set_state(WorkerState.STOPPED, "stopped")
-        else:
-            self._set_state(WorkerState.EXITED, reason, **status.log_fields())
+        self._set_state(WorkerState.EXITED, reason, **status.log_fields())
+        return failure
+
+    def _sweep(self, worker: WorkerProcess) -> None:
+        """Kill what is left of the worker's process group (children it did not reap)."""
+        worker.signal(signal.SIGKILL)
+
+    # --- operator requests --------------------------------------------------------
 
     async def stop(self) -> None:
-        """Stop the worker gracefully: SHUTDOWN, then SIGTERM, then SIGKILL after the grace."""
+        """Stop for good: SHUTDOWN, then SIGTERM, then SIGKILL after the grace period."""
+        self._stopping = True
+        self._wake.set()
         worker = self.worker
         if worker is None or self.state not in (WorkerState.RUNNING, WorkerState.STARTING):
             return
         self._set_state(WorkerState.STOPPING, "stopping")
+        await self._stop_worker(worker)
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.policy.stop_timeout.seconds):
+            await self._finished.wait()  # the loop has recorded the exit and ended
+
+    async def restart(self) -> None:
+        """``ipadctl restart``: restart now, ending any backoff or cooldown."""
+        self.tracker.reset()
+        self._restart_requested = True
+        self._wake.set()
+        worker = self.worker
+        if worker is not None and self.state in (WorkerState.RUNNING, WorkerState.STARTING):
+            log.info("module.restart_requested", module=self.name, worker_pid=worker.pid)
+            await self._stop_worker(worker)
+
+    async def _stop_worker(self, worker: WorkerProcess) -> None:
+        grace = self.policy.stop_timeout.seconds
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(grace):
                 with contextlib.suppress(OSError, trio.ClosedResourceError):
                     await worker.control.send(p.Shutdown())
                 await worker.wait_exit()
-            await worker.stop(self.policy.stop_timeout.seconds)
+            await worker.stop(grace)
+
+    async def wait_running(self) -> None:
+        """Return once the module's worker is running."""
+        await self._running.wait()
 
     # --- instances -------------------------------------------------------------
 

@@ -63,12 +63,13 @@ class WorkerProcess:
         pidfd: int,
         control: socket.socket,
         on_notice: Callable[[p.Message], None] = lambda _: None,
+        allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
     ) -> None:
         self.module = module
         self.on_notice = on_notice
         self.pid = pid
         self.pidfd = pidfd
-        self.control = PacketSocket.from_stdlib(control, p.FROM_WORKER_CONTROL)
+        self.control = PacketSocket.from_stdlib(control, allowed)
         self.requests = Requests(f"worker:{module}:{pid}")
         self.exit_status: ExitStatus | None = None
         self._exited = trio.Event()
@@ -145,6 +146,22 @@ class WorkerProcess:
             return await self.wait_exit()
         raise AssertionError("unreachable: a shielded scope is never cancelled")
 
+    async def terminate_and_reap(self, grace: float) -> ExitStatus:
+        """Stop and reap without a ``watch`` task: for when that task is no longer running."""
+        if self.exit_status is not None:
+            return self.exit_status
+        with trio.CancelScope(shield=True):
+            self.signal(signal.SIGTERM)
+            with trio.move_on_after(grace) as waited:
+                await trio.lowlevel.wait_readable(self.pidfd)
+            if waited.cancelled_caught:
+                self.signal(signal.SIGKILL)
+                await trio.lowlevel.wait_readable(self.pidfd)
+            self.exit_status = self._reap()
+            self._exited.set()
+            return self.exit_status
+        raise AssertionError("unreachable: a shielded scope is never cancelled")
+
     def close(self) -> None:
         """Close the control socket and the pidfd (after the worker was reaped)."""
         self.control.close()
@@ -158,6 +175,7 @@ def spawn_worker(
     argv: Sequence[str],
     env: Mapping[str, str],
     on_notice: Callable[[p.Message], None] = lambda _: None,
+    allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
 ) -> WorkerProcess:
     """Start a worker with its control socket on fd 3, leading a new process group.
 
@@ -185,4 +203,4 @@ def spawn_worker(
         theirs.close()
     pidfd = os.pidfd_open(pid)
     log.debug("worker.spawned", module=module, worker_pid=pid, argv=list(argv))
-    return WorkerProcess(module, pid, pidfd, ours, on_notice)
+    return WorkerProcess(module, pid, pidfd, ours, on_notice, allowed)

@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ipad-worker`` executable."""
     args = sys.argv[1:] if argv is None else argv
     parent = int(args[args.index("--parent-pid") + 1]) if "--parent-pid" in args else None
+    if "--zygote" in args:
+        from ._forkserver import main as forkserver_main  # noqa: PLC0415 - only in that mode
+
+        return forkserver_main(parent)
     die_with_parent(parent)
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()

@@ -228,18 +228,21 @@ def test_bad_frame_on_a_proxy_channel(served: tuple[DaemonProcess, BlockingClien
 
 
 def test_module_that_fails_to_load(start_daemon: Start, tmp_path: Path) -> None:
-    """A module whose import fails is `failed` with the reason; the daemon serves the rest."""
+    """A module whose import fails is retried with backoff, then cools down; the rest is served."""
     config = write_config(
         tmp_path,
         f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
         modules="[modules.broken]\n[modules.echo]\n",
     )
     daemon = start_daemon(config)
+    record = daemon.wait_for("module.cooldown", lambda r: r["module"] == "broken")
+    assert "needs a library that is not installed" in record["reason"]
+    assert "exit status 3" in record["reason"]
+    assert len(daemon.events("worker.start_failed")) == 6  # max_failures (5), then one more
     with BlockingClient(daemon.socket) as client:
         broken = client.status().modules["broken"]
-        assert broken["state"] == "failed"
-        assert "needs a library that is not installed" in broken["reason"]
-        assert "exit status 3" in broken["reason"]
+        assert broken["state"] == "cooldown"
+        assert broken["reason"].endswith("; 6 failures within 1min")
         with pytest.raises(Exception, match="broken is unavailable") as info:
             client.request_proxy("broken")
         assert type(info.value).__name__ == "ModuleUnavailable"
@@ -257,8 +260,12 @@ def test_module_that_is_not_ready_in_time(start_daemon: Start, tmp_path: Path) -
     record = daemon.wait_for("worker.start_failed", lambda r: r["module"] == "slow")
     assert record["reason"] == "not ready within 500ms"
     assert record["signal"] == "SIGTERM"
+    exited = daemon.wait_for(
+        "module.state_changed", lambda r: r["module"] == "slow" and r["state"] == "exited"
+    )
+    assert exited["reason"] == "failed to start: not ready within 500ms (signal SIGTERM)"
     with BlockingClient(daemon.socket) as client:
-        assert client.status().modules["slow"]["state"] == "failed"
+        assert client.status().modules["slow"]["state"] != "running"
         assert client.status().modules["echo"]["state"] == "running"
 
 
@@ -266,7 +273,7 @@ def test_bad_tuning_file_fails_the_start(start_daemon: Start, tmp_path: Path) ->
     """A tuning file the module rejects fails the worker's start with the module's message."""
     config = write_config(tmp_path, modules='[modules.awb]\ntuning = "badtuning.toml"\n')
     daemon = start_daemon(config)
+    record = daemon.wait_for("worker.start_failed", lambda r: r["module"] == "awb")
+    assert "unknown tuning key 'sped' (did you mean 'speed'?)" in record["reason"]
     with BlockingClient(daemon.socket) as client:
-        awb = client.status().modules["awb"]
-    assert awb["state"] == "failed"
-    assert "unknown tuning key 'sped' (did you mean 'speed'?)" in awb["reason"]
+        assert client.status().modules["awb"]["state"] != "running"

@@ -237,6 +237,8 @@ def test_every_type_has_a_receiver() -> None:
         | p.FROM_WORKER_CONTROL
         | p.TO_WORKER_CHANNEL
         | p.FROM_WORKER_CHANNEL
+        | p.TO_FORKSERVER
+        | p.FROM_FORKSERVER
     )
     assert received == set(p.MsgType)
 

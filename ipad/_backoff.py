@@ -1,0 +1,104 @@
+"""When to start a module's worker again: restart mode, backoff, stability and cooldown.
+
+Pure logic over timestamps the caller passes in (and a random source for the
+jitter), so every rule is tested without processes, clocks or sleeps.
+
+- The first restart after a healthy run is immediate.
+- Consecutive failures wait ``initial_delay * multiplier**(n-1)``, capped at
+  ``max_delay``, each changed at random by up to ``jitter`` of itself.
+- A worker that stayed up for ``stable_after`` resets the count.
+- More than ``max_failures`` failures within ``failure_window``: cooldown, a
+  fixed ``cooldown_interval`` between attempts instead of giving up for good.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import random
+from collections.abc import Callable
+
+import attrs
+
+from ._config import RestartMode, RestartPolicy
+
+
+class Action(enum.Enum):
+    """What the supervisor does after a worker ended."""
+
+    RESTART = "restart"
+    COOLDOWN = "cooldown"
+    STOP = "stop"
+
+
+@attrs.frozen
+class Decision:
+    """The next step and how long to wait before it."""
+
+    action: Action
+    delay: float = 0.0
+    reason: str = ""
+
+
+class RestartTracker:
+    """One module's failure history."""
+
+    def __init__(self, policy: RestartPolicy, rand: Callable[[], float] = random.random) -> None:
+        self.policy = policy
+        self._rand = rand
+        self.consecutive = 0
+        self._failures: collections.deque[float] = collections.deque()
+        self.started_at: float | None = None
+        self.in_cooldown = False
+
+    def started(self, now: float) -> None:
+        """A worker was started (or is being started) at ``now``."""
+        self.started_at = now
+
+    def ended(self, now: float, *, failed: bool, requested: bool = False) -> Decision:
+        """A worker ended at ``now``; ``failed`` unless it exited cleanly when asked or by itself.
+
+        ``requested`` is a stop or restart the operator asked for: never a failure.
+        """
+        policy = self.policy
+        up_for = now - self.started_at if self.started_at is not None else 0.0
+        if up_for >= policy.stable_after.seconds:
+            self.consecutive = 0
+            self.in_cooldown = False
+        if requested:
+            self.consecutive = 0
+            return Decision(Action.RESTART, 0.0, "restart requested")
+        if not failed:
+            if policy.restart is RestartMode.ALWAYS:
+                return Decision(Action.RESTART, 0.0, "exited cleanly; restart = always")
+            return Decision(Action.STOP, 0.0, f"exited cleanly; restart = {policy.restart.value}")
+        if policy.restart is RestartMode.NEVER:
+            return Decision(Action.STOP, 0.0, "failed; restart = never")
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > policy.failure_window.seconds:
+            self._failures.popleft()
+        self.consecutive += 1
+        if len(self._failures) > policy.max_failures or self.in_cooldown:
+            self.in_cooldown = True
+            return Decision(
+                Action.COOLDOWN,
+                policy.cooldown_interval.seconds,
+                f"{len(self._failures)} failures within {policy.failure_window}",
+            )
+        return Decision(Action.RESTART, self.delay(self.consecutive), "failed")
+
+    def delay(self, consecutive: int) -> float:
+        """The wait before restart number ``consecutive`` of a failing run."""
+        if consecutive <= 1:
+            return 0.0  # the first restart after a healthy run is immediate
+        policy = self.policy
+        base = policy.initial_delay.seconds * policy.multiplier ** (consecutive - 2)
+        base = min(base, policy.max_delay.seconds)
+        spread = base * policy.jitter
+        return max(0.0, min(policy.max_delay.seconds, base + spread * (2 * self._rand() - 1)))
+
+    def reset(self) -> None:
+        """The operator ended a cooldown (``ipadctl restart``): start over."""
+        self.consecutive = 0
+        self._failures.clear()
+        self.in_cooldown = False

@@ -1,0 +1,122 @@
+"""Starting workers: forked from the fork server when possible, spawned otherwise.
+
+Workers run by the Python worker host are forked by the fork server (see
+ipad/_forkserver.py) in about a millisecond; any other worker executable is
+started with posix_spawn. Either way the worker is a child of the daemon,
+watched through its pidfd. If the fork server dies it is started again, and
+meanwhile workers are spawned, only slower.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+
+import structlog
+import trio
+
+from . import _protocol as p
+from ._worker import WorkerCrashed, WorkerProcess, spawn_worker
+
+log = structlog.get_logger("ipad")
+
+#: Pause before starting a fork server that died, so a broken one cannot spin.
+FORKSERVER_RESTART_DELAY = 1.0
+
+#: How long the fork server gets to exit after SIGTERM.
+FORKSERVER_GRACE = 1.0
+
+#: How long a fork may take before the launcher spawns instead.
+FORK_TIMEOUT = 2.0
+
+
+class Launcher:
+    """Starts worker processes for every supervisor."""
+
+    def __init__(self, forkserver_argv: Sequence[str] | None) -> None:
+        #: The argv a worker must have to be forked: the Python worker host's.
+        self.forkable = list(forkserver_argv) if forkserver_argv else None
+        self.forkserver: WorkerProcess | None = None
+        self.forks = 0
+        self.spawns = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a fork server running; ``started`` once the first one is up (or there is none)."""
+        if self.forkable is None:
+            task_status.started()
+            return
+        first = True
+        while True:
+            # An empty environment: forked workers get theirs from each SPAWN, and
+            # nothing of the daemon's may linger in the memory they are forked from.
+            argv = [*self.forkable, "--zygote"]
+            server = spawn_worker("forkserver", argv, {}, allowed=p.FROM_FORKSERVER)
+            log.info("forkserver.started", pid=server.pid)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server.watch)
+                    nursery.start_soon(server.read_control)
+                    self.forkserver = server
+                    if first:
+                        task_status.started()
+                        first = False
+                    status = await server.wait_exit()
+                    nursery.cancel_scope.cancel()
+            finally:
+                # Its watch task is gone by now, so reap it directly.
+                self.forkserver = None
+                status = await server.terminate_and_reap(FORKSERVER_GRACE)
+                server.close()
+            log.error("forkserver.exited", pid=server.pid, **status.log_fields())
+            await trio.sleep(FORKSERVER_RESTART_DELAY)
+
+    async def launch(
+        self,
+        module: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        on_notice: Callable[[p.Message], None],
+    ) -> WorkerProcess:
+        """A new worker for ``module``: forked if it runs the Python worker host, else spawned."""
+        server = self.forkserver
+        if server is not None and list(argv) == self.forkable:
+            try:
+                worker = await self._fork(server, module, env, on_notice)
+            except (WorkerCrashed, OSError, trio.TooSlowError, p.ProtocolError) as exc:
+                log.warning("forkserver.fork_failed", module=module, error=str(exc))
+            else:
+                self.forks += 1
+                return worker
+        self.spawns += 1
+        return spawn_worker(module, argv, env, on_notice)
+
+    async def _fork(
+        self,
+        server: WorkerProcess,
+        module: str,
+        env: Mapping[str, str],
+        on_notice: Callable[[p.Message], None],
+    ) -> WorkerProcess:
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        try:
+            with trio.fail_after(FORK_TIMEOUT):
+                try:
+                    frame = await server.request(p.Spawn(dict(env)), [theirs.fileno()])
+                finally:
+                    theirs.close()
+            spawned = frame.message
+            # The worker is our child (CLONE_PARENT): only we can reap it, so the pid is safe.
+            pidfd = os.pidfd_open(spawned.pid) if isinstance(spawned, p.Spawned) else -1
+        except BaseException:
+            ours.close()
+            raise
+        if not isinstance(spawned, p.Spawned):
+            ours.close()
+            error = spawned.message if isinstance(spawned, p.Error) else spawned.TYPE.name
+            raise OSError(f"fork server refused: {error}")
+        pid = spawned.pid
+        log.debug("worker.forked", module=module, worker_pid=pid)
+        return WorkerProcess(module, pid, pidfd, ours, on_notice)
