@@ -15,16 +15,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from . import _protocol as p
-from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, build_call, expect
-from ._errors import Disconnected, IpadError, UnknownProxy, WorkerCrashed
+from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
+from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
 from ._paths import socket_path
 from ._transport import PacketSocket, Requests
 
 #: Events kept for a reader that is behind; older ones are dropped first.
 EVENT_BACKLOG = 1024
+
+#: A recovering proxy tries again this often even without news of its module (missed events).
+RECOVERY_RETRY = 1.0
 
 
 class EventQueue:
@@ -69,8 +73,28 @@ class EventQueue:
             raise StopAsyncIteration from None
 
 
+@attrs.frozen
+class LocalEvent:
+    """An event the client library makes itself: ``recovered`` or ``recovery_failed``."""
+
+    kind: str
+    module: str
+    proxy_id: int
+    details: dict[str, Any] = attrs.field(factory=dict)
+    #: As on daemon events, so one loop can read both.
+    state: str | None = None
+    reason: str | None = None
+
+
 class Proxy:
-    """A handle on one module instance, valid while its worker lives."""
+    """A handle on one module instance, valid while its worker lives.
+
+    When the worker dies, calls in flight fail at once with WorkerCrashed and
+    the proxy turns invalid. Once the module runs again, the proxy gets a new
+    channel by itself, replays its setup calls in order and turns valid again
+    (a ``recovered`` event): code that called ``init``/``configure``/``start``
+    before the crash needs no change to carry on.
+    """
 
     def __init__(self, client: Client, info: ProxyInfo, channel: PacketSocket) -> None:
         self.client = client
@@ -82,7 +106,11 @@ class Proxy:
         self.state = "valid"
         self.reason: str | None = None
         self.module_events = EventQueue()
+        self.setup_log = SetupLog(info)
+        self.recoveries = 0
         self._closed = False
+        self._valid = trio.Event()
+        self._valid.set()
 
     @property
     def valid(self) -> bool:
@@ -94,25 +122,50 @@ class Proxy:
         method: str,
         args: Mapping[str, Any] | None = None,
         fds: Mapping[str, int] | None = None,
+        *,
+        wait: float | None = None,
     ) -> Any:
-        """Call ``method`` on the module instance; ``fds`` maps Buffer parameters to descriptors.
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
 
-        A crash of the worker fails the call at once with WorkerCrashed.
+        On an invalid proxy the call fails at once with WorkerCrashed, or, with
+        ``wait``, first waits up to that many seconds for the proxy to recover.
+        A crash of the worker during the call fails it at once with WorkerCrashed.
         """
+        if not self.valid:
+            if wait is None or self._closed:
+                raise WorkerCrashed(f"{self.module} proxy is {self.state}: {self.reason}")
+            with trio.move_on_after(wait):
+                await self._valid.wait()
+            if not self.valid:
+                raise WorkerCrashed(
+                    f"{self.module} did not recover within {wait:g}s: {self.reason}"
+                )
+        value = await self._call_on(self.channel, self.requests, method, args, fds)
+        self.setup_log.record(method, args, fds)
+        return value
+
+    async def _call_on(
+        self,
+        channel: PacketSocket,
+        requests: Requests,
+        method: str,
+        args: Mapping[str, Any] | None,
+        fds: Mapping[str, int] | None,
+    ) -> Any:
         message, fd_list = build_call(method, args, fds)
         try:
-            frame = await self.requests.call(self.channel, message, fd_list)
+            frame = await requests.call(channel, message, fd_list)
         except (OSError, trio.ClosedResourceError) as exc:
             raise WorkerCrashed(f"{self.module} channel is closed: {exc}") from None
         return expect(frame, p.Result).value
 
-    async def read_channel(self) -> None:
+    async def read_channel(self, channel: PacketSocket, requests: Requests) -> None:
         """Deliver replies and module events until the worker closes the channel."""
         reason = "worker closed the channel"
         try:
             while True:
                 try:
-                    frame = await self.channel.receive()
+                    frame = await channel.receive()
                 except p.ProtocolError as exc:
                     reason = f"worker broke the protocol: {exc.reason}"
                     break
@@ -123,19 +176,48 @@ class Proxy:
                 if isinstance(frame.message, p.ModuleEvent):
                     self.module_events.put(frame.message)
                 else:
-                    self.requests.deliver(frame)
+                    requests.deliver(frame)
         finally:
-            # The daemon's event, when it came first, says more (exit status or signal).
-            if not self._closed and self.state == "valid":
-                self.state = "invalid"
-                self.reason = reason
-            self.requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
-            self.module_events.close()
+            requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
+            if channel is self.channel:
+                self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
+        """The current channel is gone: invalid until recovered."""
+        if self._closed:
+            return
+        if self.valid:
+            self.state = "invalid"
+            self.reason = reason
+            self._valid = trio.Event()
+        self.client.nursery.start_soon(self.client.recover, self)
 
     def _on_event(self, event: p.Event) -> None:
-        if event.state is not None:
+        if event.state is None:
+            return
+        if event.state == "invalid" and self.valid:
+            self.state = "invalid"
+            self._valid = trio.Event()
+        if event.state != "valid":  # "valid" is set by recovery, once the replay is done
             self.state = event.state
             self.reason = event.reason
+
+    async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
+        """Replay the setup calls on a new channel and switch to it; return how many."""
+        self.client.nursery.start_soon(self.read_channel, channel, requests)
+        for call in list(self.setup_log.calls):
+            await self._call_on(channel, requests, call.method, call.args, dict(call.fds))
+        old = self.channel
+        self.channel, self.requests, self.info = channel, requests, info
+        old.close()
+        reply = await self.client.request(
+            p.ProxyReady(self.proxy_id, len(self.setup_log.calls)), p.ProxyStateReply
+        )
+        self.state = reply.state
+        self.reason = "recovered"
+        self.recoveries += 1
+        self._valid.set()
+        return len(self.setup_log.calls)
 
     async def release(self) -> None:
         """Give the instance back; the proxy cannot be used afterwards."""
@@ -150,6 +232,8 @@ class Proxy:
             pass  # its channel broke or its instance was closed: it is gone already
         finally:
             self.channel.close()
+            self.setup_log.close()
+            self._valid.set()  # wake waiters: they see the proxy closed
 
 
 class Client:
@@ -163,6 +247,9 @@ class Client:
         self.events = EventQueue()
         self.welcome: p.Welcome | None = None
         self.goodbye: str | None = None
+        #: The last state each module was announced in, and a wake-up for changes.
+        self.module_states: dict[str, str] = {}
+        self._module_changed = trio.Event()
 
     async def request(self, message: p.Message, reply: type[M]) -> M:
         """Send a request to the daemon and return its reply of type ``reply``."""
@@ -210,8 +297,51 @@ class Client:
         )
         proxy = Proxy(self, ProxyInfo.from_granted(granted), channel)
         self.proxies[proxy.proxy_id] = proxy
-        self.nursery.start_soon(proxy.read_channel)
+        self.nursery.start_soon(proxy.read_channel, channel, proxy.requests)
         return proxy
+
+    async def recover(self, proxy: Proxy) -> None:
+        """Bring an invalid proxy back once its module runs again (one task per loss)."""
+        while not proxy.valid and proxy.proxy_id in self.proxies and self.goodbye is None:
+            changed = self._module_changed  # taken first: a change from now on wakes us
+            if self.module_states.get(proxy.module, "running") != "running":
+                await self._wait_change(changed)
+                continue
+            try:
+                frame = await self.requests.call(self.conn, p.ReopenProxy(proxy.proxy_id))
+                granted = expect(frame, p.ProxyGranted)
+            except ModuleUnavailable:
+                await self._wait_change(changed)  # down again: wait for the next start
+                continue
+            except (OSError, trio.ClosedResourceError, IpadError):
+                return  # the daemon is gone or the proxy with it
+            channel = PacketSocket.from_stdlib(
+                socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL
+            )
+            info = ProxyInfo.from_granted(granted)
+            requests = Requests(f"proxy:{proxy.proxy_id}")
+            try:
+                replayed = await proxy._recovered(channel, requests, info)
+            except WorkerCrashed:
+                channel.close()
+                continue  # crashed again during the replay: wait for the next start
+            except IpadError as exc:
+                channel.close()
+                proxy.reason = f"replay failed: {exc.message}"
+                failed: dict[str, Any] = {"error": exc.message}
+                self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
+                await self._wait_change(changed)
+                continue
+            done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
+            event = LocalEvent(
+                "recovered", proxy.module, proxy.proxy_id, done, "valid", "recovered"
+            )
+            self.events.put(event)
+
+    async def _wait_change(self, changed: trio.Event) -> None:
+        """Wait for a module event after ``changed`` was taken; retry now and then regardless."""
+        with trio.move_on_after(RECOVERY_RETRY):
+            await changed.wait()
 
     async def read_daemon(self) -> None:
         """Deliver replies and events until the daemon closes the connection."""
@@ -247,6 +377,7 @@ class Client:
         """Close the daemon connection and every proxy channel."""
         for proxy in self.proxies.values():
             proxy.channel.close()
+            proxy.setup_log.close()
         self.conn.close()
 
 

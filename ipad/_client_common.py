@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -24,6 +25,8 @@ class ProxyInfo:
     worker_pid: int
     methods: tuple[str, ...]
     setup_methods: frozenset[str]
+    #: method -> the setup method calling it cancels (``stop`` -> ``start``).
+    undoes: dict[str, str]
     seq: int
 
     @classmethod
@@ -36,8 +39,56 @@ class ProxyInfo:
             worker_pid=granted.worker_pid,
             methods=tuple(m.name for m in granted.methods),
             setup_methods=frozenset(m.name for m in granted.methods if m.setup),
+            undoes={m.name: m.undoes for m in granted.methods if m.undoes},
             seq=granted.seq,
         )
+
+
+@attrs.frozen
+class SetupCall:
+    """A setup call to replay on a new instance; ``fds`` are our own duplicates."""
+
+    method: str
+    args: dict[str, Any]
+    fds: tuple[tuple[str, int], ...]
+
+
+class SetupLog:
+    """The setup calls a proxy made, in order, to bring a new instance to the same state.
+
+    A setup method called again replaces its earlier call (the module keeps the
+    latest configuration); a method that undoes one (``stop``) removes it.
+    Passed descriptors are duplicated, since the caller may close its own.
+    """
+
+    def __init__(self, info: ProxyInfo) -> None:
+        self.info = info
+        self.calls: list[SetupCall] = []
+
+    def record(
+        self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, int] | None
+    ) -> None:
+        """Note a successful call, if it changes what a new instance must replay."""
+        undone = self.info.undoes.get(method)
+        if undone is not None:
+            self._drop(undone)
+        if method in self.info.setup_methods:
+            self._drop(method)
+            dups = tuple((name, os.dup(fd)) for name, fd in (fds or {}).items())
+            self.calls.append(SetupCall(method, dict(args or {}), dups))
+
+    def _drop(self, method: str) -> None:
+        for call in [c for c in self.calls if c.method == method]:
+            self.calls.remove(call)
+            for _, fd in call.fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close the duplicated descriptors."""
+        for call in self.calls:
+            for _, fd in call.fds:
+                os.close(fd)
+        self.calls.clear()
 
 
 def build_call(

@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._cgroup import WorkerCgroups
 from ._check import CheckedConfig, ModulePlan, check_config
 from ._events import EventBus
 from ._launcher import Launcher
@@ -125,7 +126,8 @@ class DaemonRuntime:
         self.socket_path = path
         self.events = EventBus()
         self.proxies = ProxyTable(self.events)
-        self.launcher = Launcher(forkable_argv(checked.plans.values()))
+        self.cgroups = WorkerCgroups.create()
+        self.launcher = Launcher(forkable_argv(checked.plans.values()), self.cgroups)
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -146,6 +148,7 @@ class DaemonRuntime:
             "forkserver_pid": self.launcher.forkserver.pid if self.launcher.forkserver else None,
             "workers_forked": self.launcher.forks,
             "workers_spawned": self.launcher.spawns,
+            "cgroup": str(self.cgroups.base) if self.cgroups else None,
         }
 
     def _supervisor(self, checked: CheckedConfig, name: str) -> ModuleSupervisor:
@@ -186,6 +189,8 @@ class DaemonRuntime:
             await self.stop_requested.wait()
             await self._shutdown()
             nursery.cancel_scope.cancel()
+        if self.cgroups is not None:
+            self.cgroups.close()
 
     async def _shutdown(self) -> None:
         """Tell every client, then stop every worker in parallel."""

@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._cgroup import WorkerCgroups
 from ._worker import WorkerCrashed, WorkerProcess, spawn_worker
 
 log = structlog.get_logger("ipad")
@@ -34,7 +35,10 @@ FORK_TIMEOUT = 2.0
 class Launcher:
     """Starts worker processes for every supervisor."""
 
-    def __init__(self, forkserver_argv: Sequence[str] | None) -> None:
+    def __init__(
+        self, forkserver_argv: Sequence[str] | None, cgroups: WorkerCgroups | None = None
+    ) -> None:
+        self.cgroups = cgroups
         #: The argv a worker must have to be forked: the Python worker host's.
         self.forkable = list(forkserver_argv) if forkserver_argv else None
         self.forkserver: WorkerProcess | None = None

@@ -27,6 +27,12 @@ _CALLSITE = structlog.processors.CallsiteParameterAdder(
 )
 
 
+#: Structured tracebacks without local variables: those may hold data that must not be logged.
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def shared_processors() -> list[Processor]:
     """The steps every output shares, before its renderer."""
     return [
@@ -66,7 +72,7 @@ def _drop_callsite(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
 def renderers(fmt: LogFormat, stream: TextIO) -> list[Processor]:
     """The last steps of the chain for one output format."""
     if fmt is LogFormat.JSON:
-        return [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        return [_DICT_TRACEBACKS, structlog.processors.JSONRenderer()]
     if fmt is LogFormat.JOURNAL:
         return [structlog.processors.format_exc_info, render_journal]
     colors = stream.isatty()

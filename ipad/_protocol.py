@@ -126,10 +126,12 @@ class RequestProxy(Message, frozen=True, forbid_unknown_fields=True):
 
 
 class MethodSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A module method as the worker announced it."""
+    """A module method as the worker announced it: replayed after a restart if ``setup``."""
 
     name: str
     setup: bool = False
+    #: The setup method a call to this one cancels (``stop`` undoes ``start``).
+    undoes: str | None = None
 
 
 class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):

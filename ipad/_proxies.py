@@ -72,6 +72,11 @@ class ProxyTable:
         )
         return event.seq
 
+    def close(self, record: ProxyRecord, reason: str) -> None:
+        """Close a proxy unless it is closed already (a release and its channel's end may race)."""
+        if record.state is not ProxyState.CLOSED:
+            self.set_state(record, ProxyState.CLOSED, reason)
+
     def of_module(self, module: str) -> list[ProxyRecord]:
         """The open proxies to one module."""
         return [r for r in self._proxies.values() if r.module == module]

@@ -165,6 +165,14 @@ class Session:
             nursery.start_soon(self._handle, frame)
 
     async def _handle(self, frame: p.Frame) -> None:
+        """Answer one request; a bug met here fails that request, not the whole session."""
+        try:
+            await self._dispatch(frame)
+        except Exception as exc:
+            self.log.exception("request.internal_error", message=frame.message.TYPE.name)
+            await self._error(frame, p.ErrorCode.INTERNAL, f"internal error: {exc!r}")
+
+    async def _dispatch(self, frame: p.Frame) -> None:
         message = frame.message
         if isinstance(message, p.RequestProxy):
             await self._request_proxy(frame, message)
@@ -229,7 +237,7 @@ class Session:
         try:
             instance_id, channel = await supervisor.open_instance()
         except (ModuleUnavailable, WorkerCrashed) as exc:
-            self.daemon.proxies.set_state(record, ProxyState.CLOSED, str(exc))
+            self.daemon.proxies.close(record, str(exc))
             await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
                               f"{message.module} is unavailable: {exc}")  # fmt: skip
             return
@@ -330,7 +338,7 @@ class Session:
         supervisor = self.daemon.supervisors.get(record.module)
         if supervisor is not None and record.instance_id is not None:
             await supervisor.close_instance(record.instance_id)
-        self.daemon.proxies.set_state(record, ProxyState.CLOSED, "released")
+        self.daemon.proxies.close(record, "released")
 
     async def _release_all(self) -> None:
         for record in self.daemon.proxies.of_client(self.client_id):

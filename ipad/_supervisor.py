@@ -23,6 +23,7 @@ import trio
 
 from . import _protocol as p
 from ._backoff import Action, RestartTracker
+from ._cgroup import WorkerCgroups
 from ._check import ModulePlan
 from ._config import RestartPolicy
 from ._launcher import Launcher
@@ -126,6 +127,8 @@ class ModuleSupervisor:
                 if worker is not None:
                     nursery.start_soon(self._heartbeat, worker)
                     status = await worker.wait_exit()
+                    with trio.CancelScope(shield=True):
+                        await self._sweep(worker)
                     failure = self._on_exit(worker, status)
                 nursery.cancel_scope.cancel()
             if self.stop_requested():
@@ -183,9 +186,13 @@ class ModuleSupervisor:
             self._set_state(WorkerState.EXITED, reason)
             return None, reason
         self.worker = worker
+        if self.launcher.cgroups is not None:
+            worker.cgroup = self.launcher.cgroups.add(self.name, worker.pid)
         nursery.start_soon(worker.watch)
         nursery.start_soon(worker.read_control)
         failure = await self._load(worker)
+        if failure is None and self.stop_requested():
+            return worker, None  # ready as we stop: it is being stopped, never announced running
         if failure is None:
             log.info("worker.ready", module=self.name, worker_pid=worker.pid,
                      version=self.ready.version if self.ready else None)  # fmt: skip
@@ -220,7 +227,7 @@ class ModuleSupervisor:
             failure = f"not ready within {self.policy.start_timeout}"
         grace = self.policy.stop_timeout.seconds
         status = await (worker.finish(grace) if exiting else worker.stop(grace))
-        self._sweep(worker)
+        await self._sweep(worker)
         worker.close()
         reason = f"failed to start: {failure} ({status.describe()})"
         log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
@@ -249,7 +256,6 @@ class ModuleSupervisor:
     def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> str | None:
         """Record how the worker ended; return the failure, or None for a clean or asked-for end."""
         self.running_since = None
-        self._sweep(worker)
         worker.close()
         if self._stopping or self._restart_requested:
             failure = None
@@ -273,9 +279,12 @@ class ModuleSupervisor:
         self._set_state(WorkerState.EXITED, reason, **status.log_fields())
         return failure
 
-    def _sweep(self, worker: WorkerProcess) -> None:
-        """Kill what is left of the worker's process group (children it did not reap)."""
+    async def _sweep(self, worker: WorkerProcess) -> None:
+        """Kill whatever the worker left behind: its cgroup, or at least its process group."""
         worker.signal(signal.SIGKILL)
+        if worker.cgroup is not None:
+            await WorkerCgroups.remove(worker.cgroup)
+            worker.cgroup = None
 
     # --- operator requests --------------------------------------------------------
 
@@ -321,7 +330,7 @@ class ModuleSupervisor:
         if isinstance(message, p.InstanceClosed):
             for record in self.proxies.of_module(self.name):
                 if record.instance_id == message.instance_id:
-                    self.proxies.set_state(record, ProxyState.CLOSED, message.reason)
+                    self.proxies.close(record, message.reason)
 
     async def open_instance(self) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel."""
@@ -337,6 +346,9 @@ class ModuleSupervisor:
                 frame = await worker.request(p.OpenInstance(instance_id), [worker_end.fileno()])
             finally:
                 worker_end.close()
+        except (WorkerCrashed, OSError, trio.ClosedResourceError) as exc:
+            client_end.close()
+            raise ModuleUnavailable(f"worker went away: {exc}") from None
         except BaseException:
             client_end.close()
             raise

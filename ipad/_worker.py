@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import attrs
 import structlog
@@ -73,6 +74,8 @@ class WorkerProcess:
         self.requests = Requests(f"worker:{module}:{pid}")
         self.exit_status: ExitStatus | None = None
         self._exited = trio.Event()
+        #: The worker's own cgroup, where ipad can make one (see ipad/_cgroup.py).
+        self.cgroup: Path | None = None
 
     async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
         """Send a control request and wait for its reply."""

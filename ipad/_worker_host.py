@@ -28,7 +28,7 @@ import msgspec
 
 from . import _protocol as p
 from ._fdpass import recv_packet, send_packet
-from .ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup
+from .ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
 
 #: The control socket's descriptor number in a worker started by the daemon.
 CONTROL_FD = 3
@@ -64,9 +64,12 @@ def die_with_parent(parent_pid: int | None) -> None:
 class Method:
     """A callable module method with what is needed to convert its arguments."""
 
-    def __init__(self, name: str, function: Callable[..., Any], setup: bool) -> None:
+    def __init__(
+        self, name: str, function: Callable[..., Any], setup: bool, undoes: str | None = None
+    ) -> None:
         self.name = name
         self.setup = setup
+        self.undoes = undoes
         self.signature = inspect.signature(function)
         hints = typing.get_type_hints(function)
         self.types: dict[str, Any] = {}
@@ -120,7 +123,7 @@ class LoadedModule:
         # with the module's own message, instead of every proxy request later.
         cls(ModuleContext(self.tuning, _discard_event, instance_id=0)).close()
         self.methods = {
-            name: Method(name, fn, is_setup(cls, name))
+            name: Method(name, fn, is_setup(cls, name), undone_by(cls, name))
             for name, fn in callable_methods(cls).items()
         }
 
@@ -207,7 +210,9 @@ class WorkerHost:
             self.running = False
             self.exit_status = EXIT_LOAD_FAILED
             return
-        methods = tuple(p.MethodSpec(m.name, m.setup) for m in self.loaded.methods.values())
+        methods = tuple(
+            p.MethodSpec(m.name, m.setup, m.undoes) for m in self.loaded.methods.values()
+        )
         ready = p.Ready(load.module, self.loaded.version, methods, os.getpid())
         self._send_control(ready, request_id)
 

@@ -36,6 +36,33 @@ def setup(method: F) -> F:
     return method
 
 
+#: The attribute ``@undoes`` sets on a method.
+UNDOES_ATTRIBUTE = "__ipad_undoes__"
+
+
+def undoes(setup_method: str) -> Callable[[F], F]:
+    """Mark a method as undoing a setup method: calling it drops that call from the replay.
+
+    ``stop`` undoes ``start``: a client that stopped its camera must not find
+    it started again after a worker restart.
+    """
+
+    def mark(method: F) -> F:
+        setattr(method, UNDOES_ATTRIBUTE, setup_method)
+        return method
+
+    return mark
+
+
+def undone_by(cls: type, name: str) -> str | None:
+    """The setup method that method ``name`` of ``cls`` undoes, if any (looked up the MRO)."""
+    for base in cls.__mro__:
+        target = getattr(vars(base).get(name), UNDOES_ATTRIBUTE, None)
+        if target is not None:
+            return str(target)
+    return None
+
+
 def is_setup(cls: type, name: str) -> bool:
     """Whether method ``name`` of ``cls`` is setup: marked ``@setup`` here or in a base class.
 
@@ -113,6 +140,7 @@ class IPAModule:
     def start(self) -> None:
         """Streaming starts."""
 
+    @undoes("start")
     def stop(self) -> None:
         """Streaming stops."""
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from ipad._cgroup import remove_tree
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODULES = Path(__file__).resolve().parent / "modules"
 
@@ -48,6 +50,13 @@ class DaemonProcess:
         self._reader.start()
 
     def _read(self) -> None:
+        try:
+            self._read_lines()
+        except BaseException as exc:
+            self.raw.append(f"READER FAILED: {exc!r}\n")
+            raise
+
+    def _read_lines(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             with self._changed:
@@ -103,8 +112,10 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=WAIT)
-        for record in self.events("worker.spawned"):
+        for record in self.events("worker.spawned") + self.events("worker.forked"):
             kill_group(record["worker_pid"])
+        for record in self.events("cgroup.ready"):
+            remove_tree(Path(record["cgroup"]))
         self._reader.join(timeout=WAIT)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
