@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE",
         help="pass FILE, opened read-only, as the Buffer argument NAME (repeatable)",
     )
+    restart = commands.add_parser(
+        "restart", help="restart a module's worker now, ending any backoff or cooldown"
+    )
+    restart.add_argument("module")
+    commands.add_parser("reload", help="re-read the configuration (like SIGHUP)")
+    commands.add_parser("stop", help="stop the daemon gracefully")
     events = commands.add_parser("events", help="recent events; --follow for new ones too")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     return parser
@@ -77,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(_COMMANDS[args.command](client, args))
     except IpadError as exc:
         _fail(args, exc.code, exc.message, exc.details)
+        for problem in exc.details.get("problems", []) if not args.json else []:
+            print(problem, file=sys.stderr)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         _fail(args, "unreachable", f"no daemon at {exc.filename or args.socket}: {exc.strerror}")
     except UsageError as exc:
@@ -185,7 +193,29 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-_COMMANDS = {"status": _status, "modules": _modules, "call": _call, "events": _events}
+def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
+    result = client.admin(args.command, getattr(args, "module", None), timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+    elif args.command == "restart":
+        print(f"{result['module']}: {result['state']}")
+    elif args.command == "reload":
+        for key in ("added", "removed", "changed", "unchanged"):
+            print(f"{key}: {', '.join(result[key]) or '-'}")
+    else:
+        print("stopping")
+    return 0
+
+
+_COMMANDS = {
+    "status": _status,
+    "modules": _modules,
+    "call": _call,
+    "events": _events,
+    "restart": _admin,
+    "reload": _admin,
+    "stop": _admin,
+}
 
 
 if __name__ == "__main__":

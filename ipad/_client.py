@@ -273,6 +273,11 @@ class Client:
         reply: p.StatusReply = await self.request(p.Status(), p.StatusReply)
         return reply
 
+    async def admin(self, command: str, module: str | None = None) -> Any:
+        """An operator's command: ``restart`` (a module), ``reload`` or ``stop``."""
+        reply = await self.request(p.Admin(command, module), p.AdminDone)
+        return reply.result
+
     async def modules(self) -> dict[str, dict[str, Any]]:
         """Every discovered module and its manifest."""
         reply: p.Modules = await self.request(p.ListModules(), p.Modules)

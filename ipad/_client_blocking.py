@@ -206,6 +206,11 @@ class BlockingClient:
         reply: p.StatusReply = self.request(p.Status(), p.StatusReply)
         return reply
 
+    def admin(self, command: str, module: str | None = None, timeout: float | None = None) -> Any:
+        """An operator's command: ``restart`` (a module), ``reload`` or ``stop``."""
+        reply: p.AdminDone = self.request(p.Admin(command, module), p.AdminDone, timeout)
+        return reply.result
+
     def modules(self) -> dict[str, dict[str, Any]]:
         """Every discovered module and its manifest."""
         reply: p.Modules = self.request(p.ListModules(), p.Modules)

@@ -127,7 +127,10 @@ class DaemonRuntime:
         self.events = EventBus()
         self.proxies = ProxyTable(self.events)
         self.cgroups = WorkerCgroups.create()
-        self.launcher = Launcher(forkable_argv(checked.plans.values()), self.cgroups)
+        forkable = (
+            forkable_argv(checked.plans.values()) if checked.config.daemon.forkserver else None
+        )
+        self.launcher = Launcher(forkable, self.cgroups)
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None

@@ -78,6 +78,18 @@ class BadMessage(IpadError):
     code = p.ErrorCode.BAD_MESSAGE.value
 
 
+class UnknownCommand(IpadError):
+    """The daemon has no such admin command."""
+
+    code = p.ErrorCode.UNKNOWN_COMMAND.value
+
+
+class InvalidConfig(IpadError):
+    """A reload found the new configuration invalid; ``details['problems']`` lists why."""
+
+    code = p.ErrorCode.INVALID_CONFIG.value
+
+
 class Disconnected(IpadError):
     """The daemon closed the connection; ``message`` is its reason when it gave one."""
 
@@ -89,6 +101,7 @@ _BY_CODE: dict[str, type[IpadError]] = {
     for cls in (
         UnsupportedVersion, UnknownModule, UnknownProxy, UnknownMethod, BadArguments,
         ModuleError, ModuleUnavailable, PipelineMismatch, WorkerCrashed, BadMessage,
+        UnknownCommand, InvalidConfig,
     )
 }  # fmt: skip
 

@@ -1,0 +1,82 @@
+"""A module that fails on demand: signals, exit codes, hangs, leaked grandchildren, crash loops.
+
+Tuning keys (all optional):
+  crash_if_exists = "/path"  -- while that file exists, the module dies as it loads (crash loop)
+  fail_init = true           -- init() raises
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ipad.ipa import IPAModule, ModuleContext, setup
+
+__version__ = "1.0.0"
+
+#: Exit status of a load that crashes on purpose.
+CRASH_STATUS = 7
+
+
+class Faulty(IPAModule):
+    """Every way a worker can go wrong, one method each."""
+
+    def __init__(self, context: ModuleContext) -> None:
+        super().__init__(context)
+        flag = context.tuning.get("crash_if_exists")
+        if isinstance(flag, str) and Path(flag).exists():
+            os._exit(CRASH_STATUS)
+        self.fail_init = bool(context.tuning.get("fail_init", False))
+        self.value = 0
+
+    @setup
+    def init(self, settings: Mapping[str, Any] | None = None) -> None:
+        """Remember ``settings['value']``; fail if the tuning says so."""
+        if self.fail_init:
+            raise RuntimeError("init fails on purpose")
+        self.value = int((settings or {}).get("value", 0))
+
+    def get(self) -> int:
+        """The value init() was given: shows a replay after a restart."""
+        return self.value
+
+    def pid(self) -> int:
+        """The worker's pid."""
+        return os.getpid()
+
+    def crash(self, signum: int) -> None:
+        """Die by a signal."""
+        os.kill(os.getpid(), signum)
+
+    def exit(self, code: int) -> None:
+        """Exit at once with ``code``."""
+        os._exit(code)
+
+    def hang(self) -> None:
+        """Stop answering anything, heartbeats included."""
+        while True:
+            time.sleep(1)
+
+    def leak(self) -> int:
+        """Leave a grandchild that left the process group (setsid, then forked again)."""
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.close(read_end)
+                os.write(write_end, str(os.getpid()).encode())
+                os.close(write_end)
+                signal.pause()
+                os._exit(0)
+            os._exit(0)
+        os.close(write_end)
+        os.waitpid(child, 0)
+        pid = int(os.read(read_end, 32))
+        os.close(read_end)
+        return pid

@@ -1,0 +1,324 @@
+"""Supervision with real processes: crashes, hangs, crash loops, leftovers, reload, stop."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from ipad import client as ipc
+from ipad.client import BlockingClient
+from tests.daemon_process import TEST_MODULES, DaemonProcess, alive, wait_until, write_config
+
+pytestmark = pytest.mark.timeout(90)
+
+Start = Callable[..., DaemonProcess]
+
+FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a process's children (every thread's)."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(x) for x in (task / "children").read_text().split()]
+    return pids
+
+
+def zombies_among(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that are zombies."""
+    found = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state == "Z":
+            found.append(pid)
+    return found
+
+
+async def test_kill9_under_concurrent_calls(start_daemon: Start) -> None:
+    """Calls in flight fail fast, later calls succeed after the replay, AWB state survives."""
+    daemon = start_daemon()
+    zones = [(120 * n, 100 * n, 70 * n, n) for n in (100, 200)]
+    stats = b"".join(struct.pack("<4I", *z) for z in zones)
+    target_red = sum(z[1] for z in zones) / sum(z[0] for z in zones)
+    async with ipc.open_client(daemon.socket) as client:
+        awb = await client.request_proxy("awb")
+        await awb.call("init", {"settings": {"initial_red_gain": 2.0, "initial_blue_gain": 1.0}})
+        await awb.call("configure")
+        pid = (
+            await awb.call("process_stats", {"frame": 0}, fds={"stats": _memfd(stats)})
+            and (daemon.worker_pids()["awb"])
+        )
+        failures: list[BaseException] = []
+        after_recovery = 0
+        enough = trio.Event()
+
+        async def caller() -> None:
+            nonlocal after_recovery
+            frame = 0
+            while not enough.is_set():
+                frame += 1
+                fd = _memfd(stats)
+                try:
+                    await awb.call("process_stats", {"frame": frame}, fds={"stats": fd}, wait=10)
+                except ipc.WorkerCrashed as exc:
+                    failures.append(exc)
+                finally:
+                    os.close(fd)
+                if awb.recoveries:
+                    after_recovery += 1
+                    if after_recovery >= 100:
+                        enough.set()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(caller)
+                await trio.sleep(0.05)
+                os.kill(pid, signal.SIGKILL)
+        # Only the calls in flight at the kill failed (at most one per caller); every
+        # later call waited for the recovery and succeeded.
+        assert 1 <= len(failures) <= 4
+        assert awb.recoveries == 1
+        # A fresh instance after the replay of init(initial_red_gain=2.0) and configure():
+        await awb.call("configure")
+        result = await awb.call("process_stats", {"frame": 1}, fds={"stats": _memfd(stats)})
+        assert result["red_gain"] == pytest.approx(2.0 + 0.5 * (target_red - 2.0))
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("stats", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def test_crash_loop_cools_down_and_restart_ends_it(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """A module crashing as it loads backs off, cools down, and `ipadctl restart` brings it back."""
+    flag = tmp_path / "crash"
+    flag.write_text("")
+    tuning = tmp_path / "faulty.toml"
+    tuning.write_text(f'crash_if_exists = "{flag}"\n')
+    env = {**daemon_env, "IPAD_FAULTY_TUNING_FILE": str(tuning)}
+    config = write_config(
+        tmp_path, FAULTY, modules="[modules.faulty]\n[modules.faulty.restart]\nmax_failures = 3\n"
+    )
+    daemon = start_daemon(config, env=env)
+    record = daemon.wait_for("module.cooldown", lambda r: r["module"] == "faulty")
+    assert "exited before it was ready" in record["reason"] or "exit status 7" in record["reason"]
+    assert record["retry_in"] == 30.0
+    starts = daemon.events("worker.start_failed")
+    assert len(starts) == 4
+    status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]["faulty"]
+    assert status["state"] == "cooldown"
+    flag.unlink()
+    result = json.loads(daemon.ctl("--json", "restart", "faulty").stdout)
+    assert result == {"module": "faulty", "state": "running", "reason": None}
+    events = [json.loads(x) for x in daemon.ctl("--json", "events").stdout.splitlines()]
+    states = [e["state"] for e in events if e["module"] == "faulty" and e["kind"] == "module"]
+    assert "cooldown" in states
+    assert states[-1] == "running"
+
+
+def test_hung_worker_is_killed_and_restarted(start_daemon: Start, tmp_path: Path) -> None:
+    """A worker that stops answering heartbeats is killed as hung and started again."""
+    config = write_config(
+        tmp_path,
+        FAULTY,
+        modules="[modules.faulty]\n[modules.faulty.restart]\n"
+        'heartbeat_interval = "100ms"\nheartbeat_timeout = "300ms"\n',
+    )
+    daemon = start_daemon(config)
+    with BlockingClient(daemon.socket) as client:
+        faulty = client.request_proxy("faulty")
+        pid = faulty.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            faulty.call("hang", timeout=10)
+    hung = daemon.wait_for("worker.hung", lambda r: r["module"] == "faulty")
+    assert hung["worker_pid"] == pid
+    exited = daemon.wait_for("worker.exited", lambda r: r["module"] == "faulty")
+    assert (exited["cause"], exited["signal"]) == ("hung", "SIGKILL")
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
+    assert not alive(pid)
+
+
+@pytest.mark.parametrize(
+    ("how", "logged"),
+    [("crash", {"signal": "SIGSEGV"}), ("exit", {"exit_status": 3})],
+)
+def test_crash_modes_are_reported_and_restarted(
+    start_daemon: Start, tmp_path: Path, how: str, logged: dict[str, object]
+) -> None:
+    """Death by signal or by exit code is logged with its cause; the worker is back at once."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    with BlockingClient(daemon.socket) as client:
+        faulty = client.request_proxy("faulty")
+        pid = faulty.call("pid")
+        args = {"signum": int(signal.SIGSEGV)} if how == "crash" else {"code": 3}
+        with pytest.raises(ipc.WorkerCrashed):
+            faulty.call(how, args)
+    record = daemon.wait_for("worker.exited", lambda r: r["worker_pid"] == pid)
+    assert {k: record[k] for k in logged} == logged
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
+
+
+def test_restart_never_leaves_the_module_down_until_asked(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """With restart = "never" a crash is final until `ipadctl restart`."""
+    config = write_config(
+        tmp_path, FAULTY, modules='[modules.faulty]\n[modules.faulty.restart]\nrestart = "never"\n'
+    )
+    daemon = start_daemon(config)
+    pid = daemon.worker_pids()["faulty"]
+    os.kill(pid, signal.SIGKILL)
+    record = daemon.wait_for(
+        "module.state_changed", lambda r: r["module"] == "faulty" and r["state"] == "failed"
+    )
+    assert record["reason"] == (
+        "worker exited with signal SIGKILL; not restarted (failed; restart = never)"
+    )
+    assert json.loads(daemon.ctl("--json", "restart", "faulty").stdout)["state"] == "running"
+
+
+def test_no_process_of_a_killed_worker_is_left(start_daemon: Start, tmp_path: Path) -> None:
+    """A grandchild that called setsid() and forked again dies with its worker (cgroup.kill)."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    cgroups = daemon.events("cgroup.ready")
+    if not cgroups:
+        pytest.skip("no writable cgroup2 here: a setsid grandchild can escape a process group")
+    with BlockingClient(daemon.socket) as client:
+        faulty = client.request_proxy("faulty")
+        pid = faulty.call("pid")
+        grandchild = faulty.call("leak")
+        assert alive(grandchild)
+        assert os.getsid(grandchild) != os.getsid(pid)  # it left the worker's session and group
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(grandchild), timeout=10)
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
+    assert not any(p.name.startswith(f"faulty.{pid}") for p in Path(cgroups[0]["cgroup"]).iterdir())
+
+
+def test_no_zombie_after_many_restarts(start_daemon: Start, tmp_path: Path) -> None:
+    """After 20 kills and 5 asked-for restarts, the daemon's children are its live workers."""
+    config = write_config(
+        tmp_path,
+        modules="[modules.echo]\n[modules.echo.restart]\nmax_failures = 100\n"
+        'max_delay = "20ms"\n[modules.awb]\n',
+    )
+    daemon = start_daemon(config)
+
+    def ready_count() -> int:
+        return len([r for r in daemon.events("worker.ready") if r["module"] == "echo"])
+
+    for round_ in range(25):
+        count = ready_count()
+        if round_ < 20:
+            os.kill(daemon.worker_pids()["echo"], signal.SIGKILL)
+        else:
+            daemon.ctl("restart", "echo")
+        wait_until(functools.partial(lambda c: ready_count() == c + 1, count))
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    expected = {m["worker_pid"] for m in status["modules"].values()} | {
+        status["daemon"]["forkserver_pid"]
+    }
+    children = children_of(daemon.proc.pid)
+    assert zombies_among(children) == []
+    assert set(children) == expected
+    assert status["modules"]["echo"]["restarts"] == 25
+
+
+def test_daemon_killed_leaves_no_worker_nor_fork_server(start_daemon: Start) -> None:
+    """SIGKILL of the daemon: every worker and the fork server are gone within a second."""
+    daemon = start_daemon()
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    pids = [m["worker_pid"] for m in status["modules"].values()]
+    pids.append(status["daemon"]["forkserver_pid"])
+    assert all(alive(pid) for pid in pids)
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=10)
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=1)
+
+
+def test_reload_starts_stops_restarts_and_keeps(start_daemon: Start, tmp_path: Path) -> None:
+    """SIGHUP: an added module starts, a removed one stops, a changed one restarts, others keep their pid."""
+    config = write_config(
+        tmp_path, FAULTY, modules="[modules.echo]\n[modules.awb]\n[modules.agc]\n"
+    )
+    daemon = start_daemon(config)
+    before = daemon.worker_pids()
+    config.write_text(
+        f"{FAULTY}[modules.echo]\n[modules.awb]\n[modules.awb.restart]\nmax_failures = 9\n"
+        "[modules.faulty]\n"
+    )
+    daemon.proc.send_signal(signal.SIGHUP)
+    done = daemon.wait_for("daemon.reloaded")
+    assert (done["added"], done["removed"], done["changed"], done["unchanged"]) == (
+        ["faulty"],
+        ["agc"],
+        ["awb"],
+        ["echo"],
+    )
+    status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]
+    assert set(status) == {"echo", "awb", "faulty"}
+    assert status["echo"]["worker_pid"] == before["echo"]
+    assert status["awb"]["worker_pid"] != before["awb"]
+    assert not alive(before["agc"])
+
+
+def test_invalid_reload_keeps_the_old_configuration(start_daemon: Start, tmp_path: Path) -> None:
+    """`ipadctl reload` of a broken file fails with every problem; the old config keeps running."""
+    config = write_config(tmp_path)
+    daemon = start_daemon(config)
+    before = daemon.worker_pids()
+    config.write_text("[modules.echo]\nenabled = 'yes'\n[modules.nope]\n")
+    result = daemon.ctl("reload", check=False)
+    assert result.returncode == 1
+    assert "the new configuration is invalid; the old one keeps running" in result.stderr
+    assert f"{config}: modules.echo.enabled: got a string 'yes' (true or false)" in result.stderr
+    status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]
+    assert {name: m["worker_pid"] for name, m in status.items()} == before
+
+
+def test_ipadctl_stop(start_daemon: Start) -> None:
+    """`ipadctl stop` stops the daemon gracefully: exit status 0, workers stopped."""
+    daemon = start_daemon()
+    pids = list(daemon.worker_pids().values())
+    assert daemon.ctl("stop").stdout.strip() == "stopping"
+    assert daemon.proc.wait(timeout=30) == 0
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_calls_while_invalid_fail_at_once_or_wait(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """While a proxy is invalid, a call fails at once, or waits for the recovery if asked to."""
+    config = write_config(
+        tmp_path,
+        FAULTY,
+        modules='[modules.faulty]\n[modules.faulty.restart]\ninitial_delay = "300ms"\n',
+    )
+    daemon = start_daemon(config)
+    async with ipc.open_client(daemon.socket) as client:
+        faulty = await client.request_proxy("faulty")
+        await faulty.call("init", {"settings": {"value": 42}})
+        for _ in range(2):  # the second crash in a row waits initial_delay before restarting
+            pid = await faulty.call("pid", wait=10)
+            os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                while faulty.valid:
+                    await trio.sleep(0.001)
+        with pytest.raises(ipc.WorkerCrashed, match="faulty proxy is invalid"):
+            await faulty.call("get")
+        assert await faulty.call("get", wait=10) == 42  # replayed init(value=42)
