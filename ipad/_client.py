@@ -214,7 +214,7 @@ class Proxy:
             p.ProxyReady(self.proxy_id, len(self.setup_log.calls)), p.ProxyStateReply
         )
         self.state = reply.state
-        self.reason = "recovered"
+        self.reason = "fallback" if info.served_by else "recovered"
         self.recoveries += 1
         self._valid.set()
         return len(self.setup_log.calls)
@@ -309,7 +309,8 @@ class Client:
         """Bring an invalid proxy back once its module runs again (one task per loss)."""
         while not proxy.valid and proxy.proxy_id in self.proxies and self.goodbye is None:
             changed = self._module_changed  # taken first: a change from now on wakes us
-            if self.module_states.get(proxy.module, "running") != "running":
+            # Running, or in cooldown (where a fallback may serve it): ask the daemon.
+            if self.module_states.get(proxy.module, "running") not in ("running", "cooldown"):
                 await self._wait_change(changed)
                 continue
             try:
@@ -338,9 +339,10 @@ class Client:
                 await self._wait_change(changed)
                 continue
             done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
-            event = LocalEvent(
-                "recovered", proxy.module, proxy.proxy_id, done, "valid", "recovered"
-            )
+            kind = "fallback" if granted.served_by else "recovered"
+            if granted.served_by:
+                done["served_by"] = granted.served_by
+            event = LocalEvent(kind, proxy.module, proxy.proxy_id, done, state="valid", reason=kind)
             self.events.put(event)
 
     async def _wait_change(self, changed: trio.Event) -> None:

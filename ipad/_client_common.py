@@ -28,6 +28,8 @@ class ProxyInfo:
     #: method -> the setup method calling it cancels (``stop`` -> ``start``).
     undoes: dict[str, str]
     seq: int
+    #: The module serving this proxy for now, when a fallback stands in; else "".
+    served_by: str = ""
 
     @classmethod
     def from_granted(cls, granted: p.ProxyGranted) -> ProxyInfo:
@@ -41,6 +43,7 @@ class ProxyInfo:
             setup_methods=frozenset(m.name for m in granted.methods if m.setup),
             undoes={m.name: m.undoes for m in granted.methods if m.undoes},
             seq=granted.seq,
+            served_by=granted.served_by,
         )
 
 

@@ -118,6 +118,8 @@ class ModuleSettings:
     restart: RestartOverrides = RestartOverrides()
     #: Names of the daemon's environment variables a worker may see; all others are dropped.
     env: tuple[str, ...] = ()
+    #: Another configured module that serves this one's proxies while it is in cooldown.
+    fallback: str | None = None
 
 
 @attrs.frozen

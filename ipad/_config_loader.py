@@ -110,6 +110,18 @@ def _check_module(
                 f"{variable!r} is not a variable name",
                 "letters, digits and '_', not starting with a digit",
             )
+    if module.fallback is not None:
+        other = config.modules.get(module.fallback)
+        if module.fallback == name:
+            yield Problem(path, f"{key}.fallback", "a module cannot be its own fallback",
+                          "the name of another configured module")  # fmt: skip
+        elif other is None:
+            known = ", ".join(sorted(n for n in config.modules if n != name)) or "none"
+            yield Problem(path, f"{key}.fallback", f"no module {module.fallback!r} is configured",
+                          f"one of: {known}")  # fmt: skip
+        elif not other.enabled and module.enabled:
+            yield Problem(path, f"{key}.fallback", f"fallback {module.fallback!r} is disabled",
+                          "an enabled module")  # fmt: skip
     # Check the merged policy, but report each problem where the user can fix it.
     policy = config.restart_policy(name)
     yield from _check_policy(policy, path, f"{key}.restart", written, blame_defaults=False)

@@ -26,6 +26,7 @@ from ._proxies import ProxyTable
 from ._registry import REGISTRY
 from ._resolve import WorkerNotFound, resolve_worker
 from ._server import AdminError, Daemon, serve_clients
+from ._states import ProxyState
 from ._supervisor import ModuleSupervisor, worker_env
 
 log = structlog.get_logger("ipad")
@@ -163,6 +164,8 @@ class DaemonRuntime:
             worker_env(settings.env),
             self.proxies,
             self.launcher,
+            fallback=settings.fallback,
+            on_stable=self._module_stable,
         )
 
     async def start_modules(self, nursery: trio.Nursery, names: Iterable[str]) -> None:
@@ -204,6 +207,16 @@ class DaemonRuntime:
             async with trio.open_nursery() as nursery:
                 for supervisor in self.supervisors.values():
                     nursery.start_soon(supervisor.stop)
+
+    async def _module_stable(self, module: str) -> None:
+        """A module runs stably again: move the proxies its fallback served back to it."""
+        for record in self.proxies.of_fallback(module):
+            serving = self.supervisors.get(record.served_by)
+            self.proxies.set_state(record, ProxyState.INVALID, f"returning to {module}")
+            log.info("proxy.returning", proxy_id=record.proxy_id, module=module,
+                     served_by=record.served_by)  # fmt: skip
+            if serving is not None and record.instance_id is not None:
+                await serving.close_instance(record.instance_id)
 
     # --- admin operations --------------------------------------------------------
 

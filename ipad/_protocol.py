@@ -145,6 +145,8 @@ class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
     methods: tuple[MethodSpec, ...]
     state: str
     seq: int
+    #: The module whose worker serves the proxy, when a fallback stands in for ``module``.
+    served_by: str = ""
 
 
 class ReleaseProxy(Message, frozen=True, forbid_unknown_fields=True):

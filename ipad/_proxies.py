@@ -23,6 +23,12 @@ class ProxyRecord:
     reason: str | None = None
     instance_id: int | None = None
     worker_pid: int | None = None
+    #: The module whose worker holds the instance: ``module``, or its fallback.
+    served_by: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.served_by:
+            self.served_by = self.module
 
 
 class ProxyTable:
@@ -78,8 +84,12 @@ class ProxyTable:
             self.set_state(record, ProxyState.CLOSED, reason)
 
     def of_module(self, module: str) -> list[ProxyRecord]:
-        """The open proxies to one module."""
-        return [r for r in self._proxies.values() if r.module == module]
+        """The open proxies whose instance lives in ``module``'s worker (fallbacks included)."""
+        return [r for r in self._proxies.values() if r.served_by == module]
+
+    def of_fallback(self, module: str) -> list[ProxyRecord]:
+        """The open proxies to ``module`` that its fallback serves for now."""
+        return [r for r in self._proxies.values() if r.module == module and r.served_by != module]
 
     def of_client(self, client_id: int) -> list[ProxyRecord]:
         """The open proxies one client holds."""

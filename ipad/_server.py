@@ -22,7 +22,7 @@ import trio
 from . import _protocol as p
 from ._events import EventBus, Subscription
 from ._proxies import ProxyRecord, ProxyTable
-from ._states import ProxyState
+from ._states import ProxyState, WorkerState
 from ._supervisor import ModuleSupervisor, ModuleUnavailable
 from ._transport import PacketSocket
 from ._version import __version__
@@ -233,31 +233,55 @@ class Session:
                      "max_version": support.max_version},
                 )  # fmt: skip
                 return
+        serving = self._serving(message.module) or supervisor
         record = self.daemon.proxies.create(message.module, self.client_id)
+        record.served_by = serving.name
         try:
-            instance_id, channel = await supervisor.open_instance()
+            instance_id, channel = await serving.open_instance()
         except (ModuleUnavailable, WorkerCrashed) as exc:
             self.daemon.proxies.close(record, str(exc))
             await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
                               f"{message.module} is unavailable: {exc}")  # fmt: skip
             return
         record.instance_id = instance_id
-        record.worker_pid = supervisor.worker.pid if supervisor.worker else None
-        seq = self.daemon.proxies.set_state(record, ProxyState.VALID)
-        ready = supervisor.ready
-        granted = p.ProxyGranted(
+        record.worker_pid = serving.worker.pid if serving.worker else None
+        if serving is supervisor:
+            seq = self.daemon.proxies.set_state(record, ProxyState.VALID)
+        else:
+            seq = self.daemon.proxies.set_state(
+                record, ProxyState.VALID, "fallback", {"served_by": serving.name}
+            )
+        granted = self._granted(record, serving, seq)
+        with channel:
+            await self._reply(frame, granted, [channel.fileno()])
+        self.log.info("proxy.granted", proxy_id=record.proxy_id, module=message.module,
+                      worker_pid=record.worker_pid)  # fmt: skip
+
+    def _serving(self, module: str) -> ModuleSupervisor | None:
+        """The supervisor whose worker should hold a new instance of ``module``.
+
+        The module itself, or, while it is in cooldown, its fallback if that runs.
+        """
+        supervisor = self.daemon.supervisors.get(module)
+        if supervisor is None or supervisor.state is not WorkerState.COOLDOWN:
+            return supervisor
+        fallback = self.daemon.supervisors.get(supervisor.fallback or "")
+        if fallback is not None and fallback.state is WorkerState.RUNNING:
+            return fallback
+        return supervisor
+
+    def _granted(self, record: ProxyRecord, serving: ModuleSupervisor, seq: int) -> p.ProxyGranted:
+        ready = serving.ready
+        return p.ProxyGranted(
             proxy_id=record.proxy_id,
-            module=message.module,
+            module=record.module,
             module_version=ready.version if ready else "",
             worker_pid=record.worker_pid or 0,
             methods=ready.methods if ready else (),
             state=record.state.value,
             seq=seq,
+            served_by="" if serving.name == record.module else serving.name,
         )
-        with channel:
-            await self._reply(frame, granted, [channel.fileno()])
-        self.log.info("proxy.granted", proxy_id=record.proxy_id, module=message.module,
-                      worker_pid=record.worker_pid)  # fmt: skip
 
     def _own_proxy(self, proxy_id: int) -> ProxyRecord | None:
         record = self.daemon.proxies.get(proxy_id)
@@ -270,29 +294,21 @@ class Session:
             await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
                               f"no proxy {message.proxy_id} on this connection")  # fmt: skip
             return
-        supervisor = self.daemon.supervisors.get(record.module)
-        if supervisor is None:
+        serving = self._serving(record.module)
+        if serving is None:
             await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
                               f"module {record.module!r} is no longer configured")  # fmt: skip
             return
         try:
-            instance_id, channel = await supervisor.open_instance()
+            instance_id, channel = await serving.open_instance()
         except (ModuleUnavailable, WorkerCrashed) as exc:
             await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
                               f"{record.module} is unavailable: {exc}")  # fmt: skip
             return
         record.instance_id = instance_id
-        record.worker_pid = supervisor.worker.pid if supervisor.worker else None
-        ready = supervisor.ready
-        granted = p.ProxyGranted(
-            proxy_id=record.proxy_id,
-            module=record.module,
-            module_version=ready.version if ready else "",
-            worker_pid=record.worker_pid or 0,
-            methods=ready.methods if ready else (),
-            state=record.state.value,
-            seq=self.daemon.events.last_seq,
-        )
+        record.served_by = serving.name
+        record.worker_pid = serving.worker.pid if serving.worker else None
+        granted = self._granted(record, serving, self.daemon.events.last_seq)
         with channel:
             await self._reply(frame, granted, [channel.fileno()])
 
@@ -304,9 +320,12 @@ class Session:
             return
         seq = self.daemon.events.last_seq
         if record.state is ProxyState.INVALID:
-            seq = self.daemon.proxies.set_state(
-                record, ProxyState.VALID, "recovered", {"replayed": message.replayed}
-            )
+            fallback = record.served_by != record.module
+            details: dict[str, Any] = {"replayed": message.replayed}
+            if fallback:
+                details["served_by"] = record.served_by
+            reason = "fallback" if fallback else "recovered"
+            seq = self.daemon.proxies.set_state(record, ProxyState.VALID, reason, details)
         await self._reply(frame, p.ProxyStateReply(record.proxy_id, record.state.value, seq))
 
     async def _admin(self, frame: p.Frame, message: p.Admin) -> None:
@@ -335,7 +354,7 @@ class Session:
         record = self.daemon.proxies.get(proxy_id)
         if record is None:
             return
-        supervisor = self.daemon.supervisors.get(record.module)
+        supervisor = self.daemon.supervisors.get(record.served_by)
         if supervisor is not None and record.instance_id is not None:
             await supervisor.close_instance(record.instance_id)
         self.daemon.proxies.close(record, "released")

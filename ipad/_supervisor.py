@@ -16,7 +16,7 @@ import itertools
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 import trio
@@ -50,7 +50,12 @@ class ModuleSupervisor:
         env: Mapping[str, str],
         proxies: ProxyTable,
         launcher: Launcher,
+        fallback: str | None = None,
+        on_stable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        #: The module that serves this one's proxies while it is in cooldown.
+        self.fallback = fallback
+        self._on_stable = on_stable
         self.plan = plan
         self.name = plan.name
         self.policy = policy
@@ -126,6 +131,7 @@ class ModuleSupervisor:
                     reported = True
                 if worker is not None:
                     nursery.start_soon(self._heartbeat, worker)
+                    nursery.start_soon(self._stable_after, worker)
                     status = await worker.wait_exit()
                     with trio.CancelScope(shield=True):
                         await self._sweep(worker)
@@ -234,6 +240,14 @@ class ModuleSupervisor:
                   reason=failure, **status.log_fields())  # fmt: skip
         self._set_state(WorkerState.EXITED, reason)
         return reason
+
+    async def _stable_after(self, worker: WorkerProcess) -> None:
+        """Once the worker has run for ``stable_after``, say so (fallback proxies come home)."""
+        await trio.sleep(self.policy.stable_after.seconds)
+        if self.worker is worker and self.state is WorkerState.RUNNING:
+            log.info("module.stable", module=self.name, worker_pid=worker.pid)
+            if self._on_stable is not None:
+                await self._on_stable(self.name)
 
     async def _heartbeat(self, worker: WorkerProcess) -> None:
         """Ping the worker; one that does not answer within the timeout is hung: kill it."""

@@ -293,3 +293,35 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "modules.awb.enabled",
         "restart.max_delay",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[modules.awb]\nfallback = 'awb'\n",
+            "modules.awb.fallback: a module cannot be its own fallback",
+        ),
+        (
+            "[modules.awb]\nfallback = 'simple'\n[modules.agc]\n",
+            "modules.awb.fallback: no module 'simple' is configured (one of: agc)",
+        ),
+        (
+            "[modules.awb]\nfallback = 'simple'\n[modules.simple]\nenabled = false\n",
+            "modules.awb.fallback: fallback 'simple' is disabled",
+        ),
+    ],
+)
+def test_bad_fallbacks(tmp_path: Path, text: str, expected: str) -> None:
+    """A fallback must be another configured, enabled module."""
+    [problem] = problems_of(text, tmp_path / "c.toml")
+    assert problem.startswith(f"{tmp_path / 'c.toml'}: {expected}")
+
+
+def test_fallback_is_read(tmp_path: Path) -> None:
+    """`fallback` names the module that serves this one during a cooldown."""
+    config = parse_config(
+        "[modules.vendor]\nfallback = 'awb'\n[modules.awb]\n", tmp_path / "c.toml"
+    )
+    assert config.modules["vendor"].fallback == "awb"
+    assert config.modules["awb"].fallback is None

@@ -322,3 +322,46 @@ async def test_calls_while_invalid_fail_at_once_or_wait(
         with pytest.raises(ipc.WorkerCrashed, match="faulty proxy is invalid"):
             await faulty.call("get")
         assert await faulty.call("get", wait=10) == 42  # replayed init(value=42)
+
+
+async def test_fallback_serves_during_cooldown_and_hands_back(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """In cooldown, proxies move to the fallback (with replay); once stable, they come back."""
+    flag = tmp_path / "crash"
+    tuning = tmp_path / "faulty.toml"
+    tuning.write_text(f'crash_if_exists = "{flag}"\n')
+    env = {**daemon_env, "IPAD_FAULTY_TUNING_FILE": str(tuning)}
+    config = write_config(
+        tmp_path,
+        FAULTY,
+        modules='[modules.faulty]\nfallback = "steady"\n[modules.faulty.restart]\n'
+        'max_failures = 2\ncooldown_interval = "1s"\nstable_after = "500ms"\n[modules.steady]\n',
+    )
+    daemon = start_daemon(config, env=env)
+    steady_pid = daemon.worker_pids()["steady"]
+    async with ipc.open_client(daemon.socket) as client:
+        proxy = await client.request_proxy("faulty")
+        await proxy.call("init", {"settings": {"value": 7}})
+        flag.write_text("")
+        os.kill(await proxy.call("pid"), signal.SIGKILL)
+        with trio.fail_after(20):
+            async for event in client.events:
+                if event.proxy_id == proxy.proxy_id and getattr(event, "kind", "") == "fallback":
+                    break
+        assert event.details["served_by"] == "steady"
+        assert proxy.reason == "fallback"
+        assert await proxy.call("pid") == steady_pid
+        assert await proxy.call("get") == 7  # init(value=7) was replayed on the fallback
+        newcomer = await client.request_proxy("faulty")
+        assert newcomer.info.served_by == "steady"
+        flag.unlink()
+        with trio.fail_after(20):
+            async for event in client.events:
+                if event.proxy_id == proxy.proxy_id and getattr(event, "kind", "") == "recovered":
+                    break
+        faulty_pid = await proxy.call("pid")
+        assert faulty_pid == daemon.worker_pids()["faulty"]
+        assert faulty_pid != steady_pid
+        assert await proxy.call("get") == 7
+    daemon.wait_for("proxy.returning", lambda r: r["proxy_id"] == proxy.proxy_id)
