@@ -10,18 +10,22 @@ from __future__ import annotations
 import collections
 import itertools
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import _protocol as p
-from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, build_call, expect
-from ._errors import Disconnected, IpadError, UnknownProxy, WorkerCrashed
+from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
+from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
 from ._fdpass import recv_packet, send_packet
 from ._paths import socket_path
 
 #: Events kept while nobody reads them; the oldest go first.
 EVENT_BACKLOG = 1024
+
+#: How often a recovering blocking proxy asks again whether its module is back.
+RECOVERY_POLL = 0.005
 
 
 class _Connection:
@@ -121,14 +125,27 @@ class _Connection:
 
 
 class BlockingProxy:
-    """A handle on one module instance."""
+    """A handle on one module instance.
+
+    Without an event loop it cannot recover in the background: a call on a
+    proxy whose worker died fails with WorkerCrashed, or, given ``wait``,
+    first brings the proxy back itself (new channel, setup calls replayed)
+    within that many seconds.
+    """
 
     def __init__(self, client: BlockingClient, info: ProxyInfo, channel: socket.socket) -> None:
         self.client = client
         self.info = info
         self.proxy_id = info.proxy_id
         self.module = info.module
+        self.setup_log = SetupLog(info)
+        self.recoveries = 0
         self._conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{info.module} worker")
+
+    @property
+    def valid(self) -> bool:
+        """False once the channel to the worker is known to be gone."""
+        return self._conn.closed_reason is None
 
     def call(
         self,
@@ -136,10 +153,44 @@ class BlockingProxy:
         args: Mapping[str, Any] | None = None,
         fds: Mapping[str, int] | None = None,
         timeout: float | None = None,
+        *,
+        wait: float | None = None,
     ) -> Any:
-        """Call ``method``; a dead worker fails the call at once with WorkerCrashed."""
+        """Call ``method``; a dead worker fails the call with WorkerCrashed unless ``wait``."""
+        if not self.valid and wait is not None:
+            self.recover(wait)
         message, fd_list = build_call(method, args, fds)
-        return expect(self._conn.request(message, fd_list, timeout), p.Result).value
+        value = expect(self._conn.request(message, fd_list, timeout), p.Result).value
+        self.setup_log.record(method, args, fds)
+        return value
+
+    def recover(self, timeout: float) -> None:
+        """Reopen on the restarted worker and replay the setup calls, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            conn: _Connection | None = None
+            try:
+                reopen = p.ReopenProxy(self.proxy_id)
+                frame = self.client._conn.request(reopen, timeout=timeout)
+                granted = expect(frame, p.ProxyGranted)
+                channel = socket.socket(fileno=frame.fds[0])
+                conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{self.module} worker")
+                for call in self.setup_log.calls:
+                    replay, fd_list = build_call(call.method, call.args, dict(call.fds))
+                    expect(conn.request(replay, fd_list, timeout), p.Result)
+                break
+            except (ModuleUnavailable, WorkerCrashed) as exc:
+                if conn is not None:
+                    conn.sock.close()
+                if time.monotonic() >= deadline:
+                    why = f"{self.module} did not recover within {timeout:g}s: {exc}"
+                    raise WorkerCrashed(why) from None
+                time.sleep(RECOVERY_POLL)  # no event loop here: look again shortly
+        self._conn.sock.close()
+        self._conn, self.info = conn, ProxyInfo.from_granted(granted)
+        ready = p.ProxyReady(self.proxy_id, len(self.setup_log.calls))
+        self.client.request(ready, p.ProxyStateReply)
+        self.recoveries += 1
 
     def next_event(self, timeout: float | None = None) -> p.ModuleEvent | None:
         """The next event the module instance sent, or None after ``timeout`` seconds."""
@@ -156,6 +207,7 @@ class BlockingProxy:
             pass  # its channel broke or its instance was closed: it is gone already
         finally:
             self._conn.sock.close()
+            self.setup_log.close()
 
 
 class BlockingClient:
