@@ -25,4 +25,5 @@ def _reset_structlog() -> Iterator[None]:
 
 
 # Real-daemon fixtures, shared by the integration tests.
+from tests.buffers import make_buffer, memfd  # noqa: E402, F401
 from tests.daemon_process import daemon_env, start_daemon  # noqa: E402, F401

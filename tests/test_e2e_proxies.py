@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,27 +14,12 @@ import trio
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
+from tests.buffers import MakeFd
 from tests.daemon_process import DaemonProcess, alive, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 Start = Callable[..., DaemonProcess]
-
-
-@pytest.fixture
-def memfd() -> Iterator[Callable[[bytes], int]]:
-    """Make memfds holding given bytes; all closed after the test."""
-    fds: list[int] = []
-
-    def make(data: bytes) -> int:
-        fd = os.memfd_create("ipad-test", os.MFD_CLOEXEC)
-        os.write(fd, data)
-        fds.append(fd)
-        return fd
-
-    yield make
-    for fd in fds:
-        os.close(fd)
 
 
 def test_ipadctl_call_echo(start_daemon: Start) -> None:
@@ -82,9 +67,7 @@ def _reference_gains(zones: list[tuple[int, int, int, int]]) -> tuple[float, flo
     return g / r, g / b
 
 
-async def test_awb_gains_from_memfd_stats(
-    start_daemon: Start, memfd: Callable[[bytes], int]
-) -> None:
+async def test_awb_gains_from_memfd_stats(start_daemon: Start, memfd: MakeFd) -> None:
     """A trio client computes AWB gains from a stats buffer it passes as a memfd."""
     daemon = start_daemon()
     # A warm scene: red strong, blue weak; every zone bright enough and unsaturated.

@@ -15,6 +15,7 @@ import trio
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
+from tests.buffers import MakeFd, write_memfd
 from tests.daemon_process import TEST_MODULES, DaemonProcess, alive, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(90)
@@ -45,7 +46,7 @@ def zombies_among(pids: list[int]) -> list[int]:
     return found
 
 
-async def test_kill9_under_concurrent_calls(start_daemon: Start) -> None:
+async def test_kill9_under_concurrent_calls(start_daemon: Start, memfd: MakeFd) -> None:
     """Calls in flight fail fast, later calls succeed after the replay, AWB state survives."""
     daemon = start_daemon()
     zones = [(120 * n, 100 * n, 70 * n, n) for n in (100, 200)]
@@ -56,7 +57,7 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start) -> None:
         await awb.call("init", {"settings": {"initial_red_gain": 2.0, "initial_blue_gain": 1.0}})
         await awb.call("configure")
         pid = (
-            await awb.call("process_stats", {"frame": 0}, fds={"stats": _memfd(stats)})
+            await awb.call("process_stats", {"frame": 0}, fds={"stats": memfd(stats)})
             and (daemon.worker_pids()["awb"])
         )
         failures: list[BaseException] = []
@@ -68,7 +69,7 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start) -> None:
             frame = 0
             while not enough.is_set():
                 frame += 1
-                fd = _memfd(stats)
+                fd = write_memfd(stats)
                 try:
                     await awb.call("process_stats", {"frame": frame}, fds={"stats": fd}, wait=10)
                 except ipc.WorkerCrashed as exc:
@@ -92,14 +93,8 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start) -> None:
         assert awb.recoveries == 1
         # A fresh instance after the replay of init(initial_red_gain=2.0) and configure():
         await awb.call("configure")
-        result = await awb.call("process_stats", {"frame": 1}, fds={"stats": _memfd(stats)})
+        result = await awb.call("process_stats", {"frame": 1}, fds={"stats": memfd(stats)})
         assert result["red_gain"] == pytest.approx(2.0 + 0.5 * (target_red - 2.0))
-
-
-def _memfd(data: bytes) -> int:
-    fd = os.memfd_create("stats", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    return fd
 
 
 def test_crash_loop_cools_down_and_restart_ends_it(

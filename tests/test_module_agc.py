@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -16,8 +15,8 @@ from ipa_modules.agc import AgcResult, MeanLuminanceAgc, pack_histogram
 from ipa_modules.types import SensorInfo, SensorLimits
 
 from ipad.ipa import Buffer, ModuleContext, is_setup
+from tests.buffers import MakeBuffer, write_memfd
 
-MakeBuffer = Callable[[bytes], Buffer]
 Event = tuple[str, object]
 
 LIMITS = SensorLimits(min_exposure_us=100, max_exposure_us=30000, min_gain=1.0, max_gain=16.0)
@@ -25,30 +24,6 @@ SENSOR = SensorInfo("imx219", 1920, 1080, LIMITS)
 
 #: Mean 0.5: one pixel in the first and one in the last of four bins, (0.5 + 3.5) / (4 * 2).
 HALF = [1, 0, 0, 1]
-
-
-def memfd_buffer(data: bytes) -> Buffer:
-    """A memfd holding ``data``, as a client passes it."""
-    fd = os.memfd_create("stats", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return Buffer(fd)
-
-
-@pytest.fixture
-def make_buffer() -> Iterator[MakeBuffer]:
-    """Make memfd buffers, closed when the test ends as the worker host closes them."""
-    buffers: list[Buffer] = []
-
-    def make(data: bytes) -> Buffer:
-        buffer = memfd_buffer(data)
-        buffers.append(buffer)
-        return buffer
-
-    yield make
-    for buffer in buffers:
-        buffer.close()
 
 
 def make_agc(
@@ -275,7 +250,7 @@ def test_results_always_respect_the_sensor_limits(
     bins: list[int], exposure_us: int, gain: float, target: float, speed: float
 ) -> None:
     agc = make_agc({"target": target, "speed": speed})
-    buffer = memfd_buffer(bins_to_bytes(bins))
+    buffer = Buffer(write_memfd(bins_to_bytes(bins)))
     try:
         result = agc.process_stats(0, buffer, exposure_us, gain)
     finally:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -15,38 +14,14 @@ from ipa_modules.awb import AwbResult, AwbSettings, GrayWorldAwb, pack_zones
 from ipa_modules.types import SensorInfo, SensorLimits
 
 from ipad.ipa import Buffer, ModuleContext, is_setup
+from tests.buffers import MakeBuffer, write_memfd
 
 Zone = tuple[int, int, int, int]
-MakeBuffer = Callable[[bytes], Buffer]
 
 #: Tuning that jumps to the target at once, so one frame shows the target gains.
 JUMP = {"speed": 1.0}
 
 SENSOR = SensorInfo("imx219", 1920, 1080, SensorLimits(100, 30000, 1.0, 16.0))
-
-
-def memfd_buffer(data: bytes) -> Buffer:
-    """A memfd holding ``data``, as a client passes it."""
-    fd = os.memfd_create("stats", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return Buffer(fd)
-
-
-@pytest.fixture
-def make_buffer() -> Iterator[MakeBuffer]:
-    """Make memfd buffers, closed when the test ends as the worker host closes them."""
-    buffers: list[Buffer] = []
-
-    def make(data: bytes) -> Buffer:
-        buffer = memfd_buffer(data)
-        buffers.append(buffer)
-        return buffer
-
-    yield make
-    for buffer in buffers:
-        buffer.close()
 
 
 def make_awb(tuning: dict[str, Any] | None = None) -> GrayWorldAwb:
@@ -305,7 +280,7 @@ def test_arguments_and_results_convert_as_the_worker_host_does() -> None:
 )
 def test_gains_always_stay_in_range(zones: list[Zone], speed: float) -> None:
     awb = make_awb({"speed": speed, "min_gain": 0.5, "max_gain": 4.0})
-    buffer = memfd_buffer(pack_zones(zones))
+    buffer = Buffer(write_memfd(pack_zones(zones)))
     try:
         for frame in range(3):
             result = awb.process_stats(frame, buffer)

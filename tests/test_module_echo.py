@@ -21,20 +21,12 @@ from ipad._manifest import load_manifest
 from ipad._paths import install_module_dir
 from ipad._tuning import find_tuning_file
 from ipad.ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup
+from tests.buffers import write_memfd
 
 Event = tuple[str, object]
 
 #: The modules ipad ships; a new one is added here, so it gets the checks below.
 SHIPPED = ["agc", "awb", "echo"]
-
-
-def memfd_buffer(data: bytes) -> Buffer:
-    """A memfd holding ``data``, as a client passes it."""
-    fd = os.memfd_create("data", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return Buffer(fd)
 
 
 @pytest.fixture
@@ -106,18 +98,18 @@ def test_emit_is_a_module_method_not_a_base_class_one() -> None:
 
 def test_checksum_of_the_standard_check_string(echo: Echo, buffers: list[Buffer]) -> None:
     """CRC-32 of b"123456789" is 0xCBF43926, the check value of the algorithm."""
-    buffers.append(memfd_buffer(b"123456789"))
+    buffers.append(Buffer(write_memfd(b"123456789")))
     assert echo.checksum(buffers[-1]) == Checksum(size=9, crc32=0xCBF43926)
 
 
 def test_checksum_of_an_empty_buffer(echo: Echo, buffers: list[Buffer]) -> None:
-    buffers.append(memfd_buffer(b""))
+    buffers.append(Buffer(write_memfd(b"")))
     assert echo.checksum(buffers[-1]) == Checksum(0, 0)
 
 
 def test_checksum_of_a_large_buffer(echo: Echo, buffers: list[Buffer]) -> None:
     data = os.urandom(4 * 1024 * 1024 + 3)
-    buffers.append(memfd_buffer(data))
+    buffers.append(Buffer(write_memfd(data)))
     assert echo.checksum(buffers[-1]) == Checksum(len(data), zlib.crc32(data))
     mapping = buffers[-1]._map
     assert mapping is not None
