@@ -130,8 +130,11 @@ def main() -> None:
     print(f"{'raw SEQPACKET round trip (limit)':38s} {rtt:8.2f} {1.0:13.3f}")
     RESULTS.mkdir(exist_ok=True)
     out = {
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "cpus": os.cpu_count()},
+        "machine": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
         "socket_round_trip_us": rtt,
         "codecs_us": codecs,
         "codec_share_of_round_trip": {name: ratio for name, _, ratio in rows},

@@ -74,6 +74,30 @@ class WorkerCgroups:
         log.info("cgroup.ready", cgroup=str(base))
         return cls(base)
 
+    def prepare(self, module: str) -> tuple[Path, int] | None:
+        """A new, empty cgroup for a worker about to be forked into it, and its directory fd."""
+        self._count = getattr(self, "_count", 0) + 1
+        path = self.base / f"{module}.{self._count}"
+        try:
+            path.mkdir()
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cgroup.add_failed", module=module, error=str(exc))
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return None
+        return path, fd
+
+    @staticmethod
+    def move(path: Path, pid: int) -> bool:
+        """Move a process into a prepared cgroup (for when it could not be forked into it)."""
+        try:
+            (path / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            log.warning("cgroup.add_failed", cgroup=str(path), worker_pid=pid, error=str(exc))
+            return False
+        return True
+
     def add(self, module: str, pid: int) -> Path | None:
         """Move a just-started worker into a cgroup of its own; None if that failed."""
         path = self.base / f"{module}.{pid}"
@@ -104,13 +128,16 @@ class WorkerCgroups:
 
     @staticmethod
     async def remove(path: Path) -> None:
-        """Kill what is left, wait until the cgroup is empty, remove it."""
-        WorkerCgroups.kill(path)
+        """Wait until a killed cgroup is empty, then remove it, off the event loop.
+
+        rmdir of a cgroup can wait out an RCU grace period (~10 ms here), so it
+        runs in a thread and never holds up the daemon or a restart.
+        """
         with trio.move_on_after(EMPTY_WAIT):
             while _populated(path):
                 await trio.sleep(EMPTY_POLL)
         try:
-            path.rmdir()
+            await trio.to_thread.run_sync(path.rmdir)
         except OSError as exc:
             log.warning("cgroup.remove_failed", cgroup=str(path), error=str(exc))
 

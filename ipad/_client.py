@@ -109,6 +109,7 @@ class Proxy:
         self.setup_log = SetupLog(info)
         self.recoveries = 0
         self._closed = False
+        self._gone: str | None = None
         self._valid = trio.Event()
         self._valid.set()
 
@@ -136,6 +137,8 @@ class Proxy:
                 raise WorkerCrashed(f"{self.module} proxy is {self.state}: {self.reason}")
             with trio.move_on_after(wait):
                 await self._valid.wait()
+            if self._gone is not None:
+                raise Disconnected(self._gone)
             if not self.valid:
                 raise WorkerCrashed(
                     f"{self.module} did not recover within {wait:g}s: {self.reason}"
@@ -201,6 +204,11 @@ class Proxy:
         if event.state != "valid":  # "valid" is set by recovery, once the replay is done
             self.state = event.state
             self.reason = event.reason
+
+    def _disconnected(self, reason: str) -> None:
+        """The daemon connection is gone: no recovery will come, so wake callers waiting for one."""
+        self._gone = reason
+        self._valid.set()
 
     async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
         """Replay the setup calls on a new channel and switch to it; return how many."""
@@ -374,8 +382,14 @@ class Client:
             reason = self.goodbye or "the daemon closed the connection"
             self.requests.fail_all(lambda: Disconnected(reason))
             self.events.close()
+            for proxy in self.proxies.values():
+                proxy._disconnected(reason)
 
     def _on_event(self, event: p.Event) -> None:
+        if event.kind == "module" and event.state is not None:
+            self.module_states[event.module] = event.state
+            changed, self._module_changed = self._module_changed, trio.Event()
+            changed.set()
         if event.proxy_id is not None and event.proxy_id in self.proxies:
             self.proxies[event.proxy_id]._on_event(event)
         self.events.put(event)

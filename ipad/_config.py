@@ -78,6 +78,8 @@ class RestartPolicy:
     heartbeat_interval: Duration = Duration(1.0)
     #: A worker that has not answered a heartbeat for this long is hung.
     heartbeat_timeout: Duration = Duration(3.0)
+    #: Keep a second worker started and loaded, promoted the moment the active one ends.
+    standby: bool = True
 
 
 @attrs.frozen
@@ -97,6 +99,7 @@ class RestartOverrides:
     stop_timeout: Duration | None = None
     heartbeat_interval: Duration | None = None
     heartbeat_timeout: Duration | None = None
+    standby: bool | None = None
 
     def apply_to(self, base: RestartPolicy) -> RestartPolicy:
         """Return ``base`` with every key this table sets replaced."""

@@ -20,7 +20,7 @@ from ._cgroup import WorkerCgroups
 from ._check import CheckedConfig, ModulePlan, check_config
 from ._events import EventBus
 from ._launcher import Launcher
-from ._paths import install_dir, socket_path
+from ._paths import install_dir, install_module_dir, socket_path
 from ._problems import ConfigError
 from ._proxies import ProxyTable
 from ._registry import REGISTRY
@@ -95,6 +95,21 @@ def forkable_argv(plans: Iterable[ModulePlan]) -> list[str] | None:
     return REGISTRY.create("isolated").worker_argv(host)
 
 
+def shipped_preloads(plans: Iterable[ModulePlan]) -> list[str]:
+    """``DIR:package.module`` of enabled modules shipped with ipad, for the fork server.
+
+    Only modules from ipad's own install directory qualify: module code from
+    anywhere else is never imported into the process all workers fork from.
+    """
+    shipped = install_module_dir().resolve()
+    specs: set[str] = set()
+    for plan in plans:
+        entry = plan.source.manifest.entry_point
+        if entry and plan.source.directory.resolve() == shipped:
+            specs.add(f"{shipped}:{entry.partition(':')[0]}")
+    return sorted(specs)
+
+
 def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
     """What ``ipadctl modules`` shows: every discovered module and its manifest."""
     info: dict[str, dict[str, Any]] = {}
@@ -131,7 +146,8 @@ class DaemonRuntime:
         forkable = (
             forkable_argv(checked.plans.values()) if checked.config.daemon.forkserver else None
         )
-        self.launcher = Launcher(forkable, self.cgroups)
+        preloads = shipped_preloads(checked.plans.values())
+        self.launcher = Launcher(forkable, self.cgroups, preloads)
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -186,6 +202,8 @@ class DaemonRuntime:
             self._nursery = nursery
             await nursery.start(self.launcher.run)
             await self.start_modules(nursery, self.checked.plans)
+            for supervisor in self.supervisors.values():
+                supervisor.standby_allowed.set()  # every module has started: now the standbys
             await nursery.start(serve_clients, listener, self.daemon)
             states = {name: sup.state.value for name, sup in self.supervisors.items()}
             log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
@@ -279,6 +297,8 @@ class DaemonRuntime:
             self.checked = new
             assert self._nursery is not None  # noqa: S101 - set by run()
             await self.start_modules(self._nursery, [*added, *changed])
+            for name in [*added, *changed]:
+                self.supervisors[name].standby_allowed.set()
             result = {"added": added, "removed": removed, "changed": changed,
                       "unchanged": sorted(set(new.plans) - set(added) - set(changed))}  # fmt: skip
             log.info("daemon.reloaded", **result)

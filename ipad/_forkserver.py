@@ -15,6 +15,7 @@ process every other module is forked from.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import platform
 import signal
@@ -27,6 +28,24 @@ from ._worker_host import CONTROL_FD, WorkerHost, die_with_parent, log
 
 #: clone(2) flag: the child's parent is our parent.
 CLONE_PARENT = 0x00008000
+#: clone3(2) flag: start the child in the cgroup whose directory fd is given (Linux 5.7).
+CLONE_INTO_CGROUP = 0x200000000
+
+#: clone3's syscall number: the same on every architecture (new syscalls are unified).
+SYS_CLONE3 = 435
+
+
+class _CloneArgs(ctypes.Structure):
+    """struct clone_args, up to the cgroup field."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+            "stack_size", "tls", "set_tid", "set_tid_size", "cgroup",
+        )
+    ]  # fmt: skip
+
 
 #: clone's syscall number, per architecture (it is not in Python's os module).
 SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "ppc64le": 120, "s390x": 120}
@@ -35,17 +54,31 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _api = ctypes.pythonapi
 
 
-def fork_sibling() -> int:
+def fork_sibling(cgroup_fd: int | None = None) -> int:
     """fork(), but the child's parent is our parent. Returns 0 in the child.
 
-    Python's own fork bookkeeping (PyOS_BeforeFork / AfterFork) runs around the
-    raw syscall, as os.fork() does it. The fork server is single-threaded.
+    With ``cgroup_fd`` the child starts inside that cgroup (clone3 with
+    CLONE_INTO_CGROUP): no migration afterwards, which on some kernels waits
+    out an RCU grace period of ~10 ms. Python's own fork bookkeeping
+    (PyOS_BeforeFork / AfterFork) runs around the raw syscall, as os.fork()
+    does it. The fork server is single-threaded.
     """
-    number = SYS_CLONE.get(platform.machine())
-    if number is None:
-        raise OSError(f"no clone syscall number known for {platform.machine()}")
+    if cgroup_fd is not None:
+        # clone3 refuses an exit signal with CLONE_PARENT: the child gets ours (SIGCHLD,
+        # as the daemon spawned us), which is what the daemon's waitid expects.
+        args = _CloneArgs(flags=CLONE_PARENT | CLONE_INTO_CGROUP, exit_signal=0, cgroup=cgroup_fd)
+        call: tuple[object, ...] = (
+            SYS_CLONE3,
+            ctypes.byref(args),
+            ctypes.c_size_t(ctypes.sizeof(args)),
+        )
+    else:
+        number = SYS_CLONE.get(platform.machine())
+        if number is None:
+            raise OSError(f"no clone syscall number known for {platform.machine()}")
+        call = (number, CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
     _api.PyOS_BeforeFork()
-    pid = _libc.syscall(number, CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
+    pid = _libc.syscall(*call)
     if pid == 0:
         _api.PyOS_AfterFork_Child()
         return 0
@@ -86,26 +119,54 @@ def serve(server: socket.socket, daemon: int) -> int:
         if isinstance(frame.message, p.Shutdown):
             return 0
         assert isinstance(frame.message, p.Spawn)  # noqa: S101 - decode allowed only these
-        if len(frame.fds) != 1:
+        if len(frame.fds) != 1 + frame.message.cgroup:
             frame.close_fds()
-            error = p.Error(p.ErrorCode.BAD_MESSAGE, "SPAWN needs exactly one fd")
+            error = p.Error(p.ErrorCode.BAD_MESSAGE, "SPAWN needs its control socket (and cgroup)")
             send_packet(server, p.encode(error, frame.request_id))
             continue
+        cgroup_fd = frame.fds[1] if frame.message.cgroup else None
+        in_cgroup = cgroup_fd is not None
         try:
-            pid = fork_sibling()
+            try:
+                pid = fork_sibling(cgroup_fd)
+            except OSError:
+                if cgroup_fd is None:
+                    raise
+                in_cgroup = False  # an older kernel: fork plainly, the daemon moves it
+                pid = fork_sibling(None)
         except OSError as exc:
             frame.close_fds()
             error = p.Error(p.ErrorCode.INTERNAL, f"fork failed: {exc}")
             send_packet(server, p.encode(error, frame.request_id))
             continue
         if pid == 0:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
             _become_worker(server, frame.fds[0], dict(frame.message.env), daemon)
         frame.close_fds()
-        send_packet(server, p.encode(p.Spawned(pid), frame.request_id))
+        send_packet(server, p.encode(p.Spawned(pid, in_cgroup), frame.request_id))
 
 
-def main(parent: int | None) -> int:
+def preload(specs: list[str]) -> None:
+    """Import the shipped modules named ``DIR:package.module`` so forks start with them loaded.
+
+    The daemon names only modules from ipad's own install directory: code of
+    the same origin and trust as the fork server. A failure is logged and
+    left to the worker's own LOAD to report.
+    """
+    for spec in specs:
+        directory, _, module = spec.rpartition(":")
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - the worker's LOAD will report it properly
+            log("forkserver.preload_failed", module=module, error=repr(exc))
+
+
+def main(parent: int | None, preloads: list[str] | None = None) -> int:
     """Entry point of ``ipad-worker --zygote``: serve SPAWN requests on fd 3."""
     die_with_parent(parent)
+    preload(preloads or [])
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return serve(socket.socket(fileno=CONTROL_FD), parent or os.getppid())

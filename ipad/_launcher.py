@@ -36,9 +36,14 @@ class Launcher:
     """Starts worker processes for every supervisor."""
 
     def __init__(
-        self, forkserver_argv: Sequence[str] | None, cgroups: WorkerCgroups | None = None
+        self,
+        forkserver_argv: Sequence[str] | None,
+        cgroups: WorkerCgroups | None = None,
+        preloads: Sequence[str] = (),
     ) -> None:
         self.cgroups = cgroups
+        #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
+        self.preloads = list(preloads)
         #: The argv a worker must have to be forked: the Python worker host's.
         self.forkable = list(forkserver_argv) if forkserver_argv else None
         self.forkserver: WorkerProcess | None = None
@@ -55,6 +60,8 @@ class Launcher:
             # An empty environment: forked workers get theirs from each SPAWN, and
             # nothing of the daemon's may linger in the memory they are forked from.
             argv = [*self.forkable, "--zygote"]
+            for spec in self.preloads:
+                argv += ["--preload", spec]
             server = spawn_worker("forkserver", argv, {}, allowed=p.FROM_FORKSERVER)
             log.info("forkserver.started", pid=server.pid)
             try:
@@ -93,7 +100,13 @@ class Launcher:
                 self.forks += 1
                 return worker
         self.spawns += 1
-        return spawn_worker(module, argv, env, on_notice)
+        worker = spawn_worker(module, argv, env, on_notice)
+        if self.cgroups is not None:
+            # Moving a process between cgroups can wait out an RCU grace period
+            # (~10 ms here): do it off the event loop so other workers carry on.
+            add = self.cgroups.add
+            worker.cgroup = await trio.to_thread.run_sync(add, module, worker.pid)
+        return worker
 
     async def _fork(
         self,
@@ -105,12 +118,17 @@ class Launcher:
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
+        prepared = self.cgroups.prepare(module) if self.cgroups is not None else None
+        fds = [theirs.fileno()] if prepared is None else [theirs.fileno(), prepared[1]]
         try:
             with trio.fail_after(FORK_TIMEOUT):
                 try:
-                    frame = await server.request(p.Spawn(dict(env)), [theirs.fileno()])
+                    spawn = p.Spawn(dict(env), cgroup=prepared is not None)
+                    frame = await server.request(spawn, fds)
                 finally:
                     theirs.close()
+                    if prepared is not None:
+                        os.close(prepared[1])
             spawned = frame.message
             # The worker is our child (CLONE_PARENT): only we can reap it, so the pid is safe.
             pidfd = os.pidfd_open(spawned.pid) if isinstance(spawned, p.Spawned) else -1
@@ -122,5 +140,10 @@ class Launcher:
             error = spawned.message if isinstance(spawned, p.Error) else spawned.TYPE.name
             raise OSError(f"fork server refused: {error}")
         pid = spawned.pid
-        log.debug("worker.forked", module=module, worker_pid=pid)
-        return WorkerProcess(module, pid, pidfd, ours, on_notice)
+        log.debug("worker.forked", module=module, worker_pid=pid, in_cgroup=spawned.in_cgroup)
+        worker = WorkerProcess(module, pid, pidfd, ours, on_notice)
+        if prepared is not None:
+            path = prepared[0]
+            if spawned.in_cgroup or await trio.to_thread.run_sync(WorkerCgroups.move, path, pid):
+                worker.cgroup = path
+        return worker

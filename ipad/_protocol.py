@@ -366,10 +366,14 @@ class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
 
 
 class Spawn(Message, frozen=True, forbid_unknown_fields=True):
-    """Fork a worker host serving the passed control socket, with this environment."""
+    """Fork a worker host serving the passed control socket, with this environment.
+
+    With ``cgroup``, a second fd is the directory of the cgroup to fork it into.
+    """
 
     TYPE = MsgType.SPAWN
     env: dict[str, str]
+    cgroup: bool = False
 
 
 class Spawned(Message, frozen=True, forbid_unknown_fields=True):
@@ -377,6 +381,8 @@ class Spawned(Message, frozen=True, forbid_unknown_fields=True):
 
     TYPE = MsgType.SPAWNED
     pid: int
+    #: Whether it was forked straight into the cgroup (else the daemon moves it).
+    in_cgroup: bool = False
 
 
 # --- client <-> worker -------------------------------------------------------
@@ -443,7 +449,7 @@ FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_E
 FD_LIMITS: dict[MsgType, int] = {
     MsgType.PROXY_GRANTED: 1,
     MsgType.OPEN_INSTANCE: 1,
-    MsgType.SPAWN: 1,
+    MsgType.SPAWN: 2,
     MsgType.CALL: MAX_FDS,
 }
 

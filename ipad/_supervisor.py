@@ -78,6 +78,12 @@ class ModuleSupervisor:
         self._hung = False
         self._running = trio.Event()
         self._finished = trio.Event()
+        self._background: trio.Nursery
+        #: A worker started and loaded ahead of time, promoted when the active one ends.
+        self._standby: tuple[WorkerProcess, p.Ready] | None = None
+        self._preparing = False
+        #: Standbys are prepared once every module has started (set by the daemon).
+        self.standby_allowed = trio.Event()
 
     # --- state ----------------------------------------------------------------
 
@@ -105,6 +111,7 @@ class ModuleSupervisor:
             "starts": self.starts,
             "restarts": max(self.starts - 1, 0),
             "consecutive_failures": self.tracker.consecutive,
+            "standby_pid": self._standby[0].pid if self._standby else None,
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
             "worker": str(self.plan.worker),
@@ -116,7 +123,9 @@ class ModuleSupervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise until ``stop``; ``started`` once the first start has succeeded or failed."""
         try:
-            await self._supervise(task_status)
+            async with trio.open_nursery() as background:
+                self._background = background
+                await self._supervise(task_status)
         finally:
             self._finished.set()
 
@@ -140,6 +149,9 @@ class ModuleSupervisor:
             if self.stop_requested():
                 break
             await self._after_ending(failure)
+        with trio.CancelScope(shield=True):
+            await self._drop_standby()
+        self._background.cancel_scope.cancel()  # a standby still being prepared, say
         if self.state is not WorkerState.STOPPED:
             self._set_state(WorkerState.STOPPED, "stopped")
 
@@ -183,6 +195,16 @@ class ModuleSupervisor:
         self._set_state(WorkerState.STARTING)
         self.starts += 1
         self.tracker.started(trio.current_time())
+        standby, self._standby = self._standby, None
+        if standby is not None and standby[0].exit_status is None:
+            worker, self.ready = standby
+            self.worker = worker
+            log.info("worker.ready", module=self.name, worker_pid=worker.pid,
+                     version=self.ready.version, standby=True)  # fmt: skip
+            self.running_since = trio.current_time()
+            self._set_state(WorkerState.RUNNING)
+            self._prepare_standby()
+            return worker, None
         argv = self.kind.worker_argv(self.plan.worker)
         try:
             worker = await self.launcher.launch(self.name, argv, self.env, self._on_notice)
@@ -192,8 +214,6 @@ class ModuleSupervisor:
             self._set_state(WorkerState.EXITED, reason)
             return None, reason
         self.worker = worker
-        if self.launcher.cgroups is not None:
-            worker.cgroup = self.launcher.cgroups.add(self.name, worker.pid)
         nursery.start_soon(worker.watch)
         nursery.start_soon(worker.read_control)
         failure = await self._load(worker)
@@ -204,18 +224,78 @@ class ModuleSupervisor:
                      version=self.ready.version if self.ready else None)  # fmt: skip
             self.running_since = trio.current_time()
             self._set_state(WorkerState.RUNNING)
+            self._prepare_standby()
             return worker, None
         return None, failure
 
-    async def _load(self, worker: WorkerProcess) -> str | None:
-        """Send LOAD; return None once READY, else why the start failed (worker reaped)."""
+    def _prepare_standby(self) -> None:
+        """Start getting a standby ready in the background, if the policy wants one."""
+        if self.policy.standby and not self._preparing and self._standby is None:
+            self._preparing = True
+            self._background.start_soon(self._make_standby)
+
+    async def _make_standby(self) -> None:
+        """Launch and LOAD a second worker, then keep it idle until it is promoted."""
+        try:
+            await self.standby_allowed.wait()
+            if self.stop_requested() or self.state is not WorkerState.RUNNING:
+                return
+            argv = self.kind.worker_argv(self.plan.worker)
+            try:
+                worker = await self.launcher.launch(self.name, argv, self.env, self._on_notice)
+            except OSError as exc:
+                log.warning("worker.standby_failed", module=self.name, error=str(exc))
+                return
+            self._background.start_soon(worker.watch)
+            self._background.start_soon(worker.read_control)
+            with trio.move_on_after(self.policy.start_timeout.seconds):
+                try:
+                    frame = await worker.request(self._load_message())
+                except WorkerCrashed:
+                    frame = None
+                if frame is not None and isinstance(frame.message, p.Ready):
+                    self._standby = (worker, frame.message)
+                    log.info("worker.standby_ready", module=self.name, worker_pid=worker.pid)
+                    self._background.start_soon(self._watch_standby, worker)
+                    return
+            log.warning("worker.standby_failed", module=self.name, worker_pid=worker.pid)
+            await worker.stop(self.policy.stop_timeout.seconds)
+            await self._sweep(worker)
+        finally:
+            self._preparing = False
+
+    async def _watch_standby(self, worker: WorkerProcess) -> None:
+        """A standby that dies while idle is cleaned up and replaced."""
+        await worker.wait_exit()
+        if self._standby is not None and self._standby[0] is worker:
+            self._standby = None
+            log.warning("worker.standby_exited", module=self.name, worker_pid=worker.pid)
+            await self._sweep(worker)
+            worker.close()
+            if self.state is WorkerState.RUNNING and not self.stop_requested():
+                self._prepare_standby()
+
+    async def _drop_standby(self) -> None:
+        """Stop the standby (the module stops, or its configuration changed)."""
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            worker = standby[0]
+            await self._stop_worker(worker)
+            await self._sweep(worker)
+            worker.close()
+
+    def _load_message(self) -> p.Load:
         manifest = self.plan.source.manifest
-        load = p.Load(
+        return p.Load(
             module=self.name,
             entry_point=manifest.entry_point or "",
             module_dir=str(self.plan.source.directory),
             tuning=str(self.plan.tuning),
         )
+
+    async def _load(self, worker: WorkerProcess) -> str | None:
+        """Send LOAD; return None once READY, else why the start failed (worker reaped)."""
+        load = self._load_message()
         failure: str | None = None
         exiting = False  # the worker said why it cannot run and is exiting by itself
         with trio.move_on_after(self.policy.start_timeout.seconds) as timeout:
@@ -258,8 +338,8 @@ class ModuleSupervisor:
             with trio.move_on_after(timeout) as waited:
                 try:
                     await worker.request(p.Ping())
-                except WorkerCrashed:
-                    return  # its exit is being handled
+                except (WorkerCrashed, OSError, trio.ClosedResourceError):
+                    return  # it died between two pings: its exit is being handled
             if waited.cancelled_caught:
                 self._hung = True
                 log.error("worker.hung", module=self.name, worker_pid=worker.pid,
@@ -294,10 +374,15 @@ class ModuleSupervisor:
         return failure
 
     async def _sweep(self, worker: WorkerProcess) -> None:
-        """Kill whatever the worker left behind: its cgroup, or at least its process group."""
+        """Kill whatever the worker left behind: its cgroup, or at least its process group.
+
+        The kill is immediate; removing the emptied cgroup happens in the
+        background, so the restart does not wait for it.
+        """
         worker.signal(signal.SIGKILL)
         if worker.cgroup is not None:
-            await WorkerCgroups.remove(worker.cgroup)
+            WorkerCgroups.kill(worker.cgroup)
+            self._background.start_soon(WorkerCgroups.remove, worker.cgroup)
             worker.cgroup = None
 
     # --- operator requests --------------------------------------------------------

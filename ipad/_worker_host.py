@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--zygote" in args:
         from ._forkserver import main as forkserver_main  # noqa: PLC0415 - only in that mode
 
-        return forkserver_main(parent)
+        preloads = [args[i + 1] for i, arg in enumerate(args) if arg == "--preload"]
+        return forkserver_main(parent, preloads)
     die_with_parent(parent)
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()

@@ -25,6 +25,10 @@ Start = Callable[..., DaemonProcess]
 FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
 
 
+def _is_module(module: str, record: dict[str, object]) -> bool:
+    return record["module"] == module
+
+
 def children_of(pid: int) -> list[int]:
     """The pids of a process's children (every thread's)."""
     pids: list[int] = []
@@ -224,10 +228,14 @@ def test_no_zombie_after_many_restarts(start_daemon: Start, tmp_path: Path) -> N
         else:
             daemon.ctl("restart", "echo")
         wait_until(functools.partial(lambda c: ready_count() == c + 1, count))
+    daemon.wait_for("worker.standby_ready", lambda r: r["module"] == "echo")
     status = json.loads(daemon.ctl("--json", "status").stdout)
-    expected = {m["worker_pid"] for m in status["modules"].values()} | {
-        status["daemon"]["forkserver_pid"]
-    }
+    modules = status["modules"].values()
+    expected = (
+        {m["worker_pid"] for m in modules}
+        | {m["standby_pid"] for m in modules if m["standby_pid"]}
+        | {status["daemon"]["forkserver_pid"]}
+    )
     children = children_of(daemon.proc.pid)
     assert zombies_among(children) == []
     assert set(children) == expected
@@ -237,8 +245,11 @@ def test_no_zombie_after_many_restarts(start_daemon: Start, tmp_path: Path) -> N
 def test_daemon_killed_leaves_no_worker_nor_fork_server(start_daemon: Start) -> None:
     """SIGKILL of the daemon: every worker and the fork server are gone within a second."""
     daemon = start_daemon()
+    for module in ("awb", "agc", "echo"):
+        daemon.wait_for("worker.standby_ready", functools.partial(_is_module, module))
     status = json.loads(daemon.ctl("--json", "status").stdout)
     pids = [m["worker_pid"] for m in status["modules"].values()]
+    pids += [m["standby_pid"] for m in status["modules"].values()]
     pids.append(status["daemon"]["forkserver_pid"])
     assert all(alive(pid) for pid in pids)
     daemon.proc.kill()
@@ -331,7 +342,8 @@ async def test_fallback_serves_during_cooldown_and_hands_back(
         tmp_path,
         FAULTY,
         modules='[modules.faulty]\nfallback = "steady"\n[modules.faulty.restart]\n'
-        'max_failures = 2\ncooldown_interval = "1s"\nstable_after = "500ms"\n[modules.steady]\n',
+        'max_failures = 2\ncooldown_interval = "1s"\nstable_after = "500ms"\nstandby = false\n'
+        "[modules.steady]\n",
     )
     daemon = start_daemon(config, env=env)
     steady_pid = daemon.worker_pids()["steady"]
@@ -378,3 +390,27 @@ def test_blocking_client_recovers_when_asked_to_wait(start_daemon: Start, tmp_pa
         assert faulty.recoveries == 1
     record = daemon.wait_for("proxy.state_changed", lambda r: r.get("reason") == "recovered")
     assert record["replayed"] == 1
+
+
+def test_standby_is_promoted_and_replaced(start_daemon: Start, tmp_path: Path) -> None:
+    """A crash promotes the loaded standby at once; a new standby is prepared behind it."""
+    daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"))
+    standby = daemon.wait_for("worker.standby_ready", lambda r: r["module"] == "echo")
+    active = daemon.worker_pids()["echo"]
+    os.kill(active, signal.SIGKILL)
+    promoted = daemon.wait_for("worker.ready", lambda r: r.get("standby") is True)
+    assert promoted["worker_pid"] == standby["worker_pid"]
+    again = daemon.wait_for(
+        "worker.standby_ready", lambda r: r["worker_pid"] not in (standby["worker_pid"], active)
+    )
+    status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]["echo"]
+    assert (status["worker_pid"], status["standby_pid"]) == (
+        standby["worker_pid"],
+        again["worker_pid"],
+    )
+    os.kill(again["worker_pid"], signal.SIGKILL)  # a standby that dies is replaced too
+    daemon.wait_for("worker.standby_exited", lambda r: r["worker_pid"] == again["worker_pid"])
+    daemon.wait_for(
+        "worker.standby_ready",
+        lambda r: r["worker_pid"] not in (standby["worker_pid"], active, again["worker_pid"]),
+    )

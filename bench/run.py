@@ -1,0 +1,195 @@
+"""Run every benchmark in bench/ and print their headline figures in one table.
+
+Each ``bench/bench_<name>.py`` runs as its own process with the project's
+interpreter (``.venv/bin/python`` when there is one), prints its own table and
+writes ``bench/results/<name>.json``; this then reads those files and puts the
+headline figures of every benchmark side by side, each with its ratio to the
+limit that benchmark measured on the same machine in the same run.
+
+    .venv/bin/python bench/run.py                       # every benchmark
+    .venv/bin/python bench/run.py restart               # only bench_restart.py
+    .venv/bin/python bench/run.py restart -- --kills 20 # arguments for the benchmark(s)
+    .venv/bin/python bench/run.py --table-only          # the table from the last results
+
+Exit status 1 if a benchmark failed or wrote no results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+
+Row = dict[str, Any]
+
+
+def discover() -> dict[str, Path]:
+    """Every benchmark script, by name (``bench_codec.py`` is ``codec``)."""
+    return {path.stem.removeprefix("bench_"): path for path in sorted(BENCH.glob("bench_*.py"))}
+
+
+def interpreter() -> str:
+    """The project's virtualenv interpreter, else the one running this."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def result_path(name: str) -> Path:
+    """Where ``bench_<name>.py`` saves its figures."""
+    return RESULTS / f"{name}.json"
+
+
+def run_one(name: str, script: Path, extra: Sequence[str]) -> tuple[int, float]:
+    """Run one benchmark in the foreground; its exit status and how long it took."""
+    print(f"=== {name}: {script.relative_to(REPO)} {' '.join(extra)}".rstrip(), flush=True)
+    start = time.monotonic()
+    status = subprocess.run([interpreter(), str(script), *extra], cwd=REPO, check=False)
+    took = time.monotonic() - start
+    print(f"=== {name}: exit status {status.returncode} after {took:.1f} s\n", flush=True)
+    return status.returncode, took
+
+
+# --- headline figures -----------------------------------------------------------------
+
+
+def headline(name: str, data: dict[str, Any]) -> list[Row]:
+    """The rows a benchmark's results put in the combined table."""
+    if isinstance(data.get("headline"), list):
+        return [row for row in data["headline"] if isinstance(row, dict)]
+    if name == "codec":
+        return codec_headline(data)
+    # An unknown benchmark without a "headline" list: its top-level numbers.
+    return [
+        {"name": key, "value": value, "unit": "", "ratio": None, "ratio_to": ""}
+        for key, value in data.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
+def codec_headline(data: dict[str, Any]) -> list[Row]:
+    """bench_codec.py's figures: each codec's cost next to the socket round trip it rides on."""
+    rtt = float(data["socket_round_trip_us"])
+    rows: list[Row] = [
+        {"name": f"codec: {codec}", "value": us, "unit": "us", "ratio": us / rtt,
+         "ratio_to": "socket RTT"}
+        for codec, us in data.get("codecs_us", {}).items()
+    ]  # fmt: skip
+    rows.append({"name": "limit: raw SEQPACKET round trip", "value": rtt, "unit": "us",
+                 "ratio": 1.0, "ratio_to": "socket RTT"})  # fmt: skip
+    return rows
+
+
+def load_results(name: str, since: float | None) -> tuple[dict[str, Any] | None, str]:
+    """A benchmark's saved figures, unless missing or older than ``since``; and why not."""
+    path = result_path(name)
+    if not path.exists():
+        return None, f"no {path.relative_to(REPO)}"
+    if since is not None and path.stat().st_mtime < since:
+        return None, f"{path.relative_to(REPO)} was not rewritten by this run"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"cannot read {path.relative_to(REPO)}: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{path.relative_to(REPO)} is not a JSON object"
+    return data, ""
+
+
+def print_table(names: Sequence[str], since: float | None) -> bool:
+    """The combined table; False if some benchmark has no usable results."""
+    complete = True
+    lines: list[tuple[str, str, str, str, str, str]] = []
+    machine: dict[str, Any] | None = None
+    notes: list[str] = []
+    for name in names:
+        data, why = load_results(name, since)
+        if data is None:
+            complete = False
+            lines.append((name, f"({why})", "", "", "", ""))
+            continue
+        machine = machine or data.get("machine")
+        goal = data.get("goal")
+        if isinstance(goal, dict) and goal.get("text"):
+            notes.append(f"{name}: {goal['text']}")
+        rows = headline(name, data)
+        if not rows:
+            lines.append(
+                (name, f'(no "headline" list in {result_path(name).name})', "", "", "", "")
+            )
+        for row in rows:
+            value, ratio = row.get("value"), row.get("ratio")
+            lines.append((
+                name,
+                str(row.get("name", "")),
+                f"{value:.2f}" if isinstance(value, int | float) else str(value),
+                str(row.get("unit", "")),
+                f"{ratio:.2f}" if isinstance(ratio, int | float) else "",
+                str(row.get("ratio_to", "")),
+            ))  # fmt: skip
+    width = max([len(line[1]) for line in lines] + [len("figure")])
+    head = f"{'benchmark':10s} {'figure':{width}s} {'value':>10s} {'unit':4s} {'ratio':>8s}  to"
+    print(head)
+    print("-" * (len(head) + 10))
+    for name, label, value, unit, ratio, to in lines:
+        print(f"{name:10s} {label:{width}s} {value:>10s} {unit:4s} {ratio:>8s}  {to}".rstrip())
+    for note in notes:
+        print(note)
+    if machine:
+        print("\nmachine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    return complete
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen benchmarks (all by default), then print the combined table."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in args_in:
+        at = args_in.index("--")
+        args_in, extra = args_in[:at], args_in[at + 1 :]
+    available = discover()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run (default: all): {', '.join(available)}",
+    )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="run nothing; print the table from the saved results",
+    )
+    args = parser.parse_args(args_in)  # fmt: skip
+    unknown = [name for name in args.names if name not in available]
+    if unknown:
+        parser.error(f"no benchmark {', '.join(unknown)}; there are: {', '.join(available)}")
+    names = args.names or list(available)
+
+    if args.table_only:
+        return 0 if print_table(names, since=None) else 1
+    started = time.time()
+    failed: dict[str, int] = {}
+    took: dict[str, float] = {}
+    for name in names:
+        status, took[name] = run_one(name, available[name], extra)
+        if status != 0:
+            failed[name] = status
+    complete = print_table(names, since=started)
+    print("run times: " + ", ".join(f"{name} {t:.0f} s" for name, t in took.items()))
+    if failed:
+        print(f"FAILED: {', '.join(f'{n} (exit status {s})' for n, s in failed.items())}",
+              file=sys.stderr)  # fmt: skip
+    return 1 if failed or not complete else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
