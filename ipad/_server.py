@@ -299,6 +299,12 @@ class Session:
             await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
                               f"module {record.module!r} is no longer configured")  # fmt: skip
             return
+        if serving.state in (WorkerState.EXITED, WorkerState.STARTING):
+            # Being restarted: answer when it runs rather than refuse and make the
+            # client wait for the event (bounded: a backoff may be long).
+            with trio.move_on_after(serving.policy.start_timeout.seconds):
+                await serving.wait_running()
+            serving = self._serving(record.module) or serving
         try:
             instance_id, channel = await serving.open_instance()
         except (ModuleUnavailable, WorkerCrashed) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -80,6 +81,10 @@ def served(start_daemon: Start) -> Iterator[tuple[DaemonProcess, BlockingClient,
         yield daemon, good, proxy
 
 
+def _is_module(module: str, record: dict[str, object]) -> bool:
+    return record["module"] == module
+
+
 def assert_unharmed(good: BlockingClient, proxy: object) -> None:
     """The well-behaved client's proxy kept its state and the daemon answers it."""
     assert proxy.call("count") == 2  # type: ignore[attr-defined]
@@ -138,6 +143,8 @@ def test_too_many_fds(
 ) -> None:
     """More fds than allowed ends the connection, and the daemon keeps none of them."""
     daemon, good, proxy = served
+    for module in ("awb", "agc", "echo"):  # standbys open their fds in the background
+        daemon.wait_for("worker.standby_ready", functools.partial(_is_module, module))
     good.status()  # let the daemon finish closing what the fixture's requests used
     before = open_fds(daemon.proc.pid)
     fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(p.MAX_FDS + 4)]
