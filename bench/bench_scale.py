@@ -38,7 +38,7 @@ def make_modules(root: Path, count: int) -> Path:
     tuning = root / "tuning"
     text = ECHO_MANIFEST.read_text()
     modules_dir = REPO / "workers" / "modules"
-    lines = [f'[daemon]\nmodule_dirs = ["{mods}"]\nforkserver = FORK\n']
+    lines = [f'[daemon]\nmodule_dirs = ["{mods}"]\nforkserver = FORK\nTRUST\n']
     for i in range(count):
         name = f"m{i:03d}"
         (mods / f"{name}.toml").write_text(text.replace('name = "echo"', f'name = "{name}"'))
@@ -55,7 +55,11 @@ def make_modules(root: Path, count: int) -> Path:
 def run_once(config: Path, count: int, fork: bool, root: Path) -> dict[str, Any]:
     """Start a daemon on ``config``, wait for daemon.started, measure, stop it."""
     cfg = root / f"config-{'fork' if fork else 'spawn'}.toml"
-    cfg.write_text(config.read_text().replace("FORK", "true" if fork else "false"))
+    mods = root / "modules"
+    trust = f'trusted_module_dirs = ["{mods}"]' if fork else ""
+    cfg.write_text(
+        config.read_text().replace("FORK", "true" if fork else "false").replace("TRUST", trust)
+    )
     env = dict(os.environ, IPAD_SOCKET=str(root / f"s-{fork}.sock"),
                IPAD_CONFIG_PATH=str(root / "tuning"))  # fmt: skip
     start = time.perf_counter()

@@ -51,6 +51,9 @@ class DaemonSettings:
     #: Fork Python workers from a warm fork server (about 1 ms) instead of starting each
     #: interpreter afresh (tens of milliseconds).
     forkserver: bool = True
+    #: Module directories whose code is trusted like ipad's own: the fork server imports
+    #: their modules once, so forked workers start with them loaded.
+    trusted_module_dirs: tuple[Path, ...] = ()
 
 
 @attrs.frozen

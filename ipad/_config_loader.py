@@ -55,6 +55,7 @@ def _anchor_dirs(config: Config, base: Path) -> Config:
         config.daemon,
         worker_dirs=tuple(base / d for d in config.daemon.worker_dirs),
         module_dirs=tuple(base / d for d in config.daemon.module_dirs),
+        trusted_module_dirs=tuple(base / d for d in config.daemon.trusted_module_dirs),
     )
     return attrs.evolve(config, daemon=daemon)
 

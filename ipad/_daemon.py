@@ -95,18 +95,20 @@ def forkable_argv(plans: Iterable[ModulePlan]) -> list[str] | None:
     return REGISTRY.create("isolated").worker_argv(host)
 
 
-def shipped_preloads(plans: Iterable[ModulePlan]) -> list[str]:
-    """``DIR:package.module`` of enabled modules shipped with ipad, for the fork server.
+def trusted_preloads(plans: Iterable[ModulePlan], trusted: Iterable[Path] = ()) -> list[str]:
+    """``DIR:package.module`` of enabled modules whose code the fork server may import.
 
-    Only modules from ipad's own install directory qualify: module code from
-    anywhere else is never imported into the process all workers fork from.
+    Only modules from ipad's own install directory, or from a directory the
+    operator lists in ``trusted_module_dirs``, qualify: other module code is
+    never imported into the process all workers fork from.
     """
-    shipped = install_module_dir().resolve()
+    dirs = {install_module_dir().resolve(), *(Path(d).resolve() for d in trusted)}
     specs: set[str] = set()
     for plan in plans:
         entry = plan.source.manifest.entry_point
-        if entry and plan.source.directory.resolve() == shipped:
-            specs.add(f"{shipped}:{entry.partition(':')[0]}")
+        directory = plan.source.directory.resolve()
+        if entry and directory in dirs:
+            specs.add(f"{directory}:{entry.partition(':')[0]}")
     return sorted(specs)
 
 
@@ -146,7 +148,9 @@ class DaemonRuntime:
         forkable = (
             forkable_argv(checked.plans.values()) if checked.config.daemon.forkserver else None
         )
-        preloads = shipped_preloads(checked.plans.values())
+        preloads = trusted_preloads(
+            checked.plans.values(), checked.config.daemon.trusted_module_dirs
+        )
         self.launcher = Launcher(forkable, self.cgroups, preloads)
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()

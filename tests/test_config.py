@@ -325,3 +325,11 @@ def test_fallback_is_read(tmp_path: Path) -> None:
     )
     assert config.modules["vendor"].fallback == "awb"
     assert config.modules["awb"].fallback is None
+
+
+def test_trusted_module_dirs_are_anchored(tmp_path: Path) -> None:
+    """trusted_module_dirs are read like module_dirs, relative to the config file."""
+    config = parse_config(
+        "[daemon]\ntrusted_module_dirs = ['vendor', '/opt/ipa']\n", tmp_path / "c.toml"
+    )
+    assert config.daemon.trusted_module_dirs == (tmp_path.resolve() / "vendor", Path("/opt/ipa"))

@@ -16,7 +16,14 @@ import trio
 from ipad import client as ipc
 from ipad.client import BlockingClient
 from tests.buffers import MakeFd, write_memfd
-from tests.daemon_process import TEST_MODULES, DaemonProcess, alive, wait_until, write_config
+from tests.daemon_process import (
+    REPO,
+    TEST_MODULES,
+    DaemonProcess,
+    alive,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -414,3 +421,27 @@ def test_standby_is_promoted_and_replaced(start_daemon: Start, tmp_path: Path) -
         "worker.standby_ready",
         lambda r: r["worker_pid"] not in (standby["worker_pid"], active, again["worker_pid"]),
     )
+
+
+def test_fork_server_preloads_only_trusted_modules(start_daemon: Start, tmp_path: Path) -> None:
+    """The fork server imports shipped and trusted modules, never those of other directories."""
+    config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
+    daemon = start_daemon(config)
+    spawned = daemon.wait_for("worker.spawned", lambda r: r["module"] == "forkserver")
+    preloads = [spawned["argv"][i + 1] for i, a in enumerate(spawned["argv"]) if a == "--preload"]
+    assert preloads == [f"{REPO / 'workers' / 'modules'}:ipa_modules.echo"]
+    trusted = write_config(
+        tmp_path,
+        f'{FAULTY}trusted_module_dirs = ["{TEST_MODULES}"]\n',
+        modules="[modules.faulty]\n",
+    )
+    other = start_daemon(
+        trusted, env={**daemon_env_copy(daemon), "IPAD_SOCKET": str(tmp_path / "b.sock")}
+    )
+    spawned = other.wait_for("worker.spawned", lambda r: r["module"] == "forkserver")
+    assert f"{TEST_MODULES}:ipad_test_modules.faulty" in spawned["argv"]
+
+
+def daemon_env_copy(daemon: DaemonProcess) -> dict[str, str]:
+    """The environment a running test daemon was started with."""
+    return dict(daemon.env)
