@@ -121,6 +121,11 @@ class DaemonProcess:
             self.proc.stderr.close()
 
 
+def of_module(module: str) -> Callable[[Record], bool]:
+    """A ``wait_for`` filter: records about ``module``."""
+    return lambda record: record.get("module") == module
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL a worker's process group if anything of it is left."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import array
-import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from ipad.client import BlockingClient
 from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,
+    of_module,
     open_fds,
     wait_until,
     write_config,
@@ -81,10 +81,6 @@ def served(start_daemon: Start) -> Iterator[tuple[DaemonProcess, BlockingClient,
         yield daemon, good, proxy
 
 
-def _is_module(module: str, record: dict[str, object]) -> bool:
-    return record["module"] == module
-
-
 def assert_unharmed(good: BlockingClient, proxy: object) -> None:
     """The well-behaved client's proxy kept its state and the daemon answers it."""
     assert proxy.call("count") == 2  # type: ignore[attr-defined]
@@ -144,7 +140,7 @@ def test_too_many_fds(
     """More fds than allowed ends the connection, and the daemon keeps none of them."""
     daemon, good, proxy = served
     for module in ("awb", "agc", "echo"):  # standbys open their fds in the background
-        daemon.wait_for("worker.standby_ready", functools.partial(_is_module, module))
+        daemon.wait_for("worker.standby_ready", of_module(module))
     good.status()  # let the daemon finish closing what the fixture's requests used
     before = open_fds(daemon.proc.pid)
     fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(p.MAX_FDS + 4)]

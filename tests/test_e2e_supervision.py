@@ -21,6 +21,7 @@ from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,
     alive,
+    of_module,
     wait_until,
     write_config,
 )
@@ -30,10 +31,6 @@ pytestmark = pytest.mark.timeout(90)
 Start = Callable[..., DaemonProcess]
 
 FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
-
-
-def _is_module(module: str, record: dict[str, object]) -> bool:
-    return record["module"] == module
 
 
 def children_of(pid: int) -> list[int]:
@@ -253,7 +250,7 @@ def test_daemon_killed_leaves_no_worker_nor_fork_server(start_daemon: Start) -> 
     """SIGKILL of the daemon: every worker and the fork server are gone within a second."""
     daemon = start_daemon()
     for module in ("awb", "agc", "echo"):
-        daemon.wait_for("worker.standby_ready", functools.partial(_is_module, module))
+        daemon.wait_for("worker.standby_ready", of_module(module))
     status = json.loads(daemon.ctl("--json", "status").stdout)
     pids = [m["worker_pid"] for m in status["modules"].values()]
     pids += [m["standby_pid"] for m in status["modules"].values()]
@@ -435,13 +432,6 @@ def test_fork_server_preloads_only_trusted_modules(start_daemon: Start, tmp_path
         f'{FAULTY}trusted_module_dirs = ["{TEST_MODULES}"]\n',
         modules="[modules.faulty]\n",
     )
-    other = start_daemon(
-        trusted, env={**daemon_env_copy(daemon), "IPAD_SOCKET": str(tmp_path / "b.sock")}
-    )
+    other = start_daemon(trusted, env={**daemon.env, "IPAD_SOCKET": str(tmp_path / "b.sock")})
     spawned = other.wait_for("worker.spawned", lambda r: r["module"] == "forkserver")
     assert f"{TEST_MODULES}:ipad_test_modules.faulty" in spawned["argv"]
-
-
-def daemon_env_copy(daemon: DaemonProcess) -> dict[str, str]:
-    """The environment a running test daemon was started with."""
-    return dict(daemon.env)
