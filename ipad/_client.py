@@ -213,8 +213,17 @@ class Proxy:
     async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
         """Replay the setup calls on a new channel and switch to it; return how many."""
         self.client.nursery.start_soon(self.read_channel, channel, requests)
+        # Pipelined: the worker runs calls in arrival order, so sending every setup call
+        # before collecting the replies keeps the order and saves a round trip each.
+        sent = []
         for call in list(self.setup_log.calls):
-            await self._call_on(channel, requests, call.method, call.args, dict(call.fds))
+            message, fd_list = build_call(call.method, call.args, dict(call.fds))
+            try:
+                sent.append(await requests.send(channel, message, fd_list))
+            except (OSError, trio.ClosedResourceError) as exc:
+                raise WorkerCrashed(f"{self.module} channel is closed: {exc}") from None
+        for request_id, slot in sent:
+            expect(await requests.reply(request_id, slot), p.Result)
         old = self.channel
         self.channel, self.requests, self.info = channel, requests, info
         old.close()

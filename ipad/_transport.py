@@ -80,6 +80,17 @@ class Requests:
         self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
     ) -> p.Frame:
         """Send ``message`` and wait for its reply; the caller owns the reply's fds."""
+        request_id, slot = await self.send(conn, message, fds)
+        return await self.reply(request_id, slot)
+
+    async def send(
+        self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
+    ) -> tuple[int, _Slot]:
+        """Send a request without waiting for its reply (collect it with ``reply``).
+
+        A worker answers requests in the order they arrive, so several can be in
+        flight at once (pipelined) without changing the order they run in.
+        """
         if self._closed is not None:
             raise self._closed()
         request_id = next(self._ids)
@@ -87,6 +98,14 @@ class Requests:
         self._pending[request_id] = slot
         try:
             await conn.send(message, request_id, fds)
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return request_id, slot
+
+    async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
+        """Wait for the reply to a request ``send`` made."""
+        try:
             await slot.done.wait()
         except BaseException:
             # Cancelled or failed: forget the id, so a late reply is dropped, not misdelivered;
