@@ -600,8 +600,13 @@ def goal_verdict(result: dict[str, Any]) -> tuple[bool, str]:
     return ok, text
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: no daemon left behind
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every variant and limit, print the table, save the figures."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--kills", type=int, default=60, help="measured kills per variant")
     parser.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured kills first")

@@ -109,8 +109,13 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: no daemon left behind
+
+
 def main() -> None:
     """Print the table and save the figures."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10,100,200")
     sizes = [int(x) for x in parser.parse_args().sizes.split(",")]

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 import structlog
@@ -147,15 +148,18 @@ class WorkerCgroups:
 
 
 def remove_tree(base: Path) -> None:
-    """Kill everything in a daemon's subtree and remove it (best effort, no waiting)."""
+    """Kill everything in a daemon's subtree and remove it (at exit: blocking is fine)."""
+    children = []
     with contextlib.suppress(OSError):
-        for child in base.iterdir():
-            if child.is_dir():
-                WorkerCgroups.kill(child)
-                for _ in range(200):  # killed processes leave within microseconds
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-                        break
+        children = [child for child in base.iterdir() if child.is_dir()]
+    for child in children:
+        WorkerCgroups.kill(child)
+    deadline = time.monotonic() + EMPTY_WAIT
+    for child in children:
+        while _populated(child) and time.monotonic() < deadline:
+            time.sleep(EMPTY_POLL)
+        with contextlib.suppress(OSError):
+            child.rmdir()
     try:
         base.rmdir()
     except OSError as exc:

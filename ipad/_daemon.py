@@ -202,6 +202,13 @@ class DaemonRuntime:
 
     async def run(self, listener: socket.socket, task_status: trio.TaskStatus[Path]) -> None:
         """Start everything, serve until asked to stop, then stop everything."""
+        try:
+            await self._run(listener, task_status)
+        finally:
+            if self.cgroups is not None:
+                self.cgroups.close()
+
+    async def _run(self, listener: socket.socket, task_status: trio.TaskStatus[Path]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.launcher.run)
@@ -217,8 +224,6 @@ class DaemonRuntime:
             await self.stop_requested.wait()
             await self._shutdown()
             nursery.cancel_scope.cancel()
-        if self.cgroups is not None:
-            self.cgroups.close()
 
     async def _shutdown(self) -> None:
         """Tell every client, then stop every worker in parallel."""
