@@ -235,25 +235,16 @@ class Session:
                 return
         serving = self._serving(message.module) or supervisor
         record = self.daemon.proxies.create(message.module, self.client_id)
-        record.served_by = serving.name
-        try:
-            instance_id, channel = await serving.open_instance()
-        except (ModuleUnavailable, WorkerCrashed) as exc:
-            self.daemon.proxies.close(record, str(exc))
-            await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
-                              f"{message.module} is unavailable: {exc}")  # fmt: skip
+        channel = await self._attach(frame, record, serving, new=True)
+        if channel is None:
             return
-        record.instance_id = instance_id
-        record.worker_pid = serving.worker.pid if serving.worker else None
         if serving is supervisor:
             seq = self.daemon.proxies.set_state(record, ProxyState.VALID)
         else:
             seq = self.daemon.proxies.set_state(
                 record, ProxyState.VALID, "fallback", {"served_by": serving.name}
             )
-        granted = self._granted(record, serving, seq)
-        with channel:
-            await self._reply(frame, granted, [channel.fileno()])
+        await self._grant(frame, record, serving, seq, channel)
         self.log.info("proxy.granted", proxy_id=record.proxy_id, module=message.module,
                       worker_pid=record.worker_pid)  # fmt: skip
 
@@ -283,16 +274,49 @@ class Session:
             served_by="" if serving.name == record.module else serving.name,
         )
 
-    def _own_proxy(self, proxy_id: int) -> ProxyRecord | None:
+    async def _own_proxy(self, frame: p.Frame, proxy_id: int) -> ProxyRecord | None:
+        """The proxy ``proxy_id`` if this client holds it; else None, after an error reply."""
         record = self.daemon.proxies.get(proxy_id)
-        return record if record is not None and record.client_id == self.client_id else None
+        if record is not None and record.client_id == self.client_id:
+            return record
+        await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
+                          f"no proxy {proxy_id} on this connection")  # fmt: skip
+        return None
+
+    async def _attach(
+        self, frame: p.Frame, record: ProxyRecord, serving: ModuleSupervisor, *, new: bool
+    ) -> socket.socket | None:
+        """Open an instance for ``record`` in ``serving``'s worker; None after an error reply.
+
+        A ``new`` proxy that gets no instance is closed; a reopened one stays invalid.
+        """
+        if new:
+            record.served_by = serving.name  # a reopened one keeps its own until it succeeds
+        try:
+            instance_id, channel = await serving.open_instance()
+        except (ModuleUnavailable, WorkerCrashed) as exc:
+            if new:
+                self.daemon.proxies.close(record, str(exc))
+            await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
+                              f"{record.module} is unavailable: {exc}")  # fmt: skip
+            return None
+        record.instance_id = instance_id
+        record.served_by = serving.name
+        record.worker_pid = serving.worker.pid if serving.worker else None
+        return channel
+
+    async def _grant(
+        self, frame: p.Frame, record: ProxyRecord, serving: ModuleSupervisor,
+        seq: int, channel: socket.socket,
+    ) -> None:  # fmt: skip
+        """Reply PROXY_GRANTED with the client's end of the channel (closed here once sent)."""
+        with channel:
+            await self._reply(frame, self._granted(record, serving, seq), [channel.fileno()])
 
     async def _reopen_proxy(self, frame: p.Frame, message: p.ReopenProxy) -> None:
         """A new instance for a proxy whose worker was restarted; it stays invalid until ready."""
-        record = self._own_proxy(message.proxy_id)
+        record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
-            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
-                              f"no proxy {message.proxy_id} on this connection")  # fmt: skip
             return
         serving = self._serving(record.module)
         if serving is None:
@@ -305,24 +329,13 @@ class Session:
             with trio.move_on_after(serving.policy.start_timeout.seconds):
                 await serving.wait_running()
             serving = self._serving(record.module) or serving
-        try:
-            instance_id, channel = await serving.open_instance()
-        except (ModuleUnavailable, WorkerCrashed) as exc:
-            await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
-                              f"{record.module} is unavailable: {exc}")  # fmt: skip
-            return
-        record.instance_id = instance_id
-        record.served_by = serving.name
-        record.worker_pid = serving.worker.pid if serving.worker else None
-        granted = self._granted(record, serving, self.daemon.events.last_seq)
-        with channel:
-            await self._reply(frame, granted, [channel.fileno()])
+        channel = await self._attach(frame, record, serving, new=False)
+        if channel is not None:
+            await self._grant(frame, record, serving, self.daemon.events.last_seq, channel)
 
     async def _proxy_ready(self, frame: p.Frame, message: p.ProxyReady) -> None:
-        record = self._own_proxy(message.proxy_id)
+        record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
-            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
-                              f"no proxy {message.proxy_id} on this connection")  # fmt: skip
             return
         seq = self.daemon.events.last_seq
         if record.state is ProxyState.INVALID:
@@ -348,10 +361,8 @@ class Session:
         await self._reply(frame, p.AdminDone(result))
 
     async def _release_proxy(self, frame: p.Frame, message: p.ReleaseProxy) -> None:
-        record = self.daemon.proxies.get(message.proxy_id)
-        if record is None or record.client_id != self.client_id:
-            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
-                              f"no proxy {message.proxy_id} on this connection")  # fmt: skip
+        record = await self._own_proxy(frame, message.proxy_id)
+        if record is None:
             return
         await self._release(record.proxy_id)
         await self._reply(frame, p.Released(message.proxy_id))
