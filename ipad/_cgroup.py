@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import signal
 import time
@@ -51,6 +52,8 @@ class WorkerCgroups:
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        #: Names cgroups made before their worker's pid is known (forked into them).
+        self._serial = itertools.count(1)
 
     @classmethod
     def create(cls) -> WorkerCgroups | None:
@@ -75,15 +78,25 @@ class WorkerCgroups:
         log.info("cgroup.ready", cgroup=str(base))
         return cls(base)
 
-    def prepare(self, module: str) -> tuple[Path, int] | None:
-        """A new, empty cgroup for a worker about to be forked into it, and its directory fd."""
-        self._count = getattr(self, "_count", 0) + 1
-        path = self.base / f"{module}.{self._count}"
+    def _make(self, name: str) -> Path | None:
+        """A new, empty cgroup below the daemon's; None (logged) if it cannot be made."""
+        path = self.base / name
         try:
             path.mkdir()
+        except OSError as exc:
+            log.warning("cgroup.add_failed", cgroup=str(path), error=str(exc))
+            return None
+        return path
+
+    def prepare(self, module: str) -> tuple[Path, int] | None:
+        """A new, empty cgroup for a worker about to be forked into it, and its directory fd."""
+        path = self._make(f"{module}.{next(self._serial)}")
+        if path is None:
+            return None
+        try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            log.warning("cgroup.add_failed", module=module, error=str(exc))
+            log.warning("cgroup.add_failed", cgroup=str(path), error=str(exc))
             with contextlib.suppress(OSError):
                 path.rmdir()
             return None
@@ -101,16 +114,12 @@ class WorkerCgroups:
 
     def add(self, module: str, pid: int) -> Path | None:
         """Move a just-started worker into a cgroup of its own; None if that failed."""
-        path = self.base / f"{module}.{pid}"
-        try:
-            path.mkdir()
-            (path / "cgroup.procs").write_text(str(pid))
-        except OSError as exc:
-            log.warning("cgroup.add_failed", module=module, worker_pid=pid, error=str(exc))
-            with contextlib.suppress(OSError):
-                path.rmdir()
-            return None
-        return path
+        path = self._make(f"{module}.{pid}")
+        if path is None or self.move(path, pid):
+            return path
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None
 
     @staticmethod
     def kill(path: Path) -> None:

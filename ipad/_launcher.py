@@ -104,8 +104,7 @@ class Launcher:
         if self.cgroups is not None:
             # Moving a process between cgroups can wait out an RCU grace period
             # (~10 ms here): do it off the event loop so other workers carry on.
-            add = self.cgroups.add
-            worker.cgroup = await trio.to_thread.run_sync(add, module, worker.pid)
+            worker.cgroup = await trio.to_thread.run_sync(self.cgroups.add, module, worker.pid)
         return worker
 
     async def _fork(
