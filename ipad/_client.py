@@ -22,7 +22,7 @@ from . import _protocol as p
 from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
 from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
 from ._paths import socket_path
-from ._transport import PacketSocket, Requests
+from ._transport import PacketSocket, Pending, Requests
 
 #: Events kept for a reader that is behind; older ones are dropped first.
 EVENT_BACKLOG = 1024
@@ -155,12 +155,23 @@ class Proxy:
         args: Mapping[str, Any] | None,
         fds: Mapping[str, int] | None,
     ) -> Any:
+        sent = await self._send_call(channel, requests, method, args, fds)
+        return expect(await requests.reply(*sent), p.Result).value
+
+    async def _send_call(
+        self,
+        channel: PacketSocket,
+        requests: Requests,
+        method: str,
+        args: Mapping[str, Any] | None,
+        fds: Mapping[str, int] | None,
+    ) -> Pending:
+        """Send a CALL without waiting; a closed channel is the worker gone (WorkerCrashed)."""
         message, fd_list = build_call(method, args, fds)
         try:
-            frame = await requests.call(channel, message, fd_list)
+            return await requests.send(channel, message, fd_list)
         except (OSError, trio.ClosedResourceError) as exc:
             raise WorkerCrashed(f"{self.module} channel is closed: {exc}") from None
-        return expect(frame, p.Result).value
 
     async def read_channel(self, channel: PacketSocket, requests: Requests) -> None:
         """Deliver replies and module events until the worker closes the channel."""
@@ -215,13 +226,10 @@ class Proxy:
         self.client.nursery.start_soon(self.read_channel, channel, requests)
         # Pipelined: the worker runs calls in arrival order, so sending every setup call
         # before collecting the replies keeps the order and saves a round trip each.
-        sent = []
-        for call in list(self.setup_log.calls):
-            message, fd_list = build_call(call.method, call.args, dict(call.fds))
-            try:
-                sent.append(await requests.send(channel, message, fd_list))
-            except (OSError, trio.ClosedResourceError) as exc:
-                raise WorkerCrashed(f"{self.module} channel is closed: {exc}") from None
+        sent = [
+            await self._send_call(channel, requests, call.method, call.args, dict(call.fds))
+            for call in list(self.setup_log.calls)
+        ]
         for request_id, slot in sent:
             expect(await requests.reply(request_id, slot), p.Result)
         old = self.channel

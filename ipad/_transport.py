@@ -64,6 +64,10 @@ class _Slot:
         self.error: Callable[[], Exception] | None = None
 
 
+#: A request ``Requests.send`` has sent: its id and the slot its reply will land in.
+Pending = tuple[int, _Slot]
+
+
 class Requests:
     """Requests in flight on one connection, by id."""
 
@@ -85,7 +89,7 @@ class Requests:
 
     async def send(
         self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
-    ) -> tuple[int, _Slot]:
+    ) -> Pending:
         """Send a request without waiting for its reply (collect it with ``reply``).
 
         A worker answers requests in the order they arrive, so several can be in
