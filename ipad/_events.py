@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -30,11 +30,39 @@ _LOG_EVENTS = {"proxy": "proxy.state_changed", "module": "module.state_changed"}
 
 
 class Subscription:
-    """One subscriber's queue; ``overflowed`` tells why it was closed."""
+    """One subscriber's events not yet sent, oldest first; ``overflowed`` tells why it closed.
+
+    A plain queue rather than a channel: the session sends what is queued
+    without yielding between taking an event and sending it, so a reply sent
+    after a flush can never overtake an event taken but not yet sent.
+    """
 
     def __init__(self, size: int) -> None:
-        self.send, self.receive = trio.open_memory_channel[p.Event](size)
+        #: At most this many unsent events (0: no limit).
+        self.size = size
+        self.queue: collections.deque[p.Event] = collections.deque()
+        self.closed = False
         self.overflowed = False
+        self._ready = trio.Event()
+
+    def put(self, event: p.Event) -> bool:
+        """Queue an event; False if the queue is full."""
+        if self.size and len(self.queue) >= self.size:
+            return False
+        self.queue.append(event)
+        self._ready.set()
+        return True
+
+    async def wait(self) -> None:
+        """Return once an event is queued or the subscription is closed."""
+        while not self.queue and not self.closed:
+            self._ready = trio.Event()
+            await self._ready.wait()
+
+    def close(self) -> None:
+        """No more events will be queued."""
+        self.closed = True
+        self._ready.set()
 
 
 class EventBus:
@@ -45,6 +73,8 @@ class EventBus:
         self.last_seq = 0
         self._subscribers: set[Subscription] = set()
         self.history: collections.deque[p.Event] = collections.deque(maxlen=HISTORY)
+        #: Set (and replaced) by every publish: what ``wait_until`` sleeps on.
+        self._changed = trio.Event()
 
     def since(self, seq: int) -> list[p.Event]:
         """The kept events after ``seq``, oldest first."""
@@ -52,14 +82,27 @@ class EventBus:
 
     def subscribe(self, size: int = DEFAULT_QUEUE) -> Subscription:
         """A new subscriber; it receives every event published from now on."""
-        sub = Subscription(size if size > 0 else math.inf)  # type: ignore[arg-type]
+        sub = Subscription(max(size, 0))
         self._subscribers.add(sub)
         return sub
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds, re-checked after each event; False after ``timeout``.
+
+        Every state change the daemon makes is published here, so this is the
+        one place a request can wait for "the module runs again" or "the proxy
+        was closed" without a timer of its own.
+        """
+        with trio.move_on_after(timeout):
+            while not predicate():
+                await self._changed.wait()
+            return True
+        return predicate()
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop sending to ``sub`` and close its queue."""
         self._subscribers.discard(sub)
-        sub.send.close()
+        sub.close()
 
     def publish(
         self,
@@ -93,15 +136,11 @@ class EventBus:
             **(details or {}),
         )
         self.history.append(event)
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
         for sub in list(self._subscribers):
-            try:
-                sub.send.send_nowait(event)
-            except trio.WouldBlock:
+            if not sub.put(event):
                 sub.overflowed = True
                 self.unsubscribe(sub)
-                log.warning(
-                    "events.subscriber_overflow", queue=sub.send.statistics().max_buffer_size
-                )
-            except trio.BrokenResourceError:
-                self.unsubscribe(sub)
+                log.warning("events.subscriber_overflow", queue=sub.size)
         return event

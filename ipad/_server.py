@@ -33,6 +33,9 @@ log = structlog.get_logger("ipad")
 #: A new connection must say HELLO within this many seconds or be dropped.
 HELLO_TIMEOUT = 5.0
 
+#: How long a client cut off for not reading its events gets to take the GOODBYE.
+OVERFLOW_GOODBYE_TIMEOUT = 1.0
+
 
 class AdminError(Exception):
     """An admin command failed; ``code`` is an ErrorCode, ``message`` says why."""
@@ -309,26 +312,48 @@ class Session:
         self, frame: p.Frame, record: ProxyRecord, serving: ModuleSupervisor,
         seq: int, channel: socket.socket,
     ) -> None:  # fmt: skip
-        """Reply PROXY_GRANTED with the client's end of the channel (closed here once sent)."""
+        """Reply PROXY_GRANTED with the client's end of the channel (closed here once sent).
+
+        The reply never overtakes an event published before it: a client
+        reads its proxy's "invalid" before the grant that makes it valid again.
+        """
         with channel:
+            await self._flush_events()
             await self._reply(frame, self._granted(record, serving, seq), [channel.fileno()])
 
     async def _reopen_proxy(self, frame: p.Frame, message: p.ReopenProxy) -> None:
-        """A new instance for a proxy whose worker was restarted; it stays invalid until ready."""
+        """A new instance for a proxy whose channel broke; it stays invalid until ready.
+
+        The client asks the moment its channel breaks, usually before the
+        daemon has seen the worker die. So the answer waits, bounded by the
+        start timeout, until a worker other than the lost one runs (a standby
+        promoted, a restart) or the proxy is closed: no refusal, no retry.
+        """
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
+            return
+        lost = record.worker_pid
+
+        def answerable() -> bool:
+            serving = self._serving(record.module)
+            if record.state is ProxyState.CLOSED or serving is None:
+                return True
+            worker = serving.worker
+            running = serving.state is WorkerState.RUNNING and worker is not None
+            return running and worker is not None and worker.pid != lost
+
+        supervisor = self.daemon.supervisors.get(record.module)
+        if supervisor is not None:
+            await self.daemon.events.wait_until(answerable, supervisor.policy.start_timeout.seconds)
+        if record.state is ProxyState.CLOSED:
+            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
+                              f"proxy {record.proxy_id} was closed: {record.reason}")  # fmt: skip
             return
         serving = self._serving(record.module)
         if serving is None:
             await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
                               f"module {record.module!r} is no longer configured")  # fmt: skip
             return
-        if serving.state in (WorkerState.EXITED, WorkerState.STARTING):
-            # Being restarted: answer when it runs rather than refuse and make the
-            # client wait for the event (bounded: a backoff may be long).
-            with trio.move_on_after(serving.policy.start_timeout.seconds):
-                await serving.wait_running()
-            serving = self._serving(record.module) or serving
         channel = await self._attach(frame, record, serving, new=False)
         if channel is not None:
             await self._grant(frame, record, serving, self.daemon.events.last_seq, channel)
@@ -372,9 +397,9 @@ class Session:
         if record is None:
             return
         supervisor = self.daemon.supervisors.get(record.served_by)
+        self.daemon.proxies.close(record, "released")
         if supervisor is not None and record.instance_id is not None:
             await supervisor.close_instance(record.instance_id)
-        self.daemon.proxies.close(record, "released")
 
     async def _release_all(self) -> None:
         for record in self.daemon.proxies.of_client(self.client_id):
@@ -402,14 +427,34 @@ class Session:
         await self._forward_events(self.subscription)
 
     async def _forward_events(self, sub: Subscription) -> None:
-        async for event in sub.receive:
+        while True:
+            await sub.wait()
+            if sub.overflowed:
+                sub.queue.clear()
+                with trio.move_on_after(OVERFLOW_GOODBYE_TIMEOUT):
+                    await self._goodbye("event queue overflow: the client does not read its events")
+                self.conn.close()
+                return
+            if not await self._flush_events() or sub.closed:
+                return
+
+    async def _flush_events(self) -> bool:
+        """Send every event queued for this client now, in order; False if the client is gone.
+
+        A reply sent after this never overtakes an event published before it
+        (a client reads its proxy's "invalid" before the grant that makes it
+        valid again). Sends do not yield while the socket has room, and an
+        event leaves the queue only as it is sent, in FIFO order behind any
+        send that waits for room.
+        """
+        sub = self.subscription
+        while sub is not None and sub.queue:
+            event = sub.queue.popleft()
             try:
                 await self.conn.send(event)
             except (OSError, trio.ClosedResourceError):
-                return
-        if sub.overflowed:
-            await self._goodbye("event queue overflow: the client does not read its events")
-            self.conn.close()
+                return False  # the client is gone: its session ends on its own
+        return True
 
     def _status(self) -> p.StatusReply:
         d = self.daemon
@@ -456,7 +501,8 @@ async def serve_clients(
             except OSError:
                 conn.close()
                 continue
-            session = Session(daemon, PacketSocket(conn, p.FROM_CLIENT), peer)
+            packets = PacketSocket(socket.socket(fileno=conn.detach()), p.FROM_CLIENT)
+            session = Session(daemon, packets, peer)
             nursery.start_soon(_run_session, daemon, session)
 
 

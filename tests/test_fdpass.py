@@ -226,7 +226,7 @@ def packet_sockets(
 ) -> tuple[PacketSocket, PacketSocket]:
     """Both ends of a socketpair as PacketSockets, each accepting what its side receives."""
     a, b = seqpacket_pair()
-    return PacketSocket.from_stdlib(a, ours), PacketSocket.from_stdlib(b, theirs)
+    return PacketSocket(a, ours), PacketSocket(b, theirs)
 
 
 async def deliver_replies(conn: PacketSocket, requests: Requests) -> None:
