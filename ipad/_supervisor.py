@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
 import structlog
 import trio
@@ -33,6 +34,10 @@ from ._states import ProxyState, WorkerState, advance_worker
 from ._worker import ExitStatus, WorkerCrashed, WorkerProcess
 
 log = structlog.get_logger("ipad")
+
+#: Longest a new standby waits for the clients of a just-promoted worker to recover:
+#: forking and loading it would compete with them for the CPU (two cores here).
+STANDBY_DEFER = 0.1
 
 
 class ModuleUnavailable(Exception):
@@ -82,6 +87,7 @@ class ModuleSupervisor:
         #: A worker started and loaded ahead of time, promoted when the active one ends.
         self._standby: tuple[WorkerProcess, p.Ready] | None = None
         self._preparing = False
+        self._balancing = False
         #: Standbys are prepared once every module has started (set by the daemon).
         self.standby_allowed = trio.Event()
 
@@ -112,6 +118,7 @@ class ModuleSupervisor:
             "restarts": max(self.starts - 1, 0),
             "consecutive_failures": self.tracker.consecutive,
             "standby_pid": self._standby[0].pid if self._standby else None,
+            "standby_instances": len(self._standby[0].spares) if self._standby else 0,
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
             "worker": str(self.plan.worker),
@@ -133,19 +140,12 @@ class ModuleSupervisor:
         reported = False
         while not self.stop_requested():
             self._restart_requested = self._hung = False
-            async with trio.open_nursery() as nursery:
-                worker, failure = await self._start(nursery)
-                if not reported:
-                    task_status.started()
-                    reported = True
-                if worker is not None:
-                    nursery.start_soon(self._heartbeat, worker)
-                    nursery.start_soon(self._stable_after, worker)
-                    status = await worker.wait_exit()
-                    with trio.CancelScope(shield=True):
-                        await self._sweep(worker)
-                    failure = self._on_exit(worker, status)
-                nursery.cancel_scope.cancel()
+            worker, failure = await self._start()
+            if not reported:
+                task_status.started()
+                reported = True
+            if worker is not None:
+                failure = await self._attend(worker)
             if self.stop_requested():
                 break
             await self._after_ending(failure)
@@ -154,6 +154,28 @@ class ModuleSupervisor:
         self._background.cancel_scope.cancel()  # a standby still being prepared, say
         if self.state is not WorkerState.STOPPED:
             self._set_state(WorkerState.STOPPED, "stopped")
+
+    async def _attend(self, worker: WorkerProcess) -> str | None:
+        """Heartbeat a running worker until it ends; record the end; return its failure.
+
+        Its heartbeat and stable-run timer are cancelled, not waited for, so
+        from the pidfd waking us to the next worker running (a standby's
+        promotion) nothing yields to the scheduler.
+        """
+        attending = trio.CancelScope()
+        self._background.start_soon(self._while_running, worker, attending)
+        try:
+            status = await worker.wait_exit()
+        finally:
+            attending.cancel()
+        self._sweep(worker)
+        return self._on_exit(worker, status)
+
+    async def _while_running(self, worker: WorkerProcess, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, worker)
+                nursery.start_soon(self._stable_after, worker)
 
     def stop_requested(self) -> bool:
         """Whether ``stop`` was called (a method, so checks are not folded away)."""
@@ -190,7 +212,7 @@ class ModuleSupervisor:
             with trio.move_on_after(timeout):
                 await self._wake.wait()
 
-    async def _start(self, nursery: trio.Nursery) -> tuple[WorkerProcess | None, str | None]:
+    async def _start(self) -> tuple[WorkerProcess | None, str | None]:
         """Start a worker and wait for READY: the worker, or the reason it failed."""
         self._set_state(WorkerState.STARTING)
         self.starts += 1
@@ -214,8 +236,8 @@ class ModuleSupervisor:
             self._set_state(WorkerState.EXITED, reason)
             return None, reason
         self.worker = worker
-        nursery.start_soon(worker.watch)
-        nursery.start_soon(worker.read_control)
+        self._background.start_soon(worker.watch)
+        self._background.start_soon(worker.read_control)
         failure = await self._load(worker)
         if failure is None and self.stop_requested():
             return worker, None  # ready as we stop: it is being stopped, never announced running
@@ -238,6 +260,7 @@ class ModuleSupervisor:
         """Launch and LOAD a second worker, then keep it idle until it is promoted."""
         try:
             await self.standby_allowed.wait()
+            await self.events.wait_until(self._proxies_settled, STANDBY_DEFER)
             if self.stop_requested() or self.state is not WorkerState.RUNNING:
                 return
             argv = self.kind.worker_argv(self.plan.worker)
@@ -257,12 +280,17 @@ class ModuleSupervisor:
                     self._standby = (worker, frame.message)
                     log.info("worker.standby_ready", module=self.name, worker_pid=worker.pid)
                     self._background.start_soon(self._watch_standby, worker)
+                    self._balance_spares()
                     return
             log.warning("worker.standby_failed", module=self.name, worker_pid=worker.pid)
             await worker.stop(self.policy.stop_timeout.seconds)
-            await self._sweep(worker)
+            self._sweep(worker)
         finally:
             self._preparing = False
+
+    def _proxies_settled(self) -> bool:
+        """No proxy of this module is waiting to recover."""
+        return all(r.state is not ProxyState.INVALID for r in self.proxies.of_module(self.name))
 
     async def _watch_standby(self, worker: WorkerProcess) -> None:
         """A standby that dies while idle is cleaned up and replaced."""
@@ -270,7 +298,7 @@ class ModuleSupervisor:
         if self._standby is not None and self._standby[0] is worker:
             self._standby = None
             log.warning("worker.standby_exited", module=self.name, worker_pid=worker.pid)
-            await self._sweep(worker)
+            self._sweep(worker)
             worker.close()
             if self.state is WorkerState.RUNNING and not self.stop_requested():
                 self._prepare_standby()
@@ -281,7 +309,7 @@ class ModuleSupervisor:
         if standby is not None:
             worker = standby[0]
             await self._stop_worker(worker)
-            await self._sweep(worker)
+            self._sweep(worker)
             worker.close()
 
     def _load_message(self) -> p.Load:
@@ -313,7 +341,7 @@ class ModuleSupervisor:
             failure = f"not ready within {self.policy.start_timeout}"
         grace = self.policy.stop_timeout.seconds
         status = await (worker.finish(grace) if exiting else worker.stop(grace))
-        await self._sweep(worker)
+        self._sweep(worker)
         worker.close()
         reason = f"failed to start: {failure} ({status.describe()})"
         log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
@@ -373,16 +401,16 @@ class ModuleSupervisor:
         self._set_state(WorkerState.EXITED, reason, **status.log_fields())
         return failure
 
-    async def _sweep(self, worker: WorkerProcess) -> None:
-        """Kill whatever the worker left behind: its cgroup, or at least its process group.
+    def _sweep(self, worker: WorkerProcess) -> None:
+        """Kill whatever the worker left behind: its process group now, its cgroup next.
 
-        The kill is immediate; removing the emptied cgroup happens in the
-        background, so the restart does not wait for it.
+        Writing ``cgroup.kill`` costs a few hundred microseconds, so it runs in
+        a task of its own, after the restart this ending may trigger (a standby
+        promoted in the same step); removing the emptied cgroup follows it.
         """
         worker.signal(signal.SIGKILL)
         if worker.cgroup is not None:
-            WorkerCgroups.kill(worker.cgroup)
-            self._background.start_soon(WorkerCgroups.remove, worker.cgroup)
+            self._background.start_soon(_clear_cgroup, worker.cgroup)
             worker.cgroup = None
 
     # --- operator requests --------------------------------------------------------
@@ -432,10 +460,24 @@ class ModuleSupervisor:
                     self.proxies.close(record, message.reason)
 
     async def open_instance(self) -> tuple[int, socket.socket]:
-        """Create a module instance; return its id and the client's end of its channel."""
+        """Create a module instance; return its id and the client's end of its channel.
+
+        An instance opened ahead of time (on a standby, now promoted) is handed
+        out at once; every instance handed out gets a twin on the standby, so
+        after the next crash a reopen needs no round trip to the new worker.
+        """
         worker = self.worker
         if worker is None or self.state is not WorkerState.RUNNING:
             raise ModuleUnavailable(self.reason or f"module is {self.state.value}")
+        spare = bool(worker.spares)
+        instance = worker.spares.pop() if spare else await self._open_on(worker)
+        log.debug("instance.opened", module=self.name, worker_pid=worker.pid,
+                  instance_id=instance[0], spare=spare)  # fmt: skip
+        self._balance_spares()
+        return instance
+
+    async def _open_on(self, worker: WorkerProcess) -> tuple[int, socket.socket]:
+        """OPEN_INSTANCE on ``worker``: the instance id and the client's end of its channel."""
         instance_id = next(self._instance_ids)
         client_end, worker_end = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
@@ -456,13 +498,50 @@ class ModuleSupervisor:
             raise ModuleUnavailable(_describe_error(frame.message))
         return instance_id, client_end
 
+    def _balance_spares(self) -> None:
+        """In the background, give the standby one spare instance per proxy this worker serves."""
+        if self._standby is not None and not self._balancing:
+            self._balancing = True
+            self._background.start_soon(self._keep_spares)
+
+    async def _keep_spares(self) -> None:
+        try:
+            while self._standby is not None:
+                standby = self._standby[0]
+                wanted = len(self.proxies.of_module(self.name))
+                if len(standby.spares) > wanted:
+                    instance_id, client_end = standby.spares.pop()
+                    client_end.close()
+                    with contextlib.suppress(OSError, trio.ClosedResourceError):
+                        await standby.control.send(p.CloseInstance(instance_id))
+                elif len(standby.spares) < wanted:
+                    try:
+                        spare = await self._open_on(standby)
+                    except ModuleUnavailable as exc:
+                        log.warning("worker.spare_failed", module=self.name,
+                                    worker_pid=standby.pid, error=str(exc))  # fmt: skip
+                        return
+                    standby.spares.append(spare)  # kept even if promoted meanwhile
+                else:
+                    return
+        finally:
+            self._balancing = False
+
     async def close_instance(self, instance_id: int) -> None:
         """Free an instance; a worker that is gone has freed it already."""
         worker = self.worker
         if worker is None or self.state is not WorkerState.RUNNING:
             return
+        self._balance_spares()
         with contextlib.suppress(OSError, trio.ClosedResourceError):
             await worker.control.send(p.CloseInstance(instance_id))
+
+
+async def _clear_cgroup(path: Path) -> None:
+    """Kill everything in a worker's cgroup and remove it, even while the module stops."""
+    WorkerCgroups.kill(path)
+    with trio.CancelScope(shield=True):
+        await WorkerCgroups.remove(path)
 
 
 def _describe_error(message: p.Message) -> str:

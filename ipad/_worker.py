@@ -70,12 +70,14 @@ class WorkerProcess:
         self.on_notice = on_notice
         self.pid = pid
         self.pidfd = pidfd
-        self.control = PacketSocket.from_stdlib(control, allowed)
+        self.control = PacketSocket(control, allowed)
         self.requests = Requests(f"worker:{module}:{pid}")
         self.exit_status: ExitStatus | None = None
         self._exited = trio.Event()
         #: The worker's own cgroup, where ipad can make one (see ipad/_cgroup.py).
         self.cgroup: Path | None = None
+        #: Instances opened ahead of time that no proxy holds yet: (instance id, client end).
+        self.spares: list[tuple[int, socket.socket]] = []
 
     async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
         """Send a control request and wait for its reply."""
@@ -166,8 +168,11 @@ class WorkerProcess:
         raise AssertionError("unreachable: a shielded scope is never cancelled")
 
     def close(self) -> None:
-        """Close the control socket and the pidfd (after the worker was reaped)."""
+        """Close the control socket, spare channels and the pidfd (after the worker was reaped)."""
         self.control.close()
+        for _, channel in self.spares:
+            channel.close()
+        self.spares.clear()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1

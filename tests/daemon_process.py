@@ -92,6 +92,23 @@ class DaemonProcess:
         """The pid of each module's most recent worker, from the log."""
         return {r["module"]: r["worker_pid"] for r in self.events("worker.ready")}
 
+    def wait_standbys(self) -> None:
+        """Wait until each running module's standby is ready with a spare instance per proxy.
+
+        Standbys start, and open their spares, in the background: a test that
+        counts the daemon's descriptors must wait for them first.
+        """
+
+        def settled() -> bool:
+            modules = json.loads(self.ctl("--json", "status").stdout)["modules"].values()
+            return all(
+                m["standby_pid"] is not None and m["standby_instances"] == m["proxies"]
+                for m in modules
+                if m["state"] == "running"
+            )
+
+        wait_until(settled)
+
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ipadctl against this daemon."""
         result = subprocess.run(

@@ -16,7 +16,6 @@ from ipad.client import BlockingClient
 from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,
-    of_module,
     open_fds,
     wait_until,
     write_config,
@@ -139,8 +138,7 @@ def test_too_many_fds(
 ) -> None:
     """More fds than allowed ends the connection, and the daemon keeps none of them."""
     daemon, good, proxy = served
-    for module in ("awb", "agc", "echo"):  # standbys open their fds in the background
-        daemon.wait_for("worker.standby_ready", of_module(module))
+    daemon.wait_standbys()  # standbys and their spare instances open fds in the background
     good.status()  # let the daemon finish closing what the fixture's requests used
     before = open_fds(daemon.proc.pid)
     fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(p.MAX_FDS + 4)]
