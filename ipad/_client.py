@@ -9,6 +9,7 @@ status and validity events. Everything runs inside the nursery that
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -20,7 +21,14 @@ import trio
 
 from . import _protocol as p
 from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
-from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
+from ._errors import (
+    CallNotSent,
+    Disconnected,
+    IpadError,
+    ModuleUnavailable,
+    UnknownProxy,
+    WorkerCrashed,
+)
 from ._paths import socket_path
 from ._transport import PacketSocket, Pending, Requests
 
@@ -29,6 +37,10 @@ EVENT_BACKLOG = 1024
 
 #: A recovering proxy tries again this often even without news of its module (missed events).
 RECOVERY_RETRY = 1.0
+
+#: Module states in which the daemon can answer REOPEN_PROXY: it runs, it is about to
+#: (the daemon answers once it does), or it is in cooldown and a fallback may serve it.
+REOPENABLE = frozenset({"running", "starting", "exited", "cooldown"})
 
 
 class EventQueue:
@@ -110,6 +122,7 @@ class Proxy:
         self.recoveries = 0
         self._closed = False
         self._gone: str | None = None
+        self._recovering = False
         self._valid = trio.Event()
         self._valid.set()
 
@@ -132,31 +145,34 @@ class Proxy:
         ``wait``, first waits up to that many seconds for the proxy to recover.
         A crash of the worker during the call fails it at once with WorkerCrashed.
         """
-        if not self.valid:
-            if wait is None or self._closed:
-                raise WorkerCrashed(f"{self.module} proxy is {self.state}: {self.reason}")
-            with trio.move_on_after(wait):
-                await self._valid.wait()
-            if self._gone is not None:
-                raise Disconnected(self._gone)
-            if not self.valid:
-                raise WorkerCrashed(
-                    f"{self.module} did not recover within {wait:g}s: {self.reason}"
-                )
-        value = await self._call_on(self.channel, self.requests, method, args, fds)
-        self.setup_log.record(method, args, fds)
-        return value
+        deadline = None if wait is None else trio.current_time() + wait
+        while True:
+            await self._wait_valid(wait, deadline)
+            channel, requests = self.channel, self.requests
+            try:
+                sent = await self._send_call(channel, requests, method, args, fds)
+            except CallNotSent:
+                if deadline is None:
+                    raise
+                if channel is self.channel:
+                    self._lost("worker closed the channel")  # known before its reader saw it
+                continue  # nothing ran: send it again once recovered, within the deadline
+            value = expect(await requests.reply(*sent), p.Result).value
+            self.setup_log.record(method, args, fds)
+            return value
 
-    async def _call_on(
-        self,
-        channel: PacketSocket,
-        requests: Requests,
-        method: str,
-        args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
-    ) -> Any:
-        sent = await self._send_call(channel, requests, method, args, fds)
-        return expect(await requests.reply(*sent), p.Result).value
+    async def _wait_valid(self, wait: float | None, deadline: float | None) -> None:
+        """Return once valid; fail at once without ``wait``, or once ``deadline`` passes."""
+        if self.valid:
+            return
+        if deadline is None or self._closed:
+            raise WorkerCrashed(f"{self.module} proxy is {self.state}: {self.reason}")
+        with trio.move_on_at(deadline):
+            await self._valid.wait()
+        if self._gone is not None:
+            raise Disconnected(self._gone)
+        if not self.valid:
+            raise WorkerCrashed(f"{self.module} did not recover within {wait:g}s: {self.reason}")
 
     async def _send_call(
         self,
@@ -166,12 +182,12 @@ class Proxy:
         args: Mapping[str, Any] | None,
         fds: Mapping[str, int] | None,
     ) -> Pending:
-        """Send a CALL without waiting; a closed channel is the worker gone (WorkerCrashed)."""
+        """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
         message, fd_list = build_call(method, args, fds)
         try:
             return await requests.send(channel, message, fd_list)
-        except (OSError, trio.ClosedResourceError) as exc:
-            raise WorkerCrashed(f"{self.module} channel is closed: {exc}") from None
+        except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
+            raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
 
     async def read_channel(self, channel: PacketSocket, requests: Requests) -> None:
         """Deliver replies and module events until the worker closes the channel."""
@@ -197,17 +213,20 @@ class Proxy:
                 self._lost(reason)
 
     def _lost(self, reason: str) -> None:
-        """The current channel is gone: invalid until recovered."""
+        """The current channel is gone: invalid until recovered (one recovery at a time)."""
         if self._closed:
             return
         if self.valid:
             self.state = "invalid"
             self.reason = reason
             self._valid = trio.Event()
-        self.client.nursery.start_soon(self.client.recover, self)
+        if not self._recovering:
+            self._recovering = True
+            self.client.nursery.start_soon(self.client.recover, self)
 
     def _on_event(self, event: p.Event) -> None:
-        if event.state is None:
+        # An event from before the current channel was granted is about an older one.
+        if event.state is None or event.seq <= self.info.seq:
             return
         if event.state == "invalid" and self.valid:
             self.state = "invalid"
@@ -222,7 +241,11 @@ class Proxy:
         self._valid.set()
 
     async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
-        """Replay the setup calls on a new channel and switch to it; return how many."""
+        """Replay the setup calls on a new channel and switch to it; return how many.
+
+        The proxy is valid once the replay is done: the daemon is told
+        (PROXY_READY) without waiting for its answer, which changes nothing here.
+        """
         self.client.nursery.start_soon(self.read_channel, channel, requests)
         # Pipelined: the worker runs calls in arrival order, so sending every setup call
         # before collecting the replies keeps the order and saves a round trip each.
@@ -235,14 +258,29 @@ class Proxy:
         old = self.channel
         self.channel, self.requests, self.info = channel, requests, info
         old.close()
-        reply = await self.client.request(
-            p.ProxyReady(self.proxy_id, len(self.setup_log.calls)), p.ProxyStateReply
-        )
-        self.state = reply.state
+        replayed = len(self.setup_log.calls)
+        await self._tell_ready(replayed)
+        self.state = "valid"
         self.reason = "fallback" if info.served_by else "recovered"
         self.recoveries += 1
         self._valid.set()
-        return len(self.setup_log.calls)
+        return replayed
+
+    async def _tell_ready(self, replayed: int) -> None:
+        """Send PROXY_READY: the daemon marks the proxy valid and tells everyone.
+
+        Its answer changes nothing here, so it is collected in the background.
+        """
+        client = self.client
+        try:
+            sent = await client.requests.send(client.conn, p.ProxyReady(self.proxy_id, replayed))
+        except (OSError, trio.ClosedResourceError, IpadError):
+            return  # the daemon is gone; the proxy's channel still works
+        client.nursery.start_soon(self._ready_answered, sent)
+
+    async def _ready_answered(self, sent: Pending) -> None:
+        with contextlib.suppress(IpadError):  # closed meanwhile: its own event says so
+            expect(await self.client.requests.reply(*sent), p.ProxyStateReply)
 
     async def release(self) -> None:
         """Give the instance back; the proxy cannot be used afterwards."""
@@ -322,9 +360,7 @@ class Client:
         if len(frame.fds) != 1:
             frame.close_fds()
             raise IpadError("PROXY_GRANTED came without its channel")
-        channel = PacketSocket.from_stdlib(
-            socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL
-        )
+        channel = PacketSocket(socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL)
         proxy = Proxy(self, ProxyInfo.from_granted(granted), channel)
         self.proxies[proxy.proxy_id] = proxy
         self.nursery.start_soon(proxy.read_channel, channel, proxy.requests)
@@ -332,10 +368,15 @@ class Client:
 
     async def recover(self, proxy: Proxy) -> None:
         """Bring an invalid proxy back once its module runs again (one task per loss)."""
+        try:
+            await self._recover(proxy)
+        finally:
+            proxy._recovering = False
+
+    async def _recover(self, proxy: Proxy) -> None:
         while not proxy.valid and proxy.proxy_id in self.proxies and self.goodbye is None:
             changed = self._module_changed  # taken first: a change from now on wakes us
-            # Running, or in cooldown (where a fallback may serve it): ask the daemon.
-            if self.module_states.get(proxy.module, "running") not in ("running", "cooldown"):
+            if self.module_states.get(proxy.module, "running") not in REOPENABLE:
                 await self._wait_change(changed)
                 continue
             try:
@@ -346,9 +387,7 @@ class Client:
                 continue
             except (OSError, trio.ClosedResourceError, IpadError):
                 return  # the daemon is gone or the proxy with it
-            channel = PacketSocket.from_stdlib(
-                socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL
-            )
+            channel = PacketSocket(socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL)
             info = ProxyInfo.from_granted(granted)
             requests = Requests(f"proxy:{proxy.proxy_id}")
             try:
@@ -425,13 +464,14 @@ async def open_client(
 ) -> AsyncIterator[Client]:
     """Connect to the daemon ($IPAD_SOCKET or the default path unless ``path`` is given)."""
     target = str(path) if path is not None else str(socket_path(None))
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    conn = PacketSocket(
+        socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC), p.FROM_DAEMON
+    )
     try:
-        await sock.connect(target)
+        await conn.sock.connect(target)
     except BaseException:
-        sock.close()
+        conn.close()
         raise
-    conn = PacketSocket(sock, p.FROM_DAEMON)
     async with trio.open_nursery() as nursery:
         client = Client(conn, nursery)
         nursery.start_soon(client.read_daemon)

@@ -8,6 +8,7 @@ are queued and returned by ``next_event``.
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import socket
 import time
@@ -17,7 +18,14 @@ from typing import Any
 
 from . import _protocol as p
 from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
-from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
+from ._errors import (
+    CallNotSent,
+    Disconnected,
+    IpadError,
+    ModuleUnavailable,
+    UnknownProxy,
+    WorkerCrashed,
+)
 from ._fdpass import recv_packet, send_packet
 from ._paths import socket_path
 
@@ -44,14 +52,18 @@ class _Connection:
     ) -> p.Frame:
         """Send and wait for the reply with the same id, queueing whatever comes between."""
         if self.closed_reason is not None:
-            raise self._gone()
+            gone = self._gone()
+            raise CallNotSent(gone.message) if isinstance(gone, WorkerCrashed) else gone
         request_id = next(self.ids)
         try:
             send_packet(self.sock, p.encode(message, request_id, len(fds or ())), fds or ())
         except OSError as exc:
             self._drain()
             self.closed_reason = self.closed_reason or f"{self.what} is gone: {exc.strerror}"
-            raise self._gone() from None
+            gone = self._gone()
+            if isinstance(gone, WorkerCrashed):
+                raise CallNotSent(gone.message) from None
+            raise gone from None
         self.sock.settimeout(timeout)
         try:
             while True:
@@ -105,7 +117,12 @@ class _Connection:
             raise
         except OSError as exc:
             self.closed_reason = f"{self.what} is gone: {exc.strerror}"
-            raise self._gone() from None
+            gone = self._gone()
+            if exc.errno == errno.ECONNRESET and isinstance(gone, WorkerCrashed):
+                # The worker died with packets unread: it processes them in order, so
+                # the newest request, the one this blocking connection waits for, never ran.
+                raise CallNotSent(gone.message) from None
+            raise gone from None
         if received is None:
             self.closed_reason = self.closed_reason or f"{self.what} closed the connection"
             raise self._gone()
@@ -156,13 +173,25 @@ class BlockingProxy:
         *,
         wait: float | None = None,
     ) -> Any:
-        """Call ``method``; a dead worker fails the call with WorkerCrashed unless ``wait``."""
-        if not self.valid and wait is not None:
-            self.recover(wait)
+        """Call ``method``; a dead worker fails the call with WorkerCrashed unless ``wait``.
+
+        With ``wait``, a call that could not even be sent (the worker was gone
+        already) is sent again once the proxy is back, within those seconds.
+        """
+        deadline = None if wait is None else time.monotonic() + wait
         message, fd_list = build_call(method, args, fds)
-        value = expect(self._conn.request(message, fd_list, timeout), p.Result).value
-        self.setup_log.record(method, args, fds)
-        return value
+        while True:
+            if not self.valid and deadline is not None:
+                self.recover(max(deadline - time.monotonic(), 0.001))
+            try:
+                frame = self._conn.request(message, fd_list, timeout)
+            except CallNotSent:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise
+                continue
+            value = expect(frame, p.Result).value
+            self.setup_log.record(method, args, fds)
+            return value
 
     def recover(self, timeout: float) -> None:
         """Reopen on the restarted worker and replay the setup calls, within ``timeout`` seconds."""

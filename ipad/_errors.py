@@ -72,6 +72,14 @@ class WorkerCrashed(IpadError):
     code = p.ErrorCode.WORKER_CRASHED.value
 
 
+class CallNotSent(WorkerCrashed):
+    """The call never reached the worker: its channel was already gone.
+
+    Unlike a crash during the call, nothing ran, so a call made with ``wait``
+    is sent again once the proxy has recovered.
+    """
+
+
 class BadMessage(IpadError):
     """The peer judged a message malformed."""
 

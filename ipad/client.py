@@ -21,6 +21,7 @@ from ._client_common import ProxyInfo
 from ._errors import (
     BadArguments,
     BadMessage,
+    CallNotSent,
     Disconnected,
     IpadError,
     ModuleError,
@@ -41,6 +42,7 @@ __all__ = [
     "BadMessage",
     "BlockingClient",
     "BlockingProxy",
+    "CallNotSent",
     "Client",
     "Disconnected",
     "IpadError",

@@ -94,10 +94,15 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start, memfd: MakeFd) 
                 for _ in range(4):
                     nursery.start_soon(caller)
                 await trio.sleep(0.05)
+                # Stopped, the worker answers nothing: once every caller has a call in
+                # flight, the kill lands on four calls for certain.
+                os.kill(pid, signal.SIGSTOP)
+                while len(awb.requests) < 4:
+                    await trio.sleep(0.001)
                 os.kill(pid, signal.SIGKILL)
-        # Only the calls in flight at the kill failed (at most one per caller); every
-        # later call waited for the recovery and succeeded.
-        assert 1 <= len(failures) <= 4
+        # Exactly the calls in flight at the kill failed; every later call waited
+        # for the recovery and succeeded.
+        assert len(failures) == 4
         assert awb.recoveries == 1
         # A fresh instance after the replay of init(initial_red_gain=2.0) and configure():
         await awb.call("configure")

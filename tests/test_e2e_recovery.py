@@ -1,0 +1,181 @@
+"""The fast path from a worker's crash back to a valid proxy, with real processes.
+
+A client asks for a new channel the moment its old one breaks, usually before
+the daemon has seen the worker die; the daemon answers once a new worker runs.
+The standby worker holds a spare instance for every proxy, so the answer needs
+no round trip to the new worker; a new standby is prepared only once the
+clients have recovered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ipad import _protocol as p
+from ipad import client as ipc
+from ipad._client import Proxy
+from ipad._client_common import ProxyInfo
+from ipad._transport import PacketSocket
+from ipad.client import BlockingClient
+from tests.daemon_process import DaemonProcess, Record, of_module, wait_until, write_config
+
+pytestmark = pytest.mark.timeout(90)
+
+Start = Callable[..., DaemonProcess]
+
+ECHO = "[modules.echo]\n"
+
+
+def status_of(daemon: DaemonProcess, module: str) -> dict[str, Any]:
+    """One module's entry of ``ipadctl --json status``."""
+    modules: dict[str, dict[str, Any]] = json.loads(daemon.ctl("--json", "status").stdout)[
+        "modules"
+    ]
+    return modules[module]
+
+
+def refusals(daemon: DaemonProcess) -> list[Record]:
+    """REOPEN_PROXY (or any request) refused because the module was not running."""
+    return [r for r in daemon.events("request.failed") if r.get("code") == "module_unavailable"]
+
+
+def test_reopen_sent_before_the_crash_is_seen_waits_for_the_new_worker(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A REOPEN_PROXY the daemon reads before it notices the death is answered, not refused."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    standby = daemon.wait_for("worker.standby_ready", of_module("echo"))
+    with BlockingClient(daemon.socket) as client:
+        echo = client.request_proxy("echo")
+        old = echo.call("pid")
+        # Frozen, the daemon cannot see the exit: the request waits in its socket
+        # next to the pidfd's news, as when a client is quicker than the daemon.
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda: not Path(f"/proc/{old}/cmdline").read_bytes())
+            request_id = next(client._conn.ids)
+            reopen = p.encode(p.ReopenProxy(echo.proxy_id), request_id)
+            client._conn.sock.send(reopen)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        client._conn.sock.settimeout(30)
+        frame = client._conn._receive()
+        while frame is None or frame.request_id != request_id:
+            frame = client._conn._receive()
+        granted = frame.message
+        frame.close_fds()
+    assert isinstance(granted, p.ProxyGranted), granted
+    assert granted.worker_pid == standby["worker_pid"] != old
+    assert refusals(daemon) == []
+
+
+def test_standby_holds_a_spare_instance_for_every_proxy(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Proxies reopen on instances the standby opened ahead of time; releases give them back."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    with BlockingClient(daemon.socket) as client:
+        proxies = [client.request_proxy("echo") for _ in range(3)]
+        wait_until(lambda: status_of(daemon, "echo")["standby_instances"] == 3)
+        proxies.pop().release()
+        wait_until(lambda: status_of(daemon, "echo")["standby_instances"] == 2)
+        old = proxies[0].call("pid")
+        standby = status_of(daemon, "echo")["standby_pid"]
+        os.kill(old, signal.SIGKILL)
+        assert [proxy.call("pid", wait=10) for proxy in proxies] == [standby, standby]
+    reopened = [r for r in daemon.events("instance.opened") if r["worker_pid"] == standby]
+    handed_out = [r for r in reopened if r["spare"]]
+    assert len(handed_out) == 2, reopened
+    assert refusals(daemon) == []
+
+
+async def test_new_standby_waits_for_the_clients_to_recover(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """The next standby is forked only after the proxies are valid again (or 100 ms later)."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    async with ipc.open_client(daemon.socket) as client:
+        echo = await client.request_proxy("echo")
+        await echo.call("init", {"settings": {}})
+        first = daemon.wait_for("worker.standby_ready", of_module("echo"))
+        old = await echo.call("pid")
+        os.kill(old, signal.SIGKILL)
+        with trio.fail_after(30):
+            async for event in client.events:  # the daemon's own announcement of the recovery
+                if isinstance(event, p.Event) and event.reason == "recovered":
+                    break
+    exited = daemon.wait_for("worker.exited", lambda r: r["worker_pid"] == old)
+    valid = daemon.wait_for(
+        "proxy.state_changed", lambda r: r["proxy_id"] == echo.proxy_id and r["state"] == "valid"
+        and r.get("reason") == "recovered",
+    )  # fmt: skip
+    nxt = daemon.wait_for(
+        "worker.standby_ready",
+        lambda r: r["module"] == "echo" and r["worker_pid"] != first["worker_pid"],
+    )
+    started = daemon.wait_for(
+        "worker.forked", lambda r: r["module"] == "echo" and r["worker_pid"] == nxt["worker_pid"]
+    )
+    stamp = {k: _t(r) for k, r in {"exited": exited, "valid": valid, "forked": started}.items()}
+    assert stamp["forked"] >= min(stamp["valid"], stamp["exited"] + 0.1)
+
+
+def _t(record: Record) -> float:
+    from datetime import datetime  # noqa: PLC0415 - only here
+
+    return datetime.fromisoformat(record["timestamp"]).timestamp()
+
+
+async def test_events_older_than_the_channel_do_not_touch_the_proxy() -> None:
+    """An "invalid" event from before a proxy's current grant (by seq) leaves it valid."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    info = ProxyInfo(
+        proxy_id=7, module="echo", module_version="1", worker_pid=1, methods=(),
+        setup_methods=frozenset(), undoes={}, seq=10,
+    )  # fmt: skip
+    proxy = Proxy(client=None, info=info, channel=PacketSocket(ours, p.FROM_WORKER_CHANNEL))  # type: ignore[arg-type]
+    try:
+        stale = p.Event(seq=9, kind="proxy", module="echo", proxy_id=7, state="invalid")
+        proxy._on_event(stale)
+        assert proxy.valid
+        fresh = p.Event(seq=11, kind="proxy", module="echo", proxy_id=7, state="invalid",
+                        reason="worker exited with signal SIGKILL")  # fmt: skip
+        proxy._on_event(fresh)
+        assert (proxy.state, proxy.reason) == ("invalid", "worker exited with signal SIGKILL")
+    finally:
+        proxy.channel.close()
+        theirs.close()
+
+
+async def test_subscribed_client_reads_invalid_before_the_new_grant(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Events reach a client in seq order, and before the reply that follows them."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    async with ipc.open_client(daemon.socket) as client:
+        echo = await client.request_proxy("echo")
+        old = await echo.call("pid")
+        os.kill(old, signal.SIGKILL)
+        seen: list[Any] = []
+        with trio.fail_after(30):
+            async for event in client.events:
+                seen.append(event)
+                if getattr(event, "kind", None) == "recovered":
+                    break
+    daemon_events = [e for e in seen if isinstance(e, p.Event)]
+    seqs = [e.seq for e in daemon_events]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    ours = [(e.state, e.worker_pid) for e in daemon_events if e.proxy_id == echo.proxy_id]
+    assert ("invalid", old) in ours
+    assert echo.info.seq >= max(e.seq for e in daemon_events if e.proxy_id == echo.proxy_id)
