@@ -4,36 +4,40 @@ Calls do not pass through the daemon: each proxy owns a channel straight to
 its module instance in the worker. The daemon connection carries requests,
 status and validity events. Everything runs inside the nursery that
 ``open_client`` opens, so nothing outlives the ``async with`` block.
+
+With ``reconnect=True`` a lost daemon connection (the daemon restarted,
+crashed or was upgraded) is made again with backoff; each proxy is then
+requested anew and its setup calls replayed, under the same Proxy object.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
+import random
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
 
 from . import _protocol as p
-from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
-from ._errors import (
-    CallNotSent,
-    Disconnected,
-    IpadError,
-    ModuleUnavailable,
-    UnknownProxy,
-    WorkerCrashed,
-)
+from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, expect
+from ._client_events import EVENT_BACKLOG, EventQueue, LocalEvent
+from ._client_proxy import Proxy
+from ._errors import Disconnected, IpadError, ModuleUnavailable, WorkerCrashed
 from ._paths import socket_path
-from ._transport import PacketSocket, Pending, Requests
+from ._transport import PacketSocket, Requests
 
-#: Events kept for a reader that is behind; older ones are dropped first.
-EVENT_BACKLOG = 1024
+__all__ = [
+    "EVENT_BACKLOG",
+    "RECOVERY_RETRY",
+    "Client",
+    "EventQueue",
+    "LocalEvent",
+    "Proxy",
+    "open_client",
+]
 
 #: A recovering proxy tries again this often even without news of its module (missed events).
 RECOVERY_RETRY = 1.0
@@ -42,285 +46,80 @@ RECOVERY_RETRY = 1.0
 #: (the daemon answers once it does), or it is in cooldown and a fallback may serve it.
 REOPENABLE = frozenset({"running", "starting", "exited", "cooldown"})
 
-
-class EventQueue:
-    """A bounded queue that never blocks its writer: when full, the oldest entry goes."""
-
-    def __init__(self, size: int = EVENT_BACKLOG) -> None:
-        self._items: collections.deque[Any] = collections.deque(maxlen=size)
-        self._ready = trio.Event()
-        self._closed = False
-        self.dropped = 0
-
-    def put(self, item: object) -> None:
-        """Add an item, dropping the oldest if the queue is full."""
-        if len(self._items) == self._items.maxlen:
-            self.dropped += 1
-        self._items.append(item)
-        self._ready.set()
-
-    def close(self) -> None:
-        """No more items will come; readers finish once the queue is drained."""
-        self._closed = True
-        self._ready.set()
-
-    async def get(self) -> Any:
-        """The next item; raise trio.EndOfChannel once closed and drained."""
-        while not self._items:
-            if self._closed:
-                raise trio.EndOfChannel
-            self._ready = trio.Event()
-            await self._ready.wait()
-        return self._items.popleft()
-
-    def __aiter__(self) -> EventQueue:
-        # An iterator object, not an async generator: breaking out of ``async for``
-        # then leaves no generator to be finalised behind trio's back.
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.get()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-
-@attrs.frozen
-class LocalEvent:
-    """An event the client library makes itself: ``recovered`` or ``recovery_failed``."""
-
-    kind: str
-    module: str
-    proxy_id: int
-    details: dict[str, Any] = attrs.field(factory=dict)
-    #: As on daemon events, so one loop can read both.
-    state: str | None = None
-    reason: str | None = None
-
-
-class Proxy:
-    """A handle on one module instance, valid while its worker lives.
-
-    When the worker dies, calls in flight fail at once with WorkerCrashed and
-    the proxy turns invalid. Once the module runs again, the proxy gets a new
-    channel by itself, replays its setup calls in order and turns valid again
-    (a ``recovered`` event): code that called ``init``/``configure``/``start``
-    before the crash needs no change to carry on.
-    """
-
-    def __init__(self, client: Client, info: ProxyInfo, channel: PacketSocket) -> None:
-        self.client = client
-        self.info = info
-        self.proxy_id = info.proxy_id
-        self.module = info.module
-        self.channel = channel
-        self.requests = Requests(f"proxy:{info.proxy_id}")
-        self.state = "valid"
-        self.reason: str | None = None
-        self.module_events = EventQueue()
-        self.setup_log = SetupLog(info)
-        self.recoveries = 0
-        self._closed = False
-        self._gone: str | None = None
-        self._recovering = False
-        self._valid = trio.Event()
-        self._valid.set()
-
-    @property
-    def valid(self) -> bool:
-        """True while the worker is alive and the instance is initialised."""
-        return self.state == "valid"
-
-    async def call(
-        self,
-        method: str,
-        args: Mapping[str, Any] | None = None,
-        fds: Mapping[str, int] | None = None,
-        *,
-        wait: float | None = None,
-    ) -> Any:
-        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
-
-        On an invalid proxy the call fails at once with WorkerCrashed, or, with
-        ``wait``, first waits up to that many seconds for the proxy to recover.
-        A crash of the worker during the call fails it at once with WorkerCrashed.
-        """
-        deadline = None if wait is None else trio.current_time() + wait
-        while True:
-            await self._wait_valid(wait, deadline)
-            channel, requests = self.channel, self.requests
-            try:
-                sent = await self._send_call(channel, requests, method, args, fds)
-            except CallNotSent:
-                if deadline is None:
-                    raise
-                if channel is self.channel:
-                    self._lost("worker closed the channel")  # known before its reader saw it
-                continue  # nothing ran: send it again once recovered, within the deadline
-            value = expect(await requests.reply(*sent), p.Result).value
-            self.setup_log.record(method, args, fds)
-            return value
-
-    async def _wait_valid(self, wait: float | None, deadline: float | None) -> None:
-        """Return once valid; fail at once without ``wait``, or once ``deadline`` passes."""
-        if self.valid:
-            return
-        if deadline is None or self._closed:
-            raise WorkerCrashed(f"{self.module} proxy is {self.state}: {self.reason}")
-        with trio.move_on_at(deadline):
-            await self._valid.wait()
-        if self._gone is not None:
-            raise Disconnected(self._gone)
-        if not self.valid:
-            raise WorkerCrashed(f"{self.module} did not recover within {wait:g}s: {self.reason}")
-
-    async def _send_call(
-        self,
-        channel: PacketSocket,
-        requests: Requests,
-        method: str,
-        args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
-    ) -> Pending:
-        """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
-        message, fd_list = build_call(method, args, fds)
-        try:
-            return await requests.send(channel, message, fd_list)
-        except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
-            raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
-
-    async def read_channel(self, channel: PacketSocket, requests: Requests) -> None:
-        """Deliver replies and module events until the worker closes the channel."""
-        reason = "worker closed the channel"
-        try:
-            while True:
-                try:
-                    frame = await channel.receive()
-                except p.ProtocolError as exc:
-                    reason = f"worker broke the protocol: {exc.reason}"
-                    break
-                except (OSError, trio.ClosedResourceError):
-                    break
-                if frame is None:
-                    break
-                if isinstance(frame.message, p.ModuleEvent):
-                    self.module_events.put(frame.message)
-                else:
-                    requests.deliver(frame)
-        finally:
-            requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
-            if channel is self.channel:
-                self._lost(reason)
-
-    def _lost(self, reason: str) -> None:
-        """The current channel is gone: invalid until recovered (one recovery at a time)."""
-        if self._closed:
-            return
-        if self.valid:
-            self.state = "invalid"
-            self.reason = reason
-            self._valid = trio.Event()
-        if not self._recovering:
-            self._recovering = True
-            self.client.nursery.start_soon(self.client.recover, self)
-
-    def _on_event(self, event: p.Event) -> None:
-        # An event from before the current channel was granted is about an older one.
-        if event.state is None or event.seq <= self.info.seq:
-            return
-        if event.state == "invalid" and self.valid:
-            self.state = "invalid"
-            self._valid = trio.Event()
-        if event.state != "valid":  # "valid" is set by recovery, once the replay is done
-            self.state = event.state
-            self.reason = event.reason
-
-    def _disconnected(self, reason: str) -> None:
-        """The daemon connection is gone: no recovery will come, so wake callers waiting for one."""
-        self._gone = reason
-        self._valid.set()
-
-    async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
-        """Replay the setup calls on a new channel and switch to it; return how many.
-
-        The proxy is valid once the replay is done: the daemon is told
-        (PROXY_READY) without waiting for its answer, which changes nothing here.
-        """
-        self.client.nursery.start_soon(self.read_channel, channel, requests)
-        # Pipelined: the worker runs calls in arrival order, so sending every setup call
-        # before collecting the replies keeps the order and saves a round trip each.
-        sent = [
-            await self._send_call(channel, requests, call.method, call.args, dict(call.fds))
-            for call in list(self.setup_log.calls)
-        ]
-        for request_id, slot in sent:
-            expect(await requests.reply(request_id, slot), p.Result)
-        old = self.channel
-        self.channel, self.requests, self.info = channel, requests, info
-        old.close()
-        replayed = len(self.setup_log.calls)
-        await self._tell_ready(replayed)
-        self.state = "valid"
-        self.reason = "fallback" if info.served_by else "recovered"
-        self.recoveries += 1
-        self._valid.set()
-        return replayed
-
-    async def _tell_ready(self, replayed: int) -> None:
-        """Send PROXY_READY: the daemon marks the proxy valid and tells everyone.
-
-        Its answer changes nothing here, so it is collected in the background.
-        """
-        client = self.client
-        try:
-            sent = await client.requests.send(client.conn, p.ProxyReady(self.proxy_id, replayed))
-        except (OSError, trio.ClosedResourceError, IpadError):
-            return  # the daemon is gone; the proxy's channel still works
-        client.nursery.start_soon(self._ready_answered, sent)
-
-    async def _ready_answered(self, sent: Pending) -> None:
-        with contextlib.suppress(IpadError):  # closed meanwhile: its own event says so
-            expect(await self.client.requests.reply(*sent), p.ProxyStateReply)
-
-    async def release(self) -> None:
-        """Give the instance back; the proxy cannot be used afterwards."""
-        if self._closed:
-            return
-        self._closed = True
-        self.state = "closed"
-        self.client.proxies.pop(self.proxy_id, None)
-        try:
-            await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
-        except UnknownProxy:
-            pass  # its channel broke or its instance was closed: it is gone already
-        finally:
-            self.channel.close()
-            self.setup_log.close()
-            self._valid.set()  # wake waiters: they see the proxy closed
+#: Reconnecting: the first attempt at once, then after this, doubling up to RECONNECT_MAX.
+RECONNECT_INITIAL = 0.01
+RECONNECT_MAX = 1.0
+#: Fraction of each reconnection delay added at random, so clients do not return in step.
+RECONNECT_JITTER = 0.2
 
 
 class Client:
-    """A connection to the daemon."""
+    """A connection to the daemon, made again after a loss when ``reconnect`` is set."""
 
-    def __init__(self, conn: PacketSocket, nursery: trio.Nursery) -> None:
-        self.conn = conn
+    def __init__(
+        self,
+        path: str,
+        nursery: trio.Nursery,
+        *,
+        name: str = "",
+        subscribe: bool = True,
+        reconnect: bool = False,
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.subscribed = subscribe
+        self.reconnect = reconnect
         self.nursery = nursery
+        self.conn: PacketSocket | None = None
         self.requests = Requests("daemon")
+        self.requests.fail_all(lambda: Disconnected("not connected yet"))
         self.proxies: dict[int, Proxy] = {}
         self.events = EventQueue()
         self.welcome: p.Welcome | None = None
         self.goodbye: str | None = None
+        #: How many connections have been made; a task started on one stops on the next.
+        self.generation = 0
         #: The last state each module was announced in, and a wake-up for changes.
         self.module_states: dict[str, str] = {}
         self._module_changed = trio.Event()
+        self._closing = False
+
+    async def connect(self) -> None:
+        """Connect, say HELLO and subscribe: the first time, or again after a loss."""
+        conn = PacketSocket(
+            socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC),
+            p.FROM_DAEMON,
+        )
+        try:
+            await conn.sock.connect(self.path)
+        except BaseException:
+            conn.close()
+            raise
+        requests = Requests("daemon")
+        self.conn, self.requests, self.goodbye = conn, requests, None
+        self.generation += 1
+        self.module_states.clear()
+        self.nursery.start_soon(self.read_daemon, conn, requests)
+        try:
+            await self.hello(self.name)
+            if self.subscribed:
+                await self.subscribe()
+        except BaseException:
+            conn.close()
+            raise
 
     async def request(self, message: p.Message, reply: type[M]) -> M:
         """Send a request to the daemon and return its reply of type ``reply``."""
+        return expect(await self._call(message), reply)
+
+    async def _call(self, message: p.Message) -> p.Frame:
+        conn = self.conn
+        if conn is None:
+            raise Disconnected(self.goodbye or "not connected to the daemon")
         try:
-            frame = await self.requests.call(self.conn, message)
+            return await self.requests.call(conn, message)
         except (OSError, trio.ClosedResourceError) as exc:
             raise Disconnected(self.goodbye or f"connection to the daemon lost: {exc}") from None
-        return expect(frame, reply)
 
     async def hello(self, name: str) -> p.Welcome:
         """Negotiate the protocol version."""
@@ -350,76 +149,92 @@ class Client:
         self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
     ) -> Proxy:
         """A proxy to a new instance of ``module``."""
-        try:
-            frame = await self.requests.call(
-                self.conn, p.RequestProxy(module, pipeline, pipeline_version)
-            )
-        except (OSError, trio.ClosedResourceError) as exc:
-            raise Disconnected(self.goodbye or f"connection to the daemon lost: {exc}") from None
+        granted, channel = await self._grant(p.RequestProxy(module, pipeline, pipeline_version))
+        proxy = Proxy(self, ProxyInfo.from_granted(granted), channel, pipeline, pipeline_version)
+        self.proxies[proxy.proxy_id] = proxy
+        self.nursery.start_soon(proxy.read_channel, channel, proxy.requests)
+        return proxy
+
+    async def _grant(self, message: p.Message) -> tuple[p.ProxyGranted, PacketSocket]:
+        """Send REQUEST_PROXY or REOPEN_PROXY; the grant and its channel."""
+        frame = await self._call(message)
         granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
         if len(frame.fds) != 1:
             frame.close_fds()
             raise IpadError("PROXY_GRANTED came without its channel")
         channel = PacketSocket(socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL)
-        proxy = Proxy(self, ProxyInfo.from_granted(granted), channel)
-        self.proxies[proxy.proxy_id] = proxy
-        self.nursery.start_soon(proxy.read_channel, channel, proxy.requests)
-        return proxy
+        return granted, channel
+
+    # --- recovery after a worker's crash ----------------------------------------
 
     async def recover(self, proxy: Proxy) -> None:
         """Bring an invalid proxy back once its module runs again (one task per loss)."""
         try:
-            await self._recover(proxy)
+            await self._recover(proxy, self.generation)
         finally:
             proxy._recovering = False
 
-    async def _recover(self, proxy: Proxy) -> None:
-        while not proxy.valid and proxy.proxy_id in self.proxies and self.goodbye is None:
+    async def _recover(self, proxy: Proxy, generation: int) -> None:
+        while self._recovering_on(proxy, generation):
             changed = self._module_changed  # taken first: a change from now on wakes us
             if self.module_states.get(proxy.module, "running") not in REOPENABLE:
                 await self._wait_change(changed)
                 continue
             try:
-                frame = await self.requests.call(self.conn, p.ReopenProxy(proxy.proxy_id))
-                granted = expect(frame, p.ProxyGranted)
+                granted, channel = await self._grant(p.ReopenProxy(proxy.proxy_id))
             except ModuleUnavailable:
                 await self._wait_change(changed)  # down again: wait for the next start
                 continue
-            except (OSError, trio.ClosedResourceError, IpadError):
-                return  # the daemon is gone or the proxy with it
-            channel = PacketSocket(socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL)
-            info = ProxyInfo.from_granted(granted)
-            requests = Requests(f"proxy:{proxy.proxy_id}")
-            try:
-                replayed = await proxy._recovered(channel, requests, info)
-            except WorkerCrashed:
-                channel.close()
-                continue  # crashed again during the replay: wait for the next start
-            except IpadError as exc:
-                channel.close()
-                proxy.reason = f"replay failed: {exc.message}"
-                failed: dict[str, Any] = {"error": exc.message}
-                self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
+            except IpadError:
+                return  # the daemon is gone (a reconnection takes over) or the proxy with it
+            if not await self._adopt(proxy, granted, channel, reconnected=False):
                 await self._wait_change(changed)
-                continue
-            done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
-            kind = "fallback" if granted.served_by else "recovered"
-            if granted.served_by:
-                done["served_by"] = granted.served_by
-            event = LocalEvent(kind, proxy.module, proxy.proxy_id, done, state="valid", reason=kind)
-            self.events.put(event)
+
+    def _recovering_on(self, proxy: Proxy, generation: int) -> bool:
+        alive = self.goodbye is None and generation == self.generation
+        return alive and not proxy.valid and self.proxies.get(proxy.proxy_id) is proxy
+
+    async def _adopt(
+        self, proxy: Proxy, granted: p.ProxyGranted, channel: PacketSocket, *, reconnected: bool
+    ) -> bool:
+        """Replay a proxy's setup on a granted channel and switch to it; False if that failed."""
+        info = ProxyInfo.from_granted(granted)
+        requests = Requests(f"proxy:{proxy.proxy_id}")
+        try:
+            replayed = await proxy._recovered(channel, requests, info)
+        except WorkerCrashed:
+            channel.close()
+            return False  # crashed again during the replay: wait for the next start
+        except IpadError as exc:
+            channel.close()
+            proxy.reason = f"replay failed: {exc.message}"
+            failed: dict[str, Any] = {"error": exc.message}
+            self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
+            return False
+        done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
+        kind = "fallback" if granted.served_by else "recovered"
+        if granted.served_by:
+            done["served_by"] = granted.served_by
+        if reconnected:
+            done["reconnected"] = True
+        self.events.put(
+            LocalEvent(kind, proxy.module, proxy.proxy_id, done, state="valid", reason=kind)
+        )
+        return True
 
     async def _wait_change(self, changed: trio.Event) -> None:
         """Wait for a module event after ``changed`` was taken; retry now and then regardless."""
         with trio.move_on_after(RECOVERY_RETRY):
             await changed.wait()
 
-    async def read_daemon(self) -> None:
+    # --- the daemon connection ----------------------------------------------------
+
+    async def read_daemon(self, conn: PacketSocket, requests: Requests) -> None:
         """Deliver replies and events until the daemon closes the connection."""
         try:
             while True:
                 try:
-                    frame = await self.conn.receive()
+                    frame = await conn.receive()
                 except p.ProtocolError as exc:
                     self.goodbye = f"daemon broke the protocol: {exc.reason}"
                     break
@@ -433,13 +248,75 @@ class Client:
                 elif isinstance(message, p.Goodbye):
                     self.goodbye = message.reason
                 else:
-                    self.requests.deliver(frame)
+                    requests.deliver(frame)
         finally:
             reason = self.goodbye or "the daemon closed the connection"
-            self.requests.fail_all(lambda: Disconnected(reason))
+            requests.fail_all(lambda: Disconnected(reason))
+            conn.close()
+            if conn is self.conn and not self._closing:
+                self._connection_lost(reason)
+
+    def _connection_lost(self, reason: str) -> None:
+        if not self.reconnect:
             self.events.close()
             for proxy in self.proxies.values():
                 proxy._disconnected(reason)
+            return
+        self.events.put(LocalEvent("disconnected", "", None, {"reason": reason}))
+        for proxy in self.proxies.values():
+            proxy._lost(f"daemon connection lost: {reason}", recover=False)
+        self.nursery.start_soon(self._reconnect)
+
+    async def _reconnect(self) -> None:
+        """Connect again with backoff, then bring every proxy back under its old handle."""
+        delay = RECONNECT_INITIAL
+        attempts = 0
+        while not self._closing:
+            attempts += 1
+            try:
+                await self.connect()
+            except (OSError, IpadError):
+                await trio.sleep(delay * (1 + RECONNECT_JITTER * random.random()))  # noqa: S311
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            break
+        else:
+            return
+        pid = self.welcome.pid if self.welcome else None
+        self.events.put(
+            LocalEvent("reconnected", "", None, {"attempts": attempts, "daemon_pid": pid})
+        )
+        for proxy in list(self.proxies.values()):
+            self.nursery.start_soon(self._reattach, proxy, self.generation)
+
+    async def _reattach(self, proxy: Proxy, generation: int) -> None:
+        """After a reconnection: request the proxy's module anew and replay its setup."""
+        delay = RECONNECT_INITIAL
+        while not proxy._closed and generation == self.generation:
+            changed = self._module_changed
+            message = p.RequestProxy(proxy.module, proxy.pipeline, proxy.pipeline_version)
+            try:
+                granted, channel = await self._grant(message)
+            except ModuleUnavailable:
+                await self._wait_change(changed)
+                continue
+            except Disconnected:
+                return  # lost again: the next reconnection takes over
+            except IpadError as exc:  # the module is gone from the configuration, say
+                failed: dict[str, Any] = {"error": exc.message, "reconnected": True}
+                proxy.reason = f"cannot get it again: {exc.message}"
+                self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            if self.proxies.get(proxy.proxy_id) is proxy:
+                del self.proxies[proxy.proxy_id]
+            proxy.proxy_id = granted.proxy_id
+            self.proxies[proxy.proxy_id] = proxy
+            if not await self._adopt(proxy, granted, channel, reconnected=True):
+                # The new instance is held under the new id: recover it like any other.
+                proxy._lost("replay failed after reconnecting")
+            return
 
     def _on_event(self, event: p.Event) -> None:
         if event.kind == "module" and event.state is not None:
@@ -452,33 +329,34 @@ class Client:
 
     def close(self) -> None:
         """Close the daemon connection and every proxy channel."""
+        self._closing = True
         for proxy in self.proxies.values():
             proxy.channel.close()
             proxy.setup_log.close()
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
 
 @asynccontextmanager
 async def open_client(
-    path: str | Path | None = None, *, name: str = "", subscribe: bool = True
+    path: str | Path | None = None,
+    *,
+    name: str = "",
+    subscribe: bool = True,
+    reconnect: bool = False,
 ) -> AsyncIterator[Client]:
-    """Connect to the daemon ($IPAD_SOCKET or the default path unless ``path`` is given)."""
+    """Connect to the daemon ($IPAD_SOCKET or the default path unless ``path`` is given).
+
+    With ``reconnect``, a lost connection is made again with backoff and every
+    proxy is brought back (``disconnected``, ``reconnected`` and ``recovered``
+    events say so); without it, the loss ends ``client.events`` and every
+    later request fails with Disconnected.
+    """
     target = str(path) if path is not None else str(socket_path(None))
-    conn = PacketSocket(
-        socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC), p.FROM_DAEMON
-    )
-    try:
-        await conn.sock.connect(target)
-    except BaseException:
-        conn.close()
-        raise
     async with trio.open_nursery() as nursery:
-        client = Client(conn, nursery)
-        nursery.start_soon(client.read_daemon)
+        client = Client(target, nursery, name=name, subscribe=subscribe, reconnect=reconnect)
         try:
-            await client.hello(name)
-            if subscribe:
-                await client.subscribe()
+            await client.connect()
             yield client
         finally:
             client.close()

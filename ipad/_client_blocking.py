@@ -150,8 +150,18 @@ class BlockingProxy:
     within that many seconds.
     """
 
-    def __init__(self, client: BlockingClient, info: ProxyInfo, channel: socket.socket) -> None:
+    def __init__(
+        self,
+        client: BlockingClient,
+        info: ProxyInfo,
+        channel: socket.socket,
+        pipeline: str | None = None,
+        pipeline_version: int | None = None,
+    ) -> None:
         self.client = client
+        #: What the proxy was requested for, to request it again from a restarted daemon.
+        self.pipeline = pipeline
+        self.pipeline_version = pipeline_version
         self.info = info
         self.proxy_id = info.proxy_id
         self.module = info.module
@@ -194,13 +204,16 @@ class BlockingProxy:
             return value
 
     def recover(self, timeout: float) -> None:
-        """Reopen on the restarted worker and replay the setup calls, within ``timeout`` seconds."""
+        """Reopen on the restarted worker and replay the setup calls, within ``timeout`` seconds.
+
+        If the daemon itself went away and the client was made with
+        ``reconnect``, connect again and request the module anew instead.
+        """
         deadline = time.monotonic() + timeout
         while True:
             conn: _Connection | None = None
             try:
-                reopen = p.ReopenProxy(self.proxy_id)
-                frame = self.client._conn.request(reopen, timeout=timeout)
+                frame = self._regrant(timeout)
                 granted = expect(frame, p.ProxyGranted)
                 channel = socket.socket(fileno=frame.fds[0])
                 conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{self.module} worker")
@@ -208,18 +221,40 @@ class BlockingProxy:
                     replay, fd_list = build_call(call.method, call.args, dict(call.fds))
                     expect(conn.request(replay, fd_list, timeout), p.Result)
                 break
-            except (ModuleUnavailable, WorkerCrashed) as exc:
+            except (ModuleUnavailable, WorkerCrashed, Disconnected) as exc:
                 if conn is not None:
                     conn.sock.close()
+                if isinstance(exc, Disconnected) and not self.client.reconnect:
+                    raise
                 if time.monotonic() >= deadline:
                     why = f"{self.module} did not recover within {timeout:g}s: {exc}"
                     raise WorkerCrashed(why) from None
                 time.sleep(RECOVERY_POLL)  # no event loop here: look again shortly
+            except BaseException:
+                if conn is not None:
+                    conn.sock.close()
+                raise
         self._conn.sock.close()
         self._conn, self.info = conn, ProxyInfo.from_granted(granted)
+        if granted.proxy_id != self.proxy_id:  # requested anew from a restarted daemon
+            self.client.proxies.pop(self.proxy_id, None)
+            self.proxy_id = granted.proxy_id
+            self.client.proxies[self.proxy_id] = self
         ready = p.ProxyReady(self.proxy_id, len(self.setup_log.calls))
         self.client.request(ready, p.ProxyStateReply)
         self.recoveries += 1
+
+    def _regrant(self, timeout: float) -> p.Frame:
+        """A new channel: REOPEN_PROXY on the daemon we know, else REQUEST_PROXY on a new one."""
+        client = self.client
+        try:
+            return client._conn.request(p.ReopenProxy(self.proxy_id), timeout=timeout)
+        except Disconnected:
+            if not client.reconnect:
+                raise
+        client.reconnect_now()
+        again = p.RequestProxy(self.module, self.pipeline, self.pipeline_version)
+        return client._conn.request(again, timeout=timeout)
 
     def next_event(self, timeout: float | None = None) -> p.ModuleEvent | None:
         """The next event the module instance sent, or None after ``timeout`` seconds."""
@@ -243,24 +278,42 @@ class BlockingClient:
     """A blocking connection to the daemon."""
 
     def __init__(
-        self, path: str | Path | None = None, *, name: str = "", subscribe: bool = False
+        self,
+        path: str | Path | None = None,
+        *,
+        name: str = "",
+        subscribe: bool = False,
+        reconnect: bool = False,
     ) -> None:
-        target = str(path) if path is not None else str(socket_path(None))
+        self.path = str(path) if path is not None else str(socket_path(None))
+        self.name = name
+        self.subscribed = subscribe
+        #: Whether a lost daemon connection is made again (on the next request or ``wait``).
+        self.reconnect = reconnect
+        self.proxies: dict[int, BlockingProxy] = {}
+        self._conn, self.welcome = self._connect()
+
+    def _connect(self) -> tuple[_Connection, p.Welcome]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(target)
+            sock.connect(self.path)
+            conn = _Connection(sock, p.FROM_DAEMON, "daemon")
+            welcome = expect(conn.request(p.Hello(CLIENT_VERSIONS, self.name)), p.Welcome)
+            if self.subscribed:
+                expect(conn.request(p.Subscribe(None)), p.Subscribed)
         except BaseException:
             sock.close()
             raise
-        self._conn = _Connection(sock, p.FROM_DAEMON, "daemon")
-        self.proxies: dict[int, BlockingProxy] = {}
+        return conn, welcome
+
+    def reconnect_now(self) -> None:
+        """Connect to the daemon again; Disconnected if it is not there (yet)."""
         try:
-            self.welcome: p.Welcome = self.request(p.Hello(CLIENT_VERSIONS, name), p.Welcome)
-            if subscribe:
-                self.subscribe()
-        except BaseException:
-            sock.close()
-            raise
+            conn, welcome = self._connect()
+        except OSError as exc:
+            raise Disconnected(f"cannot reach the daemon at {self.path}: {exc.strerror}") from None
+        self._conn.sock.close()
+        self._conn, self.welcome = conn, welcome
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -269,8 +322,21 @@ class BlockingClient:
         self.close()
 
     def request(self, message: p.Message, reply: type[M], timeout: float | None = None) -> M:
-        """Send a request to the daemon; return its reply of type ``reply``."""
-        return expect(self._conn.request(message, timeout=timeout), reply)
+        """Send a request to the daemon; return its reply of type ``reply``.
+
+        With ``reconnect``, a connection found lost is made again once and the
+        request sent on the new one (the daemon that lost it kept no state).
+        """
+        return expect(self._frame(message, timeout), reply)
+
+    def _frame(self, message: p.Message, timeout: float | None = None) -> p.Frame:
+        try:
+            return self._conn.request(message, timeout=timeout)
+        except Disconnected:
+            if not self.reconnect:
+                raise
+            self.reconnect_now()
+            return self._conn.request(message, timeout=timeout)
 
     def subscribe(self, since: int | None = None) -> p.Subscribed:
         """Receive events from now on, after the kept ones later than ``since`` if given."""
@@ -301,13 +367,14 @@ class BlockingClient:
         self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
     ) -> BlockingProxy:
         """A proxy to a new instance of ``module``."""
-        frame = self._conn.request(p.RequestProxy(module, pipeline, pipeline_version))
+        frame = self._frame(p.RequestProxy(module, pipeline, pipeline_version))
         granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
         if len(frame.fds) != 1:
             frame.close_fds()
             raise IpadError("PROXY_GRANTED came without its channel")
+        channel = socket.socket(fileno=frame.fds[0])
         proxy = BlockingProxy(
-            self, ProxyInfo.from_granted(granted), socket.socket(fileno=frame.fds[0])
+            self, ProxyInfo.from_granted(granted), channel, pipeline, pipeline_version
         )
         self.proxies[proxy.proxy_id] = proxy
         return proxy
