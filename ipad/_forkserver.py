@@ -21,10 +21,12 @@ import platform
 import signal
 import socket
 import sys
+from typing import TypeGuard
 
 from . import _protocol as p
 from ._fdpass import recv_packet, send_packet
-from ._worker_host import CONTROL_FD, WorkerHost, die_with_parent, log
+from ._worker_host import CONTROL_FD, WorkerHost, die_with_parent, libc, log, method_table
+from .ipa import IPAModule
 
 #: clone(2) flag: the child's parent is our parent.
 CLONE_PARENT = 0x00008000
@@ -50,7 +52,6 @@ class _CloneArgs(ctypes.Structure):
 #: clone's syscall number, per architecture (it is not in Python's os module).
 SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "ppc64le": 120, "s390x": 120}
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _api = ctypes.pythonapi
 
 
@@ -78,7 +79,7 @@ def fork_sibling(cgroup_fd: int | None = None) -> int:
             raise OSError(f"no clone syscall number known for {platform.machine()}")
         call = (number, CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
     _api.PyOS_BeforeFork()
-    pid = _libc.syscall(*call)
+    pid = libc().syscall(*call)
     if pid == 0:
         _api.PyOS_AfterFork_Child()
         return 0
@@ -159,9 +160,17 @@ def preload(specs: list[str]) -> None:
         if directory not in sys.path:
             sys.path.insert(0, directory)
         try:
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
+            for value in vars(loaded).values():
+                if _defined_module_class(value, module):
+                    method_table(value)
         except Exception as exc:  # noqa: BLE001 - the worker's LOAD will report it properly
             log("forkserver.preload_failed", module=module, error=repr(exc))
+
+
+def _defined_module_class(value: object, module: str) -> TypeGuard[type[IPAModule]]:
+    """An IPA module class defined in ``module`` (not one it merely imports)."""
+    return isinstance(value, type) and issubclass(value, IPAModule) and value.__module__ == module
 
 
 def main(parent: int | None, preloads: list[str] | None = None) -> int:
