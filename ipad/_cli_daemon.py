@@ -16,6 +16,7 @@ from ._journal import stderr_is_journal
 from ._logging import configure_logging
 from ._problems import ConfigError
 from ._version import __version__
+from ._zygote import start_early
 
 #: Used when neither --config nor $IPAD_CONFIG names a file.
 DEFAULT_CONFIG = Path("/etc/ipad/config.toml")
@@ -82,18 +83,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(checked: CheckedConfig) -> int:
-    import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
-
-    from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
-
+    # The fork server's start-up overlaps the import of trio and the daemon (ipad/_zygote.py).
+    early = start_early(checked)
     try:
-        trio.run(run_daemon, checked)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except (SocketInUse, OSError) as exc:
-        structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
-        return EXIT_CONFIG
-    return 0
+        import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
+
+        from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
+
+        try:
+            trio.run(run_daemon, checked, early)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except (SocketInUse, OSError) as exc:
+            structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
+            return EXIT_CONFIG
+        return 0
+    finally:
+        if early is not None:
+            early.discard()  # only if the daemon never took charge of it
 
 
 def _check_only(path: Path) -> int:

@@ -17,17 +17,18 @@ import trio
 
 from . import _protocol as p
 from ._cgroup import WorkerCgroups
-from ._check import CheckedConfig, ModulePlan, check_config
+from ._check import CheckedConfig, check_config
 from ._events import EventBus
 from ._launcher import Launcher
-from ._paths import install_dir, install_module_dir, socket_path
+from ._paths import socket_path
 from ._problems import ConfigError
 from ._proxies import ProxyTable
 from ._registry import REGISTRY
-from ._resolve import WorkerNotFound, resolve_worker
 from ._server import AdminError, Daemon, serve_clients
+from ._spawn import StartedProcess
 from ._states import ProxyState
 from ._supervisor import ModuleSupervisor, worker_env
+from ._zygote import forkable_argv, trusted_preloads
 
 log = structlog.get_logger("ipad")
 
@@ -80,38 +81,6 @@ def _remove_stale(path: Path) -> None:
     raise SocketInUse(f"another daemon is listening on {path}")
 
 
-#: The Python worker host shipped with ipad: workers it runs can be forked by the fork server.
-WORKER_HOST = "ipad-worker"
-
-
-def forkable_argv(plans: Iterable[ModulePlan]) -> list[str] | None:
-    """The argv of workers the fork server can fork, if any module runs the shipped host."""
-    try:
-        host = resolve_worker(WORKER_HOST, install=install_dir(), environ={})
-    except WorkerNotFound:
-        return None
-    if not any(plan.worker == host for plan in plans):
-        return None
-    return REGISTRY.create("isolated").worker_argv(host)
-
-
-def trusted_preloads(plans: Iterable[ModulePlan], trusted: Iterable[Path] = ()) -> list[str]:
-    """``DIR:package.module`` of enabled modules whose code the fork server may import.
-
-    Only modules from ipad's own install directory, or from a directory the
-    operator lists in ``trusted_module_dirs``, qualify: other module code is
-    never imported into the process all workers fork from.
-    """
-    dirs = {install_module_dir().resolve(), *(Path(d).resolve() for d in trusted)}
-    specs: set[str] = set()
-    for plan in plans:
-        entry = plan.source.manifest.entry_point
-        directory = plan.source.directory.resolve()
-        if entry and directory in dirs:
-            specs.add(f"{directory}:{entry.partition(':')[0]}")
-    return sorted(specs)
-
-
 def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
     """What ``ipadctl modules`` shows: every discovered module and its manifest."""
     info: dict[str, dict[str, Any]] = {}
@@ -139,7 +108,9 @@ def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
 class DaemonRuntime:
     """The running daemon: its configuration, supervisors, and the operations on them."""
 
-    def __init__(self, checked: CheckedConfig, path: Path) -> None:
+    def __init__(
+        self, checked: CheckedConfig, path: Path, early_forkserver: StartedProcess | None = None
+    ) -> None:
         self.checked = checked
         self.socket_path = path
         self.events = EventBus()
@@ -151,7 +122,7 @@ class DaemonRuntime:
         preloads = trusted_preloads(
             checked.plans.values(), checked.config.daemon.trusted_module_dirs
         )
-        self.launcher = Launcher(forkable, self.cgroups, preloads)
+        self.launcher = Launcher(forkable, self.cgroups, preloads, early=early_forkserver)
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -315,17 +286,22 @@ class DaemonRuntime:
 
 
 async def run_daemon(
-    checked: CheckedConfig, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+    checked: CheckedConfig,
+    early_forkserver: StartedProcess | None = None,
+    *,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start every module, serve clients until SIGTERM or SIGINT, then stop everything.
 
-    SIGHUP reloads the configuration. ``task_status`` reports the socket path
+    SIGHUP reloads the configuration. ``early_forkserver`` is the fork server
+    the caller started before importing trio (ipad/_zygote.py), if any.
+    ``task_status`` reports the socket path
     once every module has reached a first state (running, or failed with its
     reason) and clients are served.
     """
     path = socket_path(checked.config.daemon.socket)
     listener = bind_listener(path)
-    runtime = DaemonRuntime(checked, path)
+    runtime = DaemonRuntime(checked, path, early_forkserver)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:

@@ -18,7 +18,9 @@ import trio
 
 from . import _protocol as p
 from ._cgroup import WorkerCgroups
-from ._worker import WorkerCrashed, WorkerProcess, spawn_worker
+from ._spawn import StartedProcess, start_process
+from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
+from ._zygote import forkserver_argv
 
 log = structlog.get_logger("ipad")
 
@@ -40,8 +42,11 @@ class Launcher:
         forkserver_argv: Sequence[str] | None,
         cgroups: WorkerCgroups | None = None,
         preloads: Sequence[str] = (),
+        early: StartedProcess | None = None,
     ) -> None:
         self.cgroups = cgroups
+        #: A fork server started before trio was imported, to take charge of first.
+        self.early = early
         #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
         self.preloads = list(preloads)
         #: The argv a worker must have to be forked: the Python worker host's.
@@ -53,16 +58,18 @@ class Launcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a fork server running; ``started`` once the first one is up (or there is none)."""
         if self.forkable is None:
+            if self.early is not None:
+                self.early.discard()
             task_status.started()
             return
         first = True
         while True:
-            # An empty environment: forked workers get theirs from each SPAWN, and
-            # nothing of the daemon's may linger in the memory they are forked from.
-            argv = [*self.forkable, "--zygote"]
-            for spec in self.preloads:
-                argv += ["--preload", spec]
-            server = spawn_worker("forkserver", argv, {}, allowed=p.FROM_FORKSERVER)
+            started, self.early = self.early, None
+            if started is None:
+                # An empty environment: forked workers get theirs from each SPAWN, and
+                # nothing of the daemon's may linger in the memory they are forked from.
+                started = start_process(forkserver_argv(self.forkable, self.preloads), {})
+            server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
             log.info("forkserver.started", pid=server.pid)
             try:
                 async with trio.open_nursery() as nursery:

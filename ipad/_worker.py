@@ -14,12 +14,10 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._spawn import StartedProcess, start_process
 from ._transport import PacketSocket, Requests
 
 log = structlog.get_logger("ipad")
-
-#: The control socket's descriptor number in the worker (see ipad/_worker_host.py).
-CONTROL_FD = 3
 
 
 @attrs.frozen
@@ -185,30 +183,17 @@ def spawn_worker(
     on_notice: Callable[[p.Message], None] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
 ) -> WorkerProcess:
-    """Start a worker with its control socket on fd 3, leading a new process group.
+    """Start a worker (see ipad/_spawn.py) and watch it as a WorkerProcess."""
+    return adopt(module, start_process(argv, env), on_notice, allowed)
 
-    posix_spawn (vfork) keeps the daemon's start-up cost per worker low; every
-    other descriptor of the daemon is close-on-exec, so the worker inherits
-    only stdin, stdout, stderr and its control socket.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    # dup2 onto the same number would keep close-on-exec: start from a fresh number.
-    source = os.dup(theirs.fileno())
-    try:
-        pid = os.posix_spawn(
-            argv[0],
-            [*argv, "--parent-pid", str(os.getpid())],
-            dict(env),
-            file_actions=[(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)],
-            setpgroup=0,
-            setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
-        )
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        os.close(source)
-        theirs.close()
-    pidfd = os.pidfd_open(pid)
-    log.debug("worker.spawned", module=module, worker_pid=pid, argv=list(argv))
-    return WorkerProcess(module, pid, pidfd, ours, on_notice, allowed)
+
+def adopt(
+    module: str,
+    started: StartedProcess,
+    on_notice: Callable[[p.Message], None] = lambda _: None,
+    allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
+) -> WorkerProcess:
+    """Take charge of a process started with ``start_process``."""
+    started.taken = True
+    log.debug("worker.spawned", module=module, worker_pid=started.pid, argv=started.argv)
+    return WorkerProcess(module, started.pid, started.pidfd, started.control, on_notice, allowed)
