@@ -184,22 +184,33 @@ def spawn_worker(
     env: Mapping[str, str],
     on_notice: Callable[[p.Message], None] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
+    *,
+    output: int | None = None,
 ) -> WorkerProcess:
     """Start a worker with its control socket on fd 3, leading a new process group.
 
     posix_spawn (vfork) keeps the daemon's start-up cost per worker low; every
-    other descriptor of the daemon is close-on-exec, so the worker inherits
-    only stdin, stdout, stderr and its control socket.
+    other descriptor of the daemon is close-on-exec. With ``output`` (the write
+    end of the pipe the daemon relays) the worker has exactly: 0 = /dev/null,
+    1 and 2 = that pipe, 3 = its control socket; without it, the daemon's own
+    stdin, stdout and stderr.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     # dup2 onto the same number would keep close-on-exec: start from a fresh number.
     source = os.dup(theirs.fileno())
+    actions: list[tuple[object, ...]] = [(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)]
+    if output is not None:
+        actions += [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, output, 1),
+            (os.POSIX_SPAWN_DUP2, output, 2),
+        ]
     try:
         pid = os.posix_spawn(
             argv[0],
             [*argv, "--parent-pid", str(os.getpid())],
             dict(env),
-            file_actions=[(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)],
+            file_actions=actions,
             setpgroup=0,
             setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
         )
