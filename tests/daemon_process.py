@@ -36,13 +36,14 @@ class DaemonProcess:
         env: dict[str, str],
         prefix: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
+        args: Sequence[str] = (),
     ) -> None:
         self.socket = Path(env["IPAD_SOCKET"])
         self.env = env
         self.prefix = list(prefix)
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "ipad", "--config", str(config), "--log-format",
-             "json", "--log-level", "debug"],
+             "json", "--log-level", "debug", *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
