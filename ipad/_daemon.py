@@ -227,7 +227,7 @@ class DaemonRuntime:
     async def _run(self, listener: socket.socket, task_status: trio.TaskStatus[Path]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.service.starting(len(self.checked.plans))
+            await self.service.starting(len(self.checked.plans))
             nursery.start_soon(self.service.follow, self.events, self.summary)
             await nursery.start(self.launcher.run)
             await self.start_modules(nursery, self.checked.plans)
@@ -239,10 +239,10 @@ class DaemonRuntime:
                      modules=states, config=str(self.checked.path),
                      forkserver=self.launcher.forkserver is not None,
                      systemd=self.service.enabled)  # fmt: skip
-            self.service.ready(self.summary())
+            await self.service.ready(self.summary())
             task_status.started(self.socket_path)
             await self.stop_requested.wait()
-            self.service.stopping(self.summary())
+            await self.service.stopping(self.summary())
             await self._shutdown()
             nursery.cancel_scope.cancel()
 
@@ -298,11 +298,11 @@ class DaemonRuntime:
         An invalid new configuration changes nothing: the old one keeps running.
         """
         async with self._reload_lock:
-            self.service.reloading(self.summary())
+            await self.service.reloading(self.summary())
             try:
                 return await self._reload()
             finally:
-                self.service.ready(self.summary())  # done, or failed with the old config running
+                await self.service.ready(self.summary())  # done, or failed: the old config runs
 
     async def _reload(self) -> dict[str, Any]:
         log.info("daemon.reloading", config=str(self.checked.path))

@@ -19,12 +19,23 @@ import trio
 from ._config import RestartMode
 from ._events import EventBus
 from ._states import WorkerState
-from ._systemd import Notifier, monotonic_usec, take_watchdog_usec
+from ._systemd import (
+    Notifier,
+    describe_error,
+    monotonic_usec,
+    notify_message,
+    take_watchdog_usec,
+)
 
 log = structlog.get_logger("ipad")
 
 #: Pings per watchdog interval: sd_watchdog_enabled(3) asks for at least two.
 WATCHDOG_PINGS_PER_INTERVAL = 2
+
+#: A message the manager's full queue cannot take is tried again this often...
+NOTIFY_RETRY = 0.002
+#: ...for this long, then dropped (logged): a wedged manager must not wedge the daemon.
+NOTIFY_TIMEOUT = 5.0
 
 
 class ModuleHealth(enum.Enum):
@@ -96,48 +107,61 @@ class ServiceNotifier:
         """Whether a service manager listens."""
         return self.notifier.enabled
 
-    def _send(self, **fields: object) -> None:
-        if self.notifier.notify(**fields) or self.notifier.error is None:
-            return
-        if self.notifier.error != self._logged_error:  # once per kind of failure, not per ping
-            self._logged_error = self.notifier.error
-            log.warning("systemd.notify_failed", error=self.notifier.error,
-                        message=sorted(fields))  # fmt: skip
+    async def _send(self, **fields: object) -> None:
+        """Send one message, waiting (without blocking the loop) while the manager is busy."""
+        message = notify_message(fields)
+        error = f"not taken within {NOTIFY_TIMEOUT:g}s"
+        with trio.move_on_after(NOTIFY_TIMEOUT):
+            while True:
+                try:
+                    self.notifier.send(message)
+                except BlockingIOError:
+                    await trio.sleep(NOTIFY_RETRY)
+                    continue
+                except OSError as exc:
+                    error = describe_error(exc)
+                    break
+                self._logged_error = None
+                return
+        if error != self._logged_error:  # once per kind of failure, not once per ping
+            self._logged_error = error
+            log.warning("systemd.notify_failed", error=error, message=sorted(fields))
 
     def _status_text(self, summary: str) -> str:
         return f"{self.phase}: {summary}" if self.phase else summary
 
-    def ready(self, summary: str) -> None:
+    async def ready(self, summary: str) -> None:
         """Started, or done reloading: READY=1 with the current counts."""
         self.phase = None
         self._sent_status = self._status_text(summary)
-        self._send(READY=1, STATUS=self._sent_status)
+        await self._send(READY=1, STATUS=self._sent_status)
 
-    def reloading(self, summary: str) -> None:
+    async def reloading(self, summary: str) -> None:
         """A reload begins: RELOADING=1 stamped with the time it began, as systemd asks."""
         self.phase = "reloading"
         self._sent_status = self._status_text(summary)
-        self._send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS=self._sent_status)
+        stamp = monotonic_usec()
+        await self._send(RELOADING=1, MONOTONIC_USEC=stamp, STATUS=self._sent_status)
 
-    def stopping(self, summary: str) -> None:
+    async def stopping(self, summary: str) -> None:
         """The daemon is stopping its workers: STOPPING=1."""
         self.phase = "stopping"
         self._sent_status = self._status_text(summary)
-        self._send(STOPPING=1, STATUS=self._sent_status)
+        await self._send(STOPPING=1, STATUS=self._sent_status)
 
-    def starting(self, modules: int) -> None:
+    async def starting(self, modules: int) -> None:
         """Before READY: how many modules are being started."""
         self._sent_status = f"starting {modules} module{'' if modules == 1 else 's'}"
-        self._send(STATUS=self._sent_status)
+        await self._send(STATUS=self._sent_status)
 
-    def status(self, summary: str) -> None:
+    async def status(self, summary: str) -> None:
         """STATUS= with ``summary``, if it says something new (not before READY)."""
         if self.phase == "starting":
             return  # READY=1 brings the first counts; until then, "starting N modules"
         text = self._status_text(summary)
         if text != self._sent_status:
             self._sent_status = text
-            self._send(STATUS=text)
+            await self._send(STATUS=text)
 
     async def keep_watchdog(self) -> None:
         """Ping the watchdog from the event loop for as long as the loop runs."""
@@ -147,7 +171,7 @@ class ServiceNotifier:
         log.info("systemd.watchdog", interval=round(interval, 3),
                  timeout=self.watchdog_usec / 1e6)  # fmt: skip
         while True:
-            self._send(WATCHDOG=1)
+            await self._send(WATCHDOG=1)
             await trio.sleep(interval)
 
     async def follow(self, events: EventBus, summary: Callable[[], str]) -> None:
@@ -162,7 +186,7 @@ class ServiceNotifier:
                         subscription.receive.receive_nowait()
                     except trio.WouldBlock:
                         break
-                self.status(summary())
+                await self.status(summary())
         finally:
             events.unsubscribe(subscription)
 

@@ -157,21 +157,26 @@ def notify_address(value: str) -> str | None:
     return None  # not a Unix socket this daemon knows how to reach (e.g. vsock)
 
 
+def describe_error(exc: OSError) -> str:
+    """``ENOENT: No such file or directory``: the errno's name and its text."""
+    return f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror}"
+
+
 def monotonic_usec() -> int:
     """CLOCK_MONOTONIC in microseconds, for RELOADING=1's MONOTONIC_USEC=."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 class Notifier:
-    """Sends sd_notify messages; without ``$NOTIFY_SOCKET`` every send is a no-op."""
+    """The socket sd_notify messages go to; without ``$NOTIFY_SOCKET`` there is none."""
 
     def __init__(self, address: str | None) -> None:
         self.address = address
         self._sock: socket.socket | None = None
         if address is not None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        #: Why the last send failed, if it did (for the daemon to log once).
-        self.error: str | None = None
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @classmethod
     def from_environment(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
@@ -185,20 +190,16 @@ class Notifier:
         """Whether a service manager listens."""
         return self._sock is not None
 
-    def notify(self, **fields: object) -> bool:
-        """Send ``fields`` as one message; False (and ``error`` set) if it could not be sent.
+    def send(self, message: bytes) -> bool:
+        """Send one message without blocking; False without a manager.
 
-        The send never blocks the event loop: a service manager too busy to
-        take a datagram misses it, as it would miss a late watchdog ping.
+        OSError as sendto raises it: BlockingIOError while the manager's queue
+        is full (a busy PID 1; net.unix.max_dgram_qlen may be as low as 10),
+        for the caller to retry, as libsystemd's blocking send would wait.
         """
         if self._sock is None or self.address is None:
             return False
-        try:
-            self._sock.sendto(notify_message(fields), socket.MSG_DONTWAIT, self.address)
-        except OSError as exc:
-            self.error = f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror}"
-            return False
-        self.error = None
+        self._sock.sendto(message, self.address)
         return True
 
     def close(self) -> None:

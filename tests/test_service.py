@@ -87,16 +87,16 @@ def received(sock: socket.socket) -> list[dict[str, str]]:
         messages.append(dict(line.split("=", 1) for line in lines))
 
 
-def test_start_ready_reload_stop_sequence(manager: tuple[socket.socket, Notifier]) -> None:
+async def test_start_ready_reload_stop_sequence(manager: tuple[socket.socket, Notifier]) -> None:
     """STATUS while starting, READY with counts, RELOADING stamped, READY again, STOPPING."""
     sock, notifier = manager
     service = ServiceNotifier(notifier)
-    service.starting(3)
-    service.status("ignored until ready")
-    service.ready("3 modules valid")
-    service.reloading("3 modules valid")
-    service.ready("2 modules valid")
-    service.stopping("2 modules valid")
+    await service.starting(3)
+    await service.status("ignored until ready")
+    await service.ready("3 modules valid")
+    await service.reloading("3 modules valid")
+    await service.ready("2 modules valid")
+    await service.stopping("2 modules valid")
     messages = received(sock)
     assert messages[0] == {"STATUS": "starting 3 modules"}
     assert messages[1] == {"READY": "1", "STATUS": "3 modules valid"}
@@ -109,14 +109,16 @@ def test_start_ready_reload_stop_sequence(manager: tuple[socket.socket, Notifier
     ]
 
 
-def test_status_is_sent_only_when_it_changes(manager: tuple[socket.socket, Notifier]) -> None:
+async def test_status_is_sent_only_when_it_changes(
+    manager: tuple[socket.socket, Notifier],
+) -> None:
     """The same counts twice make one STATUS=, not two."""
     sock, notifier = manager
     service = ServiceNotifier(notifier)
-    service.ready("a")
-    service.status("a")
-    service.status("b")
-    service.status("b")
+    await service.ready("a")
+    await service.status("a")
+    await service.status("b")
+    await service.status("b")
     assert received(sock) == [{"READY": "1", "STATUS": "a"}, {"STATUS": "b"}]
 
 
@@ -126,7 +128,7 @@ async def test_follow_sends_one_status_per_burst_of_events(
     """Three module events published together give one recount and one STATUS=."""
     sock, notifier = manager
     service = ServiceNotifier(notifier)
-    service.ready("before")
+    await service.ready("before")
     received(sock)
     bus = EventBus()
     counts = iter(["after", "later"])
@@ -161,13 +163,52 @@ async def test_no_watchdog_no_pings(manager: tuple[socket.socket, Notifier]) -> 
     assert received(sock) == []
 
 
-def test_a_failing_send_is_logged_once() -> None:
+async def test_a_failing_send_is_logged_once() -> None:
     """With systemd gone: one warning for that failure, not one per ping."""
     service = ServiceNotifier(Notifier("/nonexistent/notify"))
     with capture_logs() as logs:
-        service.ready("x")
-        service.status("y")
-        service.stopping("z")
+        await service.ready("x")
+        await service.status("y")
+        await service.stopping("z")
     service.close()
     assert [entry["event"] for entry in logs] == ["systemd.notify_failed"]
     assert logs[0]["error"] == "ENOENT: No such file or directory"
+
+
+async def test_a_busy_manager_delays_messages_but_loses_none(
+    manager: tuple[socket.socket, Notifier], autojump_clock: trio.testing.MockClock
+) -> None:
+    """With the manager's queue full, sends wait until it reads again; nothing is dropped."""
+    sock, notifier = manager
+    service = ServiceNotifier(notifier)
+    sent = 0
+    async with trio.open_nursery() as nursery:
+
+        async def flood() -> None:
+            nonlocal sent
+            for n in range(2000):  # far more than a datagram queue holds
+                await service._send(N=n)
+                sent += 1
+
+        nursery.start_soon(flood)
+        await trio.sleep(1)
+        assert 0 < sent < 2000  # the queue filled: the sender waits
+        got: list[dict[str, str]] = []
+        while len(got) < 2000:
+            got += received(sock)
+            await trio.sleep(0.01)
+    assert [int(m["N"]) for m in got] == list(range(2000))
+
+
+async def test_a_wedged_manager_does_not_wedge_the_daemon(
+    manager: tuple[socket.socket, Notifier], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A queue that never drains: each message gives up after NOTIFY_TIMEOUT, logged once."""
+    _sock, notifier = manager
+    service = ServiceNotifier(notifier)
+    with capture_logs() as logs:
+        with trio.move_on_after(60):
+            while True:
+                await service._send(WATCHDOG=1)
+    assert [entry["event"] for entry in logs] == ["systemd.notify_failed"]
+    assert logs[0]["error"] == "not taken within 5s"

@@ -18,6 +18,7 @@ from ipad._systemd import (
     ActivationError,
     ListenFd,
     Notifier,
+    describe_error,
     listening_socket,
     monotonic_usec,
     notify_address,
@@ -236,7 +237,7 @@ def test_notifier_sends_one_datagram_and_takes_the_variable(
     try:
         assert env == {}
         assert notifier.enabled
-        assert notifier.notify(READY=1, STATUS="3 modules valid")
+        assert notifier.send(notify_message({"READY": 1, "STATUS": "3 modules valid"}))
         assert sock.recv(4096) == b"READY=1\nSTATUS=3 modules valid\n"
     finally:
         notifier.close()
@@ -246,16 +247,16 @@ def test_notifier_without_a_manager_does_nothing() -> None:
     """Outside systemd a notification is a no-op that reports it was not sent."""
     notifier = Notifier.from_environment({})
     assert not notifier.enabled
-    assert not notifier.notify(READY=1)
-    assert notifier.error is None
+    assert not notifier.send(b"READY=1\n")
 
 
-def test_notifier_reports_a_manager_that_went_away(short_dir: str) -> None:
-    """A send that fails is reported, not raised: the daemon goes on serving."""
+def test_notifier_raises_what_sendto_raises(short_dir: str) -> None:
+    """A manager that went away is the sender's OSError, described by its errno name."""
     notifier = Notifier(f"{short_dir}/gone")
     try:
-        assert not notifier.notify(WATCHDOG=1)
-        assert notifier.error == "ENOENT: No such file or directory"
+        with pytest.raises(FileNotFoundError) as raised:
+            notifier.send(b"WATCHDOG=1\n")
+        assert describe_error(raised.value) == "ENOENT: No such file or directory"
     finally:
         notifier.close()
 
