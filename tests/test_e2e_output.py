@@ -1,4 +1,4 @@
-"""Workers' stdout and stderr, relayed by a real daemon: attributed, limited, on a clean fd set."""
+"""Worker processes as a real daemon starts them: output relayed, a clean fd set, SIGHUP ignored."""
 
 from __future__ import annotations
 
@@ -98,3 +98,13 @@ def test_the_fork_servers_output_is_relayed_too(start_daemon: Start, tmp_path: P
     failed = daemon.wait_for("worker.stderr", lambda r: "forkserver.preload_failed" in r["text"])
     assert (failed["module"], failed["worker_pid"]) == ("forkserver", server)
     assert str(Path(f"/proc/{server}/fd/0").readlink()) == "/dev/null"
+
+
+@pytest.mark.parametrize("forkserver", [True, False], ids=["forked", "spawned"])
+def test_workers_ignore_sighup(start_daemon: Start, tmp_path: Path, forkserver: bool) -> None:
+    """SIGHUP to every process of the service (systemctl kill -s HUP) kills no worker."""
+    daemon = start_daemon(faulty_config(tmp_path, forkserver))
+    pid = daemon.worker_pids()["faulty"]
+    os.kill(pid, signal.SIGHUP)
+    assert call(daemon, "pid") == pid
+    assert not daemon.events("worker.exited")
