@@ -46,7 +46,7 @@ class JournalReader:
             if found:
                 return found[0]
             if time.monotonic() > deadline:
-                recent = self.entries()[-15:]
+                recent = self.entries(*matches)[-20:] or self.entries()[-20:]
                 lines = "\n".join(str(e.get("MESSAGE")) for e in recent)
-                raise AssertionError(f"no journal entry {matches}; the last ones:\n{lines}")
+                raise AssertionError(f"no such journal entry {matches}; the last ones:\n{lines}")
             time.sleep(0.05)
