@@ -13,6 +13,7 @@ Tests then drive it with systemctl and read journalctl -o json.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -28,6 +29,7 @@ from ipad.client import BlockingClient, WorkerCrashed
 from tests.daemon_process import REPO, TEST_MODULES, WAIT
 from tests.journal_reader import Entry
 from tests.systemd_namespace import SystemdNamespace, missing_requirements
+from tests.test_e2e_unprivileged import root_subtrees
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -47,6 +49,14 @@ module_dirs = ["{TEST_MODULES}"]
 [modules.agc]
 [modules.echo]
 [modules.faulty]
+"""
+
+#: In the namespace, /root becomes a world-searchable tmpfs with just these subtrees bound in.
+OPEN_ROOT = """
+keep=$(mktemp -d /run/root-keep.XXXXXX)
+for sub in {subtrees}; do mkdir -p "$keep/$sub"; mount --bind "/root/$sub" "$keep/$sub"; done
+mount -t tmpfs -o mode=0755 tmpfs /root
+for sub in {subtrees}; do mkdir -p "/root/$sub"; mount --bind "$keep/$sub" "/root/$sub"; done
 """
 
 #: Directories systemd hides from the service (ProtectHome=, PrivateTmp=) that a checkout or
@@ -162,7 +172,9 @@ def systemd() -> Iterator[Service]:
     setup = (
         "systemd-sysusers /usr/lib/sysusers.d/ipad.conf\n"
         # The installed venv docs/operations.md describes is this checkout's.
-        f"mount -t tmpfs -o mode=0755 tmpfs /opt && mkdir /opt/ipad && ln -s {sys.prefix} /opt/ipad/venv"
+        f"mount -t tmpfs -o mode=0755 tmpfs /opt && mkdir /opt/ipad && ln -s {sys.prefix} /opt/ipad/venv\n"
+        # Users other than root may run it: /root opened to the interpreter's subtrees only.
+        + OPEN_ROOT.format(subtrees=" ".join(root_subtrees()))
     )
     in_tmp = [Path(p) for p in needed_paths() if p.startswith(("/tmp/", "/var/tmp/"))]
     ns = SystemdNamespace(files, setup, keep=in_tmp)
@@ -224,6 +236,11 @@ def test_the_socket_is_for_root_and_group_ipad(systemd: Service) -> None:
     member = systemd.ns.run("setpriv", "--reuid=65534", "--regid=65534", f"--groups={group[2]}",
                             "/usr/bin/python3", "-c", probe, SOCKET, check=False)  # fmt: skip
     assert member.returncode == 0, member.stderr
+    # And a member's ipadctl finds the system service without being told where it is.
+    ipadctl = systemd.ns.run("setpriv", "--reuid=65534", "--regid=65534", f"--groups={group[2]}",
+                             "/opt/ipad/venv/bin/ipadctl", "--json", "status", check=False)  # fmt: skip
+    assert ipadctl.returncode == 0, ipadctl.stderr
+    assert json.loads(ipadctl.stdout)["daemon"]["socket"] == SOCKET
 
 
 def test_ready_status_and_the_daemons_user(service: Service) -> None:
