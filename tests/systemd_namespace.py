@@ -90,7 +90,7 @@ exec /lib/systemd/systemd --system --unit=test.target --log-target=journal
 
 #: Run in the host's mount namespace: join the cgroup made for the namespace, then unshare.
 ENTER = (
-    'echo $$ > "$1/cgroup.procs" && exec "$2" --pid --fork --mount --uts --ipc --net --cgroup '
+    'echo $$ > "$1/cgroup.procs" && exec "$2" --pid --fork --mount --uts --ipc $5 --cgroup '
     '--mount-proc --propagation private /bin/sh -c "$3" boot "$4"'
 )
 
@@ -101,12 +101,19 @@ class SystemdNamespace:
     ``files`` are written into the namespace before systemd starts (absolute
     paths: /etc lands in the overlay, /run in its tmpfs); ``setup`` is shell run
     after that, as root, inside the namespace. ``keep`` are host directories
-    below /tmp or /var/tmp to see in the namespace too.
+    below /tmp or /var/tmp to see in the namespace too. With ``network`` it
+    shares the host's network namespace (to install packages, say).
     """
 
     def __init__(
-        self, files: Mapping[str, str], setup: str = "", keep: Sequence[Path] = ()
+        self,
+        files: Mapping[str, str],
+        setup: str = "",
+        keep: Sequence[Path] = (),
+        *,
+        network: bool = False,
     ) -> None:
+        self.network = network
         self.stage = Path(tempfile.mkdtemp(prefix="ipad-systemd-"))
         (self.stage / "keep").write_text("".join(f"{p}\n" for p in [self.stage, *keep]))
         self.cgroup = self._make_cgroup()
@@ -128,6 +135,9 @@ class SystemdNamespace:
         return path
 
     def _boot(self, files: Mapping[str, str], setup: str) -> None:
+        outside = [t for t in files if not t.startswith(("/etc/", "/run/"))]
+        if outside:  # anywhere else is the host's own file system
+            raise ValueError(f"only /etc and /run are private to the namespace, not {outside}")
         copies = []
         for number, (target, content) in enumerate(files.items()):
             source = self.stage / f"file{number}"
@@ -137,7 +147,8 @@ class SystemdNamespace:
         (self.stage / "setup.sh").write_text("set -e\n" + "\n".join(copies) + "\n" + setup + "\n")
         self.stage.chmod(0o755)
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", ENTER, "enter", str(self.cgroup), UNSHARE, BOOT, str(self.stage)],
+            ["/bin/sh", "-c", ENTER, "enter", str(self.cgroup), UNSHARE, BOOT, str(self.stage),
+             "" if self.network else "--net"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,
         )  # fmt: skip

@@ -164,13 +164,13 @@ def systemd() -> Iterator[Service]:
     files = {
         "/etc/systemd/system/ipad.service": (units / "ipad.service").read_text(),
         "/etc/systemd/system/ipad.socket": (units / "ipad.socket").read_text(),
-        "/usr/lib/sysusers.d/ipad.conf": (units / "sysusers.d" / "ipad.conf").read_text(),
+        "/etc/sysusers.d/ipad.conf": (units / "sysusers.d" / "ipad.conf").read_text(),
         "/run/systemd/system/ipad.service.d/test.conf": service_drop_in(),
         "/run/systemd/system/ipad.socket.d/test.conf": "[Unit]\nDefaultDependencies=no\n",
         "/etc/ipad/config.toml": CONFIG,
     }
     setup = (
-        "systemd-sysusers /usr/lib/sysusers.d/ipad.conf\n"
+        "systemd-sysusers /etc/sysusers.d/ipad.conf\n"
         # The installed venv docs/operations.md describes is this checkout's.
         f"mount -t tmpfs -o mode=0755 tmpfs /opt && mkdir /opt/ipad && ln -s {sys.prefix} /opt/ipad/venv\n"
         # Users other than root may run it: /root opened to the interpreter's subtrees only.
