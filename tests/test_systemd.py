@@ -294,6 +294,7 @@ def test_an_invalid_config_fails_the_reload_not_the_service(service: Service) ->
     try:
         result = service.ns.run("systemctl", "reload", UNIT, check=False)
         assert result.returncode != 0
+        assert "Job for ipad.service failed." in result.stderr
         failed = service.wait_entry("IPAD_EVENT=daemon.reload_failed")
         assert "modules.nosuch" in failed["PROBLEMS"]
         assert service.is_active() == "active"
