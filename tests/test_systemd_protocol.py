@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -141,41 +141,52 @@ def test_a_passed_seqpacket_listener_is_taken(short_dir: str) -> None:
         }  # fmt: skip
 
 
-@pytest.mark.timeout(30)
-def test_a_passed_stream_socket_is_refused(short_dir: str) -> None:
-    """A stream socket (ListenStream=) is refused with what the unit should say instead."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.bind(f"{short_dir}/s")
-        sock.listen()
-        assert run_activated(sock, names="ipad.socket") == {
-            "error": "fd 3 (ipad.socket) from LISTEN_FDS is a SOCK_STREAM socket, "
-            "not SOCK_SEQPACKET: use ListenSequentialPacket="
-        }
+def stream_listener() -> socket.socket:
+    """What ListenStream= would pass."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind("")  # an abstract name of the kernel's choosing
+    sock.listen()
+    return sock
+
+
+def tcp_listener() -> socket.socket:
+    """What ListenStream=127.0.0.1:PORT would pass."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def unlistened() -> socket.socket:
+    """A SEQPACKET socket nobody listens on (one end of a pair, as Accept=yes would pass)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.close()
+    return ours
 
 
 @pytest.mark.timeout(30)
-def test_a_socket_nobody_listens_on_is_refused() -> None:
-    """A connected or unbound SEQPACKET socket is not a listener (Accept=yes would pass one)."""
-    ours, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours, _theirs:
-        result = run_activated(ours, names="ipad.socket")
-    assert result == {
-        "error": "fd 3 (ipad.socket) from LISTEN_FDS is not listening (is Accept=yes set in "
-        "the socket unit? ipad needs Accept=no)"
-    }
-
-
-@pytest.mark.timeout(30)
-def test_an_internet_socket_is_refused() -> None:
-    """Only AF_UNIX: a TCP listener is refused, naming its family."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (
+            stream_listener,
+            "is a SOCK_STREAM socket, not SOCK_SEQPACKET: use ListenSequentialPacket=",
+        ),
+        (tcp_listener, "is an AF_INET socket, not AF_UNIX: use ListenSequentialPacket=PATH"),
+        (
+            unlistened,
+            "is not listening (is Accept=yes set in the socket unit? ipad needs Accept=no)",
+        ),
+    ],
+    ids=["stream", "inet", "not-listening"],
+)
+def test_a_socket_of_the_wrong_kind_is_refused(
+    make: Callable[[], socket.socket], problem: str
+) -> None:
+    """Each wrong socket is refused, saying what the socket unit should say instead."""
+    with make() as sock:
         result = run_activated(sock, names="ipad.socket")
-    assert result == {
-        "error": "fd 3 (ipad.socket) from LISTEN_FDS is an AF_INET socket, not AF_UNIX: "
-        "use ListenSequentialPacket=PATH"
-    }
+    assert result == {"error": f"fd 3 (ipad.socket) from LISTEN_FDS {problem}"}
 
 
 @pytest.mark.timeout(30)
