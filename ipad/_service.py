@@ -180,12 +180,11 @@ class ServiceNotifier:
             return
         subscription = events.subscribe(0)  # unbounded: the notifier must never be cut off
         try:
-            async for _ in subscription.receive:
-                while True:  # everything already queued is one burst: one STATUS=
-                    try:
-                        subscription.receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+            while True:
+                await subscription.wait()
+                if not subscription.queue:
+                    return  # closed
+                subscription.queue.clear()  # everything queued is one burst: one STATUS=
                 await self.status(summary())
         finally:
             events.unsubscribe(subscription)
