@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from ipad import client as ipc
+from ipad._client import LocalEvent
 from ipad.client import BlockingClient, WorkerCrashed
 from tests.daemon_process import REPO, TEST_MODULES, WAIT
 from tests.journal_reader import Entry
@@ -335,6 +336,15 @@ def test_a_killed_worker_is_restarted_and_its_story_is_in_the_journal(service: S
     assert ready["WORKER_PID"] in {e.get("WORKER_PID") for e in service.entries("MODULE=faulty")}
 
 
+async def next_local(client: ipc.Client, kind: str, timeout: float = WAIT) -> LocalEvent:
+    """The next event of ``kind`` the client library made itself."""
+    with trio.fail_after(timeout):
+        async for event in client.events:
+            if isinstance(event, LocalEvent) and event.kind == kind:
+                return event
+    raise AssertionError(f"the event stream ended before a {kind!r} event")
+
+
 async def test_the_watchdog_restarts_a_frozen_daemon(service: Service) -> None:
     """SIGSTOP the daemon: its pings stop, systemd's watchdog restarts it, clients carry on."""
     drop_in = service.ns.root / "run/systemd/system/ipad.service.d/watchdog.conf"
@@ -344,23 +354,25 @@ async def test_the_watchdog_restarts_a_frozen_daemon(service: Service) -> None:
         service.ns.systemctl("restart", UNIT)
         frozen = service.main_pid()
         since = time.time()
-        async with ipc.open_client(service.socket) as client:
+        async with ipc.open_client(service.socket, reconnect=True) as client:
             proxy = await client.request_proxy("faulty")
             await proxy.call("init", {"settings": {"value": 7}})
             service.ns.run("kill", "-STOP", str(frozen))
-            await trio.to_thread.run_sync(service.wait, lambda: service.main_pid() not in (0, frozen)
-                                          and service.is_active() == "active", "restarted")  # fmt: skip
-            # TODO(issue 9, client reconnect): open the client with reconnect=True and assert
-            # that this same proxy recovers: `await proxy.call("get", wait=WAIT) == 7`,
-            # `proxy.valid`, and a LocalEvent "recovered" with details {"reconnected": True}.
+            back = await next_local(client, "reconnected")
+            new_pid = service.main_pid()
+            assert new_pid not in (0, frozen)
+            assert back.details["daemon_pid"] == new_pid
+            # The same proxy works again, on the new daemon, its setup replayed.
+            assert await proxy.call("get", wait=WAIT) == 7
+            assert proxy.valid
+            recovered = await next_local(client, "recovered")
+            assert recovered.details["reconnected"] is True
+            assert recovered.proxy_id == proxy.proxy_id
+        assert service.is_active() == "active"
         service.manager_says("Watchdog timeout (limit 2s)!", since)
         # faulthandler: the SIGABRT shows where the loop was stuck (here: stopped anywhere).
         service.wait_entry("MESSAGE=Fatal Python error: Aborted", since=since)
         assert service.ns.show(UNIT, "NRestarts") != "0"
-        async with ipc.open_client(service.socket) as fresh:
-            proxy = await fresh.request_proxy("faulty")
-            await proxy.call("init", {"settings": {"value": 8}})
-            assert await proxy.call("get") == 8
     finally:
         drop_in.unlink()
         service.ns.systemctl("daemon-reload")
