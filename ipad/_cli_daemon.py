@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from collections.abc import Sequence
@@ -89,12 +90,16 @@ def _run(checked: CheckedConfig) -> int:
         import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
 
         from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
+        from ._systemd import ActivationError  # noqa: PLC0415
 
+        # A fatal signal -- systemd's watchdog sends SIGABRT to a stuck daemon --
+        # prints every thread's Python stack first: the journal then shows where it hung.
+        faulthandler.enable(all_threads=True)
         try:
             trio.run(run_daemon, checked, early)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
-        except (SocketInUse, OSError) as exc:
+        except (SocketInUse, ActivationError, OSError) as exc:
             structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
             return EXIT_CONFIG
         return 0

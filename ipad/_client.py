@@ -26,7 +26,7 @@ from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, expect
 from ._client_events import EVENT_BACKLOG, EventQueue, LocalEvent
 from ._client_proxy import Proxy
 from ._errors import Disconnected, IpadError, ModuleUnavailable, WorkerCrashed
-from ._paths import socket_path
+from ._paths import client_socket_path
 from ._transport import PacketSocket, Requests
 
 __all__ = [
@@ -352,7 +352,7 @@ async def open_client(
     events say so); without it, the loss ends ``client.events`` and every
     later request fails with Disconnected.
     """
-    target = str(path) if path is not None else str(socket_path(None))
+    target = str(path) if path is not None else str(client_socket_path())
     async with trio.open_nursery() as nursery:
         client = Client(target, nursery, name=name, subscribe=subscribe, reconnect=reconnect)
         try:

@@ -27,7 +27,7 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._fdpass import recv_packet, send_packet
-from ._paths import socket_path
+from ._paths import client_socket_path
 
 #: Events kept while nobody reads them; the oldest go first.
 EVENT_BACKLOG = 1024
@@ -285,7 +285,7 @@ class BlockingClient:
         subscribe: bool = False,
         reconnect: bool = False,
     ) -> None:
-        self.path = str(path) if path is not None else str(socket_path(None))
+        self.path = str(path) if path is not None else str(client_socket_path())
         self.name = name
         self.subscribed = subscribe
         #: Whether a lost daemon connection is made again (on the next request or ``wait``).

@@ -25,9 +25,11 @@ from ._problems import ConfigError
 from ._proxies import ProxyTable
 from ._registry import REGISTRY
 from ._server import AdminError, Daemon, serve_clients
+from ._service import ServiceNotifier, module_health, status_line
 from ._spawn import StartedProcess
 from ._states import ProxyState
 from ._supervisor import ModuleSupervisor, worker_env
+from ._systemd import Notifier, listening_socket, socket_name, take_listen_fds
 from ._zygote import forkable_argv, trusted_preloads
 
 log = structlog.get_logger("ipad")
@@ -109,10 +111,16 @@ class DaemonRuntime:
     """The running daemon: its configuration, supervisors, and the operations on them."""
 
     def __init__(
-        self, checked: CheckedConfig, path: Path, early_forkserver: StartedProcess | None = None
+        self,
+        checked: CheckedConfig,
+        path: Path,
+        service: ServiceNotifier | None = None,
+        early_forkserver: StartedProcess | None = None,
     ) -> None:
         self.checked = checked
         self.socket_path = path
+        #: systemd's notification channel (a no-op outside systemd).
+        self.service = service if service is not None else ServiceNotifier(Notifier(None))
         self.events = EventBus()
         self.proxies = ProxyTable(self.events)
         self.cgroups = WorkerCgroups.create()
@@ -145,6 +153,16 @@ class DaemonRuntime:
             "workers_spawned": self.launcher.spawns,
             "cgroup": str(self.cgroups.base) if self.cgroups else None,
         }
+
+    def summary(self) -> str:
+        """The module and proxy counts systemd shows as the service's status."""
+        health = []
+        for sup in self.supervisors.values():
+            exited = sup.worker.exit_status if sup.worker is not None else None
+            clean = exited is not None and exited.clean
+            restart = sup.policy.restart
+            health.append(module_health(sup.state, exited_cleanly=clean, restart=restart))
+        return status_line(health, len(self.proxies))
 
     def _supervisor(self, checked: CheckedConfig, name: str) -> ModuleSupervisor:
         settings = checked.config.modules[name]
@@ -182,6 +200,8 @@ class DaemonRuntime:
     async def _run(self, listener: socket.socket, task_status: trio.TaskStatus[Path]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self.service.starting(len(self.checked.plans))
+            nursery.start_soon(self.service.follow, self.events, self.summary)
             await nursery.start(self.launcher.run)
             await self.start_modules(nursery, self.checked.plans)
             for supervisor in self.supervisors.values():
@@ -190,9 +210,12 @@ class DaemonRuntime:
             states = {name: sup.state.value for name, sup in self.supervisors.items()}
             log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
                      modules=states, config=str(self.checked.path),
-                     forkserver=self.launcher.forkserver is not None)  # fmt: skip
+                     forkserver=self.launcher.forkserver is not None,
+                     systemd=self.service.enabled)  # fmt: skip
+            await self.service.ready(self.summary())
             task_status.started(self.socket_path)
             await self.stop_requested.wait()
+            await self.service.stopping(self.summary())
             await self._shutdown()
             nursery.cancel_scope.cancel()
 
@@ -248,41 +271,48 @@ class DaemonRuntime:
         An invalid new configuration changes nothing: the old one keeps running.
         """
         async with self._reload_lock:
-            log.info("daemon.reloading", config=str(self.checked.path))
+            await self.service.reloading(self.summary())
             try:
-                new = check_config(self.checked.path)
-            except ConfigError as exc:
-                problems = [str(problem) for problem in exc.problems]
-                log.error("daemon.reload_failed", problems=problems)
-                message = "the new configuration is invalid; the old one keeps running"
-                details = {"problems": problems}
-                raise AdminError(p.ErrorCode.INVALID_CONFIG, message, details) from None
-            old = self.checked
-            removed = sorted(set(old.plans) - set(new.plans))
-            added = sorted(set(new.plans) - set(old.plans))
-            changed = sorted(
-                name
-                for name in set(old.plans) & set(new.plans)
-                if old.plans[name] != new.plans[name]
-                or old.config.modules[name] != new.config.modules[name]
-                or old.config.restart_policy(name) != new.config.restart_policy(name)
-            )
-            if old.config.daemon.socket != new.config.daemon.socket:
-                log.warning("daemon.reload_socket_unchanged", reason="the socket moves at restart")
-            async with trio.open_nursery() as stopping:
-                for name in [*removed, *changed]:
-                    stopping.start_soon(self.supervisors[name].stop)
+                return await self._reload()
+            finally:
+                await self.service.ready(self.summary())  # done, or failed: the old config runs
+
+    async def _reload(self) -> dict[str, Any]:
+        log.info("daemon.reloading", config=str(self.checked.path))
+        try:
+            new = check_config(self.checked.path)
+        except ConfigError as exc:
+            problems = [str(problem) for problem in exc.problems]
+            log.error("daemon.reload_failed", problems=problems)
+            message = "the new configuration is invalid; the old one keeps running"
+            details = {"problems": problems}
+            raise AdminError(p.ErrorCode.INVALID_CONFIG, message, details) from None
+        old = self.checked
+        removed = sorted(set(old.plans) - set(new.plans))
+        added = sorted(set(new.plans) - set(old.plans))
+        changed = sorted(
+            name
+            for name in set(old.plans) & set(new.plans)
+            if old.plans[name] != new.plans[name]
+            or old.config.modules[name] != new.config.modules[name]
+            or old.config.restart_policy(name) != new.config.restart_policy(name)
+        )
+        if old.config.daemon.socket != new.config.daemon.socket:
+            log.warning("daemon.reload_socket_unchanged", reason="the socket moves at restart")
+        async with trio.open_nursery() as stopping:
             for name in [*removed, *changed]:
-                del self.supervisors[name]
-            self.checked = new
-            assert self._nursery is not None  # noqa: S101 - set by run()
-            await self.start_modules(self._nursery, [*added, *changed])
-            for name in [*added, *changed]:
-                self.supervisors[name].standby_allowed.set()
-            result = {"added": added, "removed": removed, "changed": changed,
-                      "unchanged": sorted(set(new.plans) - set(added) - set(changed))}  # fmt: skip
-            log.info("daemon.reloaded", **result)
-            return result
+                stopping.start_soon(self.supervisors[name].stop)
+        for name in [*removed, *changed]:
+            del self.supervisors[name]
+        self.checked = new
+        assert self._nursery is not None  # noqa: S101 - set by run()
+        await self.start_modules(self._nursery, [*added, *changed])
+        for name in [*added, *changed]:
+            self.supervisors[name].standby_allowed.set()
+        result = {"added": added, "removed": removed, "changed": changed,
+                  "unchanged": sorted(set(new.plans) - set(added) - set(changed))}  # fmt: skip
+        log.info("daemon.reloaded", **result)
+        return result
 
 
 async def run_daemon(
@@ -299,19 +329,41 @@ async def run_daemon(
     once every module has reached a first state (running, or failed with its
     reason) and clients are served.
     """
-    path = socket_path(checked.config.daemon.socket)
-    listener = bind_listener(path)
-    runtime = DaemonRuntime(checked, path, early_forkserver)
+    service = ServiceNotifier.from_environment()
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_handle_signals, runtime, signals)
-                await runtime.run(listener, task_status)
-                nursery.cancel_scope.cancel()
+        listener, path, activated = open_listener(socket_path(checked.config.daemon.socket))
+        runtime = DaemonRuntime(checked, path, service, early_forkserver)
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_handle_signals, runtime, signals)
+                    nursery.start_soon(service.keep_watchdog)
+                    await runtime.run(listener, task_status)
+                    nursery.cancel_scope.cancel()
+        finally:
+            listener.close()
+            if not activated:  # an inherited socket's path belongs to its socket unit
+                path.unlink(missing_ok=True)
     finally:
-        listener.close()
-        path.unlink(missing_ok=True)
+        service.close()
     log.info("daemon.stopped")
+
+
+def open_listener(configured: Path) -> tuple[socket.socket, Path, bool]:
+    """The socket systemd passed (socket activation), else a new one at ``configured``.
+
+    Returns the socket, the path clients reach it at, and whether it was inherited.
+    """
+    inherited = listening_socket(take_listen_fds())
+    if inherited is None:
+        return bind_listener(configured), configured, False
+    path = Path(socket_name(inherited) or configured)
+    log.info("socket.activated", path=str(path), fd=inherited.fileno())
+    if path != configured:
+        log.warning("socket.activation_path_differs", activated=str(path),
+                    configured=str(configured),
+                    reason="clients of the configured path will not find the daemon")  # fmt: skip
+    return inherited, path, True
 
 
 async def _handle_signals(runtime: DaemonRuntime, signals: AsyncIterator[int]) -> None:

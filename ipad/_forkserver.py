@@ -90,16 +90,27 @@ def fork_sibling(cgroup_fd: int | None = None) -> int:
     return int(pid)
 
 
-def _become_worker(server: socket.socket, fd: int, env: dict[str, str], daemon: int) -> None:
-    """In the forked child: drop the server's socket, take the new one, serve, exit."""
+def _become_worker(
+    server: socket.socket, control: int, output: int, env: dict[str, str], daemon: int
+) -> None:
+    """In the forked child: drop the server's socket, take the new one, serve, exit.
+
+    The worker's descriptors end up as a spawned worker's: 0 = /dev/null (the
+    fork server's own), 1 and 2 = its output pipe, 3 = its control socket.
+    """
     status = 1
     try:
-        server.close()
+        server.close()  # frees fd 3
+        os.dup2(control, CONTROL_FD)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        os.close(control)
+        os.close(output)
         os.setpgid(0, 0)  # lead a process group of its own, as a spawned worker does
         die_with_parent(daemon)
         os.environ.clear()
         os.environ.update(env)
-        status = WorkerHost(socket.socket(fileno=fd)).serve()
+        status = WorkerHost(socket.socket(fileno=CONTROL_FD)).serve()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -120,12 +131,14 @@ def serve(server: socket.socket, daemon: int) -> int:
         if isinstance(frame.message, p.Shutdown):
             return 0
         assert isinstance(frame.message, p.Spawn)  # noqa: S101 - decode allowed only these
-        if len(frame.fds) != 1 + frame.message.cgroup:
+        if len(frame.fds) != 2 + frame.message.cgroup:
             frame.close_fds()
-            error = p.Error(p.ErrorCode.BAD_MESSAGE, "SPAWN needs its control socket (and cgroup)")
+            error = p.Error(
+                p.ErrorCode.BAD_MESSAGE, "SPAWN needs its control socket, output pipe (and cgroup)"
+            )
             send_packet(server, p.encode(error, frame.request_id))
             continue
-        cgroup_fd = frame.fds[1] if frame.message.cgroup else None
+        cgroup_fd = frame.fds[2] if frame.message.cgroup else None
         in_cgroup = cgroup_fd is not None
         try:
             try:
@@ -143,7 +156,7 @@ def serve(server: socket.socket, daemon: int) -> int:
         if pid == 0:
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
-            _become_worker(server, frame.fds[0], dict(frame.message.env), daemon)
+            _become_worker(server, frame.fds[0], frame.fds[1], dict(frame.message.env), daemon)
         frame.close_fds()
         send_packet(server, p.encode(p.Spawned(pid, in_cgroup), frame.request_id))
 

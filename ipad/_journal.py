@@ -14,8 +14,9 @@ import os
 import re
 import socket
 import struct
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 #: Where journald listens for native-protocol datagrams.
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -82,21 +83,41 @@ def journal_message(event_dict: Mapping[str, Any], message: str, identifier: str
     return b"".join(parts)
 
 
-class JournalLogger:
-    """A structlog logger whose ``msg`` sends a finished datagram to journald."""
+def message_of(datagram: bytes) -> str:
+    """The MESSAGE field of a datagram ``journal_message`` built (it always comes first)."""
+    if datagram.startswith(b"MESSAGE="):
+        return datagram[8 : datagram.index(b"\n")].decode("utf-8", "replace")
+    if datagram.startswith(b"MESSAGE\n"):
+        (size,) = struct.unpack_from("<Q", datagram, 8)
+        return datagram[16 : 16 + size].decode("utf-8", "replace")
+    return ""
 
-    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+
+class JournalLogger:
+    """A structlog logger whose ``msg`` sends a finished datagram to journald.
+
+    Logging never raises: while journald cannot be reached (it is being
+    restarted, say), each record's MESSAGE goes to ``fallback`` (stderr, which
+    under systemd is the journal's stream) instead of being lost.
+    """
+
+    def __init__(self, path: str = JOURNAL_SOCKET, fallback: TextIO | None = None) -> None:
         self._path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._fallback = fallback
 
     def msg(self, datagram: bytes) -> None:
         """Send; a record too large for one datagram travels in a sealed memfd."""
         try:
-            self._sock.sendto(datagram, self._path)
-        except OSError as exc:
-            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                raise
-            self._send_memfd(datagram)
+            try:
+                self._sock.sendto(datagram, self._path)
+            except OSError as exc:
+                if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    raise
+                self._send_memfd(datagram)
+        except OSError:
+            stream = self._fallback or sys.stderr
+            print(message_of(datagram), file=stream, flush=True)
 
     def _send_memfd(self, datagram: bytes) -> None:
         fd = os.memfd_create("ipad-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

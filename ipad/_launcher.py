@@ -5,10 +5,15 @@ ipad/_forkserver.py) in about a millisecond; any other worker executable is
 started with posix_spawn. Either way the worker is a child of the daemon,
 watched through its pidfd. If the fork server dies it is started again, and
 meanwhile workers are spawned, only slower.
+
+Every process started here writes its stdout and stderr into a pipe of its
+own, which a task of the launcher relays into the daemon's log with the
+process's module and pid (ipad/_relay.py).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +23,8 @@ import trio
 
 from . import _protocol as p
 from ._cgroup import WorkerCgroups
-from ._spawn import StartedProcess, start_process
+from ._relay import relay_output
+from ._spawn import StartedProcess
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
 from ._zygote import forkserver_argv
 
@@ -54,22 +60,49 @@ class Launcher:
         self.forkserver: WorkerProcess | None = None
         self.forks = 0
         self.spawns = 0
+        self._relays: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a fork server running; ``started`` once the first one is up (or there is none)."""
-        if self.forkable is None:
-            if self.early is not None:
-                self.early.discard()
-            task_status.started()
+        """Relay output and keep a fork server running; ``started`` once ready to launch."""
+        async with trio.open_nursery() as nursery:
+            self._relays = nursery
+            try:
+                if self.forkable is None:
+                    if self.early is not None:
+                        self.early.discard()
+                    task_status.started()
+                    await trio.sleep_forever()
+                await self._keep_forkserver(task_status)
+            finally:
+                self._relays = None
+
+    def _relay(self, read_end: int, module: str, pid: int) -> None:
+        """Relay a started process's output; its read end is the relay's from now on."""
+        if self._relays is None:  # not running: nobody would read it
+            os.close(read_end)
             return
+        self._relays.start_soon(functools.partial(relay_output, read_end, module=module,
+                                                  worker_pid=pid))  # fmt: skip
+
+    def _start_forkserver(self, forkable: Sequence[str]) -> WorkerProcess:
+        """The fork server started early (ipad/_zygote.py), the first time; a new one after."""
+        started, self.early = self.early, None
+        if started is None:
+            # An empty environment: forked workers get theirs from each SPAWN, and
+            # nothing of the daemon's may linger in the memory they are forked from.
+            argv = forkserver_argv(forkable, self.preloads)
+            return self._spawn("forkserver", argv, {}, allowed=p.FROM_FORKSERVER)
+        server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
+        if started.output is not None:
+            self._relay(started.output, "forkserver", server.pid)
+            started.output = None
+        return server
+
+    async def _keep_forkserver(self, task_status: trio.TaskStatus[None]) -> None:
+        assert self.forkable is not None  # noqa: S101 - checked by run()
         first = True
         while True:
-            started, self.early = self.early, None
-            if started is None:
-                # An empty environment: forked workers get theirs from each SPAWN, and
-                # nothing of the daemon's may linger in the memory they are forked from.
-                started = start_process(forkserver_argv(self.forkable, self.preloads), {})
-            server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
+            server = self._start_forkserver(self.forkable)
             log.info("forkserver.started", pid=server.pid)
             try:
                 async with trio.open_nursery() as nursery:
@@ -107,12 +140,32 @@ class Launcher:
                 self.forks += 1
                 return worker
         self.spawns += 1
-        worker = spawn_worker(module, argv, env, on_notice)
+        worker = self._spawn(module, argv, env, on_notice)
         if self.cgroups is not None:
             # Moving a process between cgroups can wait out an RCU grace period
             # (~10 ms here): do it off the event loop so other workers carry on.
             worker.cgroup = await trio.to_thread.run_sync(self.cgroups.add, module, worker.pid)
         return worker
+
+    def _spawn(
+        self,
+        module: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        on_notice: Callable[[p.Message], None] = lambda _: None,
+        allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
+    ) -> WorkerProcess:
+        """posix_spawn a process whose output is relayed."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            process = spawn_worker(module, argv, env, on_notice, allowed, output=write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._relay(read_end, module, process.pid)
+        return process
 
     async def _fork(
         self,
@@ -124,8 +177,9 @@ class Launcher:
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)  # the worker's stdout and stderr
         prepared = self.cgroups.prepare(module) if self.cgroups is not None else None
-        fds = [theirs.fileno()] if prepared is None else [theirs.fileno(), prepared[1]]
+        fds = [theirs.fileno(), write_end] + ([prepared[1]] if prepared is not None else [])
         try:
             with trio.fail_after(FORK_TIMEOUT):
                 try:
@@ -133,6 +187,7 @@ class Launcher:
                     frame = await server.request(spawn, fds)
                 finally:
                     theirs.close()
+                    os.close(write_end)
                     if prepared is not None:
                         os.close(prepared[1])
             spawned = frame.message
@@ -140,12 +195,15 @@ class Launcher:
             pidfd = os.pidfd_open(spawned.pid) if isinstance(spawned, p.Spawned) else -1
         except BaseException:
             ours.close()
+            os.close(read_end)
             raise
         if not isinstance(spawned, p.Spawned):
             ours.close()
+            os.close(read_end)
             error = spawned.message if isinstance(spawned, p.Error) else spawned.TYPE.name
             raise OSError(f"fork server refused: {error}")
         pid = spawned.pid
+        self._relay(read_end, module, pid)
         log.debug("worker.forked", module=module, worker_pid=pid, in_cgroup=spawned.in_cgroup)
         worker = WorkerProcess(module, pid, pidfd, ours, on_notice)
         if prepared is not None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from ._config import LogFormat, LogLevel
-from ._journal import JournalLogger, journal_message
+from ._journal import JOURNAL_SOCKET, JournalLogger, journal_message
 
 #: Call-site fields; journald shows them as CODE_FILE, CODE_LINE and CODE_FUNC.
 _CALLSITE = structlog.processors.CallsiteParameterAdder(
@@ -83,12 +84,19 @@ def configure_logging(
     level: LogLevel = LogLevel.INFO,
     fmt: LogFormat = LogFormat.CONSOLE,
     stream: TextIO | None = None,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> None:
-    """Configure structlog globally for the daemon or a CLI."""
+    """Configure structlog globally for the daemon or a CLI.
+
+    The journal format falls back to the console, saying so, where no journald listens.
+    """
     out = sys.stderr if stream is None else stream
     factory: Callable[..., Any]
+    missing = fmt is LogFormat.JOURNAL and not Path(journal_socket).exists()
+    if missing:
+        fmt = LogFormat.CONSOLE
     if fmt is LogFormat.JOURNAL:
-        journal = JournalLogger()
+        journal = JournalLogger(journal_socket, out)
 
         def factory(*_: object) -> JournalLogger:
             return journal
@@ -102,3 +110,7 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+    if missing:
+        structlog.get_logger("ipad").warning(
+            "journal.unavailable", socket=journal_socket, fallback="console"
+        )

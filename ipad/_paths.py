@@ -61,6 +61,22 @@ def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | No
     return Path(f"/tmp/ipad-{uid}") / "ipad.sock"  # noqa: S108 - private 0700 directory
 
 
+def client_socket_path(
+    environ: Mapping[str, str] | None = None, euid: int | None = None, system: Path = SYSTEM_SOCKET
+) -> Path:
+    """The socket a client connects to when told none: $IPAD_SOCKET, else the default.
+
+    A user's default is its own daemon's socket; when no such daemon runs but
+    the system service does (ipad.socket), the system socket: so a member of
+    group ``ipad`` reaches the service without saying where it is.
+    """
+    path = socket_path(None, environ, euid)
+    env = os.environ if environ is None else environ
+    if env.get(SOCKET_ENV) or path == system or path.exists() or not system.exists():
+        return path
+    return system
+
+
 def socket_path(
     configured: Path | None, environ: Mapping[str, str] | None = None, euid: int | None = None
 ) -> Path:

@@ -368,7 +368,9 @@ class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
 class Spawn(Message, frozen=True, forbid_unknown_fields=True):
     """Fork a worker host serving the passed control socket, with this environment.
 
-    With ``cgroup``, a second fd is the directory of the cgroup to fork it into.
+    The fds: the control socket, the write end of the pipe that becomes the
+    worker's stdout and stderr, and with ``cgroup`` the directory of the cgroup
+    to fork it into.
     """
 
     TYPE = MsgType.SPAWN
@@ -449,7 +451,7 @@ FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_E
 FD_LIMITS: dict[MsgType, int] = {
     MsgType.PROXY_GRANTED: 1,
     MsgType.OPEN_INSTANCE: 1,
-    MsgType.SPAWN: 2,
+    MsgType.SPAWN: 3,
     MsgType.CALL: MAX_FDS,
 }
 

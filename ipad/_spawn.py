@@ -28,6 +28,8 @@ class StartedProcess:
     pidfd: int
     control: socket.socket
     argv: list[str]
+    #: The read end of its stdout/stderr pipe, for whoever relays its output.
+    output: int | None = None
     #: Set once something (the launcher) has taken charge of it.
     taken: bool = False
 
@@ -42,24 +44,38 @@ class StartedProcess:
             os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
         os.close(self.pidfd)
         self.control.close()
+        if self.output is not None:
+            os.close(self.output)
+            self.output = None
 
 
-def start_process(argv: Sequence[str], env: Mapping[str, str]) -> StartedProcess:
+def start_process(
+    argv: Sequence[str], env: Mapping[str, str], *, output: int | None = None
+) -> StartedProcess:
     """Start ``argv`` with its control socket on fd 3, leading a new process group.
 
     posix_spawn (vfork) keeps the daemon's start-up cost per worker low; every
-    other descriptor of the daemon is close-on-exec, so the worker inherits
-    only stdin, stdout, stderr and its control socket.
+    other descriptor of the daemon is close-on-exec. With ``output`` (the write
+    end of the pipe the daemon relays) the worker has exactly: 0 = /dev/null,
+    1 and 2 = that pipe, 3 = its control socket; without it, the daemon's own
+    stdin, stdout and stderr.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     # dup2 onto the same number would keep close-on-exec: start from a fresh number.
     source = os.dup(theirs.fileno())
+    actions: list[tuple[object, ...]] = [(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)]
+    if output is not None:
+        actions += [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, output, 1),
+            (os.POSIX_SPAWN_DUP2, output, 2),
+        ]
     try:
         pid = os.posix_spawn(
             argv[0],
             [*argv, "--parent-pid", str(os.getpid())],
             dict(env),
-            file_actions=[(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)],
+            file_actions=actions,
             setpgroup=0,
             setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
         )

@@ -182,9 +182,11 @@ def spawn_worker(
     env: Mapping[str, str],
     on_notice: Callable[[p.Message], None] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
+    *,
+    output: int | None = None,
 ) -> WorkerProcess:
     """Start a worker (see ipad/_spawn.py) and watch it as a WorkerProcess."""
-    return adopt(module, start_process(argv, env), on_notice, allowed)
+    return adopt(module, start_process(argv, env, output=output), on_notice, allowed)
 
 
 def adopt(

@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ipad-worker`` executable."""
     args = sys.argv[1:] if argv is None else argv
     parent = int(args[args.index("--parent-pid") + 1]) if "--parent-pid" in args else None
+    # SIGHUP means "reload" to the daemon; sent to the whole service (systemctl kill -s HUP
+    # ipad), it must not kill every worker. Forked workers inherit this from the fork server.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if "--zygote" in args:
         from ._forkserver import main as forkserver_main  # noqa: PLC0415 - only in that mode
 

@@ -8,6 +8,7 @@ overlaps the daemon's import of trio instead of following it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -68,4 +69,13 @@ def start_early(checked: CheckedConfig) -> StartedProcess | None:
     if forkable is None:
         return None
     preloads = trusted_preloads(checked.plans.values(), daemon.trusted_module_dirs)
-    return start_process(forkserver_argv(forkable, preloads), {})
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)  # its output, relayed once the daemon runs
+    try:
+        started = start_process(forkserver_argv(forkable, preloads), {}, output=write_end)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    started.output = read_end
+    return started

@@ -30,18 +30,26 @@ Record = dict[str, Any]
 class DaemonProcess:
     """`python -m ipad` with a JSON log that a thread collects, so the pipe never fills."""
 
-    def __init__(self, config: Path, env: dict[str, str], prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str],
+        prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+        args: Sequence[str] = (),
+    ) -> None:
         self.socket = Path(env["IPAD_SOCKET"])
         self.env = env
         self.prefix = list(prefix)
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "ipad", "--config", str(config), "--log-format",
-             "json", "--log-level", "debug"],
+             "json", "--log-level", "debug", *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
             env=env,
             cwd=REPO,
+            pass_fds=pass_fds,
         )  # fmt: skip
         self.records: list[Record] = []
         self.raw: list[str] = []
@@ -202,8 +210,10 @@ def start_daemon(
         wait: bool = True,
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
     ) -> DaemonProcess:
-        daemon = DaemonProcess(config or write_config(tmp_path), env or daemon_env, prefix)
+        config = config or write_config(tmp_path)
+        daemon = DaemonProcess(config, env or daemon_env, prefix, pass_fds)
         started.append(daemon)
         if wait:
             daemon.wait_for("daemon.started")

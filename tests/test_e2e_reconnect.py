@@ -43,7 +43,7 @@ async def test_trio_client_carries_on_across_a_daemon_restart(
         faulty = await client.request_proxy("faulty")
         await faulty.call("init", {"settings": {"value": 17}})
         echo = await client.request_proxy("echo")
-        old_pid, old_id = await echo.call("pid"), echo.proxy_id
+        old_pid = await echo.call("pid")
         if how == "sigkill":
             first.proc.kill()
         else:
@@ -60,8 +60,9 @@ async def test_trio_client_carries_on_across_a_daemon_restart(
         assert await echo.call("pid", wait=30) != old_pid
         assert await faulty.call("get", wait=30) == 17  # init(value=17) was replayed
         assert echo.state == "valid"
-        assert client.proxies[echo.proxy_id] is echo  # under its new id
-        assert old_id not in client.proxies or client.proxies[old_id] is not echo
+        # Under its new id only (the new daemon numbers proxies afresh: the new id
+        # may be the old one, when the proxies are requested again in the same order).
+        assert [pid for pid, proxy in client.proxies.items() if proxy is echo] == [echo.proxy_id]
         status = await client.status()
         assert status.daemon["pid"] == second.proc.pid
         assert status.modules["faulty"]["proxies"] == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ipad._paths import default_socket_path, install_dir, socket_path
+from ipad._paths import client_socket_path, default_socket_path, install_dir, socket_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,3 +41,21 @@ def test_ipad_socket_overrides_config() -> None:
 def test_checkout_install_dir_is_workers() -> None:
     """Run from a checkout (or an editable install), the install directory is workers/."""
     assert install_dir() == REPO / "workers"
+
+
+def test_a_client_finds_the_system_service_when_no_own_daemon_runs(tmp_path: Path) -> None:
+    """A group member's ipadctl reaches the system socket if its own daemon's is not there."""
+    system = tmp_path / "run" / "ipad.sock"
+    runtime = tmp_path / "user"
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    own = runtime / "ipad" / "ipad.sock"
+    assert client_socket_path(env, euid=1000, system=system) == own  # neither runs
+    system.parent.mkdir()
+    system.touch()
+    assert client_socket_path(env, euid=1000, system=system) == system
+    own.parent.mkdir(parents=True)
+    own.touch()
+    assert client_socket_path(env, euid=1000, system=system) == own  # its own daemon runs
+    assert client_socket_path({**env, "IPAD_SOCKET": "/x.sock"}, euid=1000, system=system) == (
+        Path("/x.sock")
+    )

@@ -460,6 +460,17 @@ def test_more_fds_than_a_type_allows() -> None:
     assert error.reason == "PROXY_GRANTED cannot carry 2 file descriptors"
 
 
+def test_spawn_carries_control_output_and_cgroup() -> None:
+    """SPAWN brings the control socket, the output pipe and the cgroup; a fourth is refused."""
+    spawn = p.Spawn({"LANG": "C"}, cgroup=True)
+    frame = p.decode(p.encode(spawn, 4, 3), open_fds(3), allowed=p.TO_FORKSERVER)
+    assert frame.message == spawn
+    frame.close_fds()
+    error = expect_error(packet_for(p.MsgType.SPAWN, msgspec.msgpack.encode(spawn), nfds=4),
+                         open_fds(4))  # fmt: skip
+    assert error.reason == "SPAWN cannot carry 4 file descriptors"
+
+
 def test_type_not_allowed() -> None:
     """A worker's control socket refuses a CALL, which belongs on a channel."""
     fds = open_fds(1)

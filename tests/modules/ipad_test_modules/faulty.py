@@ -1,5 +1,8 @@
 """A module that fails on demand: signals, exit codes, hangs, leaked grandchildren, crash loops.
 
+It also shows what a worker sees (its environment, its descriptors) and writes
+to its stderr on request, for the tests of output relaying.
+
 Tuning keys (all optional):
   crash_if_exists = "/path"  -- while that file exists, the module dies as it loads (crash loop)
   fail_init = true           -- init() raises
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,3 +84,25 @@ class Faulty(IPAModule):
         pid = int(os.read(read_end, 32))
         os.close(read_end)
         return pid
+
+    def environ(self) -> dict[str, str]:
+        """The worker's environment, as the module sees it."""
+        return dict(os.environ)
+
+    def fds(self) -> dict[int, str]:
+        """The worker's open descriptors and what each refers to."""
+        found = {}
+        for entry in Path("/proc/self/fd").iterdir():
+            try:
+                found[int(entry.name)] = str(entry.readlink())
+            except FileNotFoundError:
+                continue  # the descriptor iterdir itself used
+        return found
+
+    def write_stderr(self, text: str, count: int = 1, stdout: bool = False) -> int:
+        """Write ``text`` (plus a newline) ``count`` times to stderr, or stdout; flushed."""
+        stream = sys.stdout if stdout else sys.stderr
+        for n in range(count):
+            stream.write(text.format(n=n) + "\n")
+        stream.flush()
+        return count

@@ -1,0 +1,111 @@
+"""Worker output relaying: lines cut right, levels from sd-daemon prefixes, the rate limit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from ipad._relay import LineBuffer, RateLimit, parse_line, relay_output
+
+
+def test_lines_are_cut_at_newlines_and_partials_wait() -> None:
+    """A line split across reads is relayed once whole; the last one at end of stream."""
+    buffer = LineBuffer()
+    assert buffer.feed(b"one\ntw") == [b"one"]
+    assert buffer.feed(b"o\n\nthree") == [b"two", b""]
+    assert buffer.flush() == [b"three"]
+    assert buffer.flush() == []
+
+
+def test_long_lines_are_relayed_in_pieces() -> None:
+    """A line longer than the limit comes in pieces, even before its newline arrives."""
+    buffer = LineBuffer(max_line=4)
+    assert buffer.feed(b"abcdefghij") == [b"abcd", b"efgh"]
+    assert buffer.feed(b"k\n") == [b"ijk"]
+    assert buffer.feed(b"123456789\n") == [b"1234", b"5678", b"9"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"plain words", ("info", "plain words")),
+        (b"<3>it broke", ("error", "it broke")),
+        (b"<4>careful\r", ("warning", "careful")),
+        (b"<7>details", ("debug", "details")),
+        (b"<2>", ("critical", "")),
+        (b"<x>not a prefix", ("info", "<x>not a prefix")),
+        (b"\xff\xfe bytes", ("info", "\ufffd\ufffd bytes")),
+    ],
+)
+def test_levels_from_sd_daemon_prefixes(raw: bytes, expected: tuple[str, str]) -> None:
+    """<N> at the start of a line sets its level, as journald reads service stderr."""
+    assert parse_line(raw) == expected
+
+
+def test_rate_limit_counts_what_it_drops_per_interval() -> None:
+    """Burst lines per interval pass; the rest are counted and reported once it ends."""
+    limit = RateLimit(interval=10.0, burst=2)
+    assert [limit.allow(0.0), limit.allow(1.0), limit.allow(2.0), limit.allow(3.0)] == [
+        (True, 0), (True, 0), (False, 0), (False, 0),
+    ]  # fmt: skip
+    assert limit.deadline == 10.0
+    assert limit.expire(9.0) == 0  # not yet over
+    assert limit.allow(10.5) == (True, 2)  # a new interval: the old one's count comes with it
+    assert limit.suppressed == 0
+    assert limit.deadline == float("inf")
+
+
+def test_rate_limit_reports_at_the_deadline_without_new_lines() -> None:
+    """A worker that floods then goes quiet still has its drops reported."""
+    limit = RateLimit(interval=5.0, burst=1)
+    limit.allow(0.0)
+    limit.allow(0.1)
+    limit.allow(0.2)
+    assert limit.expire(5.0) == 2
+    assert limit.flush() == 0
+
+
+async def test_relay_limits_a_flood_and_reports_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A flood from a real pipe: burst lines relayed, the rest counted when the interval ends."""
+    read_end, write_end = os.pipe()
+    limit = RateLimit(interval=10.0, burst=5)
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay_output(read_end, limit, module="awb", worker_pid=42))
+            os.write(write_end, b"".join(b"line %d\n" % n for n in range(20)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert [e["text"] for e in logs] == [f"line {n}" for n in range(5)]
+            await trio.sleep(11)  # the interval ends with nothing more written
+            assert logs[5] == {
+                "event": "worker.stderr_suppressed", "log_level": "warning", "module": "awb",
+                "worker_pid": 42, "suppressed": 15, "burst": 5, "interval": 10.0,
+            }  # fmt: skip
+            os.write(write_end, b"<3>after\nno newline")
+            os.close(write_end)
+    assert logs[6:] == [
+        {"event": "worker.stderr", "log_level": "error", "module": "awb", "worker_pid": 42,
+         "text": "after"},
+        {"event": "worker.stderr", "log_level": "info", "module": "awb", "worker_pid": 42,
+         "text": "no newline"},
+    ]  # fmt: skip
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(read_end)  # the relay closed its end
+
+
+async def test_a_cancelled_relay_still_relays_what_is_in_the_pipe() -> None:
+    """At shutdown the relay is cancelled; lines already written are not lost."""
+    read_end, write_end = os.pipe()
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay_output(read_end, module="agc", worker_pid=7))
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(write_end, b"last words\nand a partial")
+            nursery.cancel_scope.cancel()
+    os.close(write_end)
+    assert [e["text"] for e in logs] == ["last words", "and a partial"]
