@@ -74,6 +74,8 @@ class Client:
         self.requests = Requests("daemon")
         self.requests.fail_all(lambda: Disconnected("not connected yet"))
         self.proxies: dict[int, Proxy] = {}
+        #: Proxies of a lost connection, each back in ``proxies`` under its new id once regained.
+        self.reattaching: set[Proxy] = set()
         self.events = EventQueue()
         self.welcome: p.Welcome | None = None
         self.goodbye: str | None = None
@@ -286,7 +288,10 @@ class Client:
         self.events.put(
             LocalEvent("reconnected", "", None, {"attempts": attempts, "daemon_pid": pid})
         )
-        for proxy in list(self.proxies.values()):
+        # The new daemon numbers proxies afresh: old ids mean nothing on this connection.
+        self.reattaching |= set(self.proxies.values())
+        self.proxies = {}
+        for proxy in list(self.reattaching):
             self.nursery.start_soon(self._reattach, proxy, self.generation)
 
     async def _reattach(self, proxy: Proxy, generation: int) -> None:
@@ -309,8 +314,7 @@ class Client:
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
-            if self.proxies.get(proxy.proxy_id) is proxy:
-                del self.proxies[proxy.proxy_id]
+            self.reattaching.discard(proxy)
             proxy.proxy_id = granted.proxy_id
             self.proxies[proxy.proxy_id] = proxy
             if not await self._adopt(proxy, granted, channel, reconnected=True):
@@ -330,7 +334,7 @@ class Client:
     def close(self) -> None:
         """Close the daemon connection and every proxy channel."""
         self._closing = True
-        for proxy in self.proxies.values():
+        for proxy in [*self.proxies.values(), *self.reattaching]:
             proxy.channel.close()
             proxy.setup_log.close()
         if self.conn is not None:

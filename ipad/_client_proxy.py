@@ -225,6 +225,7 @@ class Proxy:
         self._closed = True
         self.state = "closed"
         self.client.proxies.pop(self.proxy_id, None)
+        self.client.reattaching.discard(self)
         try:
             await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
         except (UnknownProxy, Disconnected):
