@@ -8,16 +8,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import structlog
-
-from ._check import CheckedConfig, check_config
 from ._config import LogFormat, LogLevel
-from ._journal import stderr_is_journal
-from ._logging import configure_logging
-from ._problems import ConfigError
+from ._spawn import StartedProcess
 from ._version import __version__
-from ._zygote import start_early
+from ._zygote import start_zygote
+
+if TYPE_CHECKING:
+    from ._check import CheckedConfig
+    from ._problems import ConfigError
 
 #: Used when neither --config nor $IPAD_CONFIG names a file.
 DEFAULT_CONFIG = Path("/etc/ipad/config.toml")
@@ -63,11 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ipad`` and ``python -m ipad``."""
     args = build_parser().parse_args(argv)
+    if args.check_config is not None:
+        _configure_early_logging()
+        return _check_only(args.check_config)
+    # First thing: the fork server's ~100 ms start-up then overlaps the imports and the
+    # configuration check below, and the daemon's own start (ipad/_zygote.py).
+    early = start_zygote()
+    try:
+        return _serve(args, early)
+    finally:
+        early.discard()  # only if the daemon never took charge of it
+
+
+def _configure_early_logging() -> None:
+    from ._logging import configure_logging  # noqa: PLC0415 - after the fork server started
+
     # Until the configuration is read, only warnings (a shadowed module, an
     # ignored search path entry) are worth showing, and only on stderr.
     configure_logging(LogLevel.WARNING, LogFormat.CONSOLE)
-    if args.check_config is not None:
-        return _check_only(args.check_config)
+
+
+def _serve(args: argparse.Namespace, early: StartedProcess) -> int:
+    from ._check import check_config  # noqa: PLC0415 - after the fork server started
+    from ._journal import stderr_is_journal  # noqa: PLC0415
+    from ._logging import configure_logging  # noqa: PLC0415
+    from ._problems import ConfigError  # noqa: PLC0415
+
+    _configure_early_logging()
     path = args.config or Path(os.environ.get("IPAD_CONFIG") or DEFAULT_CONFIG)
     try:
         checked = check_config(path)
@@ -80,35 +102,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_format is None and stderr_is_journal():
         fmt = LogFormat.JOURNAL
     configure_logging(level, fmt)
-    return _run(checked)
+    return _run(checked, early)
 
 
-def _run(checked: CheckedConfig) -> int:
-    # The fork server's start-up overlaps the import of trio and the daemon (ipad/_zygote.py).
-    early = start_early(checked)
+def _run(checked: CheckedConfig, early: StartedProcess) -> int:
+    import structlog  # noqa: PLC0415
+    import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
+
+    from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
+    from ._systemd import ActivationError  # noqa: PLC0415
+
+    # A fatal signal -- systemd's watchdog sends SIGABRT to a stuck daemon --
+    # prints every thread's Python stack first: the journal then shows where it hung.
+    faulthandler.enable(all_threads=True)
     try:
-        import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
-
-        from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
-        from ._systemd import ActivationError  # noqa: PLC0415
-
-        # A fatal signal -- systemd's watchdog sends SIGABRT to a stuck daemon --
-        # prints every thread's Python stack first: the journal then shows where it hung.
-        faulthandler.enable(all_threads=True)
-        try:
-            trio.run(run_daemon, checked, early)
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
-        except (SocketInUse, ActivationError, OSError) as exc:
-            structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
-            return EXIT_CONFIG
-        return 0
-    finally:
-        if early is not None:
-            early.discard()  # only if the daemon never took charge of it
+        trio.run(run_daemon, checked, early)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (SocketInUse, ActivationError, OSError) as exc:
+        structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
+        return EXIT_CONFIG
+    return 0
 
 
 def _check_only(path: Path) -> int:
+    from ._check import check_config  # noqa: PLC0415 - only for this
+    from ._problems import ConfigError  # noqa: PLC0415
+
     try:
         checked = check_config(path)
     except ConfigError as exc:

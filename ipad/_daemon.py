@@ -17,20 +17,20 @@ import trio
 
 from . import _protocol as p
 from ._cgroup import WorkerCgroups
-from ._check import CheckedConfig, check_config
+from ._check import CheckedConfig, ModulePlan, check_config
 from ._events import EventBus
 from ._launcher import Launcher
-from ._paths import socket_path
+from ._paths import install_dir, install_module_dir, socket_path
 from ._problems import ConfigError
 from ._proxies import ProxyTable
 from ._registry import REGISTRY
+from ._resolve import WorkerNotFound, resolve_worker
 from ._server import AdminError, Daemon, serve_clients
 from ._service import ServiceNotifier, module_health, status_line
 from ._spawn import StartedProcess
 from ._states import ProxyState
 from ._supervisor import ModuleSupervisor, worker_env
 from ._systemd import Notifier, listening_socket, socket_name, take_listen_fds
-from ._zygote import forkable_argv, trusted_preloads
 
 log = structlog.get_logger("ipad")
 
@@ -81,6 +81,38 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise SocketInUse(f"another daemon is listening on {path}")
+
+
+#: The Python worker host shipped with ipad: workers it runs can be forked by the fork server.
+WORKER_HOST = "ipad-worker"
+
+
+def forkable_argv(plans: Iterable[ModulePlan]) -> list[str] | None:
+    """The argv of workers the fork server can fork, if any module runs the shipped host."""
+    try:
+        host = resolve_worker(WORKER_HOST, install=install_dir(), environ={})
+    except WorkerNotFound:
+        return None
+    if not any(plan.worker == host for plan in plans):
+        return None
+    return REGISTRY.create("isolated").worker_argv(host)
+
+
+def trusted_preloads(plans: Iterable[ModulePlan], trusted: Iterable[Path] = ()) -> list[str]:
+    """``DIR:package.module`` of enabled modules whose code the fork server may import.
+
+    Only modules from ipad's own install directory, or from a directory the
+    operator lists in ``trusted_module_dirs``, qualify: other module code is
+    never imported into the process all workers fork from.
+    """
+    dirs = {install_module_dir().resolve(), *(Path(d).resolve() for d in trusted)}
+    specs: set[str] = set()
+    for plan in plans:
+        entry = plan.source.manifest.entry_point
+        directory = plan.source.directory.resolve()
+        if entry and directory in dirs:
+            specs.add(f"{directory}:{entry.partition(':')[0]}")
+    return sorted(specs)
 
 
 def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
@@ -324,7 +356,7 @@ async def run_daemon(
     """Start every module, serve clients until SIGTERM or SIGINT, then stop everything.
 
     SIGHUP reloads the configuration. ``early_forkserver`` is the fork server
-    the caller started before importing trio (ipad/_zygote.py), if any.
+    the caller started before reading the configuration (ipad/_zygote.py), if any.
     ``task_status`` reports the socket path
     once every module has reached a first state (running, or failed with its
     reason) and clients are served.

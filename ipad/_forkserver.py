@@ -21,6 +21,7 @@ import platform
 import signal
 import socket
 import sys
+from collections.abc import Iterable
 from typing import TypeGuard
 
 from . import _protocol as p
@@ -130,6 +131,9 @@ def serve(server: socket.socket, daemon: int) -> int:
             return 1
         if isinstance(frame.message, p.Shutdown):
             return 0
+        if isinstance(frame.message, p.Preload):
+            preload(frame.message.modules)
+            continue
         assert isinstance(frame.message, p.Spawn)  # noqa: S101 - decode allowed only these
         if len(frame.fds) != 2 + frame.message.cgroup:
             frame.close_fds()
@@ -161,12 +165,13 @@ def serve(server: socket.socket, daemon: int) -> int:
         send_packet(server, p.encode(p.Spawned(pid, in_cgroup), frame.request_id))
 
 
-def preload(specs: list[str]) -> None:
-    """Import the shipped modules named ``DIR:package.module`` so forks start with them loaded.
+def preload(specs: Iterable[str]) -> None:
+    """Import the modules named ``DIR:package.module`` so forks start with them loaded.
 
-    The daemon names only modules from ipad's own install directory: code of
-    the same origin and trust as the fork server. A failure is logged and
-    left to the worker's own LOAD to report.
+    The daemon names only modules from ipad's own install directory or the
+    directories the operator trusts (``trusted_module_dirs``): code of the
+    same origin and trust as the fork server. A failure is logged and left to
+    the worker's own LOAD to report.
     """
     for spec in specs:
         directory, _, module = spec.rpartition(":")
@@ -186,9 +191,8 @@ def _defined_module_class(value: object, module: str) -> TypeGuard[type[IPAModul
     return isinstance(value, type) and issubclass(value, IPAModule) and value.__module__ == module
 
 
-def main(parent: int | None, preloads: list[str] | None = None) -> int:
-    """Entry point of ``ipad-worker --zygote``: serve SPAWN requests on fd 3."""
+def main(parent: int | None) -> int:
+    """Entry point of ``python -m ipad._worker_host --zygote``: serve SPAWN requests on fd 3."""
     die_with_parent(parent)
-    preload(preloads or [])
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return serve(socket.socket(fileno=CONTROL_FD), parent or os.getppid())

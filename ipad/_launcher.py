@@ -13,6 +13,7 @@ process's module and pid (ipad/_relay.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -26,7 +27,7 @@ from ._cgroup import WorkerCgroups
 from ._relay import relay_output
 from ._spawn import StartedProcess
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
-from ._zygote import forkserver_argv
+from ._zygote import ZYGOTE_ARGV
 
 log = structlog.get_logger("ipad")
 
@@ -45,7 +46,7 @@ class Launcher:
 
     def __init__(
         self,
-        forkserver_argv: Sequence[str] | None,
+        forkable: Sequence[str] | None,
         cgroups: WorkerCgroups | None = None,
         preloads: Sequence[str] = (),
         early: StartedProcess | None = None,
@@ -56,7 +57,7 @@ class Launcher:
         #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
         self.preloads = list(preloads)
         #: The argv a worker must have to be forked: the Python worker host's.
-        self.forkable = list(forkserver_argv) if forkserver_argv else None
+        self.forkable = list(forkable) if forkable else None
         self.forkserver: WorkerProcess | None = None
         self.forks = 0
         self.spawns = 0
@@ -84,26 +85,30 @@ class Launcher:
         self._relays.start_soon(functools.partial(relay_output, read_end, module=module,
                                                   worker_pid=pid))  # fmt: skip
 
-    def _start_forkserver(self, forkable: Sequence[str]) -> WorkerProcess:
-        """The fork server started early (ipad/_zygote.py), the first time; a new one after."""
+    async def _start_forkserver(self) -> WorkerProcess:
+        """The fork server started early (ipad/_zygote.py) the first time, a new one after.
+
+        Either way it is told which trusted modules to preload before any SPAWN.
+        """
         started, self.early = self.early, None
         if started is None:
-            # An empty environment: forked workers get theirs from each SPAWN, and
-            # nothing of the daemon's may linger in the memory they are forked from.
-            argv = forkserver_argv(forkable, self.preloads)
-            return self._spawn("forkserver", argv, {}, allowed=p.FROM_FORKSERVER)
-        server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
-        if started.output is not None:
-            self._relay(started.output, "forkserver", server.pid)
-            started.output = None
+            server = self._spawn("forkserver", ZYGOTE_ARGV, {}, allowed=p.FROM_FORKSERVER)
+        else:
+            server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
+            if started.output is not None:
+                self._relay(started.output, "forkserver", server.pid)
+                started.output = None
+        if self.preloads:
+            with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen below
+                await server.control.send(p.Preload(tuple(self.preloads)))
+        log.info("forkserver.started", pid=server.pid, preloads=self.preloads)
         return server
 
     async def _keep_forkserver(self, task_status: trio.TaskStatus[None]) -> None:
         assert self.forkable is not None  # noqa: S101 - checked by run()
         first = True
         while True:
-            server = self._start_forkserver(self.forkable)
-            log.info("forkserver.started", pid=server.pid)
+            server = await self._start_forkserver()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.watch)

@@ -84,6 +84,7 @@ class MsgType(enum.IntEnum):
     # daemon <-> fork server
     SPAWN = 56
     SPAWNED = 57
+    PRELOAD = 58
     # client <-> worker (a proxy's channel)
     CALL = 48
     RESULT = 49
@@ -387,6 +388,17 @@ class Spawned(Message, frozen=True, forbid_unknown_fields=True):
     in_cgroup: bool = False
 
 
+class Preload(Message, frozen=True, forbid_unknown_fields=True):
+    """Import these trusted modules (``DIR:package.module``) before forking any worker; no reply.
+
+    The daemon starts the fork server before it has read its configuration,
+    and names what to preload once it has.
+    """
+
+    TYPE = MsgType.PRELOAD
+    modules: tuple[str, ...]
+
+
 # --- client <-> worker -------------------------------------------------------
 
 
@@ -421,7 +433,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
         AdminDone, ReopenProxy, ProxyReady, ProxyStateReply,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
-        Spawn, Spawned, Call, Result, ModuleEvent,
+        Spawn, Spawned, Preload, Call, Result, ModuleEvent,
     )
 }  # fmt: skip
 
@@ -442,7 +454,7 @@ TO_WORKER_CONTROL = frozenset(
 FROM_WORKER_CONTROL = frozenset(
     {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.INSTANCE_CLOSED, MsgType.PONG, MsgType.ERROR}
 )  # fmt: skip
-TO_FORKSERVER = frozenset({MsgType.SPAWN, MsgType.SHUTDOWN})
+TO_FORKSERVER = frozenset({MsgType.SPAWN, MsgType.PRELOAD, MsgType.SHUTDOWN})
 FROM_FORKSERVER = frozenset({MsgType.SPAWNED, MsgType.ERROR})
 TO_WORKER_CHANNEL = frozenset({MsgType.CALL})
 FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_EVENT})

@@ -36,6 +36,8 @@ CONTROL_FD = 3
 
 #: prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
+#: prctl(2) option: the thread's name (``comm``), at most 15 bytes, shown by ps and top.
+PR_SET_NAME = 15
 
 #: Traceback frames kept in an error reply: enough to find the bug, short enough to log.
 TRACEBACK_LIMIT = 5
@@ -61,6 +63,15 @@ def libc() -> ctypes.CDLL:
     for name in ("prctl", "syscall"):
         getattr(lib, name)
     return lib
+
+
+def name_process(name: str) -> None:
+    """Show ``name`` as the process's name in ps and top (``comm``, cut to 15 bytes).
+
+    A forked worker's command line is the fork server's: its name says which
+    module it serves.
+    """
+    libc().prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -240,6 +251,7 @@ class WorkerHost:
             self.running = False
             self.exit_status = EXIT_LOAD_FAILED
             return
+        name_process(f"ipad:{load.module}")
         methods = tuple(
             p.MethodSpec(m.name, m.setup, m.undoes) for m in self.loaded.methods.values()
         )
@@ -369,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--zygote" in args:
         from ._forkserver import main as forkserver_main  # noqa: PLC0415 - only in that mode
 
-        preloads = [args[i + 1] for i, arg in enumerate(args) if arg == "--preload"]
-        return forkserver_main(parent, preloads)
+        return forkserver_main(parent)
     die_with_parent(parent)
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,8 @@ def test_ipadctl_status_shows_modules_valid_with_pids(start_daemon: Start) -> No
         assert module["valid"] is True
         pid = module["worker_pid"]
         assert alive(pid)
-        assert "ipad-worker" in Path(f"/proc/{pid}/cmdline").read_text()
+        assert "ipad" in Path(f"/proc/{pid}/cmdline").read_text()
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == f"ipad:{name}"
         assert os.getpgid(pid) == pid  # each worker leads its own process group
     assert status["daemon"]["pid"] == daemon.proc.pid
     human = daemon.ctl("status").stdout

@@ -429,14 +429,13 @@ def test_fork_server_preloads_only_trusted_modules(start_daemon: Start, tmp_path
     """The fork server imports shipped and trusted modules, never those of other directories."""
     config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
     daemon = start_daemon(config)
-    spawned = daemon.wait_for("worker.spawned", lambda r: r["module"] == "forkserver")
-    preloads = [spawned["argv"][i + 1] for i, a in enumerate(spawned["argv"]) if a == "--preload"]
-    assert preloads == [f"{REPO / 'workers' / 'modules'}:ipa_modules.echo"]
+    started = daemon.wait_for("forkserver.started")
+    assert started["preloads"] == [f"{REPO / 'workers' / 'modules'}:ipa_modules.echo"]
     trusted = write_config(
         tmp_path,
         f'{FAULTY}trusted_module_dirs = ["{TEST_MODULES}"]\n',
         modules="[modules.faulty]\n",
     )
     other = start_daemon(trusted, env={**daemon.env, "IPAD_SOCKET": str(tmp_path / "b.sock")})
-    spawned = other.wait_for("worker.spawned", lambda r: r["module"] == "forkserver")
-    assert f"{TEST_MODULES}:ipad_test_modules.faulty" in spawned["argv"]
+    started = other.wait_for("forkserver.started")
+    assert started["preloads"] == [f"{TEST_MODULES}:ipad_test_modules.faulty"]
