@@ -17,10 +17,14 @@ from ._config import Config
 from ._config_loader import load_config
 from ._discovery import Discovery, discover_modules
 from ._manifest import ModuleSource
+from ._paths import install_tuning_dir
 from ._problems import ConfigError, Problem, join_key
+from ._protocol import SandboxSpec
 from ._registry import REGISTRY, ProxyRegistry
 from ._resolve import WorkerNotFound, resolve_worker
-from ._tuning import TuningFileNotFound, find_tuning_file
+from ._sandbox_plan import ModuleFiles, Unavailable
+from ._search_path import dirs_from_env
+from ._tuning import CONFIG_PATH_ENV, TuningFileNotFound, find_tuning_file
 
 
 @attrs.frozen
@@ -31,6 +35,10 @@ class ModulePlan:
     source: ModuleSource
     worker: Path
     tuning: Path
+    #: What its workers confine themselves in (proxy kind ``sandboxed``), if anything.
+    sandbox: SandboxSpec | None = None
+    #: Optional sandbox measures this host lacks (logged once at start).
+    unavailable: tuple[Unavailable, ...] = ()
 
 
 @attrs.frozen
@@ -111,4 +119,21 @@ def _plan(
         problems.append(Problem(path, f"{key}.tuning", "no tuning file found", f"tried {tried}"))
     if worker is None or tuning is None:
         return None, problems
-    return ModulePlan(name=name, source=source, worker=worker, tuning=tuning), problems
+    tuning_dirs = (*dirs_from_env(CONFIG_PATH_ENV, environ), install_tuning_dir())
+    search_dirs = (*discovery.searched, *tuning_dirs)
+    files = ModuleFiles(source.directory, tuning, worker, search_dirs)
+    sandbox = registry.create(settings.proxy).plan_sandbox(
+        name, config.sandbox_settings(name), files
+    )
+    if sandbox is not None and sandbox.problems:
+        for setting, message in sandbox.problems:
+            own = getattr(settings.sandbox, setting, None) is not None
+            where = f"{key}.sandbox.{setting}" if own else f"sandbox.{setting}"
+            problems.append(Problem(path, where, message))
+        return None, problems
+    plan = ModulePlan(
+        name=name, source=source, worker=worker, tuning=tuning,
+        sandbox=sandbox.spec if sandbox else None,
+        unavailable=sandbox.unavailable if sandbox else (),
+    )  # fmt: skip
+    return plan, problems

@@ -24,6 +24,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from ._duration import DURATION_EXPECTED, Duration
 from ._problems import Problem, did_you_mean, join_key
+from ._size import SIZE_EXPECTED, Size
 
 T = TypeVar("T")
 
@@ -70,6 +71,15 @@ def _structure_duration(value: object, _: type) -> Duration:
         return Duration.parse(value)
     except ValueError as exc:
         raise Mismatch(str(exc), DURATION_EXPECTED) from None
+
+
+def _structure_size(value: object, _: type) -> Size:
+    if not isinstance(value, str):
+        raise Mismatch(f"got {_toml_type(value)} {value!r}", SIZE_EXPECTED)
+    try:
+        return Size.parse(value)
+    except ValueError as exc:
+        raise Mismatch(str(exc), SIZE_EXPECTED) from None
 
 
 def _structure_path(value: object, _: type) -> Path:
@@ -134,6 +144,7 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict(float, "a number"))
     converter.register_structure_hook(str, _strict(str, "a string"))
     converter.register_structure_hook(Duration, _structure_duration)
+    converter.register_structure_hook(Size, _structure_size)
     converter.register_structure_hook(Path, _structure_path)
     converter.register_structure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda v, t: _enum_hook(t)(v, t)
