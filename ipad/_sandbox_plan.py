@@ -218,9 +218,11 @@ def _own_oom_score_adj() -> int:
 
 def view(files: ModuleFiles, extra: Sequence[Path] = ()) -> tuple[str, ...]:
     """The host paths a worker sees: the system, the Python runtime, its module's own files."""
-    paths = [Path(p) for p in SYSTEM_PATHS] + python_paths()
-    paths += [files.module_dir, files.tuning, files.worker, *extra]
-    return minimal(paths)
+    paths = [Path(p) for p in SYSTEM_PATHS] + python_paths() + list(extra)
+    # Its own files always get a bind of their own: the tuning file must show through
+    # the empty directory that hides the others' tuning files around it.
+    own = [str(p.resolve()) for p in (files.module_dir, files.tuning, files.worker)]
+    return tuple(dict.fromkeys([*minimal(paths), *own]))
 
 
 def hidden(files: ModuleFiles) -> tuple[str, ...]:

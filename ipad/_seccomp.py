@@ -9,11 +9,11 @@ needs nothing but the kernel. What it cannot do that libseccomp could is cover
 every architecture: it knows x86_64 and aarch64, and elsewhere ``seccomp`` is
 reported unavailable (docs/security.md).
 
-The filter denies, with EPERM, what a confined module has no business doing and
-what could undo the rest of the sandbox: tracing and reading other processes,
-mounting, changing namespaces, kernel keyrings, BPF, perf, modules, kexec,
-clocks, io_uring (whose operations would bypass this filter) and new namespaces
-through clone. It allows ``socket`` only for AF_UNIX, so no network socket can be
+The filter kills the worker for what only an escape attempt does: tracing or
+reading other processes, mounting, changing or making namespaces (clone with
+CLONE_NEW* flags too), kernel keyrings, BPF, perf, modules, kexec. It denies
+with EPERM what a library might try and do without: clocks, host names, swap,
+io_uring (whose operations would bypass this filter). It allows ``socket`` only for AF_UNIX, so no network socket can be
 made even where a network namespace is not. Without a PID namespace of its own
 (``restrict_signals``), a worker may signal only itself and its process group.
 A foreign architecture's system call kills the process.
@@ -48,14 +48,20 @@ _NR, _ARCH, _ARG0 = 0, 4, 16
 #: AUDIT_ARCH_* per machine: a filter built for one is never run for another.
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
-#: System calls denied outright, by name.
-DENIED = (
+#: System calls only an escape attempt makes: reaching into other processes, undoing
+#: the mount view or the namespaces, the kernel's own interfaces. They kill the worker
+#: (SIGSYS), and the daemon reports the crash reason ``seccomp``.
+KILLED = (
     "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
     "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
     "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "reboot", "swapon", "swapoff", "acct", "quotactl", "vhangup", "syslog",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
+)  # fmt: skip
+
+#: System calls a library may try and do without: they fail with EPERM.
+DENIED = (
+    "swapon", "swapoff", "acct", "quotactl", "vhangup", "syslog",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
     "sethostname", "setdomainname", "open_by_handle_at", "name_to_handle_at",
     "io_uring_setup", "io_uring_enter", "io_uring_register",
@@ -176,6 +182,8 @@ def build_filter(arch: str | None = None, restrict_signals_to: int | None = None
     prog.load(_NR)
     if name == "x86_64":
         prog.jump(_JGE, X32_SYSCALL_BIT, "deny")
+    for syscall in KILLED:
+        prog.jump(_JEQ, numbers[syscall], "kill_process")
     for syscall in DENIED:
         prog.jump(_JEQ, numbers[syscall], "deny")
     prog.jump(_JEQ, numbers["clone3"], "nosys")  # its flags are out of reach: glibc falls back
@@ -188,13 +196,14 @@ def build_filter(arch: str | None = None, restrict_signals_to: int | None = None
         for syscall in ("tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
             prog.jump(_JEQ, numbers[syscall], "self")
     prog.ret(RET_ALLOW, "allow")
+    prog.ret(RET_KILL_PROCESS, "kill_process")
     prog.ret(RET_ERRNO | errno.EPERM, "deny")
     prog.ret(RET_ERRNO | errno.ENOSYS, "nosys")
     # Each block below ends in returns of its own: classic BPF jumps only forward.
     prog.label("clone")
     prog.load(_ARG0)
-    prog.jump(_JSET, NAMESPACE_FLAGS, "clone_deny", "clone_allow")
-    prog.ret(RET_ERRNO | errno.EPERM, "clone_deny")
+    prog.jump(_JSET, NAMESPACE_FLAGS, "clone_kill", "clone_allow")
+    prog.ret(RET_KILL_PROCESS, "clone_kill")
     prog.ret(RET_ALLOW, "clone_allow")
     prog.label("socket")
     prog.load(_ARG0)

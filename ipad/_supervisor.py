@@ -41,6 +41,9 @@ log = structlog.get_logger("ipad")
 #: forking and loading it would compete with them for the CPU (two cores here).
 STANDBY_DEFER = 0.1
 
+#: The signal a seccomp filter's SECCOMP_RET_KILL_PROCESS ends a process with.
+SIGSYS = signal.SIGSYS
+
 #: How long a dead worker's cgroup v1 memory cgroup may take to empty before it is left.
 MEMORY_CGROUP_WAIT = 2.0
 
@@ -410,6 +413,13 @@ class ModuleSupervisor:
                 f"worker hung: no heartbeat reply within {self.policy.heartbeat_timeout}"
             )
             log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="hung",
+                      **status.log_fields())  # fmt: skip
+        elif worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
+            failure = reason = (
+                "seccomp: killed for a forbidden system call (an escape attempt?) "
+                f"({status.describe()})"
+            )
+            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="seccomp",
                       **status.log_fields())  # fmt: skip
         elif _killed_for_memory(worker, status):
             limit = worker.sandbox.memory_max if worker.sandbox else None
