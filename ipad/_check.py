@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -63,16 +64,55 @@ def check_config(
     discovery = discover_modules(module_dirs=config.daemon.module_dirs, environ=env)
     plans: dict[str, ModulePlan] = {}
     problems: list[Problem] = []
+    keys = TrustedKeys(config, path)
+    problems.extend(keys.problems)
     for name, settings in config.modules.items():
         if not settings.enabled:
             continue
         plan, found = _plan(config, path, name, discovery, env, registry)
+        if plan is not None:
+            signature = keys.check(name, plan.source, required=config.signature_required(name))
+            if signature is not None:
+                plan, found = None, [*found, signature]
         if plan is not None:
             plans[name] = plan
         problems.extend(found)
     if problems:
         raise ConfigError(problems)
     return CheckedConfig(config=config, path=path, discovery=discovery, plans=plans)
+
+
+class TrustedKeys:
+    """The configured public keys, loaded once per check; signatures checked against them."""
+
+    def __init__(self, config: Config, path: Path) -> None:
+        self.problems: list[Problem] = []
+        self.keys: list[Any] = []
+        for index, key_path in enumerate(config.signatures.trusted_keys):
+            from ._signing import SignatureError, load_public_key  # noqa: PLC0415 - cryptography
+
+            try:
+                self.keys.append(load_public_key(key_path))
+            except (OSError, SignatureError) as exc:
+                reason = exc.reason if isinstance(exc, SignatureError) else str(exc)
+                where = f"signatures.trusted_keys[{index}]"
+                self.problems.append(Problem(path, where, f"{key_path}: {reason}"))
+
+    def check(self, name: str, source: ModuleSource, *, required: bool) -> Problem | None:
+        """Why the module must be refused: a required signature missing, or one that fails.
+
+        A signature that is present is checked even when none is required: a
+        signed module that no longer matches its signature has been tampered with.
+        """
+        from ._signing import SignatureError, signature_path, verify  # noqa: PLC0415
+
+        if not required and not signature_path(source.path).exists():
+            return None
+        try:
+            verify(source, self.keys)
+        except SignatureError as exc:
+            return Problem(exc.file, "(signature)", f"module {name}: {exc.reason}")
+        return None
 
 
 def _plan(
