@@ -91,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command in _OFFLINE:
         return _OFFLINE[args.command](args)
+    return _online(args)
+
+
+def _online(args: argparse.Namespace) -> int:
+    """Run a command that talks to the daemon."""
     try:
         with BlockingClient(args.socket, name="ipadctl") as client:
             return int(_COMMANDS[args.command](client, args))

@@ -13,8 +13,9 @@ The filter kills the worker for what only an escape attempt does: tracing or
 reading other processes, mounting, changing or making namespaces (clone with
 CLONE_NEW* flags too), kernel keyrings, BPF, perf, modules, kexec. It denies
 with EPERM what a library might try and do without: clocks, host names, swap,
-io_uring (whose operations would bypass this filter). It allows ``socket`` only for AF_UNIX, so no network socket can be
-made even where a network namespace is not. Without a PID namespace of its own
+io_uring (whose operations would bypass this filter). It allows ``socket``
+only for AF_UNIX, so no network socket can be made even where a network
+namespace is not. Without a PID namespace of its own
 (``restrict_signals``), a worker may signal only itself and its process group.
 A foreign architecture's system call kills the process.
 """
@@ -238,7 +239,8 @@ def install(program: bytes, prctl: object | None = None) -> None:
     function = prctl if prctl is not None else ctypes.CDLL(None, use_errno=True).prctl
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    if function(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:  # type: ignore[operator]
+    fprog_ref = ctypes.byref(fprog)
+    if function(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog_ref, 0, 0) != 0:  # type: ignore[operator]
         code = ctypes.get_errno()
         raise SeccompUnavailable(
             f"the kernel refused the filter: {errno.errorcode.get(code, code)}"

@@ -131,8 +131,8 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     private_path.touch(mode=0o600, exist_ok=False)
     private_path.write_bytes(pem)
     public = private.public_key()
-    public_path.write_bytes(public.public_bytes(serialization.Encoding.PEM,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    public_path.write_bytes(public.public_bytes(serialization.Encoding.PEM, spki))
     return key_id(public)
 
 

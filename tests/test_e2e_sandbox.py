@@ -91,7 +91,8 @@ def assert_confined(report: dict[str, Any], *, uid: int) -> None:
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
     assert status["CapEff"] == status["CapBnd"] == "0" * 16
-    assert report["pid"] == 1 and status["NSpid"] == "1"  # its own PID namespace
+    assert report["pid"] == 1
+    assert status["NSpid"] == "1"  # its own PID namespace
     assert report["interfaces"] == ["lo"]  # a network namespace with nothing in it
     assert report["rlimits"]["RLIMIT_NOFILE"] == [64, 64]
     assert report["rlimits"]["RLIMIT_NPROC"] == [16, 16]
@@ -99,7 +100,8 @@ def assert_confined(report: dict[str, Any], *, uid: int) -> None:
     assert report["oom_score_adj"] == 700
     fds = report["fds"]
     assert fds["0"] == "/dev/null"
-    assert fds["1"].startswith("pipe:") and fds["1"] == fds["2"]
+    assert fds["1"].startswith("pipe:")
+    assert fds["1"] == fds["2"]
     assert fds["3"].startswith("socket:")
     # Above 3 only what the worker host opened itself: its epoll, its instances' channels.
     later = [target for fd, target in fds.items() if int(fd) > 3]
@@ -119,11 +121,13 @@ def test_root_daemon_workers_are_confined(
     daemon = start_daemon(sandbox_config(tmp_path), env=env)
     report = probe_report(daemon)
     assert_confined(report, uid=NOBODY)
-    assert report["groups"] == [] and report["status"]["Groups"] == ""
+    assert report["groups"] == []
+    assert report["status"]["Groups"] == ""
     assert report["rlimits"]["RLIMIT_AS"] == [1 << 30, 1 << 30]
     assert report["environ"] == {"LANG": "C.UTF-8"}
     outside = status_of(daemon, "probe")["sandbox"]["in_force"]
-    assert outside["uid"] == NOBODY and outside["user"] is True
+    assert outside["uid"] == NOBODY
+    assert outside["user"] is True
     for measure in ("pid_namespace", "network", "ipc", "mounts", "no_new_privs", "seccomp"):
         assert outside[measure] is True, measure
     assert outside["user_namespace"] is False  # root needs none: it drops to nobody
@@ -153,7 +157,8 @@ def test_escapes_are_stopped_and_the_rest_carries_on(start_daemon: Start, tmp_pa
                                                "modules" / "awb.toml")}) == "ENOENT"  # fmt: skip
         assert probe.call("signal", {"pid": daemon.proc.pid}) == "ESRCH"
         bomb = probe.call("fork_bomb", {"most": 200})
-        assert bomb["error"] == "EAGAIN" and bomb["forked"] < 16, bomb
+        assert bomb["error"] == "EAGAIN"
+        assert bomb["forked"] < 16, bomb
         echo = client.request_proxy("echo")
         assert echo.call("echo", {"text": "still here"}) == {"text": "still here"}
         neighbour = client.request_proxy("probe2")
@@ -165,7 +170,7 @@ def test_escapes_are_stopped_and_the_rest_carries_on(start_daemon: Start, tmp_pa
 def test_trace_attempt_kills_the_worker_and_is_reported(
     start_daemon: Start, tmp_path: Path
 ) -> None:
-    """ptrace is one of the calls only an escape makes: the worker dies, the daemon says why."""
+    """A ptrace attempt is one of the calls only an escape makes: the worker dies, the daemon says why."""
     daemon = start_daemon(sandbox_config(tmp_path))
     pid = daemon.worker_pids()["probe"]
     with BlockingClient(daemon.socket) as client:

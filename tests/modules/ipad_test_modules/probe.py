@@ -47,9 +47,9 @@ class Probe(IPAModule):
             mounts.append({"point": fields[4], "options": fields[5].split(","),
                            "fstype": fields[fields.index("-") + 1]})  # fmt: skip
         fds = {}
-        for name in os.listdir("/proc/self/fd"):  # noqa: PTH208 - one listing, then readlink
+        for name in os.listdir("/proc/self/fd"):  # noqa: PTH208 - names, then readlink each
             try:
-                target = os.readlink(f"/proc/self/fd/{name}")
+                target = os.readlink(f"/proc/self/fd/{name}")  # noqa: PTH115
             except OSError:
                 continue  # the listing's own descriptor, closed already
             if not target.endswith("/fd"):
@@ -67,12 +67,12 @@ class Probe(IPAModule):
             "interfaces": [
                 line.split(":")[0].strip()
                 for line in Path("/proc/net/dev").read_text().splitlines()[2:]
-            ],  # fmt: skip
+            ],
             "fds": fds,
             "environ": dict(os.environ),
             "mounts": mounts,
             "oom_score_adj": int(Path("/proc/self/oom_score_adj").read_text()),
-            "root": sorted(os.listdir("/")),
+            "root": sorted(p.name for p in Path("/").iterdir()),
         }
 
     def write(self, path: str) -> str:
