@@ -306,6 +306,14 @@ def _namespace_child(root: bool) -> None:
         raise SandboxError("mounts", _errno_text("cannot make the mounts private"))
     if libc.mount(b"ipad-trial", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=4k") != 0:
         raise SandboxError("mounts", _errno_text("cannot mount a tmpfs"))
+    # A /proc of its own PID namespace: only the namespace's first process can mount it.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if libc.mount(b"proc", b"/tmp", b"proc", MS_NOSUID | MS_NODEV, None) == 0 else
+                 ctypes.get_errno())  # fmt: skip
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise SandboxError("mounts", f"cannot mount /proc for a PID namespace: {os.strerror(code)}")
 
 
 def _seccomp_child() -> None:

@@ -50,6 +50,8 @@ module_dirs = ["{TEST_MODULES}"]
 [modules.agc]
 [modules.echo]
 [modules.faulty]
+[modules.probe]
+proxy = "sandboxed"
 """
 
 #: In the namespace, /root becomes a world-searchable tmpfs with just these subtrees bound in.
@@ -396,6 +398,24 @@ def test_stop_leaves_no_ipad_process_behind(service: Service) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
         probe.connect(service.socket)
     service.wait(lambda: service.is_active() == "active", "started again by its socket")
+
+
+def test_a_sandboxed_worker_under_the_shipped_unit(service: Service) -> None:
+    """As user ipad with the unit's hardening, a sandboxed worker gets all its namespaces."""
+    with BlockingClient(service.socket, name="sandbox") as client:
+        probe = client.request_proxy("probe")
+        report = probe.call("report")
+        daemon_pid = int(client.status().daemon["pid"])
+        assert probe.call("signal", {"pid": daemon_pid}) == "ESRCH"
+        assert probe.call("connect", {"family": "AF_INET"}) == "EAFNOSUPPORT"
+        sandbox = client.status().modules["probe"]["sandbox"]["in_force"]
+    assert report["uid"] != 0
+    assert report["pid"] == 1
+    assert report["interfaces"] == ["lo"]
+    assert (report["status"]["NoNewPrivs"], report["status"]["Seccomp"]) == ("1", "2")
+    assert report["status"]["CapEff"] == "0" * 16
+    assert sandbox["user_namespace"] is True
+    assert sandbox["mounts"] is True
 
 
 def test_the_daemon_logs_to_the_journal_by_itself(service: Service) -> None:
