@@ -250,7 +250,7 @@ def test_ready_status_and_the_daemons_user(service: Service) -> None:
     """Type=notify: active once READY=1, with the module counts as its status; runs as ipad."""
     assert service.is_active() == "active"
     assert service.ns.show(UNIT, "StatusText") == (
-        "4 modules valid, 0 restarting, 0 in cooldown, 0 failed; 0 proxies"
+        "5 modules valid, 0 restarting, 0 in cooldown, 0 failed; 0 proxies"
     )
     with BlockingClient(service.socket, name="status") as client:
         proxy = client.request_proxy("echo")
@@ -281,7 +281,7 @@ def test_reload_sends_reloading_then_ready(service: Service) -> None:
         service.ns.systemctl("kill", "--signal=SIGHUP", UNIT)
         service.wait_entry("IPAD_EVENT=daemon.reloaded", since=again)
         service.manager_says("(RELOADING=1, MONOTONIC_USEC=", again)
-        ready = service.manager_says("(READY=1, STATUS=4 modules valid", again)
+        ready = service.manager_says("(READY=1, STATUS=5 modules valid", again)
     assert int(ready["__REALTIME_TIMESTAMP"]) >= again * 1e6
     assert service.main_pid() == pid  # reloaded in place, not restarted
     assert {m: service.worker_pid(m) for m in workers} == workers
