@@ -63,6 +63,7 @@ class Launcher:
         if memory is not None and memory.version == 1 and memory.v1_parent is not None:
             self.v1_memory = _memory_cgroup.V1MemoryCgroups(memory.v1_parent)
             self.v1_memory.open()
+            log.info("memory.ready", cgroup=str(self.v1_memory.base), version=1)
         elif memory is not None and memory.version == 2 and cgroups is not None:
             # Workers' own cgroups get memory.max only if their parent hands the controller on.
             (cgroups.base / "cgroup.subtree_control").write_text("+memory")
@@ -186,6 +187,12 @@ class Launcher:
             return None
         return self.v1_memory.prepare(module, sandbox.memory_max)
 
+    @staticmethod
+    def _drop_v1_memory(path: Path | None, prepared: tuple[Path, int] | None) -> None:
+        """Remove a v1 memory cgroup made for a fork that did not happen."""
+        if path is not None and (prepared is None or path != prepared[0]):
+            _memory_cgroup.clear(path)
+
     def close(self) -> None:
         """Remove the daemon's memory cgroups (at exit, once every worker is gone)."""
         if self.v1_memory is not None:
@@ -247,10 +254,12 @@ class Launcher:
         except BaseException:
             ours.close()
             os.close(read_end)
+            self._drop_v1_memory(memory_cgroup, prepared)
             raise
         if not isinstance(spawned, p.Spawned):
             ours.close()
             os.close(read_end)
+            self._drop_v1_memory(memory_cgroup, prepared)
             error = spawned.message if isinstance(spawned, p.Error) else spawned.TYPE.name
             raise OSError(f"fork server refused: {error}")
         pid = spawned.pid
