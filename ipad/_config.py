@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import attrs
 
 from ._duration import Duration
 from ._size import Size
+
+B = TypeVar("B", bound=attrs.AttrsInstance)
+
+
+def _override(base: B, table: attrs.AttrsInstance) -> B:
+    """``base`` with every key an overrides table sets (is not None) replaced."""
+    changes = {k: v for k, v in attrs.asdict(table, recurse=False).items() if v is not None}
+    evolved: B = attrs.evolve(cast("Any", base), **changes)
+    return evolved
 
 
 class LogFormat(enum.Enum):
@@ -107,8 +117,7 @@ class RestartOverrides:
 
     def apply_to(self, base: RestartPolicy) -> RestartPolicy:
         """Return ``base`` with every key this table sets replaced."""
-        changes = {k: v for k, v in attrs.asdict(self, recurse=False).items() if v is not None}
-        return attrs.evolve(base, **changes)
+        return _override(base, self)
 
 
 #: The sandbox measures, by the names ``optional`` and ``ipadctl status`` use.
@@ -184,8 +193,7 @@ class SandboxOverrides:
 
     def apply_to(self, base: SandboxSettings) -> SandboxSettings:
         """Return ``base`` with every key this table sets replaced."""
-        changes = {k: v for k, v in attrs.asdict(self, recurse=False).items() if v is not None}
-        return attrs.evolve(base, **changes)
+        return _override(base, self)
 
 
 @attrs.frozen
