@@ -256,6 +256,11 @@ def _build_view(spec: SandboxSpec) -> None:
     os.mkdir(STAGE + OLD_ROOT)
     _check(_libc().pivot_root(STAGE.encode(), (STAGE + OLD_ROOT).encode()), "mounts", "pivot_root")
     os.chdir("/")
+    # The private /tmp first: a view path below /tmp (a checkout there) is bound onto it.
+    with _step("mounts"):
+        os.mkdir("/tmp", 0o1777)  # noqa: S108 - the private tmp
+        _mount("ipad-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,  # noqa: S108
+               f"mode=1777,size={max(spec.tmp_size, 4096)}")  # fmt: skip
     hidden = set(spec.hidden)
     made: list[str] = []  # tmpfs hiding a directory: read-only once all is bound into them
     for path in sorted({*spec.view, *hidden}, key=lambda p: Path(p).parts):
@@ -301,7 +306,7 @@ def _make_parent(target: str) -> None:
 
 
 def _special_dirs(spec: SandboxSpec) -> None:
-    """/dev, /proc and the private /tmp, while the old root is still there to bind from."""
+    """/dev and /proc, while the old root is still there to bind from."""
     with _step("mounts"):
         os.makedirs("/dev", 0o755, exist_ok=True)
         _mount("ipad-dev", "/dev", "tmpfs", MS_NOSUID, "mode=0755,size=64k")
@@ -315,6 +320,3 @@ def _special_dirs(spec: SandboxSpec) -> None:
             _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         else:  # a new proc needs a PID namespace of ours; the host's, read-only, will do
             _bind(f"{OLD_ROOT}/proc", "/proc")
-        os.makedirs("/tmp", 0o1777, exist_ok=True)  # noqa: S108 - the private tmp
-        _mount("ipad-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,  # noqa: S108
-               f"mode=1777,size={max(spec.tmp_size, 4096)}")  # fmt: skip
