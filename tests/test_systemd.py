@@ -263,7 +263,7 @@ def test_ready_status_and_the_daemons_user(service: Service) -> None:
     # Delegate=yes: the daemon made its own subtree, and each worker has a cgroup in it.
     cgroups = service.ns.root / "sys/fs/cgroup/system.slice/ipad.service"
     workers = sorted(p.name.split(".")[0] for p in cgroups.glob("ipad.*/*") if p.is_dir())
-    assert set(workers) == {"awb", "agc", "echo", "faulty"}
+    assert set(workers) == {"awb", "agc", "echo", "faulty", "probe"}
 
 
 def test_reload_sends_reloading_then_ready(service: Service) -> None:
