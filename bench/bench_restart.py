@@ -100,12 +100,11 @@ SETUP_CALLS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def config_text(forkserver: bool, standby: bool) -> str:
+def config_text(forkserver: bool, standby: bool, proxy: str = "isolated") -> str:
     """The daemon configuration of one variant."""
     return (
         f"[daemon]\nforkserver = {'true' if forkserver else 'false'}\n[modules.echo]\n"
-        + RESTART_POLICY
-        + f"standby = {'true' if standby else 'false'}\n"
+        f'proxy = "{proxy}"\n' + RESTART_POLICY + f"standby = {'true' if standby else 'false'}\n"
     )
 
 
@@ -350,6 +349,11 @@ class Recorder:
         return False
 
 
+async def worker_pid(client: Client) -> int:
+    """The echo worker's pid as the daemon sees it (a sandboxed one is pid 1 to itself)."""
+    return int((await client.status()).modules["echo"]["worker_pid"])
+
+
 async def kill_loop(
     socket_path: Path, kills: int, warmup: int, daemon_alive: Callable[[], bool]
 ) -> list[Kill]:
@@ -361,7 +365,7 @@ async def kill_loop(
             await proxy.call(method, args)
         recorder = Recorder(client, proxy)
         client.nursery.start_soon(recorder.run)
-        pid = await proxy.call("pid")
+        pid = await worker_pid(client)
         for _ in range(warmup + kills):
             await trio.sleep(PAUSE)
             # Events still arriving for the previous kill are read as that kill's until here.
@@ -374,7 +378,8 @@ async def kill_loop(
             if not kill.recovered:
                 # A miss is counted; the run goes on if the proxy comes back at all.
                 await wait_valid(proxy, daemon_alive)
-            pid = await proxy.call("pid")
+            await proxy.call("pid")  # the proxy answers again
+            pid = await worker_pid(client)
             if kill.new_pid is not None and pid != kill.new_pid:
                 raise RuntimeError(f"proxy answers from {pid}, module runs {kill.new_pid}")
             kill.new_pid = pid
@@ -475,9 +480,10 @@ def run_variant(
     warmup: int,
     log_level: str,
     keep_log: Path | None,
+    proxy: str = "isolated",
 ) -> dict[str, Any]:
     """Start a daemon, kill its worker ``kills`` times, and summarise."""
-    config = config_text(forkserver, standby)
+    config = config_text(forkserver, standby, proxy)
     with running_daemon(config, log_level, keep_log) as daemon:
         try:
             measured = trio.run(kill_loop, daemon.socket, kills, warmup, daemon.alive)
@@ -544,11 +550,15 @@ def machine() -> dict[str, Any]:
 
 # --- output --------------------------------------------------------------------------
 
-#: name, fork server, standby worker. The first is the default configuration.
+#: name, fork server, standby worker, proxy kind. The first is the default configuration;
+#: the sandboxed ones show what the sandbox costs (docs/security.md), next to the same
+#: variant isolated.
 VARIANTS = (
-    ("ipad, standby + fork server", True, True),
-    ("ipad, fork server", True, False),
-    ("ipad, fresh interpreter", False, False),
+    ("ipad, standby + fork server", True, True, "isolated"),
+    ("ipad, standby + fork server, sandboxed", True, True, "sandboxed"),
+    ("ipad, fork server", True, False, "isolated"),
+    ("ipad, fork server, sandboxed", True, False, "sandboxed"),
+    ("ipad, fresh interpreter", False, False, "isolated"),
 )
 FORK_LIMIT = "fork a warm process + SEQPACKET message"
 
@@ -629,13 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     limits_raw = measure_limits(args.kills)
     limits = {name: summary(values) for name, values in limits_raw.items()}
     variants: dict[str, Any] = {}
-    for name, forkserver, standby in VARIANTS:
+    for name, forkserver, standby, proxy in VARIANTS:
         keep = None
         if args.keep_logs is not None:
             slug = ("standby-" if standby else "") + ("forkserver" if forkserver else "fresh")
-            keep = args.keep_logs / f"daemon-{slug}.log"
+            keep = args.keep_logs / f"daemon-{slug}-{proxy}.log"
         variants[name] = run_variant(
-            forkserver, standby, args.kills, args.warmup, args.log_level, keep
+            forkserver, standby, args.kills, args.warmup, args.log_level, keep, proxy
         )
 
     print(f"crash -> running / valid over {args.kills} SIGKILLs per variant (+{args.warmup} "

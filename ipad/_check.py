@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -17,10 +18,14 @@ from ._config import Config
 from ._config_loader import load_config
 from ._discovery import Discovery, discover_modules
 from ._manifest import ModuleSource
+from ._paths import install_tuning_dir
 from ._problems import ConfigError, Problem, join_key
+from ._protocol import SandboxSpec
 from ._registry import REGISTRY, ProxyRegistry
 from ._resolve import WorkerNotFound, resolve_worker
-from ._tuning import TuningFileNotFound, find_tuning_file
+from ._sandbox_plan import ModuleFiles, Unavailable
+from ._search_path import dirs_from_env
+from ._tuning import CONFIG_PATH_ENV, TuningFileNotFound, find_tuning_file
 
 
 @attrs.frozen
@@ -31,6 +36,10 @@ class ModulePlan:
     source: ModuleSource
     worker: Path
     tuning: Path
+    #: What its workers confine themselves in (proxy kind ``sandboxed``), if anything.
+    sandbox: SandboxSpec | None = None
+    #: Optional sandbox measures this host lacks (logged once at start).
+    unavailable: tuple[Unavailable, ...] = ()
 
 
 @attrs.frozen
@@ -55,16 +64,55 @@ def check_config(
     discovery = discover_modules(module_dirs=config.daemon.module_dirs, environ=env)
     plans: dict[str, ModulePlan] = {}
     problems: list[Problem] = []
+    keys = TrustedKeys(config, path)
+    problems.extend(keys.problems)
     for name, settings in config.modules.items():
         if not settings.enabled:
             continue
         plan, found = _plan(config, path, name, discovery, env, registry)
+        if plan is not None:
+            signature = keys.check(name, plan.source, required=config.signature_required(name))
+            if signature is not None:
+                plan, found = None, [*found, signature]
         if plan is not None:
             plans[name] = plan
         problems.extend(found)
     if problems:
         raise ConfigError(problems)
     return CheckedConfig(config=config, path=path, discovery=discovery, plans=plans)
+
+
+class TrustedKeys:
+    """The configured public keys, loaded once per check; signatures checked against them."""
+
+    def __init__(self, config: Config, path: Path) -> None:
+        self.problems: list[Problem] = []
+        self.keys: list[Any] = []
+        for index, key_path in enumerate(config.signatures.trusted_keys):
+            from ._signing import SignatureError, load_public_key  # noqa: PLC0415 - cryptography
+
+            try:
+                self.keys.append(load_public_key(key_path))
+            except (OSError, SignatureError) as exc:
+                reason = exc.reason if isinstance(exc, SignatureError) else str(exc)
+                where = f"signatures.trusted_keys[{index}]"
+                self.problems.append(Problem(path, where, f"{key_path}: {reason}"))
+
+    def check(self, name: str, source: ModuleSource, *, required: bool) -> Problem | None:
+        """Why the module must be refused: a required signature missing, or one that fails.
+
+        A signature that is present is checked even when none is required: a
+        signed module that no longer matches its signature has been tampered with.
+        """
+        from ._signing import SignatureError, signature_path, verify  # noqa: PLC0415
+
+        if not required and not signature_path(source.path).exists():
+            return None
+        try:
+            verify(source, self.keys)
+        except SignatureError as exc:
+            return Problem(exc.file, "(signature)", f"module {name}: {exc.reason}")
+        return None
 
 
 def _plan(
@@ -111,4 +159,21 @@ def _plan(
         problems.append(Problem(path, f"{key}.tuning", "no tuning file found", f"tried {tried}"))
     if worker is None or tuning is None:
         return None, problems
-    return ModulePlan(name=name, source=source, worker=worker, tuning=tuning), problems
+    tuning_dirs = (*dirs_from_env(CONFIG_PATH_ENV, environ), install_tuning_dir())
+    search_dirs = (*discovery.searched, *tuning_dirs)
+    files = ModuleFiles(source.directory, tuning, worker, search_dirs)
+    sandbox = registry.create(settings.proxy).plan_sandbox(
+        name, config.sandbox_settings(name), files
+    )
+    if sandbox is not None and sandbox.problems:
+        for setting, message in sandbox.problems:
+            own = getattr(settings.sandbox, setting, None) is not None
+            where = f"{key}.sandbox.{setting}" if own else f"sandbox.{setting}"
+            problems.append(Problem(path, where, message))
+        return None, problems
+    plan = ModulePlan(
+        name=name, source=source, worker=worker, tuning=tuning,
+        sandbox=sandbox.spec if sandbox else None,
+        unavailable=sandbox.unavailable if sandbox else (),
+    )  # fmt: skip
+    return plan, problems

@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("stop", help="stop the daemon gracefully")
     events = commands.add_parser("events", help="recent events; --follow for new ones too")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    sign = commands.add_parser("sign", help="sign the modules of a directory (no daemon needed)")
+    sign.add_argument("path", type=Path, help="a module directory, or one manifest")
+    sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    verify = commands.add_parser("verify", help="check module signatures (no daemon needed)")
+    verify.add_argument("path", type=Path, help="a module directory, or one manifest")
+    keys = verify.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--trusted-key", type=Path, action="append", help="public key (repeatable)")
+    keys.add_argument("--config", type=Path, help="use the trusted keys of this configuration")
+    keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing modules")
+    keygen.add_argument("private", type=Path, help="private key file to create (mode 0600)")
+    keygen.add_argument("public", type=Path, help="public key file to create")
     return parser
 
 
@@ -78,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
+    if args.command in _OFFLINE:
+        return _OFFLINE[args.command](args)
+    return _online(args)
+
+
+def _online(args: argparse.Namespace) -> int:
+    """Run a command that talks to the daemon."""
     try:
         with BlockingClient(args.socket, name="ipadctl") as client:
             return int(_COMMANDS[args.command](client, args))
@@ -206,6 +224,73 @@ def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
         print("stopping")
     return 0
 
+
+def _manifests(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.toml") if not p.name.startswith("."))
+    return [path]
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from ._problems import ManifestError  # noqa: PLC0415 - offline commands only
+    from ._signing import SignatureError, sign  # noqa: PLC0415
+
+    status = 0
+    for manifest in _manifests(args.path):
+        try:
+            written = sign(manifest, args.key)
+        except (SignatureError, ManifestError, OSError) as exc:
+            print(f"ipadctl: {exc}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        document = json.loads(written.read_text())
+        print(f"{manifest.stem}: signed by {document['key']}, {len(document['files'])} files, "
+              f"{written}")  # fmt: skip
+    return status
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ._manifest import ModuleSource, load_manifest  # noqa: PLC0415 - offline commands only
+    from ._problems import ProblemsError  # noqa: PLC0415
+    from ._signing import SignatureError, load_public_key, verify  # noqa: PLC0415
+
+    try:
+        if args.config is not None:
+            from ._config_loader import load_config  # noqa: PLC0415
+
+            paths = list(load_config(args.config).signatures.trusted_keys)
+        else:
+            paths = list(args.trusted_key)
+        keys = [load_public_key(path) for path in paths]
+    except (SignatureError, ProblemsError, OSError) as exc:
+        print(f"ipadctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    status = 0
+    for manifest in _manifests(args.path):
+        try:
+            verified = verify(ModuleSource(load_manifest(manifest), manifest), keys)
+        except (SignatureError, ProblemsError, OSError) as exc:
+            print(f"{manifest.stem}: REFUSED: {exc}")
+            status = EXIT_FAILED
+            continue
+        print(f"{manifest.stem}: ok, signed by {verified.key_id}, {len(verified.files)} files")
+    return status
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ._signing import generate_key  # noqa: PLC0415 - offline commands only
+
+    try:
+        ident = generate_key(args.private, args.public)
+    except OSError as exc:
+        print(f"ipadctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{ident}: private key {args.private}, public key {args.public}")
+    return 0
+
+
+#: Commands that need no daemon.
+_OFFLINE = {"sign": _sign, "verify": _verify, "keygen": _keygen}
 
 _COMMANDS = {
     "status": _status,

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import attrs
 
 from ._duration import Duration
+from ._size import Size
+
+B = TypeVar("B", bound=attrs.AttrsInstance)
+
+
+def _override(base: B, table: attrs.AttrsInstance) -> B:
+    """``base`` with every key an overrides table sets (is not None) replaced."""
+    changes = {k: v for k, v in attrs.asdict(table, recurse=False).items() if v is not None}
+    evolved: B = attrs.evolve(cast("Any", base), **changes)
+    return evolved
 
 
 class LogFormat(enum.Enum):
@@ -106,8 +117,93 @@ class RestartOverrides:
 
     def apply_to(self, base: RestartPolicy) -> RestartPolicy:
         """Return ``base`` with every key this table sets replaced."""
-        changes = {k: v for k, v in attrs.asdict(self, recurse=False).items() if v is not None}
-        return attrs.evolve(base, **changes)
+        return _override(base, self)
+
+
+#: The sandbox measures, by the names ``optional`` and ``ipadctl status`` use.
+MEASURES = (
+    "user", "user_namespace", "pid_namespace", "network", "ipc", "mounts", "rlimits",
+    "no_new_privs", "seccomp", "memory_max", "oom_score_adj", "fds", "environment",
+)  # fmt: skip
+
+#: Measures the running kernel or cgroup hierarchy may lack; ``optional`` may name these.
+HOST_DEPENDENT_MEASURES = (
+    "user_namespace", "pid_namespace", "network", "ipc", "mounts", "seccomp", "memory_max",
+)  # fmt: skip
+
+
+@attrs.frozen
+class SandboxSettings:
+    """How ``sandboxed`` workers are confined; the ``[sandbox]`` table holds the defaults.
+
+    docs/security.md says what each measure stops; docs/configuration.md, each key.
+    """
+
+    #: As root: the user (and group; default its primary group) workers run as.
+    user: str = "nobody"
+    group: str | None = None
+    no_new_privs: bool = True
+    #: A network namespace of its own with no interface up: no network at all.
+    private_network: bool = True
+    #: A PID namespace of its own: it cannot see, signal or trace any other process.
+    pid_namespace: bool = True
+    #: Private IPC namespace: no System V IPC or POSIX message queues shared with the host.
+    private_ipc: bool = True
+    #: A read-only view of the system: its module directory and tuning file, the Python
+    #: runtime, /usr, and a private writable /tmp, nothing else.
+    private_mounts: bool = True
+    #: Further host paths to show read-only (absolute), for a module that needs them.
+    read_only_paths: tuple[Path, ...] = ()
+    tmp_size: Size = Size(64 << 20)
+    #: RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_NPROC, RLIMIT_CPU (0: no limit); no core dumps ever.
+    address_space: Size = Size(4 << 30)
+    open_files: int = 256
+    processes: int = 64
+    cpu_seconds: int = 0
+    #: The worker's cgroup memory limit (memory.max, or cgroup v1 memory.limit_in_bytes).
+    memory_max: Size = Size(None)
+    #: 0 to 1000: how much rather the kernel's OOM killer picks the worker than others.
+    oom_score_adj: int = 500
+    seccomp: bool = True
+    #: Measures that may be missing on this host: said once at start instead of an error.
+    optional: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SandboxOverrides:
+    """A module's ``sandbox`` table: any key left out takes the ``[sandbox]`` value."""
+
+    user: str | None = None
+    group: str | None = None
+    no_new_privs: bool | None = None
+    private_network: bool | None = None
+    pid_namespace: bool | None = None
+    private_ipc: bool | None = None
+    private_mounts: bool | None = None
+    read_only_paths: tuple[Path, ...] | None = None
+    tmp_size: Size | None = None
+    address_space: Size | None = None
+    open_files: int | None = None
+    processes: int | None = None
+    cpu_seconds: int | None = None
+    memory_max: Size | None = None
+    oom_score_adj: int | None = None
+    seccomp: bool | None = None
+    optional: tuple[str, ...] | None = None
+
+    def apply_to(self, base: SandboxSettings) -> SandboxSettings:
+        """Return ``base`` with every key this table sets replaced."""
+        return _override(base, self)
+
+
+@attrs.frozen
+class SignatureSettings:
+    """The ``[signatures]`` table: which keys vouch for module code, and whether one must."""
+
+    #: Refuse modules without a valid signature by a trusted key (per module: override).
+    require_signature: bool = False
+    #: Ed25519 public key files (PEM or raw base64), relative to the configuration file.
+    trusted_keys: tuple[Path, ...] = ()
 
 
 @attrs.frozen
@@ -126,6 +222,10 @@ class ModuleSettings:
     env: tuple[str, ...] = ()
     #: Another configured module that serves this one's proxies while it is in cooldown.
     fallback: str | None = None
+    #: For proxy = "sandboxed": any ``[sandbox]`` key, for this module only.
+    sandbox: SandboxOverrides = SandboxOverrides()
+    #: Overrides ``[signatures] require_signature`` for this module.
+    require_signature: bool | None = None
 
 
 @attrs.frozen
@@ -134,8 +234,19 @@ class Config:
 
     daemon: DaemonSettings = DaemonSettings()
     restart: RestartPolicy = RestartPolicy()
+    sandbox: SandboxSettings = SandboxSettings()
+    signatures: SignatureSettings = SignatureSettings()
     modules: dict[str, ModuleSettings] = attrs.field(factory=dict)
 
     def restart_policy(self, module: str) -> RestartPolicy:
         """The effective restart policy of one module: defaults, then its overrides."""
         return self.modules[module].restart.apply_to(self.restart)
+
+    def sandbox_settings(self, module: str) -> SandboxSettings:
+        """The effective sandbox of one module: ``[sandbox]``, then its own table."""
+        return self.modules[module].sandbox.apply_to(self.sandbox)
+
+    def signature_required(self, module: str) -> bool:
+        """Whether the module must carry a valid signature by a trusted key."""
+        own = self.modules[module].require_signature
+        return self.signatures.require_signature if own is None else own

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from ._config import Config, DaemonSettings, RestartPolicy
+from ._config import HOST_DEPENDENT_MEASURES, Config, DaemonSettings, RestartPolicy, SandboxSettings
 from ._convert import structure
 from ._manifest import MODULE_NAME
 from ._problems import ConfigError, Problem, join_key
@@ -57,7 +57,10 @@ def _anchor_dirs(config: Config, base: Path) -> Config:
         module_dirs=tuple(base / d for d in config.daemon.module_dirs),
         trusted_module_dirs=tuple(base / d for d in config.daemon.trusted_module_dirs),
     )
-    return attrs.evolve(config, daemon=daemon)
+    signatures = attrs.evolve(
+        config.signatures, trusted_keys=tuple(base / k for k in config.signatures.trusted_keys)
+    )
+    return attrs.evolve(config, daemon=daemon, signatures=signatures)
 
 
 def _check(
@@ -66,9 +69,15 @@ def _check(
     yield from _check_daemon(config.daemon, path)
     written = set(data.get("restart", {}))
     yield from _check_policy(config.restart, path, "restart", written, blame_defaults=True)
+    written = set(data.get("sandbox", {}))
+    yield from _check_sandbox(config.sandbox, path, "sandbox", written, blame_defaults=True)
     for name in config.modules:
         written = set(data["modules"][name].get("restart", {}))
         yield from _check_module(config, name, path, proxy_kinds, written)
+        written = set(data["modules"][name].get("sandbox", {}))
+        key = f"{join_key('modules', name)}.sandbox"
+        sandbox = config.sandbox_settings(name)
+        yield from _check_sandbox(sandbox, path, key, written, blame_defaults=False)
 
 
 def _check_daemon(daemon: DaemonSettings, path: Path) -> Iterator[Problem]:
@@ -178,3 +187,50 @@ def _check_policy(
             f"heartbeat_interval {policy.heartbeat_interval}",
             "heartbeat_timeout > heartbeat_interval",
         )
+
+
+#: The range of oom_score_adj a worker may have: never below the default of 0, which
+#: would make the kernel prefer killing the daemon or anything else to the worker.
+OOM_SCORE_ADJ_RANGE = (0, 1000)
+#: A worker needs its four descriptors, a channel per instance and the buffers of a call.
+MIN_OPEN_FILES = 16
+
+
+def _check_sandbox(
+    settings: SandboxSettings, path: Path, key: str, written: set[str], *, blame_defaults: bool
+) -> Iterator[Problem]:
+    """Check a merged sandbox table, blaming keys as ``_check_policy`` does."""
+
+    def where(field: str) -> str | None:
+        if field in written or blame_defaults:
+            return f"{key}.{field}"
+        return None
+
+    problems: list[tuple[str, str, str]] = []
+    low, high = OOM_SCORE_ADJ_RANGE
+    if not low <= settings.oom_score_adj <= high:
+        problems.append(("oom_score_adj", f"{settings.oom_score_adj} is out of range",
+                         f"{low} <= oom_score_adj <= {high}"))  # fmt: skip
+    if settings.open_files < MIN_OPEN_FILES:
+        problems.append(("open_files", f"{settings.open_files} is too few",
+                         f"an integer >= {MIN_OPEN_FILES}"))  # fmt: skip
+    if settings.processes < 1:
+        problems.append(("processes", f"{settings.processes} is below 1", "an integer >= 1"))
+    if settings.cpu_seconds < 0:
+        problems.append(("cpu_seconds", f"{settings.cpu_seconds} is negative",
+                         "seconds of CPU time, or 0 for no limit"))  # fmt: skip
+    if not settings.tmp_size.limited:
+        problems.append(("tmp_size", "the private /tmp needs a size", 'a size such as "64M"'))
+    for index, extra in enumerate(settings.read_only_paths):
+        if not extra.is_absolute():
+            problems.append((f"read_only_paths[{index}]", f"{str(extra)!r} is relative",
+                             "an absolute path"))  # fmt: skip
+    for index, measure in enumerate(settings.optional):
+        if measure not in HOST_DEPENDENT_MEASURES:
+            message = f"{measure!r} is not a measure that may be missing on a host"
+            expected = "one of " + ", ".join(HOST_DEPENDENT_MEASURES)
+            problems.append((f"optional[{index}]", message, expected))
+    for field, message, expected in problems:
+        location = where(field.partition("[")[0])
+        if location is not None:
+            yield Problem(path, location + field[len(field.partition("[")[0]) :], message, expected)

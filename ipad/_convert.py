@@ -24,6 +24,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from ._duration import DURATION_EXPECTED, Duration
 from ._problems import Problem, did_you_mean, join_key
+from ._size import SIZE_EXPECTED, Size
 
 T = TypeVar("T")
 
@@ -63,13 +64,18 @@ def _strict(kind: type[Any], expected: str) -> Callable[[object, type], Any]:
     return hook
 
 
-def _structure_duration(value: object, _: type) -> Duration:
-    if not isinstance(value, str):
-        raise Mismatch(f"got {_toml_type(value)} {value!r}", DURATION_EXPECTED)
-    try:
-        return Duration.parse(value)
-    except ValueError as exc:
-        raise Mismatch(str(exc), DURATION_EXPECTED) from None
+def _parsed(parse: Callable[[str], T], expected: str) -> Callable[[object, type], T]:
+    """A hook for values written as strings and parsed (durations, sizes)."""
+
+    def hook(value: object, _: type) -> T:
+        if not isinstance(value, str):
+            raise Mismatch(f"got {_toml_type(value)} {value!r}", expected)
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise Mismatch(str(exc), expected) from None
+
+    return hook
 
 
 def _structure_path(value: object, _: type) -> Path:
@@ -133,7 +139,8 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(int, _strict(int, "an integer"))
     converter.register_structure_hook(float, _strict(float, "a number"))
     converter.register_structure_hook(str, _strict(str, "a string"))
-    converter.register_structure_hook(Duration, _structure_duration)
+    converter.register_structure_hook(Duration, _parsed(Duration.parse, DURATION_EXPECTED))
+    converter.register_structure_hook(Size, _parsed(Size.parse, SIZE_EXPECTED))
     converter.register_structure_hook(Path, _structure_path)
     converter.register_structure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda v, t: _enum_hook(t)(v, t)

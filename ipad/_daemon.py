@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -25,6 +26,7 @@ from ._problems import ConfigError
 from ._proxies import ProxyTable
 from ._registry import REGISTRY
 from ._resolve import WorkerNotFound, resolve_worker
+from ._sandbox_plan import memory_support
 from ._server import AdminError, Daemon, serve_clients
 from ._service import ServiceNotifier, module_health, status_line
 from ._spawn import StartedProcess
@@ -139,6 +141,33 @@ def modules_info(checked: CheckedConfig) -> dict[str, dict[str, Any]]:
     return info
 
 
+#: prctl(2): whether the process may be traced, and its memory read, by others of its user.
+PR_SET_DUMPABLE = 4
+
+
+def protect_daemon() -> None:
+    """Make the daemon undumpable, so no process of its user can trace it or read its memory.
+
+    A worker of an unprivileged daemon runs as the daemon's user: its PID
+    namespace and seccomp filter already keep it from the daemon; this holds
+    even against one that got past both.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("daemon.dumpable", error=os.strerror(ctypes.get_errno()))
+
+
+def report_unavailable(plans: Iterable[ModulePlan]) -> None:
+    """Say once, at start, which optional sandbox measures this host lacks, for which modules."""
+    missing: dict[tuple[str, str], list[str]] = {}
+    for plan in plans:
+        for gap in plan.unavailable:
+            missing.setdefault((gap.measure, gap.reason), []).append(plan.name)
+    for (measure, reason), modules in sorted(missing.items()):
+        log.warning("sandbox.measure_unavailable", measure=measure, reason=reason,
+                    modules=sorted(modules))  # fmt: skip
+
+
 class DaemonRuntime:
     """The running daemon: its configuration, supervisors, and the operations on them."""
 
@@ -156,13 +185,22 @@ class DaemonRuntime:
         self.events = EventBus()
         self.proxies = ProxyTable(self.events)
         self.cgroups = WorkerCgroups.create()
+        sandboxes = [plan.sandbox for plan in checked.plans.values() if plan.sandbox is not None]
+        if sandboxes:
+            protect_daemon()
+        report_unavailable(checked.plans.values())
+        memory = None
+        if any(spec.memory_max is not None for spec in sandboxes):
+            memory = memory_support()
         forkable = (
             forkable_argv(checked.plans.values()) if checked.config.daemon.forkserver else None
         )
         preloads = trusted_preloads(
             checked.plans.values(), checked.config.daemon.trusted_module_dirs
         )
-        self.launcher = Launcher(forkable, self.cgroups, preloads, early=early_forkserver)
+        self.launcher = Launcher(
+            forkable, self.cgroups, preloads, early=early_forkserver, memory=memory
+        )
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -228,6 +266,7 @@ class DaemonRuntime:
         finally:
             if self.cgroups is not None:
                 self.cgroups.close()
+            self.launcher.close()
 
     async def _run(self, listener: socket.socket, task_status: trio.TaskStatus[Path]) -> None:
         async with trio.open_nursery() as nursery:

@@ -18,6 +18,7 @@ import ctypes
 import importlib
 import os
 import platform
+import select
 import signal
 import socket
 import sys
@@ -26,6 +27,9 @@ from typing import TypeGuard
 
 from . import _protocol as p
 from ._fdpass import recv_packet, send_packet
+from ._sandbox import CLONE_NEWUSER, SandboxError, clone_flags, close_other_fds
+from ._sandbox import apply as apply_sandbox
+from ._sandbox import warm as warm_sandbox
 from ._worker_host import CONTROL_FD, WorkerHost, die_with_parent, libc, log, method_table
 from .ipa import IPAModule
 
@@ -56,19 +60,21 @@ SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "ppc64le": 120, "s390
 _api = ctypes.pythonapi
 
 
-def fork_sibling(cgroup_fd: int | None = None) -> int:
+def fork_sibling(cgroup_fd: int | None = None, namespaces: int = 0) -> int:
     """fork(), but the child's parent is our parent. Returns 0 in the child.
 
     With ``cgroup_fd`` the child starts inside that cgroup (clone3 with
     CLONE_INTO_CGROUP): no migration afterwards, which on some kernels waits
-    out an RCU grace period of ~10 ms. Python's own fork bookkeeping
-    (PyOS_BeforeFork / AfterFork) runs around the raw syscall, as os.fork()
-    does it. The fork server is single-threaded.
+    out an RCU grace period of ~10 ms. ``namespaces`` are CLONE_NEW* flags the
+    child starts in (a sandbox's PID namespace: only a fork can enter one).
+    Python's own fork bookkeeping (PyOS_BeforeFork / AfterFork) runs around
+    the raw syscall, as os.fork() does it. The fork server is single-threaded.
     """
     if cgroup_fd is not None:
         # clone3 refuses an exit signal with CLONE_PARENT: the child gets ours (SIGCHLD,
         # as the daemon spawned us), which is what the daemon's waitid expects.
-        args = _CloneArgs(flags=CLONE_PARENT | CLONE_INTO_CGROUP, exit_signal=0, cgroup=cgroup_fd)
+        flags = CLONE_PARENT | CLONE_INTO_CGROUP | namespaces
+        args = _CloneArgs(flags=flags, exit_signal=0, cgroup=cgroup_fd)
         call: tuple[object, ...] = (
             SYS_CLONE3,
             ctypes.byref(args),
@@ -78,7 +84,7 @@ def fork_sibling(cgroup_fd: int | None = None) -> int:
         number = SYS_CLONE.get(platform.machine())
         if number is None:
             raise OSError(f"no clone syscall number known for {platform.machine()}")
-        call = (number, CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
+        call = (number, CLONE_PARENT | namespaces | signal.SIGCHLD, 0, 0, 0, 0)
     _api.PyOS_BeforeFork()
     pid = libc().syscall(*call)
     if pid == 0:
@@ -92,12 +98,20 @@ def fork_sibling(cgroup_fd: int | None = None) -> int:
 
 
 def _become_worker(
-    server: socket.socket, control: int, output: int, env: dict[str, str], daemon: int
+    server: socket.socket,
+    control: int,
+    output: int,
+    env: dict[str, str],
+    daemon: Daemon,
+    sandbox: p.SandboxSpec | None = None,
+    outer_ids: tuple[int, int] = (0, 0),
 ) -> None:
     """In the forked child: drop the server's socket, take the new one, serve, exit.
 
     The worker's descriptors end up as a spawned worker's: 0 = /dev/null (the
-    fork server's own), 1 and 2 = its output pipe, 3 = its control socket.
+    fork server's own), 1 and 2 = its output pipe, 3 = its control socket. A
+    sandboxed worker confines itself here, before it reads LOAD: no module code
+    has run in it yet. If that fails it answers LOAD with the reason.
     """
     status = 1
     try:
@@ -108,17 +122,61 @@ def _become_worker(
         os.close(control)
         os.close(output)
         os.setpgid(0, 0)  # lead a process group of its own, as a spawned worker does
-        die_with_parent(daemon)
         os.environ.clear()
         os.environ.update(env)
-        status = WorkerHost(socket.socket(fileno=CONTROL_FD)).serve()
+        refused = None
+        if sandbox is not None and sandbox.pid_namespace:
+            # The first process of a PID namespace ignores signals it has no handler for,
+            # even the daemon's SIGTERM: exit on it as a worker without a namespace would.
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        if sandbox is not None:
+            try:
+                apply_sandbox(sandbox, outer_ids, in_user_namespace=bool(
+                    clone_flags(sandbox) & CLONE_NEWUSER))  # fmt: skip
+            except SandboxError as exc:
+                refused = f"cannot sandbox the worker: {exc}"
+                log("worker.sandbox_failed", module=sandbox.module, step=exc.step,
+                    reason=exc.reason)  # fmt: skip
+        # After the sandbox: a change of user clears the parent-death signal.
+        daemon.stay_with()
+        close_other_fds()
+        host = WorkerHost(socket.socket(fileno=CONTROL_FD), refused=refused)
+        status = host.serve()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
 
 
-def serve(server: socket.socket, daemon: int) -> int:
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+class Daemon:
+    """The fork server's parent, which every worker it forks must not outlive.
+
+    A worker in a PID namespace of its own cannot compare getppid() with the
+    daemon's pid (its parent is outside: 0), so liveness is read from a pidfd.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = None
+
+    def stay_with(self) -> None:
+        """Ask for SIGKILL when the daemon dies, then make sure it has not died already."""
+        die_with_parent(None)
+        if self.pidfd is not None:
+            if select.select([self.pidfd], [], [], 0)[0]:
+                os._exit(1)
+        elif os.getppid() != self.pid:
+            os._exit(1)
+
+
+def serve(server: socket.socket, daemon: Daemon) -> int:
     """Fork a worker for every SPAWN until the daemon says SHUTDOWN or goes away."""
     while True:
         try:
@@ -135,23 +193,26 @@ def serve(server: socket.socket, daemon: int) -> int:
             preload(frame.message.modules)
             continue
         assert isinstance(frame.message, p.Spawn)  # noqa: S101 - decode allowed only these
-        if len(frame.fds) != 2 + frame.message.cgroup:
+        spawn = frame.message
+        if len(frame.fds) != 2 + spawn.cgroup:
             frame.close_fds()
             error = p.Error(
                 p.ErrorCode.BAD_MESSAGE, "SPAWN needs its control socket, output pipe (and cgroup)"
             )
             send_packet(server, p.encode(error, frame.request_id))
             continue
-        cgroup_fd = frame.fds[2] if frame.message.cgroup else None
+        cgroup_fd = frame.fds[2] if spawn.cgroup else None
         in_cgroup = cgroup_fd is not None
+        namespaces = clone_flags(spawn.sandbox) if spawn.sandbox is not None else 0
+        outer_ids = (os.getuid(), os.getgid())  # what a user namespace maps: ours, from outside
         try:
             try:
-                pid = fork_sibling(cgroup_fd)
+                pid = fork_sibling(cgroup_fd, namespaces)
             except OSError:
                 if cgroup_fd is None:
                     raise
                 in_cgroup = False  # an older kernel: fork plainly, the daemon moves it
-                pid = fork_sibling(None)
+                pid = fork_sibling(None, namespaces)
         except OSError as exc:
             frame.close_fds()
             error = p.Error(p.ErrorCode.INTERNAL, f"fork failed: {exc}")
@@ -160,7 +221,8 @@ def serve(server: socket.socket, daemon: int) -> int:
         if pid == 0:
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
-            _become_worker(server, frame.fds[0], frame.fds[1], dict(frame.message.env), daemon)
+            _become_worker(server, frame.fds[0], frame.fds[1], dict(spawn.env), daemon,
+                           spawn.sandbox, outer_ids)  # fmt: skip
         frame.close_fds()
         send_packet(server, p.encode(p.Spawned(pid, in_cgroup), frame.request_id))
 
@@ -195,4 +257,5 @@ def main(parent: int | None) -> int:
     """Entry point of ``python -m ipad._worker_host --zygote``: serve SPAWN requests on fd 3."""
     die_with_parent(parent)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    return serve(socket.socket(fileno=CONTROL_FD), parent or os.getppid())
+    warm_sandbox()  # forks find the C library's functions and the seccomp filter looked up
+    return serve(socket.socket(fileno=CONTROL_FD), Daemon(parent or os.getppid()))

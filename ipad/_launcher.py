@@ -18,12 +18,16 @@ import functools
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
+import msgspec
 import structlog
 import trio
 
+from . import _memory_cgroup
 from . import _protocol as p
 from ._cgroup import WorkerCgroups
+from ._jail import command as jail_command
 from ._relay import relay_output
 from ._spawn import StartedProcess
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
@@ -50,8 +54,19 @@ class Launcher:
         cgroups: WorkerCgroups | None = None,
         preloads: Sequence[str] = (),
         early: StartedProcess | None = None,
+        memory: _memory_cgroup.MemorySupport | None = None,
     ) -> None:
         self.cgroups = cgroups
+        #: Where sandboxed workers' memory limits go (ipad/_memory_cgroup.py), if anywhere.
+        self.memory_version = memory.version if memory is not None else None
+        self.v1_memory: _memory_cgroup.V1MemoryCgroups | None = None
+        if memory is not None and memory.version == 1 and memory.v1_parent is not None:
+            self.v1_memory = _memory_cgroup.V1MemoryCgroups(memory.v1_parent)
+            self.v1_memory.open()
+            log.info("memory.ready", cgroup=str(self.v1_memory.base), version=1)
+        elif memory is not None and memory.version == 2 and cgroups is not None:
+            # Workers' own cgroups get memory.max only if their parent hands the controller on.
+            (cgroups.base / "cgroup.subtree_control").write_text("+memory")
         #: A fork server started before trio was imported, to take charge of first.
         self.early = early
         #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
@@ -133,24 +148,55 @@ class Launcher:
         argv: Sequence[str],
         env: Mapping[str, str],
         on_notice: Callable[[p.Message], None],
+        sandbox: p.SandboxSpec | None = None,
     ) -> WorkerProcess:
-        """A new worker for ``module``: forked if it runs the Python worker host, else spawned."""
+        """A new worker for ``module``: forked if it runs the Python worker host, else spawned.
+
+        With ``sandbox`` the worker confines itself before it loads its module.
+        """
         server = self.forkserver
         if server is not None and list(argv) == self.forkable:
             try:
-                worker = await self._fork(server, module, env, on_notice)
+                worker = await self._fork(server, module, env, on_notice, sandbox)
             except (WorkerCrashed, OSError, trio.TooSlowError, p.ProtocolError) as exc:
                 log.warning("forkserver.fork_failed", module=module, error=str(exc))
             else:
                 self.forks += 1
                 return worker
         self.spawns += 1
+        v1_memory = self._v1_memory(module, sandbox)
+        if sandbox is not None:
+            sandbox = msgspec.structs.replace(sandbox, pid_namespace=False, memory_cgroup=(
+                str(v1_memory) if v1_memory else None))  # fmt: skip
+            argv = jail_command(sandbox, list(argv))
         worker = self._spawn(module, argv, env, on_notice)
+        worker.sandbox, worker.memory_cgroup = sandbox, v1_memory
         if self.cgroups is not None:
             # Moving a process between cgroups can wait out an RCU grace period
             # (~10 ms here): do it off the event loop so other workers carry on.
             worker.cgroup = await trio.to_thread.run_sync(self.cgroups.add, module, worker.pid)
+            limit = sandbox.memory_max if sandbox is not None else None
+            if worker.cgroup is not None and limit is not None and self.memory_version == 2:
+                _memory_cgroup.set_limit(worker.cgroup, limit, 2)
+                worker.memory_cgroup = worker.cgroup
         return worker
+
+    def _v1_memory(self, module: str, sandbox: p.SandboxSpec | None) -> Path | None:
+        """A cgroup v1 memory cgroup with the worker's limit, for it to join, if it needs one."""
+        if sandbox is None or sandbox.memory_max is None or self.v1_memory is None:
+            return None
+        return self.v1_memory.prepare(module, sandbox.memory_max)
+
+    @staticmethod
+    def _drop_v1_memory(path: Path | None, prepared: tuple[Path, int] | None) -> None:
+        """Remove a v1 memory cgroup made for a fork that did not happen."""
+        if path is not None and (prepared is None or path != prepared[0]):
+            _memory_cgroup.clear(path)
+
+    def close(self) -> None:
+        """Remove the daemon's memory cgroups (at exit, once every worker is gone)."""
+        if self.v1_memory is not None:
+            self.v1_memory.close()
 
     def _spawn(
         self,
@@ -178,17 +224,24 @@ class Launcher:
         module: str,
         env: Mapping[str, str],
         on_notice: Callable[[p.Message], None],
+        sandbox: p.SandboxSpec | None = None,
     ) -> WorkerProcess:
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
         read_end, write_end = os.pipe2(os.O_CLOEXEC)  # the worker's stdout and stderr
         prepared = self.cgroups.prepare(module) if self.cgroups is not None else None
+        memory_cgroup = self._v1_memory(module, sandbox)
+        if sandbox is not None and memory_cgroup is not None:
+            sandbox = msgspec.structs.replace(sandbox, memory_cgroup=str(memory_cgroup))
+        elif sandbox is not None and sandbox.memory_max is not None and prepared is not None:
+            _memory_cgroup.set_limit(prepared[0], sandbox.memory_max, 2)  # before it runs
+            memory_cgroup = prepared[0]
         fds = [theirs.fileno(), write_end] + ([prepared[1]] if prepared is not None else [])
         try:
             with trio.fail_after(FORK_TIMEOUT):
                 try:
-                    spawn = p.Spawn(dict(env), cgroup=prepared is not None)
+                    spawn = p.Spawn(dict(env), cgroup=prepared is not None, sandbox=sandbox)
                     frame = await server.request(spawn, fds)
                 finally:
                     theirs.close()
@@ -201,16 +254,19 @@ class Launcher:
         except BaseException:
             ours.close()
             os.close(read_end)
+            self._drop_v1_memory(memory_cgroup, prepared)
             raise
         if not isinstance(spawned, p.Spawned):
             ours.close()
             os.close(read_end)
+            self._drop_v1_memory(memory_cgroup, prepared)
             error = spawned.message if isinstance(spawned, p.Error) else spawned.TYPE.name
             raise OSError(f"fork server refused: {error}")
         pid = spawned.pid
         self._relay(read_end, module, pid)
         log.debug("worker.forked", module=module, worker_pid=pid, in_cgroup=spawned.in_cgroup)
         worker = WorkerProcess(module, pid, pidfd, ours, on_notice)
+        worker.sandbox, worker.memory_cgroup = sandbox, memory_cgroup
         if prepared is not None:
             path = prepared[0]
             if spawned.in_cgroup or await trio.to_thread.run_sync(WorkerCgroups.move, path, pid):

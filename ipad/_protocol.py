@@ -366,17 +366,53 @@ class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
 # --- daemon <-> fork server ----------------------------------------------------
 
 
+class SandboxSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How one worker is confined; the worker side applies it before any module code runs.
+
+    Built by the daemon from the ``sandboxed`` kind's settings (ipad/_sandbox_plan.py)
+    and applied in the new process by ipad/_sandbox.py: forked ones get it in SPAWN,
+    spawned ones on the command line of ``python -m ipad._jail``.
+    """
+
+    module: str
+    #: As root: the ids to switch to, supplementary groups dropped (None: keep ours).
+    uid: int | None = None
+    gid: int | None = None
+    #: Unprivileged: a user namespace mapping only our own uid and gid.
+    user_namespace: bool = False
+    pid_namespace: bool = False
+    #: A network namespace of its own: no interface but a loopback that is down.
+    network: bool = False
+    ipc: bool = False
+    #: The read-only view: host paths bound at the same place (None: the host's tree).
+    view: tuple[str, ...] | None = None
+    #: Directories inside the view shown empty (other modules' tuning and module dirs).
+    hidden: tuple[str, ...] = ()
+    #: Size of the private, writable /tmp, in bytes.
+    tmp_size: int = 0
+    #: setrlimit resource name (``RLIMIT_AS``...) -> soft and hard limit; -1 is infinity.
+    rlimits: dict[str, int] = msgspec.field(default_factory=dict)
+    no_new_privs: bool = False
+    oom_score_adj: int | None = None
+    #: The memory limit in bytes (None: none), and a cgroup v1 directory to join for it.
+    memory_max: int | None = None
+    memory_cgroup: str | None = None
+    seccomp: bool = False
+
+
 class Spawn(Message, frozen=True, forbid_unknown_fields=True):
     """Fork a worker host serving the passed control socket, with this environment.
 
     The fds: the control socket, the write end of the pipe that becomes the
     worker's stdout and stderr, and with ``cgroup`` the directory of the cgroup
-    to fork it into.
+    to fork it into. With ``sandbox`` the new worker confines itself before it
+    serves (ipad/_sandbox.py).
     """
 
     TYPE = MsgType.SPAWN
     env: dict[str, str]
     cgroup: bool = False
+    sandbox: SandboxSpec | None = None
 
 
 class Spawned(Message, frozen=True, forbid_unknown_fields=True):

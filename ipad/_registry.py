@@ -13,9 +13,13 @@ import importlib
 import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import structlog
+
+if TYPE_CHECKING:
+    from ._config import SandboxSettings
+    from ._sandbox_plan import ModuleFiles, SandboxPlan
 
 log = structlog.get_logger("ipad")
 
@@ -24,7 +28,7 @@ ENTRY_POINT_GROUP = "ipad.proxies"
 
 #: ipad's own kinds, imported on first lookup so that merely importing ipad
 #: registers (and logs) nothing before logging is configured.
-BUILTIN_KIND_MODULES = ("ipad._proxy_isolated",)
+BUILTIN_KIND_MODULES = ("ipad._proxy_isolated", "ipad._proxy_sandboxed")
 
 
 class ProxyKind(abc.ABC):
@@ -40,6 +44,12 @@ class ProxyKind(abc.ABC):
     def problems(self, executable: Path) -> list[str]:
         """Why this kind cannot start that worker here; checked by ``--check-config``."""
         return []
+
+    def plan_sandbox(
+        self, module: str, settings: SandboxSettings, files: ModuleFiles
+    ) -> SandboxPlan | None:
+        """The sandbox the module's workers confine themselves in; None: no sandbox."""
+        return None
 
 
 class DuplicateProxyKind(ValueError):

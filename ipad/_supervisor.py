@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from . import _memory_cgroup
 from . import _protocol as p
 from ._backoff import Action, RestartTracker
 from ._cgroup import WorkerCgroups
@@ -30,6 +31,7 @@ from ._config import RestartPolicy
 from ._launcher import Launcher
 from ._proxies import ProxyTable
 from ._registry import ProxyKind
+from ._sandbox_status import measures
 from ._states import ProxyState, WorkerState, advance_worker
 from ._worker import ExitStatus, WorkerCrashed, WorkerProcess
 
@@ -38,6 +40,12 @@ log = structlog.get_logger("ipad")
 #: Longest a new standby waits for the clients of a just-promoted worker to recover:
 #: forking and loading it would compete with them for the CPU (two cores here).
 STANDBY_DEFER = 0.1
+
+#: The signal a seccomp filter's SECCOMP_RET_KILL_PROCESS ends a process with.
+SIGSYS = signal.SIGSYS
+
+#: How long a dead worker's cgroup v1 memory cgroup may take to empty before it is left.
+MEMORY_CGROUP_WAIT = 2.0
 
 
 class ModuleUnavailable(Exception):
@@ -123,7 +131,19 @@ class ModuleSupervisor:
             "proxy_kind": self.kind.name,
             "worker": str(self.plan.worker),
             "tuning": str(self.plan.tuning),
+            "sandbox": self._sandbox_status(),
         }
+
+    def _sandbox_status(self) -> dict[str, object] | None:
+        """The measures in force for the running worker, read from /proc (None: no sandbox)."""
+        worker = self.worker
+        if self.plan.sandbox is None:
+            return None
+        if worker is None or worker.sandbox is None or self.state is not WorkerState.RUNNING:
+            return {"in_force": None}
+        found = measures(worker.pid, worker.sandbox, worker.memory_cgroup)
+        unavailable = {u.measure: u.reason for u in self.plan.unavailable}
+        return {"in_force": found, "unavailable": unavailable}
 
     # --- the supervision loop ------------------------------------------------------
 
@@ -229,7 +249,9 @@ class ModuleSupervisor:
             return worker, None
         argv = self.kind.worker_argv(self.plan.worker)
         try:
-            worker = await self.launcher.launch(self.name, argv, self.env, self._on_notice)
+            worker = await self.launcher.launch(
+                self.name, argv, self.env, self._on_notice, self.plan.sandbox
+            )
         except OSError as exc:
             reason = f"cannot start {argv[0]}: {exc.strerror or exc}"
             log.error("worker.spawn_failed", module=self.name, error=str(exc))
@@ -265,7 +287,9 @@ class ModuleSupervisor:
                 return
             argv = self.kind.worker_argv(self.plan.worker)
             try:
-                worker = await self.launcher.launch(self.name, argv, self.env, self._on_notice)
+                worker = await self.launcher.launch(
+                    self.name, argv, self.env, self._on_notice, self.plan.sandbox
+                )
             except OSError as exc:
                 log.warning("worker.standby_failed", module=self.name, error=str(exc))
                 return
@@ -390,6 +414,21 @@ class ModuleSupervisor:
             )
             log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="hung",
                       **status.log_fields())  # fmt: skip
+        elif worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
+            failure = reason = (
+                "seccomp: killed for a forbidden system call (an escape attempt?) "
+                f"({status.describe()})"
+            )
+            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="seccomp",
+                      **status.log_fields())  # fmt: skip
+        elif _killed_for_memory(worker, status):
+            limit = worker.sandbox.memory_max if worker.sandbox else None
+            failure = reason = (
+                f"oom: over its memory limit ({limit} bytes), killed by the kernel "
+                f"({status.describe()})"
+            )
+            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="oom",
+                      memory_max=limit, **status.log_fields())  # fmt: skip
         else:
             reason = f"worker exited with {status.describe()}"
             failure = None if status.clean else reason
@@ -409,9 +448,12 @@ class ModuleSupervisor:
         promoted in the same step); removing the emptied cgroup follows it.
         """
         worker.signal(signal.SIGKILL)
+        v1_memory = worker.memory_cgroup if worker.memory_cgroup != worker.cgroup else None
         if worker.cgroup is not None:
             self._background.start_soon(_clear_cgroup, worker.cgroup)
             worker.cgroup = None
+        if v1_memory is not None:  # cgroup v1's memory cgroup, apart from the worker's own
+            self._background.start_soon(_clear_v1_memory, v1_memory)
 
     # --- operator requests --------------------------------------------------------
 
@@ -542,6 +584,20 @@ async def _clear_cgroup(path: Path) -> None:
     WorkerCgroups.kill(path)
     with trio.CancelScope(shield=True):
         await WorkerCgroups.remove(path)
+
+
+async def _clear_v1_memory(path: Path) -> None:
+    """Remove a worker's cgroup v1 memory cgroup once what ran in it is gone."""
+    with trio.CancelScope(shield=True), trio.move_on_after(MEMORY_CGROUP_WAIT):
+        while not _memory_cgroup.clear(path):
+            await trio.sleep(0.005)
+
+
+def _killed_for_memory(worker: WorkerProcess, status: ExitStatus) -> bool:
+    """Whether the kernel's OOM killer ended the worker (counted in its memory cgroup)."""
+    if status.signal != signal.SIGKILL or worker.memory_cgroup is None:
+        return False
+    return _memory_cgroup.oom_kills(worker.memory_cgroup) > 0
 
 
 def _describe_error(message: p.Message) -> str:

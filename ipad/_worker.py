@@ -76,6 +76,10 @@ class WorkerProcess:
         self.cgroup: Path | None = None
         #: Instances opened ahead of time that no proxy holds yet: (instance id, client end).
         self.spares: list[tuple[int, socket.socket]] = []
+        #: The sandbox it confined itself in (proxy kind ``sandboxed``), if any.
+        self.sandbox: p.SandboxSpec | None = None
+        #: The cgroup holding its memory limit, where its OOM kills are counted.
+        self.memory_cgroup: Path | None = None
 
     async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
         """Send a control request and wait for its reply."""

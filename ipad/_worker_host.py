@@ -181,8 +181,10 @@ class Instance:
 class WorkerHost:
     """The blocking event loop over the control socket and every instance's channel."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, refused: str | None = None) -> None:
         self.control = control
+        #: Why this worker must not load its module (its sandbox could not be built).
+        self.refused = refused
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ, None)
         self.loaded: LoadedModule | None = None
@@ -235,6 +237,11 @@ class WorkerHost:
             self._send_control(
                 p.Error(p.ErrorCode.BAD_MESSAGE, "module already loaded"), request_id
             )
+            return
+        if self.refused is not None:
+            self._send_control(p.Error(p.ErrorCode.MODULE_ERROR, self.refused), request_id)
+            self.running = False
+            self.exit_status = EXIT_LOAD_FAILED
             return
         try:
             self.loaded = LoadedModule(load)

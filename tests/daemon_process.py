@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ipad._cgroup import remove_tree
+from ipad._memory_cgroup import remove_tree as remove_memory_tree
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODULES = Path(__file__).resolve().parent / "modules"
@@ -141,6 +142,8 @@ class DaemonProcess:
             kill_group(record["worker_pid"])
         for record in self.events("cgroup.ready"):
             remove_tree(Path(record["cgroup"]))
+        for record in self.events("memory.ready"):  # cgroup v1's memory controller
+            remove_memory_tree(Path(record["cgroup"]))
         self._reader.join(timeout=WAIT)
         if self.proc.stderr is not None:
             self.proc.stderr.close()

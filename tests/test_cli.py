@@ -70,7 +70,7 @@ def test_check_config_reports_unknown_proxy_kind(tmp_path: Path) -> None:
     result = run("-m", "ipad", "--check-config", str(path))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"{path}: modules.awb.proxy: unknown proxy kind 'jail' (registered: isolated)"
+        f"{path}: modules.awb.proxy: unknown proxy kind 'jail' (registered: isolated, sandboxed)"
     ]
 
 

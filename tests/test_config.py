@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from ipad._config import Config, LogFormat, LogLevel, RestartMode
@@ -34,10 +35,17 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 
 def test_shipped_config_loads() -> None:
     """The top-level config.toml is valid and states the documented defaults."""
-    config = load_config(REPO / "config.toml", proxy_kinds={"isolated"})
+    config = load_config(REPO / "config.toml", proxy_kinds={"isolated", "sandboxed"})
     defaults = Config()
     assert config.restart == defaults.restart
     assert config.daemon.log_level == defaults.daemon.log_level
+    # Secure by default: the shipped modules sandboxed, every default measure stated as is,
+    # but for a memory limit, which may be missing on a host and is optional there.
+    assert {m.proxy for m in config.modules.values()} == {"sandboxed"}
+    assert attrs.evolve(config.sandbox, memory_max=defaults.sandbox.memory_max,
+                        optional=()) == defaults.sandbox  # fmt: skip
+    assert config.sandbox.optional == ("memory_max",)
+    assert config.signatures == defaults.signatures
 
 
 def test_every_key_is_read(tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ module_dirs = ["{TEST_MODULES}"]
 [modules.agc]
 [modules.echo]
 [modules.faulty]
+[modules.probe]
+proxy = "sandboxed"
 """
 
 #: In the namespace, /root becomes a world-searchable tmpfs with just these subtrees bound in.
@@ -248,7 +250,7 @@ def test_ready_status_and_the_daemons_user(service: Service) -> None:
     """Type=notify: active once READY=1, with the module counts as its status; runs as ipad."""
     assert service.is_active() == "active"
     assert service.ns.show(UNIT, "StatusText") == (
-        "4 modules valid, 0 restarting, 0 in cooldown, 0 failed; 0 proxies"
+        "5 modules valid, 0 restarting, 0 in cooldown, 0 failed; 0 proxies"
     )
     with BlockingClient(service.socket, name="status") as client:
         proxy = client.request_proxy("echo")
@@ -261,7 +263,7 @@ def test_ready_status_and_the_daemons_user(service: Service) -> None:
     # Delegate=yes: the daemon made its own subtree, and each worker has a cgroup in it.
     cgroups = service.ns.root / "sys/fs/cgroup/system.slice/ipad.service"
     workers = sorted(p.name.split(".")[0] for p in cgroups.glob("ipad.*/*") if p.is_dir())
-    assert set(workers) == {"awb", "agc", "echo", "faulty"}
+    assert set(workers) == {"awb", "agc", "echo", "faulty", "probe"}
 
 
 def test_reload_sends_reloading_then_ready(service: Service) -> None:
@@ -279,7 +281,7 @@ def test_reload_sends_reloading_then_ready(service: Service) -> None:
         service.ns.systemctl("kill", "--signal=SIGHUP", UNIT)
         service.wait_entry("IPAD_EVENT=daemon.reloaded", since=again)
         service.manager_says("(RELOADING=1, MONOTONIC_USEC=", again)
-        ready = service.manager_says("(READY=1, STATUS=4 modules valid", again)
+        ready = service.manager_says("(READY=1, STATUS=5 modules valid", again)
     assert int(ready["__REALTIME_TIMESTAMP"]) >= again * 1e6
     assert service.main_pid() == pid  # reloaded in place, not restarted
     assert {m: service.worker_pid(m) for m in workers} == workers
@@ -396,6 +398,24 @@ def test_stop_leaves_no_ipad_process_behind(service: Service) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
         probe.connect(service.socket)
     service.wait(lambda: service.is_active() == "active", "started again by its socket")
+
+
+def test_a_sandboxed_worker_under_the_shipped_unit(service: Service) -> None:
+    """As user ipad with the unit's hardening, a sandboxed worker gets all its namespaces."""
+    with BlockingClient(service.socket, name="sandbox") as client:
+        probe = client.request_proxy("probe")
+        report = probe.call("report")
+        daemon_pid = int(client.status().daemon["pid"])
+        assert probe.call("signal", {"pid": daemon_pid}) == "ESRCH"
+        assert probe.call("connect", {"family": "AF_INET"}) == "EAFNOSUPPORT"
+        sandbox = client.status().modules["probe"]["sandbox"]["in_force"]
+    assert report["uid"] != 0
+    assert report["pid"] == 1
+    assert report["interfaces"] == ["lo"]
+    assert (report["status"]["NoNewPrivs"], report["status"]["Seccomp"]) == ("1", "2")
+    assert report["status"]["CapEff"] == "0" * 16
+    assert sandbox["user_namespace"] is True
+    assert sandbox["mounts"] is True
 
 
 def test_the_daemon_logs_to_the_journal_by_itself(service: Service) -> None:

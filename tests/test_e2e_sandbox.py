@@ -1,0 +1,244 @@
+"""Sandboxed workers, proven from inside: the probe module reports what it sees and tries to escape.
+
+Every measure the configuration asks for is checked against what the worker
+itself reads (/proc/self/status, its limits, interfaces, descriptors,
+environment and mounts) and against what ``ipadctl --json status`` reads from
+outside. Each escape attempt is stopped, the daemon reports what it saw, and
+the daemon and the other modules carry on. As root (CI) the worker drops to
+``nobody``; as an unprivileged user it gets a user namespace instead
+(tests/test_e2e_unprivileged.py's way of becoming nobody).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipad import client as ipc
+from ipad._sandbox_plan import memory_support
+from ipad.client import BlockingClient
+from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
+from tests.test_e2e_unprivileged import NOBODY, as_nobody, nobody_dir, nobody_env
+
+__all__ = ["nobody_dir", "nobody_env"]  # fixtures, used by name
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the root path runs in CI as root; see below"),
+]
+
+Start = Callable[..., DaemonProcess]
+
+#: The probe's limits: small enough to hit, large enough for a Python worker.
+SANDBOX = """
+[daemon]
+module_dirs = ["{modules}"]
+
+[sandbox]
+address_space = "1G"
+open_files = 64
+processes = 16
+oom_score_adj = 700
+{extra}
+"""
+
+MODULES = """
+[modules.probe]
+proxy = "sandboxed"
+env = ["LANG"]
+[modules.probe.sandbox]
+memory_max = "64M"
+{probe_extra}
+[modules.probe2]
+proxy = "sandboxed"
+[modules.probe2.sandbox]
+address_space = "256M"
+[modules.echo]
+"""
+
+#: Every memory limit needs a memory controller: CI here has cgroup v1's, as root.
+MEMORY = memory_support().version is not None
+
+
+def sandbox_config(directory: Path, extra: str = "", probe_extra: str = "") -> Path:
+    """The probe, probe2 (its neighbour) and an isolated echo."""
+    head = SANDBOX.format(modules=TEST_MODULES, extra=extra)
+    return write_config(directory, head, modules=MODULES.format(probe_extra=probe_extra))
+
+
+def probe_report(daemon: DaemonProcess, module: str = "probe") -> dict[str, Any]:
+    """What the module's worker sees of itself."""
+    with BlockingClient(daemon.socket) as client:
+        report: dict[str, Any] = client.request_proxy(module).call("report")
+    return report
+
+
+def status_of(daemon: DaemonProcess, module: str) -> dict[str, Any]:
+    """The module's entry in ``ipadctl --json status``."""
+    entry: dict[str, Any] = json.loads(daemon.ctl("--json", "status").stdout)["modules"][module]
+    return entry
+
+
+def assert_confined(report: dict[str, Any], *, uid: int) -> None:
+    """The measures every sandboxed worker has, root daemon or not."""
+    status = report["status"]
+    assert (report["uid"], report["gid"]) == (uid, uid)
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
+    assert status["CapEff"] == status["CapBnd"] == "0" * 16
+    assert report["pid"] == 1
+    assert status["NSpid"] == "1"  # its own PID namespace
+    assert report["interfaces"] == ["lo"]  # a network namespace with nothing in it
+    assert report["rlimits"]["RLIMIT_NOFILE"] == [64, 64]
+    assert report["rlimits"]["RLIMIT_NPROC"] == [16, 16]
+    assert report["rlimits"]["RLIMIT_CORE"] == [0, 0]
+    assert report["oom_score_adj"] == 700
+    fds = report["fds"]
+    assert fds["0"] == "/dev/null"
+    assert fds["1"].startswith("pipe:")
+    assert fds["1"] == fds["2"]
+    assert fds["3"].startswith("socket:")
+    # Above 3 only what the worker host opened itself: its epoll, its instances' channels.
+    later = [target for fd, target in fds.items() if int(fd) > 3]
+    assert later.count("anon_inode:[eventpoll]") == 1
+    assert all(t.startswith("socket:") for t in later if t != "anon_inode:[eventpoll]"), fds
+    writable = {m["point"] for m in report["mounts"] if "rw" in m["options"]}
+    assert writable == {"/tmp", "/proc"}, writable
+    assert report["root"] == sorted(report["root"])
+    assert not {"home", "run", "var", "sys", "srv", "mnt"} & set(report["root"])
+
+
+def test_root_daemon_workers_are_confined(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """As root: the worker runs as nobody, groups dropped, every measure in force inside and out."""
+    env = {k: v for k, v in daemon_env.items() if k != "LANG"} | {"LANG": "C.UTF-8", "SECRET": "x"}
+    daemon = start_daemon(sandbox_config(tmp_path), env=env)
+    report = probe_report(daemon)
+    assert_confined(report, uid=NOBODY)
+    assert report["groups"] == []
+    assert report["status"]["Groups"] == ""
+    assert report["rlimits"]["RLIMIT_AS"] == [1 << 30, 1 << 30]
+    assert report["environ"] == {"LANG": "C.UTF-8"}
+    outside = status_of(daemon, "probe")["sandbox"]["in_force"]
+    assert outside["uid"] == NOBODY
+    assert outside["user"] is True
+    for measure in ("pid_namespace", "network", "ipc", "mounts", "no_new_privs", "seccomp"):
+        assert outside[measure] is True, measure
+    assert outside["user_namespace"] is False  # root needs none: it drops to nobody
+    assert outside["oom_score_adj"] == 700
+    if MEMORY:
+        assert outside["memory_max"] == 64 << 20
+    assert status_of(daemon, "echo")["sandbox"] is None  # isolated: no sandbox
+
+
+def test_escapes_are_stopped_and_the_rest_carries_on(start_daemon: Start, tmp_path: Path) -> None:
+    """Network, writes outside /tmp, others' files, the daemon's pid: each attempt fails."""
+    daemon = start_daemon(sandbox_config(tmp_path))
+    own_tuning = TEST_MODULES / "tuning" / "probe" / "uncalibrated.toml"
+    other_tuning = TEST_MODULES / "tuning" / "probe2" / "uncalibrated.toml"
+    with BlockingClient(daemon.socket) as client:
+        probe = client.request_proxy("probe")
+        assert probe.call("connect", {"family": "AF_INET"}) == "EAFNOSUPPORT"
+        assert probe.call("connect", {"family": "AF_INET6"}) == "EAFNOSUPPORT"
+        assert probe.call("connect", {"family": "AF_UNIX"}).endswith("ENOENT")  # no /run here
+        assert probe.call("write", {"path": "/etc/ipad-probe"}) == "EROFS"
+        assert probe.call("write", {"path": str(TEST_MODULES / "x")}) == "EROFS"
+        assert probe.call("write", {"path": "/tmp/ok"}) == "ok"
+        assert probe.call("read", {"path": str(own_tuning)}) == "ok"
+        assert probe.call("read", {"path": str(other_tuning)}) == "ENOENT"
+        assert probe.call("read", {"path": "/etc/shadow"}) == "ENOENT"
+        assert probe.call("read", {"path": str(Path(ipc.__file__).parents[1] / "workers" /
+                                               "modules" / "awb.toml")}) == "ENOENT"  # fmt: skip
+        assert probe.call("signal", {"pid": daemon.proc.pid}) == "ESRCH"
+        bomb = probe.call("fork_bomb", {"most": 200})
+        assert bomb["error"] == "EAGAIN"
+        assert bomb["forked"] < 16, bomb
+        echo = client.request_proxy("echo")
+        assert echo.call("echo", {"text": "still here"}) == {"text": "still here"}
+        neighbour = client.request_proxy("probe2")
+        assert neighbour.call("allocate", {"mib": 512}).startswith("MemoryError")
+        assert neighbour.call("read", {"path": str(other_tuning)}) == "ok"  # its own
+    assert daemon.proc.poll() is None
+
+
+def test_trace_attempt_kills_the_worker_and_is_reported(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A ptrace attempt is one of the calls only an escape makes: the worker dies, the daemon says why."""
+    daemon = start_daemon(sandbox_config(tmp_path))
+    pid = daemon.worker_pids()["probe"]
+    with BlockingClient(daemon.socket) as client:
+        probe = client.request_proxy("probe")
+        with pytest.raises(ipc.WorkerCrashed):
+            probe.call("trace", {"pid": daemon.proc.pid})
+        exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == pid)
+        assert (exited["cause"], exited["signal"]) == ("seccomp", "SIGSYS")
+        daemon.wait_for("worker.ready", lambda r: r["module"] == "probe" and r["worker_pid"] != pid)
+        assert probe.call("report", wait=10)["uid"] == NOBODY  # back, still confined
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.skipif(not MEMORY, reason="needs a writable memory cgroup controller (v2 or v1)")
+def test_memory_limit_kill_is_reported_as_oom(start_daemon: Start, tmp_path: Path) -> None:
+    """Past memory_max the kernel kills the worker; the crash reason is oom; it comes back."""
+    daemon = start_daemon(sandbox_config(tmp_path))
+    pid = daemon.worker_pids()["probe"]
+    with BlockingClient(daemon.socket) as client:
+        probe = client.request_proxy("probe")
+        with pytest.raises(ipc.WorkerCrashed):
+            probe.call("allocate", {"mib": 256}, timeout=20)
+    exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == pid)
+    assert (exited["cause"], exited["signal"], exited["memory_max"]) == ("oom", "SIGKILL", 64 << 20)
+    state = daemon.wait_for("module.state_changed",
+                            lambda r: r["module"] == "probe" and r["state"] == "exited")  # fmt: skip
+    assert state["reason"].startswith("oom: over its memory limit")
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "probe" and r["worker_pid"] != pid)
+
+
+def test_spawned_workers_are_confined_too(start_daemon: Start, tmp_path: Path) -> None:
+    """Without the fork server, the jail confines the spawned worker; signals reach only itself."""
+    config = sandbox_config(tmp_path)
+    config.write_text(config.read_text().replace("[daemon]\n", "[daemon]\nforkserver = false\n"))
+    daemon = start_daemon(config)
+    report = probe_report(daemon)
+    assert (report["uid"], report["status"]["NoNewPrivs"], report["status"]["Seccomp"]) == (
+        NOBODY, "1", "2")  # fmt: skip
+    assert report["interfaces"] == ["lo"]
+    assert report["pid"] != 1  # a PID namespace needs a fork: the filter guards signals instead
+    with BlockingClient(daemon.socket) as client:
+        probe = client.request_proxy("probe")
+        assert probe.call("signal", {"pid": daemon.proc.pid}) == "EPERM"
+        assert probe.call("write", {"path": "/etc/ipad-probe"}) == "EROFS"
+    assert status_of(daemon, "probe")["sandbox"]["in_force"]["pid_namespace"] is False
+
+
+def test_unprivileged_daemon_workers_get_a_user_namespace(
+    start_daemon: Start, nobody_dir: Path, nobody_env: dict[str, str]
+) -> None:
+    """As nobody: a user namespace; the worker cannot signal or trace the daemon of its own uid."""
+    config = sandbox_config(nobody_dir, extra='optional = ["memory_max"]')
+    daemon = start_daemon(config, env=nobody_env, prefix=as_nobody())
+    daemon.socket = Path(daemon.wait_for("daemon.started")["socket"])
+    report = probe_report(daemon)
+    assert_confined(report, uid=NOBODY)
+    outside = status_of(daemon, "probe")["sandbox"]
+    assert outside["in_force"]["user_namespace"] is True
+    assert outside["in_force"]["pid_namespace"] is True
+    if "memory_max" in outside["unavailable"]:  # nobody has no memory controller here: said once
+        gaps = daemon.events("sandbox.measure_unavailable")
+        assert [(g["measure"], g["modules"]) for g in gaps] == [("memory_max", ["probe"])]
+    pid = daemon.worker_pids()["probe"]
+    with BlockingClient(daemon.socket) as client:
+        probe = client.request_proxy("probe")
+        assert probe.call("signal", {"pid": daemon.proc.pid}) == "ESRCH"
+        with pytest.raises(ipc.WorkerCrashed):
+            probe.call("trace", {"pid": daemon.proc.pid})
+    exited = daemon.wait_for("worker.exited", of_module("probe"))
+    assert (exited["worker_pid"], exited["cause"]) == (pid, "seccomp")
+    assert daemon.proc.poll() is None
