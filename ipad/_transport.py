@@ -32,10 +32,14 @@ class PacketSocket:
     in FIFO order behind the lock, so messages never overtake each other.
     """
 
-    def __init__(self, sock: socket.socket, allowed: frozenset[p.MsgType]) -> None:
+    def __init__(
+        self, sock: socket.socket, allowed: frozenset[p.MsgType], max_payload: int = p.MAX_PAYLOAD
+    ) -> None:
         self._raw = sock
         self.sock = trio.socket.from_stdlib_socket(sock)  # sets it non-blocking
         self.allowed = allowed
+        #: The largest payload received; a bigger packet does not fit the buffer (MSG_TRUNC).
+        self.max_payload = max_payload
         self._send_lock = trio.StrictFIFOLock()
 
     async def send(self, message: p.Message, request_id: int = 0, fds: Sequence[int] = ()) -> None:
@@ -57,13 +61,14 @@ class PacketSocket:
 
     async def receive(self) -> p.Frame | None:
         """The next message, or None at end of stream; ProtocolError if the peer broke the rules."""
+        max_packet = p.HEADER_SIZE + self.max_payload
         data, ancdata, msg_flags, _ = await self.sock.recvmsg(
-            p.MAX_PACKET, ANCILLARY_SIZE, RECV_FLAGS
+            max_packet, ANCILLARY_SIZE, RECV_FLAGS
         )
-        received = unpack_received(data, ancdata, msg_flags)
+        received = unpack_received(data, ancdata, msg_flags, max_packet)
         if received is None:
             return None
-        return p.decode(*received, allowed=self.allowed)
+        return p.decode(*received, allowed=self.allowed, max_payload=self.max_payload)
 
     def close(self) -> None:
         """Close the socket (a blocked receive wakes with an error)."""
