@@ -29,7 +29,7 @@ from typing import Protocol
 
 import attrs
 
-from ._config import ANYONE, AccessSettings, Config
+from ._config import ANYONE, DEFAULT_ADMIN_GROUP, Config
 from ._problems import Problem, join_key
 
 #: Linux's SO_PEERGROUPS (asm-generic value; Python's socket module does not name it).
@@ -230,15 +230,16 @@ def resolve_access(
 ) -> tuple[Resolved | None, list[Problem]]:
     """Look up every user and group the configuration names; problems name the key.
 
-    A name the file itself wrote must exist. The default ``admin_groups``
-    (``ipad-admin``, made by the shipped sysusers.d file) grants nothing
-    where it does not exist, so the default configuration runs anywhere.
+    A name the file itself wrote must exist. Without ``admin_groups``, the
+    group ``ipad-admin`` (made by the shipped sysusers.d file) is the admin
+    group where it exists and grants nothing where it does not, so the default
+    configuration runs anywhere.
     """
     access = config.access
     names = _Resolver(path, uid_of, gid_of)
-    is_default = access.admin_groups == AccessSettings().admin_groups
-    admin = names.rule("access.admin_", access.admin_users, access.admin_groups,
-                       default=is_default)  # fmt: skip
+    default = access.admin_groups is None
+    admin_groups = (DEFAULT_ADMIN_GROUP,) if access.admin_groups is None else access.admin_groups
+    admin = names.rule("access.admin_", access.admin_users, admin_groups, default=default)
     proxies = names.rule("access.proxy_", access.proxy_users, access.proxy_groups)
     modules = {
         name: names.rule(join_key("access.modules", name) + ".", table.users, table.groups)

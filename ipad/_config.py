@@ -257,6 +257,9 @@ class ClientLimits:
 #: In a list of users: anyone who can connect to the socket.
 ANYONE = "*"
 
+#: The admin group when ``admin_groups`` is not set (systemd/sysusers.d makes it), if it exists.
+DEFAULT_ADMIN_GROUP = "ipad-admin"
+
 
 @attrs.frozen
 class ModuleAccess:
@@ -276,8 +279,8 @@ class AccessSettings:
 
     #: Who may use the admin operations (restart, reload, stop), besides root.
     admin_users: tuple[str, ...] = ()
-    #: Shipped by systemd/sysusers.d; where the group does not exist the default grants nothing.
-    admin_groups: tuple[str, ...] = ("ipad-admin",)
+    #: None: DEFAULT_ADMIN_GROUP where it exists. Every group written here must exist.
+    admin_groups: tuple[str, ...] | None = None
     #: Who may request proxies to a module without a table in ``modules``.
     proxy_users: tuple[str, ...] = (ANYONE,)
     proxy_groups: tuple[str, ...] = ()

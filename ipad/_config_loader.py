@@ -129,7 +129,7 @@ def _check_access(access: AccessSettings, config: Config, path: Path) -> Iterato
     """The file's own rules; whether each name exists is checked on the system (ipad._access)."""
     # (key, names, whether '*' may stand for anyone there)
     lists = [("access.admin_users", access.admin_users, False),
-             ("access.admin_groups", access.admin_groups, False),
+             ("access.admin_groups", access.admin_groups or (), False),
              ("access.proxy_users", access.proxy_users, True),
              ("access.proxy_groups", access.proxy_groups, False)]  # fmt: skip
     for name, rule in access.modules.items():

@@ -29,8 +29,8 @@ from ipad._client import LocalEvent
 from ipad.client import BlockingClient, WorkerCrashed
 from tests.daemon_process import REPO, TEST_MODULES, WAIT
 from tests.journal_reader import Entry
+from tests.privileges import root_subtrees
 from tests.systemd_namespace import SystemdNamespace, missing_requirements
-from tests.test_e2e_unprivileged import root_subtrees
 
 pytestmark = [
     pytest.mark.timeout(60),
