@@ -532,17 +532,17 @@ class Session:
         await self._forward_events(self.subscription)
 
     async def _forward_events(self, sub: Subscription) -> None:
-        while True:
-            await sub.wait()
-            if sub.overflowed:
-                sub.queue.clear()
-                self.cut_off = (f"event queue overflow: the client does not read its events "
-                                f"({sub.size} unread, clients.event_queue)")  # fmt: skip
-                await self._goodbye(self.cut_off)
-                self.conn.close()
-                return
-            if not await self._flush_events() or sub.closed:
-                return
+        with sub.cut_off:  # cancelled by the bus the moment the queue overflows
+            while True:
+                await sub.wait()
+                if sub.overflowed or not await self._flush_events() or sub.closed:
+                    break
+        if sub.overflowed:
+            sub.queue.clear()
+            self.cut_off = (f"event queue overflow: the client does not read its events "
+                            f"({sub.size} unread, clients.event_queue)")  # fmt: skip
+            await self._goodbye(self.cut_off)
+            self.conn.close()
 
     async def _flush_events(self) -> bool:
         """Send every event queued for this client now, in order; False if the client is gone.

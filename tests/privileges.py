@@ -12,7 +12,8 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,12 @@ def as_user(uid: int = NOBODY, gid: int = NOBODY, groups: Sequence[int] = ()) ->
     script = OPEN_ROOT.format(subtrees=" ".join(shlex.quote(sub) for sub in subtrees))
     unshare = shutil.which("unshare") or "unshare"
     return [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", *prefix]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A root-owned directory every user can enter (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="ipad-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)

@@ -398,8 +398,7 @@ event_queue = "big"
         f"{path}: clients.event_queue: -1 is below 1 (an integer >= 1)",
         f"{path}: clients.max_message_size: 100 is out of range (1024 to 262144 bytes)",
         f"{path}: clients.hello_timeout: must not be zero (a positive duration)",
-        f"{path}: clients.max_pending_requests: 8 is not above max_proxies_per_client 8 "
-        "(more than max_proxies_per_client: after a crash a client reopens all its proxies at once)",
+        f"{path}: clients.max_pending_requests: 8 is not above max_proxies_per_client 8 (more than max_proxies_per_client: after a crash a client reopens all its proxies at once)",
     ]
 
 

@@ -10,11 +10,9 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +53,6 @@ def gid(name: str) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         pytest.skip(f"this system has no group {name}")
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A root-owned directory every user can enter (pytest's tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="ipad-access-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 @pytest.fixture
