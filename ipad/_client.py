@@ -240,6 +240,10 @@ class Client:
                 except p.ProtocolError as exc:
                     self.goodbye = f"daemon broke the protocol: {exc.reason}"
                     break
+                except ConnectionResetError:
+                    # The daemon closed with our packets unread: the kernel says so first,
+                    # then delivers what it sent before (a GOODBYE's reason), then the end.
+                    continue
                 except (OSError, trio.ClosedResourceError):
                     break
                 if frame is None:

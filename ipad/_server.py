@@ -43,6 +43,9 @@ GOODBYE_TIMEOUT = 1.0
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY = 0.1
 
+#: Unread packets dropped before a connection is closed (see PacketSocket.discard_unread).
+DISCARD_UNREAD = 64
+
 #: Per connection, at most this many denials and exceeded limits are logged per
 #: interval; the rest are counted (a hostile client must not flood the journal).
 ABUSE_LOG_BURST = 10
@@ -145,6 +148,7 @@ class Session:
                 await self._release_all()
                 if self.subscription is not None:
                     self.daemon.events.unsubscribe(self.subscription)
+                self.conn.discard_unread(DISCARD_UNREAD)
                 self.conn.close()
             suppressed = self.abuse_log.flush()
             extra = {"suppressed": suppressed} if suppressed else {}
@@ -632,6 +636,9 @@ def _refuse(daemon: Daemon, sock: socket.socket, peer: Peer, reason: str) -> Non
                     **({"suppressed": ended} if ended else {}))  # fmt: skip
     with sock, contextlib.suppress(OSError):  # a new socket has room; if not, it just closes
         sock.send(p.encode(p.Goodbye(reason)), socket.MSG_DONTWAIT)
+        for _ in range(DISCARD_UNREAD):  # its HELLO, if sent: no ECONNRESET ahead of the reason
+            if not sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC):
+                break
 
 
 async def _run_session(daemon: Daemon, session: Session) -> None:

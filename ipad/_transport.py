@@ -70,6 +70,21 @@ class PacketSocket:
             return None
         return p.decode(*received, allowed=self.allowed, max_payload=self.max_payload)
 
+    def discard_unread(self, limit: int) -> None:
+        """Drop up to ``limit`` packets the peer sent that nobody will read (their fds too).
+
+        Closing a socket with unread packets makes the kernel report ECONNRESET to
+        the peer before what was sent to it, so a GOODBYE's reason would reach it
+        only if it reads on past the error. Without a control buffer the kernel
+        closes any passed descriptors itself.
+        """
+        for _ in range(limit):
+            try:
+                if not self._raw.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC):
+                    return
+            except OSError:
+                return
+
     def close(self) -> None:
         """Close the socket (a blocked receive wakes with an error)."""
         self.sock.close()
