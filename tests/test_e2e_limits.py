@@ -179,7 +179,7 @@ def test_requests_in_flight_past_the_limit(
         "clients.max_pending_requests allows (3)",
         {"limit": "max_pending_requests", "value": 3},
     )
-    answered = set()
+    answered: set[int] = set()
     while len(answered) < 3:
         frame = receive(sock)
         assert frame is not None
