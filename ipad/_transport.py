@@ -35,7 +35,8 @@ class PacketSocket:
     def __init__(
         self, sock: socket.socket, allowed: frozenset[p.MsgType], max_payload: int = p.MAX_PAYLOAD
     ) -> None:
-        self._raw = sock
+        #: The socket itself, non-blocking: sends try it first, without a scheduler pass.
+        self.raw = sock
         self.sock = trio.socket.from_stdlib_socket(sock)  # sets it non-blocking
         self.allowed = allowed
         #: The largest payload received; a bigger packet does not fit the buffer (MSG_TRUNC).
@@ -47,7 +48,7 @@ class PacketSocket:
         packet = p.encode(message, request_id, len(fds))
         if not self._send_lock.locked():
             try:
-                self._raw.sendmsg([packet], rights(fds))
+                self.raw.sendmsg([packet], rights(fds))
             except BlockingIOError:
                 pass  # the buffer is full: wait for room like everyone else
             except OSError as exc:
@@ -80,7 +81,7 @@ class PacketSocket:
         """
         for _ in range(limit):
             try:
-                if not self._raw.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC):
+                if not self.raw.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC):
                     return
             except OSError:
                 return
