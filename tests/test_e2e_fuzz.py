@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from ipad import _protocol as p
 from ipad.client import BlockingClient
-from tests.daemon_process import DaemonProcess, open_fds, wait_until, write_config
+from tests.daemon_process import DaemonProcess, open_fds, rss_kib, wait_until, write_config
 from tests.raw_client import receive
 
 #: Examples (connections) after the warm-up; IPAD_FUZZ_EXAMPLES asks for more.
@@ -239,14 +239,6 @@ class Fuzzer:
                 assert frame.request_id in ids, (frame.request_id, message)
                 if frame.request_id == sentinel:
                     return "answered"
-
-
-def rss_kib(pid: int) -> int:
-    """A process's resident memory in KiB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def fuzz(fuzzer: Fuzzer, examples: int) -> None:
