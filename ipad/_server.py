@@ -528,15 +528,13 @@ class Session:
             await self._reply(frame, p.Subscribed(events.last_seq))
             return
         # Subscribe and copy the history with no await between: no event is missed or doubled.
-        self.subscription = events.subscribe(self.daemon.limits.event_queue)
+        self.subscription = sub = events.subscribe(self.daemon.limits.event_queue)
         past = events.since(message.since) if message.since is not None else []
-        await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
-        for event in past:
-            await self.conn.send(event)
-        await self._forward_events(self.subscription)
-
-    async def _forward_events(self, sub: Subscription) -> None:
         with sub.cut_off:  # cancelled by the bus the moment the queue overflows
+            await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
+            for event in past:
+                if not await self._send_event(event):
+                    return
             while True:
                 await sub.wait()
                 if sub.overflowed or not await self._flush_events() or sub.closed:
@@ -559,11 +557,15 @@ class Session:
         """
         sub = self.subscription
         while sub is not None and sub.queue:
-            event = sub.queue.popleft()
-            try:
-                await self.conn.send(event)
-            except (OSError, trio.ClosedResourceError):
-                return False  # the client is gone: its session ends on its own
+            if not await self._send_event(sub.queue.popleft()):
+                return False
+        return True
+
+    async def _send_event(self, event: p.Event) -> bool:
+        try:
+            await self.conn.send(event)
+        except (OSError, trio.ClosedResourceError):
+            return False  # the client is gone: its session ends on its own
         return True
 
     def _status(self) -> p.StatusReply:
@@ -624,6 +626,9 @@ async def serve_clients(
                 continue
             packets = PacketSocket(raw, p.FROM_CLIENT, daemon.limits.max_message_size)
             session = Session(daemon, packets, peer)
+            # Counted now, not when its task starts: a burst of connections cannot slip past.
+            daemon.sessions.add(session)
+            daemon.connections[peer.uid] += 1
             nursery.start_soon(_run_session, daemon, session)
 
 
@@ -642,8 +647,6 @@ def _refuse(daemon: Daemon, sock: socket.socket, peer: Peer, reason: str) -> Non
 
 
 async def _run_session(daemon: Daemon, session: Session) -> None:
-    daemon.sessions.add(session)
-    daemon.connections[session.peer.uid] += 1
     try:
         await session.run()
     except Exception:

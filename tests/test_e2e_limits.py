@@ -114,15 +114,22 @@ def test_a_silent_connection_is_dropped(
     assert isinstance(frame.message, p.StatusReply)
 
 
+@pytest.mark.parametrize("since", [None, 0], ids=["live", "with-history"])
 def test_a_slow_reader_is_cut_off_without_holding_up_anyone(
-    start_daemon: Start, tmp_path: Path, raw_connect: Connect
+    start_daemon: Start, tmp_path: Path, raw_connect: Connect, since: int | None
 ) -> None:
-    """A subscriber that reads nothing is disconnected once event_queue events wait for it."""
+    """A subscriber that reads nothing is disconnected once event_queue events wait for it.
+
+    Also when it asked for the history first (256 events, which its socket still takes).
+    """
     daemon = limited(start_daemon, tmp_path, "event_queue = 16")
     slow = raw_connect(daemon.socket)
     hello(slow)
-    slow.send(p.encode(p.Subscribe(), 2))  # and then never read
     with BlockingClient(daemon.socket) as busy, BlockingClient(daemon.socket) as bystander:
+        if since is not None:
+            for _ in range(150):  # 300 events: the history is full (256)
+                busy.request_proxy("echo").release()
+        slow.send(p.encode(p.Subscribe(since), 2))  # and then never read
         cycles = 0
         # Each request and release is two events; the slow reader's socket takes about a
         # hundred before the daemon has to queue them, then 16 more and it is cut off.
