@@ -551,7 +551,9 @@ class ModuleSupervisor:
         try:
             while self._standby is not None:
                 standby = self._standby[0]
-                wanted = len(self.proxies.of_module(self.name))
+                # Proxies that hold an instance: one still waiting for its own (and perhaps
+                # closed before it gets one: its client left) needs no twin yet.
+                wanted = sum(r.instance_id is not None for r in self.proxies.of_module(self.name))
                 if len(standby.spares) > wanted:
                     instance_id, client_end = standby.spares.pop()
                     client_end.close()
