@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from ._access import Resolved, resolve_access
 from ._config import Config
 from ._config_loader import load_config
 from ._discovery import Discovery, discover_modules
@@ -50,6 +51,8 @@ class CheckedConfig:
     path: Path
     discovery: Discovery
     plans: dict[str, ModulePlan]
+    #: The access policy and socket group, every name looked up on this system.
+    access: Resolved
 
 
 def check_config(
@@ -63,7 +66,7 @@ def check_config(
     config = load_config(path, proxy_kinds=registry.kinds())
     discovery = discover_modules(module_dirs=config.daemon.module_dirs, environ=env)
     plans: dict[str, ModulePlan] = {}
-    problems: list[Problem] = []
+    access, problems = resolve_access(config, path)
     keys = TrustedKeys(config, path)
     problems.extend(keys.problems)
     for name, settings in config.modules.items():
@@ -77,9 +80,9 @@ def check_config(
         if plan is not None:
             plans[name] = plan
         problems.extend(found)
-    if problems:
+    if problems or access is None:
         raise ConfigError(problems)
-    return CheckedConfig(config=config, path=path, discovery=discovery, plans=plans)
+    return CheckedConfig(config=config, path=path, discovery=discovery, plans=plans, access=access)
 
 
 class TrustedKeys:

@@ -109,7 +109,8 @@ def _run(checked: CheckedConfig, early: StartedProcess) -> int:
     import structlog  # noqa: PLC0415
     import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
 
-    from ._daemon import SocketInUse, run_daemon  # noqa: PLC0415
+    from ._daemon import run_daemon  # noqa: PLC0415
+    from ._listener import ListenerError  # noqa: PLC0415
     from ._systemd import ActivationError  # noqa: PLC0415
 
     # A fatal signal -- systemd's watchdog sends SIGABRT to a stuck daemon --
@@ -119,7 +120,7 @@ def _run(checked: CheckedConfig, early: StartedProcess) -> int:
         trio.run(run_daemon, checked, early)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (SocketInUse, ActivationError, OSError) as exc:
+    except (ListenerError, ActivationError, OSError) as exc:
         structlog.get_logger("ipad").error("daemon.start_failed", error=str(exc))
         return EXIT_CONFIG
     return 0

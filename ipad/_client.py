@@ -52,6 +52,11 @@ RECONNECT_MAX = 1.0
 #: Fraction of each reconnection delay added at random, so clients do not return in step.
 RECONNECT_JITTER = 0.2
 
+#: A Unix socket's connect() fails with EAGAIN while the daemon's listen backlog is full (it
+#: is busy, or starting): tried again after this, doubling up to CONNECT_RETRY_MAX.
+CONNECT_RETRY = 0.002
+CONNECT_RETRY_MAX = 0.1
+
 
 class Client:
     """A connection to the daemon, made again after a loss when ``reconnect`` is set."""
@@ -93,7 +98,7 @@ class Client:
             p.FROM_DAEMON,
         )
         try:
-            await conn.sock.connect(self.path)
+            await connect_unix(conn, self.path)
         except BaseException:
             conn.close()
             raise
@@ -240,6 +245,10 @@ class Client:
                 except p.ProtocolError as exc:
                     self.goodbye = f"daemon broke the protocol: {exc.reason}"
                     break
+                except ConnectionResetError:
+                    # The daemon closed with our packets unread: the kernel says so first,
+                    # then delivers what it sent before (a GOODBYE's reason), then the end.
+                    continue
                 except (OSError, trio.ClosedResourceError):
                     break
                 if frame is None:
@@ -339,6 +348,25 @@ class Client:
             proxy.setup_log.close()
         if self.conn is not None:
             self.conn.close()
+
+
+async def connect_unix(conn: PacketSocket, path: str) -> None:
+    """Connect to a Unix socket, waiting while its listen backlog is full.
+
+    Not trio's ``connect``: for a Unix socket, Linux answers a full backlog with
+    EAGAIN (not EINPROGRESS, as for TCP), which means "try again", not "under
+    way"; waiting for the socket to become writable would report it connected
+    when it is not (the same bug as mio#1560 and CPython gh-117208).
+    """
+    delay = CONNECT_RETRY
+    while True:
+        try:
+            conn.raw.connect(path)
+        except BlockingIOError:
+            await trio.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
+        else:
+            return
 
 
 @asynccontextmanager

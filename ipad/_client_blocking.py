@@ -116,6 +116,10 @@ class _Connection:
         except TimeoutError:
             raise
         except OSError as exc:
+            if exc.errno == errno.ECONNRESET and self.what == "daemon":
+                # The daemon closed with our packets unread: the kernel reports that first,
+                # then what the daemon sent before (a GOODBYE with its reason), then the end.
+                return self._receive()
             self.closed_reason = f"{self.what} is gone: {exc.strerror}"
             gone = self._gone()
             if exc.errno == errno.ECONNRESET and isinstance(gone, WorkerCrashed):

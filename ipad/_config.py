@@ -65,6 +65,8 @@ class DaemonSettings:
     #: Module directories whose code is trusted like ipad's own: the fork server imports
     #: their modules once, so forked workers start with them loaded.
     trusted_module_dirs: tuple[Path, ...] = ()
+    #: The group the daemon gives the socket it creates (mode 0660); None keeps its own.
+    socket_group: str | None = None
 
 
 @attrs.frozen
@@ -229,11 +231,71 @@ class ModuleSettings:
 
 
 @attrs.frozen
+class ClientLimits:
+    """The ``[clients]`` table: what one connection may cost the daemon.
+
+    Each bound keeps one misbehaving, slow or hostile client from hurting the
+    others: beyond it that client gets an error or is cut off, with a reason.
+    """
+
+    #: Connections served at once; more are refused with a GOODBYE saying why.
+    max_connections: int = 256
+    #: Connections one user (peer uid) may hold at once, so one user cannot take them all.
+    max_connections_per_user: int = 64
+    #: Proxies one connection may hold; REQUEST_PROXY beyond it fails with limit_exceeded.
+    max_proxies_per_client: int = 32
+    #: Requests of one connection being answered at once; more fail with limit_exceeded.
+    max_pending_requests: int = 64
+    #: Largest payload of a message a client sends the daemon, in bytes.
+    max_message_size: int = 65536
+    #: A new connection must say HELLO within this or be dropped.
+    hello_timeout: Duration = Duration(5.0)
+    #: Events a subscriber may leave unread before it is disconnected.
+    event_queue: int = 1024
+
+
+#: In a list of users: anyone who can connect to the socket.
+ANYONE = "*"
+
+#: The admin group when ``admin_groups`` is not set (systemd/sysusers.d makes it), if it exists.
+DEFAULT_ADMIN_GROUP = "ipad-admin"
+
+
+@attrs.frozen
+class ModuleAccess:
+    """One ``[access.modules.<name>]`` table: who may request proxies to that module."""
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class AccessSettings:
+    """The ``[access]`` table: who may do what, by user and group name.
+
+    root and the daemon's own user may always do everything: they could
+    signal or replace the daemon anyway.
+    """
+
+    #: Who may use the admin operations (restart, reload, stop), besides root.
+    admin_users: tuple[str, ...] = ()
+    #: None: DEFAULT_ADMIN_GROUP where it exists. Every group written here must exist.
+    admin_groups: tuple[str, ...] | None = None
+    #: Who may request proxies to a module without a table in ``modules``.
+    proxy_users: tuple[str, ...] = (ANYONE,)
+    proxy_groups: tuple[str, ...] = ()
+    #: Per module, who may request proxies to it instead.
+    modules: dict[str, ModuleAccess] = attrs.field(factory=dict)
+
+
+@attrs.frozen
 class Config:
     """A whole, validated configuration and the file it came from."""
 
     daemon: DaemonSettings = DaemonSettings()
     restart: RestartPolicy = RestartPolicy()
+    clients: ClientLimits = ClientLimits()
+    access: AccessSettings = AccessSettings()
     sandbox: SandboxSettings = SandboxSettings()
     signatures: SignatureSettings = SignatureSettings()
     modules: dict[str, ModuleSettings] = attrs.field(factory=dict)

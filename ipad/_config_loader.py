@@ -10,10 +10,20 @@ from typing import Any
 
 import attrs
 
-from ._config import HOST_DEPENDENT_MEASURES, Config, DaemonSettings, RestartPolicy, SandboxSettings
+from ._config import (
+    ANYONE,
+    HOST_DEPENDENT_MEASURES,
+    AccessSettings,
+    ClientLimits,
+    Config,
+    DaemonSettings,
+    RestartPolicy,
+    SandboxSettings,
+)
 from ._convert import structure
 from ._manifest import MODULE_NAME
 from ._problems import ConfigError, Problem, join_key
+from ._protocol import MAX_PAYLOAD
 from ._search_path import is_plain_name
 
 #: POSIX portable environment variable names.
@@ -67,6 +77,8 @@ def _check(
     config: Config, data: dict[str, Any], path: Path, proxy_kinds: Collection[str] | None
 ) -> Iterator[Problem]:
     yield from _check_daemon(config.daemon, path)
+    yield from _check_clients(config.clients, path)
+    yield from _check_access(config.access, config, path)
     written = set(data.get("restart", {}))
     yield from _check_policy(config.restart, path, "restart", written, blame_defaults=True)
     written = set(data.get("sandbox", {}))
@@ -85,6 +97,56 @@ def _check_daemon(daemon: DaemonSettings, path: Path) -> Iterator[Problem]:
         yield Problem(
             path, "daemon.socket", f"{str(daemon.socket)!r} is relative", "an absolute path"
         )
+
+
+#: The smallest message size limit that still lets every request through.
+MIN_MESSAGE_SIZE = 1024
+
+
+def _check_clients(limits: ClientLimits, path: Path) -> Iterator[Problem]:
+    for field in ("max_connections", "max_connections_per_user", "max_proxies_per_client",
+                  "max_pending_requests", "event_queue"):  # fmt: skip
+        value = getattr(limits, field)
+        if value < 1:
+            yield Problem(path, f"clients.{field}", f"{value} is below 1", "an integer >= 1")
+    if not MIN_MESSAGE_SIZE <= limits.max_message_size <= MAX_PAYLOAD:
+        size = limits.max_message_size
+        yield Problem(path, "clients.max_message_size", f"{size} is out of range",
+                      f"{MIN_MESSAGE_SIZE} to {MAX_PAYLOAD} bytes")  # fmt: skip
+    if limits.hello_timeout.seconds == 0:
+        yield Problem(path, "clients.hello_timeout", "must not be zero", "a positive duration")
+    if limits.max_pending_requests <= limits.max_proxies_per_client:
+        yield Problem(
+            path, "clients.max_pending_requests",
+            f"{limits.max_pending_requests} is not above max_proxies_per_client "
+            f"{limits.max_proxies_per_client}",
+            "more than max_proxies_per_client: after a crash a client reopens all its proxies "
+            "at once",
+        )  # fmt: skip
+
+
+def _check_access(access: AccessSettings, config: Config, path: Path) -> Iterator[Problem]:
+    """The file's own rules; whether each name exists is checked on the system (ipad._access)."""
+    # (key, names, whether '*' may stand for anyone there)
+    lists = [("access.admin_users", access.admin_users, False),
+             ("access.admin_groups", access.admin_groups or (), False),
+             ("access.proxy_users", access.proxy_users, True),
+             ("access.proxy_groups", access.proxy_groups, False)]  # fmt: skip
+    for name, rule in access.modules.items():
+        key = join_key("access.modules", name)
+        if name not in config.modules:
+            known = ", ".join(sorted(config.modules)) or "none"
+            yield Problem(path, key, f"no module {name!r} is configured", f"one of: {known}")
+        lists += [(f"{key}.users", rule.users, True), (f"{key}.groups", rule.groups, False)]
+    for key, names, anyone_allowed in lists:
+        kind = "user" if key.endswith("users") else "group"
+        for index, value in enumerate(names):
+            if value == ANYONE and not anyone_allowed:
+                where = {"group": "a group name; '*' goes in a users list",
+                         "user": "a user name: admin is never open to anyone"}[kind]  # fmt: skip
+                yield Problem(path, f"{key}[{index}]", "'*' (anyone) is not allowed here", where)
+            elif not value:
+                yield Problem(path, f"{key}[{index}]", f"empty {kind} name", f"a {kind} name")
 
 
 def _check_module(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import signal
 import socket
-import stat
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from ._cgroup import WorkerCgroups
 from ._check import CheckedConfig, ModulePlan, check_config
 from ._events import EventBus
 from ._launcher import Launcher
+from ._listener import open_listener
 from ._paths import install_dir, install_module_dir, socket_path
 from ._problems import ConfigError
 from ._proxies import ProxyTable
@@ -32,57 +31,9 @@ from ._service import ServiceNotifier, module_health, status_line
 from ._spawn import StartedProcess
 from ._states import ProxyState
 from ._supervisor import ModuleSupervisor, worker_env
-from ._systemd import Notifier, listening_socket, socket_name, take_listen_fds
+from ._systemd import Notifier
 
 log = structlog.get_logger("ipad")
-
-#: How many connections may wait for accept(); beyond it the kernel refuses them.
-LISTEN_BACKLOG = 128
-
-
-class SocketInUse(RuntimeError):
-    """Another process is serving on the configured socket, or the path is not ours to take."""
-
-
-def bind_listener(path: Path) -> socket.socket:
-    """Create the daemon's SEQPACKET listening socket at ``path``.
-
-    A leftover file is replaced only if it is a socket nobody listens on, so a
-    second daemon never steals a running one's clients and a typo in the
-    configuration never deletes a regular file.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _remove_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(str(path))
-        path.chmod(0o660)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise
-        log.info("socket.stale_removed", path=str(path))
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise SocketInUse(f"another daemon is listening on {path}")
 
 
 #: The Python worker host shipped with ipad: workers it runs can be forked by the fork server.
@@ -214,6 +165,11 @@ class DaemonRuntime:
             controller=self,
             extra_status=self._status,
         )
+        self.daemon.limits = checked.config.clients
+        self.daemon.policy = checked.access.policy
+        for group in checked.access.missing_defaults:
+            log.info("access.default_group_missing", group=group,
+                     reason="no such group: it grants nothing (access.admin_groups)")  # fmt: skip
 
     def _status(self) -> dict[str, Any]:
         return {
@@ -368,8 +324,13 @@ class DaemonRuntime:
             or old.config.modules[name] != new.config.modules[name]
             or old.config.restart_policy(name) != new.config.restart_policy(name)
         )
-        if old.config.daemon.socket != new.config.daemon.socket:
-            log.warning("daemon.reload_socket_unchanged", reason="the socket moves at restart")
+        old_socket = (old.config.daemon.socket, old.config.daemon.socket_group)
+        if old_socket != (new.config.daemon.socket, new.config.daemon.socket_group):
+            log.warning("daemon.reload_socket_unchanged",
+                        reason="the socket's path and group change at restart")  # fmt: skip
+        # New connections and requests are judged by the new policy and limits from now on.
+        self.daemon.limits = new.config.clients
+        self.daemon.policy = new.access.policy
         async with trio.open_nursery() as stopping:
             for name in [*removed, *changed]:
                 stopping.start_soon(self.supervisors[name].stop)
@@ -402,7 +363,8 @@ async def run_daemon(
     """
     service = ServiceNotifier.from_environment()
     try:
-        listener, path, activated = open_listener(socket_path(checked.config.daemon.socket))
+        configured = socket_path(checked.config.daemon.socket)
+        listener, path, activated = open_listener(configured, checked.access.socket_gid)
         runtime = DaemonRuntime(checked, path, service, early_forkserver)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -418,23 +380,6 @@ async def run_daemon(
     finally:
         service.close()
     log.info("daemon.stopped")
-
-
-def open_listener(configured: Path) -> tuple[socket.socket, Path, bool]:
-    """The socket systemd passed (socket activation), else a new one at ``configured``.
-
-    Returns the socket, the path clients reach it at, and whether it was inherited.
-    """
-    inherited = listening_socket(take_listen_fds())
-    if inherited is None:
-        return bind_listener(configured), configured, False
-    path = Path(socket_name(inherited) or configured)
-    log.info("socket.activated", path=str(path), fd=inherited.fileno())
-    if path != configured:
-        log.warning("socket.activation_path_differs", activated=str(path),
-                    configured=str(configured),
-                    reason="clients of the configured path will not find the daemon")  # fmt: skip
-    return inherited, path, True
 
 
 async def _handle_signals(runtime: DaemonRuntime, signals: AsyncIterator[int]) -> None:

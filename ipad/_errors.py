@@ -98,6 +98,18 @@ class InvalidConfig(IpadError):
     code = p.ErrorCode.INVALID_CONFIG.value
 
 
+class PermissionDenied(IpadError):
+    """The daemon's access policy does not let this client's user do that."""
+
+    code = p.ErrorCode.PERMISSION_DENIED.value
+
+
+class LimitExceeded(IpadError):
+    """The request would pass one of the daemon's per-client limits (``details['limit']``)."""
+
+    code = p.ErrorCode.LIMIT_EXCEEDED.value
+
+
 class Disconnected(IpadError):
     """The daemon closed the connection; ``message`` is its reason when it gave one."""
 
@@ -109,7 +121,7 @@ _BY_CODE: dict[str, type[IpadError]] = {
     for cls in (
         UnsupportedVersion, UnknownModule, UnknownProxy, UnknownMethod, BadArguments,
         ModuleError, ModuleUnavailable, PipelineMismatch, WorkerCrashed, BadMessage,
-        UnknownCommand, InvalidConfig,
+        UnknownCommand, InvalidConfig, PermissionDenied, LimitExceeded,
     )
 }  # fmt: skip
 

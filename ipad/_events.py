@@ -43,6 +43,9 @@ class Subscription:
         self.queue: collections.deque[p.Event] = collections.deque()
         self.closed = False
         self.overflowed = False
+        #: Cancelled when the subscriber is cut off: its session may be stuck sending to a
+        #: full socket (that is how its queue filled up) and must stop waiting on it.
+        self.cut_off = trio.CancelScope()
         self._ready = trio.Event()
 
     def put(self, event: p.Event) -> bool:
@@ -142,5 +145,6 @@ class EventBus:
             if not sub.put(event):
                 sub.overflowed = True
                 self.unsubscribe(sub)
+                sub.cut_off.cancel()
                 log.warning("events.subscriber_overflow", queue=sub.size)
         return event

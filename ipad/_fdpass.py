@@ -20,17 +20,21 @@ RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 
 
 def unpack_received(
-    data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int
+    data: bytes,
+    ancdata: list[tuple[int, int, bytes]],
+    msg_flags: int,
+    max_packet: int = MAX_PACKET,
 ) -> tuple[bytes, list[int]] | None:
     """Turn a recvmsg result into (packet, fds); None at end of stream.
 
     A truncated packet or descriptor list is a ProtocolError, with every
-    descriptor that did arrive already closed.
+    descriptor that did arrive already closed. ``max_packet`` is the receive
+    buffer's size, for the message.
     """
     fds = fds_from_ancdata(ancdata)
     if msg_flags & socket.MSG_TRUNC:
         close_fds(fds)
-        raise ProtocolError(f"packet larger than {MAX_PACKET} bytes")
+        raise ProtocolError(f"packet larger than {max_packet} bytes")
     if msg_flags & socket.MSG_CTRUNC:
         close_fds(fds)
         raise ProtocolError(f"more than {MAX_FDS} file descriptors")

@@ -290,6 +290,10 @@ class ErrorCode(enum.StrEnum):
     MODULE_UNAVAILABLE = "module_unavailable"
     WORKER_CRASHED = "worker_crashed"
     PIPELINE_MISMATCH = "pipeline_mismatch"
+    #: The configuration's [access] policy does not let this client do that.
+    PERMISSION_DENIED = "permission_denied"
+    #: One of the [clients] limits (proxies, requests in flight) would be exceeded.
+    LIMIT_EXCEEDED = "limit_exceeded"
     INTERNAL = "internal"
 
 

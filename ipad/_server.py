@@ -7,11 +7,12 @@ A client that goes away has its proxies released and their instances freed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import itertools
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -20,8 +21,11 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._access import AccessPolicy, Peer, Rule, peer_of
+from ._config import ClientLimits
 from ._events import EventBus, Subscription
 from ._proxies import ProxyRecord, ProxyTable
+from ._relay import RateLimit
 from ._states import ProxyState, WorkerState
 from ._supervisor import ModuleSupervisor, ModuleUnavailable
 from ._transport import PacketSocket
@@ -30,11 +34,22 @@ from ._worker import WorkerCrashed
 
 log = structlog.get_logger("ipad")
 
-#: A new connection must say HELLO within this many seconds or be dropped.
-HELLO_TIMEOUT = 5.0
+#: How long a client being cut off (or told the daemon stops) gets to take the GOODBYE:
+#: one that does not read has a full socket, and must not hold up the daemon.
+GOODBYE_TIMEOUT = 1.0
 
-#: How long a client cut off for not reading its events gets to take the GOODBYE.
-OVERFLOW_GOODBYE_TIMEOUT = 1.0
+#: accept() errors that mean "out of descriptors or memory for now" (as trio's
+#: serve_listeners): the listener waits this long and tries again rather than dying.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
+
+#: Unread packets dropped before a connection is closed (see PacketSocket.discard_unread).
+DISCARD_UNREAD = 64
+
+#: Per connection, at most this many denials and exceeded limits are logged per
+#: interval; the rest are counted (a hostile client must not flood the journal).
+ABUSE_LOG_BURST = 10
+ABUSE_LOG_INTERVAL = 10.0
 
 
 class AdminError(Exception):
@@ -77,8 +92,29 @@ class Daemon:
         self.events = events
         self.modules_info = modules_info
         self.socket_path = socket_path
+        #: Both are set from the configuration (again at a reload) and read afresh by every
+        #: connection and request.
+        self.limits = ClientLimits()
+        self.policy = AccessPolicy()
         self.started = time.monotonic()
         self.sessions: set[Session] = set()
+        #: Open connections per peer uid, for ``max_connections_per_user``.
+        self.connections: collections.Counter[int] = collections.Counter()
+        #: Connections refused for a limit since the start, and their log's rate limit.
+        self.refused = 0
+        self.refusal_log = RateLimit(ABUSE_LOG_INTERVAL, ABUSE_LOG_BURST)
+
+    def refusal(self, peer: Peer) -> str | None:
+        """Why a new connection from ``peer`` is refused (a connection limit), or None."""
+        limits = self.limits
+        if len(self.sessions) >= limits.max_connections:
+            return (f"too many connections: the daemon serves {limits.max_connections} at once "
+                    "(clients.max_connections)")  # fmt: skip
+        if self.connections[peer.uid] >= limits.max_connections_per_user:
+            return (f"too many connections from uid {peer.uid}: "
+                    f"{limits.max_connections_per_user} at once per user "
+                    "(clients.max_connections_per_user)")  # fmt: skip
+        return None
 
 
 class Session:
@@ -86,17 +122,23 @@ class Session:
 
     _ids = itertools.count(1)
 
-    def __init__(self, daemon: Daemon, conn: PacketSocket, peer: tuple[int, int, int]) -> None:
+    def __init__(self, daemon: Daemon, conn: PacketSocket, peer: Peer) -> None:
         self.daemon = daemon
         self.conn = conn
         self.client_id = next(self._ids)
-        self.pid, self.uid, self.gid = peer
+        self.peer = peer
         self.subscription: Subscription | None = None
-        self.log = log.bind(client_id=self.client_id, peer_pid=self.pid, peer_uid=self.uid)
+        #: Requests being answered now, for ``max_pending_requests``.
+        self.pending = 0
+        #: Why the daemon cut the client off, when it did so from another task.
+        self.cut_off: str | None = None
+        self.abuse_log = RateLimit(ABUSE_LOG_INTERVAL, ABUSE_LOG_BURST)
+        self.log = log.bind(client_id=self.client_id, peer_pid=peer.pid, peer_uid=peer.uid)
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or breaks the rules."""
         reason = "client closed the connection"
+        self.log.info("client.accepted", peer_gid=self.peer.gid)
         try:
             async with trio.open_nursery() as nursery:
                 reason = await self._serve(nursery)
@@ -106,12 +148,16 @@ class Session:
                 await self._release_all()
                 if self.subscription is not None:
                     self.daemon.events.unsubscribe(self.subscription)
+                self.conn.discard_unread(DISCARD_UNREAD)
                 self.conn.close()
-            self.log.info("client.disconnected", reason=reason)
+            suppressed = self.abuse_log.flush()
+            extra = {"suppressed": suppressed} if suppressed else {}
+            self.log.info("client.disconnected", reason=self.cut_off or reason, **extra)
 
     async def _serve(self, nursery: trio.Nursery) -> str:
         first: p.Frame | None = None
-        with trio.move_on_after(HELLO_TIMEOUT) as hello_wait:
+        hello_timeout = self.daemon.limits.hello_timeout
+        with trio.move_on_after(hello_timeout.seconds) as hello_wait:
             try:
                 first = await self.conn.receive()
             except p.ProtocolError as exc:
@@ -119,7 +165,7 @@ class Session:
             except (OSError, trio.ClosedResourceError):
                 return "connection lost"
         if hello_wait.cancelled_caught:
-            return await self._goodbye(f"no HELLO within {HELLO_TIMEOUT:g}s")
+            return await self._goodbye(f"no HELLO within {hello_timeout} (clients.hello_timeout)")
         if first is None:
             return "client closed the connection"
         if not await self._hello(first):
@@ -165,6 +211,17 @@ class Session:
             if frame.fds:
                 frame.close_fds()
                 return await self._goodbye(f"{message.TYPE.name} cannot carry file descriptors")
+            limit = self.daemon.limits.max_pending_requests
+            if self.pending >= limit:
+                # Answered here, in order: a client that floods requests and reads no
+                # replies stops being read once its socket is full, and costs no more.
+                await self._limit_exceeded(
+                    frame, "max_pending_requests", limit,
+                    f"{self.pending} requests of this connection are being answered, "
+                    f"the most clients.max_pending_requests allows",
+                )  # fmt: skip
+                continue
+            self.pending += 1
             nursery.start_soon(self._handle, frame)
 
     async def _handle(self, frame: p.Frame) -> None:
@@ -174,6 +231,8 @@ class Session:
         except Exception as exc:
             self.log.exception("request.internal_error", message=frame.message.TYPE.name)
             await self._error(frame, p.ErrorCode.INTERNAL, f"internal error: {exc!r}")
+        finally:
+            self.pending -= 1
 
     async def _dispatch(self, frame: p.Frame) -> None:
         message = frame.message
@@ -208,9 +267,37 @@ class Session:
 
     async def _goodbye(self, reason: str) -> str:
         self.log.warning("client.dropped", reason=reason)
-        with contextlib.suppress(OSError, trio.ClosedResourceError):
+        with (
+            contextlib.suppress(OSError, trio.ClosedResourceError),
+            trio.move_on_after(GOODBYE_TIMEOUT),
+        ):
             await self.conn.send(p.Goodbye(reason))
         return reason
+
+    # --- access and limits ---------------------------------------------------------
+
+    def _abuse(self, event: str, **fields: Any) -> None:
+        """Log a denial or an exceeded limit, at most ABUSE_LOG_BURST per interval."""
+        allowed, ended = self.abuse_log.allow(trio.current_time())
+        if ended:
+            self.log.warning("client.abuse_suppressed", suppressed=ended)
+        if allowed:
+            self.log.warning(event, **fields)
+
+    async def _deny(self, frame: p.Frame, action: str, rule: Rule, **fields: Any) -> None:
+        """Refuse a request the access policy does not allow, saying who may."""
+        who = self.daemon.policy.who(rule)
+        peer = self.peer
+        self._abuse("access.denied", action=action, peer_gid=peer.gid,
+                    peer_groups=sorted(peer.groups)[:32], allowed=who, **fields)  # fmt: skip
+        message = f"permission denied: uid {peer.uid} may not {action} (allowed: {who})"
+        details = {"action": action, "uid": peer.uid, **fields}
+        await self._reply(frame, p.Error(p.ErrorCode.PERMISSION_DENIED, message, details))
+
+    async def _limit_exceeded(self, frame: p.Frame, limit: str, value: int, message: str) -> None:
+        self._abuse("client.limit_exceeded", limit=limit, value=value)
+        await self._reply(frame, p.Error(p.ErrorCode.LIMIT_EXCEEDED, f"{message} ({value})",
+                                         {"limit": limit, "value": value}))  # fmt: skip
 
     # --- proxies ---------------------------------------------------------------
 
@@ -220,6 +307,11 @@ class Session:
             known = ", ".join(sorted(self.daemon.supervisors)) or "none"
             await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
                               f"no module {message.module!r}; modules: {known}")  # fmt: skip
+            return
+        policy = self.daemon.policy
+        if not policy.may_use(self.peer, message.module):
+            rule = policy.module_rule(message.module)
+            await self._deny(frame, f"use module {message.module!r}", rule, module=message.module)
             return
         support = supervisor.plan.source.manifest.pipeline
         if message.pipeline is not None:
@@ -236,7 +328,14 @@ class Session:
                      "max_version": support.max_version},
                 )  # fmt: skip
                 return
+        limit = self.daemon.limits.max_proxies_per_client
+        if len(self.daemon.proxies.of_client(self.client_id)) >= limit:
+            await self._limit_exceeded(frame, "max_proxies_per_client", limit,
+                                       "this connection holds as many proxies as "
+                                       "clients.max_proxies_per_client allows")  # fmt: skip
+            return
         serving = self._serving(message.module) or supervisor
+        # No await since the count: two requests at once cannot both take the last place.
         record = self.daemon.proxies.create(message.module, self.client_id)
         channel = await self._attach(frame, record, serving, new=True)
         if channel is None:
@@ -332,6 +431,11 @@ class Session:
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
             return
+        policy = self.daemon.policy
+        if not policy.may_use(self.peer, record.module):  # a reload may have taken it away
+            rule = policy.module_rule(record.module)
+            await self._deny(frame, f"use module {record.module!r}", rule, module=record.module)
+            return
         lost = record.worker_pid
 
         def answerable() -> bool:
@@ -377,6 +481,11 @@ class Session:
         if controller is None:
             await self._error(frame, p.ErrorCode.UNKNOWN_COMMAND, "no admin operations here")
             return
+        policy = self.daemon.policy
+        if not policy.may_admin(self.peer):
+            action = f"use the admin operation {message.command!r}"
+            await self._deny(frame, action, policy.admin, command=message.command)
+            return
         self.log.info("admin.requested", command=message.command, module=message.module)
         try:
             result = await controller.admin(message.command, message.module)
@@ -419,24 +528,23 @@ class Session:
             await self._reply(frame, p.Subscribed(events.last_seq))
             return
         # Subscribe and copy the history with no await between: no event is missed or doubled.
-        self.subscription = events.subscribe()
+        self.subscription = sub = events.subscribe(self.daemon.limits.event_queue)
         past = events.since(message.since) if message.since is not None else []
-        await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
-        for event in past:
-            await self.conn.send(event)
-        await self._forward_events(self.subscription)
-
-    async def _forward_events(self, sub: Subscription) -> None:
-        while True:
-            await sub.wait()
-            if sub.overflowed:
-                sub.queue.clear()
-                with trio.move_on_after(OVERFLOW_GOODBYE_TIMEOUT):
-                    await self._goodbye("event queue overflow: the client does not read its events")
-                self.conn.close()
-                return
-            if not await self._flush_events() or sub.closed:
-                return
+        with sub.cut_off:  # cancelled by the bus the moment the queue overflows
+            await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
+            for event in past:
+                if not await self._send_event(event):
+                    return
+            while True:
+                await sub.wait()
+                if sub.overflowed or not await self._flush_events() or sub.closed:
+                    break
+        if sub.overflowed:
+            sub.queue.clear()
+            self.cut_off = (f"event queue overflow: the client does not read its events "
+                            f"({sub.size} unread, clients.event_queue)")  # fmt: skip
+            await self._goodbye(self.cut_off)
+            self.conn.close()
 
     async def _flush_events(self) -> bool:
         """Send every event queued for this client now, in order; False if the client is gone.
@@ -449,11 +557,15 @@ class Session:
         """
         sub = self.subscription
         while sub is not None and sub.queue:
-            event = sub.queue.popleft()
-            try:
-                await self.conn.send(event)
-            except (OSError, trio.ClosedResourceError):
-                return False  # the client is gone: its session ends on its own
+            if not await self._send_event(sub.queue.popleft()):
+                return False
+        return True
+
+    async def _send_event(self, event: p.Event) -> bool:
+        try:
+            await self.conn.send(event)
+        except (OSError, trio.ClosedResourceError):
+            return False  # the client is gone: its session ends on its own
         return True
 
     def _status(self) -> p.StatusReply:
@@ -465,6 +577,7 @@ class Session:
                 "uptime": round(time.monotonic() - d.started, 3),
                 "socket": d.socket_path,
                 "clients": len(d.sessions),
+                "clients_refused": d.refused,
                 "proxies": len(d.proxies),
                 "event_seq": d.events.last_seq,
                 **d.extra_status(),
@@ -473,41 +586,67 @@ class Session:
         )
 
 
-#: struct ucred: pid, uid, gid.
-_UCRED = struct.Struct("3i")
-
-
-def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, from SO_PEERCRED."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
-
-
 async def serve_clients(
     listener: socket.socket,
     daemon: Daemon,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections for ever, one session task each."""
+    """Accept connections for ever, one session task each, within the connection limits."""
     sock = trio.socket.from_stdlib_socket(listener)
+    warned_groups = False
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            conn, _ = await sock.accept()
             try:
-                peer = peer_credentials(conn)
+                conn, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:
+                    continue  # gone before we took it
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("client.accept_failed", error=os.strerror(exc.errno or 0),
+                          retry_in=ACCEPT_RETRY)  # fmt: skip
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            try:
+                peer = peer_of(conn)
             except OSError:
                 conn.close()
                 continue
-            packets = PacketSocket(socket.socket(fileno=conn.detach()), p.FROM_CLIENT)
+            if not peer.groups_known and not warned_groups:
+                warned_groups = True
+                log.warning("access.no_peergroups",
+                            reason="this kernel has no SO_PEERGROUPS: group rules see each "
+                            "client's primary group only")  # fmt: skip
+            raw = socket.socket(fileno=conn.detach())
+            refusal = daemon.refusal(peer)
+            if refusal is not None:
+                _refuse(daemon, raw, peer, refusal)
+                continue
+            packets = PacketSocket(raw, p.FROM_CLIENT, daemon.limits.max_message_size)
             session = Session(daemon, packets, peer)
+            # Counted now, not when its task starts: a burst of connections cannot slip past.
+            daemon.sessions.add(session)
+            daemon.connections[peer.uid] += 1
             nursery.start_soon(_run_session, daemon, session)
 
 
+def _refuse(daemon: Daemon, sock: socket.socket, peer: Peer, reason: str) -> None:
+    """Tell a connection past a limit why, without waiting on it, and close it."""
+    daemon.refused += 1
+    allowed, ended = daemon.refusal_log.allow(trio.current_time())
+    if allowed:
+        log.warning("client.refused", peer_pid=peer.pid, peer_uid=peer.uid, reason=reason,
+                    **({"suppressed": ended} if ended else {}))  # fmt: skip
+    with sock, contextlib.suppress(OSError):  # a new socket has room; if not, it just closes
+        sock.send(p.encode(p.Goodbye(reason)), socket.MSG_DONTWAIT)
+        for _ in range(DISCARD_UNREAD):  # its HELLO, if sent: no ECONNRESET ahead of the reason
+            if not sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC):
+                break
+
+
 async def _run_session(daemon: Daemon, session: Session) -> None:
-    daemon.sessions.add(session)
     try:
         await session.run()
     except Exception:
@@ -515,3 +654,6 @@ async def _run_session(daemon: Daemon, session: Session) -> None:
         session.log.exception("client.session_failed")
     finally:
         daemon.sessions.discard(session)
+        daemon.connections[session.peer.uid] -= 1
+        if not daemon.connections[session.peer.uid]:
+            del daemon.connections[session.peer.uid]

@@ -500,6 +500,7 @@ class ModuleSupervisor:
             for record in self.proxies.of_module(self.name):
                 if record.instance_id == message.instance_id:
                     self.proxies.close(record, message.reason)
+                    self._balance_spares()
 
     async def open_instance(self) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel.
@@ -550,7 +551,9 @@ class ModuleSupervisor:
         try:
             while self._standby is not None:
                 standby = self._standby[0]
-                wanted = len(self.proxies.of_module(self.name))
+                # Proxies that hold an instance: one still waiting for its own (and perhaps
+                # closed before it gets one: its client left) needs no twin yet.
+                wanted = sum(r.instance_id is not None for r in self.proxies.of_module(self.name))
                 if len(standby.spares) > wanted:
                     instance_id, client_end = standby.spares.pop()
                     client_end.close()
@@ -571,10 +574,10 @@ class ModuleSupervisor:
 
     async def close_instance(self, instance_id: int) -> None:
         """Free an instance; a worker that is gone has freed it already."""
+        self._balance_spares()  # its twin on the standby goes too, whatever state we are in
         worker = self.worker
         if worker is None or self.state is not WorkerState.RUNNING:
             return
-        self._balance_spares()
         with contextlib.suppress(OSError, trio.ClosedResourceError):
             await worker.control.send(p.CloseInstance(instance_id))
 

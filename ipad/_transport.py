@@ -32,10 +32,15 @@ class PacketSocket:
     in FIFO order behind the lock, so messages never overtake each other.
     """
 
-    def __init__(self, sock: socket.socket, allowed: frozenset[p.MsgType]) -> None:
-        self._raw = sock
+    def __init__(
+        self, sock: socket.socket, allowed: frozenset[p.MsgType], max_payload: int = p.MAX_PAYLOAD
+    ) -> None:
+        #: The socket itself, non-blocking: sends try it first, without a scheduler pass.
+        self.raw = sock
         self.sock = trio.socket.from_stdlib_socket(sock)  # sets it non-blocking
         self.allowed = allowed
+        #: The largest payload received; a bigger packet does not fit the buffer (MSG_TRUNC).
+        self.max_payload = max_payload
         self._send_lock = trio.StrictFIFOLock()
 
     async def send(self, message: p.Message, request_id: int = 0, fds: Sequence[int] = ()) -> None:
@@ -43,7 +48,7 @@ class PacketSocket:
         packet = p.encode(message, request_id, len(fds))
         if not self._send_lock.locked():
             try:
-                self._raw.sendmsg([packet], rights(fds))
+                self.raw.sendmsg([packet], rights(fds))
             except BlockingIOError:
                 pass  # the buffer is full: wait for room like everyone else
             except OSError as exc:
@@ -57,13 +62,29 @@ class PacketSocket:
 
     async def receive(self) -> p.Frame | None:
         """The next message, or None at end of stream; ProtocolError if the peer broke the rules."""
+        max_packet = p.HEADER_SIZE + self.max_payload
         data, ancdata, msg_flags, _ = await self.sock.recvmsg(
-            p.MAX_PACKET, ANCILLARY_SIZE, RECV_FLAGS
+            max_packet, ANCILLARY_SIZE, RECV_FLAGS
         )
-        received = unpack_received(data, ancdata, msg_flags)
+        received = unpack_received(data, ancdata, msg_flags, max_packet)
         if received is None:
             return None
-        return p.decode(*received, allowed=self.allowed)
+        return p.decode(*received, allowed=self.allowed, max_payload=self.max_payload)
+
+    def discard_unread(self, limit: int) -> None:
+        """Drop up to ``limit`` packets the peer sent that nobody will read (their fds too).
+
+        Closing a socket with unread packets makes the kernel report ECONNRESET to
+        the peer before what was sent to it, so a GOODBYE's reason would reach it
+        only if it reads on past the error. Without a control buffer the kernel
+        closes any passed descriptors itself.
+        """
+        for _ in range(limit):
+            try:
+                if not self.raw.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC):
+                    return
+            except OSError:
+                return
 
     def close(self) -> None:
         """Close the socket (a blocked receive wakes with an error)."""

@@ -174,6 +174,14 @@ def open_fds(pid: int) -> int:
     return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 
 
+def rss_kib(pid: int) -> int:
+    """Process ``pid``'s resident memory in KiB, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
     """Poll a condition the test cannot be told about (a process disappearing)."""
     deadline = time.monotonic() + timeout

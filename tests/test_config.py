@@ -341,3 +341,87 @@ def test_trusted_module_dirs_are_anchored(tmp_path: Path) -> None:
         "[daemon]\ntrusted_module_dirs = ['vendor', '/opt/ipa']\n", tmp_path / "c.toml"
     )
     assert config.daemon.trusted_module_dirs == (tmp_path.resolve() / "vendor", Path("/opt/ipa"))
+
+
+def test_client_limits_and_access_defaults(tmp_path: Path) -> None:
+    """Without [clients] or [access]: the documented limits, proxies for anyone."""
+    config = parse_config("", tmp_path / "c.toml")
+    limits = config.clients
+    assert (limits.max_connections, limits.max_connections_per_user) == (256, 64)
+    assert (limits.max_proxies_per_client, limits.max_pending_requests) == (32, 64)
+    assert (limits.max_message_size, limits.event_queue) == (65536, 1024)
+    assert limits.hello_timeout == Duration(5.0)
+    assert config.access.proxy_users == ("*",)
+    assert config.access.admin_groups is None  # ipad-admin, where it exists
+    assert config.daemon.socket_group is None
+
+
+def test_client_limits_are_read(tmp_path: Path) -> None:
+    """Every [clients] key lands in its field."""
+    text = """
+[clients]
+max_connections = 10
+max_connections_per_user = 3
+max_proxies_per_client = 2
+max_pending_requests = 5
+max_message_size = 4096
+hello_timeout = "250ms"
+event_queue = 16
+"""
+    limits = parse_config(text, tmp_path / "c.toml").clients
+    assert limits.max_connections == 10
+    assert limits.max_connections_per_user == 3
+    assert limits.max_proxies_per_client == 2
+    assert limits.max_pending_requests == 5
+    assert limits.max_message_size == 4096
+    assert limits.hello_timeout == Duration(0.25)
+    assert limits.event_queue == 16
+
+
+def test_bad_client_limits_name_their_keys(tmp_path: Path) -> None:
+    """Out-of-range limits are problems at their keys."""
+    path = tmp_path / "c.toml"
+    text = """
+[clients]
+max_connections = 0
+max_message_size = 100
+hello_timeout = "0"
+max_proxies_per_client = 8
+max_pending_requests = 8
+event_queue = "big"
+"""
+    assert problems_of(text, path) == [
+        f"{path}: clients.event_queue: got a string 'big' (an integer)",
+    ]
+    assert problems_of(text.replace('"big"', "-1"), path) == [
+        f"{path}: clients.max_connections: 0 is below 1 (an integer >= 1)",
+        f"{path}: clients.event_queue: -1 is below 1 (an integer >= 1)",
+        f"{path}: clients.max_message_size: 100 is out of range (1024 to 262144 bytes)",
+        f"{path}: clients.hello_timeout: must not be zero (a positive duration)",
+        f"{path}: clients.max_pending_requests: 8 is not above max_proxies_per_client 8 (more than max_proxies_per_client: after a crash a client reopens all its proxies at once)",
+    ]
+
+
+def test_access_rules_of_the_file_itself(tmp_path: Path) -> None:
+    """'*' only where it means anyone may request proxies; module tables name configured modules."""
+    path = tmp_path / "c.toml"
+    text = """
+[access]
+admin_users = ["*"]
+admin_groups = ["*"]
+proxy_users = ["*", ""]
+[access.modules.awb]
+users = ["*"]
+groups = ["*"]
+[access.modules.agx]
+users = ["alice"]
+[modules.awb]
+[modules.agc]
+"""
+    assert problems_of(text, path) == [
+        f"{path}: access.modules.agx: no module 'agx' is configured (one of: agc, awb)",
+        f"{path}: access.admin_users[0]: '*' (anyone) is not allowed here (a user name: admin is never open to anyone)",
+        f"{path}: access.admin_groups[0]: '*' (anyone) is not allowed here (a group name; '*' goes in a users list)",
+        f"{path}: access.proxy_users[1]: empty user name (a user name)",
+        f"{path}: access.modules.awb.groups[0]: '*' (anyone) is not allowed here (a group name; '*' goes in a users list)",
+    ]

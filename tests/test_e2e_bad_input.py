@@ -20,54 +20,11 @@ from tests.daemon_process import (
     wait_until,
     write_config,
 )
+from tests.raw_client import Connect, goodbye_reason, header, hello
 
 pytestmark = pytest.mark.timeout(60)
 
 Start = Callable[..., DaemonProcess]
-
-
-@pytest.fixture
-def raw_connect() -> Iterator[Callable[[Path], socket.socket]]:
-    """Bare SEQPACKET connections to the daemon, with a receive timeout; closed after the test."""
-    socks: list[socket.socket] = []
-
-    def connect(path: Path) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        socks.append(sock)
-        sock.connect(str(path))
-        sock.settimeout(10)
-        return sock
-
-    yield connect
-    for sock in socks:
-        sock.close()
-
-
-Connect = Callable[[Path], socket.socket]
-
-
-def hello(sock: socket.socket) -> None:
-    """Do the handshake by hand."""
-    sock.send(p.encode(p.Hello((p.PROTOCOL_VERSION,), "raw"), 1))
-    received = recv_packet(sock)
-    assert received is not None
-    assert isinstance(p.decode(*received).message, p.Welcome)
-
-
-def goodbye_reason(sock: socket.socket) -> str:
-    """Read until the daemon's GOODBYE and the end of stream; return the reason."""
-    reason = None
-    while (received := recv_packet(sock)) is not None:
-        message = p.decode(*received).message
-        if isinstance(message, p.Goodbye):
-            reason = message.reason
-    assert reason is not None, "the daemon closed without saying why"
-    return reason
-
-
-def header(kind: int, length: int, nfds: int = 0, version: int = p.PROTOCOL_VERSION) -> bytes:
-    """A hand-made header."""
-    return p.HEADER.pack(p.MAGIC, version, kind, 0, nfds, 7, length)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ environment and mounts) and against what ``ipadctl --json status`` reads from
 outside. Each escape attempt is stopped, the daemon reports what it saw, and
 the daemon and the other modules carry on. As root (CI) the worker drops to
 ``nobody``; as an unprivileged user it gets a user namespace instead
-(tests/test_e2e_unprivileged.py's way of becoming nobody).
+(tests/privileges.py's way of becoming nobody).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ipad import client as ipc
 from ipad._sandbox_plan import memory_support
 from ipad.client import BlockingClient
 from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
-from tests.test_e2e_unprivileged import NOBODY, as_nobody, nobody_dir, nobody_env
+from tests.privileges import NOBODY, as_user
+from tests.test_e2e_unprivileged import nobody_dir, nobody_env
 
 __all__ = ["nobody_dir", "nobody_env"]  # fixtures, used by name
 
@@ -223,7 +224,7 @@ def test_unprivileged_daemon_workers_get_a_user_namespace(
 ) -> None:
     """As nobody: a user namespace; the worker cannot signal or trace the daemon of its own uid."""
     config = sandbox_config(nobody_dir, extra='optional = ["memory_max"]')
-    daemon = start_daemon(config, env=nobody_env, prefix=as_nobody())
+    daemon = start_daemon(config, env=nobody_env, prefix=as_user())
     daemon.socket = Path(daemon.wait_for("daemon.started")["socket"])
     report = probe_report(daemon)
     assert_confined(report, uid=NOBODY)

@@ -20,7 +20,8 @@ from ipad import _seccomp
 from ipad._config_loader import parse_config
 from ipad._problems import ConfigError
 from tests.daemon_process import REPO, DaemonProcess, write_config
-from tests.test_e2e_unprivileged import as_nobody, nobody_dir
+from tests.privileges import as_user
+from tests.test_e2e_unprivileged import nobody_dir
 
 __all__ = ["nobody_dir"]  # a fixture, used by name
 
@@ -92,20 +93,14 @@ def test_namespaces_the_kernel_refuses_are_errors_unless_optional(tmp_path: Path
 def test_memory_limit_without_a_controller_is_an_error(nobody_dir: Path) -> None:
     """As nobody (no writable memory cgroup here) memory_max is an error, naming why."""
     config = write_config(nobody_dir, '[sandbox]\nmemory_max = "64M"\n', modules=SANDBOXED)
-    env = {**os.environ, "IPAD_TEST_ROOT_SUBTREES": " ".join(_subtrees())}
-    result = check(config, tuple(as_nobody()), env)
+    env = dict(os.environ)
+    result = check(config, tuple(as_user()), env)
     if result.returncode == 0:
         pytest.skip("nobody has a memory controller on this host")
     assert (
         f"{config}: sandbox.memory_max: module echo: no memory cgroup controller to enforce "
         "memory_max: " in result.stderr
     ), result.stderr
-
-
-def _subtrees() -> list[str]:
-    from tests.test_e2e_unprivileged import root_subtrees  # noqa: PLC0415
-
-    return root_subtrees()
 
 
 @pytest.mark.parametrize(

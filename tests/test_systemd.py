@@ -29,8 +29,8 @@ from ipad._client import LocalEvent
 from ipad.client import BlockingClient, WorkerCrashed
 from tests.daemon_process import REPO, TEST_MODULES, WAIT
 from tests.journal_reader import Entry
+from tests.privileges import root_subtrees
 from tests.systemd_namespace import SystemdNamespace, missing_requirements
-from tests.test_e2e_unprivileged import root_subtrees
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -426,3 +426,28 @@ def test_the_daemon_logs_to_the_journal_by_itself(service: Service) -> None:
     assert started["SOCKET"] == SOCKET
     for module in ("awb", "agc", "echo", "faulty"):
         assert f"'{module}': 'running'" in started["MODULES"]
+
+
+def test_admin_operations_are_for_group_ipad_admin(service: Service) -> None:
+    """As shipped: a member of ipad may use modules but not restart them; one of ipad-admin may."""
+    since = time.time()
+    ipad = service.ns.run("getent", "group", "ipad").stdout.split(":")[2]
+    admin = service.ns.run("getent", "group", "ipad-admin").stdout.split(":")[2]
+    daemon_uid = service.ns.run("id", "-u", "ipad").stdout.strip()
+
+    def ipadctl(groups: str, *args: str) -> tuple[int, str]:
+        result = service.ns.run("setpriv", "--reuid=65534", "--regid=65534", f"--groups={groups}",
+                                "/opt/ipad/venv/bin/ipadctl", *args, check=False)  # fmt: skip
+        return result.returncode, result.stdout + result.stderr
+
+    assert ipadctl(ipad, "call", "echo", "echo", '{"text": "member"}')[0] == 0
+    assert ipadctl(ipad, "restart", "echo") == (1, (
+        "ipadctl: permission denied: uid 65534 may not use the admin operation 'restart' "
+        f"(allowed: root, uid {daemon_uid} (the daemon's user); group ipad-admin)\n"
+    ))  # fmt: skip
+    denied = service.wait_entry("IPAD_EVENT=access.denied", since=since)
+    assert (denied["PEER_UID"], denied["PRIORITY"]) == ("65534", "4")
+    assert denied["PEER_PID"].isdigit()
+    code, output = ipadctl(f"{ipad},{admin}", "restart", "echo")
+    assert code == 0, output
+    assert service.is_active() == "active"

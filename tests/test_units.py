@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from ipad._config import DEFAULT_ADMIN_GROUP
 from ipad._paths import SYSTEM_SOCKET
 from tests.daemon_process import REPO
 
@@ -52,9 +53,10 @@ def test_socket_unit_and_code_agree_on_the_path() -> None:
 
 
 def test_the_service_user_is_the_one_sysusers_makes() -> None:
-    """User= and the socket's group are made by the shipped sysusers.d file."""
-    line = (UNITS / "sysusers.d" / "ipad.conf").read_text().splitlines()[-1].split()
-    assert line[:2] == ["u", "ipad"]
+    """User=, the socket's group and the default admin group are made by the sysusers.d file."""
+    text = (UNITS / "sysusers.d" / "ipad.conf").read_text()
+    entries = [line.split()[:2] for line in text.splitlines() if line and not line.startswith("#")]
+    assert entries == [["u", "ipad"], ["g", DEFAULT_ADMIN_GROUP]]
     service = unit("ipad.service")["Service"]
     assert (service["User"], service["Group"]) == ("ipad", "ipad")
     assert unit("ipad.socket")["Socket"]["SocketGroup"] == "ipad"
