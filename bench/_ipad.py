@@ -8,6 +8,7 @@ kills any worker of it still there and removes its cgroups.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -89,6 +90,10 @@ class DaemonProcess:
         self.log_path = directory / "daemon.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("IPAD_")} | (env or {})
         env["IPAD_SOCKET"] = str(self.socket)
+        self._records: list[dict[str, Any]] = []
+        self._read = 0  # bytes of the log parsed so far
+        #: Wall-clock time of the launch, on the clock of the daemon's log timestamps.
+        self.launched = time.time()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*DAEMON_COMMAND, "--config", str(self.config),
@@ -98,30 +103,45 @@ class DaemonProcess:
             )  # fmt: skip
 
     def records(self) -> list[dict[str, Any]]:
-        """Every JSON record the daemon has logged so far."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        """Every JSON record the daemon has logged so far (the log is read only once)."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._read)
+            data = log.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._read += len(complete)
+        for line in complete.splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
                 if isinstance(record, dict):
-                    out.append(record)
-        return out
+                    self._records.append(record)
+        return self._records
+
+    def wait_for(
+        self, event: str, count: int = 1, timeout: float = START_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """The first ``count`` records named ``event``; raise if the daemon exits or is slow."""
+        deadline = time.monotonic() + timeout
+        found: list[dict[str, Any]] = []
+        looked = 0
+        while time.monotonic() < deadline:
+            records = self.records()
+            found += [r for r in records[looked:] if r.get("event") == event]
+            looked = len(records)
+            if len(found) >= count:
+                return found[:count]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"no {count} x {event} from the daemon; its log ends:\n{tail}")
 
     def alive(self) -> bool:
         """Whether the daemon process is still running."""
         return self.proc.poll() is None
 
-    def wait_started(self) -> None:
-        """Return once the daemon logged ``daemon.started``; raise if it exits or is slow."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if any(r.get("event") == "daemon.started" for r in self.records()):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the daemon did not start; its log ends:\n{tail}")
+    def wait_started(self) -> dict[str, Any]:
+        """The ``daemon.started`` record (every module running); raise if it exits or is slow."""
+        return self.wait_for("daemon.started")[0]
 
     def close(self) -> None:
         """SIGTERM, then SIGKILL; reap; kill any worker of it still there; remove its cgroups."""
@@ -142,6 +162,11 @@ class DaemonProcess:
         for record in records:
             if record.get("event") == "cgroup.ready" and Path(record["cgroup"]).exists():
                 remove_tree(Path(record["cgroup"]))
+
+
+def log_time(record: dict[str, Any]) -> float:
+    """A log record's timestamp as seconds since the epoch (the wall clock)."""
+    return dt.datetime.fromisoformat(record["timestamp"]).timestamp()
 
 
 def _kill_stray_worker(pid: int) -> None:

@@ -31,7 +31,6 @@ not recover within 2 s)
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import os
 import random
@@ -56,7 +55,7 @@ from _common import (
     summary,
     write_results,
 )
-from _ipad import FAST_RESTART, module_config, running_daemon
+from _ipad import FAST_RESTART, log_time, module_config, running_daemon
 from _peers import (
     PEER_TIMEOUT,
     Beacon,
@@ -271,10 +270,6 @@ class DaemonDied(RuntimeError):
 # --- the daemon's log: where the time goes ----------------------------------------------
 
 
-def _wall(record: dict[str, Any]) -> float:
-    return dt.datetime.fromisoformat(record["timestamp"]).timestamp()
-
-
 #: Stages read from the daemon's log, in the order they happen: (name, matcher).
 Matcher = Callable[[dict[str, Any], Kill], bool]
 
@@ -319,7 +314,7 @@ def breakdown(
     """
     stages = _stages()
     per_stage: dict[str, list[float]] = {name: [] for name, _ in stages}
-    timed = [(r, _wall(r)) for r in records if "timestamp" in r]
+    timed = [(r, log_time(r)) for r in records if "timestamp" in r]
     ends = [k.wall0 for k in kills[1:]] + [math.inf]
     refusals = 0
     for kill, end in zip(kills, ends, strict=True):

@@ -1,0 +1,175 @@
+"""Call round trip through a proxy, next to a raw SOCK_SEQPACKET ping-pong in the same client.
+
+A proxy call goes from the client straight to the module's worker over a
+SEQPACKET channel (not through the daemon): encode, send, the worker host
+decodes and dispatches to the module, encodes the result, sends, the client
+decodes. This times ``echo.echo`` with a small payload, with the blocking
+client (``ipad.client.BlockingClient``) and with the trio client, each next
+to the physical limit measured in the same run and in the same kind of
+client: a 64-byte ping-pong over a SEQPACKET socketpair with a forked,
+already warm process that sends every packet back (plain blocking
+``send``/``recv`` against trio's ``await sock.send``/``await sock.recv``).
+
+The ratio ipad / raw is the cost of ipad's protocol and dispatch on top of
+the socket; the goal is at most 1.5.
+
+Run: python bench/bench_call.py [--calls N]  (writes bench/results/call.json)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import trio
+from _common import Row, exit_on_sigterm, goal, parser, print_goals, print_rows, row, write_results
+from _ipad import running_daemon
+
+from ipad._client import open_client
+from ipad.client import BlockingClient
+
+#: Repetitions of each measurement; the median is reported (the others show the noise).
+ROUNDS = 5
+#: The small payload: what echo's text argument carries.
+TEXT = "x" * 16
+#: The raw limit's packet size: about the size of the encoded call.
+PACKET = b"x" * 64
+#: The issue's goal: a call within this many raw round trips.
+GOAL_RATIO = 1.5
+CONFIG = "[modules.echo]\n"
+
+
+@contextlib.contextmanager
+def echo_peer() -> Iterator[socket.socket]:
+    """A forked process sending back every packet on a socketpair; our end of it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the peer: nothing but the echo
+        try:
+            ours.close()
+            while data := theirs.recv(4096):
+                theirs.send(data)
+        finally:
+            os._exit(0)
+    theirs.close()
+    try:
+        yield ours
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+
+
+def per_call_us(fn: Callable[[], object], n: int) -> list[float]:
+    """Microseconds per call of ``fn``, over ``n`` calls, once per round."""
+    out = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - start) / n * 1e6)
+    return out
+
+
+async def per_call_us_async(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
+    """Microseconds per call of the coroutine function ``fn``, once per round."""
+    out = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(n):
+            await fn()
+        out.append((time.perf_counter() - start) / n * 1e6)
+    return out
+
+
+def blocking_raw(n: int) -> list[float]:
+    """The limit for the blocking client: send and recv on a plain socket."""
+    with echo_peer() as sock:
+
+        def ping() -> None:
+            sock.send(PACKET)
+            sock.recv(4096)
+
+        per_call_us(ping, n // 10)  # warm-up
+        return per_call_us(ping, n)
+
+
+def blocking_ipad(path: str, n: int) -> list[float]:
+    """``echo`` through a blocking proxy."""
+    with BlockingClient(path, name="bench_call") as client:
+        proxy = client.request_proxy("echo")
+
+        def call() -> None:
+            proxy.call("echo", {"text": TEXT})
+
+        per_call_us(call, n // 10)
+        return per_call_us(call, n)
+
+
+async def trio_raw(n: int) -> list[float]:
+    """The limit for the trio client: trio's socket send and recv."""
+    with echo_peer() as plain:
+        sock = trio.socket.from_stdlib_socket(plain)
+
+        async def ping() -> None:
+            await sock.send(PACKET)
+            await sock.recv(4096)
+
+        await per_call_us_async(ping, n // 10)
+        return await per_call_us_async(ping, n)
+
+
+async def trio_ipad(path: str, n: int) -> list[float]:
+    """``echo`` through a trio proxy."""
+    async with open_client(path, name="bench_call", subscribe=False) as client:
+        proxy = await client.request_proxy("echo")
+
+        async def call() -> None:
+            await proxy.call("echo", {"text": TEXT})
+
+        await per_call_us_async(call, n // 10)
+        return await per_call_us_async(call, n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure both clients and both limits, print, save."""
+    exit_on_sigterm()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--calls", type=int, default=5000, help="calls per round")
+    args = args_parser.parse_args(argv)
+    n = 50 if args.quick else args.calls
+
+    with running_daemon(CONFIG) as daemon:
+        path = str(daemon.socket)
+        samples: dict[str, list[float]] = {
+            "blocking: raw SEQPACKET ping-pong": blocking_raw(n),
+            "blocking: ipad proxy call": blocking_ipad(path, n),
+            "trio: raw SEQPACKET ping-pong": trio.run(trio_raw, n),
+            "trio: ipad proxy call": trio.run(trio_ipad, path, n),
+        }
+    us = {name: statistics.median(values) for name, values in samples.items()}
+    rows: list[Row] = []
+    checked: list[dict[str, Any]] = []
+    for kind in ("blocking", "trio"):
+        raw = us[f"{kind}: raw SEQPACKET ping-pong"]
+        ipad = us[f"{kind}: ipad proxy call"]
+        rows.append(row(f"{kind}: ipad proxy call", ipad, "us", raw, f"raw {kind} RTT"))
+        rows.append(row(f"limit: {kind} raw SEQPACKET ping-pong", raw, "us", raw, "the same"))
+        checked.append(goal(f"{kind} call within {GOAL_RATIO:g}x the raw ping-pong",
+                            f"{ipad / raw:.2f}x", ipad / raw <= GOAL_RATIO))  # fmt: skip
+    print_rows(f"call round trip, median of {ROUNDS} rounds of {n} calls (us per call)", rows)
+    print_goals(checked)
+    data = {"quick": args.quick, "calls_per_round": n, "rounds": ROUNDS, "payload_text": TEXT,
+            "raw_packet_bytes": len(PACKET), "median_us": us, "samples_us": samples,
+            "goals": checked}  # fmt: skip
+    write_results(args.results, "call", data, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
