@@ -123,14 +123,21 @@ def write_results(directory: Path, name: str, data: dict[str, Any], headline: li
     return path
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: nothing left behind
+def _interrupt(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGINT)
 
 
 def exit_on_sigterm() -> None:
-    """Make SIGTERM (and SIGHUP) unwind like an exception, so every ``finally`` cleans up."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    """Make SIGTERM (and SIGHUP) unwind like Ctrl-C, so every ``finally`` cleans up.
+
+    As SIGINT, not an exception raised from this handler: inside ``trio.run``
+    trio's own SIGINT handler raises KeyboardInterrupt where it is safe, and
+    outside it Python's does; either way every context manager stops what it started.
+    """
+    # A shell's background job starts with SIGINT ignored: make it interrupt again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
 
 
 def print_rows(title: str, rows: Sequence[Row]) -> None:

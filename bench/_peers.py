@@ -150,6 +150,18 @@ def _started(name: str, argv: list[str], directory: Path, grace: float) -> Itera
         yield Peer(name, proc, log)
     finally:
         _stop(proc, grace)
+        _kill_mentioning(directory)
+
+
+def _kill_mentioning(directory: Path) -> None:
+    """SIGKILL any process left whose command line names ``directory`` (a peer's helper)."""
+    mark = str(directory).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if mark in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 # --- supervisord --------------------------------------------------------------------------
@@ -199,13 +211,13 @@ def circus_config(directory: Path, argv: list[str], count: int) -> str:
     """Circusd with one watcher of ``count`` children, every restart setting at its default.
 
     The endpoints are IPC sockets in ``directory`` instead of the default TCP
-    ports 5555-5557, so two runs on one machine never collide; nothing else is set.
+    ports 5555 and 5556, so two runs on one machine never collide; nothing else
+    is set. (Setting ``stats_endpoint`` would also start a circusd-stats process.)
     """
     return f"""\
 [circus]
 endpoint = ipc://{directory}/circus-control
 pubsub_endpoint = ipc://{directory}/circus-pubsub
-stats_endpoint = ipc://{directory}/circus-stats
 
 [watcher:child]
 cmd = {argv[0]}

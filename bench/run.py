@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -28,9 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, RESULTS, Row, machine, verdict
+from _common import REPO, RESULTS, Row, exit_on_sigterm, machine, verdict
 
 BENCH = Path(__file__).resolve().parent
+#: How long a benchmark told to stop may take to clean up before it is killed.
+STOP_TIMEOUT = 60.0
 
 #: The order benchmarks run and appear in (any other bench_*.py comes after, by name).
 ORDER = ("restart", "call", "buffers", "scale", "storm", "fanout", "codec")
@@ -50,13 +53,27 @@ def interpreter() -> str:
 
 
 def run_one(name: str, script: Path, extra: Sequence[str]) -> tuple[int, float]:
-    """Run one benchmark in the foreground; its exit status and how long it took."""
-    print(f"=== {name}: {script.relative_to(REPO)} {' '.join(extra)}".rstrip(), flush=True)
+    """Run one benchmark in the foreground; its exit status and how long it took.
+
+    SIGTERM (or Ctrl-C) here is passed on to the benchmark, which then stops
+    what it started; this waits for it before going.
+    """
+    print(f"=== {name}: {_shown(script)} {' '.join(extra)}".rstrip(), flush=True)
     start = time.monotonic()
-    status = subprocess.run([interpreter(), str(script), *extra], cwd=REPO, check=False)
+    proc = subprocess.Popen([interpreter(), str(script), *extra], cwd=REPO)
+    try:
+        status = proc.wait()
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
     took = time.monotonic() - start
-    print(f"=== {name}: exit status {status.returncode} after {took:.1f} s\n", flush=True)
-    return status.returncode, took
+    print(f"=== {name}: exit status {status} after {took:.1f} s\n", flush=True)
+    return status, took
 
 
 # --- headline figures -----------------------------------------------------------------
@@ -175,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--results", type=Path, default=RESULTS, metavar="DIR", help="where the JSON goes"
     )
     args = parser.parse_args(args_in)  # fmt: skip
+    exit_on_sigterm()
     unknown = [name for name in args.names if name not in available]
     if unknown:
         parser.error(f"no benchmark {', '.join(unknown)}; there are: {', '.join(available)}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +45,45 @@ SCENARIOS = {
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One ``bench/run.py --quick`` for all the tests here: its results directory and output."""
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    """One ``bench/run.py --quick`` for all the tests here: results, output, its TMPDIR.
+
+    Every temporary directory of the benchmarks (sockets, configurations) is
+    made under a TMPDIR of this run's own, short enough for socket paths, so
+    that whatever they started can be found afterwards by that path.
+    """
     results = tmp_path_factory.mktemp("bench-results")
+    tmp = tmp_path_factory.mktemp("b")
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--results", str(results)],
         capture_output=True, text=True, cwd=REPO, timeout=240, check=False,
+        env=dict(os.environ, TMPDIR=str(tmp)),
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
-    return results, output
+    return results, output, tmp
+
+
+def processes_mentioning(path: Path) -> list[str]:
+    """The command lines of running processes that name ``path``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_scenario_wrote_its_headline(quick_run: tuple[Path, str], name: str) -> None:
+def test_scenario_wrote_its_headline(quick_run: tuple[Path, str, Path], name: str) -> None:
     """Each scenario wrote JSON with the machine, its headline rows and the quick flag."""
-    results, _ = quick_run
+    results, _, _ = quick_run
     data: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
     assert data["quick"] is True
     assert {"python", "cpu_model", "load_average"} <= set(data["machine"])
@@ -79,9 +103,9 @@ def test_scenario_wrote_its_headline(quick_run: tuple[Path, str], name: str) -> 
 
 
 @pytest.mark.timeout(300)
-def test_combined_table_and_goals(quick_run: tuple[Path, str]) -> None:
+def test_combined_table_and_goals(quick_run: tuple[Path, str, Path]) -> None:
     """run.py printed one table with every scenario, the goals, the machine; saved the table."""
-    results, output = quick_run
+    results, output, _ = quick_run
     table = (results / "table.txt").read_text()
     assert table in output
     for name in SCENARIOS:
@@ -92,11 +116,22 @@ def test_combined_table_and_goals(quick_run: tuple[Path, str]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_storm_lost_and_misrouted_are_counted(quick_run: tuple[Path, str]) -> None:
+def test_storm_lost_and_misrouted_are_counted(quick_run: tuple[Path, str, Path]) -> None:
     """The storm counted its calls and kills (the zero-loss goal is its own exit status)."""
-    results, _ = quick_run
+    results, _, _ = quick_run
     storm = json.loads((results / "storm.json").read_text())
     assert storm["kills"] > 0
     assert storm["storm"]["answered"] > 0
     assert storm["storm"]["lost"] == 0
     assert storm["storm"]["misrouted"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_nothing_left_running(quick_run: tuple[Path, str, Path]) -> None:
+    """No daemon, supervisor, child or subscriber of the benchmarks outlives them."""
+    _, _, tmp = quick_run
+    deadline = time.monotonic() + 5
+    while (left := processes_mentioning(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+    assert not list(tmp.iterdir()), "the benchmarks left temporary files"
