@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _profile import ProfileInto
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
@@ -110,6 +112,12 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     )
     parsed.add_argument(
         "--results", type=Path, default=RESULTS, metavar="DIR", help="where the JSON goes"
+    )
+    parsed.add_argument(
+        "--profile",
+        action=ProfileInto,
+        metavar="DIR",
+        help="record each daemon with py-spy into DIR (its figures are then not for the table)",
     )
     return parsed
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _profile
 from _common import REPO
 
 from ipad._cgroup import remove_tree
@@ -101,6 +102,10 @@ class DaemonProcess:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 env=env, cwd=REPO,
             )  # fmt: skip
+        self._stack = contextlib.ExitStack()
+        if _profile.directory is not None:
+            output = _profile.directory / f"{directory.name}-daemon-{self.proc.pid}.txt"
+            self._stack.enter_context(_profile.py_spy(self.proc.pid, output))
 
     def records(self) -> list[dict[str, Any]]:
         """Every JSON record the daemon has logged so far (the log is read only once)."""
@@ -145,6 +150,7 @@ class DaemonProcess:
 
     def close(self) -> None:
         """SIGTERM, then SIGKILL; reap; kill any worker of it still there; remove its cgroups."""
+        self._stack.close()  # the profiler, if any, writes its file
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

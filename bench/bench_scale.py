@@ -15,7 +15,8 @@ each announcing itself to a beacon socket as its first act. For every N:
 - the supervisor process's resident memory and open descriptors, in total
   and per worker, once everything is up (ipad: once the standbys are ready);
 - at one N (200 by default), the CPU the supervisor uses while idle over
-  30 s, and that of all its processes (ipad's workers answer heartbeats).
+  30 s, and that of all its processes (ipad's workers answer heartbeats);
+  ipad once more at that N with heartbeats off, which shows their share.
 
 The same N go to every supervisor, so the growth with N can be read across.
 
@@ -101,19 +102,29 @@ def footprint(pid: int, count: int) -> dict[str, float]:
             "fds_per_worker": fds / count}  # fmt: skip
 
 
-def run_ipad(root: Path, count: int, forkserver: bool, idle_s: float | None) -> dict[str, Any]:
+#: The ``[restart]`` table of the variant that tells what heartbeats cost an idle daemon.
+NO_HEARTBEATS = '[restart]\nheartbeat_interval = "1h"\nheartbeat_timeout = "2h"\n'
+
+
+def run_ipad(
+    root: Path, count: int, forkserver: bool, idle_s: float | None, heartbeats: bool = True
+) -> dict[str, Any]:
     """One daemon with ``count`` echo modules: start -> valid, footprint, idle CPU."""
-    directory = root / f"ipad-{count}-{'fork' if forkserver else 'fresh'}"
+    label = "ipad, fork server" if forkserver else "ipad, fresh interpreters"
+    if not heartbeats:
+        label += ", heartbeats off"
+    directory = root / f"ipad-{count}-{label.replace(', ', '-').replace(' ', '-')}"
     directory.mkdir()
     mods, names = echo_copies(directory, count)
-    config = copies_daemon_section(mods, forkserver) + "".join(f"[modules.{n}]\n" for n in names)
+    config = copies_daemon_section(mods, forkserver) + ("" if heartbeats else NO_HEARTBEATS)
+    config += "".join(f"[modules.{n}]\n" for n in names)
     env = {"IPAD_CONFIG_PATH": str(directory / "tuning")}
     daemon = DaemonProcess(directory, config, "info", env)
     try:
         started = daemon.wait_started()
         first = daemon.records()[0]
         result: dict[str, Any] = {
-            "supervisor": "ipad, fork server" if forkserver else "ipad, fresh interpreters",
+            "supervisor": label,
             "modules": count,
             "all_running": set(started["modules"].values()) == {"running"},
             "start_to_valid_s": log_time(started) - daemon.launched,
@@ -267,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             idle = args.idle_s if n == args.idle_n else None
             runs.append(run_ipad(root, n, True, idle))
+            if idle is not None:  # what the heartbeats (1 s, default) cost of that idle CPU
+                runs.append(run_ipad(root, n, True, idle, heartbeats=False))
             if n <= args.fresh_max:
                 runs.append(run_ipad(root, n, False, None))
             runs.append(run_peer(root, beacon, "supervisord", supervisord, n, idle))
