@@ -16,9 +16,11 @@ import math
 import os
 import platform
 import signal
+import socket
 import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,48 @@ def row(name: str, value: float, unit: str, to: float | None = None, to_name: st
         out["ratio"] = ratio(value, to)
         out["ratio_to"] = to_name
     return out
+
+
+def rounds_us(fn: Callable[[], object], n: int, rounds: int) -> list[float]:
+    """Microseconds per call of ``fn``, over ``n`` calls, once per round."""
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - start) / n * 1e6)
+    return out
+
+
+# --- raw peers: the limits ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def forked_peer(serve: Callable[[socket.socket], None]) -> Iterator[socket.socket]:
+    """A forked (so already warm) process running ``serve`` on one end of a SEQPACKET pair.
+
+    Yields the other end; closing it ends the peer, which is then reaped.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the peer: nothing but ``serve``
+        try:
+            ours.close()
+            serve(theirs)
+        finally:
+            os._exit(0)
+    theirs.close()
+    try:
+        yield ours
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+
+
+def echo_back(sock: socket.socket) -> None:
+    """Send every packet back until the other end closes: the raw round-trip peer."""
+    while data := sock.recv(4096):
+        sock.send(data)
 
 
 # --- the machine ------------------------------------------------------------------------

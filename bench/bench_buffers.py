@@ -30,16 +30,16 @@ Run: python bench/bench_buffers.py [--frames N]  (writes bench/results/buffers.j
 from __future__ import annotations
 
 import array
-import contextlib
+import functools
 import os
 import socket
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from _common import REPO, Row, exit_on_sigterm, parser, print_rows, row, write_results
+from _common import REPO, Row, exit_on_sigterm, forked_peer, parser, print_rows, row, write_results
 from _ipad import running_daemon
 
 from ipad.client import BlockingClient
@@ -63,25 +63,6 @@ def buffer_pool(size: int) -> list[int]:
         os.write(fd, data)
         pool.append(fd)
     return pool
-
-
-@contextlib.contextmanager
-def fd_peer(work: bool) -> Iterator[socket.socket]:
-    """A forked peer that takes one fd per packet (and maps and checksums it, if ``work``)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            ours.close()
-            _serve_fds(theirs, work)
-        finally:
-            os._exit(0)
-    theirs.close()
-    try:
-        yield ours
-    finally:
-        ours.close()
-        os.waitpid(pid, 0)
 
 
 def _serve_fds(sock: socket.socket, work: bool) -> None:
@@ -114,7 +95,7 @@ def frames_per_s(fn: Callable[[int], object], pool: list[int], frames: int) -> f
 
 def raw_fps(pool: list[int], frames: int, work: bool) -> float:
     """The raw fd-passing limit (with the checksum's work, if ``work``)."""
-    with fd_peer(work) as sock:
+    with forked_peer(functools.partial(_serve_fds, work=work)) as sock:
 
         def frame(fd: int) -> None:
             socket.send_fds(sock, [b"f"], [fd])

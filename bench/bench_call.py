@@ -18,17 +18,26 @@ Run: python bench/bench_call.py [--calls N]  (writes bench/results/call.json)
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from _common import Row, exit_on_sigterm, goal, parser, print_goals, print_rows, row, write_results
+from _common import (
+    Row,
+    echo_back,
+    exit_on_sigterm,
+    forked_peer,
+    goal,
+    parser,
+    print_goals,
+    print_rows,
+    rounds_us,
+    row,
+    write_results,
+)
 from _ipad import running_daemon
 
 from ipad._client import open_client
@@ -45,37 +54,6 @@ GOAL_RATIO = 1.5
 CONFIG = "[modules.echo]\n"
 
 
-@contextlib.contextmanager
-def echo_peer() -> Iterator[socket.socket]:
-    """A forked process sending back every packet on a socketpair; our end of it."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # the peer: nothing but the echo
-        try:
-            ours.close()
-            while data := theirs.recv(4096):
-                theirs.send(data)
-        finally:
-            os._exit(0)
-    theirs.close()
-    try:
-        yield ours
-    finally:
-        ours.close()
-        os.waitpid(pid, 0)
-
-
-def per_call_us(fn: Callable[[], object], n: int) -> list[float]:
-    """Microseconds per call of ``fn``, over ``n`` calls, once per round."""
-    out = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((time.perf_counter() - start) / n * 1e6)
-    return out
-
-
 async def per_call_us_async(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
     """Microseconds per call of the coroutine function ``fn``, once per round."""
     out = []
@@ -89,14 +67,14 @@ async def per_call_us_async(fn: Callable[[], Awaitable[object]], n: int) -> list
 
 def blocking_raw(n: int) -> list[float]:
     """The limit for the blocking client: send and recv on a plain socket."""
-    with echo_peer() as sock:
+    with forked_peer(echo_back) as sock:
 
         def ping() -> None:
             sock.send(PACKET)
             sock.recv(4096)
 
-        per_call_us(ping, n // 10)  # warm-up
-        return per_call_us(ping, n)
+        rounds_us(ping, n // 10, ROUNDS)  # warm-up
+        return rounds_us(ping, n, ROUNDS)
 
 
 def blocking_ipad(path: str, n: int) -> list[float]:
@@ -107,13 +85,13 @@ def blocking_ipad(path: str, n: int) -> list[float]:
         def call() -> None:
             proxy.call("echo", {"text": TEXT})
 
-        per_call_us(call, n // 10)
-        return per_call_us(call, n)
+        rounds_us(call, n // 10, ROUNDS)
+        return rounds_us(call, n, ROUNDS)
 
 
 async def trio_raw(n: int) -> list[float]:
     """The limit for the trio client: trio's socket send and recv."""
-    with echo_peer() as plain:
+    with forked_peer(echo_back) as plain:
         sock = trio.socket.from_stdlib_socket(plain)
 
         async def ping() -> None:

@@ -8,11 +8,8 @@ Run: python bench/bench_codec.py  (prints a table, writes bench/results/codec.js
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +17,17 @@ import attrs
 import cattrs
 import msgpack
 import msgspec
-from _common import Row, exit_on_sigterm, parser, print_rows, row, write_results
+from _common import (
+    Row,
+    echo_back,
+    exit_on_sigterm,
+    forked_peer,
+    parser,
+    print_rows,
+    rounds_us,
+    row,
+    write_results,
+)
 
 from ipad import _protocol as p
 
@@ -51,13 +58,7 @@ ARGS: dict[str, Any] = {"frame": 1234, "sensor": {"exposure_us": 10000, "gain": 
 
 def per_call_us(fn: Callable[[], object], n: int) -> float:
     """Median over ROUNDS of the time per call, in microseconds."""
-    times = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n * 1e6)
-    return statistics.median(times)
+    return statistics.median(rounds_us(fn, n, ROUNDS))
 
 
 def codec_figures(calls: int) -> dict[str, float]:
@@ -94,25 +95,14 @@ def codec_figures(calls: int) -> dict[str, float]:
 
 def socket_round_trip_us(pings: int) -> float:
     """One 64-byte SEQPACKET message there and back between two processes."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # the echo peer
-        parent.close()
-        while data := child.recv(4096):
-            child.send(data)
-        os._exit(0)
-    child.close()
     payload = b"x" * 64
-    try:
+    with forked_peer(echo_back) as sock:
 
         def ping() -> None:
-            parent.send(payload)
-            parent.recv(4096)
+            sock.send(payload)
+            sock.recv(4096)
 
         return per_call_us(ping, pings)
-    finally:
-        parent.close()
-        os.waitpid(pid, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,7 +113,8 @@ def run_ipad(
     label = "ipad, fork server" if forkserver else "ipad, fresh interpreters"
     if not heartbeats:
         label += ", heartbeats off"
-    directory = root / f"ipad-{count}-{label.replace(', ', '-').replace(' ', '-')}"
+    # Short: the daemon's socket goes below it, and AF_UNIX paths stop at 107 bytes.
+    directory = root / f"i{count}{'f' if forkserver else 's'}{'' if heartbeats else 'h'}"
     directory.mkdir()
     mods, names = echo_copies(directory, count)
     config = copies_daemon_section(mods, forkserver) + ("" if heartbeats else NO_HEARTBEATS)

@@ -19,7 +19,6 @@ reported (MISS), not an error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
@@ -29,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, RESULTS, Row, exit_on_sigterm, machine, verdict
+from _common import REPO, Row, exit_on_sigterm, machine, verdict
+from _common import parser as common_parser
 
 BENCH = Path(__file__).resolve().parent
 #: How long a benchmark told to stop may take to clean up before it is killed.
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         at = args_in.index("--")
         args_in, extra = args_in[:at], args_in[at + 1 :]
     available = discover()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = common_parser(__doc__)  # --quick, --results and --profile, passed down
     parser.add_argument(
         "names",
         nargs="*",
@@ -183,15 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run nothing; print the table from the saved results",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes for every benchmark: checks that they run (the figures mean nothing)",
-    )
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, metavar="DIR", help="where the JSON goes"
-    )
-    args = parser.parse_args(args_in)  # fmt: skip
+    args = parser.parse_args(args_in)
     exit_on_sigterm()
     unknown = [name for name in args.names if name not in available]
     if unknown:
@@ -200,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.table_only:
         return 0 if print_table(names, args.results, since=None) else 1
-    extra = [*(["--quick"] if args.quick else []), "--results", str(args.results), *extra]
+    passed = ["--quick"] if args.quick else []
+    passed += ["--profile", str(args.profile)] if args.profile else []
+    extra = [*passed, "--results", str(args.results), *extra]
     started = time.time()
     failed: dict[str, int] = {}
     took: dict[str, float] = {}
