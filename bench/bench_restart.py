@@ -11,9 +11,15 @@ kill, from just before ``os.kill``:
 - crash -> valid: until the client library reports the proxy ``recovered``
   (reopened on the new worker, setup calls replayed, daemon told).
 
-Both with the fork server (workers forked from a warm process) and without it
-(each worker a fresh interpreter, posix_spawn). The restart policy is set so
-that every restart is immediate and no cooldown happens (see ``RESTART_POLICY``).
+Three variants: a standby worker promoted at once (the default), the fork
+server alone (workers forked from a warm process), and neither (each worker a
+fresh interpreter, posix_spawn). The restart policy makes every restart
+immediate and never cools down (``_ipad.FAST_RESTART``).
+
+Then the peers, on one child program (``_child.py``, which announces itself
+to a beacon as its first act: that is their "running"): supervisord with
+``autorestart``, circus with its default settings, and systemd booted in a
+namespace with ``Restart=always`` and the default or a zero ``RestartSec``.
 
 The same run measures the limits a restart cannot beat on this machine:
 spawning ``python -I -S -c pass``, spawning ``python -I -c 'import
@@ -24,7 +30,7 @@ what the fork server does at best. Ratios are to that last one.
 The daemon's JSON log of each run gives a per-stage breakdown (exit seen,
 restart started, worker ready, proxy valid), printed as medians.
 
-Run: python bench/bench_restart.py [--kills N]
+Run: python bench/bench_restart.py [--kills N] [--peer-kills N] [--no-peers]
 (prints a table, writes bench/results/restart.json; exit status 1 if a kill did
 not recover within 2 s)
 """
