@@ -10,7 +10,8 @@ second for 10 s. Calls made while a proxy is invalid wait for its recovery
 (``wait=2``); a call neither answered nor failed within 5 s is lost.
 
 Reported: calls answered, calls failed (by cause: in flight when the worker
-died, or not recovered within the wait), calls lost and calls misrouted
+died, sent on a channel found closed before the proxy knew it was invalid,
+or not recovered within the wait), calls lost and calls misrouted
 (both must be zero), and recovery: for each kill and each proxy on the
 killed module, from the kill to the client library's ``recovered`` event
 (p50, p99, max). The limit, measured in the same run, is the same clients
@@ -107,8 +108,7 @@ async def call_loop(proxy: Proxy, tag: str, tally: Tally, stop: trio.Event) -> N
             try:
                 reply = await proxy.call("echo", {"text": token}, wait=WAIT)
             except WorkerCrashed as exc:
-                cause = "not recovered within the wait" if "recover" in exc.message else "in flight"
-                tally.failed[f"WorkerCrashed ({cause})"] += 1
+                tally.failed[f"WorkerCrashed ({crash_cause(exc.message)})"] += 1
                 continue
             except IpadError as exc:
                 tally.failed[type(exc).__name__] += 1
@@ -122,6 +122,15 @@ async def call_loop(proxy: Proxy, tag: str, tally: Tally, stop: trio.Event) -> N
         else:
             tally.misrouted += 1
             tally.examples.append(f"sent {token!r}, got {reply!r}")
+
+
+def crash_cause(message: str) -> str:
+    """Why a call failed with WorkerCrashed, from its message (ipad/_client.py's wording)."""
+    if "did not recover" in message:
+        return "not recovered within the wait"
+    if "channel is closed" in message:
+        return "sent on a channel already closed, before the proxy knew"
+    return "in flight when the worker died"
 
 
 async def watch_events(client: Client, storm: Storm, track_pids: bool) -> None:
