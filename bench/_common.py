@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -117,6 +118,24 @@ def echo_back(sock: socket.socket) -> None:
     """Send every packet back until the other end closes: the raw round-trip peer."""
     while data := sock.recv(4096):
         sock.send(data)
+
+
+# --- processes ---------------------------------------------------------------------------
+
+#: util-linux's setpriv, which can set the parent-death signal and then exec a command.
+SETPRIV = shutil.which("setpriv")
+
+
+def dies_with_us(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM if the benchmark itself dies (``setpriv --pdeathsig``).
+
+    A benchmark stopped by SIGKILL runs no ``finally``; this way its daemon or
+    supervisor still goes (and takes its workers with it) instead of being
+    orphaned. The signal survives the exec; the process keeps its pid.
+    """
+    if SETPRIV is None:
+        return list(argv)
+    return [SETPRIV, "--pdeathsig", "TERM", "--", *argv]
 
 
 # --- the machine ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import _profile
-from _common import REPO
+from _common import REPO, dies_with_us
 
 from ipad._cgroup import remove_tree
 
@@ -97,8 +97,8 @@ class DaemonProcess:
         self.launched = time.time()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*DAEMON_COMMAND, "--config", str(self.config),
-                 "--log-format", "json", "--log-level", log_level],
+                dies_with_us([*DAEMON_COMMAND, "--config", str(self.config),
+                              "--log-format", "json", "--log-level", log_level]),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 env=env, cwd=REPO,
             )  # fmt: skip
@@ -122,23 +122,37 @@ class DaemonProcess:
         return self._records
 
     def wait_for(
-        self, event: str, count: int = 1, timeout: float = START_TIMEOUT
+        self, event: str | tuple[str, ...], count: int = 1, timeout: float = START_TIMEOUT
     ) -> list[dict[str, Any]]:
-        """The first ``count`` records named ``event``; raise if the daemon exits or is slow."""
+        """The first ``count`` records named ``event`` (or any of several names).
+
+        Raise if the daemon exits or they do not come within ``timeout``.
+        """
+        found = self.collect(event, count, timeout)
+        if len(found) < count:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{len(found)} of {count} x {event} from the daemon; its log "
+                               f"ends:\n{tail}")  # fmt: skip
+        return found
+
+    def collect(
+        self, event: str | tuple[str, ...], count: int, timeout: float
+    ) -> list[dict[str, Any]]:
+        """Up to ``count`` records named ``event``: as many as came within ``timeout``."""
+        names = (event,) if isinstance(event, str) else event
         deadline = time.monotonic() + timeout
         found: list[dict[str, Any]] = []
         looked = 0
-        while time.monotonic() < deadline:
+        while True:
             records = self.records()
-            found += [r for r in records[looked:] if r.get("event") == event]
+            found += [r for r in records[looked:] if r.get("event") in names]
             looked = len(records)
-            if len(found) >= count:
-                return found[:count]
-            if self.proc.poll() is not None:
+            if len(found) >= count or self.proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
                 break
             time.sleep(0.005)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"no {count} x {event} from the daemon; its log ends:\n{tail}")
+        return found[:count]
 
     def alive(self) -> bool:
         """Whether the daemon process is still running."""

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
-from _common import BENCH
+from _common import BENCH, dies_with_us
 
 #: The interpreter the children run on (not a venv shim: -I -S needs nothing of it).
 PYTHON = os.path.realpath(sys.executable)
@@ -143,7 +143,7 @@ def _started(name: str, argv: list[str], directory: Path, grace: float) -> Itera
     log = directory / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            dies_with_us(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             cwd=directory, start_new_session=True,
         )  # fmt: skip
     try:
@@ -323,8 +323,10 @@ def systemd(directory: Path, units: dict[str, str]) -> Iterator[Systemd]:
         (unit_dir / name).write_text(text)
     inner = directory / "inner.sh"
     inner.write_text(_INNER)
-    command = [UNSHARE, "--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--mount-proc",
-               "--propagation", "private", "/bin/sh", str(inner), str(unit_dir)]  # fmt: skip
+    # --kill-child: if unshare goes (the benchmark was killed), so does the namespace's PID 1.
+    command = [UNSHARE, "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc",
+               "--net", "--mount-proc", "--propagation", "private",
+               "/bin/sh", str(inner), str(unit_dir)]  # fmt: skip
     with _started("systemd", command, directory, grace=1.0) as peer:
         pid1 = 0
         try:

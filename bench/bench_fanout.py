@@ -38,7 +38,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import BENCH, Row, exit_on_sigterm, parser, print_rows, row, summary, write_results
+from _common import (
+    BENCH,
+    Row,
+    dies_with_us,
+    exit_on_sigterm,
+    parser,
+    print_rows,
+    row,
+    summary,
+    write_results,
+)
 from _ipad import module_config, running_daemon
 
 from ipad._errors import WorkerCrashed
@@ -62,8 +72,8 @@ def subscribers(
     try:
         for _ in range(processes):
             procs.append(subprocess.Popen(
-                [sys.executable, str(SUBSCRIBER), *where, "--clients", str(per),
-                 "--expect", str(expect)],
+                dies_with_us([sys.executable, str(SUBSCRIBER), *where, "--clients", str(per),
+                              "--expect", str(expect)]),
                 stdout=subprocess.PIPE, text=True, cwd=BENCH.parent,
             ))  # fmt: skip
         yield procs

@@ -51,8 +51,10 @@ from _peers import (
 #: The goal from the supervision issue: this many modules valid in under GOAL_S seconds.
 GOAL_N = 200
 GOAL_S = 0.5
-#: How long ipad may take to get every standby ready after all modules run.
+#: How long ipad may take to get every standby ready (or failed) after all modules run.
 STANDBY_TIMEOUT = 120.0
+#: The log records that end a standby's preparation.
+STANDBY_ENDS = ("worker.standby_ready", "worker.standby_failed")
 
 
 def family(pid: int) -> list[int]:
@@ -131,8 +133,14 @@ def run_ipad(
             "start_to_valid_s": log_time(started) - daemon.launched,
             "from_first_log_s": log_time(started) - log_time(first),
         }
-        ready = daemon.wait_for("worker.standby_ready", count, STANDBY_TIMEOUT)
-        result["standbys_ready_s"] = log_time(ready[-1]) - daemon.launched
+        # Every module's standby ready, or given up on (ipad does not retry a failed one).
+        ended = daemon.collect(STANDBY_ENDS, count, STANDBY_TIMEOUT)
+        ready = [r for r in ended if r["event"] == "worker.standby_ready"]
+        result["standbys_ready"] = len(ready)
+        result["standbys_failed"] = len(ended) - len(ready)
+        result["standbys_unaccounted"] = count - len(ended)
+        if ended:
+            result["standbys_settled_s"] = log_time(ended[-1]) - daemon.launched
         result |= footprint(daemon.proc.pid, count)
         if idle_s is not None:
             result["idle"] = idle_cpu(daemon.proc.pid, idle_s)
@@ -216,6 +224,9 @@ def headline(runs: list[dict[str, Any]], idle_n: int) -> list[Row]:
         rows.append(row(f"{who}: {n} start -> all valid", r["start_to_valid_s"] * 1e3, "ms"))
         rows.append(row(f"{who}: {n} RSS per worker", r["rss_kib_per_worker"], "KiB"))
         rows.append(row(f"{who}: {n} fds per worker", r["fds_per_worker"], ""))
+        if r.get("standbys_failed") or r.get("standbys_unaccounted"):
+            lacking = r["standbys_failed"] + r["standbys_unaccounted"]
+            rows.append(row(f"{who}: {n} standbys never ready (not retried)", lacking, ""))
         if "idle" in r:
             idle = r["idle"]
             rows.append(row(f"{who}: {idle_n} idle CPU, supervisor",

@@ -59,6 +59,13 @@ from ipad._errors import IpadError, WorkerCrashed
 CALL_DEADLINE = 5.0
 #: A call on an invalid proxy waits this long for it to recover.
 WAIT = 2.0
+#: A call whose send fails on a channel the worker already closed raises WorkerCrashed
+#: at once, without a trio checkpoint and without marking the proxy invalid (found by
+#: this benchmark; reported in bench/RESULTS.md). A caller that retried at once would
+#: never let the client's reader task see the channel close: the proxy would stay
+#: "valid" and the loop spin for ever. So each caller checkpoints after a failure,
+#: and those failures are counted under their own cause.
+FAILED_SEND = "sent on a channel already closed, before the proxy knew"
 #: Every restart immediate, never a cooldown; heartbeats as configured by default.
 STORM_RESTART = 'max_failures = 1000000\ninitial_delay = "0"\nmax_delay = "0"\n'
 
@@ -109,9 +116,11 @@ async def call_loop(proxy: Proxy, tag: str, tally: Tally, stop: trio.Event) -> N
                 reply = await proxy.call("echo", {"text": token}, wait=WAIT)
             except WorkerCrashed as exc:
                 tally.failed[f"WorkerCrashed ({crash_cause(exc.message)})"] += 1
+                await trio.lowlevel.checkpoint()  # see FAILED_SEND below
                 continue
             except IpadError as exc:
                 tally.failed[type(exc).__name__] += 1
+                await trio.lowlevel.checkpoint()
                 continue
         if deadline.cancelled_caught:
             tally.lost += 1
@@ -129,7 +138,7 @@ def crash_cause(message: str) -> str:
     if "did not recover" in message:
         return "not recovered within the wait"
     if "channel is closed" in message:
-        return "sent on a channel already closed, before the proxy knew"
+        return FAILED_SEND
     return "in flight when the worker died"
 
 
