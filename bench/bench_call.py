@@ -11,13 +11,19 @@ already warm process that sends every packet back (plain blocking
 ``send``/``recv`` against trio's ``await sock.send``/``await sock.recv``).
 
 The ratio ipad / raw is the cost of ipad's protocol and dispatch on top of
-the socket; the goal is at most 1.5.
+the socket; the goal is at most 1.5. Below the table, where the time goes:
+the same raw ping-pong with peers that add, one at a time, what ipad's
+worker host and blocking client do around each packet (a receive buffer of
+MAX_PACKET bytes, a selector wait, two settimeout calls), and one that
+receives into a buffer allocated once.
 
 Run: python bench/bench_call.py [--calls N]  (writes bench/results/call.json)
 """
 
 from __future__ import annotations
 
+import selectors
+import socket
 import statistics
 import sys
 import time
@@ -40,7 +46,9 @@ from _common import (
 )
 from _ipad import running_daemon
 
+from ipad import _protocol as p
 from ipad._client import open_client
+from ipad._fdpass import ANCILLARY_SIZE
 from ipad.client import BlockingClient
 
 #: Repetitions of each measurement; the median is reported (the others show the noise).
@@ -114,6 +122,64 @@ async def trio_ipad(path: str, n: int) -> list[float]:
         return await per_call_us_async(call, n)
 
 
+# --- where the time goes: raw peers that do, step by step, what ipad's ends do -----------
+
+
+def _worker_like(select_first: bool) -> Callable[[socket.socket], None]:
+    """A raw peer that receives as the worker host does: recvmsg into a MAX_PACKET buffer."""
+
+    def serve(sock: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            if select_first:  # the worker host waits on a selector before each receive
+                selector.select()
+            data, _, _, _ = sock.recvmsg(p.MAX_PACKET, ANCILLARY_SIZE)
+            if not data:
+                return
+            sock.sendmsg([data], [], socket.MSG_DONTWAIT)
+
+    return serve
+
+
+def _preallocated(sock: socket.socket) -> None:
+    """A raw peer receiving into one buffer allocated once (recvmsg_into)."""
+    view = memoryview(bytearray(p.MAX_PACKET))
+    while True:
+        size, _, _, _ = sock.recvmsg_into([view], ANCILLARY_SIZE)
+        if not size:
+            return
+        sock.sendmsg([bytes(view[:size])], [], socket.MSG_DONTWAIT)
+
+
+def breakdown(n: int) -> dict[str, float]:
+    """The blocking round trip with raw peers that add one of ipad's habits at a time (us)."""
+    steps: list[tuple[str, Callable[[socket.socket], None], bool]] = [
+        ("raw: recv/send at both ends", echo_back, False),
+        ("peer: recvmsg(MAX_PACKET) + sendmsg, as the worker", _worker_like(False), False),
+        ("peer: + a selector wait before each receive", _worker_like(True), False),
+        ("client too: recvmsg(MAX_PACKET), settimeout twice", _worker_like(True), True),
+        ("peer: recvmsg_into a buffer allocated once", _preallocated, False),
+    ]
+    out = {}
+    for name, serve, like_client in steps:
+        with forked_peer(serve) as sock:
+
+            def ping(sock: socket.socket = sock, like_client: bool = like_client) -> None:
+                if like_client:
+                    sock.sendmsg([PACKET])
+                    sock.settimeout(None)
+                    sock.recvmsg(p.MAX_PACKET, ANCILLARY_SIZE)
+                    sock.settimeout(None)
+                else:
+                    sock.send(PACKET)
+                    sock.recv(4096)
+
+            rounds_us(ping, n // 10, 1)
+            out[name] = statistics.median(rounds_us(ping, n, ROUNDS))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure both clients and both limits, print, save."""
     exit_on_sigterm()
@@ -122,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     args = args_parser.parse_args(argv)
     n = 50 if args.quick else args.calls
 
+    # First, while this process's allocator is as fresh as a worker's: glibc serves the
+    # MAX_PACKET receive buffers with mmap/munmap until a large free raises its threshold.
+    steps = breakdown(n)
     with running_daemon(CONFIG) as daemon:
         path = str(daemon.socket)
         samples: dict[str, list[float]] = {
@@ -142,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                             f"{ipad / raw:.2f}x", ipad / raw <= GOAL_RATIO))  # fmt: skip
     print_rows(f"call round trip, median of {ROUNDS} rounds of {n} calls (us per call)", rows)
     print_goals(checked)
+    print("where the time goes: the blocking raw round trip, adding ipad's habits one by one (us)")
+    for name, value in steps.items():
+        print(f"  {name:58s} {value:8.1f}")
     data = {"quick": args.quick, "calls_per_round": n, "rounds": ROUNDS, "payload_text": TEXT,
             "raw_packet_bytes": len(PACKET), "median_us": us, "samples_us": samples,
-            "goals": checked}  # fmt: skip
+            "breakdown_us": steps, "goals": checked}  # fmt: skip
     write_results(args.results, "call", data, rows)
     return 0
 
