@@ -59,12 +59,12 @@ from ipad._errors import IpadError, WorkerCrashed
 CALL_DEADLINE = 5.0
 #: A call on an invalid proxy waits this long for it to recover.
 WAIT = 2.0
-#: A call whose send fails on a channel the worker already closed raises WorkerCrashed
-#: at once, without a trio checkpoint and without marking the proxy invalid (found by
-#: this benchmark; reported in bench/RESULTS.md). A caller that retried at once would
-#: never let the client's reader task see the channel close: the proxy would stay
-#: "valid" and the loop spin for ever. So each caller checkpoints after a failure,
-#: and those failures are counted under their own cause.
+#: A call whose send fails on a channel its worker already closed once raised
+#: WorkerCrashed at once, without a trio checkpoint and without marking the proxy
+#: invalid, so a caller retrying at once spun for ever (this benchmark hung on it;
+#: bench/RESULTS.md). The client library now resends such a call after recovery
+#: (CallNotSent). Callers still checkpoint after any failure, so that a regression
+#: shows up in the counts, under this cause, instead of as a hang.
 FAILED_SEND = "sent on a channel already closed, before the proxy knew"
 #: Every restart immediate, never a cooldown; heartbeats as configured by default.
 STORM_RESTART = 'max_failures = 1000000\ninitial_delay = "0"\nmax_delay = "0"\n'
@@ -146,7 +146,7 @@ async def watch_events(client: Client, storm: Storm, track_pids: bool) -> None:
     """Record recoveries (and, for one client, which worker each module runs on)."""
     async for event in client.events:
         if isinstance(event, LocalEvent):
-            if event.kind == "recovered":
+            if event.kind == "recovered" and event.proxy_id is not None:
                 storm.recoveries.append((event.module, event.proxy_id, time.perf_counter()))
             elif event.kind == "recovery_failed":
                 storm.recovery_failed += 1
