@@ -42,10 +42,12 @@ heartbeat_timeout = "2h"
 """
 
 
-def module_config(name: str, *, standby: bool = True, restart: str = FAST_RESTART) -> str:
-    """One ``[modules.NAME]`` table with its ``restart`` overrides (standby is one of them)."""
+def module_config(
+    name: str, *, standby: bool = True, restart: str = FAST_RESTART, proxy: str = "isolated"
+) -> str:
+    """One ``[modules.NAME]`` table with its proxy kind and ``restart`` overrides (standby too)."""
     return (
-        f"[modules.{name}]\n[modules.{name}.restart]\n{restart}"
+        f'[modules.{name}]\nproxy = "{proxy}"\n[modules.{name}.restart]\n{restart}'
         f"standby = {'true' if standby else 'false'}\n"
     )
 

@@ -13,7 +13,8 @@ kill, from just before ``os.kill``:
 
 Three variants: a standby worker promoted at once (the default), the fork
 server alone (workers forked from a warm process), and neither (each worker a
-fresh interpreter, posix_spawn). The restart policy makes every restart
+fresh interpreter, posix_spawn); the first two also with the ``sandboxed``
+proxy kind, which shows what the sandbox costs. The restart policy makes every restart
 immediate and never cools down (``_ipad.FAST_RESTART``).
 
 Then the peers, on one child program (``_child.py``, which announces itself
@@ -103,10 +104,10 @@ SETUP_CALLS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def config_text(forkserver: bool, standby: bool) -> str:
+def config_text(forkserver: bool, standby: bool, proxy: str = "isolated") -> str:
     """The daemon configuration of one variant."""
     daemon = f"[daemon]\nforkserver = {'true' if forkserver else 'false'}\n"
-    return daemon + module_config("echo", standby=standby)
+    return daemon + module_config("echo", standby=standby, proxy=proxy)
 
 
 # --- limits -------------------------------------------------------------------------
@@ -226,6 +227,11 @@ class Recorder:
         return False
 
 
+async def worker_pid(client: Client) -> int:
+    """The echo worker's pid as the daemon sees it (a sandboxed one is pid 1 to itself)."""
+    return int((await client.status()).modules["echo"]["worker_pid"])
+
+
 async def kill_loop(
     socket_path: Path, kills: int, warmup: int, daemon_alive: Callable[[], bool]
 ) -> list[Kill]:
@@ -237,7 +243,7 @@ async def kill_loop(
             await proxy.call(method, args)
         recorder = Recorder(client, proxy)
         client.nursery.start_soon(recorder.run)
-        pid = await proxy.call("pid")
+        pid = await worker_pid(client)
         for _ in range(warmup + kills):
             await trio.sleep(PAUSE)
             # Events still arriving for the previous kill are read as that kill's until here.
@@ -250,7 +256,8 @@ async def kill_loop(
             if not kill.recovered:
                 # A miss is counted; the run goes on if the proxy comes back at all.
                 await wait_valid(proxy, daemon_alive)
-            pid = await proxy.call("pid")
+            await proxy.call("pid")  # the proxy answers again
+            pid = await worker_pid(client)
             if kill.new_pid is not None and pid != kill.new_pid:
                 raise RuntimeError(f"proxy answers from {pid}, module runs {kill.new_pid}")
             kill.new_pid = pid
@@ -347,9 +354,10 @@ def run_variant(
     warmup: int,
     log_level: str,
     keep_log: Path | None,
+    proxy: str = "isolated",
 ) -> dict[str, Any]:
     """Start a daemon, kill its worker ``kills`` times, and summarise."""
-    config = config_text(forkserver, standby)
+    config = config_text(forkserver, standby, proxy)
     with running_daemon(config, log_level, keep_log) as daemon:
         try:
             measured = trio.run(kill_loop, daemon.socket, kills, warmup, daemon.alive)
@@ -483,11 +491,15 @@ def peer_result(samples: list[float], period: float) -> dict[str, Any]:
 
 # --- output --------------------------------------------------------------------------
 
-#: name, fork server, standby worker. The first is the default configuration.
+#: name, fork server, standby worker, proxy kind. The first is the default configuration;
+#: the sandboxed ones show what the sandbox costs (docs/security.md), next to the same
+#: variant isolated.
 VARIANTS = (
-    ("ipad, standby + fork server", True, True),
-    ("ipad, fork server", True, False),
-    ("ipad, fresh interpreter", False, False),
+    ("ipad, standby + fork server", True, True, "isolated"),
+    ("ipad, standby + fork server, sandboxed", True, True, "sandboxed"),
+    ("ipad, fork server", True, False, "isolated"),
+    ("ipad, fork server, sandboxed", True, False, "sandboxed"),
+    ("ipad, fresh interpreter", False, False, "isolated"),
 )
 FORK_LIMIT = "fork a warm process + SEQPACKET message"
 
@@ -585,13 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     limits_raw = measure_limits(max(args.kills, 10))
     limits = {name: summary(values) for name, values in limits_raw.items()}
     variants: dict[str, Any] = {}
-    for name, forkserver, standby in VARIANTS:
+    for name, forkserver, standby, proxy in VARIANTS:
         keep = None
         if args.keep_logs is not None:
             slug = ("standby-" if standby else "") + ("forkserver" if forkserver else "fresh")
-            keep = args.keep_logs / f"daemon-{slug}.log"
+            keep = args.keep_logs / f"daemon-{slug}-{proxy}.log"
         variants[name] = run_variant(
-            forkserver, standby, args.kills, args.warmup, args.log_level, keep
+            forkserver, standby, args.kills, args.warmup, args.log_level, keep, proxy
         )
     peer_warmup = 0 if args.quick else args.warmup
     peers = {} if args.no_peers else run_peers(args.peer_kills, peer_warmup, args.seed)

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = {
     "restart": [
         "ipad, standby + fork server: crash -> valid p50",
+        "ipad, standby + fork server, sandboxed: crash -> valid p50",
         "ipad, fresh interpreter: crash -> running p50",
         "supervisord, autorestart: crash -> running p50",
         "circus, default settings: crash -> running p50",
