@@ -40,6 +40,7 @@ SCENARIOS = {
               "circus: 5 start -> all valid", "ipad, fork server: 5 idle CPU, supervisor"],
     "storm": ["calls lost (no answer, no error)", "calls misrouted",
               "recovery (kill -> proxy recovered) p99"],
+    "load": ["calls per second under load and kills", "misrouted replies"],
     "fanout": ["ipad: to the last client p50", "limit: raw writes: to the last client p50"],
     "codec": ["codec: ipad encode()+decode()", "limit: raw SEQPACKET round trip"],
 }  # fmt: skip
