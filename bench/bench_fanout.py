@@ -164,7 +164,10 @@ def worker_pid(client: BlockingClient) -> int:
 
 def run_ipad(processes: int, clients: int, changes: int) -> dict[str, Any]:
     """ipad: a proxy's worker killed ``changes`` times, the invalid event timed at each client."""
-    with running_daemon(module_config("echo")) as daemon:
+    # Every subscriber is this user: lift the per-user connection limit (64 by default).
+    room = clients + 16
+    limits = f"[clients]\nmax_connections = {room}\nmax_connections_per_user = {room}\n"
+    with running_daemon(limits + module_config("echo")) as daemon:
         where = ["--ipad", str(daemon.socket)]
         with subscribers(where, processes, clients, changes) as procs, \
                 BlockingClient(daemon.socket, name="bench_fanout") as client:  # fmt: skip
