@@ -8,28 +8,32 @@ Run: python bench/bench_codec.py  (prints a table, writes bench/results/codec.js
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
 import msgpack
 import msgspec
+from _common import (
+    Row,
+    echo_back,
+    exit_on_sigterm,
+    forked_peer,
+    parser,
+    print_rows,
+    rounds_us,
+    row,
+    write_results,
+)
 
 from ipad import _protocol as p
 
 ROUNDS = 7
 CALLS = 20_000
 PINGS = 20_000
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class CallStruct(msgspec.Struct, frozen=True, array_like=True):
@@ -54,16 +58,10 @@ ARGS: dict[str, Any] = {"frame": 1234, "sensor": {"exposure_us": 10000, "gain": 
 
 def per_call_us(fn: Callable[[], object], n: int) -> float:
     """Median over ROUNDS of the time per call, in microseconds."""
-    times = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n * 1e6)
-    return statistics.median(times)
+    return statistics.median(rounds_us(fn, n, ROUNDS))
 
 
-def codec_figures() -> dict[str, float]:
+def codec_figures(calls: int) -> dict[str, float]:
     """Encode+decode of one call message with each codec."""
     struct_enc = msgspec.msgpack.Encoder()
     struct_dec = msgspec.msgpack.Decoder(CallStruct)
@@ -88,59 +86,47 @@ def codec_figures() -> dict[str, float]:
         return p.decode(p.encode(wire, 1), allowed=p.TO_WORKER_CHANNEL)
 
     return {
-        "ipad encode()+decode() (header, map)": per_call_us(ipad_wire, CALLS),
-        "msgspec Struct": per_call_us(msgspec_struct, CALLS),
-        "msgspec + attrs": per_call_us(msgspec_attrs, CALLS),
-        "cattrs + msgpack": per_call_us(cattrs_msgpack, CALLS),
+        "ipad encode()+decode() (header, map)": per_call_us(ipad_wire, calls),
+        "msgspec Struct": per_call_us(msgspec_struct, calls),
+        "msgspec + attrs": per_call_us(msgspec_attrs, calls),
+        "cattrs + msgpack": per_call_us(cattrs_msgpack, calls),
     }
 
 
-def socket_round_trip_us() -> float:
+def socket_round_trip_us(pings: int) -> float:
     """One 64-byte SEQPACKET message there and back between two processes."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # the echo peer
-        parent.close()
-        while data := child.recv(4096):
-            child.send(data)
-        os._exit(0)
-    child.close()
     payload = b"x" * 64
-    try:
+    with forked_peer(echo_back) as sock:
 
         def ping() -> None:
-            parent.send(payload)
-            parent.recv(4096)
+            sock.send(payload)
+            sock.recv(4096)
 
-        return per_call_us(ping, PINGS)
-    finally:
-        parent.close()
-        os.waitpid(pid, 0)
+        return per_call_us(ping, pings)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Print the table and save the figures."""
-    codecs = codec_figures()
-    rtt = socket_round_trip_us()
-    rows = [(name, us, us / rtt) for name, us in codecs.items()]
-    print(f"{'codec (encode+decode, one call msg)':38s} {'us':>8s} {'x socket RTT':>13s}")
+    exit_on_sigterm()
+    args = parser(__doc__).parse_args(argv)
+    calls, pings = (200, 200) if args.quick else (CALLS, PINGS)
+    codecs = codec_figures(calls)
+    rtt = socket_round_trip_us(pings)
     # A call costs two encode+decode pairs (the request and its reply).
-    for name, us, ratio in rows:
-        print(f"{name:38s} {us:8.2f} {ratio:13.3f}")
-    print(f"{'raw SEQPACKET round trip (limit)':38s} {rtt:8.2f} {1.0:13.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
+    rows: list[Row] = [
+        row(f"codec: {name}", us, "us", rtt, "socket RTT") for name, us in codecs.items()
+    ]
+    rows.append(row("limit: raw SEQPACKET round trip", rtt, "us", rtt, "socket RTT"))
+    print_rows("codec (encode+decode of one call message), us and share of a socket RTT", rows)
+    data = {
+        "quick": args.quick,
         "socket_round_trip_us": rtt,
         "codecs_us": codecs,
-        "codec_share_of_round_trip": {name: ratio for name, _, ratio in rows},
+        "codec_share_of_round_trip": {name: us / rtt for name, us in codecs.items()},
     }
-    (RESULTS / "codec.json").write_text(json.dumps(out, indent=2))
+    write_results(args.results, "codec", data, rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

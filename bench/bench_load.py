@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -37,18 +35,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
+from _common import exit_on_sigterm, write_results
+from _common import parser as common_parser
 
 from ipad._client import Client, Proxy, open_client
 from ipad._errors import IpadError
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 ECHO_MANIFEST = REPO / "workers" / "modules" / "echo.toml"
 
 #: A call that has not returned after this long counts as hung (an unclear failure).
@@ -295,8 +293,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def main() -> int:
     """Print the table and save the figures; 1 if a reply was misrouted or a failure unclear."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="50 clients for 2 s: a smoke run")
+    exit_on_sigterm()
+    parser = common_parser(__doc__)  # --quick (50 clients for 2 s), --results, --profile
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--callers", type=int, default=2, help="calling tasks per client")
     parser.add_argument("--modules", type=int, default=4)
@@ -337,12 +335,8 @@ def main() -> int:
         {"name": "daemon RSS before", "value": rss["before"] / 1024, "unit": "MiB"},
         {"name": "daemon RSS after", "value": rss["after"] / 1024, "unit": "MiB"},
     ]  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(),
-               "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-               "date": datetime.now(UTC).isoformat()}  # fmt: skip
-    out = {"machine": machine, "settings": vars(args), "figures": figures, "headline": headline}
-    (RESULTS / "load.json").write_text(json.dumps(out, indent=2))
+    data = {"quick": args.quick, "settings": vars(args), "figures": figures}
+    write_results(args.results, "load", data, headline)
     return 1 if figures["misrouted"] or figures["unclear"] else 0
 
 

@@ -11,9 +11,16 @@ kill, from just before ``os.kill``:
 - crash -> valid: until the client library reports the proxy ``recovered``
   (reopened on the new worker, setup calls replayed, daemon told).
 
-Both with the fork server (workers forked from a warm process) and without it
-(each worker a fresh interpreter, posix_spawn). The restart policy is set so
-that every restart is immediate and no cooldown happens (see ``RESTART_POLICY``).
+Three variants: a standby worker promoted at once (the default), the fork
+server alone (workers forked from a warm process), and neither (each worker a
+fresh interpreter, posix_spawn); the first two also with the ``sandboxed``
+proxy kind, which shows what the sandbox costs. The restart policy makes every restart
+immediate and never cools down (``_ipad.FAST_RESTART``).
+
+Then the peers, on one child program (``_child.py``, which announces itself
+to a beacon as its first act: that is their "running"): supervisord with
+``autorestart``, circus with its default settings, and systemd booted in a
+namespace with ``Restart=always`` and the default or a zero ``RestartSec``.
 
 The same run measures the limits a restart cannot beat on this machine:
 spawning ``python -I -S -c pass``, spawning ``python -I -c 'import
@@ -24,39 +31,51 @@ what the fork server does at best. Ratios are to that last one.
 The daemon's JSON log of each run gives a per-stage breakdown (exit seen,
 restart started, worker ready, proxy valid), printed as medians.
 
-Run: python bench/bench_restart.py [--kills N]
+Run: python bench/bench_restart.py [--kills N] [--peer-kills N] [--no-peers]
 (prints a table, writes bench/results/restart.json; exit status 1 if a kill did
 not recover within 2 s)
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime as dt
-import json
 import math
 import os
-import platform
+import random
 import signal
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
+from _common import (
+    Row,
+    exit_on_sigterm,
+    goal,
+    parser,
+    print_goals,
+    row,
+    summary,
+    write_results,
+)
+from _ipad import FAST_RESTART, log_time, module_config, running_daemon
+from _peers import (
+    PEER_TIMEOUT,
+    Beacon,
+    beacon_in,
+    child_argv,
+    circusd,
+    supervisord,
+    systemd,
+    systemd_available,
+    systemd_unit,
+)
 
-from ipad._cgroup import remove_tree
 from ipad._client import RECOVERY_RETRY, Client, LocalEvent, Proxy, open_client
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 
 #: A kill whose proxy is not valid again within this many seconds counts as not recovered.
 RECOVERY_LIMIT = 2.0
@@ -66,30 +85,15 @@ RECOVERY_GIVE_UP = 30.0
 PAUSE = 0.02
 #: Kills before the measured ones (first-use costs: page cache, imports, allocators).
 WARMUP = 1
-#: How the daemon is started (a diagnostic wrapper may replace it).
-DAEMON_COMMAND = [sys.executable, "-m", "ipad"]
-#: How long the daemon may take to start.
-START_TIMEOUT = 30.0
 
 #: A module-running -> proxy-valid gap above this means recovery waited for a timer.
 RETRY_HINT_MS = 100.0
 
-#: Goal from the issue, with the fork server: crash -> valid under these, in milliseconds.
+#: Goals from the issue: ipad (standby + fork server) crash -> valid under these, in ms,
 GOAL_P50_MS = 5.0
 GOAL_P99_MS = 20.0
-
-#: Every restart immediate, never a cooldown: what a benchmark of many kills needs.
-#: Heartbeats are pushed out of the way: a heartbeat PING sent in the millisecond
-#: between a worker's death and the supervisor noticing it fails with EPIPE, which
-#: ipad/_supervisor.py's _heartbeat does not catch, and that takes the daemon down.
-RESTART_POLICY = """\
-[modules.echo.restart]
-max_failures = 1000
-initial_delay = "0"
-max_delay = "0"
-heartbeat_interval = "1h"
-heartbeat_timeout = "2h"
-"""
+#: and at least this many times faster than these peers' crash -> running (p50).
+GOAL_SPEEDUP = {"supervisord, autorestart": 100.0, "systemd, Restart=always, RestartSec=0": 5.0}
 
 POLICY_SUMMARY = "every restart immediate, no cooldown, heartbeats off (1 h)"
 
@@ -102,37 +106,8 @@ SETUP_CALLS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def config_text(forkserver: bool, standby: bool, proxy: str = "isolated") -> str:
     """The daemon configuration of one variant."""
-    return (
-        f"[daemon]\nforkserver = {'true' if forkserver else 'false'}\n[modules.echo]\n"
-        f'proxy = "{proxy}"\n' + RESTART_POLICY + f"standby = {'true' if standby else 'false'}\n"
-    )
-
-
-# --- statistics ---------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between the closest ranks."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def summary(values_ms: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/max (and min, mean, n) of samples in milliseconds."""
-    return {
-        "n": len(values_ms),
-        "min": min(values_ms, default=math.nan),
-        "p50": percentile(values_ms, 50),
-        "p90": percentile(values_ms, 90),
-        "p99": percentile(values_ms, 99),
-        "max": max(values_ms, default=math.nan),
-        "mean": statistics.fmean(values_ms) if values_ms else math.nan,
-    }
+    daemon = f"[daemon]\nforkserver = {'true' if forkserver else 'false'}\n"
+    return daemon + module_config("echo", standby=standby, proxy=proxy)
 
 
 # --- limits -------------------------------------------------------------------------
@@ -184,103 +159,6 @@ def measure_limits(n: int) -> dict[str, list[float]]:
         ),
         "fork a warm process + SEQPACKET message": fork_message_ms(n),
     }
-
-
-# --- the daemon -------------------------------------------------------------------
-
-
-class DaemonProcess:
-    """``python -m ipad`` with a JSON log in a file; always killed and reaped by ``close``."""
-
-    def __init__(self, directory: Path, config: str, log_level: str) -> None:
-        self.directory = directory
-        self.socket = directory / "run" / "ipad.sock"
-        self.config = directory / "config.toml"
-        self.config.write_text(config)
-        self.log_path = directory / "daemon.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IPAD_")}
-        env["IPAD_SOCKET"] = str(self.socket)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [*DAEMON_COMMAND, "--config", str(self.config),
-                 "--log-format", "json", "--log-level", log_level],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                env=env, cwd=REPO,
-            )  # fmt: skip
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every JSON record the daemon has logged so far."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    out.append(record)
-        return out
-
-    def alive(self) -> bool:
-        """Whether the daemon process is still running."""
-        return self.proc.poll() is None
-
-    def wait_started(self) -> None:
-        """Return once the daemon logged ``daemon.started``; raise if it exits or is slow."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if any(r.get("event") == "daemon.started" for r in self.records()):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the daemon did not start; its log ends:\n{tail}")
-
-    def close(self) -> None:
-        """SIGTERM, then SIGKILL; reap; kill any worker of it still there; remove its cgroups."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        records = self.records()
-        for record in records:
-            pid = record.get("worker_pid") if record.get("event") == "worker.ready" else None
-            if record.get("event") == "forkserver.started":
-                pid = record.get("pid")
-            if isinstance(pid, int):
-                _kill_stray_worker(pid)
-        for record in records:
-            if record.get("event") == "cgroup.ready" and Path(record["cgroup"]).exists():
-                remove_tree(Path(record["cgroup"]))
-
-
-def _kill_stray_worker(pid: int) -> None:
-    """SIGKILL the process group of ``pid`` if it is still an ipad worker (not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return
-    if b"ipad-worker" in cmdline:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def running_daemon(
-    config: str, log_level: str, keep_log: Path | None = None
-) -> Iterator[DaemonProcess]:
-    """A started daemon in a temporary directory, stopped and reaped on the way out."""
-    with tempfile.TemporaryDirectory(prefix="ipad-bench-") as tmp:
-        daemon = DaemonProcess(Path(tmp), config, log_level)
-        try:
-            daemon.wait_started()
-            yield daemon
-        finally:
-            daemon.close()
-            if keep_log is not None:
-                keep_log.parent.mkdir(parents=True, exist_ok=True)
-                keep_log.write_bytes(daemon.log_path.read_bytes())
 
 
 # --- the client: kill, watch, recover ---------------------------------------------------
@@ -405,10 +283,6 @@ class DaemonDied(RuntimeError):
 # --- the daemon's log: where the time goes ----------------------------------------------
 
 
-def _wall(record: dict[str, Any]) -> float:
-    return dt.datetime.fromisoformat(record["timestamp"]).timestamp()
-
-
 #: Stages read from the daemon's log, in the order they happen: (name, matcher).
 Matcher = Callable[[dict[str, Any], Kill], bool]
 
@@ -453,7 +327,7 @@ def breakdown(
     """
     stages = _stages()
     per_stage: dict[str, list[float]] = {name: [] for name, _ in stages}
-    timed = [(r, _wall(r)) for r in records if "timestamp" in r]
+    timed = [(r, log_time(r)) for r in records if "timestamp" in r]
     ends = [k.wall0 for k in kills[1:]] + [math.inf]
     refusals = 0
     for kill, end in zip(kills, ends, strict=True):
@@ -530,21 +404,88 @@ def run_variant(
     }
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+# --- the peers: same kills, same child program -------------------------------------------
+
+#: name, how the peer is started, its polling period (s): kills land at a random phase of
+#: it, as a real crash does not wait for a supervisor's tick. supervisord wakes from its
+#: poll() once a second to reap; circus checks its processes every ``check_delay`` (5 s).
+PEER_VARIANTS = (
+    ("supervisord, autorestart", "supervisord", 1.0),
+    ("circus, default settings", "circus", 5.0),
+    ("systemd, Restart=always (default RestartSec=100ms)", "systemd:default", 0.0),
+    ("systemd, Restart=always, RestartSec=0", "systemd:0", 0.0),
+)
+#: The systemd unit of each systemd variant, and its RestartSec (None: systemd's default).
+SYSTEMD_UNITS = {"systemd:default": ("child-default.service", None),
+                 "systemd:0": ("child-zero.service", "0")}  # fmt: skip
+
+
+def peer_kill_loop(
+    beacon: Beacon, pid: int, kills: int, warmup: int, period: float, rng: random.Random
+) -> list[float]:
+    """SIGKILL the peer's child ``warmup + kills`` times; ms until each new child announced."""
+    times = []
+    for _ in range(warmup + kills):
+        time.sleep(PAUSE + rng.uniform(0, period))
+        start = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        heard = beacon.receive(period + RECOVERY_LIMIT + 5)
+        if heard is None:
+            raise RuntimeError(f"no new child within {period + RECOVERY_LIMIT + 5:g} s of a kill")
+        new_pid, seen = heard
+        if new_pid == pid:
+            raise RuntimeError(f"the killed child {pid} announced itself again")
+        pid = new_pid
+        times.append((seen - start) * 1e3)
+    return times[warmup:]
+
+
+def run_peers(kills: int, warmup: int, seed: int) -> dict[str, Any]:
+    """Every peer's crash -> running, on the same child program; skipped ones say why."""
+    rng = random.Random(seed)  # noqa: S311 - pauses, not secrets
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ipad-bench-peers-") as tmp, \
+            beacon_in(Path(tmp)) as beacon:  # fmt: skip
+        argv = child_argv(beacon.path)
+        for name, how, period in PEER_VARIANTS:
+            if how.startswith("systemd"):
+                continue
+            directory = Path(tmp) / how
+            directory.mkdir()
+            start = supervisord if how == "supervisord" else circusd
+            with start(directory, argv) as peer:
+                pid = beacon.wait_for(1, PEER_TIMEOUT)[0][0]
+                samples = peer_kill_loop(beacon, pid, kills, warmup, period, rng)
+                peer.check_alive()
+            beacon.kill_children()
+            results[name] = peer_result(samples, period)
+        why_not = systemd_available()
+        systemd_names = [(n, how, period) for n, how, period in PEER_VARIANTS if n not in results]
+        if why_not is not None:
+            for name, _, _ in systemd_names:
+                results[name] = {"skipped": why_not}
+            return results
+        units = {unit: systemd_unit(argv, sec) for unit, sec in SYSTEMD_UNITS.values()}
+        directory = Path(tmp) / "systemd"
+        directory.mkdir()
+        with systemd(directory, units) as booted:
+            for name, how, period in systemd_names:
+                unit = SYSTEMD_UNITS[how][0]
+                booted.systemctl("start", unit)
+                pid = beacon.wait_for(1, PEER_TIMEOUT)[0][0]
+                samples = peer_kill_loop(beacon, pid, kills, warmup, period, rng)
+                booted.systemctl("stop", unit)
+                results[name] = peer_result(samples, period)
+    return results
+
+
+def peer_result(samples: list[float], period: float) -> dict[str, Any]:
+    """One peer's figures."""
     return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "kills": len(samples),
+        "random_pause_s": [PAUSE, PAUSE + period],
+        "crash_to_running_ms": summary(samples),
+        "samples_ms": samples,
     }
 
 
@@ -563,19 +504,26 @@ VARIANTS = (
 FORK_LIMIT = "fork a warm process + SEQPACKET message"
 
 
-def print_table(variants: dict[str, Any], limits: dict[str, dict[str, float]]) -> None:
+def print_table(
+    variants: dict[str, Any], peers: dict[str, Any], limits: dict[str, dict[str, float]]
+) -> None:
     """The figures, each with its ratio to the warm-fork limit."""
     fork_p50 = limits[FORK_LIMIT]["p50"]
-    head = f"{'variant':52s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'max':>8s} {'p50/fork':>9s}"
+    head = f"{'variant':60s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'max':>8s} {'p50/fork':>9s}"
     print(head + "   (ms)")
     print("-" * len(head))
     rows: list[tuple[str, dict[str, float]]] = []
     for name, result in variants.items():
         rows.append((f"{name}: crash -> running", result["crash_to_running_ms"]))
         rows.append((f"{name}: crash -> valid", result["crash_to_valid_ms"]))
+    for name, result in peers.items():
+        if "skipped" in result:
+            print(f"{name}: crash -> running: skipped ({result['skipped']})")
+            continue
+        rows.append((f"{name}: crash -> running", result["crash_to_running_ms"]))
     rows += [(f"limit: {name}", figures) for name, figures in limits.items()]
     for label, s in rows:
-        print(f"{label:52s} {s['p50']:8.2f} {s['p90']:8.2f} {s['p99']:8.2f} {s['max']:8.2f} "
+        print(f"{label:60s} {s['p50']:8.2f} {s['p90']:8.2f} {s['p99']:8.2f} {s['max']:8.2f} "
               f"{s['p50'] / fork_p50:9.1f}")  # fmt: skip
 
 
@@ -598,45 +546,55 @@ def print_breakdown(name: str, result: dict[str, Any]) -> None:
         )
 
 
-def goal_verdict(result: dict[str, Any]) -> tuple[bool, str]:
-    """PASS/MISS of the fork-server crash -> valid figures against the issue's goal."""
-    valid = result["crash_to_valid_ms"]
-    ok = valid["p50"] < GOAL_P50_MS and valid["p99"] < GOAL_P99_MS
-    text = (
-        f"goal (fork server, crash -> valid): p50 < {GOAL_P50_MS:g} ms and p99 < "
-        f"{GOAL_P99_MS:g} ms; measured p50 {valid['p50']:.2f} ms, p99 {valid['p99']:.2f} ms: "
-        f"{'PASS' if ok else 'MISS'}"
-    )
-    return ok, text
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: no daemon left behind
+def goals(ipad: dict[str, Any], peers: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals for ipad's default configuration (standby + fork server)."""
+    valid = ipad["crash_to_valid_ms"]
+    out = [
+        goal(f"crash -> valid p50 < {GOAL_P50_MS:g} ms", f"{valid['p50']:.2f} ms",
+             valid["p50"] < GOAL_P50_MS),
+        goal(f"crash -> valid p99 < {GOAL_P99_MS:g} ms", f"{valid['p99']:.2f} ms",
+             valid["p99"] < GOAL_P99_MS),
+    ]  # fmt: skip
+    for name, factor in GOAL_SPEEDUP.items():
+        peer = peers.get(name, {})
+        if "crash_to_running_ms" not in peer:
+            out.append(goal(f">= {factor:g}x faster than {name}", "not measured", None))
+            continue
+        speedup = peer["crash_to_running_ms"]["p50"] / valid["p50"]
+        out.append(goal(f">= {factor:g}x faster than {name} (p50)", f"{speedup:.1f}x",
+                        speedup >= factor))  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every variant and limit, print the table, save the figures."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--kills", type=int, default=60, help="measured kills per variant")
-    parser.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured kills first")
-    parser.add_argument(
+    """Run every variant, peer and limit, print the table, save the figures."""
+    exit_on_sigterm()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--kills", type=int, default=60, help="measured kills per variant")
+    args_parser.add_argument(
+        "--peer-kills", type=int, default=50, help="measured kills per peer (circus: ~5 s each)"
+    )
+    args_parser.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured kills first")
+    args_parser.add_argument("--no-peers", action="store_true", help="measure ipad only")
+    args_parser.add_argument("--seed", type=int, default=6, help="seed of the peers' pauses")
+    args_parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info"],
         help="the daemon's log level (debug adds worker.forked to the breakdown)",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "restart.json")
-    parser.add_argument(
+    args_parser.add_argument(
         "--keep-logs",
         type=Path,
         metavar="DIR",
         help="copy each variant's daemon log (JSON lines) into DIR",
     )
-    args = parser.parse_args(argv)
+    args = args_parser.parse_args(argv)
+    if args.quick:
+        args.kills, args.peer_kills, args.warmup = 3, 1, 1
 
     load_before = [round(x, 2) for x in os.getloadavg()]
-    limits_raw = measure_limits(args.kills)
+    limits_raw = measure_limits(max(args.kills, 10))
     limits = {name: summary(values) for name, values in limits_raw.items()}
     variants: dict[str, Any] = {}
     for name, forkserver, standby, proxy in VARIANTS:
@@ -647,30 +605,34 @@ def main(argv: list[str] | None = None) -> int:
         variants[name] = run_variant(
             forkserver, standby, args.kills, args.warmup, args.log_level, keep, proxy
         )
+    peer_warmup = 0 if args.quick else args.warmup
+    peers = {} if args.no_peers else run_peers(args.peer_kills, peer_warmup, args.seed)
 
-    print(f"crash -> running / valid over {args.kills} SIGKILLs per variant (+{args.warmup} "
-          f"warm-up); restart policy: {POLICY_SUMMARY}")  # fmt: skip
-    print_table(variants, limits)
+    print(f"crash -> running / valid over {args.kills} SIGKILLs per ipad variant, "
+          f"{args.peer_kills} per peer (+{args.warmup} warm-up); ipad's restart policy: "
+          f"{POLICY_SUMMARY}")  # fmt: skip
+    print_table(variants, peers, limits)
     for name, result in variants.items():
         print_breakdown(name, result)
-    ok, verdict = goal_verdict(variants[VARIANTS[0][0]])
+    checked = goals(variants[VARIANTS[0][0]], peers)
     print()
-    print(verdict)
+    print_goals(checked)
     missed = {name: r["not_recovered_within_2s"] for name, r in variants.items()}
     print(f"kills not recovered within {RECOVERY_LIMIT:g} s: {missed}")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    out = {
-        "machine": {**machine(), "load_average_before": load_before},
+    data = {
+        "load_average_before": load_before,
+        "quick": args.quick,
         "kills": args.kills,
-        "restart_policy": RESTART_POLICY,
+        "peer_kills": args.peer_kills,
+        "restart_policy": FAST_RESTART,
         "variants": variants,
+        "peers": peers,
         "limits_ms": limits,
         "limit_samples_ms": limits_raw,
-        "goal": {"p50_ms": GOAL_P50_MS, "p99_ms": GOAL_P99_MS, "met": ok, "text": verdict},
-        "headline": headline(variants, limits),
+        "goals": checked,
     }
-    args.output.write_text(json.dumps(out, indent=2))
+    write_results(args.results, "restart", data, headline(variants, peers, limits))
     if any(missed.values()):
         print(f"FAILED: kills did not recover within {RECOVERY_LIMIT:g} s: {missed}",
               file=sys.stderr)  # fmt: skip
@@ -678,7 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def headline(variants: dict[str, Any], limits: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def headline(
+    variants: dict[str, Any], peers: dict[str, Any], limits: dict[str, dict[str, float]]
+) -> list[Row]:
     """The figures ``bench/run.py`` shows: name, value, unit, ratio to the limit."""
     fork_p50 = limits[FORK_LIMIT]["p50"]
     rows = []
@@ -686,13 +650,17 @@ def headline(variants: dict[str, Any], limits: dict[str, dict[str, float]]) -> l
         for key, label in (("crash_to_running_ms", "crash -> running"),
                            ("crash_to_valid_ms", "crash -> valid")):  # fmt: skip
             s = result[key]
-            rows.append({"name": f"{name}: {label} p50", "value": s["p50"], "unit": "ms",
-                         "ratio": s["p50"] / fork_p50, "ratio_to": "warm fork"})  # fmt: skip
-            rows.append({"name": f"{name}: {label} p99", "value": s["p99"], "unit": "ms",
-                         "ratio": s["p99"] / fork_p50, "ratio_to": "warm fork"})  # fmt: skip
+            rows.append(row(f"{name}: {label} p50", s["p50"], "ms", fork_p50, "warm fork"))
+            rows.append(row(f"{name}: {label} p99", s["p99"], "ms", fork_p50, "warm fork"))
+    for name, result in peers.items():
+        if "skipped" in result:
+            rows.append(row(f"{name}: skipped ({result['skipped']})", math.nan, ""))
+            continue
+        s = result["crash_to_running_ms"]
+        rows.append(row(f"{name}: crash -> running p50", s["p50"], "ms", fork_p50, "warm fork"))
+        rows.append(row(f"{name}: crash -> running p99", s["p99"], "ms", fork_p50, "warm fork"))
     for name, s in limits.items():
-        rows.append({"name": f"limit: {name} p50", "value": s["p50"], "unit": "ms",
-                     "ratio": s["p50"] / fork_p50, "ratio_to": "warm fork"})  # fmt: skip
+        rows.append(row(f"limit: {name} p50", s["p50"], "ms", fork_p50, "warm fork"))
     return rows
 
 

@@ -1,158 +1,310 @@
-"""Start-up at scale: N modules from daemon start to all valid, with and without the fork server.
+"""Scale: N modules from start to all valid, the supervisor's memory, descriptors and idle CPU.
 
-Each module is a copy of the shipped ``echo`` manifest under another name,
-so N real workers run. Timed from the daemon process's start to its
-``daemon.started`` record (every module running) as the daemon's own clock
-sees it, plus the wall time a launcher sees. Also the daemon's resident
-memory and open descriptors with N workers, per worker.
+ipad runs N copies of the shipped ``echo`` module (each a module of its own,
+so N real workers; with the default ``standby = true`` each also gets an
+idle standby worker, started after all are running). supervisord and
+circus run N copies of the same child program the restart benchmark uses,
+each announcing itself to a beacon socket as its first act. For every N:
 
-Run: python bench/bench_scale.py [--sizes 10,100,200]  (writes bench/results/scale.json)
+- start -> all valid: from launching the supervisor's process to the last
+  of the N reporting in: for ipad the ``daemon.started`` record (every
+  module's worker has loaded its module and said READY), timed on the log's
+  wall clock; for the peers the N-th child's datagram. ipad's own figure
+  from its first log record (after interpreter start-up and imports) is
+  given too;
+- the supervisor process's resident memory and open descriptors, in total
+  and per worker, once everything is up (ipad: once the standbys are ready);
+- at one N (200 by default), the CPU the supervisor uses while idle over
+  30 s, and that of all its processes (ipad's workers answer heartbeats);
+  ipad once more at that N with heartbeats off, which shows their share.
+
+The same N go to every supervisor, so the growth with N can be read across.
+
+Run: python bench/bench_scale.py [--sizes 10,100,200,500] [--idle-n 200] [--idle-s 30]
+(writes bench/results/scale.json)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-ECHO_MANIFEST = REPO / "workers" / "modules" / "echo.toml"
-#: The goal from the supervision issue.
-GOAL_200_S = 0.5
+from _common import Row, exit_on_sigterm, goal, parser, print_goals, row, write_results
+from _ipad import DaemonProcess, copies_daemon_section, echo_copies, log_time
+from _peers import (
+    PEER_TIMEOUT,
+    Beacon,
+    Peer,
+    beacon_in,
+    child_argv,
+    circusd,
+    process_cpu_s,
+    process_fds,
+    process_rss_kib,
+    supervisord,
+)
+
+#: The goal from the supervision issue: this many modules valid in under GOAL_S seconds.
+GOAL_N = 200
+GOAL_S = 0.5
+#: How long ipad may take to get every standby ready (or failed) after all modules run.
+STANDBY_TIMEOUT = 120.0
+#: The log records that end a standby's preparation.
+STANDBY_ENDS = ("worker.standby_ready", "worker.standby_failed")
 
 
-def make_modules(root: Path, count: int) -> Path:
-    """``count`` manifests for the echo module under names m000, m001, ... and a config."""
-    mods = root / "modules"
-    mods.mkdir()
-    tuning = root / "tuning"
-    text = ECHO_MANIFEST.read_text()
-    modules_dir = REPO / "workers" / "modules"
-    lines = [f'[daemon]\nmodule_dirs = ["{mods}"]\nforkserver = FORK\nTRUST\n']
-    for i in range(count):
-        name = f"m{i:03d}"
-        (mods / f"{name}.toml").write_text(text.replace('name = "echo"', f'name = "{name}"'))
-        (tuning / name).mkdir(parents=True)
-        (tuning / name / "uncalibrated.toml").write_text("")
-        lines.append(f"[modules.{name}]\n")
-    # The manifests' entry point lives next to the shipped manifests.
-    (mods / "ipa_modules").symlink_to(modules_dir / "ipa_modules")
-    config = root / "config.toml"
-    config.write_text("".join(lines))
-    return config
-
-
-def run_once(config: Path, count: int, fork: bool, root: Path) -> dict[str, Any]:
-    """Start a daemon on ``config``, wait for daemon.started, measure, stop it."""
-    cfg = root / f"config-{'fork' if fork else 'spawn'}.toml"
-    mods = root / "modules"
-    trust = f'trusted_module_dirs = ["{mods}"]' if fork else ""
-    cfg.write_text(
-        config.read_text().replace("FORK", "true" if fork else "false").replace("TRUST", trust)
-    )
-    env = dict(os.environ, IPAD_SOCKET=str(root / f"s-{fork}.sock"),
-               IPAD_CONFIG_PATH=str(root / "tuning"))  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ipad", "--config", str(cfg), "--log-format", "json"],
-        stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-    )  # fmt: skip
-    first: datetime | None = None
-    try:
-        if proc.stderr is None:
-            raise RuntimeError("no stderr pipe")
-        for line in proc.stderr:
-            record = json.loads(line)
-            stamp = datetime.fromisoformat(record["timestamp"])
-            first = first or stamp
-            if record["event"] == "daemon.started":
-                wall = time.perf_counter() - start
-                states = set(record["modules"].values())
-                rss = _rss_kib(proc.pid)
-                fds = sum(1 for _ in Path(f"/proc/{proc.pid}/fd").iterdir())
-                return {
-                    "modules": count,
-                    "fork_server": fork,
-                    "all_running": states == {"running"},
-                    "from_first_log_s": (stamp - first).total_seconds(),
-                    "wall_s": wall,
-                    "daemon_rss_kib": rss,
-                    "daemon_fds": fds,
-                    "fds_per_worker": fds / count,
-                }
-        raise RuntimeError(f"daemon exited with {proc.wait()} before daemon.started")
-    finally:
-        proc.send_signal(signal.SIGTERM)
+def family(pid: int) -> list[int]:
+    """``pid`` and all its descendants (read from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+            tasks = Path(f"/proc/{current}/task").iterdir()
+            for task in tasks:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+def idle_cpu(pid: int, seconds: float) -> dict[str, float]:
+    """CPU used over ``seconds`` by ``pid`` alone and with all its descendants, in percent."""
+    members = family(pid)
+
+    def used() -> tuple[float, float]:
+        own = process_cpu_s(pid)
+        total = 0.0
+        for member in members:
+            try:
+                total += process_cpu_s(member)
+            except OSError:
+                continue  # gone meanwhile
+        return own, total
+
+    own0, all0 = used()
+    time.sleep(seconds)
+    own1, all1 = used()
+    return {
+        "seconds": seconds,
+        "processes": len(members),
+        "supervisor_cpu_percent": (own1 - own0) / seconds * 100,
+        "all_processes_cpu_percent": (all1 - all0) / seconds * 100,
+    }
+
+
+def footprint(pid: int, count: int) -> dict[str, float]:
+    """The supervisor process's memory and descriptors, per worker too."""
+    rss, fds = process_rss_kib(pid), process_fds(pid)
+    return {"rss_kib": rss, "fds": fds, "rss_kib_per_worker": rss / count,
+            "fds_per_worker": fds / count}  # fmt: skip
+
+
+#: The ``[restart]`` table of the variant that tells what heartbeats cost an idle daemon.
+NO_HEARTBEATS = '[restart]\nheartbeat_interval = "1h"\nheartbeat_timeout = "2h"\n'
+
+
+def run_ipad(
+    root: Path, count: int, forkserver: bool, idle_s: float | None, heartbeats: bool = True
+) -> dict[str, Any]:
+    """One daemon with ``count`` echo modules: start -> valid, footprint, idle CPU."""
+    label = "ipad, fork server" if forkserver else "ipad, fresh interpreters"
+    if not heartbeats:
+        label += ", heartbeats off"
+    # Short: the daemon's socket goes below it, and AF_UNIX paths stop at 107 bytes.
+    directory = root / f"i{count}{'f' if forkserver else 's'}{'' if heartbeats else 'h'}"
+    directory.mkdir()
+    mods, names = echo_copies(directory, count)
+    config = copies_daemon_section(mods, forkserver) + ("" if heartbeats else NO_HEARTBEATS)
+    config += "".join(f"[modules.{n}]\n" for n in names)
+    env = {"IPAD_CONFIG_PATH": str(directory / "tuning")}
+    daemon = DaemonProcess(directory, config, "info", env)
+    try:
+        started = daemon.wait_started()
+        first = daemon.records()[0]
+        result: dict[str, Any] = {
+            "supervisor": label,
+            "modules": count,
+            "all_running": set(started["modules"].values()) == {"running"},
+            "start_to_valid_s": log_time(started) - daemon.launched,
+            "from_first_log_s": log_time(started) - log_time(first),
+        }
+        # Every module's standby ready, or given up on (ipad does not retry a failed one).
+        ended = daemon.collect(STANDBY_ENDS, count, STANDBY_TIMEOUT)
+        ready = [r for r in ended if r["event"] == "worker.standby_ready"]
+        result["standbys_ready"] = len(ready)
+        result["standbys_failed"] = len(ended) - len(ready)
+        result["standbys_unaccounted"] = count - len(ended)
+        if ended:
+            result["standbys_settled_s"] = log_time(ended[-1]) - daemon.launched
+        result |= footprint(daemon.proc.pid, count)
+        if idle_s is not None:
+            result["idle"] = idle_cpu(daemon.proc.pid, idle_s)
+        return result
+    finally:
+        daemon.close()
+
+
+def run_peer(
+    root: Path,
+    beacon: Beacon,
+    name: str,
+    start: Callable[..., Any],
+    count: int,
+    idle_s: float | None,
+) -> dict[str, Any]:
+    """One peer with ``count`` children: start -> all announced, footprint, idle CPU."""
+    directory = root / f"{name}-{count}"
+    directory.mkdir()
+    launched = time.perf_counter()
+    with start(directory, child_argv(beacon.path), count) as peer:
+        assert isinstance(peer, Peer)  # noqa: S101 - for the type checker
+        heard = beacon.wait_for(count, PEER_TIMEOUT + count * 0.1)
+        result: dict[str, Any] = {
+            "supervisor": name,
+            "modules": count,
+            "all_running": True,
+            "start_to_valid_s": max(t for _, t in heard) - launched,
+        }
+        result |= footprint(peer.pid, count)
+        if idle_s is not None:
+            result["idle"] = idle_cpu(peer.pid, idle_s)
+        peer.check_alive()
+    beacon.kill_children()
+    return result
+
+
+def table(runs: list[dict[str, Any]]) -> None:
+    """Every run, grouped by supervisor, so the growth with N reads down a column."""
+    print(f"{'supervisor':26s} {'N':>5s} {'start->valid s':>14s} {'RSS MiB':>8s} "
+          f"{'KiB/worker':>10s} {'fds/worker':>10s} {'idle CPU %':>10s}")  # fmt: skip
+    for r in sorted(runs, key=lambda r: (r["supervisor"], r["modules"])):
+        idle = r.get("idle", {}).get("supervisor_cpu_percent")
+        idle_text = "" if idle is None else f"{idle:.3f}"
+        print(f"{r['supervisor']:26s} {r['modules']:5d} {r['start_to_valid_s']:14.3f} "
+              f"{r['rss_kib'] / 1024:8.1f} {r['rss_kib_per_worker']:10.1f} "
+              f"{r['fds_per_worker']:10.2f} {idle_text:>10s}")  # fmt: skip
+    for who, slope in marginal(runs).items():
+        print(
+            f"{who}: each worker more costs the supervisor {slope['rss_kib']:.1f} KiB "
+            f"and {slope['fds']:.2f} fds (from N={slope['from']} to N={slope['to']})"
+        )
+
+
+def marginal(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per supervisor, the memory and descriptors one more worker costs it.
+
+    The slope between the smallest and the largest N, which leaves out what
+    the supervisor costs with no worker at all (its interpreter, imports, sockets).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for who in sorted({r["supervisor"] for r in runs}):
+        mine = sorted((r for r in runs if r["supervisor"] == who), key=lambda r: r["modules"])
+        low, high = mine[0], mine[-1]
+        if high["modules"] == low["modules"]:
+            continue
+        span = high["modules"] - low["modules"]
+        out[who] = {"rss_kib": (high["rss_kib"] - low["rss_kib"]) / span,
+                    "fds": (high["fds"] - low["fds"]) / span,
+                    "from": low["modules"], "to": high["modules"]}  # fmt: skip
+    return out
+
+
+def headline(runs: list[dict[str, Any]], idle_n: int) -> list[Row]:
+    """Per supervisor and N: start -> valid, memory and fds per worker; idle CPU at idle_n."""
+    rows: list[Row] = []
+    for who, slope in marginal(runs).items():
+        rows.append(row(f"{who}: RSS per additional worker", slope["rss_kib"], "KiB"))
+    for r in runs:
+        who, n = r["supervisor"], r["modules"]
+        rows.append(row(f"{who}: {n} start -> all valid", r["start_to_valid_s"] * 1e3, "ms"))
+        rows.append(row(f"{who}: {n} RSS per worker", r["rss_kib_per_worker"], "KiB"))
+        rows.append(row(f"{who}: {n} fds per worker", r["fds_per_worker"], ""))
+        if r.get("standbys_failed") or r.get("standbys_unaccounted"):
+            lacking = r["standbys_failed"] + r["standbys_unaccounted"]
+            rows.append(row(f"{who}: {n} standbys never ready (not retried)", lacking, ""))
+        if "idle" in r:
+            idle = r["idle"]
+            rows.append(row(f"{who}: {idle_n} idle CPU, supervisor",
+                            idle["supervisor_cpu_percent"], "%"))  # fmt: skip
+            rows.append(row(f"{who}: {idle_n} idle CPU, all its processes",
+                            idle["all_processes_cpu_percent"], "%"))  # fmt: skip
+    return rows
+
+
+def goals(runs: list[dict[str, Any]], goal_n: int) -> list[dict[str, Any]]:
+    """200 valid in under 0.5 s; ipad's memory per worker and idle CPU below both peers'."""
+    at = {r["supervisor"]: r for r in runs if r["modules"] == goal_n}
+    ipad = at.get("ipad, fork server")
+    if ipad is None:
+        return [goal(f"{goal_n} modules valid in < {GOAL_S:g} s", "not measured", None)]
+    slopes = marginal(runs)
+    out = [
+        goal(f"{goal_n} modules valid in < {GOAL_S:g} s, from launch",
+             f"{ipad['start_to_valid_s']:.3f} s", ipad["start_to_valid_s"] < GOAL_S),
+        goal(f"{goal_n} modules valid in < {GOAL_S:g} s, from the daemon's first log record",
+             f"{ipad['from_first_log_s']:.3f} s", ipad["from_first_log_s"] < GOAL_S),
+    ]  # fmt: skip
+    for peer in ("supervisord", "circus"):
+        other = at.get(peer)
+        if other is None:
+            continue
+        mine, theirs = ipad["rss_kib_per_worker"], other["rss_kib_per_worker"]
+        out.append(goal(f"daemon memory per worker below {peer}'s (RSS / N, N={goal_n})",
+                        f"{mine:.0f} vs {theirs:.0f} KiB", mine < theirs))  # fmt: skip
+        if "ipad, fork server" in slopes and peer in slopes:
+            mine, theirs = slopes["ipad, fork server"]["rss_kib"], slopes[peer]["rss_kib"]
+            out.append(goal(f"daemon memory per additional worker below {peer}'s",
+                            f"{mine:.1f} vs {theirs:.1f} KiB", mine < theirs))  # fmt: skip
+        if "idle" in ipad and "idle" in other:
+            mine = ipad["idle"]["supervisor_cpu_percent"]
+            theirs = other["idle"]["supervisor_cpu_percent"]
+            out.append(goal(f"daemon idle CPU below {peer}'s (N={goal_n})",
+                            f"{mine:.3f} vs {theirs:.3f} %", mine < theirs))  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every supervisor at every N, print the table, save."""
+    exit_on_sigterm()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--sizes", default="10,100,200,500", help="the N, comma-separated")
+    args_parser.add_argument("--idle-n", type=int, default=GOAL_N, help="N for idle CPU")
+    args_parser.add_argument("--idle-s", type=float, default=30.0, help="idle CPU window (s)")
+    args_parser.add_argument(
+        "--fresh-max", type=int, default=100, help="largest N for ipad without the fork server"
+    )
+    args = args_parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.idle_n, args.idle_s, args.fresh_max = "3,5", 5, 0.5, 3
+    sizes = [int(x) for x in args.sizes.split(",")]
+
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ipad-bench-scale-") as tmp, \
+            beacon_in(Path(tmp)) as beacon:  # fmt: skip
+        root = Path(tmp)
+        for n in sizes:
+            idle = args.idle_s if n == args.idle_n else None
+            runs.append(run_ipad(root, n, True, idle))
+            if idle is not None:  # what the heartbeats (1 s, default) cost of that idle CPU
+                runs.append(run_ipad(root, n, True, idle, heartbeats=False))
+            if n <= args.fresh_max:
+                runs.append(run_ipad(root, n, False, None))
+            runs.append(run_peer(root, beacon, "supervisord", supervisord, n, idle))
+            runs.append(run_peer(root, beacon, "circus", circusd, n, idle))
+    table(runs)
+    checked = goals(runs, args.idle_n)
+    print_goals(checked)
+    rows = headline(runs, args.idle_n)
+    data = {"quick": args.quick, "sizes": sizes, "idle_n": args.idle_n, "idle_s": args.idle_s,
+            "runs": runs, "marginal_per_worker": marginal(runs), "goals": checked}  # fmt: skip
+    write_results(args.results, "scale", data, rows)
     return 0
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: no daemon left behind
-
-
-def main() -> None:
-    """Print the table and save the figures."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="10,100,200")
-    sizes = [int(x) for x in parser.parse_args().sizes.split(",")]
-    rows: list[dict[str, Any]] = []
-    for count in sizes:
-        with tempfile.TemporaryDirectory(prefix="ipad-scale-") as tmp:
-            root = Path(tmp)
-            config = make_modules(root, count)
-            for fork in (True, False):
-                rows.append(run_once(config, count, fork, root))
-    print(f"{'modules':>7} {'fork server':>11} {'start->valid s':>14} {'wall s':>7} "
-          f"{'RSS MiB':>8} {'fds/worker':>10}")  # fmt: skip
-    for r in rows:
-        print(f"{r['modules']:>7} {'yes' if r['fork_server'] else 'no':>11} "
-              f"{r['from_first_log_s']:>14.3f} {r['wall_s']:>7.3f} "
-              f"{r['daemon_rss_kib'] / 1024:>8.1f} {r['fds_per_worker']:>10.2f}")  # fmt: skip
-    at_200 = [r for r in rows if r["modules"] == 200 and r["fork_server"]]
-    if at_200:
-        figure = at_200[0]["from_first_log_s"]
-        verdict = "PASS" if figure < GOAL_200_S else "MISS"
-        print(f"goal: 200 modules valid in under {GOAL_200_S}s with the fork server: "
-              f"{figure:.3f}s {verdict}")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(),
-               "cpus": os.cpu_count(), "date": datetime.now(UTC).isoformat()}  # fmt: skip
-    headline = [
-        {
-            "name": f"{r['modules']} modules start -> valid, "
-            f"{'fork server' if r['fork_server'] else 'fresh interpreters'}",
-            "value": r["from_first_log_s"] * 1000,
-            "unit": "ms",
-        }
-        for r in rows
-    ]
-    out = {"machine": machine, "runs": rows, "headline": headline}
-    (RESULTS / "scale.json").write_text(json.dumps(out, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
