@@ -64,7 +64,8 @@ class _Connection:
             if isinstance(gone, WorkerCrashed):
                 raise CallNotSent(gone.message) from None
             raise gone from None
-        self.sock.settimeout(timeout)
+        if timeout is not None:  # an ioctl each way: only when there is a timeout to set
+            self.sock.settimeout(timeout)
         try:
             while True:
                 frame = self._receive()
@@ -75,7 +76,8 @@ class _Connection:
                 # A late reply to an abandoned request: drop it, never misdeliver it.
                 frame.close_fds()
         finally:
-            self.sock.settimeout(None)
+            if timeout is not None:
+                self.sock.settimeout(None)
 
     def next_event(self, timeout: float | None) -> p.Message | None:
         """The oldest queued or next arriving event; None if none came within ``timeout``."""

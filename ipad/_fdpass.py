@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import socket
+import threading
 from collections.abc import Sequence
 
 from ._protocol import MAX_FDS, MAX_PACKET, ProtocolError, close_fds
@@ -66,7 +67,30 @@ def send_packet(sock: socket.socket, packet: bytes, fds: Sequence[int] = ()) -> 
     sock.sendmsg([packet], rights(fds))
 
 
+class _Buffers(threading.local):
+    """One receive buffer per thread, reused for every packet that thread receives."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(MAX_PACKET))
+
+
+_BUFFERS = _Buffers()
+
+
+def receive_into_buffer(
+    sock: socket.socket, size: int = MAX_PACKET
+) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+    """Receive at most ``size`` bytes into this thread's buffer: packet (copied), ancdata, flags.
+
+    A fresh buffer of MAX_PACKET bytes per packet, as ``recvmsg(MAX_PACKET)``
+    makes, is an mmap and an munmap each time (it is above malloc's mmap
+    threshold); a call's round trip paid that twice at each end.
+    """
+    view = _BUFFERS.view[:size]
+    nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([view], ANCILLARY_SIZE, RECV_FLAGS)
+    return bytes(view[:nbytes]), ancdata, msg_flags
+
+
 def recv_packet(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     """Receive one packet and its descriptors; None at end of stream."""
-    data, ancdata, msg_flags, _ = sock.recvmsg(MAX_PACKET, ANCILLARY_SIZE, RECV_FLAGS)
-    return unpack_received(data, ancdata, msg_flags)
+    return unpack_received(*receive_into_buffer(sock))

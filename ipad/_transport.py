@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from . import _protocol as p
-from ._fdpass import ANCILLARY_SIZE, RECV_FLAGS, rights, unpack_received
+from ._fdpass import receive_into_buffer, rights, unpack_received
 
 log = structlog.get_logger("ipad")
 
@@ -61,11 +61,27 @@ class PacketSocket:
             await self.sock.sendmsg([packet], rights(fds))
 
     async def receive(self) -> p.Frame | None:
-        """The next message, or None at end of stream; ProtocolError if the peer broke the rules."""
+        """The next message, or None at end of stream; ProtocolError if the peer broke the rules.
+
+        The packet lands in the thread's one receive buffer (ipad/_fdpass.py)
+        and is copied out before anything can yield, so tasks receiving on
+        other sockets never see it overwritten; like trio's own receive, it is
+        a checkpoint.
+        """
         max_packet = p.HEADER_SIZE + self.max_payload
-        data, ancdata, msg_flags, _ = await self.sock.recvmsg(
-            max_packet, ANCILLARY_SIZE, RECV_FLAGS
-        )
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data, ancdata, msg_flags = receive_into_buffer(self.raw, max_packet)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.raw)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the socket was closed") from None
+                raise
+            break
+        await trio.lowlevel.cancel_shielded_checkpoint()
         received = unpack_received(data, ancdata, msg_flags, max_packet)
         if received is None:
             return None
