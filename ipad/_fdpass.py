@@ -19,6 +19,10 @@ ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 #: Received descriptors are close-on-exec so a worker spawned later never inherits them.
 RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 
+#: As plain ints: ``flags & socket.MSG_TRUNC`` goes through IntFlag's Python ``__and__``.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
 
 def unpack_received(
     data: bytes,
@@ -33,10 +37,10 @@ def unpack_received(
     buffer's size, for the message.
     """
     fds = fds_from_ancdata(ancdata)
-    if msg_flags & socket.MSG_TRUNC:
+    if msg_flags & _MSG_TRUNC:
         close_fds(fds)
         raise ProtocolError(f"packet larger than {max_packet} bytes")
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _MSG_CTRUNC:
         close_fds(fds)
         raise ProtocolError(f"more than {MAX_FDS} file descriptors")
     if not data:

@@ -508,6 +508,8 @@ FD_LIMITS: dict[MsgType, int] = {
 }
 
 _ENCODER = msgspec.msgpack.Encoder()
+#: Header type byte -> MsgType: a dict lookup, cheaper on every packet than MsgType(kind).
+_TYPES: dict[int, MsgType] = {kind.value: kind for kind in MsgType}
 _DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {
     kind: msgspec.msgpack.Decoder(cls) for kind, cls in MESSAGE_CLASSES.items()
 }
@@ -584,10 +586,9 @@ def _decode(
         raise ProtocolError(f"bad magic {magic!r}")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {version}", request_id)
-    try:
-        msg_type = MsgType(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {kind}", request_id) from None
+    msg_type = _TYPES.get(kind)
+    if msg_type is None:
+        raise ProtocolError(f"unknown message type {kind}", request_id)
     if allowed is not None and msg_type not in allowed:
         raise ProtocolError(f"unexpected message {msg_type.name}", request_id)
     if flags:
@@ -604,7 +605,7 @@ def _decode(
     if len(fds) > FD_LIMITS.get(msg_type, 0):
         raise ProtocolError(f"{msg_type.name} cannot carry {_fds(len(fds))}", request_id)
     try:
-        message = _DECODERS[msg_type].decode(packet[HEADER_SIZE:])
+        message = _DECODERS[msg_type].decode(memoryview(packet)[HEADER_SIZE:])
     except (ValueError, RecursionError) as exc:
         # DecodeError and ValidationError are ValueErrors, and so is invalid UTF-8;
         # absurd nesting exhausts the recursion limit. All of it is the peer's fault.
