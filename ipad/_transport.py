@@ -70,18 +70,21 @@ class PacketSocket:
         """
         max_packet = p.HEADER_SIZE + self.max_payload
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             try:
                 data, ancdata, msg_flags = receive_into_buffer(self.raw, max_packet)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.raw)
+                waited = True
                 continue
             except OSError as exc:
                 if exc.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the socket was closed") from None
                 raise
             break
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:  # as trio's own sockets do: a receive that did not wait still yields
+            await trio.lowlevel.cancel_shielded_checkpoint()
         received = unpack_received(data, ancdata, msg_flags, max_packet)
         if received is None:
             return None
