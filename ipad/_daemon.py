@@ -18,6 +18,7 @@ from . import _protocol as p
 from ._cgroup import WorkerCgroups
 from ._check import CheckedConfig, ModulePlan, check_config
 from ._events import EventBus
+from ._heartbeat import Heartbeats
 from ._launcher import Launcher
 from ._listener import open_listener
 from ._paths import install_dir, install_module_dir, socket_path
@@ -30,7 +31,7 @@ from ._server import AdminError, Daemon, serve_clients
 from ._service import ServiceNotifier, module_health, status_line
 from ._spawn import StartedProcess
 from ._states import ProxyState
-from ._supervisor import ModuleSupervisor, worker_env
+from ._supervisor import ModuleSupervisor, Shared, worker_env
 from ._systemd import Notifier
 
 log = structlog.get_logger("ipad")
@@ -149,9 +150,12 @@ class DaemonRuntime:
         preloads = trusted_preloads(
             checked.plans.values(), checked.config.daemon.trusted_module_dirs
         )
+        self.heartbeats = Heartbeats()
         self.launcher = Launcher(
             forkable, self.cgroups, preloads, early=early_forkserver, memory=memory
         )
+        #: What every module's supervisor uses of ours.
+        self.shared = Shared(self.proxies, self.launcher, self.heartbeats)
         self.supervisors: dict[str, ModuleSupervisor] = {}
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -197,8 +201,7 @@ class DaemonRuntime:
             checked.config.restart_policy(name),
             REGISTRY.create(settings.proxy),
             worker_env(settings.env),
-            self.proxies,
-            self.launcher,
+            self.shared,
             fallback=settings.fallback,
             on_stable=self._module_stable,
         )
@@ -230,6 +233,7 @@ class DaemonRuntime:
             await self.service.starting(len(self.checked.plans))
             nursery.start_soon(self.service.follow, self.events, self.summary)
             await nursery.start(self.launcher.run)
+            await nursery.start(self.heartbeats.run)
             await self.start_modules(nursery, self.checked.plans)
             for supervisor in self.supervisors.values():
                 supervisor.standby_allowed.set()  # every module has started: now the standbys

@@ -19,6 +19,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+import attrs
 import structlog
 import trio
 
@@ -28,6 +29,7 @@ from ._backoff import Action, RestartTracker
 from ._cgroup import WorkerCgroups
 from ._check import ModulePlan
 from ._config import RestartPolicy
+from ._heartbeat import Heartbeats
 from ._launcher import Launcher
 from ._proxies import ProxyTable
 from ._registry import ProxyKind
@@ -52,6 +54,15 @@ class ModuleUnavailable(Exception):
     """The module's worker is not running, so no instance can be opened; says why."""
 
 
+@attrs.frozen
+class Shared:
+    """What every module's supervisor uses of the daemon's own."""
+
+    proxies: ProxyTable
+    launcher: Launcher
+    heartbeats: Heartbeats
+
+
 class ModuleSupervisor:
     """Runs one module's worker and keeps its state and its proxies' validity true."""
 
@@ -61,11 +72,13 @@ class ModuleSupervisor:
         policy: RestartPolicy,
         kind: ProxyKind,
         env: Mapping[str, str],
-        proxies: ProxyTable,
-        launcher: Launcher,
+        shared: Shared,
         fallback: str | None = None,
         on_stable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        proxies, launcher = shared.proxies, shared.launcher
+        #: The daemon's one heartbeat task, which pings this module's running worker.
+        self.heartbeats = shared.heartbeats
         #: The module that serves this one's proxies while it is in cooldown.
         self.fallback = fallback
         self._on_stable = on_stable
@@ -88,7 +101,7 @@ class ModuleSupervisor:
         self._wake = trio.Event()
         self._stopping = False
         self._restart_requested = False
-        self._hung = False
+        self._hung_worker = False
         self._running = trio.Event()
         self._finished = trio.Event()
         self._background: trio.Nursery
@@ -159,7 +172,7 @@ class ModuleSupervisor:
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         reported = False
         while not self.stop_requested():
-            self._restart_requested = self._hung = False
+            self._restart_requested = self._hung_worker = False
             worker, failure = await self._start()
             if not reported:
                 task_status.started()
@@ -176,26 +189,41 @@ class ModuleSupervisor:
             self._set_state(WorkerState.STOPPED, "stopped")
 
     async def _attend(self, worker: WorkerProcess) -> str | None:
-        """Heartbeat a running worker until it ends; record the end; return its failure.
+        """Watch a running worker until it ends; record the end; return its failure.
 
-        Its heartbeat and stable-run timer are cancelled, not waited for, so
-        from the pidfd waking us to the next worker running (a standby's
-        promotion) nothing yields to the scheduler.
+        The daemon's heartbeat task pings it (ipad/_heartbeat.py); the stable-run
+        timer is a deadline on the wait itself. From the pidfd waking us to the
+        next worker running (a standby's promotion) nothing yields to the scheduler.
         """
-        attending = trio.CancelScope()
-        self._background.start_soon(self._while_running, worker, attending)
+        policy = self.policy
+        self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
+                              policy.heartbeat_timeout.seconds, self._hung)  # fmt: skip
         try:
-            status = await worker.wait_exit()
+            with trio.move_on_after(policy.stable_after.seconds) as running:
+                status = await worker.wait_exit()
+            if running.cancelled_caught:
+                self._stable(worker)
+                status = await worker.wait_exit()
         finally:
-            attending.cancel()
+            self.heartbeats.forget(worker)
         self._sweep(worker)
         return self._on_exit(worker, status)
 
-    async def _while_running(self, worker: WorkerProcess, scope: trio.CancelScope) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat, worker)
-                nursery.start_soon(self._stable_after, worker)
+    def _hung(self, worker: WorkerProcess) -> None:
+        """Its PING went unanswered for ``heartbeat_timeout``: kill it, and say it hung."""
+        if self.worker is not worker:
+            return
+        self._hung_worker = True
+        log.error("worker.hung", module=self.name, worker_pid=worker.pid,
+                  timeout=self.policy.heartbeat_timeout.seconds)  # fmt: skip
+        worker.signal(signal.SIGKILL)
+
+    def _stable(self, worker: WorkerProcess) -> None:
+        """The worker has run for ``stable_after``: say so (fallback proxies come home)."""
+        if self.worker is worker and self.state is WorkerState.RUNNING:
+            log.info("module.stable", module=self.name, worker_pid=worker.pid)
+            if self._on_stable is not None:
+                self._background.start_soon(self._on_stable, self.name)
 
     def stop_requested(self) -> bool:
         """Whether ``stop`` was called (a method, so checks are not folded away)."""
@@ -373,32 +401,6 @@ class ModuleSupervisor:
         self._set_state(WorkerState.EXITED, reason)
         return reason
 
-    async def _stable_after(self, worker: WorkerProcess) -> None:
-        """Once the worker has run for ``stable_after``, say so (fallback proxies come home)."""
-        await trio.sleep(self.policy.stable_after.seconds)
-        if self.worker is worker and self.state is WorkerState.RUNNING:
-            log.info("module.stable", module=self.name, worker_pid=worker.pid)
-            if self._on_stable is not None:
-                await self._on_stable(self.name)
-
-    async def _heartbeat(self, worker: WorkerProcess) -> None:
-        """Ping the worker; one that does not answer within the timeout is hung: kill it."""
-        interval = self.policy.heartbeat_interval.seconds
-        timeout = self.policy.heartbeat_timeout.seconds
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(timeout) as waited:
-                try:
-                    await worker.request(p.Ping())
-                except (WorkerCrashed, OSError, trio.ClosedResourceError):
-                    return  # it died between two pings: its exit is being handled
-            if waited.cancelled_caught:
-                self._hung = True
-                log.error("worker.hung", module=self.name, worker_pid=worker.pid,
-                          timeout=self.policy.heartbeat_timeout.seconds)  # fmt: skip
-                worker.signal(signal.SIGKILL)
-                return
-
     def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> str | None:
         """Record how the worker ended; return the failure, or None for a clean or asked-for end."""
         self.running_since = None
@@ -408,7 +410,7 @@ class ModuleSupervisor:
             reason = f"module {'stopped' if self._stopping else 'restarting'} ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid,
                      **status.log_fields())  # fmt: skip
-        elif self._hung:
+        elif self._hung_worker:
             failure = reason = (
                 f"worker hung: no heartbeat reply within {self.policy.heartbeat_timeout}"
             )

@@ -178,6 +178,10 @@ class Requests:
         assert slot.frame is not None  # noqa: S101 - set together with done
         return slot.frame
 
+    def forget(self, pending: Pending) -> None:
+        """Stop waiting for a request's reply: when it comes, it is dropped like a late one."""
+        self._pending.pop(pending[0], None)
+
     def deliver(self, frame: p.Frame) -> bool:
         """Hand a reply to its caller; a reply nobody waits for is logged and its fds closed."""
         slot = self._pending.pop(frame.request_id, None)
