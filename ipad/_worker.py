@@ -48,6 +48,10 @@ class ExitStatus:
         return {"exit_status": self.code}
 
 
+#: How long a worker whose control socket ended may live on before it is killed.
+CONTROL_GRACE = 2.0
+
+
 class WorkerCrashed(Exception):
     """The worker died or was stopped while a request to it was in flight."""
 
@@ -105,12 +109,26 @@ class WorkerProcess:
                     self.requests.deliver(frame)
         finally:
             self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
+        await self._outlive_control()
+
+    async def _outlive_control(self) -> None:
+        """A worker that closed its control socket yet lives on is no worker: grace, then kill."""
+        if self.exit_status is not None or self.control.sock.fileno() == -1:
+            return  # it ended, or we closed the socket (after reaping it)
+        with trio.move_on_after(CONTROL_GRACE):
+            await self._exited.wait()
+        if self.exit_status is None:
+            log.warning("worker.control_closed", module=self.module, worker_pid=self.pid,
+                        action="killed", grace=CONTROL_GRACE)  # fmt: skip
+            self.signal(signal.SIGKILL)
 
     async def watch(self) -> None:
         """Wait for the worker to exit (its pidfd becomes readable) and reap it.
 
         Exactly one task runs this per worker; everyone else awaits ``wait_exit``.
         No timer, no polling: the kernel wakes us the moment the process ends.
+        The control socket's end of stream is no substitute: a child the worker
+        left behind may hold a copy of it.
         """
         await trio.lowlevel.wait_readable(self.pidfd)
         self.exit_status = self._reap()

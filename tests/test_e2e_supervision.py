@@ -161,6 +161,24 @@ def test_hung_worker_is_killed_and_restarted(start_daemon: Start, tmp_path: Path
     assert not alive(pid)
 
 
+def test_a_worker_that_closes_its_control_socket_is_killed(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Cut off from the daemon but alive, a worker is killed after a grace, then restarted."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    with BlockingClient(daemon.socket) as client:
+        faulty = client.request_proxy("faulty")
+        pid = faulty.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):  # killed in the middle of it
+            faulty.call("close_control", {"linger": 60})
+    record = daemon.wait_for("worker.control_closed", lambda r: r["worker_pid"] == pid)
+    assert record["action"] == "killed"
+    exited = daemon.wait_for("worker.exited", lambda r: r["worker_pid"] == pid)
+    assert exited["signal"] == "SIGKILL"
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
+    assert not alive(pid)
+
+
 @pytest.mark.parametrize(
     ("how", "logged"),
     [("crash", {"signal": "SIGSEGV"}), ("exit", {"exit_status": 3})],

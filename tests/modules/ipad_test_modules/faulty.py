@@ -60,6 +60,11 @@ class Faulty(IPAModule):
         """Exit at once with ``code``."""
         os._exit(code)
 
+    def close_control(self, linger: float) -> None:
+        """Close the worker's control socket (fd 3), then stay busy: alive, cut off from the daemon."""
+        os.close(3)
+        time.sleep(linger)
+
     def hang(self) -> None:
         """Stop answering anything, heartbeats included."""
         while True:
