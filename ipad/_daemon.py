@@ -236,7 +236,7 @@ class DaemonRuntime:
             await nursery.start(self.heartbeats.run)
             await self.start_modules(nursery, self.checked.plans)
             for supervisor in self.supervisors.values():
-                supervisor.standby_allowed.set()  # every module has started: now the standbys
+                supervisor.allow_standby()  # every module has started: now the standbys
             await nursery.start(serve_clients, listener, self.daemon)
             states = {name: sup.state.value for name, sup in self.supervisors.items()}
             log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
@@ -344,7 +344,7 @@ class DaemonRuntime:
         assert self._nursery is not None  # noqa: S101 - set by run()
         await self.start_modules(self._nursery, [*added, *changed])
         for name in [*added, *changed]:
-            self.supervisors[name].standby_allowed.set()
+            self.supervisors[name].allow_standby()
         result = {"added": added, "removed": removed, "changed": changed,
                   "unchanged": sorted(set(new.plans) - set(added) - set(changed))}  # fmt: skip
         log.info("daemon.reloaded", **result)

@@ -110,7 +110,7 @@ class ModuleSupervisor:
         self._preparing = False
         self._balancing = False
         #: Standbys are prepared once every module has started (set by the daemon).
-        self.standby_allowed = trio.Event()
+        self._standby_allowed = False
 
     # --- state ----------------------------------------------------------------
 
@@ -300,8 +300,20 @@ class ModuleSupervisor:
             return worker, None
         return None, failure
 
+    def allow_standby(self) -> None:
+        """Every module has started (the daemon says): standbys may be prepared from now on."""
+        self._standby_allowed = True
+        if self.state is WorkerState.RUNNING:
+            self._prepare_standby()
+
     def _prepare_standby(self) -> None:
-        """Start getting a standby ready in the background, if the policy wants one."""
+        """Start getting a standby ready in the background, if the policy wants one.
+
+        Not before ``allow_standby``: at start-up, 200 modules' standbys would
+        otherwise be 200 tasks waiting, spawned while the actives start.
+        """
+        if not self._standby_allowed:
+            return
         if self.policy.standby and not self._preparing and self._standby is None:
             self._preparing = True
             self._background.start_soon(self._make_standby)
@@ -309,7 +321,6 @@ class ModuleSupervisor:
     async def _make_standby(self) -> None:
         """Launch and LOAD a second worker, then keep it idle until it is promoted."""
         try:
-            await self.standby_allowed.wait()
             await self.events.wait_until(self._proxies_settled, STANDBY_DEFER)
             if self.stop_requested() or self.state is not WorkerState.RUNNING:
                 return
