@@ -42,6 +42,7 @@ import attrs
 import trio
 from _common import exit_on_sigterm, write_results
 from _common import parser as common_parser
+from _ipad import compile_bytecode
 
 from ipad._client import Client, Proxy, open_client
 from ipad._errors import IpadError
@@ -233,6 +234,7 @@ async def single_client_rate(socket: Path, seconds: float) -> float:
 
 def start_daemon(config: Path, env: dict[str, str], root: Path) -> subprocess.Popen[bytes]:
     """A daemon on ``config``, once it serves; its log goes to ``root/daemon.log``."""
+    compile_bytecode()
     log = (root / "daemon.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ipad", "--config", str(config), "--log-format", "json"],

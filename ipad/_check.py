@@ -63,7 +63,7 @@ def check_config(
 ) -> CheckedConfig:
     """Load ``path`` and check every enabled module; raise ConfigError listing all problems."""
     env = os.environ if environ is None else environ
-    config = load_config(path, proxy_kinds=registry.kinds())
+    config = load_config(path, proxy_kinds=registry.names())
     discovery = discover_modules(module_dirs=config.daemon.module_dirs, environ=env)
     plans: dict[str, ModulePlan] = {}
     access, problems = resolve_access(config, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -116,6 +117,9 @@ def _run(checked: CheckedConfig, early: StartedProcess) -> int:
     # A fatal signal -- systemd's watchdog sends SIGABRT to a stuck daemon --
     # prints every thread's Python stack first: the journal then shows where it hung.
     faulthandler.enable(all_threads=True)
+    # What is imported and checked so far lives as long as the daemon: the collector
+    # need not walk it again and again while the workers start.
+    gc.freeze()
     try:
         trio.run(run_daemon, checked, early)
     except KeyboardInterrupt:

@@ -235,8 +235,6 @@ class DaemonRuntime:
             await nursery.start(self.launcher.run)
             await nursery.start(self.heartbeats.run)
             await self.start_modules(nursery, self.checked.plans)
-            for supervisor in self.supervisors.values():
-                supervisor.allow_standby()  # every module has started: now the standbys
             await nursery.start(serve_clients, listener, self.daemon)
             states = {name: sup.state.value for name, sup in self.supervisors.items()}
             log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
@@ -245,6 +243,10 @@ class DaemonRuntime:
                      systemd=self.service.enabled)  # fmt: skip
             await self.service.ready(self.summary())
             task_status.started(self.socket_path)
+            # Every module has reached its final state and clients are served: only
+            # now the standbys, which would otherwise compete with the actives' start.
+            for supervisor in self.supervisors.values():
+                supervisor.allow_standby()
             await self.stop_requested.wait()
             await self.service.stopping(self.summary())
             await self._shutdown()

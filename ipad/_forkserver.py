@@ -15,6 +15,7 @@ process every other module is forked from.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import os
 import platform
@@ -246,6 +247,7 @@ def preload(specs: Iterable[str]) -> None:
                     method_table(value)
         except Exception as exc:  # noqa: BLE001 - the worker's LOAD will report it properly
             log("forkserver.preload_failed", module=module, error=repr(exc))
+    gc.freeze()
 
 
 def _defined_module_class(value: object, module: str) -> TypeGuard[type[IPAModule]]:
@@ -258,4 +260,5 @@ def main(parent: int | None) -> int:
     die_with_parent(parent)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     warm_sandbox()  # forks find the C library's functions and the seccomp filter looked up
+    gc.freeze()
     return serve(socket.socket(fileno=CONTROL_FD), Daemon(parent or os.getppid()))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -22,6 +24,19 @@ def _reset_structlog() -> Iterator[None]:
     """A test that configures logging (as the CLIs do) must not change the next test's."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bytecode() -> None:
+    """Compile ipad and its modules once, as installing it would.
+
+    The tests start hundreds of daemons and workers; where Python may not
+    write bytecode (PYTHONDONTWRITEBYTECODE, set on CI machines) each would
+    compile every module from source.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    for directory in ("ipad", "workers", "tests/modules"):
+        compileall.compile_dir(repo / directory, quiet=1)
 
 
 # Real-daemon fixtures, shared by the integration tests.
