@@ -15,8 +15,11 @@ each announcing itself to a beacon socket as its first act. For every N:
 - the supervisor process's resident memory and open descriptors, in total
   and per worker, once everything is up (ipad: once the standbys are ready);
 - at one N (200 by default), the CPU the supervisor uses while idle over
-  30 s, and that of all its processes (ipad's workers answer heartbeats);
-  ipad once more at that N with heartbeats off, which shows their share.
+  30 s, and that of all its processes (ipad's workers, standbys included,
+  beat on their heartbeat boards once a second); ipad once more at that N
+  with heartbeats off, which shows their share. ipad's window opens once
+  every module has been logged stable (``stable_after``, 10 s): a one-off
+  burst of 200 records is not idling.
 
 The same N go to every supervisor, so the growth with N can be read across.
 
@@ -53,6 +56,8 @@ GOAL_N = 200
 GOAL_S = 0.5
 #: How long ipad may take to get every standby ready (or failed) after all modules run.
 STANDBY_TIMEOUT = 120.0
+#: Longest wait for every module's ``module.stable`` (stable_after is 10 s by default).
+STABLE_TIMEOUT = 30.0
 #: The log records that end a standby's preparation.
 STANDBY_ENDS = ("worker.standby_ready", "worker.standby_failed")
 
@@ -143,6 +148,9 @@ def run_ipad(
             result["standbys_settled_s"] = log_time(ended[-1]) - daemon.launched
         result |= footprint(daemon.proc.pid, count)
         if idle_s is not None:
+            # Idle means nothing left to do: not even saying, stable_after (10 s) in,
+            # that each worker has run stably (200 module.stable records at once).
+            daemon.collect("module.stable", count, STABLE_TIMEOUT)
             result["idle"] = idle_cpu(daemon.proc.pid, idle_s)
         return result
     finally:

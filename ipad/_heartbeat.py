@@ -1,14 +1,16 @@
 """Heartbeats for every running worker, from one task per interval instead of one per worker.
 
-Each tick sends PING to every watched worker whose previous PING was
-answered, and declares hung any worker whose PING has waited longer than its
-timeout. A task per worker woke once a second each, cold, for a few hundred
-microseconds: with 200 workers that was 4 % of a CPU doing nothing else. One
-tick now does the sending for all of them in one warm loop, and the replies
-only set an event: nobody wakes to wait for them.
+Each tick reads the heartbeat board of every watched worker that beats on
+one (ipad/_heartbeat_board.py) and declares hung any whose counter has not
+moved for its timeout; a worker without a board is sent PING instead, and is
+hung once its PING has waited longer than the timeout. A task per worker
+woke once a second each, cold, for a few hundred microseconds: with 200
+workers that was 4 % of a CPU doing nothing else. One tick does it for all
+of them in one warm loop: a pread per board, and for PING only the send (the
+replies just set an event: nobody wakes to wait for them).
 
-A hang is seen ``heartbeat_timeout`` after the unanswered PING was sent, give
-or take one interval (the ticks are when anything is looked at).
+A hang is seen ``heartbeat_timeout`` after the last beat (or the unanswered
+PING), give or take one interval: the ticks are when anything is looked at.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import attrs
 import trio
 
 from . import _protocol as p
+from ._heartbeat_board import read_board
 from ._transport import Pending
 from ._worker import WorkerCrashed, WorkerProcess
 
@@ -33,6 +36,9 @@ class _Watched:
     #: The unanswered PING and when it was sent.
     ping: Pending | None = None
     sent: float = 0.0
+    #: A board worker's counter as last read, and when it was last seen to move.
+    beat: bytes = b""
+    beat_seen: float = 0.0
 
 
 class _Group:
@@ -52,8 +58,14 @@ class _Group:
             await self.tick(trio.current_time())
 
     async def tick(self, now: float) -> None:
-        """Look at every watched worker once: ping it, or find it hung."""
+        """Look at every watched worker once: read its board or ping it, or find it hung."""
         for entry in list(self.watched.values()):
+            if self.watched.get(entry.worker) is not entry:
+                continue  # forgotten while an earlier PING was being sent: its board is closed
+            board = entry.worker.board
+            if board is not None:
+                self._look_at_board(entry, board, now)
+                continue
             if entry.ping is not None:
                 _, slot = entry.ping
                 if not slot.done.is_set():
@@ -68,6 +80,17 @@ class _Group:
                 self.watched.pop(entry.worker, None)  # it died: its exit is being handled
                 continue
             entry.sent = now
+
+    def _look_at_board(self, entry: _Watched, board: int, now: float) -> None:
+        try:
+            beat = read_board(board)
+        except OSError:
+            beat = b""  # unreadable: no beat (its exit, if it died, is being handled)
+        if beat and beat != entry.beat:
+            entry.beat, entry.beat_seen = beat, now
+        elif now - entry.beat_seen >= entry.timeout:
+            self.watched.pop(entry.worker, None)
+            entry.on_hung(entry.worker)
 
 
 class Heartbeats:
@@ -99,7 +122,7 @@ class Heartbeats:
             group = self._groups[interval] = _Group(interval)
             if self._nursery is not None:
                 self._nursery.start_soon(group.run)
-        group.watched[worker] = _Watched(worker, timeout, on_hung)
+        group.watched[worker] = _Watched(worker, timeout, on_hung, beat_seen=trio.current_time())
         group.wake.set()
 
     def forget(self, worker: WorkerProcess) -> None:

@@ -308,6 +308,8 @@ class Load(Message, frozen=True, forbid_unknown_fields=True):
     entry_point: str
     module_dir: str
     tuning: str
+    #: Seconds between beats on the heartbeat board passed with LOAD (0: none passed).
+    heartbeat_interval: float = 0.0
 
 
 class Ready(Message, frozen=True, forbid_unknown_fields=True):
@@ -318,6 +320,8 @@ class Ready(Message, frozen=True, forbid_unknown_fields=True):
     version: str
     methods: tuple[MethodSpec, ...]
     pid: int
+    #: The worker beats on the board LOAD passed; False: it answers PING instead.
+    beats: bool = False
 
 
 class OpenInstance(Message, frozen=True, forbid_unknown_fields=True):
@@ -502,6 +506,7 @@ FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_E
 #: Messages that may carry descriptors, and how many at most.
 FD_LIMITS: dict[MsgType, int] = {
     MsgType.PROXY_GRANTED: 1,
+    MsgType.LOAD: 1,
     MsgType.OPEN_INSTANCE: 1,
     MsgType.SPAWN: 3,
     MsgType.CALL: MAX_FDS,

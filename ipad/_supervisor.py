@@ -336,7 +336,7 @@ class ModuleSupervisor:
             self._background.start_soon(worker.read_control)
             with trio.move_on_after(self.policy.start_timeout.seconds):
                 try:
-                    frame = await worker.request(self._load_message())
+                    frame = await worker.load(self._load_message())
                 except WorkerCrashed:
                     frame = None
                 if frame is not None and isinstance(frame.message, p.Ready):
@@ -382,6 +382,7 @@ class ModuleSupervisor:
             entry_point=manifest.entry_point or "",
             module_dir=str(self.plan.source.directory),
             tuning=str(self.plan.tuning),
+            heartbeat_interval=self.policy.heartbeat_interval.seconds,
         )
 
     async def _load(self, worker: WorkerProcess) -> str | None:
@@ -391,7 +392,7 @@ class ModuleSupervisor:
         exiting = False  # the worker said why it cannot run and is exiting by itself
         with trio.move_on_after(self.policy.start_timeout.seconds) as timeout:
             try:
-                frame = await worker.request(load)
+                frame = await worker.load(load)
             except WorkerCrashed:
                 failure = "exited before it was ready"
             else:

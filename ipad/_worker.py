@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._heartbeat_board import new_board
 from ._spawn import StartedProcess, start_process
 from ._transport import PacketSocket, Requests
 
@@ -84,10 +85,28 @@ class WorkerProcess:
         self.sandbox: p.SandboxSpec | None = None
         #: The cgroup holding its memory limit, where its OOM kills are counted.
         self.memory_cgroup: Path | None = None
+        #: The heartbeat board it beats on (ipad/_heartbeat_board.py); None: it answers PING.
+        self.board: int | None = None
 
     async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
         """Send a control request and wait for its reply."""
         return await self.requests.call(self.control, message, fds)
+
+    async def load(self, load: p.Load) -> p.Frame:
+        """Send LOAD with a heartbeat board of its own, kept if READY says it beats on it."""
+        board = new_board() if load.heartbeat_interval > 0 else None
+        try:
+            frame = await self.request(load, () if board is None else (board,))
+        except BaseException:
+            if board is not None:
+                os.close(board)
+            raise
+        if board is not None:
+            if isinstance(frame.message, p.Ready) and frame.message.beats:
+                self.board = board
+            else:
+                os.close(board)
+        return frame
 
     async def read_control(self) -> None:
         """Deliver control replies until the worker closes its end; then fail what waits."""
@@ -196,6 +215,9 @@ class WorkerProcess:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+        if self.board is not None:
+            os.close(self.board)
+            self.board = None
 
 
 def spawn_worker(

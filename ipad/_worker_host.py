@@ -29,6 +29,7 @@ import msgspec
 
 from . import _protocol as p
 from ._fdpass import recv_packet, send_packet
+from ._heartbeat_board import Beater
 from .ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
 
 #: The control socket's descriptor number in a worker started by the daemon.
@@ -196,11 +197,21 @@ class WorkerHost:
         self.instances: dict[int, Instance] = {}
         self.running = True
         self.exit_status = 0
+        #: Bumps the heartbeat board LOAD passed (ipad/_heartbeat_board.py); None: PING.
+        self.beater: Beater | None = None
 
     def serve(self) -> int:
         """Run until the daemon says SHUTDOWN or goes away; return the exit status."""
         while self.running:
-            for fd, _ in self.epoll.poll():
+            beater = self.beater
+            if beater is not None:
+                # Every turn of the loop is a beat, and the loop turns at least once a
+                # heartbeat interval: a module call that never returns stops both.
+                beater.beat()
+                events = self.epoll.poll(beater.wait)
+            else:
+                events = self.epoll.poll()
+            for fd, _ in events:
                 if fd not in self.handlers:
                     continue  # an instance closed earlier in this batch
                 instance = self.handlers[fd]
@@ -227,7 +238,7 @@ class WorkerHost:
             return
         message = frame.message
         if isinstance(message, p.Load):
-            self._load(message, frame.request_id)
+            self._load(message, frame)
         elif isinstance(message, p.OpenInstance):
             self._open_instance(message, frame)
         elif isinstance(message, p.Ping):
@@ -240,7 +251,16 @@ class WorkerHost:
     def _send_control(self, message: p.Message, request_id: int) -> None:
         send_packet(self.control, p.encode(message, request_id))
 
-    def _load(self, load: p.Load, request_id: int) -> None:
+    def _load(self, load: p.Load, frame: p.Frame) -> None:
+        request_id = frame.request_id
+        board = frame.fds[0] if frame.fds else None
+        try:
+            if board is not None and load.heartbeat_interval > 0 and self.loaded is None:
+                self.beater = Beater(board, load.heartbeat_interval)
+        except (OSError, ValueError) as exc:  # not a board we can map: answer PINGs instead
+            log("worker.heartbeat_board_unusable", module=load.module, error=repr(exc))
+        finally:
+            frame.close_fds()  # the mapping, if any, stays
         if self.loaded is not None:
             self._send_control(
                 p.Error(p.ErrorCode.BAD_MESSAGE, "module already loaded"), request_id
@@ -270,7 +290,9 @@ class WorkerHost:
         methods = tuple(
             p.MethodSpec(m.name, m.setup, m.undoes) for m in self.loaded.methods.values()
         )
-        ready = p.Ready(load.module, self.loaded.version, methods, os.getpid())
+        ready = p.Ready(
+            load.module, self.loaded.version, methods, os.getpid(), beats=self.beater is not None
+        )
         self._send_control(ready, request_id)
 
     def _open_instance(self, message: p.OpenInstance, frame: p.Frame) -> None:

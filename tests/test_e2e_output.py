@@ -65,9 +65,11 @@ def test_a_worker_has_exactly_its_own_descriptors(
     assert fds[3].startswith("socket:")
     daemon_pipes = {str(Path(f"/proc/{daemon.proc.pid}/fd/{n}").readlink()) for n in (1, 2)}
     assert fds[1] not in daemon_pipes
-    # The rest are the worker's own: its event loop and the channel of the call itself.
+    # The rest are the worker's own: its event loop, its heartbeat board (which the
+    # daemon gave it with LOAD) and the channel of the call itself.
     rest = {v for k, v in fds.items() if k > 3}
-    assert all(v.startswith(("socket:", "anon_inode:[eventpoll]")) for v in rest), fds
+    own = ("socket:", "anon_inode:[eventpoll]", "/memfd:ipad-heartbeat")
+    assert all(v.startswith(own) for v in rest), fds
 
 
 def test_a_noisy_worker_is_limited_and_the_drops_counted(

@@ -1,0 +1,59 @@
+"""The heartbeat board: a counter a worker bumps in shared memory, read by the daemon.
+
+A PING per worker per interval cost the daemon a send, a wake-up of the
+worker's control task and a receive: some 70 microseconds each, 1.4 % of a
+CPU with 200 idle workers doing nothing but proving they are alive. Instead
+the daemon passes each worker, with LOAD, a memfd of its own (the board);
+the worker's event loop wakes at least once per heartbeat interval and bumps
+the counter on it, through a shared mapping (no system call). The daemon's
+one heartbeat task reads every board once per interval with pread, a
+microsecond each, and a worker whose counter has not moved for the
+heartbeat timeout is hung: its loop is stuck, exactly when it could not
+have answered a PING either.
+
+One board per worker: workers never share memory with one another. The
+daemon reads with pread and never maps a board, so a worker that truncates
+its memfd cannot fault the daemon (the read returns nothing, which reads
+as no beat). This module imports nothing of trio: the worker side uses it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+#: The board's size: one unsigned 64-bit counter.
+BOARD_SIZE = 8
+
+#: The longest wait a worker's loop takes between beats (epoll's timeout must fit an int of ms).
+MAX_BEAT_WAIT = 86400.0
+
+
+def new_board() -> int:
+    """A fresh board (a memfd holding a zero counter), for one worker's LOAD."""
+    fd = os.memfd_create("ipad-heartbeat", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, BOARD_SIZE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_board(fd: int) -> bytes:
+    """The board's counter as it stands, as bytes to compare (empty if it was truncated)."""
+    return os.pread(fd, BOARD_SIZE, 0)
+
+
+class Beater:
+    """The worker's side: bump the counter on every turn of its event loop."""
+
+    def __init__(self, fd: int, interval: float) -> None:
+        self._map = mmap.mmap(fd, BOARD_SIZE)
+        self._counter = memoryview(self._map).cast("Q")
+        #: How long the loop may wait for anything before it must beat again.
+        self.wait = min(interval, MAX_BEAT_WAIT)
+
+    def beat(self) -> None:
+        """One beat: the loop is turning."""
+        self._counter[0] = (self._counter[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
