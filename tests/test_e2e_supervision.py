@@ -97,6 +97,11 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start, memfd: MakeFd) 
                 # Stopped, the worker answers nothing: once every caller has a call in
                 # flight, the kill lands on four calls for certain.
                 os.kill(pid, signal.SIGSTOP)
+                while _process_state(pid) != "T":
+                    await trio.sleep(0.001)
+                # Replies it sent just before it stopped are read by now (a busy machine
+                # can leave one in the socket a moment): only unanswerable calls remain.
+                await trio.sleep(0.05)
                 while len(awb.requests) < 4:
                     await trio.sleep(0.001)
                 os.kill(pid, signal.SIGKILL)
@@ -108,6 +113,11 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start, memfd: MakeFd) 
         await awb.call("configure")
         result = await awb.call("process_stats", {"frame": 1}, fds={"stats": memfd(stats)})
         assert result["red_gain"] == pytest.approx(2.0 + 0.5 * (target_red - 2.0))
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def test_crash_loop_cools_down_and_restart_ends_it(
