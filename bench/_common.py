@@ -241,3 +241,42 @@ def print_goals(goals: Sequence[dict[str, Any]]) -> None:
     """Each goal with its measured figure and PASS/MISS (a miss is reported, not asserted)."""
     for g in goals:
         print(f"goal: {g['goal']}: measured {g['measured']}: {verdict(g['met'])}")
+
+
+# --- limits shared by the scenarios ---------------------------------------------------
+
+
+def spawn_ms(argv: Sequence[str], n: int) -> list[float]:
+    """posix_spawn ``argv`` and wait for it to exit, ``n`` times (as the daemon spawns)."""
+    times = []
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for _ in range(n):
+        start = time.perf_counter()
+        pid = os.posix_spawn(argv[0], list(argv), env)
+        _, status = os.waitpid(pid, 0)
+        times.append((time.perf_counter() - start) * 1e3)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{argv} exited with status {status}")
+    return times
+
+
+def fork_message_ms(n: int) -> list[float]:
+    """Fork this (warm) process; the child sends one byte over SEQPACKET and exits."""
+    times = []
+    for _ in range(n):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            start = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:  # the child: nothing but the message
+                try:
+                    theirs.send(b"r")
+                finally:
+                    os._exit(0)
+            ours.recv(16)
+            times.append((time.perf_counter() - start) * 1e3)
+            os.waitpid(pid, 0)
+        finally:
+            ours.close()
+            theirs.close()
+    return times

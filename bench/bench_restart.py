@@ -42,7 +42,6 @@ import math
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -55,10 +54,12 @@ import trio
 from _common import (
     Row,
     exit_on_sigterm,
+    fork_message_ms,
     goal,
     parser,
     print_goals,
     row,
+    spawn_ms,
     summary,
     write_results,
 )
@@ -111,42 +112,6 @@ def config_text(forkserver: bool, standby: bool, proxy: str = "isolated") -> str
 
 
 # --- limits -------------------------------------------------------------------------
-
-
-def spawn_ms(argv: Sequence[str], n: int) -> list[float]:
-    """posix_spawn ``argv`` and wait for it to exit, ``n`` times (as the daemon spawns)."""
-    times = []
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    for _ in range(n):
-        start = time.perf_counter()
-        pid = os.posix_spawn(argv[0], list(argv), env)
-        _, status = os.waitpid(pid, 0)
-        times.append((time.perf_counter() - start) * 1e3)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{argv} exited with status {status}")
-    return times
-
-
-def fork_message_ms(n: int) -> list[float]:
-    """Fork this (warm) process; the child sends one byte over SEQPACKET and exits."""
-    times = []
-    for _ in range(n):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            start = time.perf_counter()
-            pid = os.fork()
-            if pid == 0:  # the child: nothing but the message
-                try:
-                    theirs.send(b"r")
-                finally:
-                    os._exit(0)
-            ours.recv(16)
-            times.append((time.perf_counter() - start) * 1e3)
-            os.waitpid(pid, 0)
-        finally:
-            ours.close()
-            theirs.close()
-    return times
 
 
 def measure_limits(n: int) -> dict[str, list[float]]:

@@ -23,12 +23,21 @@ each announcing itself to a beacon socket as its first act. For every N:
 
 The same N go to every supervisor, so the growth with N can be read across.
 
+Next to the 200-module goal, two limits measured in the same run: starting
+an interpreter that imports the libraries the daemon is built on (trio,
+attrs, cattrs, structlog, msgspec) and nothing of ipad, and forking a warm
+Python process that answers over SEQPACKET, N times one after another (as
+one fork server does). Their sum is what any Python daemon on these
+libraries that forks its workers from one process pays before doing anything
+of its own.
+
 Run: python bench/bench_scale.py [--sizes 10,100,200,500] [--idle-n 200] [--idle-s 30]
 (writes bench/results/scale.json)
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +45,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import Row, exit_on_sigterm, goal, parser, print_goals, row, write_results
+from _common import (
+    Row,
+    exit_on_sigterm,
+    fork_message_ms,
+    goal,
+    parser,
+    print_goals,
+    row,
+    spawn_ms,
+    write_results,
+)
 from _ipad import DaemonProcess, copies_daemon_section, echo_copies, log_time
 from _peers import (
     PEER_TIMEOUT,
@@ -111,6 +130,20 @@ def footprint(pid: int, count: int) -> dict[str, float]:
 
 #: The ``[restart]`` table of the variant that tells what heartbeats cost an idle daemon.
 NO_HEARTBEATS = '[restart]\nheartbeat_interval = "1h"\nheartbeat_timeout = "2h"\n'
+
+
+#: Samples of each limit.
+LIMIT_SAMPLES = 5
+
+#: What the daemon is built on, imported by the "libraries" limit.
+LIBRARIES = "import trio, attrs, cattrs, structlog, msgspec"
+
+
+def measure_limits(count: int, samples: int) -> dict[str, Any]:
+    """The floor under N modules from launch to valid: the libraries' import, N warm forks."""
+    imports = spawn_ms([sys.executable, "-c", LIBRARIES], samples)
+    forks = [sum(fork_message_ms(count)) for _ in range(samples)]
+    return {"modules": count, "import_libraries_ms": imports, "forks_ms": forks}
 
 
 def run_ipad(
@@ -222,14 +255,29 @@ def marginal(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def headline(runs: list[dict[str, Any]], idle_n: int) -> list[Row]:
+def limit_rows(limits: dict[str, Any]) -> list[Row]:
+    """The libraries' import, N warm forks one after another, and the two together (p50)."""
+    imports = statistics.median(limits["import_libraries_ms"])
+    forks = statistics.median(limits["forks_ms"])
+    n = limits["modules"]
+    return [
+        row(f"limit: spawn python -c '{LIBRARIES}' p50", imports, "ms"),
+        row(f"limit: {n} warm forks + SEQPACKET message, one after another, p50", forks, "ms"),
+        row(f"limit: the two together ({n} modules)", imports + forks, "ms"),
+    ]
+
+
+def headline(runs: list[dict[str, Any]], idle_n: int, limits: dict[str, Any]) -> list[Row]:
     """Per supervisor and N: start -> valid, memory and fds per worker; idle CPU at idle_n."""
-    rows: list[Row] = []
+    rows: list[Row] = limit_rows(limits)
     for who, slope in marginal(runs).items():
         rows.append(row(f"{who}: RSS per additional worker", slope["rss_kib"], "KiB"))
+    floor = rows[-1]["value"]
     for r in runs:
         who, n = r["supervisor"], r["modules"]
-        rows.append(row(f"{who}: {n} start -> all valid", r["start_to_valid_s"] * 1e3, "ms"))
+        to = floor if n == limits["modules"] else None
+        rows.append(row(f"{who}: {n} start -> all valid", r["start_to_valid_s"] * 1e3, "ms",
+                        to, "import + forks limit"))  # fmt: skip
         rows.append(row(f"{who}: {n} RSS per worker", r["rss_kib_per_worker"], "KiB"))
         rows.append(row(f"{who}: {n} fds per worker", r["fds_per_worker"], ""))
         if r.get("standbys_failed") or r.get("standbys_unaccounted"):
@@ -304,12 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_ipad(root, n, False, None))
             runs.append(run_peer(root, beacon, "supervisord", supervisord, n, idle))
             runs.append(run_peer(root, beacon, "circus", circusd, n, idle))
+    limits = measure_limits(args.idle_n, 1 if args.quick else LIMIT_SAMPLES)
     table(runs)
+    for limit in limit_rows(limits):
+        print(f"{limit['name']}: {limit['value']:.1f} {limit['unit']}")
     checked = goals(runs, args.idle_n)
     print_goals(checked)
-    rows = headline(runs, args.idle_n)
+    rows = headline(runs, args.idle_n, limits)
     data = {"quick": args.quick, "sizes": sizes, "idle_n": args.idle_n, "idle_s": args.idle_s,
-            "runs": runs, "marginal_per_worker": marginal(runs), "goals": checked}  # fmt: skip
+            "runs": runs, "marginal_per_worker": marginal(runs), "goals": checked,
+            "limits": limits}  # fmt: skip
     write_results(args.results, "scale", data, rows)
     return 0
 
