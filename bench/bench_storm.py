@@ -57,6 +57,8 @@ from ipad._errors import IpadError, WorkerCrashed
 
 #: A call neither answered nor failed within this many seconds is lost.
 CALL_DEADLINE = 5.0
+#: Between the storm's last kill and the calls that check every proxy answers again (s).
+SETTLE = 0.1
 #: A call on an invalid proxy waits this long for it to recover.
 WAIT = 2.0
 #: A call whose send fails on a channel its worker already closed once raised
@@ -216,7 +218,12 @@ async def run_storm(
 
         calm, calm_took = await phase(calm_s, with_kills=False)
         stormy, storm_took = await phase(seconds, with_kills=True)
-        # Afterwards every proxy must be valid again and answer its own token.
+        # Afterwards every proxy must be valid again and answer its own token. The last
+        # kill can land in the storm's last instant: a final call sent before its client
+        # has seen that death fails as in flight, which is the storm's figure, not this
+        # one's. So the final calls start once such a kill has been seen and recovered
+        # from (a settle of ten median recoveries).
+        await trio.sleep(SETTLE)
         final = Tally()
         with trio.move_on_after(CALL_DEADLINE * 2):
             for tag, proxy in proxies:

@@ -81,6 +81,7 @@ class MsgType(enum.IntEnum):
     SHUTDOWN = 38
     CLOSE_INSTANCE = 39
     INSTANCE_CLOSED = 40
+    HEARTBEAT = 41
     # daemon <-> fork server
     SPAWN = 56
     SPAWNED = 57
@@ -363,6 +364,17 @@ class CloseInstance(Message, frozen=True, forbid_unknown_fields=True):
     instance_id: int
 
 
+class Heartbeat(Message, frozen=True, forbid_unknown_fields=True):
+    """Beat on the board every ``interval`` seconds from now on; no reply.
+
+    A standby worker is loaded with a slow beat nobody watches; its promotion
+    brings it to the module's heartbeat interval.
+    """
+
+    TYPE = MsgType.HEARTBEAT
+    interval: float
+
+
 class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
     """The worker closed an instance on its own (its channel ended or broke); no reply."""
 
@@ -477,7 +489,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
         AdminDone, ReopenProxy, ProxyReady, ProxyStateReply,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
-        Spawn, Spawned, Preload, Call, Result, ModuleEvent,
+        Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
     )
 }  # fmt: skip
 
@@ -493,7 +505,8 @@ FROM_DAEMON = frozenset(
      MsgType.ADMIN_DONE, MsgType.PROXY_STATE}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
-    {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN}
+    {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN,
+     MsgType.HEARTBEAT}
 )  # fmt: skip
 FROM_WORKER_CONTROL = frozenset(
     {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.INSTANCE_CLOSED, MsgType.PONG, MsgType.ERROR}

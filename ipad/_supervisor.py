@@ -43,6 +43,10 @@ log = structlog.get_logger("ipad")
 #: forking and loading it would compete with them for the CPU (two cores here).
 STANDBY_DEFER = 0.1
 
+#: How often an idle standby beats on its board: nobody watches it until it is promoted,
+#: and 200 standbys waking once a second cost 1 % of a CPU between them.
+STANDBY_BEAT = 3600.0
+
 #: The signal a seccomp filter's SECCOMP_RET_KILL_PROCESS ends a process with.
 SIGSYS = signal.SIGSYS
 
@@ -274,6 +278,9 @@ class ModuleSupervisor:
             self.running_since = trio.current_time()
             self._set_state(WorkerState.RUNNING)
             self._prepare_standby()
+            if worker.board is not None:  # from the standby's slow beat to the module's
+                with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen
+                    await worker.control.send(p.Heartbeat(self.policy.heartbeat_interval.seconds))
             return worker, None
         argv = self.kind.worker_argv(self.plan.worker)
         try:
@@ -336,7 +343,7 @@ class ModuleSupervisor:
             self._background.start_soon(worker.read_control)
             with trio.move_on_after(self.policy.start_timeout.seconds):
                 try:
-                    frame = await worker.load(self._load_message())
+                    frame = await worker.load(self._load_message(standby=True))
                 except WorkerCrashed:
                     frame = None
                 if frame is not None and isinstance(frame.message, p.Ready):
@@ -375,14 +382,16 @@ class ModuleSupervisor:
             self._sweep(worker)
             worker.close()
 
-    def _load_message(self) -> p.Load:
+    def _load_message(self, *, standby: bool = False) -> p.Load:
+        """LOAD for a new worker; a standby's beats slowly until it is promoted (HEARTBEAT)."""
         manifest = self.plan.source.manifest
+        interval = self.policy.heartbeat_interval.seconds
         return p.Load(
             module=self.name,
             entry_point=manifest.entry_point or "",
             module_dir=str(self.plan.source.directory),
             tuning=str(self.plan.tuning),
-            heartbeat_interval=self.policy.heartbeat_interval.seconds,
+            heartbeat_interval=max(interval, STANDBY_BEAT) if standby else interval,
         )
 
     async def _load(self, worker: WorkerProcess) -> str | None:

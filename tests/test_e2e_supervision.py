@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,6 +169,20 @@ def test_hung_worker_is_killed_and_restarted(start_daemon: Start, tmp_path: Path
     exited = daemon.wait_for("worker.exited", lambda r: r["module"] == "faulty")
     assert (exited["cause"], exited["signal"]) == ("hung", "SIGKILL")
     daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
+    # The new worker is the promoted standby, which beat once an hour while it
+    # waited: promoted, it beats at the module's interval again (HEARTBEAT), so
+    # idling for many timeouts is not a hang, and hanging again is one.
+    promoted = daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty"
+                               and r["worker_pid"] != pid)  # fmt: skip
+    assert promoted.get("standby") is True
+    time.sleep(1.5)  # five heartbeat timeouts
+    assert len(daemon.events("worker.hung")) == 1
+    with BlockingClient(daemon.socket) as client:
+        faulty = client.request_proxy("faulty")
+        assert faulty.call("pid") == promoted["worker_pid"]
+        with pytest.raises(ipc.WorkerCrashed):
+            faulty.call("hang", timeout=10)
+    daemon.wait_for("worker.hung", lambda r: r["worker_pid"] == promoted["worker_pid"])
     assert not alive(pid)
 
 

@@ -216,3 +216,24 @@ async def test_a_forgotten_worker_is_not_looked_at(
     worker.beating = False
     await trio.sleep(10 * INTERVAL)
     assert hung == []
+
+
+def test_a_standby_beats_slowly_until_heartbeat_brings_it_to_the_interval(
+    host: socket.socket,
+) -> None:
+    """Loaded with an hour's beat (as a standby is), then promoted with HEARTBEAT."""
+    board = new_board()
+    try:
+        assert load(host, 3600.0, board).beats
+        threading.Event().wait(0.05)  # its loop turns once more after READY: that beat
+        before = read_board(board)
+        threading.Event().wait(0.2)
+        assert read_board(board) == before  # idle and nobody asked: no wake-up, no beat
+        send_packet(host, p.encode(p.Heartbeat(0.02)))
+        seen = set()
+        for _ in range(50):
+            threading.Event().wait(0.01)
+            seen.add(read_board(board))
+        assert len(seen) >= 3
+    finally:
+        os.close(board)
