@@ -10,8 +10,8 @@ restarted, to bring a new instance to the state the old one had.
 Large data travels as file descriptors: a parameter annotated ``Buffer``
 receives a memfd the client passed with the call, mapped read-only.
 
-This module is imported inside workers: it uses only attrs and the standard
-library, so a worker starts in tens of milliseconds.
+This module is imported inside workers: it uses only the standard library, so
+a worker starts in tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import mmap
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-
-import attrs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -162,11 +160,3 @@ def callable_methods(cls: type[IPAModule]) -> dict[str, Callable[..., Any]]:
         if callable(value) and not isinstance(value, type):
             methods[name] = value
     return methods
-
-
-@attrs.frozen
-class MethodInfo:
-    """What READY tells the daemon about one method."""
-
-    name: str
-    setup: bool
