@@ -21,6 +21,11 @@ each announcing itself to a beacon socket as its first act. For every N:
   every module has been logged stable (``stable_after``, 10 s): a one-off
   burst of 200 records is not idling.
 
+- at that N, ipad once more without standbys, for where the start's CPU goes:
+  the CPU (schedstat) the daemon, its fork server and its workers used until
+  all were valid, and all of it spread over the vCPUs next to the wall time.
+  Where the two meet, the start is bound by CPU: only less work makes it faster.
+
 The same N go to every supervisor, so the growth with N can be read across.
 
 Next to the 200-module goal, two limits measured in the same run: starting
@@ -37,6 +42,7 @@ Run: python bench/bench_scale.py [--sizes 10,100,200,500] [--idle-n 200] [--idle
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -131,6 +137,37 @@ def footprint(pid: int, count: int) -> dict[str, float]:
 #: The ``[restart]`` table of the variant that tells what heartbeats cost an idle daemon.
 NO_HEARTBEATS = '[restart]\nheartbeat_interval = "1h"\nheartbeat_timeout = "2h"\n'
 
+#: The ``[restart]`` table of the variant whose CPU is read once all are valid: without
+#: standbys, nothing starts after ``daemon.started`` to blur the figures.
+NO_STANDBY = "[restart]\nstandby = false\n"
+
+#: Pause after ``daemon.started`` before reading the CPU used: the last READY's sender settles.
+CPU_SETTLE_S = 0.2
+
+
+def start_cpu(daemon: DaemonProcess) -> dict[str, Any]:
+    """CPU (s) the daemon, its fork server and its workers used up to all valid.
+
+    Read from each process's schedstat once the daemon idles (no standbys);
+    their sum against the wall time and the vCPUs says whether the start is
+    bound by CPU: if the sum, spread over every vCPU, is the wall time, no
+    reordering makes it faster, only less work.
+    """
+    time.sleep(CPU_SETTLE_S)
+    records = daemon.records()
+    server = next((r["pid"] for r in records if r["event"] == "forkserver.started"), None)
+    workers = [r["worker_pid"] for r in records if r["event"] == "worker.ready"]
+    per_worker = [process_cpu_s(pid) for pid in workers]
+    out: dict[str, Any] = {
+        "daemon_s": process_cpu_s(daemon.proc.pid),
+        "forkserver_s": process_cpu_s(server) if server is not None else 0.0,
+        "workers_s": sum(per_worker),
+        "worker_median_ms": statistics.median(per_worker) * 1e3 if per_worker else 0.0,
+        "vcpus": os.cpu_count() or 1,
+    }
+    out["all_s"] = out["daemon_s"] + out["forkserver_s"] + out["workers_s"]
+    return out
+
 
 #: Samples of each limit.
 LIMIT_SAMPLES = 5
@@ -147,17 +184,30 @@ def measure_limits(count: int, samples: int) -> dict[str, Any]:
 
 
 def run_ipad(
-    root: Path, count: int, forkserver: bool, idle_s: float | None, heartbeats: bool = True
+    root: Path,
+    count: int,
+    forkserver: bool,
+    idle_s: float | None,
+    heartbeats: bool = True,
+    standby: bool = True,
 ) -> dict[str, Any]:
-    """One daemon with ``count`` echo modules: start -> valid, footprint, idle CPU."""
+    """One daemon with ``count`` echo modules: start -> valid, footprint, idle CPU.
+
+    Without ``standby`` it reads the CPU each process used to get there instead
+    (``start_cpu``) and stops once all are valid.
+    """
     label = "ipad, fork server" if forkserver else "ipad, fresh interpreters"
     if not heartbeats:
         label += ", heartbeats off"
+    if not standby:
+        label += ", no standby"
     # Short: the daemon's socket goes below it, and AF_UNIX paths stop at 107 bytes.
-    directory = root / f"i{count}{'f' if forkserver else 's'}{'' if heartbeats else 'h'}"
+    variant = ("" if heartbeats else "h") + ("" if standby else "n")
+    directory = root / f"i{count}{'f' if forkserver else 's'}{variant}"
     directory.mkdir()
     mods, names = echo_copies(directory, count)
     config = copies_daemon_section(mods, forkserver) + ("" if heartbeats else NO_HEARTBEATS)
+    config += "" if standby else NO_STANDBY
     config += "".join(f"[modules.{n}]\n" for n in names)
     env = {"IPAD_CONFIG_PATH": str(directory / "tuning")}
     daemon = DaemonProcess(directory, config, "info", env)
@@ -171,6 +221,10 @@ def run_ipad(
             "start_to_valid_s": log_time(started) - daemon.launched,
             "from_first_log_s": log_time(started) - log_time(first),
         }
+        if not standby:
+            result["start_cpu"] = start_cpu(daemon)
+            result |= footprint(daemon.proc.pid, count)
+            return result
         # Every module's standby ready, or given up on (ipad does not retry a failed one).
         ended = daemon.collect(STANDBY_ENDS, count, STANDBY_TIMEOUT)
         ready = [r for r in ended if r["event"] == "worker.standby_ready"]
@@ -283,6 +337,8 @@ def headline(runs: list[dict[str, Any]], idle_n: int, limits: dict[str, Any]) ->
         if r.get("standbys_failed") or r.get("standbys_unaccounted"):
             lacking = r["standbys_failed"] + r["standbys_unaccounted"]
             rows.append(row(f"{who}: {n} standbys never ready (not retried)", lacking, ""))
+        if "start_cpu" in r:
+            rows += start_cpu_rows(f"{who}: {n}", r["start_cpu"], r["start_to_valid_s"])
         if "idle" in r:
             idle = r["idle"]
             rows.append(row(f"{who}: {idle_n} idle CPU, supervisor",
@@ -290,6 +346,19 @@ def headline(runs: list[dict[str, Any]], idle_n: int, limits: dict[str, Any]) ->
             rows.append(row(f"{who}: {idle_n} idle CPU, all its processes",
                             idle["all_processes_cpu_percent"], "%"))  # fmt: skip
     return rows
+
+
+def start_cpu_rows(prefix: str, cpu: dict[str, Any], wall_s: float) -> list[Row]:
+    """The CPU of the start by process; all of it spread over the vCPUs, against the wall time."""
+    vcpus = cpu["vcpus"]
+    return [
+        row(f"{prefix} CPU until all valid: daemon", cpu["daemon_s"] * 1e3, "ms"),
+        row(f"{prefix} CPU until all valid: fork server", cpu["forkserver_s"] * 1e3, "ms"),
+        row(f"{prefix} CPU until all valid: workers (sum)", cpu["workers_s"] * 1e3, "ms"),
+        row(f"{prefix} CPU until all valid: one worker, p50", cpu["worker_median_ms"], "ms"),
+        row(f"{prefix} CPU until all valid: all / {vcpus} vCPUs", cpu["all_s"] / vcpus * 1e3,
+            "ms", wall_s * 1e3, "start -> all valid"),
+    ]  # fmt: skip
 
 
 def goals(runs: list[dict[str, Any]], goal_n: int) -> list[dict[str, Any]]:
@@ -348,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_ipad(root, n, True, idle))
             if idle is not None:  # what the heartbeats (1 s, default) cost of that idle CPU
                 runs.append(run_ipad(root, n, True, idle, heartbeats=False))
+                # ... and where the CPU of the start goes
+                runs.append(run_ipad(root, n, True, None, standby=False))
             if n <= args.fresh_max:
                 runs.append(run_ipad(root, n, False, None))
             runs.append(run_peer(root, beacon, "supervisord", supervisord, n, idle))
