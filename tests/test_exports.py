@@ -37,7 +37,7 @@ def test_worker_runtime_imports_no_trio_structlog_or_threading() -> None:
     """What the fork server imports stays small, and free of threading's after-fork hook.
 
     ``threading`` registers a handler that runs in every forked worker, and it
-    cost each fork about 120 page faults (ipad/_fdpass.py); trio and structlog
+    cost each fork about 65 page faults (ipad/_fdpass.py); trio and structlog
     would add ~100 ms to a spawned worker's start.
     """
     code = (
