@@ -467,16 +467,29 @@ class ModuleSupervisor:
         """Kill whatever the worker left behind: its process group now, its cgroup next.
 
         Writing ``cgroup.kill`` costs a few hundred microseconds, so it runs in
-        a task of its own, after the restart this ending may trigger (a standby
-        promoted in the same step); removing the emptied cgroup follows it.
+        a task of its own once the module's clients have recovered (at most
+        ``STANDBY_DEFER`` later): in the same scheduler pass as their new
+        channels it would hold them up. Removing the emptied cgroup follows it.
         """
         worker.signal(signal.SIGKILL)
         v1_memory = worker.memory_cgroup if worker.memory_cgroup != worker.cgroup else None
         if worker.cgroup is not None:
-            self._background.start_soon(_clear_cgroup, worker.cgroup)
+            self._background.start_soon(self._clear_cgroup_later, worker.cgroup)
             worker.cgroup = None
         if v1_memory is not None:  # cgroup v1's memory cgroup, apart from the worker's own
             self._background.start_soon(_clear_v1_memory, v1_memory)
+
+    async def _clear_cgroup_later(self, path: Path) -> None:
+        """``_clear_cgroup`` once no proxy of this module waits to recover; at once if cancelled.
+
+        Only what escaped the process group (a setsid() grandchild) is still
+        alive in there, for those few milliseconds.
+        """
+        try:
+            await self.events.wait_until(self._proxies_settled, STANDBY_DEFER)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _clear_cgroup(path)
 
     # --- operator requests --------------------------------------------------------
 
