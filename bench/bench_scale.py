@@ -324,9 +324,9 @@ def limit_rows(limits: dict[str, Any]) -> list[Row]:
 def headline(runs: list[dict[str, Any]], idle_n: int, limits: dict[str, Any]) -> list[Row]:
     """Per supervisor and N: start -> valid, memory and fds per worker; idle CPU at idle_n."""
     rows: list[Row] = limit_rows(limits)
+    floor = rows[-1]["value"]  # the import + forks limit
     for who, slope in marginal(runs).items():
         rows.append(row(f"{who}: RSS per additional worker", slope["rss_kib"], "KiB"))
-    floor = rows[-1]["value"]
     for r in runs:
         who, n = r["supervisor"], r["modules"]
         to = floor if n == limits["modules"] else None
