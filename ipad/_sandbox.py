@@ -25,7 +25,6 @@ import os
 import resource
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 
 from . import _seccomp
 from ._protocol import SandboxSpec
@@ -149,10 +148,10 @@ def apply(spec: SandboxSpec, outer_ids: tuple[int, int], *, in_user_namespace: b
         _map_ids(*outer_ids)
     if spec.memory_cgroup is not None:
         with _step("memory_max"):
-            Path(spec.memory_cgroup, "cgroup.procs").write_text("0")
+            _write(os.path.join(spec.memory_cgroup, "cgroup.procs"), "0")
     if spec.oom_score_adj is not None:
         with _step("oom_score_adj"):
-            Path("/proc/self/oom_score_adj").write_text(str(spec.oom_score_adj))
+            _write("/proc/self/oom_score_adj", str(spec.oom_score_adj))
     flags = (CLONE_NEWNS if spec.view is not None else 0) | (CLONE_NEWNET if spec.network else 0)
     flags |= CLONE_NEWIPC if spec.ipc else 0
     if flags:
@@ -180,18 +179,30 @@ def close_other_fds(keep: int = KEPT_FDS) -> None:
         os.closerange(keep, os.sysconf("SC_OPEN_MAX"))
 
 
+def _write(path: str, text: str) -> None:
+    """Write a /proc or cgroup file.
+
+    Not with pathlib: this module runs in the fork server, and pathlib (with the
+    fnmatch, urllib and ipaddress it imports) is 0.6 MiB that every forked
+    worker would map, and that the kernel tears down at each worker's exit.
+    """
+    with open(path, "w") as file:
+        file.write(text)
+
+
 def _map_ids(uid: int, gid: int) -> None:
     """Map only our own uid and gid into the new user namespace (all an unprivileged one may)."""
     with _step("user_namespace"):
-        Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
 @functools.cache
 def _cap_last() -> int:
     try:
-        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        with open("/proc/sys/kernel/cap_last_cap") as file:  # not pathlib: see _write
+            return int(file.read())
     except (OSError, ValueError):
         return 40
 
@@ -263,7 +274,7 @@ def _build_view(spec: SandboxSpec) -> None:
                f"mode=1777,size={max(spec.tmp_size, 4096)}")  # fmt: skip
     hidden = set(spec.hidden)
     made: list[str] = []  # tmpfs hiding a directory: read-only once all is bound into them
-    for path in sorted({*spec.view, *hidden}, key=lambda p: Path(p).parts):
+    for path in sorted({*spec.view, *hidden}, key=lambda p: os.path.normpath(p).split("/")):
         with _step("mounts"):
             if path in hidden:
                 if os.path.isdir(path):  # visible through some bind: show it empty

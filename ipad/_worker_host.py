@@ -22,7 +22,6 @@ import traceback
 import typing
 from collections.abc import Callable
 from importlib import import_module
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -145,7 +144,8 @@ class LoadedModule:
         self.cls: type[IPAModule] = cls
         self.name = load.module
         self.version = str(getattr(sys.modules[module_name], "__version__", "0"))
-        self.tuning = tomllib.loads(Path(load.tuning).read_text(encoding="utf-8"))
+        with open(load.tuning, encoding="utf-8") as file:  # noqa: PTH123 - no pathlib: see _sandbox._write
+            self.tuning = tomllib.loads(file.read())
         # One probe instance checks the tuning now: a bad tuning file fails the start,
         # with the module's own message, instead of every proxy request later.
         cls(ModuleContext(self.tuning, _discard_event, instance_id=0)).close()

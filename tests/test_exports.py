@@ -37,13 +37,14 @@ def test_worker_runtime_imports_no_trio_structlog_or_threading() -> None:
     """What the fork server imports stays small, and free of threading's after-fork hook.
 
     ``threading`` registers a handler that runs in every forked worker, and it
-    cost each fork about 65 page faults (ipad/_fdpass.py); trio and structlog
-    would add ~100 ms to a spawned worker's start.
+    cost each fork about 65 page faults (ipad/_fdpass.py); pathlib is memory
+    every worker maps and its exit tears down (ipad/_sandbox.py); trio and
+    structlog would add ~100 ms to a spawned worker's start.
     """
     code = (
         "import sys, ipad._forkserver, ipad._worker_host; "
-        "print(sorted(m for m in ('trio', 'structlog', 'cattrs', 'attrs', 'threading') "
-        "if m in sys.modules))"
+        "heavy = ('trio', 'structlog', 'cattrs', 'attrs', 'threading', 'pathlib'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30, check=True
