@@ -70,8 +70,7 @@ class _Group:
                 _, slot = entry.ping
                 if not slot.done.is_set():
                     if now - entry.sent >= entry.timeout:
-                        self.watched.pop(entry.worker, None)
-                        entry.on_hung(entry.worker)
+                        self._hung(entry)
                     continue
                 entry.worker.requests.forget(entry.ping)
             try:
@@ -89,8 +88,12 @@ class _Group:
         if beat and beat != entry.beat:
             entry.beat, entry.beat_seen = beat, now
         elif now - entry.beat_seen >= entry.timeout:
-            self.watched.pop(entry.worker, None)
-            entry.on_hung(entry.worker)
+            self._hung(entry)
+
+    def _hung(self, entry: _Watched) -> None:
+        """Stop watching a hung worker and report it, once."""
+        self.watched.pop(entry.worker, None)
+        entry.on_hung(entry.worker)
 
 
 class Heartbeats:
@@ -116,7 +119,11 @@ class Heartbeats:
         timeout: float,
         on_hung: Callable[[WorkerProcess], None],
     ) -> None:
-        """PING ``worker`` every ``interval``; call ``on_hung`` once if one waits ``timeout``."""
+        """Check ``worker`` every ``interval``; call ``on_hung`` once it is silent ``timeout``.
+
+        Silent: its board's counter has not moved, or (without a board) its PING
+        is unanswered.
+        """
         group = self._groups.get(interval)
         if group is None:
             group = self._groups[interval] = _Group(interval)

@@ -52,6 +52,11 @@ class Beater:
         self._map = mmap.mmap(fd, BOARD_SIZE)
         self._counter = memoryview(self._map).cast("Q")
         #: How long the loop may wait for anything before it must beat again.
+        self.wait: float
+        self.pace(interval)
+
+    def pace(self, interval: float) -> None:
+        """Beat at least every ``interval`` seconds from now on (HEARTBEAT changes it)."""
         self.wait = min(interval, MAX_BEAT_WAIT)
 
     def beat(self) -> None:

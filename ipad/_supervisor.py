@@ -81,7 +81,7 @@ class ModuleSupervisor:
         on_stable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         proxies, launcher = shared.proxies, shared.launcher
-        #: The daemon's one heartbeat task, which pings this module's running worker.
+        #: The daemon's one heartbeat task, which watches this module's running worker.
         self.heartbeats = shared.heartbeats
         #: The module that serves this one's proxies while it is in cooldown.
         self.fallback = fallback
@@ -195,7 +195,7 @@ class ModuleSupervisor:
     async def _attend(self, worker: WorkerProcess) -> str | None:
         """Watch a running worker until it ends; record the end; return its failure.
 
-        The daemon's heartbeat task pings it (ipad/_heartbeat.py); the stable-run
+        The daemon's heartbeat task watches it (ipad/_heartbeat.py); the stable-run
         timer is a deadline on the wait itself. From the pidfd waking us to the
         next worker running (a standby's promotion) nothing yields to the scheduler.
         """
@@ -214,7 +214,7 @@ class ModuleSupervisor:
         return self._on_exit(worker, status)
 
     def _hung(self, worker: WorkerProcess) -> None:
-        """Its PING went unanswered for ``heartbeat_timeout``: kill it, and say it hung."""
+        """No beat or PONG for ``heartbeat_timeout``: kill it, and say it hung."""
         if self.worker is not worker:
             return
         self._hung_worker = True

@@ -28,7 +28,7 @@ import msgspec
 
 from . import _protocol as p
 from ._fdpass import recv_packet, send_packet
-from ._heartbeat_board import MAX_BEAT_WAIT, Beater
+from ._heartbeat_board import Beater
 from .ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
 
 #: The control socket's descriptor number in a worker started by the daemon.
@@ -245,7 +245,7 @@ class WorkerHost:
             self._send_control(p.Pong(), frame.request_id)
         elif isinstance(message, p.Heartbeat):
             if self.beater is not None:
-                self.beater.wait = min(message.interval, MAX_BEAT_WAIT)
+                self.beater.pace(message.interval)
         elif isinstance(message, p.CloseInstance):
             self._close_instance(message.instance_id, notify=None)
         elif isinstance(message, p.Shutdown):
