@@ -105,7 +105,8 @@ class ModuleSupervisor:
         self._wake = trio.Event()
         self._stopping = False
         self._restart_requested = False
-        self._hung_worker = False
+        #: Why the active worker was killed as hung (None: it was not).
+        self._hang: str | None = None
         self._running = trio.Event()
         self._finished = trio.Event()
         self._background: trio.Nursery
@@ -176,7 +177,8 @@ class ModuleSupervisor:
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         reported = False
         while not self.stop_requested():
-            self._restart_requested = self._hung_worker = False
+            self._restart_requested = False
+            self._hang = None
             worker, failure = await self._start()
             if not reported:
                 task_status.started()
@@ -217,8 +219,14 @@ class ModuleSupervisor:
         """No beat or PONG for ``heartbeat_timeout``: kill it, and say it hung."""
         if self.worker is not worker:
             return
-        self._hung_worker = True
-        log.error("worker.hung", module=self.name, worker_pid=worker.pid,
+        # Read now: closing the worker after its exit forgets the board.
+        heartbeat = "board" if worker.board is not None else "ping"
+        silence = (
+            "its heartbeat counter did not move" if heartbeat == "board"
+            else "no heartbeat reply"
+        )  # fmt: skip
+        self._hang = f"worker hung: {silence} within {self.policy.heartbeat_timeout}"
+        log.error("worker.hung", module=self.name, worker_pid=worker.pid, heartbeat=heartbeat,
                   timeout=self.policy.heartbeat_timeout.seconds)  # fmt: skip
         worker.signal(signal.SIGKILL)
 
@@ -431,10 +439,8 @@ class ModuleSupervisor:
             reason = f"module {'stopped' if self._stopping else 'restarting'} ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid,
                      **status.log_fields())  # fmt: skip
-        elif self._hung_worker:
-            failure = reason = (
-                f"worker hung: no heartbeat reply within {self.policy.heartbeat_timeout}"
-            )
+        elif self._hang is not None:
+            failure = reason = self._hang
             log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="hung",
                       **status.log_fields())  # fmt: skip
         elif worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:

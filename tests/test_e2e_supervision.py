@@ -165,9 +165,14 @@ def test_hung_worker_is_killed_and_restarted(start_daemon: Start, tmp_path: Path
         with pytest.raises(ipc.WorkerCrashed):
             faulty.call("hang", timeout=10)
     hung = daemon.wait_for("worker.hung", lambda r: r["module"] == "faulty")
-    assert hung["worker_pid"] == pid
+    assert (hung["worker_pid"], hung["heartbeat"]) == (pid, "board")
     exited = daemon.wait_for("worker.exited", lambda r: r["module"] == "faulty")
     assert (exited["cause"], exited["signal"]) == ("hung", "SIGKILL")
+    # A forked worker beats on a board: the reason says so, not "no reply" to a PING.
+    state = daemon.wait_for(
+        "module.state_changed", lambda r: r["module"] == "faulty" and r["state"] == "exited"
+    )
+    assert state["reason"] == "worker hung: its heartbeat counter did not move within 300ms"
     daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
     # The new worker is the promoted standby, which beat once an hour while it
     # waited: promoted, it beats at the module's interval again (HEARTBEAT), so
