@@ -122,7 +122,10 @@ class ModuleSupervisor:
     def _set_state(self, state: WorkerState, reason: str | None = None, **fields: object) -> None:
         self.state = advance_worker(self.state, state)
         self.reason = reason
-        pid = self.worker.pid if self.worker is not None else None
+        # Starting, the worker that will run is not known yet: the one still in
+        # self.worker is the one that ended.
+        starting = state is WorkerState.STARTING
+        pid = self.worker.pid if self.worker is not None and not starting else None
         self.events.publish(
             "module", self.name, state=state.value, reason=reason, worker_pid=pid, details=fields
         )

@@ -457,6 +457,15 @@ def test_standby_is_promoted_and_replaced(start_daemon: Start, tmp_path: Path) -
     os.kill(active, signal.SIGKILL)
     promoted = daemon.wait_for("worker.ready", lambda r: r.get("standby") is True)
     assert promoted["worker_pid"] == standby["worker_pid"]
+    daemon.wait_for("module.state_changed", lambda r: r["state"] == "running"
+                    and r["worker_pid"] == promoted["worker_pid"])  # fmt: skip
+    # Each state names the worker it is about: starting names none, not the dead one.
+    states = [(r["state"], r.get("worker_pid")) for r in daemon.events("module.state_changed")]
+    assert states[-3:] == [
+        ("exited", active),
+        ("starting", None),
+        ("running", promoted["worker_pid"]),
+    ]
     again = daemon.wait_for(
         "worker.standby_ready", lambda r: r["worker_pid"] not in (standby["worker_pid"], active)
     )
