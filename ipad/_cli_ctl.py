@@ -17,6 +17,7 @@ import msgspec
 
 from ._client_blocking import BlockingClient
 from ._errors import IpadError
+from ._paths import client_socket_path
 from ._version import __version__
 
 #: Exit status when the daemon answered with an error or could not be reached.
@@ -94,17 +95,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _online(args)
 
 
+def _connect(args: argparse.Namespace) -> BlockingClient | None:
+    """Connect, or say why not with the socket actually tried (the default, $IPAD_SOCKET)."""
+    path = args.socket or client_socket_path()
+    try:
+        return BlockingClient(path, name="ipadctl")
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        _fail(args, "unreachable", f"no daemon at {path}: {exc.strerror}")
+    except PermissionError as exc:
+        # The socket's group and mode are the first gate (docs/security.md).
+        _fail(args, "permission_denied", f"may not connect to {path}: {exc.strerror}")
+    except IpadError as exc:
+        _fail(args, exc.code, exc.message, exc.details)
+    return None
+
+
 def _online(args: argparse.Namespace) -> int:
     """Run a command that talks to the daemon."""
+    client = _connect(args)
+    if client is None:
+        return EXIT_FAILED
     try:
-        with BlockingClient(args.socket, name="ipadctl") as client:
+        with client:
             return int(_COMMANDS[args.command](client, args))
     except IpadError as exc:
         _fail(args, exc.code, exc.message, exc.details)
         for problem in exc.details.get("problems", []) if not args.json else []:
             print(problem, file=sys.stderr)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        _fail(args, "unreachable", f"no daemon at {exc.filename or args.socket}: {exc.strerror}")
     except UsageError as exc:
         _fail(args, "usage", str(exc))
         return EXIT_USAGE

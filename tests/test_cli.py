@@ -96,6 +96,28 @@ def test_version_and_help(command: list[str]) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_ipadctl_without_a_daemon_names_the_socket(tmp_path: Path) -> None:
+    """No daemon: exit 1 and the socket it tried, found by $IPAD_SOCKET; as JSON with --json."""
+    env = {**os.environ, "IPAD_SOCKET": str(tmp_path / "none.sock")}
+    result = run("-m", "ipad._cli_ctl", "status", env=env)
+    assert result.returncode == 1
+    assert (
+        result.stderr
+        == f"ipadctl: no daemon at {tmp_path / 'none.sock'}: No such file or directory\n"
+    )
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as bound:
+        bound.bind(str(stale))  # bound, never listening: refused
+        result = run("-m", "ipad._cli_ctl", "--json", "--socket", str(stale), "status", env=env)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"] == {
+        "code": "unreachable",
+        "message": f"no daemon at {stale}: Connection refused",
+        "details": {},
+    }
+
+
+@pytest.mark.timeout(60)
 def test_console_scripts_are_installed() -> None:
     """The installed `ipad` and `ipadctl` scripts sit next to this interpreter and run."""
     bindir = Path(sys.executable).parent
