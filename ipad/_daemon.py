@@ -40,6 +40,10 @@ log = structlog.get_logger("ipad")
 #: The Python worker host shipped with ipad: workers it runs can be forked by the fork server.
 WORKER_HOST = "ipad-worker"
 
+#: Why a reload stops a module, as its proxies' reason reads ("module removed …").
+REMOVED = "removed from the configuration"
+CHANGED = "changed in the configuration: restarting"
+
 
 def forkable_argv(plans: Iterable[ModulePlan]) -> list[str] | None:
     """The argv of workers the fork server can fork, if any module runs the shipped host."""
@@ -343,8 +347,10 @@ class DaemonRuntime:
         self.daemon.limits = new.config.clients
         self.daemon.policy = new.access.policy
         async with trio.open_nursery() as stopping:
-            for name in [*removed, *changed]:
-                stopping.start_soon(self.supervisors[name].stop)
+            for name in removed:
+                stopping.start_soon(self.supervisors[name].stop, REMOVED)
+            for name in changed:
+                stopping.start_soon(self.supervisors[name].stop, CHANGED)
         for name in [*removed, *changed]:
             del self.supervisors[name]
         self.checked = new

@@ -104,6 +104,8 @@ class ModuleSupervisor:
         self._instance_ids = itertools.count(1)
         self._wake = trio.Event()
         self._stopping = False
+        #: What stop() was for, in the reasons its clients see: "stopped", "removed …".
+        self._stopped_why = "stopped"
         self._restart_requested = False
         #: Why the active worker was killed as hung (None: it was not).
         self._hang: str | None = None
@@ -195,7 +197,7 @@ class ModuleSupervisor:
             await self._drop_standby()
         self._background.cancel_scope.cancel()  # a standby still being prepared, say
         if self.state is not WorkerState.STOPPED:
-            self._set_state(WorkerState.STOPPED, "stopped")
+            self._set_state(WorkerState.STOPPED, self._stopped_why)
 
     async def _attend(self, worker: WorkerProcess) -> str | None:
         """Watch a running worker until it ends; record the end; return its failure.
@@ -439,7 +441,8 @@ class ModuleSupervisor:
         worker.close()
         if self._stopping or self._restart_requested:
             failure = None
-            reason = f"module {'stopped' if self._stopping else 'restarting'} ({status.describe()})"
+            why = self._stopped_why if self._stopping else "restarting"
+            reason = f"module {why} ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid,
                      **status.log_fields())  # fmt: skip
         elif self._hang is not None:
@@ -502,8 +505,13 @@ class ModuleSupervisor:
 
     # --- operator requests --------------------------------------------------------
 
-    async def stop(self) -> None:
-        """Stop for good: SHUTDOWN, then SIGTERM, then SIGKILL after the grace period."""
+    async def stop(self, why: str = "stopped") -> None:
+        """Stop for good: SHUTDOWN, then SIGTERM, then SIGKILL after the grace period.
+
+        ``why`` goes into the reason its proxies turn invalid with: a client
+        can tell a module removed by a reload from one stopped with the daemon.
+        """
+        self._stopped_why = why
         self._stopping = True
         self._wake.set()
         worker = self.worker

@@ -338,6 +338,18 @@ def test_reload_starts_stops_restarts_and_keeps(start_daemon: Start, tmp_path: P
     assert status["echo"]["worker_pid"] == before["echo"]
     assert status["awb"]["worker_pid"] != before["awb"]
     assert not alive(before["agc"])
+    # The reasons their clients see say what the reload did to each.
+    ends = {
+        (r["module"], r["state"]): r["reason"]
+        for r in daemon.events("module.state_changed")
+        if r["state"] in ("exited", "stopped")
+    }
+    assert ends == {
+        ("agc", "exited"): "module removed from the configuration (exit status 0)",
+        ("agc", "stopped"): "removed from the configuration",
+        ("awb", "exited"): "module changed in the configuration: restarting (exit status 0)",
+        ("awb", "stopped"): "changed in the configuration: restarting",
+    }
 
 
 def test_invalid_reload_keeps_the_old_configuration(start_daemon: Start, tmp_path: Path) -> None:
