@@ -319,6 +319,21 @@ class DaemonRuntime:
             finally:
                 await self.service.ready(self.summary())  # done, or failed: the old config runs
 
+    async def _renew_forkserver(self, new: CheckedConfig, changed: list[str]) -> None:
+        """A new fork server if the one running holds code the new configuration replaces.
+
+        Trusted modules' code is imported into the fork server once; a changed
+        module (say, a new version in its manifest) or another set of trusted
+        modules needs a fork server that imports them afresh.
+        """
+        trusted = new.config.daemon.trusted_module_dirs
+        preloads = trusted_preloads(new.plans.values(), trusted)
+        stale = trusted_preloads([new.plans[name] for name in changed], trusted)
+        if preloads != self.launcher.preloads or stale:
+            log.info("forkserver.renewing", reason="preloaded code changed" if stale
+                     else "other trusted modules", modules=stale)  # fmt: skip
+            await self.launcher.renew(preloads)
+
     async def _reload(self) -> dict[str, Any]:
         log.info("daemon.reloading", config=str(self.checked.path))
         try:
@@ -353,6 +368,7 @@ class DaemonRuntime:
                 stopping.start_soon(self.supervisors[name].stop, CHANGED)
         for name in [*removed, *changed]:
             del self.supervisors[name]
+        await self._renew_forkserver(new, changed)
         self.checked = new
         assert self._nursery is not None  # noqa: S101 - set by run()
         await self.start_modules(self._nursery, [*added, *changed])

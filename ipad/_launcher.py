@@ -44,6 +44,9 @@ FORKSERVER_GRACE = 1.0
 #: How long a fork may take before the launcher spawns instead.
 FORK_TIMEOUT = 2.0
 
+#: How long ``renew`` waits for the new fork server before workers are spawned meanwhile.
+RENEW_TIMEOUT = 5.0
+
 
 class Launcher:
     """Starts worker processes for every supervisor."""
@@ -74,6 +77,10 @@ class Launcher:
         #: The argv a worker must have to be forked: the Python worker host's.
         self.forkable = list(forkable) if forkable else None
         self.forkserver: WorkerProcess | None = None
+        #: Set to have the running fork server replaced (``renew``); one per server.
+        self._renew: trio.Event | None = None
+        #: Set, and replaced, each time a fork server takes up service.
+        self._serving = trio.Event()
         self.forks = 0
         self.spawns = 0
         self._relays: trio.Nursery | None = None
@@ -124,11 +131,15 @@ class Launcher:
         first = True
         while True:
             server = await self._start_forkserver()
+            renew = self._renew = trio.Event()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.watch)
                     nursery.start_soon(server.read_control)
+                    nursery.start_soon(self._retire_on, renew, server)
                     self.forkserver = server
+                    serving, self._serving = self._serving, trio.Event()
+                    serving.set()
                     if first:
                         task_status.started()
                         first = False
@@ -136,11 +147,39 @@ class Launcher:
                     nursery.cancel_scope.cancel()
             finally:
                 # Its watch task is gone by now, so reap it directly.
-                self.forkserver = None
+                self.forkserver = self._renew = None
                 status = await server.terminate_and_reap(FORKSERVER_GRACE)
                 server.close()
+            if renew.is_set():
+                log.info("forkserver.replaced", pid=server.pid, **status.log_fields())
+                continue
             log.error("forkserver.exited", pid=server.pid, **status.log_fields())
             await trio.sleep(FORKSERVER_RESTART_DELAY)
+
+    async def _retire_on(self, renew: trio.Event, server: WorkerProcess) -> None:
+        """Once ``renew`` is set, fork nothing more from ``server`` and ask it to exit."""
+        await renew.wait()
+        if self.forkserver is server:
+            self.forkserver = None
+        with contextlib.suppress(OSError, trio.ClosedResourceError):  # gone already: seen
+            await server.control.send(p.Shutdown())
+
+    async def renew(self, preloads: Sequence[str]) -> None:
+        """Replace the fork server by one that imports ``preloads`` afresh; wait until it serves.
+
+        A fork server holds the trusted modules' code as it was when it imported
+        them, and every worker forked from it runs that code: a reload that
+        changes such a module must not start its new workers from the old one.
+        Forks already asked of the old server are answered before it exits.
+        """
+        self.preloads = list(preloads)
+        renew, old = self._renew, self.forkserver
+        if renew is None or old is None:
+            return  # none serves now: the next one imports the new preloads by itself
+        renew.set()
+        with trio.move_on_after(RENEW_TIMEOUT):  # meanwhile workers are spawned, only slower
+            while self.forkserver is None or self.forkserver is old:
+                await self._serving.wait()
 
     async def launch(
         self,

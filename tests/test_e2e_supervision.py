@@ -494,6 +494,76 @@ def test_standby_is_promoted_and_replaced(start_daemon: Start, tmp_path: Path) -
     )
 
 
+#: A trusted module whose code and manifest both say which version they are.
+VERSIONED = """from ipad.ipa import IPAModule
+
+__version__ = "{version}"
+
+
+class Versioned(IPAModule):
+    def which(self) -> str:
+        return "{version}"
+"""
+
+VERSIONED_MANIFEST = """name = "versioned"
+version = "{version}"
+api_version = 1
+worker = "ipad-worker"
+entry_point = "versioned_pkg.versioned:Versioned"
+[pipeline]
+handlers = ["simple"]
+min_version = 1
+max_version = 1
+"""
+
+
+def install_versioned(directory: Path, version: str) -> None:
+    """Install (or upgrade) the versioned module's code and manifest in ``directory``."""
+    package = directory / "versioned_pkg"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "versioned.py").write_text(VERSIONED.format(version=version))
+    (directory / "versioned.toml").write_text(VERSIONED_MANIFEST.format(version=version))
+
+
+def test_reload_of_a_changed_trusted_module_runs_its_new_code(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """The fork server holds trusted code as imported: a reload that changes it replaces it."""
+    modules = tmp_path / "trusted"
+    install_versioned(modules, "1.0.0")
+    (tmp_path / "versioned.toml").write_text("")
+    config = write_config(
+        tmp_path,
+        f'[daemon]\nmodule_dirs = ["{modules}"]\ntrusted_module_dirs = ["{modules}"]\n',
+        modules="[modules.versioned]\n[modules.echo]\n",
+    )
+    env = {**daemon_env, "IPAD_VERSIONED_TUNING_FILE": str(tmp_path / "versioned.toml")}
+    daemon = start_daemon(config, env=env)
+    first = daemon.wait_for("forkserver.started")
+    assert f"{modules}:versioned_pkg.versioned" in first["preloads"]
+
+    def which() -> str:
+        with BlockingClient(daemon.socket) as client:
+            return str(client.request_proxy("versioned").call("which"))
+
+    assert which() == "1.0.0"
+    echo = daemon.worker_pids()["echo"]
+    # An upgrade: new code, new version in the manifest. (Of another length: the same
+    # second and size would let the interpreter take the old cached bytecode.)
+    install_versioned(modules, "1.10.0")
+    daemon.ctl("reload")
+    assert which() == "1.10.0"
+    replaced = daemon.wait_for("forkserver.replaced")
+    assert (replaced["pid"], replaced["exit_status"]) == (first["pid"], 0)
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    assert status["modules"]["versioned"]["version"] == "1.10.0"
+    assert status["daemon"]["forkserver_pid"] not in (None, first["pid"])
+    assert daemon.worker_pids()["echo"] == echo  # unchanged: still the same worker
+    assert not alive(first["pid"])
+    assert daemon.events("forkserver.exited") == []  # a replacement, not a crash
+
+
 def test_fork_server_preloads_only_trusted_modules(start_daemon: Start, tmp_path: Path) -> None:
     """The fork server imports shipped and trusted modules, never those of other directories."""
     config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
