@@ -7,11 +7,11 @@ import faulthandler
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._config import LogFormat, LogLevel
+from ._config import DaemonSettings, LogFormat, LogLevel
 from ._spawn import StartedProcess
 from ._version import __version__
 from ._zygote import start_zygote
@@ -97,16 +97,32 @@ def _serve(args: argparse.Namespace, early: StartedProcess) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
-    daemon = checked.config.daemon
-    level = LogLevel(args.log_level) if args.log_level else daemon.log_level
-    fmt = LogFormat(args.log_format) if args.log_format else daemon.log_format
-    if args.log_format is None and stderr_is_journal():
-        fmt = LogFormat.JOURNAL
-    configure_logging(level, fmt)
-    return _run(checked, early)
+    chosen: list[tuple[LogLevel, LogFormat]] = []
+
+    def relog(daemon: DaemonSettings) -> None:
+        """Log as ``daemon`` says, unless the command line said otherwise; at start and reload."""
+        level = LogLevel(args.log_level) if args.log_level else daemon.log_level
+        fmt = LogFormat(args.log_format) if args.log_format else daemon.log_format
+        if args.log_format is None and stderr_is_journal():
+            fmt = LogFormat.JOURNAL
+        if chosen and chosen[-1] == (level, fmt):
+            return
+        configure_logging(level, fmt)
+        if chosen:
+            import structlog  # noqa: PLC0415 - configure_logging has imported it
+
+            structlog.get_logger("ipad").info(
+                "daemon.logging_changed", log_level=level.value, log_format=fmt.value
+            )
+        chosen.append((level, fmt))
+
+    relog(checked.config.daemon)
+    return _run(checked, early, relog)
 
 
-def _run(checked: CheckedConfig, early: StartedProcess) -> int:
+def _run(
+    checked: CheckedConfig, early: StartedProcess, relog: Callable[[DaemonSettings], None]
+) -> int:
     import structlog  # noqa: PLC0415
     import trio  # noqa: PLC0415 - --check-config and --help need not pay for importing trio
 
@@ -121,7 +137,7 @@ def _run(checked: CheckedConfig, early: StartedProcess) -> int:
     # need not walk it again and again while the workers start.
     gc.freeze()
     try:
-        trio.run(run_daemon, checked, early)
+        trio.run(run_daemon, checked, early, relog)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (ListenerError, ActivationError, OSError) as exc:

@@ -7,7 +7,7 @@ import ctypes
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import trio
 from . import _protocol as p
 from ._cgroup import WorkerCgroups
 from ._check import CheckedConfig, ModulePlan, check_config
+from ._config import DaemonSettings
 from ._events import EventBus
 from ._heartbeat import Heartbeats
 from ._launcher import Launcher
@@ -36,6 +37,9 @@ from ._systemd import Notifier
 
 log = structlog.get_logger("ipad")
 
+
+#: ``[daemon]`` keys a reload cannot apply: the socket is bound, the fork server chosen.
+AT_RESTART_ONLY = ("socket", "socket_group", "forkserver")
 
 #: The Python worker host shipped with ipad: workers it runs can be forked by the fork server.
 WORKER_HOST = "ipad-worker"
@@ -138,8 +142,11 @@ class DaemonRuntime:
         path: Path,
         service: ServiceNotifier | None = None,
         early_forkserver: StartedProcess | None = None,
+        relog: Callable[[DaemonSettings], None] | None = None,
     ) -> None:
         self.checked = checked
+        #: Applies a configuration's log level and format (the command line's win).
+        self.relog = relog
         self.socket_path = path
         #: systemd's notification channel (a no-op outside systemd).
         self.service = service if service is not None else ServiceNotifier(Notifier(None))
@@ -354,10 +361,13 @@ class DaemonRuntime:
             or old.config.modules[name] != new.config.modules[name]
             or old.config.restart_policy(name) != new.config.restart_policy(name)
         )
-        old_socket = (old.config.daemon.socket, old.config.daemon.socket_group)
-        if old_socket != (new.config.daemon.socket, new.config.daemon.socket_group):
-            log.warning("daemon.reload_socket_unchanged",
-                        reason="the socket's path and group change at restart")  # fmt: skip
+        fixed = [key for key in AT_RESTART_ONLY
+                 if getattr(old.config.daemon, key) != getattr(new.config.daemon, key)]  # fmt: skip
+        if fixed:
+            log.warning("daemon.reload_needs_restart", keys=[f"daemon.{key}" for key in fixed],
+                        reason="these take effect when the daemon restarts")  # fmt: skip
+        if self.relog is not None:
+            self.relog(new.config.daemon)
         # New connections and requests are judged by the new policy and limits from now on.
         self.daemon.limits = new.config.clients
         self.daemon.policy = new.access.policy
@@ -383,13 +393,15 @@ class DaemonRuntime:
 async def run_daemon(
     checked: CheckedConfig,
     early_forkserver: StartedProcess | None = None,
+    relog: Callable[[DaemonSettings], None] | None = None,
     *,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start every module, serve clients until SIGTERM or SIGINT, then stop everything.
 
     SIGHUP reloads the configuration. ``early_forkserver`` is the fork server
-    the caller started before reading the configuration (ipad/_zygote.py), if any.
+    the caller started before reading the configuration (ipad/_zygote.py), if any;
+    ``relog`` applies a reloaded configuration's log settings.
     ``task_status`` reports the socket path
     once every module has reached a first state (running, or failed with its
     reason) and clients are served.
@@ -398,7 +410,7 @@ async def run_daemon(
     try:
         configured = socket_path(checked.config.daemon.socket)
         listener, path, activated = open_listener(configured, checked.access.socket_gid)
-        runtime = DaemonRuntime(checked, path, service, early_forkserver)
+        runtime = DaemonRuntime(checked, path, service, early_forkserver, relog)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:

@@ -38,13 +38,16 @@ class DaemonProcess:
         prefix: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
         args: Sequence[str] = (),
+        log_level: str | None = "debug",
     ) -> None:
         self.socket = Path(env["IPAD_SOCKET"])
+        # None: the configuration's log_level rules, as without the option.
+        level = ["--log-level", log_level] if log_level is not None else []
         self.env = env
         self.prefix = list(prefix)
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "ipad", "--config", str(config), "--log-format",
-             "json", "--log-level", "debug", *args],
+             "json", *level, *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -222,9 +225,10 @@ def start_daemon(
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
+        log_level: str | None = "debug",
     ) -> DaemonProcess:
         config = config or write_config(tmp_path)
-        daemon = DaemonProcess(config, env or daemon_env, prefix, pass_fds)
+        daemon = DaemonProcess(config, env or daemon_env, prefix, pass_fds, log_level=log_level)
         started.append(daemon)
         if wait:
             daemon.wait_for("daemon.started")

@@ -352,6 +352,31 @@ def test_reload_starts_stops_restarts_and_keeps(start_daemon: Start, tmp_path: P
     }
 
 
+def test_reload_applies_the_log_level_and_names_what_waits_for_a_restart(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A reload takes the new log_level (unless the command line set one); the socket waits."""
+    config = write_config(tmp_path, '[daemon]\nlog_level = "info"\n', modules="[modules.echo]\n")
+    daemon = start_daemon(config, log_level=None)
+    assert daemon.events("worker.forked") == []  # a debug record, below "info"
+    config.write_text('[daemon]\nlog_level = "debug"\nforkserver = false\n[modules.echo]\n')
+    daemon.ctl("reload")
+    changed = daemon.wait_for("daemon.logging_changed")
+    assert (changed["log_level"], changed["log_format"]) == ("debug", "json")
+    waiting = daemon.wait_for("daemon.reload_needs_restart")
+    assert waiting["keys"] == ["daemon.forkserver"]
+    daemon.ctl("restart", "echo")
+    daemon.wait_for("worker.forked")  # still forked: the fork server stays until a restart
+    # With --log-level given, the command line keeps ruling.
+    pinned = start_daemon(
+        config, env={**daemon.env, "IPAD_SOCKET": str(tmp_path / "pinned.sock")}, log_level="info"
+    )
+    config.write_text('[daemon]\nlog_level = "warning"\n[modules.echo]\n')
+    pinned.ctl("reload")
+    pinned.wait_for("daemon.reloaded")
+    assert pinned.events("daemon.logging_changed") == []
+
+
 def test_invalid_reload_keeps_the_old_configuration(start_daemon: Start, tmp_path: Path) -> None:
     """`ipadctl reload` of a broken file fails with every problem; the old config keeps running."""
     config = write_config(tmp_path)
