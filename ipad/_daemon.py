@@ -123,7 +123,7 @@ def protect_daemon() -> None:
 
 
 def report_unavailable(plans: Iterable[ModulePlan]) -> None:
-    """Say once, at start, which optional sandbox measures this host lacks, for which modules."""
+    """Say which optional sandbox measures this host lacks, for which of these modules."""
     missing: dict[tuple[str, str], list[str]] = {}
     for plan in plans:
         for gap in plan.unavailable:
@@ -153,13 +153,6 @@ class DaemonRuntime:
         self.events = EventBus()
         self.proxies = ProxyTable(self.events)
         self.cgroups = WorkerCgroups.create()
-        sandboxes = [plan.sandbox for plan in checked.plans.values() if plan.sandbox is not None]
-        if sandboxes:
-            protect_daemon()
-        report_unavailable(checked.plans.values())
-        memory = None
-        if any(spec.memory_max is not None for spec in sandboxes):
-            memory = memory_support()
         forkable = (
             forkable_argv(checked.plans.values()) if checked.config.daemon.forkserver else None
         )
@@ -167,9 +160,9 @@ class DaemonRuntime:
             checked.plans.values(), checked.config.daemon.trusted_module_dirs
         )
         self.heartbeats = Heartbeats()
-        self.launcher = Launcher(
-            forkable, self.cgroups, preloads, early=early_forkserver, memory=memory
-        )
+        self.launcher = Launcher(forkable, self.cgroups, preloads, early=early_forkserver)
+        self._protected = False
+        self._prepare_sandboxes(checked.plans.values())
         #: What every module's supervisor uses of ours.
         self.shared = Shared(self.proxies, self.launcher, self.heartbeats)
         self.supervisors: dict[str, ModuleSupervisor] = {}
@@ -190,6 +183,21 @@ class DaemonRuntime:
         for group in checked.access.missing_defaults:
             log.info("access.default_group_missing", group=group,
                      reason="no such group: it grants nothing (access.admin_groups)")  # fmt: skip
+
+    def _prepare_sandboxes(self, plans: Iterable[ModulePlan]) -> None:
+        """Set up what sandboxed modules need of the daemon, at start or at the reload adding them.
+
+        Said once per module: the optional measures this host lacks. Done once
+        per daemon: making it undumpable, and the memory controller for limits.
+        """
+        plans = list(plans)
+        report_unavailable(plans)
+        sandboxes = [plan.sandbox for plan in plans if plan.sandbox is not None]
+        if sandboxes and not self._protected:
+            protect_daemon()
+            self._protected = True
+        if any(spec.memory_max is not None for spec in sandboxes):
+            self.launcher.enable_memory(memory_support())
 
     def _status(self) -> dict[str, Any]:
         return {
@@ -379,6 +387,7 @@ class DaemonRuntime:
         for name in [*removed, *changed]:
             del self.supervisors[name]
         await self._renew_forkserver(new, changed)
+        self._prepare_sandboxes(new.plans[name] for name in [*added, *changed])
         self.checked = new
         assert self._nursery is not None  # noqa: S101 - set by run()
         await self.start_modules(self._nursery, [*added, *changed])

@@ -61,15 +61,10 @@ class Launcher:
     ) -> None:
         self.cgroups = cgroups
         #: Where sandboxed workers' memory limits go (ipad/_memory_cgroup.py), if anywhere.
-        self.memory_version = memory.version if memory is not None else None
+        self.memory_version: int | None = None
         self.v1_memory: _memory_cgroup.V1MemoryCgroups | None = None
-        if memory is not None and memory.version == 1 and memory.v1_parent is not None:
-            self.v1_memory = _memory_cgroup.V1MemoryCgroups(memory.v1_parent)
-            self.v1_memory.open()
-            log.info("memory.ready", cgroup=str(self.v1_memory.base), version=1)
-        elif memory is not None and memory.version == 2 and cgroups is not None:
-            # Workers' own cgroups get memory.max only if their parent hands the controller on.
-            (cgroups.base / "cgroup.subtree_control").write_text("+memory")
+        if memory is not None:
+            self.enable_memory(memory)
         #: A fork server started before trio was imported, to take charge of first.
         self.early = early
         #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
@@ -98,6 +93,19 @@ class Launcher:
                 await self._keep_forkserver(task_status)
             finally:
                 self._relays = None
+
+    def enable_memory(self, memory: _memory_cgroup.MemorySupport) -> None:
+        """Make workers' memory limits possible, once: at start, or at the reload that needs it."""
+        if self.memory_version is not None:
+            return
+        self.memory_version = memory.version
+        if memory.version == 1 and memory.v1_parent is not None:
+            self.v1_memory = _memory_cgroup.V1MemoryCgroups(memory.v1_parent)
+            self.v1_memory.open()
+            log.info("memory.ready", cgroup=str(self.v1_memory.base), version=1)
+        elif memory.version == 2 and self.cgroups is not None:
+            # Workers' own cgroups get memory.max only if their parent hands the controller on.
+            (self.cgroups.base / "cgroup.subtree_control").write_text("+memory")
 
     def _relay(self, read_end: int, module: str, pid: int) -> None:
         """Relay a started process's output; its read end is the relay's from now on."""

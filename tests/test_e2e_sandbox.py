@@ -204,6 +204,23 @@ def test_memory_limit_kill_is_reported_as_oom(start_daemon: Start, tmp_path: Pat
     daemon.wait_for("worker.ready", lambda r: r["module"] == "probe" and r["worker_pid"] != pid)
 
 
+@pytest.mark.skipif(not MEMORY, reason="needs a writable memory cgroup controller (v2 or v1)")
+def test_sandboxes_added_by_reload_are_as_confined(start_daemon: Start, tmp_path: Path) -> None:
+    """The first sandboxed modules may come with a reload: their limits hold as at a start."""
+    config = write_config(tmp_path, SANDBOX.format(modules=TEST_MODULES, extra=""),
+                          modules="[modules.echo]\n")  # fmt: skip
+    daemon = start_daemon(config)
+    assert daemon.events("memory.ready") == []  # nothing needed a memory controller yet
+    sandbox_config(tmp_path)
+    result = daemon.ctl("reload").stdout
+    assert "added: probe, probe2" in result
+    assert_confined(probe_report(daemon), uid=NOBODY)
+    in_force = status_of(daemon, "probe")["sandbox"]["in_force"]
+    assert (in_force["memory_max"], in_force["pid_namespace"]) == (64 << 20, True)
+    assert daemon.events("forkserver.fork_failed") == []  # forked into its cgroup, not spawned
+    assert len(daemon.events("memory.ready")) == 1
+
+
 def test_spawned_workers_are_confined_too(start_daemon: Start, tmp_path: Path) -> None:
     """Without the fork server, the jail confines the spawned worker; signals reach only itself."""
     config = sandbox_config(tmp_path)
