@@ -334,15 +334,24 @@ class DaemonRuntime:
             finally:
                 await self.service.ready(self.summary())  # done, or failed: the old config runs
 
-    async def _renew_forkserver(self, new: CheckedConfig, changed: list[str]) -> None:
-        """A new fork server if the one running holds code the new configuration replaces.
+    async def _update_forkserver(self, new: CheckedConfig, changed: list[str]) -> None:
+        """The fork server the new configuration needs: a first one, or one with fresh code.
 
-        Trusted modules' code is imported into the fork server once; a changed
-        module (say, a new version in its manifest) or another set of trusted
-        modules needs a fork server that imports them afresh.
+        A start without any module the fork server can fork ran none: the reload
+        that brings the first starts it (unless ``forkserver = false``). Trusted
+        modules' code is imported into the fork server once; a changed module
+        (say, a new version in its manifest) or another set of trusted modules
+        needs a fork server that imports them afresh.
         """
         trusted = new.config.daemon.trusted_module_dirs
         preloads = trusted_preloads(new.plans.values(), trusted)
+        if self.launcher.forkable is None:
+            wanted = self.checked.config.daemon.forkserver  # the running choice: kept
+            forkable = forkable_argv(new.plans.values()) if wanted else None
+            if forkable is not None:
+                self.launcher.preloads = preloads
+                await self.launcher.enable_forking(forkable)
+            return
         stale = trusted_preloads([new.plans[name] for name in changed], trusted)
         if preloads != self.launcher.preloads or stale:
             log.info("forkserver.renewing", reason="preloaded code changed" if stale
@@ -386,7 +395,7 @@ class DaemonRuntime:
                 stopping.start_soon(self.supervisors[name].stop, CHANGED)
         for name in [*removed, *changed]:
             del self.supervisors[name]
-        await self._renew_forkserver(new, changed)
+        await self._update_forkserver(new, changed)
         self._prepare_sandboxes(new.plans[name] for name in [*added, *changed])
         self.checked = new
         assert self._nursery is not None  # noqa: S101 - set by run()

@@ -76,6 +76,8 @@ class Launcher:
         self._renew: trio.Event | None = None
         #: Set, and replaced, each time a fork server takes up service.
         self._serving = trio.Event()
+        #: Set when workers become forkable after a start without any (``enable_forking``).
+        self._wanted = trio.Event()
         self.forks = 0
         self.spawns = 0
         self._relays: trio.Nursery | None = None
@@ -88,8 +90,10 @@ class Launcher:
                 if self.forkable is None:
                     if self.early is not None:
                         self.early.discard()
+                        self.early = None
                     task_status.started()
-                    await trio.sleep_forever()
+                    await self._wanted.wait()  # a reload brought the first forkable module
+                    task_status = trio.TASK_STATUS_IGNORED
                 await self._keep_forkserver(task_status)
             finally:
                 self._relays = None
@@ -171,6 +175,16 @@ class Launcher:
             self.forkserver = None
         with contextlib.suppress(OSError, trio.ClosedResourceError):  # gone already: seen
             await server.control.send(p.Shutdown())
+
+    async def enable_forking(self, forkable: Sequence[str]) -> None:
+        """Start the fork server a start without forkable workers did not need; wait for it."""
+        if self.forkable is not None:
+            return
+        self.forkable = list(forkable)
+        self._wanted.set()
+        with trio.move_on_after(RENEW_TIMEOUT):  # meanwhile workers are spawned, only slower
+            while self.forkserver is None:
+                await self._serving.wait()
 
     async def renew(self, preloads: Sequence[str]) -> None:
         """Replace the fork server by one that imports ``preloads`` afresh; wait until it serves.

@@ -377,6 +377,22 @@ def test_reload_applies_the_log_level_and_names_what_waits_for_a_restart(
     assert pinned.events("daemon.logging_changed") == []
 
 
+def test_reload_that_brings_the_first_module_starts_the_fork_server(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A daemon started with no module to fork forks those a reload adds, as a start would."""
+    config = write_config(tmp_path, modules="")
+    daemon = start_daemon(config)
+    assert daemon.wait_for("daemon.started")["forkserver"] is False
+    write_config(tmp_path, modules="[modules.echo]\n")
+    daemon.ctl("reload")
+    started = daemon.wait_for("forkserver.started")
+    daemon.wait_for("worker.standby_ready", lambda r: r["module"] == "echo")
+    status = json.loads(daemon.ctl("--json", "status").stdout)["daemon"]
+    assert status["forkserver_pid"] == started["pid"]
+    assert (status["workers_forked"], status["workers_spawned"]) == (2, 0)  # active, standby
+
+
 def test_invalid_reload_keeps_the_old_configuration(start_daemon: Start, tmp_path: Path) -> None:
     """`ipadctl reload` of a broken file fails with every problem; the old config keeps running."""
     config = write_config(tmp_path)
