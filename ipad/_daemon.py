@@ -388,6 +388,7 @@ class DaemonRuntime:
         # New connections and requests are judged by the new policy and limits from now on.
         self.daemon.limits = new.config.clients
         self.daemon.policy = new.access.policy
+        await self.daemon.revoke_denied()
         async with trio.open_nursery() as stopping:
             for name in removed:
                 stopping.start_soon(self.supervisors[name].stop, REMOVED)

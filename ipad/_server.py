@@ -104,6 +104,23 @@ class Daemon:
         self.refused = 0
         self.refusal_log = RateLimit(ABUSE_LOG_INTERVAL, ABUSE_LOG_BURST)
 
+    async def revoke_denied(self) -> None:
+        """Close every proxy whose holder the policy, as just reloaded, no longer allows.
+
+        A proxy's channel goes straight to its worker: without this, a client
+        whose access a reload took away would go on calling until that worker
+        next restarted (reopening is judged by the policy of the moment).
+        """
+        for session in list(self.sessions):
+            for record in self.proxies.of_client(session.client_id):
+                if self.policy.may_use(session.peer, record.module):
+                    continue
+                reason = (f"access revoked: uid {session.peer.uid} may no longer use "
+                          f"module {record.module!r}")  # fmt: skip
+                session.log.warning("access.revoked", proxy_id=record.proxy_id,
+                                    module=record.module)  # fmt: skip
+                await session.release(record.proxy_id, reason)
+
     def refusal(self, peer: Peer) -> str | None:
         """Why a new connection from ``peer`` is refused (a connection limit), or None."""
         limits = self.limits
@@ -498,21 +515,22 @@ class Session:
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
             return
-        await self._release(record.proxy_id)
+        await self.release(record.proxy_id)
         await self._reply(frame, p.Released(message.proxy_id))
 
-    async def _release(self, proxy_id: int) -> None:
+    async def release(self, proxy_id: int, reason: str = "released") -> None:
+        """Close one of this client's proxies, and its instance in the worker."""
         record = self.daemon.proxies.get(proxy_id)
         if record is None:
             return
         supervisor = self.daemon.supervisors.get(record.served_by)
-        self.daemon.proxies.close(record, "released")
+        self.daemon.proxies.close(record, reason)
         if supervisor is not None and record.instance_id is not None:
             await supervisor.close_instance(record.instance_id)
 
     async def _release_all(self) -> None:
         for record in self.daemon.proxies.of_client(self.client_id):
-            await self._release(record.proxy_id)
+            await self.release(record.proxy_id)
 
     async def _error(
         self, frame: p.Frame, code: p.ErrorCode, message: str, details: dict[str, Any] | None = None

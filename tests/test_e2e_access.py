@@ -130,6 +130,64 @@ def test_a_user_outside_the_socket_group_cannot_even_connect(daemon: DaemonProce
     assert result.stderr == f"ipadctl: may not connect to {daemon.socket}: Permission denied\n"
 
 
+#: Holds a proxy to echo, says so, and after a line on stdin uses it again; prints outcomes.
+HOLDER = """
+import json, sys
+from ipad.client import BlockingClient, IpadError
+with BlockingClient(sys.argv[1], subscribe=True) as client:
+    echo = client.request_proxy("echo")
+    print(echo.call("pid"), flush=True)
+    sys.stdin.readline()
+    try:
+        outcome = ["ok", echo.call("pid", timeout=5)]
+    except IpadError as exc:
+        outcome = [exc.code]
+    try:
+        echo.recover(5)
+        outcome.append("recovered")
+    except IpadError as exc:
+        outcome.append(exc.code)
+    try:
+        client.request_proxy("echo")
+        outcome.append("granted")
+    except IpadError as exc:
+        outcome.append(exc.code)
+    while (event := client.next_event(timeout=5)) is not None:
+        if event.kind == "proxy" and event.state == "closed":
+            outcome.append(event.reason)
+            break
+print(json.dumps(outcome))
+"""
+
+
+def test_reload_that_takes_access_away_closes_the_proxies_already_held(
+    daemon: DaemonProcess, shared_dir: Path
+) -> None:
+    """A proxy's channel goes straight to the worker: a revoking reload closes it too."""
+    holder = subprocess.Popen(
+        [*as_user(NOBODY, gid("nogroup"), []), sys.executable, "-c", HOLDER, str(daemon.socket)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=daemon.env,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        echo_pid = int(holder.stdout.readline())
+        config = shared_dir / "config.toml"
+        config.write_text(config.read_text().replace('users = ["*"]', 'users = ["daemon"]'))
+        daemon.ctl("reload")
+        revoked = daemon.wait_for("access.revoked")
+        assert (revoked["module"], revoked["peer_uid"]) == ("echo", NOBODY)
+        out, err = holder.communicate("\n", timeout=WAIT)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == 0, err
+    reason = "access revoked: uid 65534 may no longer use module 'echo'"
+    # The call fails at once; the proxy is gone (closed, with the reason), a new one denied.
+    assert json.loads(out) == ["worker_crashed", "unknown_proxy", "permission_denied", reason]
+    assert daemon.worker_pids()["echo"] == echo_pid  # nobody else's proxy or worker touched
+
+
 def test_ipadctl_as_a_user_without_admin(daemon: DaemonProcess) -> None:
     """`ipadctl stop` by a user outside the admin group: exit 1, the reason, the daemon runs on."""
     result = subprocess.run(
