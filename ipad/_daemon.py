@@ -339,8 +339,8 @@ class DaemonRuntime:
 
         A start without any module the fork server can fork ran none: the reload
         that brings the first starts it (unless ``forkserver = false``). Trusted
-        modules' code is imported into the fork server once; a changed module
-        (say, a new version in its manifest) or another set of trusted modules
+        modules' code is imported into the fork server once; a module whose
+        manifest changed (say, a new version) or another set of trusted modules
         needs a fork server that imports them afresh.
         """
         trusted = new.config.daemon.trusted_module_dirs
@@ -352,7 +352,12 @@ class DaemonRuntime:
                 self.launcher.preloads = preloads
                 await self.launcher.enable_forking(forkable)
             return
-        stale = trusted_preloads([new.plans[name] for name in changed], trusted)
+        # Only a module found anew (its manifest or directory changed) may bring new code.
+        old = self.checked.plans
+        found_anew = [
+            new.plans[name] for name in changed if old[name].source != new.plans[name].source
+        ]
+        stale = trusted_preloads(found_anew, trusted)
         if preloads != self.launcher.preloads or stale:
             log.info("forkserver.renewing", reason="preloaded code changed" if stale
                      else "other trusted modules", modules=stale)  # fmt: skip

@@ -78,6 +78,10 @@ class Launcher:
         self._serving = trio.Event()
         #: Set when workers become forkable after a start without any (``enable_forking``).
         self._wanted = trio.Event()
+        #: The fork server ``renew`` retired last; forks it failed are asked of its successor.
+        self._retired: WorkerProcess | None = None
+        #: From that retirement until the successor serves.
+        self._replacing = False
         self.forks = 0
         self.spawns = 0
         self._relays: trio.Nursery | None = None
@@ -150,6 +154,7 @@ class Launcher:
                     nursery.start_soon(server.read_control)
                     nursery.start_soon(self._retire_on, renew, server)
                     self.forkserver = server
+                    self._replacing = False
                     serving, self._serving = self._serving, trio.Event()
                     serving.set()
                     if first:
@@ -171,6 +176,7 @@ class Launcher:
     async def _retire_on(self, renew: trio.Event, server: WorkerProcess) -> None:
         """Once ``renew`` is set, fork nothing more from ``server`` and ask it to exit."""
         await renew.wait()
+        self._retired, self._replacing = server, True
         if self.forkserver is server:
             self.forkserver = None
         with contextlib.suppress(OSError, trio.ClosedResourceError):  # gone already: seen
@@ -215,15 +221,16 @@ class Launcher:
 
         With ``sandbox`` the worker confines itself before it loads its module.
         """
-        server = self.forkserver
-        if server is not None and list(argv) == self.forkable:
+        while list(argv) == self.forkable and (server := await self._fork_from()) is not None:
             try:
                 worker = await self._fork(server, module, env, on_notice, sandbox)
             except (WorkerCrashed, OSError, trio.TooSlowError, p.ProtocolError) as exc:
+                if server is self._retired:
+                    continue  # replaced under this fork: ask its successor
                 log.warning("forkserver.fork_failed", module=module, error=str(exc))
-            else:
-                self.forks += 1
-                return worker
+                break
+            self.forks += 1
+            return worker
         self.spawns += 1
         v1_memory = self._v1_memory(module, sandbox)
         if sandbox is not None:
@@ -241,6 +248,18 @@ class Launcher:
                 _memory_cgroup.set_limit(worker.cgroup, limit, 2)
                 worker.memory_cgroup = worker.cgroup
         return worker
+
+    async def _fork_from(self) -> WorkerProcess | None:
+        """The fork server to fork from: while one is being replaced, its successor.
+
+        A successor is worth the wait (it imports for a few tens of milliseconds):
+        spawning instead costs each worker an interpreter start of its own.
+        """
+        if self.forkserver is None and self._replacing:
+            with trio.move_on_after(RENEW_TIMEOUT):
+                while self.forkserver is None:
+                    await self._serving.wait()
+        return self.forkserver
 
     def _v1_memory(self, module: str, sandbox: p.SandboxSpec | None) -> Path | None:
         """A cgroup v1 memory cgroup with the worker's limit, for it to join, if it needs one."""

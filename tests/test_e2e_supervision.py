@@ -600,6 +600,7 @@ def test_reload_of_a_changed_trusted_module_runs_its_new_code(
     status = json.loads(daemon.ctl("--json", "status").stdout)
     assert status["modules"]["versioned"]["version"] == "1.10.0"
     assert status["daemon"]["forkserver_pid"] not in (None, first["pid"])
+    assert status["daemon"]["workers_spawned"] == 0  # forks asked meanwhile waited for it
     assert daemon.worker_pids()["echo"] == echo  # unchanged: still the same worker
     assert not alive(first["pid"])
     assert daemon.events("forkserver.exited") == []  # a replacement, not a crash
