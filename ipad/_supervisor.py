@@ -429,9 +429,15 @@ class ModuleSupervisor:
         status = await (worker.finish(grace) if exiting else worker.stop(grace))
         self._sweep(worker)
         worker.close()
-        reason = f"failed to start: {failure} ({status.describe()})"
-        log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
-                  reason=failure, **status.log_fields())  # fmt: skip
+        if self._stopping or self._restart_requested:  # ended by the stop or restart asked for
+            why = self._stopped_why if self._stopping else "restarting"
+            reason = f"module {why} before its worker was ready ({status.describe()})"
+            log.info("worker.exited", module=self.name, worker_pid=worker.pid, ready=False,
+                     **status.log_fields())  # fmt: skip
+        else:
+            reason = f"failed to start: {failure} ({status.describe()})"
+            log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
+                      reason=failure, **status.log_fields())  # fmt: skip
         self._set_state(WorkerState.EXITED, reason)
         return reason
 

@@ -227,6 +227,33 @@ def test_module_that_is_not_ready_in_time(start_daemon: Start, tmp_path: Path) -
         assert client.status().modules["echo"]["state"] == "running"
 
 
+def test_a_start_ended_by_restart_or_stop_is_no_failure(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Restarting or stopping a module whose worker is still loading logs no start failure."""
+    config = write_config(
+        tmp_path,
+        f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+        modules='[modules.slow]\n[modules.slow.restart]\nstart_timeout = "3s"\n'
+        'stop_timeout = "200ms"\n[modules.echo]\n',
+    )
+    daemon = start_daemon(config)  # after the first start timed out: a real failure
+    assert len(daemon.events("worker.start_failed")) == 1
+    first = daemon.events("worker.forked")
+    loading = daemon.wait_for(
+        "worker.forked", lambda r: r["module"] == "slow" and r not in first
+    )  # the second start, loading
+    daemon.ctl("--timeout", "0.3", "restart", "slow", check=False)  # answers once running: never
+    exited = daemon.wait_for("worker.exited", lambda r: r["worker_pid"] == loading["worker_pid"])
+    assert (exited["ready"], exited["signal"]) == (False, "SIGTERM")
+    state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "slow"
+                            and r.get("worker_pid") == loading["worker_pid"]
+                            and r["state"] == "exited")  # fmt: skip
+    assert state["reason"] == "module restarting before its worker was ready (signal SIGTERM)"
+    failed = [r["worker_pid"] for r in daemon.events("worker.start_failed")]
+    assert loading["worker_pid"] not in failed  # (the next one may time out: slow never loads)
+
+
 def test_bad_tuning_file_fails_the_start(start_daemon: Start, tmp_path: Path) -> None:
     """A tuning file the module rejects fails the worker's start with the module's message."""
     config = write_config(tmp_path, modules='[modules.awb]\ntuning = "badtuning.toml"\n')
