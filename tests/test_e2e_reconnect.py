@@ -66,6 +66,9 @@ async def test_trio_client_carries_on_across_a_daemon_restart(
         status = await client.status()
         assert status.daemon["pid"] == second.proc.pid
         assert status.modules["faulty"]["proxies"] == 1
+    # Waited for, not just counted: under load the log's reader thread may lag behind.
+    second.wait_for("proxy.granted", lambda r: r["module"] == "faulty")
+    second.wait_for("proxy.granted", lambda r: r["module"] == "echo")
     recovered = [r for r in second.events("proxy.granted") if r["module"] in ("faulty", "echo")]
     assert len(recovered) == 2
 
