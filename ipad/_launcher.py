@@ -148,10 +148,11 @@ class Launcher:
         while True:
             server = await self._start_forkserver()
             renew = self._renew = trio.Event()
+            read_all = trio.Event()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.watch)
-                    nursery.start_soon(server.read_control)
+                    nursery.start_soon(self._read_replies, server, read_all)
                     nursery.start_soon(self._retire_on, renew, server)
                     self.forkserver = server
                     self._replacing = False
@@ -161,6 +162,10 @@ class Launcher:
                         task_status.started()
                         first = False
                     status = await server.wait_exit()
+                    # SPAWNED replies it sent before exiting (all, when it was retired) still
+                    # sit in its socket: unread, their workers would be nobody's to reap.
+                    with trio.move_on_after(FORKSERVER_GRACE):
+                        await read_all.wait()
                     nursery.cancel_scope.cancel()
             finally:
                 # Its watch task is gone by now, so reap it directly.
@@ -172,6 +177,14 @@ class Launcher:
                 continue
             log.error("forkserver.exited", pid=server.pid, **status.log_fields())
             await trio.sleep(FORKSERVER_RESTART_DELAY)
+
+    @staticmethod
+    async def _read_replies(server: WorkerProcess, done: trio.Event) -> None:
+        """The fork server's replies, to the end of its socket."""
+        try:
+            await server.read_control()
+        finally:
+            done.set()
 
     async def _retire_on(self, renew: trio.Event, server: WorkerProcess) -> None:
         """Once ``renew`` is set, fork nothing more from ``server`` and ask it to exit."""

@@ -604,6 +604,7 @@ def test_reload_of_a_changed_trusted_module_runs_its_new_code(
     assert daemon.worker_pids()["echo"] == echo  # unchanged: still the same worker
     assert not alive(first["pid"])
     assert daemon.events("forkserver.exited") == []  # a replacement, not a crash
+    assert zombies_among(children_of(daemon.proc.pid)) == []  # every fork's reply was read
 
 
 def test_fork_server_preloads_only_trusted_modules(start_daemon: Start, tmp_path: Path) -> None:
