@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -136,6 +137,7 @@ class Launcher:
             if started.output is not None:
                 self._relay(started.output, "forkserver", server.pid)
                 started.output = None
+        server.on_unclaimed = self._orphaned
         if self.preloads:
             with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen below
                 await server.control.send(p.Preload(tuple(self.preloads)))
@@ -177,6 +179,12 @@ class Launcher:
                 continue
             log.error("forkserver.exited", pid=server.pid, **status.log_fields())
             await trio.sleep(FORKSERVER_RESTART_DELAY)
+
+    def _orphaned(self, message: p.Message) -> None:
+        """A fork answered after its request gave up: that worker is nobody's, so it goes."""
+        if isinstance(message, p.Spawned) and self._relays is not None:
+            log.warning("forkserver.late_fork", worker_pid=message.pid, action="killed")
+            self._relays.start_soon(_kill_and_reap, message.pid)
 
     @staticmethod
     async def _read_replies(server: WorkerProcess, done: trio.Event) -> None:
@@ -365,3 +373,19 @@ class Launcher:
             if spawned.in_cgroup or await trio.to_thread.run_sync(WorkerCgroups.move, path, pid):
                 worker.cgroup = path
         return worker
+
+
+async def _kill_and_reap(pid: int) -> None:
+    """SIGKILL a child of ours and reap it, through a pidfd (it is ours: the pid is safe)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # reaped already
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        await trio.lowlevel.wait_readable(pidfd)
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)

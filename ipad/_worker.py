@@ -87,6 +87,8 @@ class WorkerProcess:
         self.memory_cgroup: Path | None = None
         #: The heartbeat board it beats on (ipad/_heartbeat_board.py); None: it answers PING.
         self.board: int | None = None
+        #: Told of a reply that came after its request gave up (the fork server's SPAWNED).
+        self.on_unclaimed: Callable[[p.Message], None] = lambda _: None
 
     async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
         """Send a control request and wait for its reply."""
@@ -124,8 +126,8 @@ class WorkerProcess:
                     break
                 if frame.request_id == 0:
                     self.on_notice(frame.message)  # one-way: not a reply to anything
-                else:
-                    self.requests.deliver(frame)
+                elif not self.requests.deliver(frame):
+                    self.on_unclaimed(frame.message)
         finally:
             self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
         await self._outlive_control()

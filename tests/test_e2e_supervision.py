@@ -607,6 +607,26 @@ def test_reload_of_a_changed_trusted_module_runs_its_new_code(
     assert zombies_among(children_of(daemon.proc.pid)) == []  # every fork's reply was read
 
 
+def test_a_fork_answered_too_late_is_killed_and_reaped(start_daemon: Start) -> None:
+    """A fork whose request timed out (the worker was spawned instead) leaves no orphan."""
+    daemon = start_daemon()
+    standby = daemon.wait_for("worker.standby_ready", lambda r: r["module"] == "echo")
+    server = daemon.wait_for("forkserver.started")["pid"]
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(daemon.worker_pids()["echo"], signal.SIGKILL)  # its replacement standby: a fork
+        daemon.wait_for("forkserver.fork_failed", lambda r: r["module"] == "echo")
+    finally:
+        os.kill(server, signal.SIGCONT)
+    late = daemon.wait_for("forkserver.late_fork")
+    wait_until(lambda: not alive(late["worker_pid"]))
+    assert late["worker_pid"] not in children_of(daemon.proc.pid)  # reaped, not a zombie
+    # The standby asked for meanwhile was spawned instead: the module has one again.
+    spawned = daemon.wait_for("worker.standby_ready", lambda r: r["module"] == "echo"
+                              and r["worker_pid"] != standby["worker_pid"])  # fmt: skip
+    assert spawned["worker_pid"] != late["worker_pid"]
+
+
 def test_fork_server_preloads_only_trusted_modules(start_daemon: Start, tmp_path: Path) -> None:
     """The fork server imports shipped and trusted modules, never those of other directories."""
     config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
