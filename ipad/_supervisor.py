@@ -431,7 +431,7 @@ class ModuleSupervisor:
         worker.close()
         if self._stopping or self._restart_requested:  # ended by the stop or restart asked for
             why = self._stopped_why if self._stopping else "restarting"
-            reason = f"module {why} before its worker was ready ({status.describe()})"
+            reason = f"module {self.name} {why} before its worker was ready ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid, ready=False,
                      **status.log_fields())  # fmt: skip
         else:
@@ -448,7 +448,7 @@ class ModuleSupervisor:
         if self._stopping or self._restart_requested:
             failure = None
             why = self._stopped_why if self._stopping else "restarting"
-            reason = f"module {why} ({status.describe()})"
+            reason = f"module {self.name} {why} ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid,
                      **status.log_fields())  # fmt: skip
         elif self._hang is not None:

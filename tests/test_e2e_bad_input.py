@@ -249,7 +249,7 @@ def test_a_start_ended_by_restart_or_stop_is_no_failure(
     state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "slow"
                             and r.get("worker_pid") == loading["worker_pid"]
                             and r["state"] == "exited")  # fmt: skip
-    assert state["reason"] == "module restarting before its worker was ready (signal SIGTERM)"
+    assert state["reason"] == "module slow restarting before its worker was ready (signal SIGTERM)"
     failed = [r["worker_pid"] for r in daemon.events("worker.start_failed")]
     assert loading["worker_pid"] not in failed  # (the next one may time out: slow never loads)
 

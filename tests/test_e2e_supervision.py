@@ -345,9 +345,9 @@ def test_reload_starts_stops_restarts_and_keeps(start_daemon: Start, tmp_path: P
         if r["state"] in ("exited", "stopped")
     }
     assert ends == {
-        ("agc", "exited"): "module removed from the configuration (exit status 0)",
+        ("agc", "exited"): "module agc removed from the configuration (exit status 0)",
         ("agc", "stopped"): "removed from the configuration",
-        ("awb", "exited"): "module changed in the configuration: restarting (exit status 0)",
+        ("awb", "exited"): "module awb changed in the configuration: restarting (exit status 0)",
         ("awb", "stopped"): "changed in the configuration: restarting",
     }
 
