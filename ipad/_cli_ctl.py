@@ -195,7 +195,10 @@ def _call(client: BlockingClient, args: argparse.Namespace) -> int:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise UsageError(f"--fd takes NAME=FILE, not {spec!r}")
-            fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise UsageError(f"--fd {name}: cannot open {path}: {exc.strerror}") from None
         proxy = client.request_proxy(args.module)
         result = proxy.call(args.method, call_args, fds, timeout=args.timeout)
         proxy.release()

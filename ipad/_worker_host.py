@@ -120,7 +120,10 @@ class Method:
             if name not in self.types:
                 raise ValueError(f"{self.name}() has no argument {name!r}")
             hint = self.types[name]
-            kwargs[name] = value if hint is Any else msgspec.convert(value, hint)
+            try:
+                kwargs[name] = value if hint is Any else msgspec.convert(value, hint)
+            except msgspec.ValidationError as exc:  # say which argument: msgspec cannot
+                raise ValueError(f"{self.name}() argument {name!r}: {exc}") from None
         for name, fd in zip(call.fd_args, fds, strict=True):
             if name not in self.buffers:
                 raise ValueError(f"{self.name}() argument {name!r} is not a Buffer")

@@ -27,6 +27,11 @@ def test_ipadctl_call_echo(start_daemon: Start) -> None:
     daemon = start_daemon()
     result = daemon.ctl("call", "echo", "echo", '{"text": "hi"}')
     assert json.loads(result.stdout) == {"text": "hi"}
+    # A file it cannot open for --fd: a usage error naming it, exit 2, no traceback.
+    missing = daemon.ctl("call", "echo", "checksum", "--fd", "data=/nonexistent", check=False)
+    assert (missing.returncode, missing.stderr) == (
+        2, "ipadctl: --fd data: cannot open /nonexistent: No such file or directory\n"
+    )  # fmt: skip
 
 
 def test_ipadctl_status_shows_modules_valid_with_pids(start_daemon: Start) -> None:
@@ -136,8 +141,9 @@ async def test_unknown_method_and_bad_arguments(start_daemon: Start) -> None:
             await echo.call("echo", {"txt": "x"})
         with pytest.raises(ipc.BadArguments, match="missing 'text'"):
             await echo.call("echo")
-        with pytest.raises(ipc.BadArguments, match="Expected `str`, got `int`"):
+        with pytest.raises(ipc.BadArguments) as wrong_type:
             await echo.call("echo", {"text": 5})
+        assert wrong_type.value.message == "echo() argument 'text': Expected `str`, got `int`"
         assert await echo.call("echo", {"text": "ok"}) == {"text": "ok"}
 
 
