@@ -17,7 +17,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -365,6 +365,8 @@ async def connect_unix(conn: PacketSocket, path: str) -> None:
         except BlockingIOError:
             await trio.sleep(delay)
             delay = min(delay * 2, CONNECT_RETRY_MAX)
+        except OSError as exc:  # connect(2) names no file: say which socket it was
+            raise type(exc)(exc.errno, exc.strerror, path) from None
         else:
             return
 
@@ -385,11 +387,31 @@ async def open_client(
     later request fails with Disconnected.
     """
     target = str(path) if path is not None else str(client_socket_path())
-    async with trio.open_nursery() as nursery:
-        client = Client(target, nursery, name=name, subscribe=subscribe, reconnect=reconnect)
-        try:
-            await client.connect()
-            yield client
-        finally:
-            client.close()
-            nursery.cancel_scope.cancel()
+    raised: list[BaseException] = []  # by the caller's block, or by connecting
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(target, nursery, name=name, subscribe=subscribe, reconnect=reconnect)
+            try:
+                await client.connect()
+                yield client
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+            finally:
+                client.close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery is ours, not the caller's: what their block raised (or the connect)
+        # comes out as itself, not in a group; our own tasks' errors stay grouped.
+        if raised and group.exceptions == (raised[0],):
+            _reraise(raised[0])
+        raise
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again exactly as it was: its context is not the group it came in."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context

@@ -302,7 +302,10 @@ class BlockingClient:
     def _connect(self) -> tuple[_Connection, p.Welcome]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(self.path)
+            try:
+                sock.connect(self.path)
+            except OSError as exc:  # connect(2) names no file: say which socket it was
+                raise type(exc)(exc.errno, exc.strerror, self.path) from None
             conn = _Connection(sock, p.FROM_DAEMON, "daemon")
             welcome = expect(conn.request(p.Hello(CLIENT_VERSIONS, self.name)), p.Welcome)
             if self.subscribed:

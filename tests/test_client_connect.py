@@ -12,6 +12,7 @@ import trio
 from ipad import _protocol as p
 from ipad._client import connect_unix
 from ipad._transport import PacketSocket
+from ipad.client import BlockingClient, open_client
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,3 +68,15 @@ async def test_connect_waits_for_room_in_the_backlog(tmp_path: Path) -> None:
         for sock in [*accepted, *waiting]:
             sock.close()
         conn.close()
+
+
+async def test_no_daemon_is_an_error_naming_the_socket(tmp_path: Path) -> None:
+    """Both clients fail to connect with the OSError itself, naming the socket, not a group."""
+    missing = tmp_path / "none.sock"
+    with pytest.raises(FileNotFoundError) as trio_error:
+        async with open_client(missing):
+            pass
+    assert trio_error.value.filename == str(missing)
+    with pytest.raises(FileNotFoundError) as blocking_error:
+        BlockingClient(missing)
+    assert blocking_error.value.filename == str(missing)

@@ -147,6 +147,29 @@ async def test_unknown_method_and_bad_arguments(start_daemon: Start) -> None:
         assert await echo.call("echo", {"text": "ok"}) == {"text": "ok"}
 
 
+async def test_an_error_in_the_clients_block_comes_out_as_itself(start_daemon: Start) -> None:
+    """open_client's own nursery does not wrap what the caller's block raises in a group."""
+    daemon = start_daemon()
+
+    async def fail_in_block() -> None:
+        async with ipc.open_client(daemon.socket) as client:
+            echo = await client.request_proxy("echo")
+            try:
+                await echo.call("fail", {"message": "boom"})
+            except ipc.ModuleError as exc:
+                raise ValueError("the caller's") from exc
+
+    async def ask_for_nothing() -> None:
+        async with ipc.open_client(daemon.socket) as client:
+            await client.request_proxy("nosuch")
+
+    with pytest.raises(ValueError, match="the caller's") as raised:
+        await fail_in_block()
+    assert isinstance(raised.value.__cause__, ipc.ModuleError)
+    with pytest.raises(ipc.UnknownModule):  # an ipad error raised in the block, likewise
+        await ask_for_nothing()
+
+
 async def test_module_events_reach_their_client(start_daemon: Start) -> None:
     """An event a module instance emits arrives on that proxy only."""
     daemon = start_daemon()
