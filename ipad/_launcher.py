@@ -58,14 +58,11 @@ class Launcher:
         cgroups: WorkerCgroups | None = None,
         preloads: Sequence[str] = (),
         early: StartedProcess | None = None,
-        memory: _memory_cgroup.MemorySupport | None = None,
     ) -> None:
         self.cgroups = cgroups
         #: Where sandboxed workers' memory limits go (ipad/_memory_cgroup.py), if anywhere.
         self.memory_version: int | None = None
-        self.v1_memory: _memory_cgroup.V1MemoryCgroups | None = None
-        if memory is not None:
-            self.enable_memory(memory)
+        self.v1_memory: _memory_cgroup.V1MemoryCgroups | None = None  # (enable_memory)
         #: A fork server started before trio was imported, to take charge of first.
         self.early = early
         #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
