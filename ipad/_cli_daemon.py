@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import gc
 import os
+import resource
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,11 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config is not None:
         _configure_early_logging()
         return _check_only(args.check_config)
+    open_files = raise_open_files_limit()  # before any worker: they all inherit it
     # First thing: the fork server's ~100 ms start-up then overlaps the imports and the
     # configuration check below, and the daemon's own start (ipad/_zygote.py).
     early = start_zygote()
     try:
-        return _serve(args, early)
+        return _serve(args, early, open_files)
     finally:
         early.discard()  # only if the daemon never took charge of it
 
@@ -84,7 +86,9 @@ def _configure_early_logging() -> None:
     configure_logging(LogLevel.WARNING, LogFormat.CONSOLE)
 
 
-def _serve(args: argparse.Namespace, early: StartedProcess) -> int:
+def _serve(
+    args: argparse.Namespace, early: StartedProcess, open_files: tuple[int, int] | None = None
+) -> int:
     from ._check import check_config  # noqa: PLC0415 - after the fork server started
     from ._journal import stderr_is_journal  # noqa: PLC0415
     from ._logging import configure_logging  # noqa: PLC0415
@@ -117,7 +121,36 @@ def _serve(args: argparse.Namespace, early: StartedProcess) -> int:
         chosen.append((level, fmt))
 
     relog(checked.config.daemon)
+    if open_files is not None:
+        import structlog  # noqa: PLC0415 - configure_logging has imported it
+
+        was, now = open_files
+        structlog.get_logger("ipad").info("daemon.open_files", soft_limit=now, was=was)
     return _run(checked, early, relog)
+
+
+#: The most descriptors Linux lets a process have unless /proc/sys/fs/nr_open says otherwise.
+NR_OPEN = 1 << 20
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Take the hard limit of open files as our soft one; (old, new) if that changed it.
+
+    Each module holds about eight descriptors (control socket, pidfd, output
+    pipe and heartbeat board of its worker and of its standby), each client
+    one or more: systemd's default soft limit of 1024 runs out near 120
+    modules. The daemon uses epoll, never select(), so a high limit is safe;
+    its workers inherit it (a sandboxed one sets its own, ``open_files``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NR_OPEN if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return None  # above nr_open, say: keep what we have
+    return soft, target
 
 
 def _run(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import resource
+import shutil
 import signal
 import struct
 import time
@@ -312,6 +314,30 @@ def test_daemon_killed_leaves_no_worker_nor_fork_server(start_daemon: Start) -> 
     daemon.proc.kill()
     daemon.proc.wait(timeout=10)
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=1)
+
+
+def soft_open_files(pid: int) -> int:
+    """A process's soft limit of open files, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit")
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
+def test_daemon_takes_the_hard_limit_of_open_files(start_daemon: Start, tmp_path: Path) -> None:
+    """Started with systemd's default soft limit (1024), it raises it to the hard one."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit here is {hard}: nothing to raise to")
+    ceiling = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"),
+                          prefix=["prlimit", f"--nofile=1024:{ceiling}"])  # fmt: skip
+    record = daemon.wait_for("daemon.open_files")
+    assert record["was"] == 1024
+    assert soft_open_files(daemon.proc.pid) == record["soft_limit"] > 1024
+    # Its forked workers inherit it, so a sandbox-less module is not held to 1024 either.
+    assert soft_open_files(daemon.worker_pids()["echo"]) == record["soft_limit"]
 
 
 def test_reload_starts_stops_restarts_and_keeps(start_daemon: Start, tmp_path: Path) -> None:
