@@ -206,9 +206,7 @@ class Launcher:
             return
         self.forkable = list(forkable)
         self._wanted.set()
-        with trio.move_on_after(RENEW_TIMEOUT):  # meanwhile workers are spawned, only slower
-            while self.forkserver is None:
-                await self._serving.wait()
+        await self._wait_for_server()
 
     async def renew(self, preloads: Sequence[str]) -> None:
         """Replace the fork server by one that imports ``preloads`` afresh; wait until it serves.
@@ -223,9 +221,7 @@ class Launcher:
         if renew is None or old is None:
             return  # none serves now: the next one imports the new preloads by itself
         renew.set()
-        with trio.move_on_after(RENEW_TIMEOUT):  # meanwhile workers are spawned, only slower
-            while self.forkserver is None or self.forkserver is old:
-                await self._serving.wait()
+        await self._wait_for_server(other_than=old)
 
     async def launch(
         self,
@@ -274,10 +270,17 @@ class Launcher:
         spawning instead costs each worker an interpreter start of its own.
         """
         if self.forkserver is None and self._replacing:
-            with trio.move_on_after(RENEW_TIMEOUT):
-                while self.forkserver is None:
-                    await self._serving.wait()
+            await self._wait_for_server()
         return self.forkserver
+
+    async def _wait_for_server(self, other_than: WorkerProcess | None = None) -> None:
+        """Until a fork server (not ``other_than``) serves; meanwhile workers are spawned.
+
+        At most RENEW_TIMEOUT: a fork server that cannot start must not hold a reload.
+        """
+        with trio.move_on_after(RENEW_TIMEOUT):
+            while self.forkserver is None or self.forkserver is other_than:
+                await self._serving.wait()
 
     def _v1_memory(self, module: str, sandbox: p.SandboxSpec | None) -> Path | None:
         """A cgroup v1 memory cgroup with the worker's limit, for it to join, if it needs one."""
