@@ -645,8 +645,9 @@ def test_a_fork_answered_too_late_is_killed_and_reaped(start_daemon: Start) -> N
     finally:
         os.kill(server, signal.SIGCONT)
     late = daemon.wait_for("forkserver.late_fork")
-    wait_until(lambda: not alive(late["worker_pid"]))
-    assert late["worker_pid"] not in children_of(daemon.proc.pid)  # reaped, not a zombie
+    # Reaped, not left a zombie: a zombie is "not alive" a moment before it is reaped.
+    wait_until(lambda: late["worker_pid"] not in children_of(daemon.proc.pid))
+    assert not alive(late["worker_pid"])
     # The standby asked for meanwhile was spawned instead: the module has one again.
     spawned = daemon.wait_for("worker.standby_ready", lambda r: r["module"] == "echo"
                               and r["worker_pid"] != standby["worker_pid"])  # fmt: skip
