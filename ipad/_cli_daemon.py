@@ -89,7 +89,9 @@ def _configure_early_logging() -> None:
 def _serve(
     args: argparse.Namespace, early: StartedProcess, open_files: tuple[int, int] | None = None
 ) -> int:
-    from ._check import check_config  # noqa: PLC0415 - after the fork server started
+    import structlog  # noqa: PLC0415 - after the fork server started
+
+    from ._check import check_config  # noqa: PLC0415
     from ._journal import stderr_is_journal  # noqa: PLC0415
     from ._logging import configure_logging  # noqa: PLC0415
     from ._problems import ConfigError  # noqa: PLC0415
@@ -101,29 +103,26 @@ def _serve(
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
-    chosen: list[tuple[LogLevel, LogFormat]] = []
+    chosen: tuple[LogLevel, LogFormat] | None = None
 
     def relog(daemon: DaemonSettings) -> None:
         """Log as ``daemon`` says, unless the command line said otherwise; at start and reload."""
+        nonlocal chosen
         level = LogLevel(args.log_level) if args.log_level else daemon.log_level
         fmt = LogFormat(args.log_format) if args.log_format else daemon.log_format
         if args.log_format is None and stderr_is_journal():
             fmt = LogFormat.JOURNAL
-        if chosen and chosen[-1] == (level, fmt):
+        if chosen == (level, fmt):
             return
         configure_logging(level, fmt)
-        if chosen:
-            import structlog  # noqa: PLC0415 - configure_logging has imported it
-
+        if chosen is not None:
             structlog.get_logger("ipad").info(
                 "daemon.logging_changed", log_level=level.value, log_format=fmt.value
             )
-        chosen.append((level, fmt))
+        chosen = (level, fmt)
 
     relog(checked.config.daemon)
     if open_files is not None:
-        import structlog  # noqa: PLC0415 - configure_logging has imported it
-
         was, now = open_files
         structlog.get_logger("ipad").info("daemon.open_files", soft_limit=now, was=was)
     return _run(checked, early, relog)

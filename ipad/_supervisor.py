@@ -429,9 +429,9 @@ class ModuleSupervisor:
         status = await (worker.finish(grace) if exiting else worker.stop(grace))
         self._sweep(worker)
         worker.close()
-        if self._stopping or self._restart_requested:  # ended by the stop or restart asked for
-            why = self._stopped_why if self._stopping else "restarting"
-            reason = f"module {self.name} {why} before its worker was ready ({status.describe()})"
+        asked = self._asked_end()
+        if asked is not None:
+            reason = f"module {self.name} {asked} before its worker was ready ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid, ready=False,
                      **status.log_fields())  # fmt: skip
         else:
@@ -441,14 +441,20 @@ class ModuleSupervisor:
         self._set_state(WorkerState.EXITED, reason)
         return reason
 
+    def _asked_end(self) -> str | None:
+        """Why a worker ending now was asked to ("stopped", "restarting", …); None: it was not."""
+        if self._stopping:
+            return self._stopped_why
+        return "restarting" if self._restart_requested else None
+
     def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> str | None:
         """Record how the worker ended; return the failure, or None for a clean or asked-for end."""
         self.running_since = None
         worker.close()
-        if self._stopping or self._restart_requested:
+        asked = self._asked_end()
+        if asked is not None:
             failure = None
-            why = self._stopped_why if self._stopping else "restarting"
-            reason = f"module {self.name} {why} ({status.describe()})"
+            reason = f"module {self.name} {asked} ({status.describe()})"
             log.info("worker.exited", module=self.name, worker_pid=worker.pid,
                      **status.log_fields())  # fmt: skip
         elif self._hang is not None:
