@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from ipad import client as ipc
+from ipad._sandbox_status import _limits
 from ipad.client import BlockingClient
 from tests.buffers import MakeFd, write_memfd
 from tests.daemon_process import (
@@ -317,11 +318,8 @@ def test_daemon_killed_leaves_no_worker_nor_fork_server(start_daemon: Start) -> 
 
 
 def soft_open_files(pid: int) -> int:
-    """A process's soft limit of open files, from /proc."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise AssertionError("no open files limit")
+    """A process's soft limit of open files, as ``ipadctl status`` reads it from /proc."""
+    return int(_limits(pid)["RLIMIT_NOFILE"])
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")

@@ -22,14 +22,20 @@ def test_unknown_name_raises_attribute_error() -> None:
         _ = ipad.nope
 
 
+def imported_of(modules: str, heavy: tuple[str, ...], *flags: str) -> str:
+    """Which of ``heavy`` a fresh interpreter has loaded after importing ``modules``."""
+    code = f"import sys, {modules}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=30,
+        check=True,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
 @pytest.mark.timeout(60)
 def test_import_ipad_does_not_import_heavy_dependencies() -> None:
     """Workers import ipad's package; that alone must not pull in trio, cattrs or structlog."""
-    code = "import sys, ipad; print(sorted(m for m in ('trio', 'cattrs', 'structlog') if m in sys.modules))"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert imported_of("ipad", ("trio", "cattrs", "structlog")) == "[]"
 
 
 @pytest.mark.timeout(60)
@@ -41,12 +47,5 @@ def test_worker_runtime_imports_no_trio_structlog_or_threading() -> None:
     every worker maps and its exit tears down (ipad/_sandbox.py); trio and
     structlog would add ~100 ms to a spawned worker's start.
     """
-    code = (
-        "import sys, ipad._forkserver, ipad._worker_host; "
-        "heavy = ('trio', 'structlog', 'cattrs', 'attrs', 'threading', 'pathlib'); "
-        "print(sorted(m for m in heavy if m in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    heavy = ("trio", "structlog", "cattrs", "attrs", "threading", "pathlib")
+    assert imported_of("ipad._forkserver, ipad._worker_host", heavy, "-I") == "[]"
