@@ -23,21 +23,23 @@ class ProxyState(enum.Enum):
 
 
 class WorkerState(enum.Enum):
-    """A module's worker, as the supervisor runs it."""
+    """A module's worker, as the supervisor runs it (the states of ipad/_lifecycle.py)."""
 
-    #: Not running and not yet started.
+    #: Not running: not started yet, or stopped for good.
     STOPPED = "stopped"
-    #: Spawned; waiting for READY within the start timeout.
+    #: A worker is being launched, or was, and its READY is awaited within the start timeout.
     STARTING = "starting"
     #: READY received: instances can be opened.
     RUNNING = "running"
-    #: Being stopped: SIGTERM sent, the grace period runs.
+    #: Being stopped for good: its workers are asked to end, then killed after stop_timeout.
     STOPPING = "stopping"
-    #: Exited, crashed or hung; waiting to be restarted (or not, per policy).
+    #: Exited, crashed or hung; about to be restarted, or (per policy) not restarted.
     EXITED = "exited"
+    #: Failed again soon after a start: waiting out the backoff delay before the next.
+    BACKOFF = "backoff"
     #: Failed too often: retried at the slow cooldown interval.
     COOLDOWN = "cooldown"
-    #: Will not be started again (restart = "never", or the module cannot be loaded).
+    #: Failed and not started again until asked (restart = "never").
     FAILED = "failed"
 
 
@@ -55,15 +57,29 @@ PROXY_TRANSITIONS: dict[ProxyState, frozenset[ProxyState]] = {
 WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.STOPPED: frozenset({WorkerState.STARTING}),
     WorkerState.STARTING: frozenset(
-        {WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING, WorkerState.FAILED}
+        {WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING}
     ),
     WorkerState.RUNNING: frozenset({WorkerState.EXITED, WorkerState.STOPPING}),
     WorkerState.STOPPING: frozenset({WorkerState.STOPPED, WorkerState.EXITED}),
     WorkerState.EXITED: frozenset(
-        {WorkerState.STARTING, WorkerState.COOLDOWN, WorkerState.FAILED, WorkerState.STOPPED}
+        {
+            WorkerState.STARTING,
+            WorkerState.BACKOFF,
+            WorkerState.COOLDOWN,
+            WorkerState.FAILED,
+            WorkerState.STOPPED,
+            WorkerState.STOPPING,
+        }
     ),
-    WorkerState.COOLDOWN: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
-    WorkerState.FAILED: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
+    WorkerState.BACKOFF: frozenset(
+        {WorkerState.STARTING, WorkerState.STOPPED, WorkerState.STOPPING}
+    ),
+    WorkerState.COOLDOWN: frozenset(
+        {WorkerState.STARTING, WorkerState.STOPPED, WorkerState.STOPPING}
+    ),
+    WorkerState.FAILED: frozenset(
+        {WorkerState.STARTING, WorkerState.STOPPED, WorkerState.STOPPING}
+    ),
 }
 
 
