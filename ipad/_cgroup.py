@@ -10,9 +10,11 @@ saying so once, where it cannot.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -24,8 +26,11 @@ log = structlog.get_logger("ipad")
 
 #: How long an emptied cgroup may take to report itself unpopulated before rmdir.
 EMPTY_WAIT = 2.0
-#: How often to look while waiting for that (the kernel's notification needs inotify).
+#: How often to look while waiting for that, only where inotify cannot tell us (no watches left).
 EMPTY_POLL = 0.005
+
+#: inotify(7): a watched file was modified; cgroup.events is, when "populated" changes.
+IN_MODIFY = 0x2
 
 
 def cgroup2_mount(mountinfo: str | None = None) -> Path | None:
@@ -52,6 +57,8 @@ class WorkerCgroups:
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        #: Where other daemons' subtrees may be left (``clear_stale`` looks there).
+        self.parent = base.parent
         #: Names cgroups made before their worker's pid is known (forked into them).
         self._serial = itertools.count(1)
 
@@ -64,7 +71,6 @@ class WorkerCgroups:
                         fallback="process groups")  # fmt: skip
             return None
         parent = mount / own.lstrip("/")
-        clear_stale(parent)
         base = parent / f"ipad.{os.getpid()}"
         try:
             base.mkdir()
@@ -136,41 +142,125 @@ class WorkerCgroups:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
 
-    @staticmethod
-    async def remove(path: Path) -> None:
-        """Wait until a killed cgroup is empty, then remove it, off the event loop.
-
-        rmdir of a cgroup can wait out an RCU grace period (~10 ms here), so it
-        runs in a thread and never holds up the daemon or a restart.
-        """
-        with trio.move_on_after(EMPTY_WAIT):
-            while _populated(path):
-                await trio.sleep(EMPTY_POLL)
-        try:
-            await trio.to_thread.run_sync(path.rmdir)
-        except OSError as exc:
-            log.warning("cgroup.remove_failed", cgroup=str(path), error=str(exc))
-
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Remove the daemon's subtree (each worker's cgroup is removed as it ends)."""
-        remove_tree(self.base)
+        await clear_tree(self.base)
+
+
+async def clear_cgroup(path: Path) -> None:
+    """Kill everything in a worker's cgroup, wait until it is empty, and remove it.
+
+    The kernel says when it is empty (cgroup.events, through inotify); rmdir of
+    a cgroup can wait out an RCU grace period (~10 ms here), so it runs in a
+    thread and never holds up the daemon or a restart.
+    """
+    WorkerCgroups.kill(path)
+    await wait_empty(path, EMPTY_WAIT)
+    try:
+        await trio.to_thread.run_sync(path.rmdir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cgroup.remove_failed", cgroup=str(path), error=str(exc))
+
+
+async def clear_tree(base: Path) -> None:
+    """Kill everything in a daemon's subtree and remove it, off the event loop."""
+    children = await trio.to_thread.run_sync(_subdirectories, base)
+    async with trio.open_nursery() as nursery:
+        for child in children:
+            nursery.start_soon(clear_cgroup, child)
+    try:
+        await trio.to_thread.run_sync(base.rmdir)
+    except OSError as exc:
+        log.warning("cgroup.remove_failed", cgroup=str(base), error=str(exc))
+
+
+async def wait_empty(path: Path, timeout: float) -> bool:
+    """Until the cgroup has no process left; False if ``timeout`` passed first."""
+    fd = _watch_events(path)
+    try:
+        with trio.move_on_after(timeout):
+            while _populated(path):
+                if fd is None:
+                    await trio.sleep(EMPTY_POLL)
+                else:
+                    await trio.lowlevel.wait_readable(fd)
+                    _drain(fd)
+            return True
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def wait_empty_sync(path: Path, timeout: float) -> bool:
+    """``wait_empty`` for code without trio (tests, the stale clean-up in its thread)."""
+    fd = _watch_events(path)
+    deadline = time.monotonic() + timeout
+    try:
+        while _populated(path):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if fd is None:
+                time.sleep(min(EMPTY_POLL, left))
+            elif select.select([fd], [], [], left)[0]:
+                _drain(fd)
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _watch_events(path: Path) -> int | None:
+    """An inotify descriptor that wakes when ``path``'s cgroup.events changes; None if not."""
+    libc = _libc()
+    fd: int = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(path / "cgroup.events"), IN_MODIFY) < 0:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(fd, 4096):
+            pass
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC  # noqa: PLW0603 - loaded once, on first use
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _subdirectories(base: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [child for child in base.iterdir() if child.is_dir()]
+    return []
 
 
 def remove_tree(base: Path) -> None:
-    """Kill everything in a daemon's subtree and remove it (at exit: blocking is fine)."""
-    children = []
-    with contextlib.suppress(OSError):
-        children = [child for child in base.iterdir() if child.is_dir()]
+    """Kill everything in a daemon's subtree and remove it, blocking (stale trees, tests)."""
+    children = _subdirectories(base)
     for child in children:
         WorkerCgroups.kill(child)
     deadline = time.monotonic() + EMPTY_WAIT
     for child in children:
-        while _populated(child) and time.monotonic() < deadline:
-            time.sleep(EMPTY_POLL)
+        wait_empty_sync(child, max(deadline - time.monotonic(), 0))
         with contextlib.suppress(OSError):
             child.rmdir()
     try:
         base.rmdir()
+    except FileNotFoundError:
+        pass
     except OSError as exc:
         log.warning("cgroup.remove_failed", cgroup=str(base), error=str(exc))
 
@@ -178,7 +268,8 @@ def remove_tree(base: Path) -> None:
 def clear_stale(parent: Path) -> None:
     """Remove the subtrees of ipad daemons that died without cleaning up (SIGKILL, crash).
 
-    Whatever they left running there, a worker's setsid() grandchild say, is killed.
+    Whatever they left running there, a worker's setsid() grandchild say, is
+    killed. Blocking: the daemon runs it in a thread.
     """
     with contextlib.suppress(OSError):
         for entry in parent.glob("ipad.*"):

@@ -6,6 +6,16 @@ started with posix_spawn. Either way the worker is a child of the daemon,
 watched through its pidfd. If the fork server dies it is started again, and
 meanwhile workers are spawned, only slower.
 
+Every process started here is handed to the daemon's reaper (ipad/_children.py)
+and to its caller's ``on_started`` the moment it exists, before anything
+else is awaited: a launch cancelled half-way leaves no process nobody holds.
+A fork answered after its request gave up is killed and reaped; the cgroup
+made for a fork that failed is removed.
+
+A fork server that cannot be started (out of descriptors, of processes) is
+logged and tried again with backoff; meanwhile workers are spawned. It never
+stops the daemon.
+
 Every process started here writes its stdout and stderr into a pipe of its
 own, which a task of the launcher relays into the daemon's log with the
 process's module and pid (ipad/_relay.py).
@@ -27,8 +37,10 @@ import trio
 
 from . import _memory_cgroup
 from . import _protocol as p
-from ._cgroup import WorkerCgroups
+from ._cgroup import WorkerCgroups, clear_cgroup
+from ._children import Children
 from ._jail import command as jail_command
+from ._lifecycle import ExitStatus
 from ._relay import relay_output
 from ._spawn import StartedProcess
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
@@ -36,8 +48,10 @@ from ._zygote import ZYGOTE_ARGV
 
 log = structlog.get_logger("ipad")
 
-#: Pause before starting a fork server that died, so a broken one cannot spin.
+#: Pause before starting a fork server that died or could not start, doubling up to the
+#: maximum while it keeps failing, so a broken one cannot spin.
 FORKSERVER_RESTART_DELAY = 1.0
+FORKSERVER_RESTART_MAX = 30.0
 
 #: How long the fork server gets to exit after SIGTERM.
 FORKSERVER_GRACE = 1.0
@@ -48,6 +62,10 @@ FORK_TIMEOUT = 2.0
 #: How long ``renew`` waits for the new fork server before workers are spawned meanwhile.
 RENEW_TIMEOUT = 5.0
 
+#: Told of a worker the moment its process exists; then when it has exited and been reaped.
+OnStarted = Callable[[WorkerProcess], None]
+OnExit = Callable[[WorkerProcess], None]
+
 
 class Launcher:
     """Starts worker processes for every supervisor."""
@@ -55,10 +73,13 @@ class Launcher:
     def __init__(
         self,
         forkable: Sequence[str] | None,
+        children: Children,
         cgroups: WorkerCgroups | None = None,
         preloads: Sequence[str] = (),
         early: StartedProcess | None = None,
     ) -> None:
+        #: The reaper every process started here is handed to.
+        self.children = children
         self.cgroups = cgroups
         #: Where sandboxed workers' memory limits go (ipad/_memory_cgroup.py), if anywhere.
         self.memory_version: int | None = None
@@ -131,6 +152,7 @@ class Launcher:
             server = self._spawn("forkserver", ZYGOTE_ARGV, {}, allowed=p.FROM_FORKSERVER)
         else:
             server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
+            self.children.adopt(server)
             if started.output is not None:
                 self._relay(started.output, "forkserver", server.pid)
                 started.output = None
@@ -142,46 +164,68 @@ class Launcher:
         return server
 
     async def _keep_forkserver(self, task_status: trio.TaskStatus[None]) -> None:
+        """Run a fork server for as long as the launcher runs, replacing each that ends.
+
+        ``started`` once the first serves, or once the first attempt failed:
+        workers are spawned until one does.
+        """
         assert self.forkable is not None  # noqa: S101 - checked by run()
-        first = True
+        delay = FORKSERVER_RESTART_DELAY
         while True:
-            server = await self._start_forkserver()
-            renew = self._renew = trio.Event()
-            read_all = trio.Event()
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(server.watch)
-                    nursery.start_soon(self._read_replies, server, read_all)
-                    nursery.start_soon(self._retire_on, renew, server)
-                    self.forkserver = server
-                    self._replacing = False
-                    serving, self._serving = self._serving, trio.Event()
-                    serving.set()
-                    if first:
-                        task_status.started()
-                        first = False
-                    status = await server.wait_exit()
-                    # SPAWNED replies it sent before exiting (all, when it was retired) still
-                    # sit in its socket: unread, their workers would be nobody's to reap.
-                    with trio.move_on_after(FORKSERVER_GRACE):
-                        await read_all.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
-                # Its watch task is gone by now, so reap it directly.
-                self.forkserver = self._renew = None
-                status = await server.terminate_and_reap(FORKSERVER_GRACE)
-                server.close()
-            if renew.is_set():
+                server = await self._start_forkserver()
+            except OSError as exc:
+                log.error("forkserver.start_failed", error=str(exc), retry_in=delay)
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep(delay)
+                delay = min(delay * 2, FORKSERVER_RESTART_MAX)
+                continue
+            renewed, status = await self._serve_with(server, task_status)
+            task_status = trio.TASK_STATUS_IGNORED
+            if renewed:
                 log.info("forkserver.replaced", pid=server.pid, **status.log_fields())
+                delay = FORKSERVER_RESTART_DELAY
                 continue
             log.error("forkserver.exited", pid=server.pid, **status.log_fields())
-            await trio.sleep(FORKSERVER_RESTART_DELAY)
+            self.children.reap_strays()  # forks whose replies died with it
+            await trio.sleep(delay)
+            delay = min(delay * 2, FORKSERVER_RESTART_MAX)
+
+    async def _serve_with(
+        self, server: WorkerProcess, task_status: trio.TaskStatus[None]
+    ) -> tuple[bool, ExitStatus]:
+        """Fork from ``server`` until it exits: whether it was renewed, and how it ended."""
+        renew = self._renew = trio.Event()
+        read_all = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_replies, server, read_all)
+                nursery.start_soon(self._retire_on, renew, server)
+                self.forkserver = server
+                self._replacing = False
+                serving, self._serving = self._serving, trio.Event()
+                serving.set()
+                task_status.started()
+                await server.wait_exit()
+                # SPAWNED replies it sent before exiting (all, when it was retired) still
+                # sit in its socket: unread, their workers would be nobody's to reap.
+                with trio.move_on_after(FORKSERVER_GRACE):
+                    await read_all.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.forkserver = self._renew = None
+            with trio.CancelScope(shield=True):  # cancelled: the reaper's close does the rest
+                await server.stop(FORKSERVER_GRACE)
+            server.close()
+        assert server.exit_status is not None  # noqa: S101 - stop() waits for the reaper
+        return renew.is_set(), server.exit_status
 
     def _orphaned(self, message: p.Message) -> None:
         """A fork answered after its request gave up: that worker is nobody's, so it goes."""
-        if isinstance(message, p.Spawned) and self._relays is not None:
+        if isinstance(message, p.Spawned):
             log.warning("forkserver.late_fork", worker_pid=message.pid, action="killed")
-            self._relays.start_soon(_kill_and_reap, message.pid)
+            self.children.adopt_pid(message.pid, "unknown")
 
     @staticmethod
     async def _read_replies(server: WorkerProcess, done: trio.Event) -> None:
@@ -230,14 +274,21 @@ class Launcher:
         env: Mapping[str, str],
         on_notice: Callable[[p.Message], None],
         sandbox: p.SandboxSpec | None = None,
+        *,
+        on_started: OnStarted = lambda _: None,
+        on_exit: OnExit | None = None,
     ) -> WorkerProcess:
         """A new worker for ``module``: forked if it runs the Python worker host, else spawned.
 
         With ``sandbox`` the worker confines itself before it loads its module.
+        ``on_started`` is told of the worker the moment its process exists (it
+        owns it from then on, even if this is cancelled later); the reaper
+        calls ``on_exit`` once it has exited.
         """
         while list(argv) == self.forkable and (server := await self._fork_from()) is not None:
             try:
-                worker = await self._fork(server, module, env, on_notice, sandbox)
+                worker = await self._fork(server, module, env, on_notice, sandbox,
+                                          on_started, on_exit)  # fmt: skip
             except (WorkerCrashed, OSError, trio.TooSlowError, p.ProtocolError) as exc:
                 if server is self._retired:
                     continue  # replaced under this fork: ask its successor
@@ -251,8 +302,13 @@ class Launcher:
             sandbox = msgspec.structs.replace(sandbox, pid_namespace=False, memory_cgroup=(
                 str(v1_memory) if v1_memory else None))  # fmt: skip
             argv = jail_command(sandbox, list(argv))
-        worker = self._spawn(module, argv, env, on_notice)
+        try:
+            worker = self._spawn(module, argv, env, on_notice, on_exit=on_exit)
+        except BaseException:
+            self._drop_v1_memory(v1_memory, None)
+            raise
         worker.sandbox, worker.memory_cgroup = sandbox, v1_memory
+        on_started(worker)
         if self.cgroups is not None:
             # Moving a process between cgroups can wait out an RCU grace period
             # (~10 ms here): do it off the event loop so other workers carry on.
@@ -306,8 +362,9 @@ class Launcher:
         env: Mapping[str, str],
         on_notice: Callable[[p.Message], None] = lambda _: None,
         allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
+        on_exit: OnExit | None = None,
     ) -> WorkerProcess:
-        """posix_spawn a process whose output is relayed."""
+        """posix_spawn a process whose output is relayed, adopted by the reaper at once."""
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             process = spawn_worker(module, argv, env, on_notice, allowed, output=write_end)
@@ -316,6 +373,7 @@ class Launcher:
             raise
         finally:
             os.close(write_end)
+        self.children.adopt(process, on_exit)
         self._relay(read_end, module, process.pid)
         return process
 
@@ -325,7 +383,9 @@ class Launcher:
         module: str,
         env: Mapping[str, str],
         on_notice: Callable[[p.Message], None],
-        sandbox: p.SandboxSpec | None = None,
+        sandbox: p.SandboxSpec | None,
+        on_started: OnStarted,
+        on_exit: OnExit | None,
     ) -> WorkerProcess:
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
@@ -349,43 +409,56 @@ class Launcher:
                     os.close(write_end)
                     if prepared is not None:
                         os.close(prepared[1])
-            spawned = frame.message
+            spawned = _spawned(frame.message)
             # The worker is our child (CLONE_PARENT): only we can reap it, so the pid is safe.
-            pidfd = os.pidfd_open(spawned.pid) if isinstance(spawned, p.Spawned) else -1
+            pidfd = _pidfd_of_child(spawned.pid)
         except BaseException:
             ours.close()
             os.close(read_end)
             self._drop_v1_memory(memory_cgroup, prepared)
+            if prepared is not None:  # a fork answered late lands in it: cleared, killed
+                self._discard_cgroup(prepared[0])
             raise
-        if not isinstance(spawned, p.Spawned):
-            ours.close()
-            os.close(read_end)
-            self._drop_v1_memory(memory_cgroup, prepared)
-            error = spawned.message if isinstance(spawned, p.Error) else spawned.TYPE.name
-            raise OSError(f"fork server refused: {error}")
         pid = spawned.pid
+        worker = WorkerProcess(module, pid, pidfd, ours, on_notice)
+        self.children.adopt(worker, on_exit)
+        worker.sandbox, worker.memory_cgroup = sandbox, memory_cgroup
         self._relay(read_end, module, pid)
         log.debug("worker.forked", module=module, worker_pid=pid, in_cgroup=spawned.in_cgroup)
-        worker = WorkerProcess(module, pid, pidfd, ours, on_notice)
-        worker.sandbox, worker.memory_cgroup = sandbox, memory_cgroup
+        on_started(worker)
         if prepared is not None:
             path = prepared[0]
-            if spawned.in_cgroup or await trio.to_thread.run_sync(WorkerCgroups.move, path, pid):
-                worker.cgroup = path
+            worker.cgroup = path  # it is removed with the worker, whether or not it got in
+            if not spawned.in_cgroup:
+                await trio.to_thread.run_sync(WorkerCgroups.move, path, pid)
         return worker
 
+    def _discard_cgroup(self, path: Path) -> None:
+        """Kill whatever is in a cgroup nobody will use and remove it, in the background."""
+        if self._relays is not None:
+            self._relays.start_soon(clear_cgroup, path)
+        else:
+            WorkerCgroups.kill(path)
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
-async def _kill_and_reap(pid: int) -> None:
-    """SIGKILL a child of ours and reap it, through a pidfd (it is ours: the pid is safe)."""
+
+def _spawned(message: p.Message) -> p.Spawned:
+    """The fork server's SPAWNED; OSError for a refusal."""
+    if not isinstance(message, p.Spawned):
+        error = message.message if isinstance(message, p.Error) else message.TYPE.name
+        raise OSError(f"fork server refused: {error}")
+    return message
+
+
+def _pidfd_of_child(pid: int) -> int:
+    """A pidfd for a just-forked child of ours; without one (EMFILE) the child is killed.
+
+    Unreaped, its pid stays ours, so the kill cannot hit another process; the
+    reaper's stray sweep reaps the zombie.
+    """
     try:
-        pidfd = os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except OSError:
-        return  # reaped already
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        await trio.lowlevel.wait_readable(pidfd)
-        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-    except OSError:
-        pass
-    finally:
-        os.close(pidfd)
+        os.kill(pid, signal.SIGKILL)
+        raise

@@ -34,6 +34,19 @@ _DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
 )
 
 
+#: The key by which a record names the code that decided on it, where that is not the code
+#: that logs it: a module's lifecycle machine words records its supervisor writes.
+CALLSITE = "_callsite"
+
+
+def _decided_at(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """A ``_callsite`` of (file, line, function) replaces the call site found on the stack."""
+    where = event_dict.pop(CALLSITE, None)
+    if where is not None:
+        event_dict["filename"], event_dict["lineno"], event_dict["func_name"] = where
+    return event_dict
+
+
 def shared_processors() -> list[Processor]:
     """The steps every output shares, before its renderer."""
     return [
@@ -41,6 +54,7 @@ def shared_processors() -> list[Processor]:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _CALLSITE,
+        _decided_at,
         structlog.processors.StackInfoRenderer(),
     ]
 

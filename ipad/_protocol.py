@@ -295,6 +295,8 @@ class ErrorCode(enum.StrEnum):
     PERMISSION_DENIED = "permission_denied"
     #: One of the [clients] limits (proxies, requests in flight) would be exceeded.
     LIMIT_EXCEEDED = "limit_exceeded"
+    #: The daemon is stopping: an admin operation was refused, or its wait cut short.
+    STOPPING = "stopping"
     INTERNAL = "internal"
 
 

@@ -1,12 +1,17 @@
-"""One module's supervision: start its worker, watch it, restart it by policy.
+"""One module's supervision: the lifecycle machine (ipad/_lifecycle.py), carried out.
 
-The worker's exit is seen through its pidfd the moment it happens; a worker
-that stops answering heartbeats is killed as hung; one that does not say
-READY within its start timeout has failed to start. Each ending goes to the
-RestartTracker (ipad/_backoff.py), which says when to start again: at once,
-after a backoff, or at the slow cooldown interval. Nothing is given up for
-good except by ``restart = "never"`` or a clean exit under ``on-failure``,
-and ``ipadctl restart`` always starts over at once.
+Everything that happens to the module -- a worker launched, ready, exited
+(the reaper, ipad/_children.py), hung (the heartbeat task), a timer (one
+task for all of them), an operator's restart or stop -- is posted here as
+an event. The machine answers with actions, which this carries out: most at
+once (publish a state, signal a worker, invalidate proxies, set a timer),
+the few that wait (launch and load a worker, stop one within its grace) as
+short jobs in the daemon's supervision nursery, which post what they found
+as events in turn. A module costs no task of its own while nothing happens.
+
+Every worker belongs to the daemon's reaper from the moment its process
+exists; the machine holds each until its exit comes back, so a stop ends
+only once every one of them is gone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import itertools
 import os
 import signal
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -25,17 +31,54 @@ import trio
 
 from . import _memory_cgroup
 from . import _protocol as p
-from ._backoff import Action, RestartTracker
-from ._cgroup import WorkerCgroups
+from ._backoff import RestartTracker
+from ._cgroup import clear_cgroup
 from ._check import ModulePlan
 from ._config import RestartPolicy
 from ._heartbeat import Heartbeats
 from ._launcher import Launcher
+from ._lifecycle import (
+    AllowStandby,
+    CancelLaunch,
+    CancelTimer,
+    Cause,
+    Effect,
+    Event,
+    Exited,
+    ExitStatus,
+    FillStandby,
+    Finished,
+    Hung,
+    Invalidate,
+    KillWorker,
+    Launched,
+    LaunchFailed,
+    LaunchWorker,
+    Lifecycle,
+    LoadFailed,
+    Log,
+    NotifyStable,
+    Promote,
+    Ready,
+    Restart,
+    SetState,
+    Start,
+    StartTimer,
+    Stop,
+    StopWorker,
+    Sweep,
+    Timer,
+    TimerFired,
+    Unwatch,
+    Watch,
+)
+from ._logging import CALLSITE
 from ._proxies import ProxyTable
+from ._reactor import TimerHandle, Timers
 from ._registry import ProxyKind
 from ._sandbox_status import measures
-from ._states import ProxyState, WorkerState, advance_worker
-from ._worker import ExitStatus, WorkerCrashed, WorkerProcess
+from ._states import ProxyState, WorkerState
+from ._worker import KILL_WAIT, WorkerCrashed, WorkerProcess
 
 log = structlog.get_logger("ipad")
 
@@ -65,6 +108,7 @@ class Shared:
     proxies: ProxyTable
     launcher: Launcher
     heartbeats: Heartbeats
+    timers: Timers
 
 
 class ModuleSupervisor:
@@ -80,9 +124,9 @@ class ModuleSupervisor:
         fallback: str | None = None,
         on_stable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        proxies, launcher = shared.proxies, shared.launcher
         #: The daemon's one heartbeat task, which watches this module's running worker.
         self.heartbeats = shared.heartbeats
+        self.timers = shared.timers
         #: The module that serves this one's proxies while it is in cooldown.
         self.fallback = fallback
         self._on_stable = on_stable
@@ -91,54 +135,73 @@ class ModuleSupervisor:
         self.policy = policy
         self.kind = kind
         self.env = dict(env)
-        self.events = proxies.events
-        self.proxies = proxies
-        self.launcher = launcher
+        self.events = shared.proxies.events
+        self.proxies = shared.proxies
+        self.launcher = shared.launcher
         self.tracker = RestartTracker(policy)
-        self.state = WorkerState.STOPPED
-        self.reason: str | None = None
-        self.worker: WorkerProcess | None = None
-        self.ready: p.Ready | None = None
-        self.starts = 0
+        self.machine: Lifecycle[WorkerProcess] = Lifecycle(plan.name, policy, self.tracker)
+        #: How the last active worker ended (for systemd's status line).
+        self.last_exit: ExitStatus | None = None
         self.running_since: float | None = None
         self._instance_ids = itertools.count(1)
-        self._wake = trio.Event()
-        self._stopping = False
-        #: What stop() was for, in the reasons its clients see: "stopped", "removed …".
-        self._stopped_why = "stopped"
-        self._restart_requested = False
-        #: Why the active worker was killed as hung (None: it was not).
-        self._hang: str | None = None
-        self._running = trio.Event()
+        self._queue: deque[Event] = deque()
+        self._handling = False
+        #: The daemon's nursery, where this module's jobs run (set by ``begin``).
+        self._nursery: trio.Nursery | None = None
+        #: Cancel scopes of the launches in flight, by standby.
+        self._launches: dict[bool, trio.CancelScope] = {}
+        self._timers: dict[Timer, TimerHandle] = {}
+        self._first_state = trio.Event()
         self._finished = trio.Event()
-        self._background: trio.Nursery
-        #: A worker started and loaded ahead of time, promoted when the active one ends.
-        self._standby: tuple[WorkerProcess, p.Ready] | None = None
-        self._preparing = False
         self._balancing = False
-        #: Standbys are prepared once every module has started (set by the daemon).
-        self._standby_allowed = False
 
-    # --- state ----------------------------------------------------------------
+    # --- what the rest of the daemon reads --------------------------------------------
 
-    def _set_state(self, state: WorkerState, reason: str | None = None, **fields: object) -> None:
-        self.state = advance_worker(self.state, state)
-        self.reason = reason
-        # Starting, the worker that will run is not known yet: the one still in
-        # self.worker is the one that ended.
-        starting = state is WorkerState.STARTING
-        pid = self.worker.pid if self.worker is not None and not starting else None
-        self.events.publish(
-            "module", self.name, state=state.value, reason=reason, worker_pid=pid, details=fields
-        )
-        if state is WorkerState.RUNNING:
-            self._running.set()
-        else:
-            self._running = trio.Event() if self._running.is_set() else self._running
+    @property
+    def state(self) -> WorkerState:
+        """The module's state (the machine's)."""
+        return self.machine.state
+
+    @property
+    def reason(self) -> str | None:
+        """Why it is in that state, where there is more to say."""
+        return self.machine.reason
+
+    @property
+    def worker(self) -> WorkerProcess | None:
+        """The active worker: starting, running or being ended."""
+        return self.machine.active
+
+    @property
+    def ready(self) -> p.Ready | None:
+        """What the active worker said when it became ready."""
+        worker = self.machine.active
+        return worker.ready if worker is not None else None
+
+    @property
+    def starts(self) -> int:
+        """How many starts there were (a standby's promotion is one)."""
+        return self.machine.starts
+
+    @property
+    def settled(self) -> bool:
+        """Its first start came to a result (running, or failed), or it stopped."""
+        return self._first_state.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """Stopped for good, every worker gone."""
+        return self._finished.is_set()
+
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return self.machine.stopping
 
     def status(self) -> dict[str, object]:
         """The module's state for ``ipadctl status``."""
         running = self.state is WorkerState.RUNNING
+        machine = self.machine
+        standby = machine.standby if machine.standby_ready else None
         return {
             "state": self.state.value,
             "reason": self.reason,
@@ -148,8 +211,8 @@ class ModuleSupervisor:
             "starts": self.starts,
             "restarts": max(self.starts - 1, 0),
             "consecutive_failures": self.tracker.consecutive,
-            "standby_pid": self._standby[0].pid if self._standby else None,
-            "standby_instances": len(self._standby[0].spares) if self._standby else 0,
+            "standby_pid": standby.pid if standby is not None else None,
+            "standby_instances": len(standby.spares) if standby is not None else 0,
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
             "worker": str(self.plan.worker),
@@ -168,232 +231,234 @@ class ModuleSupervisor:
         unavailable = {u.measure: u.reason for u in self.plan.unavailable}
         return {"in_force": found, "unavailable": unavailable}
 
-    # --- the supervision loop ------------------------------------------------------
+    # --- the operations ---------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Supervise until ``stop``; ``started`` once the first start has succeeded or failed."""
-        try:
-            async with trio.open_nursery() as background:
-                self._background = background
-                await self._supervise(task_status)
-        finally:
-            self._finished.set()
+    def begin(self, nursery: trio.Nursery) -> None:
+        """Start supervising: the module's jobs run in ``nursery``, which outlives it."""
+        self._nursery = nursery
+        self.post(Start())
 
-    async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
-        reported = False
-        while not self.stop_requested():
-            self._restart_requested = False
-            self._hang = None
-            worker, failure = await self._start()
-            if not reported:
-                task_status.started()
-                reported = True
-            if worker is not None:
-                failure = await self._attend(worker)
-            if self.stop_requested():
-                break
-            await self._after_ending(failure)
-        with trio.CancelScope(shield=True):
-            await self._drop_standby()
-        self._background.cancel_scope.cancel()  # a standby still being prepared, say
-        if self.state is not WorkerState.STOPPED:
-            self._set_state(WorkerState.STOPPED, self._stopped_why)
-
-    async def _attend(self, worker: WorkerProcess) -> str | None:
-        """Watch a running worker until it ends; record the end; return its failure.
-
-        The daemon's heartbeat task watches it (ipad/_heartbeat.py); the stable-run
-        timer is a deadline on the wait itself. From the pidfd waking us to the
-        next worker running (a standby's promotion) nothing yields to the scheduler.
-        """
-        policy = self.policy
-        self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
-                              policy.heartbeat_timeout.seconds, self._hung)  # fmt: skip
-        try:
-            with trio.move_on_after(policy.stable_after.seconds) as running:
-                status = await worker.wait_exit()
-            if running.cancelled_caught:
-                self._stable(worker)
-                status = await worker.wait_exit()
-        finally:
-            self.heartbeats.forget(worker)
-        self._sweep(worker)
-        return self._on_exit(worker, status)
-
-    def _hung(self, worker: WorkerProcess) -> None:
-        """No beat or PONG for ``heartbeat_timeout``: kill it, and say it hung."""
-        if self.worker is not worker:
-            return
-        # Read now: closing the worker after its exit forgets the board.
-        heartbeat = "board" if worker.board is not None else "ping"
-        silence = (
-            "its heartbeat counter did not move" if heartbeat == "board"
-            else "no heartbeat reply"
-        )  # fmt: skip
-        self._hang = f"worker hung: {silence} within {self.policy.heartbeat_timeout}"
-        log.error("worker.hung", module=self.name, worker_pid=worker.pid, heartbeat=heartbeat,
-                  timeout=self.policy.heartbeat_timeout.seconds)  # fmt: skip
-        worker.signal(signal.SIGKILL)
-
-    def _stable(self, worker: WorkerProcess) -> None:
-        """The worker has run for ``stable_after``: say so (fallback proxies come home)."""
-        if self.worker is worker and self.state is WorkerState.RUNNING:
-            log.info("module.stable", module=self.name, worker_pid=worker.pid)
-            if self._on_stable is not None:
-                self._background.start_soon(self._on_stable, self.name)
-
-    def stop_requested(self) -> bool:
-        """Whether ``stop`` was called (a method, so checks are not folded away)."""
-        return self._stopping
-
-    async def _after_ending(self, failure: str | None) -> None:
-        """Ask the tracker what next, and wait for it (or for an operator's request)."""
-        now = trio.current_time()
-        decision = self.tracker.ended(
-            now, failed=failure is not None, requested=self._restart_requested
-        )
-        reason = failure or self.reason or "exited"
-        if decision.action is Action.STOP:
-            final = WorkerState.FAILED if failure else WorkerState.EXITED
-            if self.state is not final:
-                self._set_state(final, f"{reason}; not restarted ({decision.reason})")
-            await self._wait_for_request(None)
-        elif decision.action is Action.COOLDOWN:
-            self._set_state(WorkerState.COOLDOWN, f"{reason}; {decision.reason}")
-            log.error("module.cooldown", module=self.name, reason=reason,
-                      retry_in=decision.delay, failures=decision.reason)  # fmt: skip
-            await self._wait_for_request(decision.delay)
-        elif decision.delay > 0:
-            log.info("module.backoff", module=self.name, delay=round(decision.delay, 4),
-                     consecutive_failures=self.tracker.consecutive)  # fmt: skip
-            await self._wait_for_request(decision.delay)
-
-    async def _wait_for_request(self, timeout: float | None) -> None:
-        """Sleep ``timeout`` seconds (None: until asked), ending early on restart or stop."""
-        self._wake = trio.Event()
-        if timeout is None:
-            await self._wake.wait()
-        else:
-            with trio.move_on_after(timeout):
-                await self._wake.wait()
-
-    async def _start(self) -> tuple[WorkerProcess | None, str | None]:
-        """Start a worker and wait for READY: the worker, or the reason it failed."""
-        self._set_state(WorkerState.STARTING)
-        self.starts += 1
-        self.tracker.started(trio.current_time())
-        standby, self._standby = self._standby, None
-        if standby is not None and standby[0].exit_status is None:
-            worker, self.ready = standby
-            self.worker = worker
-            log.info("worker.ready", module=self.name, worker_pid=worker.pid,
-                     version=self.ready.version, standby=True)  # fmt: skip
-            self.running_since = trio.current_time()
-            self._set_state(WorkerState.RUNNING)
-            self._prepare_standby()
-            if worker.board is not None:  # from the standby's slow beat to the module's
-                with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen
-                    await worker.control.send(p.Heartbeat(self.policy.heartbeat_interval.seconds))
-            return worker, None
-        argv = self.kind.worker_argv(self.plan.worker)
-        try:
-            worker = await self.launcher.launch(
-                self.name, argv, self.env, self._on_notice, self.plan.sandbox
-            )
-        except OSError as exc:
-            reason = f"cannot start {argv[0]}: {exc.strerror or exc}"
-            log.error("worker.spawn_failed", module=self.name, error=str(exc))
-            self._set_state(WorkerState.EXITED, reason)
-            return None, reason
-        self.worker = worker
-        self._background.start_soon(worker.watch)
-        self._background.start_soon(worker.read_control)
-        failure = await self._load(worker)
-        if failure is None and self.stop_requested():
-            return worker, None  # ready as we stop: it is being stopped, never announced running
-        if failure is None:
-            log.info("worker.ready", module=self.name, worker_pid=worker.pid,
-                     version=self.ready.version if self.ready else None)  # fmt: skip
-            self.running_since = trio.current_time()
-            self._set_state(WorkerState.RUNNING)
-            self._prepare_standby()
-            return worker, None
-        return None, failure
+    async def wait_first_state(self) -> None:
+        """Return once the first start has succeeded or failed (or the module stopped)."""
+        await self._first_state.wait()
 
     def allow_standby(self) -> None:
         """Every module has started (the daemon says): standbys may be prepared from now on."""
-        self._standby_allowed = True
-        if self.state is WorkerState.RUNNING:
-            self._prepare_standby()
+        self.post(AllowStandby())
 
-    def _prepare_standby(self) -> None:
-        """Start getting a standby ready in the background, if the policy wants one.
+    def restart(self) -> None:
+        """``ipadctl restart``: restart now, ending any backoff or cooldown."""
+        self.post(Restart())
 
-        Not before ``allow_standby``: at start-up, 200 modules' standbys would
-        otherwise be 200 tasks waiting, spawned while the actives start.
+    def request_stop(self, why: str = "stopped") -> None:
+        """Stop for good; ``why`` goes into the reason its proxies turn invalid with."""
+        self.post(Stop(why))
+
+    async def stop(self, why: str = "stopped") -> None:
+        """Stop for good and wait until every worker of the module is gone.
+
+        Bounded: each worker gets ``stop_timeout``, then SIGKILL and the time
+        the kernel needs to reap it.
         """
-        if not self._standby_allowed:
+        self.request_stop(why)
+        with trio.move_on_after(self.policy.stop_timeout.seconds + KILL_WAIT):
+            await self._finished.wait()
+        if not self._finished.is_set():
+            log.error("module.stop_timed_out", module=self.name,
+                      workers=[w.pid for w in self.machine.workers()])  # fmt: skip
+
+    async def wait_finished(self) -> None:
+        """Until the module stopped for good (no bound: the caller sets one)."""
+        await self._finished.wait()
+
+    # --- events in, effects out -------------------------------------------------------
+
+    def post(self, event: Event) -> None:
+        """Feed ``event`` to the machine and carry out what it says, now.
+
+        Events posted while effects are being carried out (an effect that
+        learns something at once) queue behind, in order.
+        """
+        self._queue.append(event)
+        if self._handling:
             return
-        if self.policy.standby and not self._preparing and self._standby is None:
-            self._preparing = True
-            self._background.start_soon(self._make_standby)
-
-    async def _make_standby(self) -> None:
-        """Launch and LOAD a second worker, then keep it idle until it is promoted."""
+        self._handling = True
         try:
-            await self.events.wait_until(self._proxies_settled, STANDBY_DEFER)
-            if self.stop_requested() or self.state is not WorkerState.RUNNING:
-                return
-            argv = self.kind.worker_argv(self.plan.worker)
-            try:
-                worker = await self.launcher.launch(
-                    self.name, argv, self.env, self._on_notice, self.plan.sandbox
-                )
-            except OSError as exc:
-                log.warning("worker.standby_failed", module=self.name, error=str(exc))
-                return
-            self._background.start_soon(worker.watch)
-            self._background.start_soon(worker.read_control)
-            with trio.move_on_after(self.policy.start_timeout.seconds):
-                try:
-                    frame = await worker.load(self._load_message(standby=True))
-                except WorkerCrashed:
-                    frame = None
-                if frame is not None and isinstance(frame.message, p.Ready):
-                    self._standby = (worker, frame.message)
-                    log.info("worker.standby_ready", module=self.name, worker_pid=worker.pid)
-                    self._background.start_soon(self._watch_standby, worker)
-                    self._balance_spares()
-                    return
-            log.warning("worker.standby_failed", module=self.name, worker_pid=worker.pid)
-            await worker.stop(self.policy.stop_timeout.seconds)
-            self._sweep(worker)
+            while self._queue:
+                current = self._queue.popleft()
+                for effect in self.machine.handle(current, trio.current_time()):
+                    self._carry_out(effect)
         finally:
-            self._preparing = False
+            self._handling = False
 
-    def _proxies_settled(self) -> bool:
-        """No proxy of this module is waiting to recover."""
-        return all(r.state is not ProxyState.INVALID for r in self.proxies.of_module(self.name))
+    def _carry_out(self, effect: Effect) -> None:  # noqa: PLR0912 - one arm per action
+        match effect:
+            case SetState():
+                self._publish(effect)
+            case Log(level=level, event=event, fields=fields, worker=worker, origin=origin):
+                extra: dict[str, object] = {CALLSITE: origin}
+                if worker is not None:
+                    extra["worker_pid"] = worker.pid
+                    if event == "worker.ready":
+                        extra["version"] = worker.ready.version if worker.ready else None
+                getattr(log, level)(event, **fields, **extra)
+            case LaunchWorker(standby=standby):
+                self._job(self._launch, standby)
+            case CancelLaunch(standby=standby):
+                scope = self._launches.get(standby)
+                if scope is not None:
+                    scope.cancel()
+            case Promote(worker=worker):
+                self._job(self._promote, worker)
+            case Watch(worker=worker):
+                policy = self.policy
+                self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
+                                      policy.heartbeat_timeout.seconds, self._hung)  # fmt: skip
+            case Unwatch(worker=worker):
+                self.heartbeats.forget(worker)
+            case StopWorker(worker=worker, polite=polite, exiting=exiting):
+                self._job(worker.stop, self.policy.stop_timeout.seconds, polite=polite,
+                          exiting=exiting)  # fmt: skip
+            case KillWorker(worker=worker):
+                worker.kill()
+            case Invalidate(worker=worker, reason=reason):
+                self._invalidate(worker, reason)
+            case StartTimer(timer=timer, delay=delay):
+                self._cancel_timer(timer)
+                self._timers[timer] = self.timers.call_later(
+                    delay, lambda: self.post(TimerFired(timer))
+                )
+            case CancelTimer(timer=timer):
+                self._cancel_timer(timer)
+            case Sweep(worker=worker):
+                self._sweep(worker)
+            case FillStandby():
+                self._balance_spares()
+            case NotifyStable():
+                if self._on_stable is not None:
+                    self._job(self._on_stable, self.name)
+            case Finished():
+                for timer in list(self._timers):
+                    self._cancel_timer(timer)
+                self._first_state.set()
+                self._finished.set()
 
-    async def _watch_standby(self, worker: WorkerProcess) -> None:
-        """A standby that dies while idle is cleaned up and replaced."""
-        await worker.wait_exit()
-        if self._standby is not None and self._standby[0] is worker:
-            self._standby = None
-            log.warning("worker.standby_exited", module=self.name, worker_pid=worker.pid)
-            self._sweep(worker)
-            worker.close()
-            if self.state is WorkerState.RUNNING and not self.stop_requested():
-                self._prepare_standby()
+    def _publish(self, change: SetState[WorkerProcess]) -> None:
+        state = change.state
+        worker = change.worker
+        if state is WorkerState.RUNNING:
+            self.running_since = trio.current_time()
+        elif state is not WorkerState.STARTING:
+            self.running_since = None
+        self.events.publish(
+            "module", self.name, state=state.value, reason=change.reason,
+            worker_pid=worker.pid if worker is not None else None, details=change.details,
+        )  # fmt: skip
+        if state not in (WorkerState.STARTING, WorkerState.STOPPED):
+            self._first_state.set()
 
-    async def _drop_standby(self) -> None:
-        """Stop the standby (the module stops, or its configuration changed)."""
-        standby, self._standby = self._standby, None
-        if standby is not None:
-            worker = standby[0]
-            await self._stop_worker(worker)
-            self._sweep(worker)
-            worker.close()
+    def _job(self, function: Callable[..., Awaitable[object]], *args: object,
+             **kwargs: object) -> None:  # fmt: skip
+        """Run ``function`` in the daemon's nursery; a bug in it is logged, not the daemon's end."""
+        assert self._nursery is not None  # noqa: S101 - set by begin()
+
+        async def job() -> None:
+            try:
+                await function(*args, **kwargs)
+            except Exception:
+                log.exception("module.job_failed", module=self.name, job=function.__name__)
+
+        self._nursery.start_soon(job)
+
+    def _cancel_timer(self, timer: Timer) -> None:
+        handle = self._timers.pop(timer, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _hung(self, worker: WorkerProcess) -> None:
+        """No beat or PONG for ``heartbeat_timeout``: the machine has it killed."""
+        self.post(Hung(worker, "board" if worker.board is not None else "ping"))
+
+    def _exited(self, worker: WorkerProcess) -> None:
+        """The reaper reaped a worker of ours: tell the machine how it ended."""
+        status = worker.exit_status
+        assert status is not None  # noqa: S101 - the reaper sets it first
+        cause: Cause | None = None
+        memory_max: int | None = None
+        if worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
+            cause = Cause.SECCOMP
+        elif _killed_for_memory(worker, status):
+            cause = Cause.OOM
+            memory_max = worker.sandbox.memory_max if worker.sandbox else None
+        if worker is self.machine.active:
+            self.last_exit = status
+        self.post(Exited(worker, status, cause, memory_max))
+
+    # --- jobs -------------------------------------------------------------------------
+
+    async def _launch(self, standby: bool) -> None:
+        """Launch a worker and LOAD it; post exactly one of Launched or LaunchFailed first."""
+        scope = self._launches[standby] = trio.CancelScope()
+        worker: WorkerProcess | None = None
+
+        def started(process: WorkerProcess) -> None:
+            nonlocal worker
+            worker = process
+            self.post(Launched(process, standby))
+
+        outcome: Event | None = None
+        returned = False
+        try:
+            with scope:
+                if standby:  # not while the clients of a just-promoted worker recover
+                    await self.events.wait_until(self._proxies_settled, STANDBY_DEFER)
+                outcome = await self._launch_and_load(standby, started)
+                returned = True
+        finally:
+            if self._launches.get(standby) is scope:
+                del self._launches[standby]
+            if worker is None:
+                self.post(LaunchFailed(_why_not(outcome, scope), standby))
+            elif isinstance(outcome, LaunchFailed):  # it exists, but its launch did not finish
+                self.post(LoadFailed(worker, outcome.reason))
+            elif outcome is not None:
+                self.post(outcome)
+            elif not returned and not scope.cancelled_caught:  # a bug: the machine ends it
+                self.post(LoadFailed(worker, "internal error while loading"))
+            # else: it died during LOAD (its exit tells the machine), or the machine
+            # cancelled the LOAD because it is ending the worker already
+
+    async def _launch_and_load(
+        self, standby: bool, started: Callable[[WorkerProcess], None]
+    ) -> Event | None:
+        """The launch's outcome: LaunchFailed, or how LOAD went (None: the worker died in it)."""
+        argv = self.kind.worker_argv(self.plan.worker)
+        try:
+            worker = await self.launcher.launch(
+                self.name, argv, self.env, self._on_notice, self.plan.sandbox,
+                on_started=started, on_exit=self._exited,
+            )  # fmt: skip
+        except OSError as exc:
+            return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)
+        assert self._nursery is not None  # noqa: S101 - set by begin()
+        self._nursery.start_soon(worker.read_control)
+        with trio.move_on_after(self.policy.start_timeout.seconds):
+            try:
+                frame = await worker.load(self._load_message(standby=standby))
+            except WorkerCrashed:
+                return None  # its exit tells the machine
+            if isinstance(frame.message, p.Ready):
+                worker.ready = frame.message
+                return Ready(worker)
+            return LoadFailed(worker, _describe_error(frame.message), exiting=True)
+        return LoadFailed(worker, f"not ready within {self.policy.start_timeout}")
+
+    async def _promote(self, worker: WorkerProcess) -> None:
+        """A promoted standby beats at the module's pace from now on, not a standby's."""
+        if worker.board is not None:
+            with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen
+                await worker.control.send(p.Heartbeat(self.policy.heartbeat_interval.seconds))
+        self._balance_spares()
 
     def _load_message(self, *, standby: bool = False) -> p.Load:
         """LOAD for a new worker; a standby's beats slowly until it is promoted (HEARTBEAT)."""
@@ -407,155 +472,41 @@ class ModuleSupervisor:
             heartbeat_interval=max(interval, STANDBY_BEAT) if standby else interval,
         )
 
-    async def _load(self, worker: WorkerProcess) -> str | None:
-        """Send LOAD; return None once READY, else why the start failed (worker reaped)."""
-        load = self._load_message()
-        failure: str | None = None
-        exiting = False  # the worker said why it cannot run and is exiting by itself
-        with trio.move_on_after(self.policy.start_timeout.seconds) as timeout:
-            try:
-                frame = await worker.load(load)
-            except WorkerCrashed:
-                failure = "exited before it was ready"
-            else:
-                if isinstance(frame.message, p.Ready):
-                    self.ready = frame.message
-                    return None
-                failure = _describe_error(frame.message)
-                exiting = True
-        if timeout.cancelled_caught:
-            failure = f"not ready within {self.policy.start_timeout}"
-        grace = self.policy.stop_timeout.seconds
-        status = await (worker.finish(grace) if exiting else worker.stop(grace))
-        self._sweep(worker)
-        worker.close()
-        asked = self._asked_end()
-        if asked is not None:
-            reason = f"module {self.name} {asked} before its worker was ready ({status.describe()})"
-            log.info("worker.exited", module=self.name, worker_pid=worker.pid, ready=False,
-                     **status.log_fields())  # fmt: skip
-        else:
-            reason = f"failed to start: {failure} ({status.describe()})"
-            log.error("worker.start_failed", module=self.name, worker_pid=worker.pid,
-                      reason=failure, **status.log_fields())  # fmt: skip
-        self._set_state(WorkerState.EXITED, reason)
-        return reason
+    def _proxies_settled(self) -> bool:
+        """No proxy of this module is waiting to recover."""
+        return all(r.state is not ProxyState.INVALID for r in self.proxies.of_module(self.name))
 
-    def _asked_end(self) -> str | None:
-        """Why a worker ending now was asked to ("stopped", "restarting", …); None: it was not."""
-        if self._stopping:
-            return self._stopped_why
-        return "restarting" if self._restart_requested else None
-
-    def _on_exit(self, worker: WorkerProcess, status: ExitStatus) -> str | None:
-        """Record how the worker ended; return the failure, or None for a clean or asked-for end."""
-        self.running_since = None
-        worker.close()
-        asked = self._asked_end()
-        if asked is not None:
-            failure = None
-            reason = f"module {self.name} {asked} ({status.describe()})"
-            log.info("worker.exited", module=self.name, worker_pid=worker.pid,
-                     **status.log_fields())  # fmt: skip
-        elif self._hang is not None:
-            failure = reason = self._hang
-            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="hung",
-                      **status.log_fields())  # fmt: skip
-        elif worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
-            failure = reason = (
-                "seccomp: killed for a forbidden system call (an escape attempt?) "
-                f"({status.describe()})"
-            )
-            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="seccomp",
-                      **status.log_fields())  # fmt: skip
-        elif _killed_for_memory(worker, status):
-            limit = worker.sandbox.memory_max if worker.sandbox else None
-            failure = reason = (
-                f"oom: over its memory limit ({limit} bytes), killed by the kernel "
-                f"({status.describe()})"
-            )
-            log.error("worker.exited", module=self.name, worker_pid=worker.pid, cause="oom",
-                      memory_max=limit, **status.log_fields())  # fmt: skip
-        else:
-            reason = f"worker exited with {status.describe()}"
-            failure = None if status.clean else reason
-            level = log.info if status.clean else log.error
-            level("worker.exited", module=self.name, worker_pid=worker.pid, **status.log_fields())
+    def _invalidate(self, worker: WorkerProcess, reason: str) -> None:
+        """Every proxy whose instance lived in ``worker`` (or waited for one) turns invalid."""
         for record in self.proxies.of_module(self.name):
-            if record.state in (ProxyState.VALID, ProxyState.PENDING):
+            mine = record.worker_pid == worker.pid or record.state is ProxyState.PENDING
+            if mine and record.state in (ProxyState.VALID, ProxyState.PENDING):
                 self.proxies.set_state(record, ProxyState.INVALID, reason)
-        self._set_state(WorkerState.EXITED, reason, **status.log_fields())
-        return failure
 
     def _sweep(self, worker: WorkerProcess) -> None:
-        """Kill whatever the worker left behind: its process group now, its cgroup next.
+        """Clear what an exited worker left: its cgroup, next; its descriptors, now.
 
-        Writing ``cgroup.kill`` costs a few hundred microseconds, so it runs in
-        a task of its own once the module's clients have recovered (at most
-        ``STANDBY_DEFER`` later): in the same scheduler pass as their new
-        channels it would hold them up. Removing the emptied cgroup follows it.
+        The reaper killed its process group. Writing ``cgroup.kill`` costs a
+        few hundred microseconds, so it runs in a job once the module's clients
+        have recovered (at most ``STANDBY_DEFER`` later): in the same scheduler
+        pass as their new channels it would hold them up.
         """
-        worker.signal(signal.SIGKILL)
+        worker.close()
         v1_memory = worker.memory_cgroup if worker.memory_cgroup != worker.cgroup else None
-        if worker.cgroup is not None:
-            self._background.start_soon(self._clear_cgroup_later, worker.cgroup)
-            worker.cgroup = None
-        if v1_memory is not None:  # cgroup v1's memory cgroup, apart from the worker's own
-            self._background.start_soon(_clear_v1_memory, v1_memory)
+        cgroup, worker.cgroup = worker.cgroup, None
+        if cgroup is not None or v1_memory is not None:
+            self._job(self._clear_cgroups, cgroup, v1_memory)
 
-    async def _clear_cgroup_later(self, path: Path) -> None:
-        """``_clear_cgroup`` once no proxy of this module waits to recover; at once if cancelled.
-
-        Only what escaped the process group (a setsid() grandchild) is still
-        alive in there, for those few milliseconds.
-        """
+    async def _clear_cgroups(self, cgroup: Path | None, v1_memory: Path | None) -> None:
+        """Clear a dead worker's cgroups once no proxy of the module waits to recover."""
         try:
             await self.events.wait_until(self._proxies_settled, STANDBY_DEFER)
         finally:
             with trio.CancelScope(shield=True):
-                await _clear_cgroup(path)
-
-    # --- operator requests --------------------------------------------------------
-
-    async def stop(self, why: str = "stopped") -> None:
-        """Stop for good: SHUTDOWN, then SIGTERM, then SIGKILL after the grace period.
-
-        ``why`` goes into the reason its proxies turn invalid with: a client
-        can tell a module removed by a reload from one stopped with the daemon.
-        """
-        self._stopped_why = why
-        self._stopping = True
-        self._wake.set()
-        worker = self.worker
-        if worker is None or self.state not in (WorkerState.RUNNING, WorkerState.STARTING):
-            return
-        self._set_state(WorkerState.STOPPING, "stopping")
-        await self._stop_worker(worker)
-        with trio.CancelScope(shield=True):
-            await self._finished.wait()  # the loop has recorded the exit and ended
-
-    async def restart(self) -> None:
-        """``ipadctl restart``: restart now, ending any backoff or cooldown."""
-        self.tracker.reset()
-        self._restart_requested = True
-        self._wake.set()
-        worker = self.worker
-        if worker is not None and self.state in (WorkerState.RUNNING, WorkerState.STARTING):
-            log.info("module.restart_requested", module=self.name, worker_pid=worker.pid)
-            await self._stop_worker(worker)
-
-    async def _stop_worker(self, worker: WorkerProcess) -> None:
-        grace = self.policy.stop_timeout.seconds
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(grace):
-                with contextlib.suppress(OSError, trio.ClosedResourceError):
-                    await worker.control.send(p.Shutdown())
-                await worker.wait_exit()
-            await worker.stop(grace)
-
-    async def wait_running(self) -> None:
-        """Return once the module's worker is running."""
-        await self._running.wait()
+                if cgroup is not None:
+                    await clear_cgroup(cgroup)
+                if v1_memory is not None:  # cgroup v1's memory cgroup, apart from the worker's
+                    await _clear_v1_memory(v1_memory)
 
     # --- instances -------------------------------------------------------------
 
@@ -606,16 +557,19 @@ class ModuleSupervisor:
             raise ModuleUnavailable(_describe_error(frame.message))
         return instance_id, client_end
 
+    def _loaded_standby(self) -> WorkerProcess | None:
+        machine = self.machine
+        return machine.standby if machine.standby_ready else None
+
     def _balance_spares(self) -> None:
         """In the background, give the standby one spare instance per proxy this worker serves."""
-        if self._standby is not None and not self._balancing:
+        if self._loaded_standby() is not None and not self._balancing and self._nursery:
             self._balancing = True
-            self._background.start_soon(self._keep_spares)
+            self._job(self._keep_spares)
 
     async def _keep_spares(self) -> None:
         try:
-            while self._standby is not None:
-                standby = self._standby[0]
+            while (standby := self._loaded_standby()) is not None:
                 # Proxies that hold an instance: one still waiting for its own (and perhaps
                 # closed before it gets one: its client left) needs no twin yet.
                 wanted = sum(r.instance_id is not None for r in self.proxies.of_module(self.name))
@@ -647,18 +601,17 @@ class ModuleSupervisor:
             await worker.control.send(p.CloseInstance(instance_id))
 
 
-async def _clear_cgroup(path: Path) -> None:
-    """Kill everything in a worker's cgroup and remove it, even while the module stops."""
-    WorkerCgroups.kill(path)
-    with trio.CancelScope(shield=True):
-        await WorkerCgroups.remove(path)
-
-
 async def _clear_v1_memory(path: Path) -> None:
-    """Remove a worker's cgroup v1 memory cgroup once what ran in it is gone."""
-    with trio.CancelScope(shield=True), trio.move_on_after(MEMORY_CGROUP_WAIT):
+    """Remove a worker's cgroup v1 memory cgroup once what ran in it is gone.
+
+    v1 says nothing when a cgroup empties; its processes were in the worker's
+    cgroup2 cgroup too, whose emptiness was awaited first, so this seldom retries.
+    """
+    delay = 0.005
+    with trio.move_on_after(MEMORY_CGROUP_WAIT):
         while not _memory_cgroup.clear(path):
-            await trio.sleep(0.005)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
 
 def _killed_for_memory(worker: WorkerProcess, status: ExitStatus) -> bool:
@@ -666,6 +619,13 @@ def _killed_for_memory(worker: WorkerProcess, status: ExitStatus) -> bool:
     if status.signal != signal.SIGKILL or worker.memory_cgroup is None:
         return False
     return _memory_cgroup.oom_kills(worker.memory_cgroup) > 0
+
+
+def _why_not(outcome: Event | None, scope: trio.CancelScope) -> str:
+    """Why a launch produced no process."""
+    if isinstance(outcome, LaunchFailed):
+        return outcome.reason
+    return "cancelled" if scope.cancelled_caught else "the launch failed"
 
 
 def _describe_error(message: p.Message) -> str:

@@ -128,6 +128,8 @@ class Requests:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
+        #: Told of every reply nobody takes (late, or its caller cancelled), before it is dropped.
+        self.on_dropped: Callable[[p.Frame], None] | None = None
         self._ids: Iterator[int] = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
         self._closed: Callable[[], Exception] | None = None
@@ -193,6 +195,8 @@ class Requests:
         return True
 
     def _drop(self, frame: p.Frame) -> None:
+        if self.on_dropped is not None:
+            self.on_dropped(frame)
         log.warning(
             "reply.dropped",
             connection=self.name,

@@ -1,4 +1,8 @@
-"""A worker process as the daemon sees it: spawned, talked to, watched through its pidfd."""
+"""A worker process as the daemon sees it: spawned, talked to, reaped through its pidfd.
+
+The daemon's reaper (ipad/_children.py) watches every pidfd and calls
+``reap`` once the process exited; everyone else awaits ``wait_exit``.
+"""
 
 from __future__ import annotations
 
@@ -9,48 +13,23 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import attrs
 import structlog
 import trio
 
 from . import _protocol as p
 from ._heartbeat_board import new_board
+from ._lifecycle import ExitStatus
 from ._spawn import StartedProcess, start_process
 from ._transport import PacketSocket, Requests
 
 log = structlog.get_logger("ipad")
 
 
-@attrs.frozen
-class ExitStatus:
-    """How a worker ended: an exit code or a signal, as waitid reported it."""
-
-    code: int | None = None
-    signal: int | None = None
-
-    @property
-    def clean(self) -> bool:
-        """Exited with status 0."""
-        return self.code == 0
-
-    def describe(self) -> str:
-        """``exit status 3`` or ``signal SIGKILL``, for reasons and logs."""
-        if self.signal is not None:
-            try:
-                return f"signal {signal.Signals(self.signal).name}"
-            except ValueError:
-                return f"signal {self.signal}"
-        return f"exit status {self.code}"
-
-    def log_fields(self) -> dict[str, object]:
-        """``exit_status`` or ``signal`` for a log record."""
-        if self.signal is not None:
-            return {"signal": signal.Signals(self.signal).name}
-        return {"exit_status": self.code}
-
-
 #: How long a worker whose control socket ended may live on before it is killed.
 CONTROL_GRACE = 2.0
+
+#: How long to wait for a SIGKILLed worker to be reaped: only one stuck in the kernel waits.
+KILL_WAIT = 5.0
 
 
 class WorkerCrashed(Exception):
@@ -65,7 +44,7 @@ class WorkerProcess:
         module: str,
         pid: int,
         pidfd: int,
-        control: socket.socket,
+        control: socket.socket | None,
         on_notice: Callable[[p.Message], None] = lambda _: None,
         allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
     ) -> None:
@@ -73,8 +52,9 @@ class WorkerProcess:
         self.on_notice = on_notice
         self.pid = pid
         self.pidfd = pidfd
-        self.control = PacketSocket(control, allowed)
+        self.control = PacketSocket(control if control is not None else _closed_socket(), allowed)
         self.requests = Requests(f"worker:{module}:{pid}")
+        self.requests.on_dropped = lambda frame: self.on_unclaimed(frame.message)
         self.exit_status: ExitStatus | None = None
         self._exited = trio.Event()
         #: The worker's own cgroup, where ipad can make one (see ipad/_cgroup.py).
@@ -87,8 +67,15 @@ class WorkerProcess:
         self.memory_cgroup: Path | None = None
         #: The heartbeat board it beats on (ipad/_heartbeat_board.py); None: it answers PING.
         self.board: int | None = None
-        #: Told of a reply that came after its request gave up (the fork server's SPAWNED).
+        #: What it said when it became ready (its version, its methods).
+        self.ready: p.Ready | None = None
+        #: Told of a reply nobody took: late, or its caller was cancelled (a fork's SPAWNED).
         self.on_unclaimed: Callable[[p.Message], None] = lambda _: None
+
+    @classmethod
+    def stray(cls, module: str, pid: int, pidfd: int) -> WorkerProcess:
+        """A child of ours nobody talks to, held only to be killed and reaped."""
+        return cls(module, pid, pidfd, None)
 
     async def request(self, message: p.Message, fds: Sequence[int] = ()) -> p.Frame:
         """Send a control request and wait for its reply."""
@@ -126,8 +113,8 @@ class WorkerProcess:
                     break
                 if frame.request_id == 0:
                     self.on_notice(frame.message)  # one-way: not a reply to anything
-                elif not self.requests.deliver(frame):
-                    self.on_unclaimed(frame.message)
+                else:
+                    self.requests.deliver(frame)  # one nobody takes goes to on_unclaimed
         finally:
             self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
         await self._outlive_control()
@@ -143,70 +130,74 @@ class WorkerProcess:
                         action="killed", grace=CONTROL_GRACE)  # fmt: skip
             self.signal(signal.SIGKILL)
 
-    async def watch(self) -> None:
-        """Wait for the worker to exit (its pidfd becomes readable) and reap it.
+    def reap(self) -> ExitStatus:
+        """Reap the exited process (its pidfd is readable); kill what is left of its group first.
 
-        Exactly one task runs this per worker; everyone else awaits ``wait_exit``.
-        No timer, no polling: the kernel wakes us the moment the process ends.
-        The control socket's end of stream is no substitute: a child the worker
-        left behind may hold a copy of it.
+        Until it is reaped the zombie keeps its pid, so the process group it led
+        cannot be another's: a child the worker left behind is killed with it.
         """
-        await trio.lowlevel.wait_readable(self.pidfd)
-        self.exit_status = self._reap()
+        self._signal_group(signal.SIGKILL)
+        info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+        assert info is not None  # noqa: S101 - without WNOHANG waitid always reports
+        if info.si_code == os.CLD_EXITED:
+            self.exit_status = ExitStatus(code=info.si_status)
+        else:
+            self.exit_status = ExitStatus(signal=info.si_status)
         self._exited.set()
+        return self.exit_status
 
     async def wait_exit(self) -> ExitStatus:
-        """How the worker ended, once ``watch`` has reaped it."""
+        """How the worker ended, once the reaper has reaped it."""
         await self._exited.wait()
         assert self.exit_status is not None  # noqa: S101 - set before the event
         return self.exit_status
 
-    def _reap(self) -> ExitStatus:
-        info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-        assert info is not None  # noqa: S101 - without WNOHANG waitid always reports
-        if info.si_code == os.CLD_EXITED:
-            return ExitStatus(code=info.si_status)
-        return ExitStatus(signal=info.si_status)
-
     def signal(self, signum: int) -> None:
-        """Signal the worker's whole process group (it leads one), ignoring a gone group."""
+        """Signal the worker and its process group (it leads one), unless it was reaped.
+
+        Through its pidfd for the worker itself; by group id, which only a
+        process not yet reaped keeps from being reused, for what it started.
+        """
+        if self.exit_status is not None or self.pidfd < 0:
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signum)
+            signal.pidfd_send_signal(self.pidfd, signum)
+        self._signal_group(signum)
 
-    async def finish(self, grace: float) -> ExitStatus:
-        """Let a worker that is on its way out exit by itself, then ``stop`` it if it does not."""
-        with trio.move_on_after(grace):
-            return await self.wait_exit()
-        return await self.stop(grace)
+    def _signal_group(self, signum: int) -> None:
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signum)
 
-    async def stop(self, grace: float) -> ExitStatus:
-        """SIGTERM, wait up to ``grace``, then SIGKILL; always reaped before returning."""
+    def kill(self) -> None:
+        """SIGKILL it and its group now."""
+        self.signal(signal.SIGKILL)
+
+    async def stop(self, grace: float, *, polite: bool = False, exiting: bool = False) -> None:
+        """End the worker within ``grace`` seconds, then wait for the reaper to see it go.
+
+        ``polite``: SHUTDOWN first and half the time to act on it; ``exiting``:
+        it is on its way out, so the same half-time before any signal; then
+        SIGTERM, and SIGKILL once ``grace`` is up. The wait after SIGKILL is
+        bounded too: only a process stuck in the kernel outlives it.
+        """
         if self.exit_status is not None:
-            return self.exit_status
-        with trio.CancelScope(shield=True):
+            return
+        with trio.move_on_after(grace / 2 if polite or exiting else 0):
+            if polite:
+                with contextlib.suppress(OSError, trio.ClosedResourceError):
+                    await self.control.send(p.Shutdown())
+            await self._exited.wait()
+        if self.exit_status is None:
             self.signal(signal.SIGTERM)
-            with trio.move_on_after(grace):
-                await self.wait_exit()
-            if self.exit_status is None:
-                self.signal(signal.SIGKILL)
-            return await self.wait_exit()
-        raise AssertionError("unreachable: a shielded scope is never cancelled")
-
-    async def terminate_and_reap(self, grace: float) -> ExitStatus:
-        """Stop and reap without a ``watch`` task: for when that task is no longer running."""
-        if self.exit_status is not None:
-            return self.exit_status
-        with trio.CancelScope(shield=True):
-            self.signal(signal.SIGTERM)
-            with trio.move_on_after(grace) as waited:
-                await trio.lowlevel.wait_readable(self.pidfd)
-            if waited.cancelled_caught:
-                self.signal(signal.SIGKILL)
-                await trio.lowlevel.wait_readable(self.pidfd)
-            self.exit_status = self._reap()
-            self._exited.set()
-            return self.exit_status
-        raise AssertionError("unreachable: a shielded scope is never cancelled")
+            with trio.move_on_after(grace / 2 if polite or exiting else grace):
+                await self._exited.wait()
+        if self.exit_status is None:
+            log.warning("worker.killed", module=self.module, worker_pid=self.pid,
+                        reason=f"still running {grace:g}s after it was asked to stop")  # fmt: skip
+            self.kill()
+            with trio.move_on_after(KILL_WAIT):
+                await self._exited.wait()
 
     def close(self) -> None:
         """Close the control socket, spare channels and the pidfd (after the worker was reaped)."""
@@ -231,7 +222,7 @@ def spawn_worker(
     *,
     output: int | None = None,
 ) -> WorkerProcess:
-    """Start a worker (see ipad/_spawn.py) and watch it as a WorkerProcess."""
+    """Start a worker (see ipad/_spawn.py) as a WorkerProcess, for the reaper to adopt."""
     return adopt(module, start_process(argv, env, output=output), on_notice, allowed)
 
 
@@ -245,3 +236,10 @@ def adopt(
     started.taken = True
     log.debug("worker.spawned", module=module, worker_pid=started.pid, argv=started.argv)
     return WorkerProcess(module, started.pid, started.pidfd, started.control, on_notice, allowed)
+
+
+def _closed_socket() -> socket.socket:
+    """A stand-in control socket for a process nobody talks to: its peer is closed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    theirs.close()
+    return ours

@@ -188,7 +188,7 @@ def test_a_daemon_logging_to_journald(
         os.kill(pid, signal.SIGKILL)
         crash = journald.reader.wait_for("IPAD_EVENT=worker.exited", f"WORKER_PID={pid}", *mine)
         assert (crash["MODULE"], crash["SIGNAL"], crash["PRIORITY"]) == ("faulty", "SIGKILL", "3")
-        assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("_supervisor.py", "_on_exit")
+        assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("_lifecycle.py", "_exit_reason")
         journald.reader.wait_for("IPAD_EVENT=worker.ready", "MODULE=faulty", *mine,
                                  where=lambda e: e["WORKER_PID"] != str(pid))  # fmt: skip
         assert daemon.stop() == 0

@@ -322,7 +322,7 @@ def test_a_killed_worker_is_restarted_and_its_story_is_in_the_journal(service: S
         assert proxy.call("get", wait=WAIT) == 0  # then recovered onto the new worker
     assert (crash["MODULE"], crash["SIGNAL"], crash["PRIORITY"]) == ("faulty", "SIGKILL", "3")
     assert crash["SYSLOG_IDENTIFIER"] == "ipad"
-    assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("_supervisor.py", "_on_exit")
+    assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("_lifecycle.py", "_exit_reason")
     assert int(crash["CODE_LINE"]) > 0
     relayed = service.wait_entry("IPAD_EVENT=worker.stderr", f"WORKER_PID={pid}", since=since)
     assert (relayed["MODULE"], relayed["TEXT"], relayed["PRIORITY"]) == (

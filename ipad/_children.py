@@ -1,0 +1,128 @@
+"""The daemon's children, every one reaped in one place: the reaper.
+
+Each worker, standby and fork server is adopted here the moment its process
+exists (a spawn returned, a fork was answered), before anything else can
+happen to the code that started it: cancelled, that code cannot leak it.
+One epoll set (ipad/_reactor.py) holds every pidfd; when one becomes
+readable the process has exited and is still a zombie, so its pid -- and its
+process group's id -- cannot have been reused: the group is killed (what the
+worker left behind in it) and only then the zombie reaped. Nothing is ever
+signalled by pid after it was reaped.
+
+``close`` is the last word, whatever ended the daemon: every child still
+there is killed with SIGKILL and reaped, within a deadline, and so is any
+child the daemon never learned of (a fork whose reply died with its fork
+server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import trio
+
+from ._reactor import Reactor
+from ._worker import WorkerProcess
+
+log = structlog.get_logger("ipad")
+
+#: How long ``close`` waits for SIGKILLed children: only one stuck in the kernel (D state) waits.
+KILL_WAIT = 5.0
+
+
+class Children:
+    """Every process the daemon started and has not reaped yet."""
+
+    def __init__(self, reactor: Reactor, *, strays: bool = False) -> None:
+        self.reactor = reactor
+        #: Whether every child of the main thread is ours to reap (the daemon's; not a test's).
+        self.owns_strays = strays
+        self._alive: dict[int, WorkerProcess] = {}  # by pid
+
+    def __len__(self) -> int:
+        return len(self._alive)
+
+    def __contains__(self, process: WorkerProcess) -> bool:
+        return self._alive.get(process.pid) is process
+
+    def adopt(
+        self, process: WorkerProcess, on_exit: Callable[[WorkerProcess], None] | None = None
+    ) -> None:
+        """Reap ``process`` when it exits, then call ``on_exit`` (its exit status is set)."""
+        self._alive[process.pid] = process
+        self.reactor.add(process.pidfd, functools.partial(self._exited, process, on_exit))
+
+    def _exited(
+        self, process: WorkerProcess, on_exit: Callable[[WorkerProcess], None] | None
+    ) -> None:
+        self.reactor.remove(process.pidfd)
+        self._alive.pop(process.pid, None)
+        process.reap()
+        if on_exit is not None:
+            on_exit(process)
+
+    def adopt_pid(self, pid: int, module: str) -> WorkerProcess | None:
+        """Kill and reap a child of ours that nobody holds (a fork answered too late)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None  # reaped already
+        process = WorkerProcess.stray(module, pid, pidfd)
+        self.adopt(process, lambda p: p.close())
+        process.kill()
+        return process
+
+    def strays(self) -> list[int]:
+        """Children of the daemon's main thread that nobody adopted (their replies were lost).
+
+        Only the main thread starts workers; a sandbox trial forks from a
+        worker thread and reaps its child itself, so it never shows up here.
+        """
+        if not self.owns_strays:
+            return []
+        try:
+            listed = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(pid) for pid in listed if int(pid) not in self._alive]
+
+    def reap_strays(self) -> None:
+        """Adopt, kill and reap every stray child (logged)."""
+        for pid in self.strays():
+            if self.adopt_pid(pid, "unknown") is not None:
+                log.warning("daemon.stray_child", worker_pid=pid, action="killed")
+
+    async def close(self, timeout: float = KILL_WAIT) -> None:
+        """Kill every child left and reap it, waiting at most ``timeout`` (shielded).
+
+        Runs after the reactor stopped: each pidfd is waited on here directly.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
+            self.reap_strays_now()
+            for process in list(self._alive.values()):
+                process.kill()
+            for process in list(self._alive.values()):
+                await trio.lowlevel.wait_readable(process.pidfd)
+                self.reactor.remove(process.pidfd)
+                self._alive.pop(process.pid, None)
+                process.reap()
+                process.close()
+        for process in self._alive.values():  # stuck in the kernel: say so, leave it
+            log.error("daemon.child_not_reaped", worker_pid=process.pid, module=process.module)
+
+    def reap_strays_now(self) -> None:
+        """At the end: strays are killed and adopted so that ``close`` reaps them."""
+        for pid in self.strays():
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+                process = WorkerProcess.stray("unknown", pid, pidfd)
+                self._alive[pid] = process
+                log.warning("daemon.stray_child", worker_pid=pid, action="killed")
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
