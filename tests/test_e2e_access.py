@@ -164,23 +164,24 @@ def test_reload_that_takes_access_away_closes_the_proxies_already_held(
     daemon: DaemonProcess, shared_dir: Path
 ) -> None:
     """A proxy's channel goes straight to the worker: a revoking reload closes it too."""
-    holder = subprocess.Popen(
+    # As a context manager its pipes are closed whatever fails: left open, they would be
+    # reported as unraisable ResourceWarnings in whichever test happens to collect them.
+    with subprocess.Popen(
         [*as_user(NOBODY, gid("nogroup"), []), sys.executable, "-c", HOLDER, str(daemon.socket)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=REPO, env=daemon.env,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        echo_pid = int(holder.stdout.readline())
-        config = shared_dir / "config.toml"
-        config.write_text(config.read_text().replace('users = ["*"]', 'users = ["daemon"]'))
-        daemon.ctl("reload")
-        revoked = daemon.wait_for("access.revoked")
-        assert (revoked["module"], revoked["peer_uid"]) == ("echo", NOBODY)
-        out, err = holder.communicate("\n", timeout=WAIT)
-    finally:
-        holder.kill()
-        holder.wait()
+    ) as holder:  # fmt: skip
+        try:
+            assert holder.stdout is not None
+            echo_pid = int(holder.stdout.readline())
+            config = shared_dir / "config.toml"
+            config.write_text(config.read_text().replace('users = ["*"]', 'users = ["daemon"]'))
+            daemon.ctl("reload")
+            revoked = daemon.wait_for("access.revoked")
+            assert (revoked["module"], revoked["peer_uid"]) == ("echo", NOBODY)
+            out, err = holder.communicate("\n", timeout=WAIT)
+        finally:
+            holder.kill()
     assert holder.returncode == 0, err
     reason = "access revoked: uid 65534 may no longer use module 'echo'"
     # The call fails at once; the proxy is gone (closed, with the reason), a new one denied.

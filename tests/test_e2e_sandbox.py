@@ -23,7 +23,7 @@ from ipad import client as ipc
 from ipad._sandbox_plan import memory_support
 from ipad.client import BlockingClient
 from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
-from tests.privileges import NOBODY, as_user
+from tests.privileges import NOBODY, as_user, user_install
 from tests.test_e2e_unprivileged import nobody_dir, nobody_env
 
 __all__ = ["nobody_dir", "nobody_env"]  # fixtures, used by name
@@ -66,9 +66,11 @@ address_space = "256M"
 MEMORY = memory_support().version is not None
 
 
-def sandbox_config(directory: Path, extra: str = "", probe_extra: str = "") -> Path:
-    """The probe, probe2 (its neighbour) and an isolated echo."""
-    head = SANDBOX.format(modules=TEST_MODULES, extra=extra)
+def sandbox_config(
+    directory: Path, extra: str = "", probe_extra: str = "", modules: Path = TEST_MODULES
+) -> Path:
+    """The probe, probe2 (its neighbour) and an isolated echo, from the test modules in ``modules``."""
+    head = SANDBOX.format(modules=modules, extra=extra)
     return write_config(directory, head, modules=MODULES.format(probe_extra=probe_extra))
 
 
@@ -242,7 +244,9 @@ def test_unprivileged_daemon_workers_get_a_user_namespace(
     start_daemon: Start, nobody_dir: Path, nobody_env: dict[str, str]
 ) -> None:
     """As nobody: a user namespace; the worker cannot signal or trace the daemon of its own uid."""
-    config = sandbox_config(nobody_dir, extra='optional = ["memory_max"]')
+    # The test modules as nobody can read them: the checkout's may be out of its reach.
+    modules = user_install().test_modules
+    config = sandbox_config(nobody_dir, extra='optional = ["memory_max"]', modules=modules)
     daemon = start_daemon(config, env=nobody_env, prefix=as_user())
     daemon.socket = Path(daemon.wait_for("daemon.started")["socket"])
     report = probe_report(daemon)

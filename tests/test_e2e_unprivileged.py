@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import REPO, DaemonProcess, write_config
-from tests.privileges import NOBODY, as_user, needs_setpriv, root_subtrees, setpriv
+from tests.privileges import (
+    NOBODY,
+    as_user,
+    interpreter_subtrees,
+    needs_setpriv,
+    setpriv,
+    user_install,
+)
 
 pytestmark = [pytest.mark.timeout(60), needs_setpriv]
 
@@ -40,8 +47,45 @@ def nobody_env(nobody_dir: Path, daemon_env: dict[str, str]) -> dict[str, str]:
         XDG_RUNTIME_DIR=str(runtime),
         HOME=str(nobody_dir),
         IPAD_SOCKET="",  # empty: the per-user default applies
+        # The test modules' tuning files as nobody can read them, not the checkout's.
+        IPAD_CONFIG_PATH=str(user_install().test_modules / "tuning"),
     )
     return env
+
+
+#: What the user's interpreter runs from.
+WHERE = """
+import json, os, sys
+import ipad, structlog, trio
+from ipad._paths import install_dir
+print(json.dumps({
+    "uid": os.getuid(), "executable": sys.executable, "prefix": sys.prefix,
+    "base_prefix": sys.base_prefix, "path": sys.path, "install_dir": str(install_dir()),
+    **{m.__name__: m.__file__ for m in (ipad, structlog, trio)},
+}))
+"""
+
+
+def test_another_user_runs_the_install_not_the_checkout() -> None:
+    """As nobody, our interpreter's command runs ipad from the session's install, never the checkout.
+
+    So these tests pass wherever the checkout is, also in a directory only root may enter.
+    """
+    install = user_install()
+    result = subprocess.run(
+        [*as_user(), sys.executable, "-c", WHERE],
+        capture_output=True, text=True, timeout=30, check=True, cwd=REPO,
+    )  # fmt: skip
+    where = json.loads(result.stdout)
+    assert where["uid"] == NOBODY
+    assert where["executable"] == str(install.python)
+    assert where["prefix"] == str(install.prefix)
+    # Our interpreter's own standard library, not the system's that the loader might fall back to.
+    assert where["base_prefix"] == sys.base_prefix
+    for module in ("ipad", "trio", "structlog"):
+        assert Path(where[module]).is_relative_to(install.site_packages), where
+    assert where["install_dir"] == str(install.prefix / "share" / "ipad" / "workers")
+    assert not any(Path(p).is_relative_to(REPO) for p in where["path"] if p), where["path"]
 
 
 def test_unprivileged_daemon(
@@ -68,14 +112,17 @@ def test_unprivileged_daemon(
 
 def test_check_config_names_an_interpreter_nobody_can_run(nobody_dir: Path) -> None:
     """If the interpreter is out of the user's reach, --check-config says so for each module."""
-    if not root_subtrees() or (Path("/root").stat().st_mode & 0o001):
+    if not interpreter_subtrees() or (Path("/root").stat().st_mode & 0o001):
         pytest.skip("this machine's interpreter is reachable by every user")
     config = write_config(nobody_dir)
+    # setpriv alone, without as_user's namespace: the interpreter stays out of reach. It
+    # still starts (setpriv execs it with root's capabilities) on the system's libraries.
+    python = user_install().python
     result = subprocess.run(
-        [*setpriv(), sys.executable, "-m", "ipad", "--check-config", str(config)],
-        capture_output=True, text=True, timeout=30, check=False, cwd=REPO,
+        [*setpriv(), python, "-m", "ipad", "--check-config", str(config)],
+        capture_output=True, text=True, timeout=30, check=False, cwd=user_install().root,
     )  # fmt: skip
-    assert result.returncode == 1
-    assert f"modules.echo.worker: the Python interpreter {sys.executable} is not executable" in (
+    assert result.returncode == 1, result.stderr
+    assert f"modules.echo.worker: the Python interpreter {python} is not executable" in (
         result.stderr
     )

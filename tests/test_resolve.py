@@ -18,17 +18,11 @@ from ipad._paths import install_dir
 from ipad._resolve import WORKER_PATH_ENV, Attempt, WorkerNotFound, resolve_worker
 
 from .helpers_fs import make_dir, write_executable
+from .privileges import NOBODY, needs_setpriv, with_ids
 
 NAME = "ipad-worker"
 
-#: The unprivileged user the subprocess tests drop to.
-NOBODY = 65534
-
-#: The checkout, so a subprocess can import ipad.
-REPO = Path(__file__).resolve().parents[1]
-
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
-needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 
 
 @pytest.fixture
@@ -312,17 +306,13 @@ print(json.dumps({"ids": [os.getuid(), os.geteuid()], "found": found, "attempts"
 
 
 def _probe(setpriv_args: list[str], install: Path, worker_path: str) -> dict[str, object]:
-    """Run the probe under ``setpriv`` with the given ids and return what it reported."""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(REPO),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        WORKER_PATH_ENV: worker_path,
-    }
+    """Run the probe with the given setpriv ids (on ipad as that user finds it); what it reported."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", WORKER_PATH_ENV: worker_path}
     setpriv = shutil.which("setpriv")
     assert setpriv is not None
+    as_them = with_ids([setpriv, *setpriv_args, "--clear-groups"])
     result = subprocess.run(
-        [setpriv, *setpriv_args, "--clear-groups", sys.executable, "-c", _PROBE, str(install)],
+        [*as_them, sys.executable, "-c", _PROBE, str(install)],
         env=env,
         capture_output=True,
         text=True,
