@@ -322,7 +322,7 @@ class DaemonRuntime:
         )
         self.heartbeats = Heartbeats()
         self.launcher = Launcher(
-            forkable, self.children, self.cgroups, preloads, early=early_forkserver
+            forkable, self.children, self.timers, self.cgroups, preloads, early=early_forkserver
         )
         self._protected = False
         self._prepare_sandboxes(checked.plans.values())

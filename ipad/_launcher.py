@@ -17,14 +17,14 @@ logged and tried again with backoff; meanwhile workers are spawned. It never
 stops the daemon.
 
 Every process started here writes its stdout and stderr into a pipe of its
-own, which a task of the launcher relays into the daemon's log with the
-process's module and pid (ipad/_relay.py).
+own, which the launcher's OutputRelay (ipad/_relay.py) reads, through the
+daemon's reactor, into the daemon's log with the process's module and pid;
+its control socket is read the same way (WorkerProcess.watch_control).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import socket
@@ -41,7 +41,8 @@ from ._cgroup import WorkerCgroups, clear_cgroup
 from ._children import Children
 from ._jail import command as jail_command
 from ._lifecycle import ExitStatus
-from ._relay import relay_output
+from ._reactor import Timers
+from ._relay import OutputRelay
 from ._spawn import StartedProcess
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
 from ._zygote import ZYGOTE_ARGV
@@ -74,12 +75,16 @@ class Launcher:
         self,
         forkable: Sequence[str] | None,
         children: Children,
+        timers: Timers,
         cgroups: WorkerCgroups | None = None,
         preloads: Sequence[str] = (),
         early: StartedProcess | None = None,
     ) -> None:
         #: The reaper every process started here is handed to.
         self.children = children
+        self.timers = timers
+        #: Every started process's output, into the daemon's log.
+        self.relay = OutputRelay(children.reactor, timers)
         self.cgroups = cgroups
         #: Where sandboxed workers' memory limits go (ipad/_memory_cgroup.py), if anywhere.
         self.memory_version: int | None = None
@@ -103,12 +108,13 @@ class Launcher:
         self._replacing = False
         self.forks = 0
         self.spawns = 0
-        self._relays: trio.Nursery | None = None
+        #: Where a cgroup nobody will use is cleared, while the launcher runs.
+        self._background: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Relay output and keep a fork server running; ``started`` once ready to launch."""
+        """Keep a fork server running; ``started`` once ready to launch."""
         async with trio.open_nursery() as nursery:
-            self._relays = nursery
+            self._background = nursery
             try:
                 if self.forkable is None:
                     if self.early is not None:
@@ -119,7 +125,7 @@ class Launcher:
                     task_status = trio.TASK_STATUS_IGNORED
                 await self._keep_forkserver(task_status)
             finally:
-                self._relays = None
+                self._background = None
 
     def enable_memory(self, memory: _memory_cgroup.MemorySupport) -> None:
         """Make workers' memory limits possible, once: at start, or at the reload that needs it."""
@@ -134,13 +140,11 @@ class Launcher:
             # Workers' own cgroups get memory.max only if their parent hands the controller on.
             (self.cgroups.base / "cgroup.subtree_control").write_text("+memory")
 
-    def _relay(self, read_end: int, module: str, pid: int) -> None:
-        """Relay a started process's output; its read end is the relay's from now on."""
-        if self._relays is None:  # not running: nobody would read it
-            os.close(read_end)
-            return
-        self._relays.start_soon(functools.partial(relay_output, read_end, module=module,
-                                                  worker_pid=pid))  # fmt: skip
+    def _watch(self, process: WorkerProcess, output: int, on_exit: OnExit | None) -> None:
+        """From now on the process is the reaper's, its control socket and output are read."""
+        self.children.adopt(process, on_exit)
+        process.watch_control(self.children.reactor, self.timers)
+        self.relay.add(output, module=process.module, worker_pid=process.pid)
 
     async def _start_forkserver(self) -> WorkerProcess:
         """The fork server started early (ipad/_zygote.py) the first time, a new one after.
@@ -152,11 +156,11 @@ class Launcher:
             server = self._spawn("forkserver", ZYGOTE_ARGV, {}, allowed=p.FROM_FORKSERVER)
         else:
             server = adopt("forkserver", started, allowed=p.FROM_FORKSERVER)
-            self.children.adopt(server)
-            if started.output is not None:
-                self._relay(started.output, "forkserver", server.pid)
-                started.output = None
-        server.on_unclaimed = self._orphaned
+            assert started.output is not None  # noqa: S101 - start_zygote gives it a pipe
+            self._watch(server, started.output, None)
+            started.output = None
+        # A SPAWNED nobody took (late, or its caller cancelled): that worker goes.
+        server.requests.on_dropped = lambda frame: self._orphaned(frame.message)
         if self.preloads:
             with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen below
                 await server.control.send(p.Preload(tuple(self.preloads)))
@@ -197,10 +201,8 @@ class Launcher:
     ) -> tuple[bool, ExitStatus]:
         """Fork from ``server`` until it exits: whether it was renewed, and how it ended."""
         renew = self._renew = trio.Event()
-        read_all = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_replies, server, read_all)
                 nursery.start_soon(self._retire_on, renew, server)
                 self.forkserver = server
                 self._replacing = False
@@ -211,7 +213,7 @@ class Launcher:
                 # SPAWNED replies it sent before exiting (all, when it was retired) still
                 # sit in its socket: unread, their workers would be nobody's to reap.
                 with trio.move_on_after(FORKSERVER_GRACE):
-                    await read_all.wait()
+                    await server.control_ended.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.forkserver = self._renew = None
@@ -226,14 +228,6 @@ class Launcher:
         if isinstance(message, p.Spawned):
             log.warning("forkserver.late_fork", worker_pid=message.pid, action="killed")
             self.children.adopt_pid(message.pid, "unknown")
-
-    @staticmethod
-    async def _read_replies(server: WorkerProcess, done: trio.Event) -> None:
-        """The fork server's replies, to the end of its socket."""
-        try:
-            await server.read_control()
-        finally:
-            done.set()
 
     async def _retire_on(self, renew: trio.Event, server: WorkerProcess) -> None:
         """Once ``renew`` is set, fork nothing more from ``server`` and ask it to exit."""
@@ -351,7 +345,8 @@ class Launcher:
             _memory_cgroup.clear(path)
 
     def close(self) -> None:
-        """Remove the daemon's memory cgroups (at exit, once every worker is gone)."""
+        """Relay the last output and remove the memory cgroups (at exit, every worker gone)."""
+        self.relay.close()
         if self.v1_memory is not None:
             self.v1_memory.close()
 
@@ -373,8 +368,7 @@ class Launcher:
             raise
         finally:
             os.close(write_end)
-        self.children.adopt(process, on_exit)
-        self._relay(read_end, module, process.pid)
+        self._watch(process, read_end, on_exit)
         return process
 
     async def _fork(
@@ -400,7 +394,8 @@ class Launcher:
             memory_cgroup = prepared[0]
         fds = [theirs.fileno(), write_end] + ([prepared[1]] if prepared is not None else [])
         try:
-            with trio.fail_after(FORK_TIMEOUT):
+            frame = None
+            with self.timers.move_on_after(FORK_TIMEOUT):
                 try:
                     spawn = p.Spawn(dict(env), cgroup=prepared is not None, sandbox=sandbox)
                     frame = await server.request(spawn, fds)
@@ -409,7 +404,7 @@ class Launcher:
                     os.close(write_end)
                     if prepared is not None:
                         os.close(prepared[1])
-            spawned = _spawned(frame.message)
+            spawned = _spawned(frame)
             # The worker is our child (CLONE_PARENT): only we can reap it, so the pid is safe.
             pidfd = _pidfd_of_child(spawned.pid)
         except BaseException:
@@ -421,9 +416,8 @@ class Launcher:
             raise
         pid = spawned.pid
         worker = WorkerProcess(module, pid, pidfd, ours, on_notice)
-        self.children.adopt(worker, on_exit)
+        self._watch(worker, read_end, on_exit)
         worker.sandbox, worker.memory_cgroup = sandbox, memory_cgroup
-        self._relay(read_end, module, pid)
         log.debug("worker.forked", module=module, worker_pid=pid, in_cgroup=spawned.in_cgroup)
         on_started(worker)
         if prepared is not None:
@@ -435,16 +429,19 @@ class Launcher:
 
     def _discard_cgroup(self, path: Path) -> None:
         """Kill whatever is in a cgroup nobody will use and remove it, in the background."""
-        if self._relays is not None:
-            self._relays.start_soon(clear_cgroup, path)
+        if self._background is not None:
+            self._background.start_soon(clear_cgroup, path)
         else:
             WorkerCgroups.kill(path)
             with contextlib.suppress(OSError):
                 path.rmdir()
 
 
-def _spawned(message: p.Message) -> p.Spawned:
-    """The fork server's SPAWNED; OSError for a refusal."""
+def _spawned(frame: p.Frame | None) -> p.Spawned:
+    """The fork server's SPAWNED; OSError for a refusal, TooSlowError for no answer in time."""
+    if frame is None:
+        raise trio.TooSlowError(f"no fork within {FORK_TIMEOUT:g}s")
+    message = frame.message
     if not isinstance(message, p.Spawned):
         error = message.message if isinstance(message, p.Error) else message.TYPE.name
         raise OSError(f"fork server refused: {error}")

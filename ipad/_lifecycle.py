@@ -332,6 +332,27 @@ class _Ending:
 class Lifecycle(Generic[W]):
     """One module's state and workers; ``handle`` says what to do about each event."""
 
+    __slots__ = (
+        "_now",
+        "_out",
+        "active",
+        "active_ready",
+        "ending",
+        "finished",
+        "launching",
+        "name",
+        "policy",
+        "reason",
+        "standby",
+        "standby_allowed",
+        "standby_launching",
+        "standby_ready",
+        "starts",
+        "state",
+        "stop_why",
+        "tracker",
+    )
+
     def __init__(
         self, name: str, policy: RestartPolicy, tracker: RestartTracker | None = None
     ) -> None:

@@ -108,6 +108,16 @@ class Timers:
         """Call ``callback`` after ``delay`` seconds."""
         return self.call_at(trio.current_time() + delay, callback)
 
+    def move_on_after(self, seconds: float) -> MoveOnAfter:
+        """``trio.move_on_after``, its deadline kept here rather than in trio's own heap.
+
+        trio keeps a deadline that was left early in its heap, with its whole
+        cancel scope, until the deadline passes: a 200-module start left 800
+        such scopes (fork and LOAD timeouts, seconds long) and the daemon that
+        much bigger for good. Here only a small handle waits out its time.
+        """
+        return MoveOnAfter(self, seconds)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fire timers as they come due, until cancelled."""
         task_status.started()
@@ -129,3 +139,63 @@ class Timers:
                 callback()
             except Exception:
                 log.exception("timer.callback_failed")
+
+
+class MoveOnAfter:
+    """The context manager ``Timers.move_on_after`` returns; ``cancelled_caught`` as trio's."""
+
+    __slots__ = ("_handle", "_scope", "_seconds", "_timers")
+
+    def __init__(self, timers: Timers, seconds: float) -> None:
+        self._timers = timers
+        self._seconds = seconds
+        self._scope = trio.CancelScope()
+        self._handle: TimerHandle | None = None
+
+    @property
+    def cancelled_caught(self) -> bool:
+        """Whether the time ran out (or something else cancelled the block) and it moved on."""
+        return self._scope.cancelled_caught
+
+    def __enter__(self) -> MoveOnAfter:
+        self._scope.__enter__()
+        self._handle = self._timers.call_later(self._seconds, self._scope.cancel)
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        if self._handle is not None:
+            self._handle.cancel()
+        return self._scope.__exit__(*exc)  # type: ignore[arg-type]
+
+
+class Flag:
+    """A one-way flag tasks can wait for; a trio.Event is made only once someone waits.
+
+    Every worker has a few ("exited", "control ended") that nobody awaits most
+    of the time: an Event and its parking lot cost about half a KiB each.
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: trio.Event | None = None
+
+    def is_set(self) -> bool:
+        """Whether ``set`` was called."""
+        return self._set
+
+    def set(self) -> None:
+        """Set it for good and wake every waiter."""
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        """Return once it is set (a checkpoint either way)."""
+        if self._set:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()

@@ -11,12 +11,15 @@ one noisy module cannot flood the journal or make the daemon busy logging.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
 
 import structlog
 import trio
+
+from ._reactor import Reactor, TimerHandle, Timers
 
 log = structlog.get_logger("ipad")
 
@@ -37,6 +40,8 @@ PREFIX_LEVELS = {
 
 class LineBuffer:
     """Cuts a byte stream into lines, holding a partial one until its end arrives."""
+
+    __slots__ = ("_partial", "max_line")
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self.max_line = max_line
@@ -63,6 +68,8 @@ class LineBuffer:
 
 class RateLimit:
     """At most ``burst`` lines per ``interval`` seconds; the rest are counted, as journald does."""
+
+    __slots__ = ("_passed", "_start", "burst", "interval", "suppressed")
 
     def __init__(self, interval: float = RELAY_INTERVAL, burst: int = RELAY_BURST) -> None:
         self.interval = interval
@@ -111,51 +118,101 @@ def parse_line(raw: bytes) -> tuple[str, str]:
     return "info", text
 
 
-async def relay_output(
-    fd: int,
-    limit: RateLimit | None = None,
-    clock: Callable[[], float] = trio.current_time,
-    **fields: object,
-) -> None:
-    """Relay the pipe ``fd`` (which this takes and closes) until every writer has closed it.
+class OutputRelay:
+    """Every worker's output pipe, read by the daemon's reactor: no task per pipe.
 
-    ``fields`` (``module``, ``worker_pid``) go on every record. Cancelled (the
-    daemon stops), it still relays what is already in the pipe: a worker's
+    ``add`` takes a pipe's read end; its lines are logged as they come, and
+    when every writer has closed it (the worker and whatever it left behind
+    are gone) the last partial line is logged and the pipe closed. ``close``
+    relays whatever is still in every pipe, at the daemon's exit: a worker's
     last words before it was stopped are not lost.
     """
-    limit = limit or RateLimit()
-    lines = LineBuffer()
-    bound = log.bind(**fields)
 
-    def report(count: int) -> None:
-        if count:
-            bound.warning("worker.stderr_suppressed", suppressed=count, burst=limit.burst,
-                          interval=limit.interval)  # fmt: skip
+    def __init__(
+        self,
+        reactor: Reactor,
+        timers: Timers,
+        clock: Callable[[], float] = trio.current_time,
+        limit: Callable[[], RateLimit] = RateLimit,
+    ) -> None:
+        self.reactor = reactor
+        self.timers = timers
+        self.clock = clock
+        self._limit = limit
+        self._pipes: dict[int, _Pipe] = {}
 
-    def relay(raw: bytes) -> None:
-        allowed, ended = limit.allow(clock())
-        report(ended)
+    def __len__(self) -> int:
+        return len(self._pipes)
+
+    def add(self, fd: int, module: str, worker_pid: int) -> None:
+        """Relay the pipe ``fd`` (which this takes and closes), naming its worker on each record."""
+        os.set_blocking(fd, False)
+        pipe = _Pipe(fd, module, worker_pid, self._limit())
+        self._pipes[fd] = pipe
+        self.reactor.add(fd, functools.partial(self._readable, pipe))
+
+    def _readable(self, pipe: _Pipe) -> None:
+        try:
+            data = os.read(pipe.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._finish(pipe)
+            return
+        for raw in pipe.lines.feed(data):
+            self._relay(pipe, raw)
+
+    def _relay(self, pipe: _Pipe, raw: bytes) -> None:
+        allowed, ended = pipe.limit.allow(self.clock())
+        self._report(pipe, ended)
         if allowed:
             level, text = parse_line(raw)
-            getattr(bound, level)("worker.stderr", text=text)
+            getattr(log, level)("worker.stderr", module=pipe.module, worker_pid=pipe.pid,
+                                text=text)  # fmt: skip
+        elif pipe.timer is None:  # the first line dropped: report the count when the interval ends
+            pipe.timer = self.timers.call_at(pipe.limit.deadline, lambda: self._expire(pipe))
 
-    async with trio.lowlevel.FdStream(fd) as stream:  # non-blocking, closed at the end
-        try:
-            while True:
-                data = None
-                with trio.move_on_at(limit.deadline):
-                    data = await stream.receive_some(READ_SIZE)
-                if data is None:  # the interval ended while the worker was quiet
-                    report(limit.expire(clock()))
-                    continue
-                if not data:
-                    break
-                for raw in lines.feed(data):
-                    relay(raw)
-        finally:
-            for raw in [*lines.feed(_read_available(stream.fileno())), *lines.flush()]:
-                relay(raw)
-            report(limit.flush())
+    def _expire(self, pipe: _Pipe) -> None:
+        pipe.timer = None
+        self._report(pipe, pipe.limit.expire(self.clock()))
+
+    def _report(self, pipe: _Pipe, count: int) -> None:
+        if count:
+            log.warning("worker.stderr_suppressed", module=pipe.module, worker_pid=pipe.pid,
+                        suppressed=count,
+                        burst=pipe.limit.burst, interval=pipe.limit.interval)  # fmt: skip
+
+    def _finish(self, pipe: _Pipe) -> None:
+        """End of the pipe: its last line and suppressed count, then close it."""
+        self.reactor.remove(pipe.fd)
+        self._pipes.pop(pipe.fd, None)
+        if pipe.timer is not None:
+            pipe.timer.cancel()
+        for raw in [*pipe.lines.feed(_read_available(pipe.fd)), *pipe.lines.flush()]:
+            self._relay(pipe, raw)
+        self._report(pipe, pipe.limit.flush())
+        os.close(pipe.fd)
+
+    def close(self) -> None:
+        """Relay what every pipe holds now and close them all (the daemon stops)."""
+        for pipe in list(self._pipes.values()):
+            self._finish(pipe)
+
+
+class _Pipe:
+    """One relayed pipe: its partial line, its rate limit, the worker its records name."""
+
+    __slots__ = ("fd", "limit", "lines", "module", "pid", "timer")
+
+    def __init__(self, fd: int, module: str, pid: int, limit: RateLimit) -> None:
+        self.fd = fd
+        self.module = module
+        self.pid = pid
+        self.limit = limit
+        self.lines = LineBuffer()
+        self.timer: TimerHandle | None = None
 
 
 def _read_available(fd: int) -> bytes:

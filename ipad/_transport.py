@@ -8,6 +8,7 @@ handed to another caller, and request ids are never reused on a connection.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import socket
@@ -32,21 +33,33 @@ class PacketSocket:
     in FIFO order behind the lock, so messages never overtake each other.
     """
 
+    # Slots: one per worker, standby and client connection.
+    __slots__ = ("_send_lock", "_sock", "allowed", "max_payload", "raw")
+
     def __init__(
         self, sock: socket.socket, allowed: frozenset[p.MsgType], max_payload: int = p.MAX_PAYLOAD
     ) -> None:
         #: The socket itself, non-blocking: sends try it first, without a scheduler pass.
         self.raw = sock
-        self.sock = trio.socket.from_stdlib_socket(sock)  # sets it non-blocking
+        sock.setblocking(False)
         self.allowed = allowed
         #: The largest payload received; a bigger packet does not fit the buffer (MSG_TRUNC).
         self.max_payload = max_payload
-        self._send_lock = trio.StrictFIFOLock()
+        # Made on first need: most sockets never wait for room (and a daemon holds hundreds).
+        self._sock: trio.socket.SocketType | None = None
+        self._send_lock: trio.StrictFIFOLock | None = None
+
+    @property
+    def sock(self) -> trio.socket.SocketType:
+        """The socket as trio's, for a send that must wait for room."""
+        if self._sock is None:
+            self._sock = trio.socket.from_stdlib_socket(self.raw)
+        return self._sock
 
     async def send(self, message: p.Message, request_id: int = 0, fds: Sequence[int] = ()) -> None:
         """Send one message; ``fds`` stay open on this side."""
         packet = p.encode(message, request_id, len(fds))
-        if not self._send_lock.locked():
+        if self._send_lock is None or not self._send_lock.locked():
             try:
                 self.raw.sendmsg([packet], rights(fds))
             except BlockingIOError:
@@ -57,6 +70,8 @@ class PacketSocket:
                 raise
             else:
                 return
+        if self._send_lock is None:
+            self._send_lock = trio.StrictFIFOLock()
         async with self._send_lock:
             await self.sock.sendmsg([packet], rights(fds))
 
@@ -68,23 +83,32 @@ class PacketSocket:
         other sockets never see it overwritten; like trio's own receive, it is
         a checkpoint.
         """
-        max_packet = p.HEADER_SIZE + self.max_payload
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
             try:
-                data, ancdata, msg_flags = receive_into_buffer(self.raw, max_packet)
+                frame = self.receive_nowait()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.raw)
                 waited = True
                 continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("the socket was closed") from None
-                raise
             break
         if not waited:  # as trio's own sockets do: a receive that did not wait still yields
             await trio.lowlevel.cancel_shielded_checkpoint()
+        return frame
+
+    def receive_nowait(self) -> p.Frame | None:
+        """The next message if one is there (BlockingIOError if not); None at end of stream.
+
+        For a reader called back when the socket is readable (ipad/_reactor.py).
+        """
+        max_packet = p.HEADER_SIZE + self.max_payload
+        try:
+            data, ancdata, msg_flags = receive_into_buffer(self.raw, max_packet)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the socket was closed") from None
+            raise
         received = unpack_received(data, ancdata, msg_flags, max_packet)
         if received is None:
             return None
@@ -106,8 +130,14 @@ class PacketSocket:
                 return
 
     def close(self) -> None:
-        """Close the socket (a blocked receive wakes with an error)."""
-        self.sock.close()
+        """Close the socket (a blocked receive or send wakes with an error)."""
+        if self._sock is not None:
+            self._sock.close()
+            return
+        if self.raw.fileno() != -1:
+            with contextlib.suppress(RuntimeError):  # outside trio nobody can be waiting
+                trio.lowlevel.notify_closing(self.raw)
+        self.raw.close()
 
 
 class _Slot:
@@ -125,6 +155,8 @@ Pending = tuple[int, _Slot]
 
 class Requests:
     """Requests in flight on one connection, by id."""
+
+    __slots__ = ("_closed", "_ids", "_pending", "name", "on_dropped")
 
     def __init__(self, name: str = "") -> None:
         self.name = name

@@ -19,6 +19,7 @@ import trio
 from . import _protocol as p
 from ._heartbeat_board import new_board
 from ._lifecycle import ExitStatus
+from ._reactor import Flag, Reactor, TimerHandle, Timers
 from ._spawn import StartedProcess, start_process
 from ._transport import PacketSocket, Requests
 
@@ -31,6 +32,9 @@ CONTROL_GRACE = 2.0
 #: How long to wait for a SIGKILLed worker to be reaped: only one stuck in the kernel waits.
 KILL_WAIT = 5.0
 
+#: Control messages read per wake-up before other workers get their turn.
+CONTROL_BATCH = 64
+
 
 class WorkerCrashed(Exception):
     """The worker died or was stopped while a request to it was in flight."""
@@ -38,6 +42,28 @@ class WorkerCrashed(Exception):
 
 class WorkerProcess:
     """One spawned worker: its pid, its pidfd, its control channel."""
+
+    # Slots: a daemon holds two per module (worker and standby), each for hours.
+    __slots__ = (
+        "_cgroup",
+        "_exited",
+        "_grace",
+        "_memory_cgroup",
+        "_reactor",
+        "_timers",
+        "board",
+        "control",
+        "control_ended",
+        "exit_status",
+        "module",
+        "on_notice",
+        "pid",
+        "pidfd",
+        "ready",
+        "requests",
+        "sandbox",
+        "spares",
+    )
 
     def __init__(
         self,
@@ -54,23 +80,46 @@ class WorkerProcess:
         self.pidfd = pidfd
         self.control = PacketSocket(control if control is not None else _closed_socket(), allowed)
         self.requests = Requests(f"worker:{module}:{pid}")
-        self.requests.on_dropped = lambda frame: self.on_unclaimed(frame.message)
         self.exit_status: ExitStatus | None = None
-        self._exited = trio.Event()
+        self._exited = Flag()
         #: The worker's own cgroup, where ipad can make one (see ipad/_cgroup.py).
-        self.cgroup: Path | None = None
+        self._cgroup: str | None = None
         #: Instances opened ahead of time that no proxy holds yet: (instance id, client end).
         self.spares: list[tuple[int, socket.socket]] = []
         #: The sandbox it confined itself in (proxy kind ``sandboxed``), if any.
         self.sandbox: p.SandboxSpec | None = None
         #: The cgroup holding its memory limit, where its OOM kills are counted.
-        self.memory_cgroup: Path | None = None
+        self._memory_cgroup: str | None = None
         #: The heartbeat board it beats on (ipad/_heartbeat_board.py); None: it answers PING.
         self.board: int | None = None
         #: What it said when it became ready (its version, its methods).
         self.ready: p.Ready | None = None
-        #: Told of a reply nobody took: late, or its caller was cancelled (a fork's SPAWNED).
-        self.on_unclaimed: Callable[[p.Message], None] = lambda _: None
+        #: Set once the control socket ended (the worker closed it, broke the protocol, died).
+        self.control_ended = Flag()
+        self._reactor: Reactor | None = None
+        self._timers: Timers | None = None
+        self._grace: TimerHandle | None = None
+
+    # A cgroup path is kept as text: a Path object with its parts costs about 0.6 KiB, and
+    # a daemon holds two per module for as long as it runs.
+
+    @property
+    def cgroup(self) -> Path | None:
+        """The worker's own cgroup, where ipad can make one (see ipad/_cgroup.py)."""
+        return Path(self._cgroup) if self._cgroup is not None else None
+
+    @cgroup.setter
+    def cgroup(self, path: Path | None) -> None:
+        self._cgroup = str(path) if path is not None else None
+
+    @property
+    def memory_cgroup(self) -> Path | None:
+        """The cgroup holding its memory limit, where its OOM kills are counted."""
+        return Path(self._memory_cgroup) if self._memory_cgroup is not None else None
+
+    @memory_cgroup.setter
+    def memory_cgroup(self, path: Path | None) -> None:
+        self._memory_cgroup = str(path) if path is not None else None
 
     @classmethod
     def stray(cls, module: str, pid: int, pidfd: int) -> WorkerProcess:
@@ -97,38 +146,66 @@ class WorkerProcess:
                 os.close(board)
         return frame
 
-    async def read_control(self) -> None:
-        """Deliver control replies until the worker closes its end; then fail what waits."""
-        try:
-            while True:
-                try:
-                    frame = await self.control.receive()
-                except p.ProtocolError as exc:
-                    log.error("worker.protocol_error", module=self.module, worker_pid=self.pid,
-                              reason=exc.reason)  # fmt: skip
-                    break
-                except (OSError, trio.ClosedResourceError):
-                    break
-                if frame is None:
-                    break
-                if frame.request_id == 0:
-                    self.on_notice(frame.message)  # one-way: not a reply to anything
-                else:
-                    self.requests.deliver(frame)  # one nobody takes goes to on_unclaimed
-        finally:
-            self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
-        await self._outlive_control()
+    def watch_control(self, reactor: Reactor, timers: Timers) -> None:
+        """Deliver control replies as they come, called back by the daemon's reactor.
 
-    async def _outlive_control(self) -> None:
-        """A worker that closed its control socket yet lives on is no worker: grace, then kill."""
-        if self.exit_status is not None or self.control.sock.fileno() == -1:
-            return  # it ended, or we closed the socket (after reaping it)
-        with trio.move_on_after(CONTROL_GRACE):
-            await self._exited.wait()
-        if self.exit_status is None:
+        No task of its own: a worker costs the daemon no coroutine while it is quiet.
+        """
+        self._reactor, self._timers = reactor, timers
+        reactor.add(self.control.raw.fileno(), self._control_readable)
+
+    async def read_control(self) -> None:
+        """The same delivery as ``watch_control``, by a task of its own (tests, tools)."""
+        while not self.control_ended.is_set():
+            try:
+                await trio.lowlevel.wait_readable(self.control.raw)
+            except (OSError, trio.ClosedResourceError):
+                self._control_lost()
+                break
+            self._control_readable()
+        if self.exit_status is None and self.control.raw.fileno() != -1:
+            with trio.move_on_after(CONTROL_GRACE):
+                await self._exited.wait()
+            self._outlived()
+
+    def _control_readable(self) -> None:
+        """Read what is there: replies to their callers, notices to ``on_notice``."""
+        for _ in range(CONTROL_BATCH):  # then others get their turn; the rest comes next pass
+            try:
+                frame = self.control.receive_nowait()
+            except BlockingIOError:
+                return
+            except p.ProtocolError as exc:
+                log.error("worker.protocol_error", module=self.module, worker_pid=self.pid,
+                          reason=exc.reason)  # fmt: skip
+                frame = None
+            except (OSError, trio.ClosedResourceError):
+                frame = None
+            if frame is None:
+                self._control_lost()
+                return
+            if frame.request_id == 0:
+                self.on_notice(frame.message)  # one-way: not a reply to anything
+            else:
+                self.requests.deliver(frame)  # one nobody takes goes to requests.on_dropped
+
+    def _control_lost(self) -> None:
+        """The control socket ended: what waits fails; a worker that lives on gets a grace."""
+        if self.control_ended.is_set():
+            return
+        self.control_ended.set()
+        if self._reactor is not None:
+            self._reactor.remove(self.control.raw.fileno())
+        self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))
+        if self._timers is not None and self.exit_status is None:
+            self._grace = self._timers.call_later(CONTROL_GRACE, self._outlived)
+
+    def _outlived(self) -> None:
+        """A worker that closed its control socket yet lives on is no worker: kill it."""
+        if self.exit_status is None and self.pidfd >= 0:
             log.warning("worker.control_closed", module=self.module, worker_pid=self.pid,
                         action="killed", grace=CONTROL_GRACE)  # fmt: skip
-            self.signal(signal.SIGKILL)
+            self.kill()
 
     def reap(self) -> ExitStatus:
         """Reap the exited process (its pidfd is readable); kill what is left of its group first.
@@ -201,6 +278,9 @@ class WorkerProcess:
 
     def close(self) -> None:
         """Close the control socket, spare channels and the pidfd (after the worker was reaped)."""
+        self._control_lost()  # what still waits on it fails now
+        if self._grace is not None:
+            self._grace.cancel()
         self.control.close()
         for _, channel in self.spares:
             channel.close()

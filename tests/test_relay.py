@@ -9,7 +9,8 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from ipad._relay import LineBuffer, RateLimit, parse_line, relay_output
+from ipad._reactor import Reactor, Timers
+from ipad._relay import LineBuffer, OutputRelay, RateLimit, parse_line
 
 
 def test_lines_are_cut_at_newlines_and_partials_wait() -> None:
@@ -74,12 +75,15 @@ async def test_relay_limits_a_flood_and_reports_it(
 ) -> None:
     """A flood from a real pipe: burst lines relayed, the rest counted when the interval ends."""
     read_end, write_end = os.pipe()
-    limit = RateLimit(interval=10.0, burst=5)
+    reactor, timers = Reactor(), Timers()
+    relay = OutputRelay(reactor, timers, limit=lambda: RateLimit(interval=10.0, burst=5))
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: relay_output(read_end, limit, module="awb", worker_pid=42))
+            await nursery.start(reactor.run)
+            await nursery.start(timers.run)
+            relay.add(read_end, module="awb", worker_pid=42)
             os.write(write_end, b"".join(b"line %d\n" % n for n in range(20)))
-            await trio.testing.wait_all_tasks_blocked()
+            await _settle()
             assert [e["text"] for e in logs] == [f"line {n}" for n in range(5)]
             await trio.sleep(11)  # the interval ends with nothing more written
             assert logs[5] == {
@@ -88,6 +92,10 @@ async def test_relay_limits_a_flood_and_reports_it(
             }  # fmt: skip
             os.write(write_end, b"<3>after\nno newline")
             os.close(write_end)
+            await _settle()
+            assert len(relay) == 0  # every writer closed it: the relay let it go
+            nursery.cancel_scope.cancel()
+    reactor.close()
     assert logs[6:] == [
         {"event": "worker.stderr", "log_level": "error", "module": "awb", "worker_pid": 42,
          "text": "after"},
@@ -98,14 +106,22 @@ async def test_relay_limits_a_flood_and_reports_it(
         os.fstat(read_end)  # the relay closed its end
 
 
-async def test_a_cancelled_relay_still_relays_what_is_in_the_pipe() -> None:
-    """At shutdown the relay is cancelled; lines already written are not lost."""
+async def test_what_is_in_the_pipe_at_the_end_is_still_relayed() -> None:
+    """At shutdown the relay is closed with the pipes; lines already written are not lost."""
     read_end, write_end = os.pipe()
+    reactor, timers = Reactor(), Timers()
+    relay = OutputRelay(reactor, timers)
     with capture_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: relay_output(read_end, module="agc", worker_pid=7))
-            await trio.testing.wait_all_tasks_blocked()
-            os.write(write_end, b"last words\nand a partial")
-            nursery.cancel_scope.cancel()
+        relay.add(read_end, module="agc", worker_pid=7)
+        os.write(write_end, b"last words\nand a partial")
+        relay.close()
     os.close(write_end)
+    reactor.close()
     assert [e["text"] for e in logs] == ["last words", "and a partial"]
+
+
+async def _settle() -> None:
+    """Let the reactor read what was written (a real pipe: the kernel wakes it at once)."""
+    for _ in range(10):
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0)
