@@ -78,12 +78,6 @@ class Started:
         stat = _stat(self.pid)
         return stat is not None and stat[1] == self.start_time and stat[0] != "Z"
 
-    def describe(self) -> str:
-        """Pid, what it is, and what /proc says of it now."""
-        stat = _stat(self.pid)
-        state = stat[0] if stat else "gone"
-        return f"{self.pid} ({self.what}, state {state}, comm {_comm(self.pid)!r})"
-
 
 @dataclasses.dataclass
 class StopReport:
@@ -360,8 +354,20 @@ class DaemonProcess:
         return ", ".join(children) or "none"
 
     def _name(self, pid: int) -> str:
+        """``pid`` with what the log says it is: module, role, how it was started."""
         started = self.started.get(pid)
-        return f"{pid} ({started.what if started else _comm(pid)})"
+        what = started.what if started else _comm(pid)
+        return f"{pid} ({what}{self._role(pid)})"
+
+    def _role(self, pid: int) -> str:
+        """A worker's role by the log (active, standby, never ready); empty for others."""
+        if pid not in self.started or self.started[pid].what.startswith("forkserver"):
+            return ""
+        ready = {r["worker_pid"]: r.get("standby", False) for r in self.events("worker.ready")}
+        if pid in ready:
+            return ", active (a promoted standby)" if ready[pid] else ", active"
+        standbys = {r["worker_pid"] for r in self.events("worker.standby_ready")}
+        return ", standby" if pid in standbys else ", never ready (loading)"
 
     def _exit_problems(self, status: int, before: Sequence[Started] = ()) -> list[str]:
         """What is wrong once the daemon has exited with ``status``: status, log, leftovers."""
@@ -377,7 +383,8 @@ class DaemonProcess:
             problems.append("no daemon.stopped in its log")
         left = [p for p in [*self.started.values(), *before] if p.alive()]
         if left:
-            problems.append("left alive: " + ", ".join(p.describe() for p in left))
+            described = [f"{self._name(p.pid)} state {_state(p.pid)}" for p in left]
+            problems.append("left alive: " + ", ".join(described))
         for cgroup in self._cgroups():
             if cgroup.exists():
                 problems.append(f"cgroup left: {describe_cgroup(cgroup)}")
