@@ -159,6 +159,8 @@ class DaemonProcess:
         self.unclean_exit_reason: str | None = None
         #: The report of the stop the test or the fixture made, once one was made.
         self.stop_report: StopReport | None = None
+        #: Its descendants just before that stop: checked after it, killed if left.
+        self._before: list[Started] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -289,8 +291,8 @@ class DaemonProcess:
             raise AssertionError(f"daemon {self.proc.pid} exited before the stop: "
                                  f"status {self.proc.returncode}")  # fmt: skip
         bound = self.stop_bound()
-        before = [Started(pid, start, "descendant before the stop")
-                  for pid, start in descendants(self.proc.pid)]  # fmt: skip
+        before = self._before = [Started(pid, start, "descendant before the stop")
+                                 for pid, start in descendants(self.proc.pid)]  # fmt: skip
         since = len(self.raw)
         ctl: subprocess.Popen[str] | None = None
         asked = time.monotonic()
@@ -433,11 +435,20 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=WAIT)
-        for record in self.events("worker.spawned") + self.events("worker.forked"):
-            kill_group(record["worker_pid"])
-        for started in self.started.values():
-            if started.alive():
+        # A worker leads its process group, which may outlive it. Pids wrap at 32768, so
+        # a group is killed only if its leader is still ours, or gone: a group id in use
+        # is never handed to a new process, so a group without a leader is still ours.
+        logged = {r["worker_pid"] for r in self.events("worker.spawned")
+                  + self.events("worker.forked")}  # fmt: skip
+        ours = [*self.started.values(), *self._before]
+        for pid in logged - {p.pid for p in ours}:
+            if _stat(pid) is None:
+                kill_group(pid)
+        for started in ours:
+            stat = _stat(started.pid)
+            if stat is None or stat[1] == started.start_time:
                 kill_group(started.pid)
+            if started.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(started.pid, signal.SIGKILL)
         for record in self.events("cgroup.ready"):
