@@ -52,8 +52,9 @@ STOP_TIMEOUT = '"500ms"'
 
 #: Rounds of the racing tests: the issue saw 3 hangs in 14 stops 1 ms after a crash.
 ROUNDS = 8
-#: Seconds from a worker's SIGKILL to the SIGTERM, by round: around the issue's 1 ms.
-CRASH_TO_STOP = (0.001, 0.0, 0.0005, 0.002)
+#: Seconds from a worker's SIGKILL to the SIGTERM, by round: around the issue's 1 ms;
+#: negative, the SIGTERM goes first (the order in which an `ipadctl stop` hangs every time).
+CRASH_TO_STOP = (0.001, -0.0005, 0.0, 0.002)
 
 
 def stop_config(directory: Path, modules: str, restart: str = "") -> Path:
@@ -410,9 +411,9 @@ def test_stop_just_after_a_crash(
     """A worker SIGKILLed and the stop ~1 ms later, ROUNDS times: its restart is launching.
 
     echo has no standby (its restart forks a worker); awb has one (its restart
-    promotes it and forks the next). SIGTERM follows the kill by 0 to 2 ms
-    (CRASH_TO_STOP); with ipadctl, the kill waits for ipadctl's HELLO, so that it
-    lands just before the stop request.
+    promotes it and forks the next). SIGTERM follows the kill by 0 to 2 ms, or
+    precedes it by 0.5 ms (CRASH_TO_STOP); with ipadctl, the kill waits for
+    ipadctl's HELLO, so that it lands around the stop request.
     """
     config = stop_config(tmp_path, "[modules.echo]\n[modules.echo.restart]\nstandby = false\n"
                          "[modules.awb]\n")  # fmt: skip
@@ -424,16 +425,30 @@ def test_stop_just_after_a_crash(
         module = "echo" if round_ % 2 == 0 else "awb"
         delay = CRASH_TO_STOP[round_ // 2 % len(CRASH_TO_STOP)]
         victim = daemon.worker_pids()[module]
-        if via == "sigterm":
+        if via == "sigterm" and delay >= 0:
             os.kill(victim, signal.SIGKILL)
             time.sleep(delay)
             report = daemon.stop_cleanly(via)
             label = f"round {round_} ({module} killed, SIGTERM {delay * 1000:g} ms later)"
+        elif via == "sigterm":
+            report = daemon.stop_cleanly(via, race=kill_after(-delay, victim))
+            label = f"round {round_} ({module} killed {-delay * 1000:g} ms after SIGTERM)"
         else:
             report = daemon.stop_cleanly(via, race=kill_at_hello(daemon, victim))
             label = f"round {round_} ({module} killed at ipadctl's HELLO)"
         reports.append((label, report))
     check_all(reports)
+
+
+def kill_after(delay: float, victim: int) -> Callable[[], None]:
+    """A race for stop_cleanly: SIGKILL ``victim`` ``delay`` seconds after the stop request."""
+
+    def race() -> None:
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):  # the stop may have won
+            os.kill(victim, signal.SIGKILL)
+
+    return race
 
 
 def kill_at_hello(daemon: DaemonProcess, victim: int) -> Callable[[], None]:
