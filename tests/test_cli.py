@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.daemon_process import DaemonProcess, finish_all
 
 REPO = Path(__file__).resolve().parent.parent
 
 #: Generous: a loaded CI machine may take seconds to start Python and import trio.
 PROCESS_TIMEOUT = 30
+
+Start = Callable[..., DaemonProcess]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -141,63 +144,27 @@ def daemon_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-class Daemon:
-    """A real `python -m ipad` process, read through its JSON log on stderr."""
-
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipad", "--config", str(config), "--log-format", "json"],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-
-    def wait_for(self, event: str) -> dict[str, object]:
-        """Read log records until ``event``; the test's timeout bounds the wait."""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            record = json.loads(line)
-            if record["event"] == event:
-                return dict(record)
-        raise AssertionError(f"daemon exited ({self.proc.wait()}) before {event}")
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit status."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=PROCESS_TIMEOUT)
-
-    def kill(self) -> None:
-        """Teardown: whatever happened, leave no process behind."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=PROCESS_TIMEOUT)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
 @pytest.fixture
-def start_daemon(daemon_env: dict[str, str]) -> Iterator[object]:
-    """Start daemons for a test and kill and reap every one of them afterwards."""
-    started: list[Daemon] = []
+def start_daemon(daemon_env: dict[str, str]) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start the checkout's config.toml; each daemon must stop cleanly after the test."""
+    started: list[DaemonProcess] = []
 
-    def start(config: Path = REPO / "config.toml") -> Daemon:
-        daemon = Daemon(config, daemon_env)
+    def start(config: Path = REPO / "config.toml") -> DaemonProcess:
+        # log_level None: the configuration's own, as a user's `ipad --config` has it.
+        daemon = DaemonProcess(config, daemon_env, log_level=None)
         started.append(daemon)
         return daemon
 
     yield start
-    for daemon in started:
-        daemon.kill()
+    finish_all(started)
 
 
 @pytest.mark.timeout(60)
 def test_daemon_binds_socket_and_stops_on_sigterm(
-    start_daemon: object, daemon_env: dict[str, str]
+    start_daemon: Start, daemon_env: dict[str, str]
 ) -> None:
     """The daemon serves a 0660 SEQPACKET socket at $IPAD_SOCKET and removes it on SIGTERM."""
-    daemon = start_daemon()  # type: ignore[operator]
+    daemon = start_daemon()
     record = daemon.wait_for("daemon.started")
     path = Path(daemon_env["IPAD_SOCKET"])
     assert record["socket"] == str(path)
@@ -210,26 +177,27 @@ def test_daemon_binds_socket_and_stops_on_sigterm(
 
 
 @pytest.mark.timeout(60)
-def test_daemon_replaces_stale_socket(start_daemon: object, daemon_env: dict[str, str]) -> None:
+def test_daemon_replaces_stale_socket(start_daemon: Start, daemon_env: dict[str, str]) -> None:
     """A socket file left by a dead daemon is replaced."""
     path = Path(daemon_env["IPAD_SOCKET"])
     path.parent.mkdir(parents=True)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(str(path))
     stale.close()  # bound, never listening: nobody answers
-    daemon = start_daemon()  # type: ignore[operator]
+    daemon = start_daemon()
     daemon.wait_for("daemon.started")
     assert daemon.stop() == 0
 
 
 @pytest.mark.timeout(60)
-def test_second_daemon_refuses_live_socket(start_daemon: object) -> None:
+def test_second_daemon_refuses_live_socket(start_daemon: Start) -> None:
     """A second daemon on the same socket exits 1 and leaves the first one serving."""
-    first = start_daemon()  # type: ignore[operator]
+    first = start_daemon()
     first.wait_for("daemon.started")
-    second = start_daemon()  # type: ignore[operator]
+    second = start_daemon()
     record = second.wait_for("daemon.start_failed")
     assert "another daemon is listening" in str(record["error"])
+    second.expect_unclean_exit("refuses to start, exit status 1: what is tested")
     assert second.proc.wait(timeout=PROCESS_TIMEOUT) == 1
     assert first.proc.poll() is None
     assert first.stop() == 0
@@ -237,13 +205,14 @@ def test_second_daemon_refuses_live_socket(start_daemon: object) -> None:
 
 @pytest.mark.timeout(60)
 def test_daemon_refuses_to_replace_a_regular_file(
-    start_daemon: object, daemon_env: dict[str, str]
+    start_daemon: Start, daemon_env: dict[str, str]
 ) -> None:
     """A regular file where the socket should be is never deleted."""
     path = Path(daemon_env["IPAD_SOCKET"])
     path.parent.mkdir(parents=True)
     path.write_text("precious")
-    daemon = start_daemon()  # type: ignore[operator]
+    daemon = start_daemon()
+    daemon.expect_unclean_exit("refuses to start, exit status 1: what is tested")
     record = daemon.wait_for("daemon.start_failed")
     assert "is not a socket" in str(record["error"])
     assert daemon.proc.wait(timeout=PROCESS_TIMEOUT) == 1

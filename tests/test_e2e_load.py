@@ -103,6 +103,7 @@ async def test_clients_carry_on_across_a_daemon_restart_under_load(
 
     async def restart_daemon(admin: Client, deadline: float, tally: Tally) -> None:
         await trio.sleep(1.0)
+        first.expect_unclean_exit("SIGKILLed on purpose: the clients' recovery is tested")
         os.kill(first.proc.pid, signal.SIGKILL)
         await trio.to_thread.run_sync(first.proc.wait)
         second = await trio.to_thread.run_sync(lambda: start_daemon(config, env=env))

@@ -152,6 +152,7 @@ def test_a_wrong_inherited_socket_is_a_clear_start_failure(
                   "activate"]  # fmt: skip
         daemon = start_daemon(write_config(tmp_path), env=env, prefix=prefix,
                               pass_fds=[sock.fileno()], wait=False)  # fmt: skip
+        daemon.expect_unclean_exit("refuses to start, exit status 1: what is tested")
         failed = daemon.wait_for("daemon.start_failed")
         assert failed["error"] == (
             "fd 3 (ipad.socket) from LISTEN_FDS is a SOCK_STREAM socket, not SOCK_SEQPACKET: "

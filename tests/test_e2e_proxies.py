@@ -287,6 +287,7 @@ def test_daemon_killed_leaves_no_worker(start_daemon: Start) -> None:
     pids = list(daemon.worker_pids().values())
     assert len(pids) == 3
     assert all(alive(pid) for pid in pids)
+    daemon.expect_unclean_exit("SIGKILLed on purpose: what it leaves is tested")
     daemon.proc.kill()
     daemon.proc.wait(timeout=10)
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,11 @@ async def test_trio_client_carries_on_across_a_daemon_restart(
         echo = await client.request_proxy("echo")
         old_pid = await echo.call("pid")
         if how == "sigkill":
+            first.expect_unclean_exit("SIGKILLed on purpose: the client's reconnect is tested")
             first.proc.kill()
+            first.proc.wait(timeout=30)
         else:
-            first.proc.send_signal(signal.SIGTERM)
-        first.proc.wait(timeout=30)
+            assert first.stop() == 0
         lost = await next_local(client, "disconnected")
         assert lost.details["reason"]
         assert echo.state == "invalid"
@@ -78,6 +78,7 @@ async def test_without_reconnect_the_loss_is_final(start_daemon: Start) -> None:
     daemon = start_daemon()
     async with ipc.open_client(daemon.socket) as client:
         echo = await client.request_proxy("echo")
+        daemon.expect_unclean_exit("SIGKILLed on purpose: the client's loss is tested")
         daemon.proc.kill()
         daemon.proc.wait(timeout=30)
         seen: list[Any] = []
@@ -98,6 +99,7 @@ def test_blocking_client_reconnects_when_asked_to_wait(start_daemon: Start, tmp_
     with BlockingClient(first.socket, reconnect=True) as client:
         faulty = client.request_proxy("faulty")
         faulty.call("init", {"settings": {"value": 13}})
+        first.expect_unclean_exit("SIGKILLed on purpose: the client's reconnect is tested")
         first.proc.kill()
         first.proc.wait(timeout=30)
         with pytest.raises(ipc.WorkerCrashed):
