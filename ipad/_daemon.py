@@ -286,6 +286,8 @@ class AdminQueue:
             self._waiting.popleft().answer(None, AdminError(p.ErrorCode.STOPPING, reason))
         if self._current is not None:
             self._current.cancel()
+        else:
+            self._idle.set()  # nothing under way (or the queue never ran: a stop during the start)
         with trio.move_on_after(timeout):
             await self._idle.wait()
 
@@ -335,6 +337,8 @@ class DaemonRuntime:
         #: Where the modules' jobs run: it outlives every supervisor (set by run()).
         self._supervision: trio.Nursery | None = None
         self._launcher_done = trio.Event()
+        #: Cancelled by a stop that comes while the modules first start.
+        self._starting: trio.CancelScope | None = None
         self.admin_queue = AdminQueue(self._admin_operation)
         self.daemon = Daemon(
             self.supervisors,
@@ -439,22 +443,17 @@ class DaemonRuntime:
             await nursery.start(self.heartbeats.run)
             async with trio.open_nursery() as supervision:
                 self._supervision = supervision
-                await self.start_modules(self.checked.plans)
+                # Clients are served from the start (ipadctl status, stop); a proxy asked
+                # for meanwhile waits for its module's first start to come to a result.
                 clients = trio.CancelScope()
                 await supervision.start(self._serve_clients, listener, clients)
-                await supervision.start(self.admin_queue.run)
-                states = {name: sup.state.value for name, sup in self.supervisors.items()}
-                log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
-                         modules=states, config=str(self.checked.path),
-                         forkserver=self.launcher.forkserver is not None,
-                         systemd=self.service.enabled)  # fmt: skip
-                await self.service.ready(self.summary())
-                task_status.started(self.socket_path)
-                # Every module has reached its final state and clients are served: only
-                # now the standbys, which would otherwise compete with the actives' start.
-                for supervisor in self.supervisors.values():
-                    supervisor.allow_standby()
-                await self.stop_requested.wait()
+                with trio.CancelScope() as self._starting:
+                    await self.start_modules(self.checked.plans)
+                self._starting = None
+                if not self.stop_requested.is_set():
+                    await supervision.start(self.admin_queue.run)
+                    await self._started(task_status)
+                    await self.stop_requested.wait()
                 await self._shutdown(clients)
                 supervision.cancel_scope.cancel()
             with trio.CancelScope(shield=True):  # the fork server, within its grace
@@ -462,6 +461,20 @@ class DaemonRuntime:
                 with trio.move_on_after(STOP_MARGIN):
                     await self._launcher_done.wait()
             nursery.cancel_scope.cancel()
+
+    async def _started(self, task_status: trio.TaskStatus[Path]) -> None:
+        """Say the daemon started: log, READY=1, ``task_status``; then allow the standbys."""
+        states = {name: sup.state.value for name, sup in self.supervisors.items()}
+        log.info("daemon.started", socket=str(self.socket_path), pid=os.getpid(),
+                 modules=states, config=str(self.checked.path),
+                 forkserver=self.launcher.forkserver is not None,
+                 systemd=self.service.enabled)  # fmt: skip
+        await self.service.ready(self.summary())
+        task_status.started(self.socket_path)
+        # Every module has reached its final state and clients are served: only
+        # now the standbys, which would otherwise compete with the actives' start.
+        for supervisor in self.supervisors.values():
+            supervisor.allow_standby()
 
     async def _run_launcher(
         self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
@@ -529,6 +542,8 @@ class DaemonRuntime:
             return
         log.info("daemon.stopping", **by)
         self.stop_requested.set()
+        if self._starting is not None:  # the daemon's own start: no need to see it through
+            self._starting.cancel()
 
     async def _admin_operation(self, command: str, module: str | None) -> dict[str, Any]:
         if command == "restart":

@@ -345,6 +345,10 @@ class Session:
                      "max_version": support.max_version},
                 )  # fmt: skip
                 return
+        if not supervisor.settled:  # its first start (the daemon's, or a reload's) under way
+            await self.daemon.events.wait_until(
+                lambda: supervisor.settled, supervisor.policy.start_timeout.seconds
+            )
         limit = self.daemon.limits.max_proxies_per_client
         if len(self.daemon.proxies.of_client(self.client_id)) >= limit:
             await self._limit_exceeded(frame, "max_proxies_per_client", limit,

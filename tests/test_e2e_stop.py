@@ -574,3 +574,27 @@ def _stop_mid_call_blocking(
         report = daemon.stop_cleanly(via)
         caller.join(timeout=10)  # the call must end with the daemon; if not, outcome says so
     return report
+
+
+# --- served during the daemon's own start ---------------------------------------------------
+
+
+def test_clients_are_served_while_the_daemon_starts(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """During a slow start, status answers at once and a proxy request waits for its module."""
+    flag = tmp_path / "slow"
+    flag.write_text("")
+    tuning = tmp_path / "sleepy.toml"
+    tuning.write_text(f'load_seconds = 1.5\nslow_if_exists = "{flag}"\n')
+    env = {**daemon_env, "IPAD_SLEEPY_TUNING_FILE": str(tuning)}
+    config = stop_config(tmp_path, "[modules.sleepy]\n", "standby = false\n")
+    daemon = start_daemon(config, env=env, wait=False)
+    launched(daemon, "sleepy")
+    wait_until(daemon.socket.exists)
+    assert modules_status(daemon)["sleepy"]["state"] == "starting"
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("sleepy")  # answered once its worker is ready
+        assert proxy.call("pid") == daemon.worker_pids()["sleepy"]
+    assert daemon.events("daemon.started")
+    daemon.stop_cleanly("sigterm").check()
