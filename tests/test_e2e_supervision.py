@@ -508,24 +508,6 @@ async def test_fallback_serves_during_cooldown_and_hands_back(
     daemon.wait_for("proxy.returning", lambda r: r["proxy_id"] == proxy.proxy_id)
 
 
-def test_blocking_client_recovers_when_asked_to_wait(start_daemon: Start, tmp_path: Path) -> None:
-    """The blocking proxy fails fast on a dead worker, or recovers with its setup replayed."""
-    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
-    with BlockingClient(daemon.socket) as client:
-        faulty = client.request_proxy("faulty")
-        faulty.call("init", {"settings": {"value": 5}})
-        pid = faulty.call("pid")
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(ipc.WorkerCrashed):
-            faulty.call("get")
-        assert not faulty.valid
-        assert faulty.call("get", wait=10) == 5
-        assert faulty.call("pid") != pid
-        assert faulty.recoveries == 1
-    record = daemon.wait_for("proxy.state_changed", lambda r: r.get("reason") == "recovered")
-    assert record["replayed"] == 1
-
-
 def test_standby_is_promoted_and_replaced(start_daemon: Start, tmp_path: Path) -> None:
     """A crash promotes the loaded standby at once; a new standby is prepared behind it."""
     daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"))
