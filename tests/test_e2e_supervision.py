@@ -440,30 +440,6 @@ def test_ipadctl_stop(start_daemon: Start) -> None:
     assert not any(alive(pid) for pid in pids)
 
 
-async def test_calls_while_invalid_fail_at_once_or_wait(
-    start_daemon: Start, tmp_path: Path
-) -> None:
-    """While a proxy is invalid, a call fails at once, or waits for the recovery if asked to."""
-    config = write_config(
-        tmp_path,
-        FAULTY,
-        modules='[modules.faulty]\n[modules.faulty.restart]\ninitial_delay = "300ms"\n',
-    )
-    daemon = start_daemon(config)
-    async with ipc.open_client(daemon.socket) as client:
-        faulty = await client.request_proxy("faulty")
-        await faulty.call("init", {"settings": {"value": 42}})
-        for _ in range(2):  # the second crash in a row waits initial_delay before restarting
-            pid = await faulty.call("pid", wait=10)
-            os.kill(pid, signal.SIGKILL)
-            with trio.fail_after(10):
-                while faulty.valid:
-                    await trio.sleep(0.001)
-        with pytest.raises(ipc.WorkerCrashed, match="faulty proxy is invalid"):
-            await faulty.call("get")
-        assert await faulty.call("get", wait=10) == 42  # replayed init(value=42)
-
-
 async def test_fallback_serves_during_cooldown_and_hands_back(
     start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
 ) -> None:
