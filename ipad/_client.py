@@ -34,7 +34,7 @@ from ._client_common import (
     unavailable_details,
 )
 from ._client_events import EVENT_BACKLOG, EventQueue, LocalEvent
-from ._client_proxy import Proxy
+from ._client_proxy import ChannelRequests, Proxy
 from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
 from ._paths import client_socket_path
 from ._transport import PacketSocket, Requests
@@ -249,7 +249,7 @@ class Client:
     ) -> bool:
         """Replay a proxy's setup on a granted channel and switch to it; False if that failed."""
         info = ProxyInfo.from_granted(granted)
-        requests = Requests(f"proxy:{proxy.proxy_id}")
+        requests = ChannelRequests(f"proxy:{proxy.proxy_id}")
         try:
             replayed = await proxy._recovered(channel, requests, info)
         except WorkerCrashed as exc:

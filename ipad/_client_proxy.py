@@ -25,7 +25,36 @@ from ._errors import CallNotSent, Disconnected, IpadError, TimedOut, UnknownProx
 from ._transport import PacketSocket, Pending, Requests
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._client import Client
+
+
+class ChannelRequests(Requests):
+    """A proxy channel's requests, knowing which one was sent last.
+
+    A worker that dies with packets unread makes the channel end with
+    ECONNRESET. It reads requests in order, so the newest one then never
+    ran: that call is sent again once the proxy is back, like one never sent.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.newest: int | None = None
+        #: The channel ended with ECONNRESET: the newest request was never read.
+        self.reset = False
+
+    async def send(
+        self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
+    ) -> Pending:
+        """Send as Requests does, noting the id as the newest."""
+        pending = await super().send(conn, message, fds)
+        self.newest = pending[0]
+        return pending
+
+    def never_ran(self, request_id: int) -> bool:
+        """Whether ``request_id`` was surely not read by the worker before the channel ended."""
+        return self.reset and request_id == self.newest
 
 
 class Proxy:
@@ -55,7 +84,7 @@ class Proxy:
         self.proxy_id = info.proxy_id
         self.module = info.module
         self.channel = channel
-        self.requests = Requests(f"proxy:{info.proxy_id}")
+        self.requests = ChannelRequests(f"proxy:{info.proxy_id}")
         self.state = "valid"
         self.reason: str | None = None
         self.module_events = EventQueue()
@@ -129,7 +158,14 @@ class Proxy:
                     self._lost("worker closed the channel")  # known before its reader saw it
                 continue  # nothing ran: sent again once recovered, within the bounds
             sent.append(True)
-            value = expect(await requests.reply(*pending), p.Result).value
+            try:
+                frame = await requests.reply(*pending)
+            except WorkerCrashed:
+                if not requests.never_ran(pending[0]):
+                    raise  # it may have run: never sent again
+                sent.clear()
+                continue  # the worker died with it unread: sent again once recovered
+            value = expect(frame, p.Result).value
             self.setup_log.record(method, args, fds)
             return value
 
@@ -179,7 +215,7 @@ class Proxy:
     async def _send_call(
         self,
         channel: PacketSocket,
-        requests: Requests,
+        requests: ChannelRequests,
         method: str,
         args: Mapping[str, Any] | None,
         fds: Mapping[str, int] | None,
@@ -191,7 +227,7 @@ class Proxy:
         except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
             raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
 
-    async def read_channel(self, channel: PacketSocket, requests: Requests) -> None:
+    async def read_channel(self, channel: PacketSocket, requests: ChannelRequests) -> None:
         """Deliver replies and module events until the worker closes the channel."""
         reason = "worker closed the channel"
         try:
@@ -200,6 +236,10 @@ class Proxy:
                     frame = await channel.receive()
                 except p.ProtocolError as exc:
                     reason = f"worker broke the protocol: {exc.reason}"
+                    break
+                except ConnectionResetError:
+                    requests.reset = True
+                    reason = "worker died with calls unread"
                     break
                 except (OSError, trio.ClosedResourceError):
                     break
@@ -241,7 +281,9 @@ class Proxy:
         self._gone = reason
         self._signal()
 
-    async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
+    async def _recovered(
+        self, channel: PacketSocket, requests: ChannelRequests, info: ProxyInfo
+    ) -> int:
         """Replay the setup calls on a new channel and switch to it; return how many.
 
         The proxy is valid once the replay is done: the daemon is told

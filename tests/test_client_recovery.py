@@ -317,6 +317,24 @@ def test_a_call_in_flight_when_the_worker_dies_fails_and_the_next_recovers(
     assert client.call(faulty, "pid") != pid
 
 
+def test_a_call_the_dying_worker_never_read_is_sent_again(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """A call sent just after the SIGKILL, before the worker is gone, never ran: it goes through.
+
+    It either finds the channel closed, or the worker dies with it unread
+    (ECONNRESET): either way it is sent again on the recovered proxy.
+    """
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 6}})
+    for round_ in range(1, 4):
+        os.kill(client.call(faulty, "pid"), signal.SIGKILL)  # no wait for it to be gone
+        assert client.call(faulty, "get") == 6
+        assert client.attr(faulty, "recoveries") == round_
+
+
 def test_wait_still_bounds_the_recovery(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
