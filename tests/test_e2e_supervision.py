@@ -109,9 +109,11 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start, memfd: MakeFd) 
                 while len(awb.requests) < 4:
                     await trio.sleep(0.001)
                 os.kill(pid, signal.SIGKILL)
-        # Exactly the calls in flight at the kill failed; every later call waited
-        # for the recovery and succeeded.
-        assert len(failures) == 4
+        # Exactly the calls in flight at the kill failed, but the newest: the stopped
+        # worker never read it (the channel ends with ECONNRESET), so it never ran and
+        # is sent again after the recovery. Every later call waited and succeeded.
+        assert len(failures) == 3
+        assert all(not isinstance(exc, ipc.CallNotSent) for exc in failures)
         assert awb.recoveries == 1
         # A fresh instance after the replay of init(initial_red_gain=2.0) and configure():
         await awb.call("configure")
