@@ -12,7 +12,6 @@ requested anew and its setup calls replayed, under the same Proxy object.
 
 from __future__ import annotations
 
-import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,15 +21,29 @@ from typing import Any, NoReturn
 import trio
 
 from . import _protocol as p
-from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, expect
+from ._client_common import (
+    CLIENT_VERSIONS,
+    RECONNECT_INITIAL,
+    RECONNECT_JITTER,
+    RECONNECT_MAX,
+    Backoff,
+    M,
+    ProxyInfo,
+    expect,
+    not_sent,
+    unavailable_details,
+)
 from ._client_events import EVENT_BACKLOG, EventQueue, LocalEvent
-from ._client_proxy import Proxy
-from ._errors import Disconnected, IpadError, ModuleUnavailable, WorkerCrashed
+from ._client_proxy import ChannelRequests, Proxy
+from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
 from ._paths import client_socket_path
 from ._transport import PacketSocket, Requests
 
 __all__ = [
     "EVENT_BACKLOG",
+    "RECONNECT_INITIAL",
+    "RECONNECT_JITTER",
+    "RECONNECT_MAX",
     "RECOVERY_RETRY",
     "Client",
     "EventQueue",
@@ -43,14 +56,9 @@ __all__ = [
 RECOVERY_RETRY = 1.0
 
 #: Module states in which the daemon can answer REOPEN_PROXY: it runs, it is about to
-#: (the daemon answers once it does), or it is in cooldown and a fallback may serve it.
-REOPENABLE = frozenset({"running", "starting", "exited", "cooldown"})
-
-#: Reconnecting: the first attempt at once, then after this, doubling up to RECONNECT_MAX.
-RECONNECT_INITIAL = 0.01
-RECONNECT_MAX = 1.0
-#: Fraction of each reconnection delay added at random, so clients do not return in step.
-RECONNECT_JITTER = 0.2
+#: (the daemon answers once it does: starting, just exited, in backoff), or it is in
+#: cooldown and a fallback may serve it.
+REOPENABLE = frozenset({"running", "starting", "exited", "backoff", "cooldown"})
 
 #: A Unix socket's connect() fails with EAGAIN while the daemon's listen backlog is full (it
 #: is busy, or starting): tried again after this, doubling up to CONNECT_RETRY_MAX.
@@ -86,13 +94,20 @@ class Client:
         self.goodbye: str | None = None
         #: How many connections have been made; a task started on one stops on the next.
         self.generation = 0
-        #: The last state each module was announced in, and a wake-up for changes.
-        self.module_states: dict[str, str] = {}
-        self._module_changed = trio.Event()
+        #: The last event about each module's state.
+        self.module_states: dict[str, p.Event] = {}
+        #: The one schedule of reconnection attempts, and whether its loop runs.
+        self.backoff = Backoff()
+        self._reconnecting = False
         self._closing = False
 
     async def connect(self) -> None:
-        """Connect, say HELLO and subscribe: the first time, or again after a loss."""
+        """Connect, say HELLO and subscribe: the first time, or again after a loss.
+
+        The connection counts as made, and its loss as a loss, only once the
+        daemon welcomed it: one refused (a GOODBYE at a connection limit) is an
+        attempt that failed, for the one loop that retries to pace.
+        """
         conn = PacketSocket(
             socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC),
             p.FROM_DAEMON,
@@ -103,17 +118,19 @@ class Client:
             conn.close()
             raise
         requests = Requests("daemon")
-        self.conn, self.requests, self.goodbye = conn, requests, None
-        self.generation += 1
         self.module_states.clear()
         self.nursery.start_soon(self.read_daemon, conn, requests)
         try:
-            await self.hello(self.name)
+            hello = p.Hello(CLIENT_VERSIONS, self.name)
+            welcome = expect(await self._call_on(conn, requests, hello), p.Welcome)
             if self.subscribed:
-                await self.subscribe()
+                expect(await self._call_on(conn, requests, p.Subscribe(None)), p.Subscribed)
         except BaseException:
             conn.close()
             raise
+        self.conn, self.requests, self.goodbye, self.welcome = conn, requests, None, welcome
+        self.generation += 1
+        self.backoff.up(trio.current_time())
 
     async def request(self, message: p.Message, reply: type[M]) -> M:
         """Send a request to the daemon and return its reply of type ``reply``."""
@@ -123,8 +140,11 @@ class Client:
         conn = self.conn
         if conn is None:
             raise Disconnected(self.goodbye or "not connected to the daemon")
+        return await self._call_on(conn, self.requests, message)
+
+    async def _call_on(self, conn: PacketSocket, requests: Requests, message: p.Message) -> p.Frame:
         try:
-            return await self.requests.call(conn, message)
+            return await requests.call(conn, message)
         except (OSError, trio.ClosedResourceError) as exc:
             raise Disconnected(self.goodbye or f"connection to the daemon lost: {exc}") from None
 
@@ -174,6 +194,19 @@ class Client:
 
     # --- recovery after a worker's crash ----------------------------------------
 
+    def poke(self, proxy: Proxy) -> None:
+        """An invalid proxy: start its recovery, or ask the one under way to try now.
+
+        A proxy of a lost connection is the reconnection's to bring back.
+        """
+        if proxy.valid or proxy._closed or proxy._gone is not None or proxy in self.reattaching:
+            return
+        if proxy._recovering:
+            proxy._poke.set()
+        else:
+            proxy._recovering = True
+            self.nursery.start_soon(self.recover, proxy)
+
     async def recover(self, proxy: Proxy) -> None:
         """Bring an invalid proxy back once its module runs again (one task per loss)."""
         try:
@@ -183,19 +216,30 @@ class Client:
 
     async def _recover(self, proxy: Proxy, generation: int) -> None:
         while self._recovering_on(proxy, generation):
-            changed = self._module_changed  # taken first: a change from now on wakes us
-            if self.module_states.get(proxy.module, "running") not in REOPENABLE:
-                await self._wait_change(changed)
+            proxy._poke = trio.Event()  # from now on, news of its module or a caller wakes us
+            news = self.module_states.get(proxy.module)
+            if news is not None and news.state not in REOPENABLE:
+                why = f"{proxy.module} is {news.state}: {news.reason or 'no reason given'}"
+                proxy._failed(not_sent(proxy.module, IpadError(why, unavailable_details(news))))
+                await self._wait_news(proxy)
                 continue
             try:
                 granted, channel = await self._grant(p.ReopenProxy(proxy.proxy_id))
-            except ModuleUnavailable:
-                await self._wait_change(changed)  # down again: wait for the next start
+            except UnknownProxy as exc:  # closed by the daemon: for good
+                proxy.state, proxy.reason = "closed", f"the daemon closed it: {exc.message}"
+                proxy._failed(not_sent(proxy.module, exc))
+                return
+            except Disconnected:
+                return  # the daemon is gone: a reconnection takes over, or nothing will
+            except IpadError as exc:  # unavailable (its details say why), denied
+                if "state" not in exc.details:
+                    exc.details.update(unavailable_details(news))
+                proxy._failed(not_sent(proxy.module, exc, proxy.reason))
+                proxy.backoff.failed(trio.current_time())
+                await self._wait_news(proxy)
                 continue
-            except IpadError:
-                return  # the daemon is gone (a reconnection takes over) or the proxy with it
             if not await self._adopt(proxy, granted, channel, reconnected=False):
-                await self._wait_change(changed)
+                await self._wait_news(proxy)
 
     def _recovering_on(self, proxy: Proxy, generation: int) -> bool:
         alive = self.goodbye is None and generation == self.generation
@@ -206,17 +250,22 @@ class Client:
     ) -> bool:
         """Replay a proxy's setup on a granted channel and switch to it; False if that failed."""
         info = ProxyInfo.from_granted(granted)
-        requests = Requests(f"proxy:{proxy.proxy_id}")
+        requests = ChannelRequests(f"proxy:{proxy.proxy_id}")
         try:
             replayed = await proxy._recovered(channel, requests, info)
-        except WorkerCrashed:
+        except WorkerCrashed as exc:
             channel.close()
-            return False  # crashed again during the replay: wait for the next start
+            # Crashed again during the replay: the daemon answers the next reopen once a
+            # worker runs again, so no backoff of ours.
+            proxy._failed(not_sent(proxy.module, f"crashed again replaying its setup: {exc}"))
+            return False
         except IpadError as exc:
             channel.close()
             proxy.reason = f"replay failed: {exc.message}"
             failed: dict[str, Any] = {"error": exc.message}
             self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
+            proxy._failed(not_sent(proxy.module, proxy.reason))
+            proxy.backoff.failed(trio.current_time())
             return False
         done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
         kind = "fallback" if granted.served_by else "recovered"
@@ -229,21 +278,26 @@ class Client:
         )
         return True
 
-    async def _wait_change(self, changed: trio.Event) -> None:
-        """Wait for a module event after ``changed`` was taken; retry now and then regardless."""
+    async def _wait_news(self, proxy: Proxy) -> None:
+        """After a failed attempt: the backoff's delay, then news of the module or a caller.
+
+        Without news it tries again after RECOVERY_RETRY regardless (events can be missed).
+        """
+        await trio.sleep(proxy.backoff.wait(trio.current_time()))
         with trio.move_on_after(RECOVERY_RETRY):
-            await changed.wait()
+            await proxy._poke.wait()
 
     # --- the daemon connection ----------------------------------------------------
 
     async def read_daemon(self, conn: PacketSocket, requests: Requests) -> None:
         """Deliver replies and events until the daemon closes the connection."""
+        goodbye: str | None = None
         try:
             while True:
                 try:
                     frame = await conn.receive()
                 except p.ProtocolError as exc:
-                    self.goodbye = f"daemon broke the protocol: {exc.reason}"
+                    goodbye = f"daemon broke the protocol: {exc.reason}"
                     break
                 except ConnectionResetError:
                     # The daemon closed with our packets unread: the kernel says so first,
@@ -257,71 +311,84 @@ class Client:
                 if isinstance(message, p.Event):
                     self._on_event(message)
                 elif isinstance(message, p.Goodbye):
-                    self.goodbye = message.reason
+                    goodbye = message.reason
                 else:
                     requests.deliver(frame)
         finally:
-            reason = self.goodbye or "the daemon closed the connection"
+            reason = goodbye or "the daemon closed the connection"
             requests.fail_all(lambda: Disconnected(reason))
             conn.close()
-            if conn is self.conn and not self._closing:
-                self._connection_lost(reason)
+            if conn is self.conn:
+                self.goodbye = goodbye
+                if not self._closing:
+                    self._connection_lost(reason)
 
     def _connection_lost(self, reason: str) -> None:
+        self.goodbye = self.goodbye or reason
         if not self.reconnect:
             self.events.close()
             for proxy in self.proxies.values():
                 proxy._disconnected(reason)
             return
         self.events.put(LocalEvent("disconnected", "", None, {"reason": reason}))
-        for proxy in self.proxies.values():
+        # The next daemon numbers proxies afresh: they come back under new ids, by the reconnection.
+        self.reattaching |= set(self.proxies.values())
+        self.proxies = {}
+        for proxy in self.reattaching:
             proxy._lost(f"daemon connection lost: {reason}", recover=False)
-        self.nursery.start_soon(self._reconnect)
+        self.backoff.down(trio.current_time())
+        if not self._reconnecting:
+            self._reconnecting = True
+            self.nursery.start_soon(self._reconnect)
 
     async def _reconnect(self) -> None:
-        """Connect again with backoff, then bring every proxy back under its old handle."""
-        delay = RECONNECT_INITIAL
+        """The one loop that connects again, on one backoff schedule whatever refuses it.
+
+        Then it brings every proxy back under its old handle.
+        """
         attempts = 0
-        while not self._closing:
-            attempts += 1
-            try:
-                await self.connect()
-            except (OSError, IpadError):
-                await trio.sleep(delay * (1 + RECONNECT_JITTER * random.random()))  # noqa: S311
-                delay = min(delay * 2, RECONNECT_MAX)
-                continue
-            break
-        else:
-            return
+        try:
+            while True:
+                await trio.sleep(self.backoff.wait(trio.current_time()))
+                attempts += 1
+                try:
+                    await self.connect()
+                except (OSError, IpadError) as exc:
+                    self.backoff.failed(trio.current_time())
+                    why = exc.message if isinstance(exc, IpadError) else str(exc)
+                    lost = Disconnected(f"cannot reach the daemon at {self.path}: {why}")
+                    for proxy in self.reattaching:
+                        proxy._failed(not_sent(proxy.module, lost, proxy.reason))
+                    continue
+                break
+        finally:
+            self._reconnecting = False
         pid = self.welcome.pid if self.welcome else None
         self.events.put(
             LocalEvent("reconnected", "", None, {"attempts": attempts, "daemon_pid": pid})
         )
-        # The new daemon numbers proxies afresh: old ids mean nothing on this connection.
-        self.reattaching |= set(self.proxies.values())
-        self.proxies = {}
         for proxy in list(self.reattaching):
             self.nursery.start_soon(self._reattach, proxy, self.generation)
 
     async def _reattach(self, proxy: Proxy, generation: int) -> None:
         """After a reconnection: request the proxy's module anew and replay its setup."""
-        delay = RECONNECT_INITIAL
         while not proxy._closed and generation == self.generation:
-            changed = self._module_changed
+            proxy._poke = trio.Event()
             message = p.RequestProxy(proxy.module, proxy.pipeline, proxy.pipeline_version)
             try:
                 granted, channel = await self._grant(message)
-            except ModuleUnavailable:
-                await self._wait_change(changed)
-                continue
             except Disconnected:
                 return  # lost again: the next reconnection takes over
-            except IpadError as exc:  # the module is gone from the configuration, say
-                failed: dict[str, Any] = {"error": exc.message, "reconnected": True}
-                proxy.reason = f"cannot get it again: {exc.message}"
-                self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
-                await trio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX)
+            except IpadError as exc:  # unavailable for now, or gone from the configuration
+                proxy._failed(not_sent(proxy.module, exc, proxy.reason))
+                if not isinstance(exc, ModuleUnavailable):
+                    failed: dict[str, Any] = {"error": exc.message, "reconnected": True}
+                    proxy.reason = f"cannot get it again: {exc.message}"
+                    self.events.put(
+                        LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed)
+                    )
+                    proxy.backoff.failed(trio.current_time())
+                await self._wait_news(proxy)
                 continue
             self.reattaching.discard(proxy)
             proxy.proxy_id = granted.proxy_id
@@ -333,9 +400,10 @@ class Client:
 
     def _on_event(self, event: p.Event) -> None:
         if event.kind == "module" and event.state is not None:
-            self.module_states[event.module] = event.state
-            changed, self._module_changed = self._module_changed, trio.Event()
-            changed.set()
+            self.module_states[event.module] = event
+            for proxy in [*self.proxies.values(), *self.reattaching]:
+                if proxy.module == event.module:
+                    proxy._poke.set()  # news for a recovery that waits
         if event.proxy_id is not None and event.proxy_id in self.proxies:
             self.proxies[event.proxy_id]._on_event(event)
         self.events.put(event)

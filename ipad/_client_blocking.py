@@ -3,111 +3,192 @@
 It imports no trio, so a command-line call starts fast. One thread at a time
 may use a client and its proxies. Events that arrive while a reply is awaited
 are queued and returned by ``next_event``.
+
+Without a task of its own, a proxy recovers on the next call instead of in the
+background: it asks for a new channel (REOPEN_PROXY) and waits for the answer
+on the daemon's socket, with poll(2) and the call's deadline. A grant that
+comes after the caller gave up is kept for the next call, never thrown away.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
+import math
+import select
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import _protocol as p
-from ._client_common import CLIENT_VERSIONS, M, ProxyInfo, SetupLog, build_call, expect
+from ._client_common import (
+    CLIENT_VERSIONS,
+    Backoff,
+    Bounds,
+    M,
+    ProxyInfo,
+    SetupLog,
+    build_call,
+    closed_error,
+    expect,
+    not_sent,
+    proxy_news,
+    unavailable_details,
+)
 from ._errors import (
     CallNotSent,
     Disconnected,
     IpadError,
-    ModuleUnavailable,
+    TimedOut,
     UnknownProxy,
     WorkerCrashed,
 )
-from ._fdpass import recv_packet, send_packet
+from ._fdpass import recv_packet, rights
 from ._paths import client_socket_path
 
 #: Events kept while nobody reads them; the oldest go first.
 EVENT_BACKLOG = 1024
 
-#: How often a recovering blocking proxy asks again whether its module is back.
-RECOVERY_POLL = 0.005
-
 
 class _Connection:
-    """A blocking SEQPACKET connection with request ids and an event backlog."""
+    """A blocking SEQPACKET connection: request ids, replies kept on request, an event backlog.
 
-    def __init__(self, sock: socket.socket, allowed: frozenset[p.MsgType], what: str) -> None:
+    Every wait is a poll(2) bounded by one deadline for the whole request, so
+    packets that keep coming (events) cannot stretch it.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        allowed: frozenset[p.MsgType],
+        what: str,
+        on_event: Callable[[p.Message], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.allowed = allowed
         self.what = what
+        self.on_event = on_event
         self.ids = itertools.count(1)
         self.backlog: collections.deque[p.Message] = collections.deque(maxlen=EVENT_BACKLOG)
         self.closed_reason: str | None = None
+        #: Requests whose reply is put aside when it comes while another is awaited (a grant
+        #: the caller gave up on): request id -> the reply once it came.
+        self.kept: dict[int, p.Frame | None] = {}
 
     def request(
-        self, message: p.Message, fds: list[int] | None = None, timeout: float | None = None
+        self, message: p.Message, fds: list[int] | None = None, deadline: float | None = None
     ) -> p.Frame:
         """Send and wait for the reply with the same id, queueing whatever comes between."""
+        return self.reply(self.send(message, fds, deadline), deadline)
+
+    def send(
+        self, message: p.Message, fds: list[int] | None = None, deadline: float | None = None
+    ) -> int:
+        """Send a request; its id. A connection already gone never took it (CallNotSent)."""
         if self.closed_reason is not None:
-            gone = self._gone()
-            raise CallNotSent(gone.message) if isinstance(gone, WorkerCrashed) else gone
+            raise self._not_sent()
         request_id = next(self.ids)
-        try:
-            send_packet(self.sock, p.encode(message, request_id, len(fds or ())), fds or ())
-        except OSError as exc:
-            self._drain()
-            self.closed_reason = self.closed_reason or f"{self.what} is gone: {exc.strerror}"
-            gone = self._gone()
-            if isinstance(gone, WorkerCrashed):
-                raise CallNotSent(gone.message) from None
-            raise gone from None
-        if timeout is not None:  # an ioctl each way: only when there is a timeout to set
-            self.sock.settimeout(timeout)
-        try:
-            while True:
-                frame = self._receive()
-                if frame is None:
-                    continue
-                if frame.request_id == request_id:
-                    return frame
-                # A late reply to an abandoned request: drop it, never misdeliver it.
-                frame.close_fds()
-        finally:
-            if timeout is not None:
-                self.sock.settimeout(None)
+        packet = p.encode(message, request_id, len(fds or ()))
+        flags = 0 if deadline is None else socket.MSG_DONTWAIT  # without one, block as ever
+        while True:
+            try:
+                self.sock.sendmsg([packet], rights(fds or ()), flags)
+            except BlockingIOError:
+                self._ready(select.POLLOUT, deadline)  # the peer reads slowly: wait for room
+            except OSError as exc:
+                self._drain()
+                self.closed_reason = self.closed_reason or f"{self.what} is gone: {exc.strerror}"
+                raise self._not_sent() from None
+            else:
+                return request_id
+
+    def reply(self, request_id: int, deadline: float | None) -> p.Frame:
+        """The reply to ``request_id``; replies to kept requests that come first are put aside."""
+        while True:
+            frame = self.kept.get(request_id)
+            if frame is not None:
+                del self.kept[request_id]
+                return frame
+            if self.closed_reason is not None:
+                self.kept.pop(request_id, None)
+                raise self._gone()
+            try:
+                frame = self._receive(deadline)
+            except (WorkerCrashed, Disconnected):
+                self.kept.pop(request_id, None)
+                raise
+            if frame is None:
+                continue
+            if frame.request_id == request_id:
+                self.kept.pop(request_id, None)
+                return frame
+            self._put_aside(frame)
+
+    def keep(self, request_id: int) -> None:
+        """Put the reply to ``request_id`` aside if it comes while something else is awaited."""
+        self.kept[request_id] = None
+
+    def forget(self, request_id: int) -> None:
+        """No longer keep the reply to ``request_id``; one already put aside is closed."""
+        frame = self.kept.pop(request_id, None)
+        if frame is not None:
+            frame.close_fds()
+
+    def _put_aside(self, frame: p.Frame) -> None:
+        if frame.request_id in self.kept and self.kept[frame.request_id] is None:
+            self.kept[frame.request_id] = frame
+        else:
+            frame.close_fds()  # a late reply to an abandoned request: dropped, never misdelivered
 
     def next_event(self, timeout: float | None) -> p.Message | None:
         """The oldest queued or next arriving event; None if none came within ``timeout``."""
-        if self.backlog:
-            return self.backlog.popleft()
-        if self.closed_reason is not None:
-            raise self._gone()
-        self.sock.settimeout(timeout)
-        try:
-            while not self.backlog:
-                frame = self._receive()
-                if frame is not None:
-                    frame.close_fds()  # a late reply nobody waits for
-        except TimeoutError:
-            return None
-        finally:
-            self.sock.settimeout(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.backlog:
+            if self.closed_reason is not None:
+                raise self._gone()
+            try:
+                frame = self._receive(deadline)
+            except TimedOut:
+                return None
+            if frame is not None:
+                self._put_aside(frame)
         return self.backlog.popleft()
+
+    def _ready(self, events: int, deadline: float | None) -> None:
+        """Wait until the socket is ready for ``events``; TimedOut once ``deadline`` passed.
+
+        What is ready at the deadline is still taken: a grant already there is used.
+        """
+        poller = select.poll()
+        poller.register(self.sock, events)
+        while True:
+            if deadline is None:
+                wait_ms = None
+            else:
+                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if poller.poll(wait_ms):
+                return
+            if wait_ms == 0:
+                raise TimedOut(f"no answer from the {self.what} in time")
 
     def _drain(self) -> None:
         """Read what the peer sent before it closed: its GOODBYE says why."""
-        self.sock.settimeout(0)
         try:
-            while self._receive() is None and self.closed_reason is None:
-                pass
+            while self.closed_reason is None:
+                frame = self._receive(time.monotonic())
+                if frame is not None:
+                    self._put_aside(frame)
         except (IpadError, OSError):
             pass
 
-    def _receive(self) -> p.Frame | None:
+    def _receive(self, deadline: float | None) -> p.Frame | None:
         """The next packet: a reply is returned; an event is queued and a goodbye noted (None)."""
+        if deadline is not None:  # without one, the blocking receive waits as long as it takes
+            self._ready(select.POLLIN, deadline)
         try:
             received = recv_packet(self.sock)
             if received is not None:
@@ -115,26 +196,25 @@ class _Connection:
         except p.ProtocolError as exc:
             self.closed_reason = f"{self.what} broke the protocol: {exc.reason}"
             raise self._gone() from None
-        except TimeoutError:
-            raise
         except OSError as exc:
             if exc.errno == errno.ECONNRESET and self.what == "daemon":
                 # The daemon closed with our packets unread: the kernel reports that first,
                 # then what the daemon sent before (a GOODBYE with its reason), then the end.
-                return self._receive()
+                return self._receive(deadline)
             self.closed_reason = f"{self.what} is gone: {exc.strerror}"
-            gone = self._gone()
-            if exc.errno == errno.ECONNRESET and isinstance(gone, WorkerCrashed):
+            if exc.errno == errno.ECONNRESET and self.what != "daemon":
                 # The worker died with packets unread: it processes them in order, so
                 # the newest request, the one this blocking connection waits for, never ran.
-                raise CallNotSent(gone.message) from None
-            raise gone from None
+                raise self._not_sent() from None
+            raise self._gone() from None
         if received is None:
             self.closed_reason = self.closed_reason or f"{self.what} closed the connection"
             raise self._gone()
         message = frame.message
         if isinstance(message, p.Event | p.ModuleEvent):
             self.backlog.append(message)
+            if self.on_event is not None:
+                self.on_event(message)
             return None
         if isinstance(message, p.Goodbye):
             self.closed_reason = message.reason
@@ -146,14 +226,64 @@ class _Connection:
             return Disconnected(self.closed_reason or "disconnected")
         return WorkerCrashed(self.closed_reason or "worker is gone")
 
+    def _not_sent(self) -> IpadError:
+        gone = self._gone()
+        return CallNotSent(gone.message) if isinstance(gone, WorkerCrashed) else gone
+
+    def close(self) -> None:
+        """Close the socket and whatever replies were put aside."""
+        for request_id in list(self.kept):
+            self.forget(request_id)
+        self.closed_reason = self.closed_reason or "closed by this client"
+        self.sock.close()
+
+
+class _Failed(Exception):
+    """One recovery attempt failed; ``error`` is what a caller is told.
+
+    ``final``: no later attempt can succeed (the daemon closed the proxy, or
+    its connection is gone without ``reconnect``), so ``wait`` waits no more.
+    """
+
+    def __init__(self, error: IpadError, *, final: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.final = final
+
+
+class _Replay:
+    """A granted channel whose setup calls are being replayed, kept across calls until done."""
+
+    def __init__(self, proxy: BlockingProxy, frame: p.Frame) -> None:
+        self.granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise IpadError("PROXY_GRANTED came without its channel")
+        channel = socket.socket(fileno=frame.fds[0])
+        self.conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{proxy.module} worker")
+        self.calls = list(proxy.setup_log.calls)
+        self.sent: list[int] = []
+        self.answered = 0
+
+    def finish(self, until: float | None) -> None:
+        """Send the setup calls not yet sent, all before any reply (pipelined), and collect them."""
+        while len(self.sent) < len(self.calls):
+            call = self.calls[len(self.sent)]
+            message, fd_list = build_call(call.method, call.args, dict(call.fds))
+            self.sent.append(self.conn.send(message, fd_list, until))
+        while self.answered < len(self.sent):
+            expect(self.conn.reply(self.sent[self.answered], until), p.Result)
+            self.answered += 1
+
 
 class BlockingProxy:
     """A handle on one module instance.
 
-    Without an event loop it cannot recover in the background: a call on a
-    proxy whose worker died fails with WorkerCrashed, or, given ``wait``,
-    first brings the proxy back itself (new channel, setup calls replayed)
-    within that many seconds.
+    A call on a proxy whose worker died brings it back first (new channel,
+    setup calls replayed), within the call's ``timeout`` (the whole call) and
+    ``wait`` (the recovery) if given; without ``wait``, one attempt is made
+    and its failure is the call's, with the daemon's reason. A call in flight
+    when the worker died fails with WorkerCrashed: it may have run.
     """
 
     def __init__(
@@ -173,12 +303,24 @@ class BlockingProxy:
         self.module = info.module
         self.setup_log = SetupLog(info)
         self.recoveries = 0
+        #: "valid", "invalid" (a recovery is due) or "closed" (released, or closed by the daemon).
+        self.state = "valid"
+        self.reason: str | None = None
         self._conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{info.module} worker")
+        #: The daemon connection the proxy id belongs to; another one needs REQUEST_PROXY.
+        self._daemon_conn = client._conn
+        #: REOPEN_PROXY (or REQUEST_PROXY after a reconnection) sent, its reply kept.
+        self._asked: tuple[_Connection, int] | None = None
+        self._replay: _Replay | None = None
+        #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
+        self._backoff = Backoff()
+        #: Why the last attempt failed, told to a caller that comes before the next one may.
+        self._failure: IpadError | None = None
 
     @property
     def valid(self) -> bool:
-        """False once the channel to the worker is known to be gone."""
-        return self._conn.closed_reason is None
+        """True while the channel to the worker works, as far as the client knows."""
+        return self.state == "valid" and self._conn.closed_reason is None
 
     def call(
         self,
@@ -189,78 +331,198 @@ class BlockingProxy:
         *,
         wait: float | None = None,
     ) -> Any:
-        """Call ``method``; a dead worker fails the call with WorkerCrashed unless ``wait``.
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
 
-        With ``wait``, a call that could not even be sent (the worker was gone
-        already) is sent again once the proxy is back, within those seconds.
+        ``timeout`` bounds the whole call (TimedOut), recovery and replay
+        included; ``wait`` how long a dead proxy's recovery is waited for,
+        through failed attempts (CallNotSent when it runs out).
         """
-        deadline = None if wait is None else time.monotonic() + wait
+        bounds = Bounds.of(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
         while True:
-            if not self.valid and deadline is not None:
-                self.recover(max(deadline - time.monotonic(), 0.001))
+            if not self.valid:
+                self._recover(bounds)
+            conn = self._conn
             try:
-                frame = self._conn.request(message, fd_list, timeout)
+                request_id = conn.send(message, fd_list, bounds.deadline)
             except CallNotSent:
-                if deadline is None or time.monotonic() >= deadline:
-                    raise
+                self._lost(conn)
+                continue  # nothing ran: sent again once the proxy is back, within the bounds
+            except TimedOut:
+                raise TimedOut(f"{self.module} did not take the call within {timeout:g}s",
+                               {"sent": False}) from None  # fmt: skip
+            try:
+                frame = conn.reply(request_id, bounds.deadline)
+            except CallNotSent:
+                self._lost(conn)
                 continue
+            except WorkerCrashed:
+                self._lost(conn)
+                self._ask_now()  # the next call finds the new channel ready, or sooner
+                raise
+            except TimedOut:
+                raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
+                               {"sent": True}) from None  # fmt: skip
             value = expect(frame, p.Result).value
             self.setup_log.record(method, args, fds)
             return value
 
     def recover(self, timeout: float) -> None:
-        """Reopen on the restarted worker and replay the setup calls, within ``timeout`` seconds.
+        """Bring the proxy back now (reopen, replay) within ``timeout`` seconds; raise why not.
 
-        If the daemon itself went away and the client was made with
-        ``reconnect``, connect again and request the module anew instead.
+        What is raised is the daemon's own error (UnknownProxy for a proxy it
+        closed, ModuleUnavailable, Disconnected), not a call's CallNotSent.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            conn: _Connection | None = None
-            try:
-                frame = self._regrant(timeout)
-                granted = expect(frame, p.ProxyGranted)
-                channel = socket.socket(fileno=frame.fds[0])
-                conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{self.module} worker")
-                for call in self.setup_log.calls:
-                    replay, fd_list = build_call(call.method, call.args, dict(call.fds))
-                    expect(conn.request(replay, fd_list, timeout), p.Result)
-                break
-            except (ModuleUnavailable, WorkerCrashed, Disconnected) as exc:
-                if conn is not None:
-                    conn.sock.close()
-                if isinstance(exc, Disconnected) and not self.client.reconnect:
-                    raise
-                if time.monotonic() >= deadline:
-                    why = f"{self.module} did not recover within {timeout:g}s: {exc}"
-                    raise WorkerCrashed(why) from None
-                time.sleep(RECOVERY_POLL)  # no event loop here: look again shortly
-            except BaseException:
-                if conn is not None:
-                    conn.sock.close()
-                raise
-        self._conn.sock.close()
-        self._conn, self.info = conn, ProxyInfo.from_granted(granted)
-        if granted.proxy_id != self.proxy_id:  # requested anew from a restarted daemon
-            self.client.proxies.pop(self.proxy_id, None)
-            self.proxy_id = granted.proxy_id
-            self.client.proxies[self.proxy_id] = self
-        ready = p.ProxyReady(self.proxy_id, len(self.setup_log.calls))
-        self.client.request(ready, p.ProxyStateReply)
-        self.recoveries += 1
-
-    def _regrant(self, timeout: float) -> p.Frame:
-        """A new channel: REOPEN_PROXY on the daemon we know, else REQUEST_PROXY on a new one."""
-        client = self.client
+        if self.state == "closed":
+            raise UnknownProxy(f"proxy {self.proxy_id} was closed: {self.reason}")
         try:
-            return client._conn.request(p.ReopenProxy(self.proxy_id), timeout=timeout)
-        except Disconnected:
-            if not client.reconnect:
-                raise
-        client.reconnect_now()
-        again = p.RequestProxy(self.module, self.pipeline, self.pipeline_version)
-        return client._conn.request(again, timeout=timeout)
+            self._recover(Bounds.of(time.monotonic(), timeout, timeout))
+        except CallNotSent as exc:
+            cause = exc.__cause__
+            raise cause if isinstance(cause, IpadError) else exc from None
+
+    def _recover(self, bounds: Bounds) -> None:
+        """Make the proxy valid within ``bounds``: one attempt, or attempts until ``wait`` ends."""
+        while not self.valid:
+            if self.state == "closed":
+                raise closed_error(self.module, self.reason)
+            try:
+                self._pace(bounds.until)
+                self._attempt(bounds.until)
+            except TimedOut:
+                raise bounds.expired(time.monotonic(), self.module, self.reason) from None
+            except _Failed as failed:
+                self._failure = failed.error
+                if bounds.wait is None or failed.final:
+                    raise failed.error from failed.error.__cause__
+
+    def _pace(self, until: float | None) -> None:
+        """After a refusal, the backoff's delay before asking again; the last failure if too late.
+
+        A refusal is an answer, not news to wait for on a socket; and however
+        many calls come, the daemon is asked on one schedule.
+        """
+        if self._asked is not None or self._replay is not None or self._failure is None:
+            return  # an attempt is under way, or none failed
+        now = time.monotonic()
+        delay = self._backoff.wait(now)
+        if until is not None and now + delay >= until:
+            raise _Failed(self._failure)
+        time.sleep(delay)
+
+    def _attempt(self, until: float | None) -> None:
+        """One recovery: a grant (asked once, kept across calls), then the replay on it."""
+        if self._replay is None:
+            frame = self._grant(until)
+            try:
+                self._replay = _Replay(self, frame)
+            except UnknownProxy as exc:
+                self._close(f"the daemon closed it: {exc.message}")
+                raise _Failed(not_sent(self.module, exc), final=True) from None
+            except IpadError as exc:
+                self._backoff.failed(time.monotonic())
+                raise _Failed(not_sent(self.module, self._explained(exc), self.reason)) from None
+        replay = self._replay
+        try:
+            replay.finish(until)
+        except TimedOut:
+            raise  # the replay goes on at the next call, on the same channel
+        except IpadError as exc:
+            replay.conn.close()
+            self._replay = None
+            if not isinstance(exc, WorkerCrashed):
+                self._backoff.failed(time.monotonic())
+            raise _Failed(not_sent(self.module, f"replaying its setup failed: {exc.message}",
+                                   self.reason)) from None  # fmt: skip
+        self._replay = None
+        self._adopt(replay)
+
+    def _grant(self, until: float | None) -> p.Frame:
+        """The daemon's answer to REOPEN_PROXY, or REQUEST_PROXY on a daemon connected anew.
+
+        The request is sent once and its reply kept: a caller that gives up
+        leaves it for the next, which waits on the same request.
+        """
+        client = self.client
+        retried = False  # a connection found lost is made again once, and asked anew
+        while True:
+            try:
+                if self._asked is None:
+                    conn = client._live(until)
+                    if conn is self._daemon_conn:
+                        message: p.Message = p.ReopenProxy(self.proxy_id)
+                    else:
+                        message = p.RequestProxy(self.module, self.pipeline, self.pipeline_version)
+                    request_id = conn.send(message, deadline=until)
+                    conn.keep(request_id)
+                    self._asked = (conn, request_id)
+                conn, request_id = self._asked
+                frame = conn.reply(request_id, until)
+            except Disconnected as exc:
+                self._asked = None
+                if not client.reconnect or retried:
+                    raise self._disconnected(exc) from None
+                retried = True
+                continue
+            self._asked = None
+            return frame
+
+    def _disconnected(self, exc: Disconnected) -> _Failed:
+        """The daemon connection is gone: for good without ``reconnect``, else until it is back."""
+        if not self.client.reconnect:
+            return _Failed(Disconnected(exc.message), final=True)
+        return _Failed(not_sent(self.module, exc, self.reason))
+
+    def _ask_now(self) -> None:
+        """Ask for a new channel without waiting: the daemon answers once a new worker runs."""
+        conn = self.client._conn
+        if self._asked is not None or conn is not self._daemon_conn or conn.closed_reason:
+            return
+        try:
+            request_id = conn.send(p.ReopenProxy(self.proxy_id), deadline=time.monotonic())
+        except IpadError:
+            return  # the daemon is gone or slow: the next call asks again
+        conn.keep(request_id)
+        self._asked = (conn, request_id)
+
+    def _adopt(self, replay: _Replay) -> None:
+        """Switch to the replayed channel and tell the daemon (its answer is not awaited)."""
+        client, granted = self.client, replay.granted
+        self._conn.close()
+        self._conn, self.info = replay.conn, ProxyInfo.from_granted(granted)
+        if granted.proxy_id != self.proxy_id or self._daemon_conn is not client._conn:
+            client.proxies.pop(self.proxy_id, None)  # requested anew from a restarted daemon
+            self.proxy_id = granted.proxy_id
+            client.proxies[self.proxy_id] = self
+            self._daemon_conn = client._conn
+        self.state = "valid"
+        self.reason = "fallback" if granted.served_by else "recovered"
+        self.recoveries += 1
+        self._backoff.reset()
+        self._failure = None
+        ready = p.ProxyReady(self.proxy_id, len(replay.calls))
+        # The daemon marks the proxy valid for everyone; its answer changes nothing here.
+        with contextlib.suppress(IpadError):
+            client._conn.send(ready, deadline=time.monotonic())
+
+    def _explained(self, exc: IpadError) -> IpadError:
+        """A reopen's error, with the module's state from its last event if the daemon gave none."""
+        if "state" not in exc.details:
+            exc.details.update(unavailable_details(self.client.module_events.get(self.module)))
+        return exc
+
+    def _lost(self, conn: _Connection) -> None:
+        if conn is self._conn and self.state == "valid":
+            self.state, self.reason = "invalid", conn.closed_reason
+
+    def _on_event(self, event: p.Event) -> None:
+        news = proxy_news(event, self.info.seq)
+        if news is not None and self.state != "closed":
+            self.state, self.reason = news
+
+    def _close(self, reason: str) -> None:
+        self.state = "closed"
+        self.reason = reason
 
     def next_event(self, timeout: float | None = None) -> p.ModuleEvent | None:
         """The next event the module instance sent, or None after ``timeout`` seconds."""
@@ -271,13 +533,25 @@ class BlockingProxy:
     def release(self) -> None:
         """Give the instance back (a proxy the daemon already closed is simply forgotten)."""
         self.client.proxies.pop(self.proxy_id, None)
+        self._discard()
         try:
-            self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
-        except UnknownProxy:
-            pass  # its channel broke or its instance was closed: it is gone already
+            if self._daemon_conn is self.client._conn:
+                self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        except (UnknownProxy, Disconnected):
+            pass  # its channel broke, its instance was closed, or its daemon is gone: it is gone
         finally:
-            self._conn.sock.close()
-            self.setup_log.close()
+            self._close("released")
+
+    def _discard(self) -> None:
+        """Close the channels and drop what a recovery under way holds."""
+        if self._asked is not None:
+            self._asked[0].forget(self._asked[1])
+            self._asked = None
+        if self._replay is not None:
+            self._replay.conn.close()
+            self._replay = None
+        self._conn.close()
+        self.setup_log.close()
 
 
 class BlockingClient:
@@ -294,34 +568,76 @@ class BlockingClient:
         self.path = str(path) if path is not None else str(client_socket_path())
         self.name = name
         self.subscribed = subscribe
-        #: Whether a lost daemon connection is made again (on the next request or ``wait``).
+        #: Whether a lost daemon connection is made again (on the next request or call).
         self.reconnect = reconnect
         self.proxies: dict[int, BlockingProxy] = {}
-        self._conn, self.welcome = self._connect()
+        #: The last event about each module (with ``subscribe``): why it does not serve.
+        self.module_events: dict[str, p.Event] = {}
+        #: Paces reconnections, however many calls find the daemon gone.
+        self._backoff = Backoff()
+        self._conn, self.welcome = self._connect(None)
+        self._backoff.up(time.monotonic())
 
-    def _connect(self) -> tuple[_Connection, p.Welcome]:
+    def _connect(self, deadline: float | None) -> tuple[_Connection, p.Welcome]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             try:
                 sock.connect(self.path)
             except OSError as exc:  # connect(2) names no file: say which socket it was
                 raise type(exc)(exc.errno, exc.strerror, self.path) from None
-            conn = _Connection(sock, p.FROM_DAEMON, "daemon")
-            welcome = expect(conn.request(p.Hello(CLIENT_VERSIONS, self.name)), p.Welcome)
+            conn = _Connection(sock, p.FROM_DAEMON, "daemon", self._on_event)
+            hello = p.Hello(CLIENT_VERSIONS, self.name)
+            welcome = expect(conn.request(hello, deadline=deadline), p.Welcome)
             if self.subscribed:
-                expect(conn.request(p.Subscribe(None)), p.Subscribed)
+                expect(conn.request(p.Subscribe(None), deadline=deadline), p.Subscribed)
         except BaseException:
             sock.close()
             raise
         return conn, welcome
 
-    def reconnect_now(self) -> None:
-        """Connect to the daemon again; Disconnected if it is not there (yet)."""
+    def _on_event(self, event: p.Message) -> None:
+        """Note what a daemon event says about a module or one of our proxies."""
+        if not isinstance(event, p.Event):
+            return
+        if event.kind == "module" and event.state is not None:
+            self.module_events[event.module] = event
+        proxy = self.proxies.get(event.proxy_id) if event.proxy_id is not None else None
+        if proxy is not None and proxy._daemon_conn is self._conn:
+            proxy._on_event(event)
+
+    def _live(self, deadline: float | None) -> _Connection:
+        """The daemon connection, made again first if it was lost and ``reconnect`` allows."""
+        if self._conn.closed_reason is None:
+            return self._conn
+        if not self.reconnect:
+            raise Disconnected(self._conn.closed_reason)
+        self.reconnect_now(deadline)
+        return self._conn
+
+    def reconnect_now(self, deadline: float | None = None) -> None:
+        """Connect to the daemon again, when the backoff allows; Disconnected if refused.
+
+        However many calls find the daemon gone, attempts follow one schedule
+        (at once, then 10 ms doubling to 1 s, with jitter); a call whose
+        deadline comes before the next attempt fails at once, saying when.
+        """
+        backoff = self._backoff
+        now = time.monotonic()
+        self.module_events.clear()  # about the daemon that is gone
+        backoff.down(now)
+        delay = backoff.wait(now)
+        if deadline is not None and now + delay > deadline:
+            raise Disconnected(f"cannot reach the daemon at {self.path} now; "
+                               f"next attempt in {delay:.3f}s")  # fmt: skip
+        time.sleep(delay)  # the backoff's own delay: nothing to wait for on a socket
         try:
-            conn, welcome = self._connect()
-        except OSError as exc:
-            raise Disconnected(f"cannot reach the daemon at {self.path}: {exc.strerror}") from None
-        self._conn.sock.close()
+            conn, welcome = self._connect(deadline)
+        except (OSError, IpadError) as exc:
+            backoff.failed(time.monotonic())
+            why = exc.message if isinstance(exc, IpadError) else exc.strerror
+            raise Disconnected(f"cannot reach the daemon at {self.path}: {why}") from None
+        backoff.up(time.monotonic())
+        self._conn.close()
         self._conn, self.welcome = conn, welcome
 
     def __enter__(self) -> BlockingClient:
@@ -333,19 +649,23 @@ class BlockingClient:
     def request(self, message: p.Message, reply: type[M], timeout: float | None = None) -> M:
         """Send a request to the daemon; return its reply of type ``reply``.
 
-        With ``reconnect``, a connection found lost is made again once and the
-        request sent on the new one (the daemon that lost it kept no state).
+        With ``reconnect``, a connection found lost is made again (when the
+        backoff allows) and the request sent on the new one.
         """
         return expect(self._frame(message, timeout), reply)
 
     def _frame(self, message: p.Message, timeout: float | None = None) -> p.Frame:
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return self._conn.request(message, timeout=timeout)
-        except Disconnected:
-            if not self.reconnect:
-                raise
-            self.reconnect_now()
-            return self._conn.request(message, timeout=timeout)
+            try:
+                return self._live(deadline).request(message, deadline=deadline)
+            except Disconnected:
+                if not self.reconnect:
+                    raise
+                return self._live(deadline).request(message, deadline=deadline)
+        except TimedOut:
+            raise TimedOut(f"the daemon did not answer {message.TYPE.name} within {timeout:g}s",
+                           {"sent": True}) from None  # fmt: skip
 
     def subscribe(self, since: int | None = None) -> p.Subscribed:
         """Receive events from now on, after the kept ones later than ``since`` if given."""
@@ -391,6 +711,7 @@ class BlockingClient:
     def close(self) -> None:
         """Close every proxy channel and the connection."""
         for proxy in list(self.proxies.values()):
-            proxy._conn.sock.close()
+            proxy._discard()
+            proxy._close("client closed")
         self.proxies.clear()
-        self._conn.sock.close()
+        self._conn.close()

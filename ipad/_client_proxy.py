@@ -3,19 +3,58 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import _protocol as p
-from ._client_common import ProxyInfo, SetupLog, build_call, expect
+from ._client_common import (
+    Backoff,
+    Bounds,
+    ProxyInfo,
+    SetupLog,
+    build_call,
+    closed_error,
+    expect,
+    proxy_news,
+)
 from ._client_events import EventQueue
-from ._errors import CallNotSent, Disconnected, IpadError, UnknownProxy, WorkerCrashed
+from ._errors import CallNotSent, Disconnected, IpadError, TimedOut, UnknownProxy, WorkerCrashed
 from ._transport import PacketSocket, Pending, Requests
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._client import Client
+
+
+class ChannelRequests(Requests):
+    """A proxy channel's requests, knowing which one was sent last.
+
+    A worker that dies with packets unread makes the channel end with
+    ECONNRESET. It reads requests in order, so the newest one then never
+    ran: that call is sent again once the proxy is back, like one never sent.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.newest: int | None = None
+        #: The channel ended with ECONNRESET: the newest request was never read.
+        self.reset = False
+
+    async def send(
+        self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
+    ) -> Pending:
+        """Send as Requests does, noting the id as the newest."""
+        pending = await super().send(conn, message, fds)
+        self.newest = pending[0]
+        return pending
+
+    def never_ran(self, request_id: int) -> bool:
+        """Whether ``request_id`` was surely not read by the worker before the channel ended."""
+        return self.reset and request_id == self.newest
 
 
 class Proxy:
@@ -25,7 +64,8 @@ class Proxy:
     the proxy turns invalid. Once the module runs again, the proxy gets a new
     channel by itself, replays its setup calls in order and turns valid again
     (a ``recovered`` event): code that called ``init``/``configure``/``start``
-    before the crash needs no change to carry on.
+    before the crash needs no change to carry on. A call made meanwhile waits
+    for that recovery.
     """
 
     def __init__(
@@ -44,7 +84,7 @@ class Proxy:
         self.proxy_id = info.proxy_id
         self.module = info.module
         self.channel = channel
-        self.requests = Requests(f"proxy:{info.proxy_id}")
+        self.requests = ChannelRequests(f"proxy:{info.proxy_id}")
         self.state = "valid"
         self.reason: str | None = None
         self.module_events = EventQueue()
@@ -53,8 +93,14 @@ class Proxy:
         self._closed = False
         self._gone: str | None = None
         self._recovering = False
-        self._valid = trio.Event()
-        self._valid.set()
+        #: Set, and replaced, at each outcome of the recovery: valid again, or an attempt failed.
+        self._outcome = trio.Event()
+        #: Why the last attempt failed (None once valid): what a waiting call is told.
+        self._failure: IpadError | None = None
+        #: Set by a call that wants an attempt now rather than at the recovery's next retry.
+        self._poke = trio.Event()
+        #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
+        self.backoff = Backoff()
 
     @property
     def valid(self) -> bool:
@@ -68,46 +114,108 @@ class Proxy:
         fds: Mapping[str, int] | None = None,
         *,
         wait: float | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
 
-        On an invalid proxy the call fails at once with WorkerCrashed, or, with
-        ``wait``, first waits up to that many seconds for the proxy to recover.
-        A crash of the worker during the call fails it at once with WorkerCrashed.
+        On an invalid proxy the call waits for the recovery under way: if its
+        attempt fails, the call fails with CallNotSent saying why, or with
+        ``wait``, waits on through failures for up to that many seconds.
+        ``timeout`` bounds the whole call, recovery included (TimedOut); a
+        surrounding cancel scope works as ever. A crash of the worker during
+        the call fails it at once with WorkerCrashed.
         """
-        deadline = None if wait is None else trio.current_time() + wait
+        bounds = Bounds.of(trio.current_time(), timeout, wait)
+        sent: list[bool] = []
+        if bounds.deadline is None:  # no cancel scope of ours on the common path
+            return await self._call(bounds, sent, method, args, fds)
+        with trio.move_on_at(bounds.deadline):
+            return await self._call(bounds, sent, method, args, fds)
+        if sent:
+            raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
+                           {"sent": True})  # fmt: skip
+        if self.valid:  # the channel had no room for the call in time
+            raise TimedOut(f"{self.module}.{method} was not sent within {timeout:g}s",
+                           {"sent": False})  # fmt: skip
+        raise bounds.expired(trio.current_time(), self.module, self._why())
+
+    async def _call(
+        self,
+        bounds: Bounds,
+        sent: list[bool],
+        method: str,
+        args: Mapping[str, Any] | None,
+        fds: Mapping[str, int] | None,
+    ) -> Any:
+        """The call, once the proxy is valid; ``sent`` gets True once it reached the worker."""
         while True:
-            await self._wait_valid(wait, deadline)
+            await self._until_valid(bounds)
             channel, requests = self.channel, self.requests
             try:
-                sent = await self._send_call(channel, requests, method, args, fds)
+                pending = await self._send_call(channel, requests, method, args, fds)
             except CallNotSent:
-                if deadline is None:
-                    raise
                 if channel is self.channel:
                     self._lost("worker closed the channel")  # known before its reader saw it
-                continue  # nothing ran: send it again once recovered, within the deadline
-            value = expect(await requests.reply(*sent), p.Result).value
+                continue  # nothing ran: sent again once recovered, within the bounds
+            sent.append(True)
+            try:
+                frame = await requests.reply(*pending)
+            except WorkerCrashed:
+                if not requests.never_ran(pending[0]):
+                    raise  # it may have run: never sent again
+                sent.clear()
+                continue  # the worker died with it unread: sent again once recovered
+            value = expect(frame, p.Result).value
             self.setup_log.record(method, args, fds)
             return value
 
-    async def _wait_valid(self, wait: float | None, deadline: float | None) -> None:
-        """Return once valid; fail at once without ``wait``, or once ``deadline`` passes."""
+    async def _until_valid(self, bounds: Bounds) -> None:
+        """Return once valid; raise why not once an attempt failed, or ``wait`` ran out."""
+        while not self.valid:
+            if self._gone is not None:
+                raise Disconnected(self._gone)
+            if self._closed or self.state == "closed":
+                raise closed_error(self.module, self.reason)
+            outcome, before = self._outcome, self._failure
+            self.client.poke(self)
+            with trio.move_on_at(math.inf if bounds.recovery is None else bounds.recovery):
+                await outcome.wait()
+            self._check_outcome(bounds, before)
+
+    def _check_outcome(self, bounds: Bounds, before: IpadError | None) -> None:
+        """After an outcome (or ``wait``'s end): raise unless valid, or ``wait`` waits on.
+
+        Only a failure newer than ``before`` counts: an older one is about an earlier attempt.
+        """
         if self.valid:
             return
-        if deadline is None or self._closed:
-            raise WorkerCrashed(f"{self.module} proxy is {self.state}: {self.reason}")
-        with trio.move_on_at(deadline):
-            await self._valid.wait()
-        if self._gone is not None:
-            raise Disconnected(self._gone)
-        if not self.valid:
-            raise WorkerCrashed(f"{self.module} did not recover within {wait:g}s: {self.reason}")
+        if bounds.recovery is not None and trio.current_time() >= bounds.recovery:
+            raise bounds.expired(trio.current_time(), self.module, self._why())
+        failure = self._failure
+        if failure is None or failure is before:
+            return
+        if bounds.wait is None or failure.details.get("closed"):
+            # Each caller its own exception: a shared one would pile up their tracebacks.
+            raise type(failure)(failure.message, dict(failure.details)) from failure.__cause__
+
+    def _why(self) -> str | None:
+        """The reason a caller is told: the last attempt's failure, else why the proxy was lost."""
+        return self._failure.message if self._failure is not None else self.reason
+
+    def _signal(self) -> None:
+        """An outcome: wake every call waiting for the recovery."""
+        outcome, self._outcome = self._outcome, trio.Event()
+        outcome.set()
+
+    def _failed(self, error: IpadError) -> None:
+        """A recovery attempt failed: the calls waiting for it fail with ``error``."""
+        self._failure = error
+        self._signal()
 
     async def _send_call(
         self,
         channel: PacketSocket,
-        requests: Requests,
+        requests: ChannelRequests,
         method: str,
         args: Mapping[str, Any] | None,
         fds: Mapping[str, int] | None,
@@ -119,7 +227,7 @@ class Proxy:
         except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
             raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
 
-    async def read_channel(self, channel: PacketSocket, requests: Requests) -> None:
+    async def read_channel(self, channel: PacketSocket, requests: ChannelRequests) -> None:
         """Deliver replies and module events until the worker closes the channel."""
         reason = "worker closed the channel"
         try:
@@ -128,6 +236,10 @@ class Proxy:
                     frame = await channel.receive()
                 except p.ProtocolError as exc:
                     reason = f"worker broke the protocol: {exc.reason}"
+                    break
+                except ConnectionResetError:
+                    requests.reset = True
+                    reason = "worker died with calls unread"
                     break
                 except (OSError, trio.ClosedResourceError):
                     break
@@ -153,28 +265,25 @@ class Proxy:
         if self.valid:
             self.state = "invalid"
             self.reason = reason
-            self._valid = trio.Event()
-        if recover and not self._recovering:
-            self._recovering = True
-            self.client.nursery.start_soon(self.client.recover, self)
+        if recover:
+            self.client.poke(self)
 
     def _on_event(self, event: p.Event) -> None:
-        # An event from before the current channel was granted is about an older one.
-        if event.state is None or event.seq <= self.info.seq:
+        news = proxy_news(event, self.info.seq)
+        if news is None or self.state == "closed":
             return
-        if event.state == "invalid" and self.valid:
-            self.state = "invalid"
-            self._valid = trio.Event()
-        if event.state != "valid":  # "valid" is set by recovery, once the replay is done
-            self.state = event.state
-            self.reason = event.reason
+        self.state, self.reason = news
+        if self.state == "closed":
+            self._signal()
 
     def _disconnected(self, reason: str) -> None:
         """The daemon connection is gone: no recovery will come, so wake callers waiting for one."""
         self._gone = reason
-        self._valid.set()
+        self._signal()
 
-    async def _recovered(self, channel: PacketSocket, requests: Requests, info: ProxyInfo) -> int:
+    async def _recovered(
+        self, channel: PacketSocket, requests: ChannelRequests, info: ProxyInfo
+    ) -> int:
         """Replay the setup calls on a new channel and switch to it; return how many.
 
         The proxy is valid once the replay is done: the daemon is told
@@ -197,7 +306,9 @@ class Proxy:
         self.state = "valid"
         self.reason = "fallback" if info.served_by else "recovered"
         self.recoveries += 1
-        self._valid.set()
+        self._failure = None
+        self.backoff.reset()
+        self._signal()
         return replayed
 
     async def _tell_ready(self, replayed: int) -> None:
@@ -233,4 +344,4 @@ class Proxy:
         finally:
             self.channel.close()
             self.setup_log.close()
-            self._valid.set()  # wake waiters: they see the proxy closed
+            self._signal()  # wake waiters: they see the proxy closed

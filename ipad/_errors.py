@@ -73,10 +73,12 @@ class WorkerCrashed(IpadError):
 
 
 class CallNotSent(WorkerCrashed):
-    """The call never reached the worker: its channel was already gone.
+    """The call never reached a worker: its proxy could not be brought back (in time).
 
-    Unlike a crash during the call, nothing ran, so a call made with ``wait``
-    is sent again once the proxy has recovered.
+    Unlike a crash during the call, nothing ran. ``message`` says why (the
+    worker's end, the module's cooldown, a proxy the daemon closed),
+    ``details`` has the daemon's account (``state``, ``reason``, and
+    ``cooldown_interval`` in cooldown) and ``__cause__`` its error, if any.
     """
 
 
@@ -108,6 +110,16 @@ class LimitExceeded(IpadError):
     """The request would pass one of the daemon's per-client limits (``details['limit']``)."""
 
     code = p.ErrorCode.LIMIT_EXCEEDED.value
+
+
+class TimedOut(IpadError, TimeoutError):
+    """The caller's ``timeout`` passed first, counted over the whole call, recovery included.
+
+    A TimeoutError too, for code that catches that. ``details['sent']`` says
+    whether the call had reached the worker (it may then have run).
+    """
+
+    code = "timed_out"
 
 
 class Disconnected(IpadError):

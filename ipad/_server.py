@@ -384,6 +384,24 @@ class Session:
             return fallback
         return supervisor
 
+    def _unavailable(self, module: str) -> dict[str, Any]:
+        """Why ``module`` serves no proxy now, for the error's details: a client tells its caller.
+
+        Its state and reason (the worker's signal or exit status), in cooldown
+        how often it is tried again, and the fallback and that one's state.
+        """
+        supervisor = self.daemon.supervisors.get(module)
+        if supervisor is None:
+            return {}
+        details: dict[str, Any] = {"state": supervisor.state.value, "reason": supervisor.reason}
+        if supervisor.state is WorkerState.COOLDOWN:
+            details["cooldown_interval"] = supervisor.policy.cooldown_interval.seconds
+        if supervisor.fallback:
+            fallback = self.daemon.supervisors.get(supervisor.fallback)
+            details["fallback"] = supervisor.fallback
+            details["fallback_state"] = fallback.state.value if fallback else None
+        return details
+
     def _granted(self, record: ProxyRecord, serving: ModuleSupervisor, seq: int) -> p.ProxyGranted:
         ready = serving.ready
         return p.ProxyGranted(
@@ -420,8 +438,10 @@ class Session:
         except (ModuleUnavailable, WorkerCrashed) as exc:
             if new:
                 self.daemon.proxies.close(record, str(exc))
+            details = self._unavailable(record.module)
+            state = f" ({details['state']})" if "state" in details else ""
             await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
-                              f"{record.module} is unavailable: {exc}")  # fmt: skip
+                              f"{record.module} is unavailable{state}: {exc}", details)  # fmt: skip
             return None
         record.instance_id = instance_id
         record.served_by = serving.name

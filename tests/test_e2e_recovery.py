@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,7 @@ def test_reopen_sent_before_the_crash_is_seen_waits_for_the_new_worker(
             client._conn.sock.send(reopen)
         finally:
             os.kill(daemon.proc.pid, signal.SIGCONT)
-        client._conn.sock.settimeout(30)
-        frame = client._conn._receive()
-        while frame is None or frame.request_id != request_id:
-            frame = client._conn._receive()
+        frame = client._conn.reply(request_id, time.monotonic() + 30)
         granted = frame.message
         frame.close_fds()
     assert isinstance(granted, p.ProxyGranted), granted

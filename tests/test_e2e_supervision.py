@@ -109,9 +109,11 @@ async def test_kill9_under_concurrent_calls(start_daemon: Start, memfd: MakeFd) 
                 while len(awb.requests) < 4:
                     await trio.sleep(0.001)
                 os.kill(pid, signal.SIGKILL)
-        # Exactly the calls in flight at the kill failed; every later call waited
-        # for the recovery and succeeded.
-        assert len(failures) == 4
+        # Exactly the calls in flight at the kill failed, but the newest: the stopped
+        # worker never read it (the channel ends with ECONNRESET), so it never ran and
+        # is sent again after the recovery. Every later call waited and succeeded.
+        assert len(failures) == 3
+        assert all(not isinstance(exc, ipc.CallNotSent) for exc in failures)
         assert awb.recoveries == 1
         # A fresh instance after the replay of init(initial_red_gain=2.0) and configure():
         await awb.call("configure")
@@ -440,30 +442,6 @@ def test_ipadctl_stop(start_daemon: Start) -> None:
     assert not any(alive(pid) for pid in pids)
 
 
-async def test_calls_while_invalid_fail_at_once_or_wait(
-    start_daemon: Start, tmp_path: Path
-) -> None:
-    """While a proxy is invalid, a call fails at once, or waits for the recovery if asked to."""
-    config = write_config(
-        tmp_path,
-        FAULTY,
-        modules='[modules.faulty]\n[modules.faulty.restart]\ninitial_delay = "300ms"\n',
-    )
-    daemon = start_daemon(config)
-    async with ipc.open_client(daemon.socket) as client:
-        faulty = await client.request_proxy("faulty")
-        await faulty.call("init", {"settings": {"value": 42}})
-        for _ in range(2):  # the second crash in a row waits initial_delay before restarting
-            pid = await faulty.call("pid", wait=10)
-            os.kill(pid, signal.SIGKILL)
-            with trio.fail_after(10):
-                while faulty.valid:
-                    await trio.sleep(0.001)
-        with pytest.raises(ipc.WorkerCrashed, match="faulty proxy is invalid"):
-            await faulty.call("get")
-        assert await faulty.call("get", wait=10) == 42  # replayed init(value=42)
-
-
 async def test_fallback_serves_during_cooldown_and_hands_back(
     start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
 ) -> None:
@@ -506,24 +484,6 @@ async def test_fallback_serves_during_cooldown_and_hands_back(
         assert faulty_pid != steady_pid
         assert await proxy.call("get") == 7
     daemon.wait_for("proxy.returning", lambda r: r["proxy_id"] == proxy.proxy_id)
-
-
-def test_blocking_client_recovers_when_asked_to_wait(start_daemon: Start, tmp_path: Path) -> None:
-    """The blocking proxy fails fast on a dead worker, or recovers with its setup replayed."""
-    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
-    with BlockingClient(daemon.socket) as client:
-        faulty = client.request_proxy("faulty")
-        faulty.call("init", {"settings": {"value": 5}})
-        pid = faulty.call("pid")
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(ipc.WorkerCrashed):
-            faulty.call("get")
-        assert not faulty.valid
-        assert faulty.call("get", wait=10) == 5
-        assert faulty.call("pid") != pid
-        assert faulty.recoveries == 1
-    record = daemon.wait_for("proxy.state_changed", lambda r: r.get("reason") == "recovered")
-    assert record["replayed"] == 1
 
 
 def test_standby_is_promoted_and_replaced(start_daemon: Start, tmp_path: Path) -> None:

@@ -1,0 +1,695 @@
+"""Both clients recover as the README promises, shown by one set of tests run against each.
+
+Every test body drives either the trio client (run in a thread of its own) or
+the blocking client through the same small adapter, against a real daemon,
+real workers and real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import json
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import trio
+
+from ipad import client as ipc
+from ipad._client_common import RECONNECT_INITIAL, RECONNECT_MAX
+from tests.buffers import write_memfd
+from tests.daemon_process import (
+    TEST_MODULES,
+    WAIT,
+    DaemonProcess,
+    alive,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+Start = Callable[..., DaemonProcess]
+
+FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
+
+#: What a grey-world AWB gets each frame: red, green and blue sums and the pixel count.
+STATS = struct.pack("<4I", 12000, 10000, 7000, 100)
+
+
+class Driver(Protocol):
+    """What a test does with a client, whichever client it is."""
+
+    kind: str
+
+    def request_proxy(self, module: str, **kwargs: Any) -> Any:
+        """A proxy to ``module``."""
+
+    def call(
+        self,
+        proxy: Any,
+        method: str,
+        args: dict[str, Any] | None = None,
+        fds: dict[str, int] | None = None,
+        *,
+        timeout: float | None = None,
+        wait: float | None = None,
+    ) -> Any:
+        """``proxy.call`` with the same arguments, whichever the client."""
+
+    def status(self) -> Any:
+        """The daemon's STATUS_REPLY."""
+
+    def attr(self, proxy: Any, name: str) -> Any:
+        """An attribute of ``proxy``, read where the client runs."""
+
+    def tasks(self) -> int:
+        """How many tasks (trio) or threads (blocking) the client runs now."""
+
+    def close(self) -> None:
+        """Close the client, and fail the test if it cannot."""
+
+
+class BlockingDriver:
+    """The blocking client, called directly."""
+
+    kind = "blocking"
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        self.client = ipc.BlockingClient(path, **kwargs)
+
+    def request_proxy(self, module: str, **kwargs: Any) -> Any:
+        """A proxy to ``module``."""
+        return self.client.request_proxy(module, **kwargs)
+
+    def call(
+        self,
+        proxy: Any,
+        method: str,
+        args: dict[str, Any] | None = None,
+        fds: dict[str, int] | None = None,
+        *,
+        timeout: float | None = None,
+        wait: float | None = None,
+    ) -> Any:
+        """``proxy.call`` with the same arguments."""
+        return proxy.call(method, args, fds, timeout, wait=wait)
+
+    def status(self) -> Any:
+        """The daemon's STATUS_REPLY."""
+        return self.client.status()
+
+    def attr(self, proxy: Any, name: str) -> Any:
+        """An attribute of ``proxy``."""
+        return getattr(proxy, name)
+
+    def tasks(self) -> int:
+        """How many tasks or threads the client runs now."""
+        return threading.active_count()  # it starts none: this stays the test's own count
+
+    def close(self) -> None:
+        """Close the client."""
+        self.client.close()
+
+
+class TrioDriver:
+    """The trio client in a thread running its own event loop, called through trio.from_thread."""
+
+    kind = "trio"
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        ready: concurrent.futures.Future[tuple[Any, trio.lowlevel.TrioToken]] = (
+            concurrent.futures.Future()
+        )
+        self._ready = ready
+        self._stop: trio.Event | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, kwargs), daemon=True)
+        self._thread.start()
+        self.client, self.token = ready.result(timeout=WAIT)
+
+    def _run(self, path: Path, kwargs: dict[str, Any]) -> None:
+        try:
+            trio.run(self._main, path, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            else:
+                self.error = exc
+
+    async def _main(self, path: Path, kwargs: dict[str, Any]) -> None:
+        self._stop = trio.Event()
+        async with ipc.open_client(path, **kwargs) as client:
+            self._ready.set_result((client, trio.lowlevel.current_trio_token()))
+            await self._stop.wait()
+
+    def _in_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self.token)
+
+    def _sync(self, fn: Callable[[], Any]) -> Any:
+        return trio.from_thread.run_sync(fn, trio_token=self.token)
+
+    def request_proxy(self, module: str, **kwargs: Any) -> Any:
+        """A proxy to ``module``."""
+        return self._in_loop(self.client.request_proxy, module, **kwargs)
+
+    def call(
+        self,
+        proxy: Any,
+        method: str,
+        args: dict[str, Any] | None = None,
+        fds: dict[str, int] | None = None,
+        *,
+        timeout: float | None = None,
+        wait: float | None = None,
+    ) -> Any:
+        """``proxy.call`` with the same arguments."""
+        bounds = {k: v for k, v in (("timeout", timeout), ("wait", wait)) if v is not None}
+        return self._in_loop(proxy.call, method, args, fds, **bounds)
+
+    def status(self) -> Any:
+        """The daemon's STATUS_REPLY."""
+        return self._in_loop(self.client.status)
+
+    def attr(self, proxy: Any, name: str) -> Any:
+        """An attribute of ``proxy``."""
+        return self._sync(lambda: getattr(proxy, name))
+
+    def tasks(self) -> int:
+        """How many tasks or threads the client runs now."""
+        return int(self._sync(lambda: len(self.client.nursery.child_tasks)))
+
+    def close(self) -> None:
+        """Close the client."""
+        if self._thread.is_alive() and self._stop is not None:
+            stop = self._stop
+            self._sync(stop.set)
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "the trio client did not close"
+        if self.error is not None:
+            raise self.error
+
+
+Connect = Callable[..., Driver]
+
+
+@pytest.fixture(params=["trio", "blocking"])
+def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
+    """Open clients of one kind (each test runs once per kind); all are closed afterwards."""
+    opened: list[Driver] = []
+
+    def make(path: Path, **kwargs: Any) -> Driver:
+        cls = TrioDriver if request.param == "trio" else BlockingDriver
+        driver: Driver = cls(path, **kwargs)
+        opened.append(driver)
+        return driver
+
+    yield make
+    for driver in opened:
+        driver.close()
+
+
+def module_status(daemon: DaemonProcess, module: str) -> dict[str, Any]:
+    """One module's entry of ``ipadctl --json status``."""
+    return dict(json.loads(daemon.ctl("--json", "status").stdout)["modules"][module])
+
+
+def proxies_held(daemon: DaemonProcess) -> int:
+    """How many proxies the daemon holds, from ``ipadctl --json status``."""
+    return int(json.loads(daemon.ctl("--json", "status").stdout)["daemon"]["proxies"])
+
+
+def proxy_losses(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    """What the issue saw: requests refused for a proxy the daemon closed, or past a limit."""
+    bad = {"unknown_proxy", "limit_exceeded"}
+    failed = [r for r in daemon.events("request.failed") if r.get("code") in bad]
+    return failed + daemon.events("client.limit_exceeded")
+
+
+class Frozen:
+    """The daemon stopped (SIGSTOP) so that a recovery waits on it; always resumed."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.pid = daemon.proc.pid
+
+    def freeze(self) -> None:
+        """Stop the daemon."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let it run again."""
+        os.kill(self.pid, signal.SIGCONT)
+
+    def __enter__(self) -> Frozen:
+        self.freeze()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.thaw()
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL a worker and wait until it is gone (reaped or a zombie)."""
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid))
+
+
+# --- 1. recovery on the next call, by default ----------------------------------------
+
+
+def test_a_call_after_the_worker_died_recovers_by_default(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """Without ``wait``, the next call reopens the proxy, replays its setup and goes through.
+
+    From the second crash in a row the daemon restarts after a backoff
+    (initial_delay): the call waits for that too.
+    """
+    config = write_config(
+        tmp_path,
+        FAULTY,
+        modules='[modules.faulty]\n[modules.faulty.restart]\ninitial_delay = "300ms"\n',
+    )
+    daemon = start_daemon(config)
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 9}})
+    for round_ in range(1, 4):
+        pid = client.call(faulty, "pid")
+        kill_and_wait(pid)
+        assert client.call(faulty, "get") == 9  # init(value=9) replayed on the new worker
+        assert client.call(faulty, "pid") != pid
+        assert client.attr(faulty, "recoveries") == round_
+    assert client.attr(faulty, "valid")
+    assert proxy_losses(daemon) == []
+
+    def recovered() -> list[int]:
+        changes = daemon.events("proxy.state_changed")
+        return [r["replayed"] for r in changes if r.get("reason") == "recovered"]
+
+    wait_until(lambda: len(recovered()) == 3)  # the log is read in a thread: it may lag
+    assert recovered() == [1, 1, 1]  # the daemon was told each replay (PROXY_READY)
+    backoffs = [r for r in daemon.events("module.backoff") if r["module"] == "faulty"]
+    assert backoffs, "no restart waited for its backoff"
+
+
+def test_a_call_in_flight_when_the_worker_dies_fails_and_the_next_recovers(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """The call that was running fails with WorkerCrashed (it may have run); the next one works."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 4}})
+    pid = client.call(faulty, "pid")
+    with pytest.raises(ipc.WorkerCrashed) as crashed:
+        client.call(faulty, "crash", {"signum": int(signal.SIGKILL)})
+    assert not isinstance(crashed.value, ipc.CallNotSent)  # it was sent: it may have run
+    assert client.call(faulty, "get") == 4
+    assert client.call(faulty, "pid") != pid
+
+
+def test_a_call_the_dying_worker_never_read_is_sent_again(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """A call sent just after the SIGKILL, before the worker is gone, never ran: it goes through.
+
+    It either finds the channel closed, or the worker dies with it unread
+    (ECONNRESET): either way it is sent again on the recovered proxy.
+    """
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 6}})
+    for round_ in range(1, 4):
+        os.kill(client.call(faulty, "pid"), signal.SIGKILL)  # no wait for it to be gone
+        assert client.call(faulty, "get") == 6
+        assert client.attr(faulty, "recoveries") == round_
+
+
+def test_wait_still_bounds_the_recovery(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """``wait`` bounds how long a call waits for the recovery: CallNotSent when it runs out."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 3}})
+    pid = client.call(faulty, "pid")
+    with Frozen(daemon):
+        kill_and_wait(pid)
+        with pytest.raises(ipc.CallNotSent, match=r"did not recover within 0\.05s"):
+            client.call(faulty, "get", wait=0.05)
+    assert client.call(faulty, "get", wait=WAIT) == 3
+
+
+# --- 2. never lost to a timeout -------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", ["timeout", "wait"])
+def test_a_grant_that_comes_after_the_caller_gave_up_is_kept(
+    start_daemon: Start, tmp_path: Path, connect: Connect, bound: str
+) -> None:
+    """Calls that give up while the daemon is slow to reopen raise ipad errors; the proxy lives."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    proxy_id = client.attr(faulty, "proxy_id")
+    client.call(faulty, "init", {"settings": {"value": 11}})
+    pid = client.call(faulty, "pid")
+    with Frozen(daemon):  # REOPEN_PROXY waits in the daemon's socket
+        kill_and_wait(pid)
+        for _ in range(5):
+            timeout, wait = (0.05, None) if bound == "timeout" else (None, 0.05)
+            with pytest.raises(ipc.IpadError) as gave_up:
+                client.call(faulty, "get", timeout=timeout, wait=wait)
+            if bound == "timeout":
+                assert isinstance(gave_up.value, ipc.TimedOut)
+                assert isinstance(gave_up.value, TimeoutError)
+            else:
+                assert isinstance(gave_up.value, ipc.CallNotSent)
+    assert client.call(faulty, "get") == 11
+    assert client.attr(faulty, "proxy_id") == proxy_id
+    assert client.attr(faulty, "recoveries") == 1
+    assert client.status().daemon["proxies"] == 1
+    assert proxy_losses(daemon) == []
+    closed = [r for r in daemon.events("proxy.state_changed") if r.get("state") == "closed"]
+    assert closed == []
+
+
+# --- 3. ipad errors only, with the reason ----------------------------------------------
+
+
+def test_cooldown_without_fallback_fails_the_call_saying_so(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """A module in cooldown fails the call with CallNotSent naming the crash and the cooldown."""
+    config = write_config(
+        tmp_path,
+        FAULTY,
+        modules="[modules.faulty]\n[modules.faulty.restart]\nmax_failures = 1\n"
+        'cooldown_interval = "60s"\nstart_timeout = "3s"\n',
+    )
+    daemon = start_daemon(config)
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    kill_and_wait(client.call(faulty, "pid"))  # one failure: restarted
+    kill_and_wait(client.call(faulty, "pid", wait=WAIT))  # two: more than max_failures
+    with pytest.raises(ipc.CallNotSent) as unavailable:
+        client.call(faulty, "get")
+    error = unavailable.value
+    assert "cooldown" in error.message, error.message
+    assert "SIGKILL" in error.message, error.message
+    assert error.details["state"] == "cooldown"
+    assert error.details["cooldown_interval"] == 60.0
+    assert isinstance(error.__cause__, ipc.ModuleUnavailable)
+    assert module_status(daemon, "faulty")["state"] == "cooldown"
+    assert client.status().daemon["proxies"] == 1  # still held: it recovers once the module runs
+
+
+def test_cooldown_with_a_fallback_serves_the_call_there(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """In cooldown, the default call recovers onto the fallback, its setup replayed, and says so."""
+    config = write_config(
+        tmp_path,
+        FAULTY,
+        modules='[modules.faulty]\nfallback = "steady"\n[modules.faulty.restart]\n'
+        'max_failures = 1\ncooldown_interval = "60s"\n[modules.steady]\n',
+    )
+    daemon = start_daemon(config)
+    steady = daemon.worker_pids()["steady"]
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 21}})
+    kill_and_wait(client.call(faulty, "pid"))  # one failure: restarted
+    kill_and_wait(client.call(faulty, "pid", wait=WAIT))  # two: cooldown, the fallback serves
+    assert client.call(faulty, "pid") == steady
+    assert client.call(faulty, "get") == 21
+    assert client.attr(faulty, "info").served_by == "steady"
+
+
+# --- 4. the caller's deadline holds across the whole call -----------------------------
+
+TICKER_MANIFEST = """\
+name = "ticker"
+version = "1.0.0"
+api_version = 1
+worker = "ipad-worker"
+entry_point = "ipad_test_ticker:Ticker"
+description = "sends an event now and then while a call runs (tests)"
+
+[pipeline]
+handlers = ["simple"]
+min_version = 1
+max_version = 1
+"""
+
+TICKER_SOURCE = '''\
+"""Events that trickle in while a call runs: they must not stretch the caller's deadline."""
+
+import os
+import time
+
+from ipad.ipa import IPAModule
+
+__version__ = "1.0.0"
+
+
+class Ticker(IPAModule):
+    """One method that takes long and says so now and then."""
+
+    def tick(self, count: int, interval: float) -> int:
+        """Send ``count`` events, ``interval`` seconds apart, then return ``count``."""
+        for n in range(count):
+            self.context.emit("tick", {"n": n})
+            time.sleep(interval)
+        return count
+
+    def pid(self) -> int:
+        """The worker's pid."""
+        return os.getpid()
+'''
+
+
+def ticker_daemon(start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]) -> DaemonProcess:
+    """A daemon whose one module, ``ticker``, sends events while its call runs."""
+    modules = tmp_path / "ticker-modules"
+    (modules / "ipad_test_ticker").mkdir(parents=True)
+    (modules / "ticker.toml").write_text(TICKER_MANIFEST)
+    (modules / "ipad_test_ticker" / "__init__.py").write_text(TICKER_SOURCE)
+    tuning = tmp_path / "ticker-tuning.toml"
+    tuning.write_text("")
+    config = write_config(
+        tmp_path,
+        f'[daemon]\nmodule_dirs = ["{modules}"]\n',
+        modules='[modules.ticker]\n[modules.ticker.restart]\nheartbeat_timeout = "60s"\n',
+    )
+    return start_daemon(config, env={**daemon_env, "IPAD_TICKER_TUNING_FILE": str(tuning)})
+
+
+def test_events_that_trickle_in_do_not_stretch_the_deadline(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str], connect: Connect
+) -> None:
+    """A call whose worker sends an event every 0.3 s still times out: TimedOut, an ipad error."""
+    daemon = ticker_daemon(start_daemon, tmp_path, daemon_env)
+    client = connect(daemon.socket)
+    ticker = client.request_proxy("ticker")
+    assert client.call(ticker, "tick", {"count": 2, "interval": 0.01}) == 2
+    # Endless for this test: before the fix, the call never returned (the test timed out).
+    with pytest.raises(ipc.TimedOut):
+        client.call(ticker, "tick", {"count": 100_000, "interval": 0.3}, timeout=1.0)
+
+
+def test_the_deadline_covers_the_recovery_and_the_replay(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """A timeout given to a call on a dead proxy bounds the recovery too, not each receive."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 5}})
+    pid = client.call(faulty, "pid")
+    with Frozen(daemon):
+        kill_and_wait(pid)
+        # Before the fix: the blocking client waited a fresh timeout per packet (or wait).
+        with pytest.raises(ipc.TimedOut):
+            client.call(faulty, "get", timeout=0.2, wait=60)
+    assert client.call(faulty, "get", timeout=WAIT) == 5
+
+
+# --- 6. one reconnect loop, with backoff -----------------------------------------------
+
+
+def attempts_bound(seconds: float) -> int:
+    """The most connection attempts one loop with the client's backoff makes in ``seconds``.
+
+    Jitter only lengthens the delays, so the bound uses the delays without it.
+    """
+    attempts, spent, delay = 1, 0.0, RECONNECT_INITIAL
+    while spent + delay <= seconds:
+        spent += delay
+        attempts += 1
+        delay = min(delay * 2, RECONNECT_MAX)
+    return attempts
+
+
+def test_a_refusing_daemon_sees_one_reconnect_loop(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str], connect: Connect
+) -> None:
+    """Refused at connect (max_connections_per_user), the client retries with backoff, once."""
+    limited = "[clients]\nmax_connections_per_user = 1\n"
+    first = start_daemon(write_config(tmp_path, limited, modules="[modules.echo]\n"))
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second_env = {**daemon_env, "IPAD_SOCKET": str(second_dir / "run" / "ipad.sock")}
+    second = start_daemon(
+        write_config(second_dir, limited, modules="[modules.echo]\n"), env=second_env
+    )
+    # The client reaches "the daemon" through a link the test turns to the second one.
+    link = tmp_path / "ipad.sock"
+    link.symlink_to(first.socket)
+    client = connect(link, reconnect=True)
+    echo = client.request_proxy("echo")
+    first_pid = client.call(echo, "pid")
+    holder = ipc.BlockingClient(second.socket)  # the one connection the second daemon allows
+    try:
+        turned = tmp_path / "turned.sock"
+        turned.symlink_to(second.socket)
+        turned.replace(link)
+        started = time.monotonic()
+        first.proc.kill()
+        first.proc.wait(timeout=WAIT)
+        tasks: list[int] = []
+        while time.monotonic() - started < 3.0:
+            with contextlib.suppress(ipc.IpadError):  # refused: the client says so and goes on
+                client.call(echo, "pid", timeout=0.2)
+            tasks.append(client.tasks())
+            time.sleep(0.01)  # an application calling now and then, not spinning
+        refused = int(holder.status().daemon["clients_refused"])
+        elapsed = time.monotonic() - started
+        assert 2 <= refused <= attempts_bound(elapsed), (refused, elapsed)
+        assert max(tasks) <= 8, tasks
+        reasons = {r["reason"] for r in second.events("client.refused")}
+        per_user = "1 at once per user (clients.max_connections_per_user)"
+        assert reasons == {f"too many connections from uid 0: {per_user}"}
+    finally:
+        holder.close()
+    assert client.call(echo, "pid", wait=WAIT) != first_pid
+    assert client.status().daemon["pid"] == second.proc.pid
+
+
+# --- 7. as a camera application would ----------------------------------------------------
+
+
+@pytest.mark.parametrize("wait", [None, 0.03])
+def test_awb_at_30_frames_a_second_survives_ten_kills(
+    start_daemon: Start, tmp_path: Path, connect: Connect, wait: float | None
+) -> None:
+    """The awb worker SIGKILLed 10 times under 30 frames/s: every frame after a recovery succeeds."""
+    config = write_config(
+        tmp_path,
+        modules="[modules.awb]\n[modules.awb.restart]\nmax_failures = 100\n"
+        'stable_after = "100ms"\n',
+    )
+    daemon = start_daemon(config)
+    client = connect(daemon.socket)
+    awb = client.request_proxy("awb", pipeline="rkisp1", pipeline_version=1)
+    client.call(awb, "init")
+    proxy_id = client.attr(awb, "proxy_id")
+    periods: list[list[str]] = []  # per kill, each frame's outcome: "ok" or the error's class
+    frame = 0
+    for _ in range(11):  # the frames before each kill, and after the last
+        outcomes: list[str] = []
+        periods.append(outcomes)
+        next_frame = time.monotonic()
+        while len(outcomes) < 15 or outcomes[-1] != "ok":
+            frame += 1
+            next_frame += 1 / 30
+            time.sleep(max(0.0, next_frame - time.monotonic()))
+            fd = write_memfd(STATS)
+            try:
+                result = client.call(
+                    awb, "process_stats", {"frame": frame}, {"stats": fd}, timeout=5, wait=wait
+                )
+            except ipc.IpadError as exc:
+                outcomes.append(type(exc).__name__)
+            else:
+                assert result["frame"] == frame
+                outcomes.append("ok")
+            finally:
+                os.close(fd)
+            assert len(outcomes) < 1000, outcomes
+        if len(periods) <= 10:
+            kill_and_wait(client.status().modules["awb"]["worker_pid"])
+    for outcomes in periods:
+        first_ok = outcomes.index("ok")
+        assert set(outcomes[:first_ok]) <= {"WorkerCrashed", "CallNotSent", "TimedOut"}, outcomes
+        assert set(outcomes[first_ok:]) == {"ok"}, outcomes  # every frame after the recovery
+    assert client.attr(awb, "proxy_id") == proxy_id
+    assert client.attr(awb, "recoveries") == 10
+    assert client.status().daemon["proxies"] == 1
+    assert proxy_losses(daemon) == []
+
+
+# --- disconnecting mid-operation ---------------------------------------------------------
+
+
+def test_a_client_closed_while_its_recovery_waits_leaves_nothing_behind(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """Closed with a reopen still unanswered, the client closes at once and the daemon frees all."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    pid = client.call(faulty, "pid")
+    with Frozen(daemon):
+        kill_and_wait(pid)
+        with pytest.raises(ipc.TimedOut):
+            client.call(faulty, "get", timeout=0.05)
+        client.close()
+    daemon.wait_for("client.disconnected", lambda r: r["reason"] == "client closed the connection")
+    wait_until(lambda: proxies_held(daemon) == 0)
+    assert daemon.proc.poll() is None
+
+
+async def test_trio_client_left_while_a_call_waits_for_the_recovery(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Leaving ``open_client`` while a call waits for its proxy's recovery ends it at once."""
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules="[modules.faulty]\n"))
+    outcome: list[BaseException] = []
+    frozen = Frozen(daemon)
+    try:
+        with trio.fail_after(WAIT):
+            async with ipc.open_client(daemon.socket) as client:
+                faulty = await client.request_proxy("faulty")
+                pid = await faulty.call("pid")
+                frozen.freeze()  # the reopen waits, unanswered, until after the client left
+                await trio.to_thread.run_sync(kill_and_wait, pid)
+                waiting = trio.Event()
+
+                async def caller() -> None:
+                    waiting.set()
+                    try:
+                        await faulty.call("get")
+                    except BaseException as exc:
+                        outcome.append(exc)
+                        raise
+
+                client.nursery.start_soon(caller)
+                await waiting.wait()
+                await trio.sleep(0.05)
+    finally:
+        frozen.thaw()
+    assert [type(e) for e in outcome] == [trio.Cancelled]
+    daemon.wait_for("client.disconnected", lambda r: r["reason"] == "client closed the connection")
+    wait_until(lambda: proxies_held(daemon) == 0)
