@@ -484,7 +484,8 @@ class Lifecycle(Generic[W]):
             else:
                 self.reason = text
         elif decision.action is Action.COOLDOWN:
-            self._set(WorkerState.COOLDOWN, f"{reason}; {decision.reason}")
+            self._set(WorkerState.COOLDOWN, f"{reason}; {decision.reason}",
+                      retry_in=decision.delay)  # fmt: skip
             self._log("error", "module.cooldown", reason=reason, retry_in=decision.delay,
                       failures=decision.reason)  # fmt: skip
             self._emit(StartTimer(Timer.RESTART, decision.delay))
@@ -621,6 +622,8 @@ class Lifecycle(Generic[W]):
         self._set(WorkerState.EXITED, reason, worker, **event.status.log_fields())
         if self.stopping:
             self._finish_if_idle()
+            if not self.finished:  # a standby still to go: it is still stopping
+                self._set(WorkerState.STOPPING, "stopping")
             return
         self._after_end(reason, failure, requested=requested)
 
@@ -645,6 +648,8 @@ class Lifecycle(Generic[W]):
             self._start()
 
     def _on_restart(self, _: Restart) -> None:
+        if self.stopping:
+            return  # stopping for good: nothing starts again
         self.tracker.reset()
         active = self.active
         if self.state is WorkerState.RUNNING and active is not None:

@@ -130,6 +130,7 @@ class ModuleSupervisor:
         "_handling",
         "_instance_ids",
         "_launches",
+        "_loading",
         "_nursery",
         "_on_stable",
         "_queue",
@@ -194,6 +195,8 @@ class ModuleSupervisor:
         self._first_state = Flag()
         self._finished = Flag()
         self._balancing = False
+        #: Workers whose LOAD is under way, and their exit if it came meanwhile.
+        self._loading: dict[WorkerProcess, Exited[WorkerProcess] | None] = {}
         #: The last READY a worker of this module sent (``_same_ready``).
         self._ready: p.Ready | None = None
 
@@ -422,7 +425,12 @@ class ModuleSupervisor:
         self.post(Hung(worker, "board" if worker.board is not None else "ping"))
 
     def _exited(self, worker: WorkerProcess) -> None:
-        """The reaper reaped a worker of ours: tell the machine how it ended."""
+        """The reaper reaped a worker of ours: tell the machine how it ended.
+
+        A worker whose LOAD is being answered has its exit told after that
+        answer: an ERROR it sent just before it died says why it did.
+        """
+        worker.drain_control()
         status = worker.exit_status
         assert status is not None  # noqa: S101 - the reaper sets it first
         cause: Cause | None = None
@@ -434,7 +442,11 @@ class ModuleSupervisor:
             memory_max = worker.sandbox.memory_max if worker.sandbox else None
         if worker is self.machine.active:
             self.last_exit = status
-        self.post(Exited(worker, status, cause, memory_max))
+        exited = Exited(worker, status, cause, memory_max)
+        if worker in self._loading:
+            self._loading[worker] = exited  # posted by its launch job, after the LOAD's answer
+            return
+        self.post(exited)
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -470,6 +482,9 @@ class ModuleSupervisor:
                 self.post(outcome)
             elif not returned and not scope.cancelled_caught:  # a bug: the machine ends it
                 self.post(LoadFailed(worker, "internal error while loading"))
+            exited = self._loading.pop(worker, None) if worker is not None else None
+            if exited is not None:  # it died while its LOAD was answered: told after that
+                self.post(exited)
             # else: it died during LOAD (its exit tells the machine), or the machine
             # cancelled the LOAD because it is ending the worker already
 
@@ -485,6 +500,7 @@ class ModuleSupervisor:
             )  # fmt: skip
         except OSError as exc:
             return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)
+        self._loading[worker] = None  # its exit, if it comes now, waits for this answer
         with self.timers.move_on_after(self.policy.start_timeout.seconds):
             try:
                 frame = await worker.load(self._load_message(standby=standby))
@@ -596,17 +612,24 @@ class ModuleSupervisor:
         client_end, worker_end = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
+        frame: p.Frame | None = None
         try:
-            try:
-                frame = await worker.request(p.OpenInstance(instance_id), [worker_end.fileno()])
-            finally:
-                worker_end.close()
+            with self.timers.move_on_after(self.policy.start_timeout.seconds):
+                try:
+                    frame = await worker.request(p.OpenInstance(instance_id), [worker_end.fileno()])
+                finally:
+                    worker_end.close()
         except (WorkerCrashed, OSError, trio.ClosedResourceError) as exc:
             client_end.close()
             raise ModuleUnavailable(f"worker went away: {exc}") from None
         except BaseException:
             client_end.close()
             raise
+        if frame is None:
+            client_end.close()
+            raise ModuleUnavailable(
+                f"its worker did not open an instance within {self.policy.start_timeout}"
+            )
         if not isinstance(frame.message, p.InstanceOpened):
             client_end.close()
             raise ModuleUnavailable(_describe_error(frame.message))
@@ -631,8 +654,7 @@ class ModuleSupervisor:
                 if len(standby.spares) > wanted:
                     instance_id, client_end = standby.spares.pop()
                     client_end.close()
-                    with contextlib.suppress(OSError, trio.ClosedResourceError):
-                        await standby.control.send(p.CloseInstance(instance_id))
+                    _close_on(standby, instance_id)
                 elif len(standby.spares) < wanted:
                     try:
                         spare = await self._open_on(standby)
@@ -647,13 +669,23 @@ class ModuleSupervisor:
             self._balancing = False
 
     async def close_instance(self, instance_id: int) -> None:
-        """Free an instance; a worker that is gone has freed it already."""
+        """Free an instance; a worker that is gone has freed it already. Never waits."""
         self._balance_spares()  # its twin on the standby goes too, whatever state we are in
         worker = self.worker
         if worker is None or self.state is not WorkerState.RUNNING:
             return
-        with contextlib.suppress(OSError, trio.ClosedResourceError):
-            await worker.control.send(p.CloseInstance(instance_id))
+        _close_on(worker, instance_id)
+
+
+def _close_on(worker: WorkerProcess, instance_id: int) -> None:
+    """CLOSE_INSTANCE, if the worker's socket takes it now.
+
+    A worker that does not read its control socket keeps the instance until
+    it ends; a client leaving (its session's clean-up) never waits on it.
+    """
+    if not worker.control.send_nowait(p.CloseInstance(instance_id)):
+        log.warning("instance.close_dropped", module=worker.module, worker_pid=worker.pid,
+                    instance_id=instance_id, reason="its control socket is full")  # fmt: skip
 
 
 async def _clear_v1_memory(path: Path) -> None:

@@ -75,6 +75,20 @@ class PacketSocket:
         async with self._send_lock:
             await self.sock.sendmsg([packet], rights(fds))
 
+    def send_nowait(self, message: p.Message, request_id: int = 0) -> bool:
+        """Send one message if the socket has room now; False, nothing sent, if not (or closed).
+
+        For what the daemon tells a worker in passing (CLOSE_INSTANCE): a peer
+        that does not read its socket must not hold up the client it serves.
+        """
+        if self._send_lock is not None and self._send_lock.locked():
+            return False  # a send waits for room: this one must not overtake it
+        try:
+            self.raw.sendmsg([p.encode(message, request_id)])
+        except OSError:
+            return False
+        return True
+
     async def receive(self) -> p.Frame | None:
         """The next message, or None at end of stream; ProtocolError if the peer broke the rules.
 

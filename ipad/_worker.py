@@ -189,6 +189,16 @@ class WorkerProcess:
             else:
                 self.requests.deliver(frame)  # one nobody takes goes to requests.on_dropped
 
+    def drain_control(self) -> None:
+        """The process is gone: read what it sent before it died, then end the channel.
+
+        A LOAD answered with an ERROR just before the worker exited is read
+        here, whichever of the two the reactor saw first.
+        """
+        if not self.control_ended.is_set() and self.control.raw.fileno() != -1:
+            self._control_readable()
+        self._control_lost()
+
     def _control_lost(self) -> None:
         """The control socket ended: what waits fails; a worker that lives on gets a grace."""
         if self.control_ended.is_set():

@@ -42,5 +42,6 @@ def _bytecode() -> None:
 # Real-daemon fixtures, shared by the integration tests.
 from tests.buffers import make_buffer, memfd  # noqa: E402, F401
 from tests.daemon_process import daemon_env, start_daemon  # noqa: E402, F401
+from tests.notify_manager import manager  # noqa: E402, F401
 from tests.privileges import shared_dir, user_install_cleanup  # noqa: E402, F401
 from tests.raw_client import raw_connect  # noqa: E402, F401

@@ -566,6 +566,7 @@ def test_a_refusing_daemon_sees_one_reconnect_loop(
         turned.symlink_to(second.socket)
         turned.replace(link)
         started = time.monotonic()
+        first.expect_unclean_exit("killed on purpose: the client must find another daemon")
         first.proc.kill()
         first.proc.wait(timeout=WAIT)
         tasks: list[int] = []

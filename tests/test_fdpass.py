@@ -431,3 +431,27 @@ async def test_packet_socket_sees_end_of_stream() -> None:
     theirs.close()
     assert await ours.receive() is None
     ours.close()
+
+
+@pytest.mark.timeout(10)
+async def test_send_nowait_never_waits_for_a_peer_that_does_not_read() -> None:
+    """A full socket refuses send_nowait at once, and it never overtakes a send that waits."""
+    ours, theirs = packet_sockets(p.FROM_WORKER_CONTROL, p.TO_WORKER_CONTROL)
+    sent = 0
+    while ours.send_nowait(p.CloseInstance(sent)):  # the peer reads nothing: it fills up
+        sent += 1
+    assert sent > 0
+    assert not ours.send_nowait(p.CloseInstance(sent))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ours.send, p.Shutdown())  # waits for room, holding the send lock
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ours.send_nowait(p.CloseInstance(-1))  # behind the waiting send: refused
+        received: list[p.Frame] = []
+        while len(received) < sent + 1:
+            frame = await theirs.receive()
+            assert frame is not None
+            received.append(frame)
+    kinds = [type(frame.message).__name__ for frame in received]
+    assert kinds == ["CloseInstance"] * sent + ["Shutdown"]  # in order; the refused one: never
+    ours.close()
+    theirs.close()

@@ -585,6 +585,6 @@ class LifecycleModel(RuleBasedStateMachine):
 
 TestLifecycleModel = LifecycleModel.TestCase
 TestLifecycleModel.settings = settings(
-    max_examples=300, stateful_step_count=40, deadline=None,
+    max_examples=600, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
