@@ -244,7 +244,8 @@ class AdminQueue:
             pending.answer(None, AdminError(p.ErrorCode.STOPPING, self._closed))
         elif len(self._waiting) >= ADMIN_QUEUE:
             waiting = f"{len(self._waiting)} admin operations wait already; try again later"
-            pending.answer(None, AdminError(p.ErrorCode.LIMIT_EXCEEDED, waiting))
+            details = {"limit": "admin_queue", "value": ADMIN_QUEUE}
+            pending.answer(None, AdminError(p.ErrorCode.LIMIT_EXCEEDED, waiting, details))
         else:
             self._waiting.append(pending)
             self._idle = trio.Event() if self._idle.is_set() else self._idle
