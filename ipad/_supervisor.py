@@ -395,12 +395,12 @@ class ModuleSupervisor:
             self.running_since = trio.current_time()
         elif state is not WorkerState.STARTING:
             self.running_since = None
+        if state not in (WorkerState.STARTING, WorkerState.STOPPED):
+            self._first_state.set()  # before the event: who waits on the bus sees it settled
         self.events.publish(
             "module", self.name, state=state.value, reason=change.reason,
             worker_pid=worker.pid if worker is not None else None, details=change.details,
         )  # fmt: skip
-        if state not in (WorkerState.STARTING, WorkerState.STOPPED):
-            self._first_state.set()
 
     def _job(self, function: Callable[..., Awaitable[object]], *args: object,
              **kwargs: object) -> None:  # fmt: skip
