@@ -110,9 +110,17 @@ WEIGHTS = {
     "reload_abandoned": 6,
     "sighup": 4,
     "reload_invalid": 2,
+    "crash_storm": 4,
     "crashloop": 4,
     "sluggish_load": 4,
     "pause": 5,
+}
+#: The actions that signal a module's worker or standby: the status field and the signal.
+SIGNALS = {
+    "kill_worker": ("worker_pid", signal.SIGKILL),
+    "kill_standby": ("standby_pid", signal.SIGKILL),
+    "hang_worker": ("worker_pid", signal.SIGSTOP),
+    "hang_standby": ("standby_pid", signal.SIGSTOP),
 }
 #: How an episode ends; every one of them must stop the daemon cleanly and in time.
 FINALES = (
@@ -123,6 +131,7 @@ FINALES = (
     "reload_then_term",
     "restart_then_term",
     "sighup_then_term",
+    "cooldown_then_term",
     "stop_twice",
 )
 
@@ -177,6 +186,12 @@ def diff(old: Layout, new: Layout) -> dict[str, list[str]]:
         "changed": sorted(m for m in both if old[m].effective() != new[m].effective()),
         "unchanged": sorted(m for m in both if old[m].effective() == new[m].effective()),
     }
+
+
+def widened(candidates: list[Layout], new: Layout) -> list[Layout]:
+    """The configurations that may be in force after a reload of ``new`` that may not have run."""
+    known = {describe(layout) for layout in candidates}
+    return candidates if describe(new) in known else [*candidates, new]
 
 
 def describe(layout: Layout) -> str:
@@ -767,25 +782,22 @@ class Episode:
     async def perform(self, step: Step) -> None:
         """Carry out one step."""
         action = step.action
-        if action == "kill_worker":
-            await self.signal_module(step, "worker_pid", signal.SIGKILL)
-        elif action == "kill_standby":
-            await self.signal_module(step, "standby_pid", signal.SIGKILL)
-        elif action == "hang_worker":
-            await self.signal_module(step, "worker_pid", signal.SIGSTOP)
-        elif action == "hang_standby":
-            await self.signal_module(step, "standby_pid", signal.SIGSTOP)
+        if action in SIGNALS:
+            await self.signal_module(step, *SIGNALS[action])
         elif action == "kill_forkserver":
             status = await self.status()
             pid = status["daemon"].get("forkserver_pid") if status else None
             sent = pid is not None and self.signal_child(pid, signal.SIGKILL)
             self.note(f"  SIGKILL fork server {pid}: {'sent' if sent else 'none'}")
+        elif action == "crash_storm":
+            await self.crash_storm(sorted(self.layout)[int(step.pick * len(self.layout))])
         elif action == "restart":
             await self.restart(self.module_pick(step))
         elif action == "restart_abandoned":
             module = self.module_pick(step)
             signum = signal.SIGINT if step.arg < 0.5 else signal.SIGKILL
-            await self.ctl_abandoned(step.arg * 0.3, signum, "restart", module)
+            # ipadctl takes about 0.1 s to start: leave before, during or after its request.
+            await self.ctl_abandoned(0.05 + step.arg * 0.3, signum, "restart", module)
         elif action in ("reload", "reload_abandoned", "sighup"):
             assert step.layout is not None
             await self.reload(step, step.layout)
@@ -801,6 +813,29 @@ class Episode:
             self.note(f"  sluggish loads in {self.load}s")
         elif action == "pause":
             await trio.sleep(0.3 + step.arg)
+
+    async def crash_storm(self, module: str) -> None:
+        """A module crashing at run time, over and over: SIGKILL each new worker as it is ready.
+
+        More than max_failures crashes within the failure window put it in cooldown,
+        with its standby loaded (a state where SIGTERM once hung).
+        """
+        assert self.daemon is not None
+        start = len(self.daemon.records)
+        killed: list[int] = []
+        deadline = time.monotonic() + 4.0
+        while len(killed) < 7 and time.monotonic() < deadline:
+            ready = [r["worker_pid"] for r in self.daemon.events("worker.ready")
+                     if r.get("module") == module]  # fmt: skip
+            pid = ready[-1] if ready else None
+            if pid is not None and pid not in killed and self.signal_child(pid, signal.SIGKILL):
+                killed.append(pid)
+            cooled = any(r.get("event") == "module.cooldown" and r.get("module") == module
+                         for r in self.daemon.records[start:])  # fmt: skip
+            if cooled:
+                break
+            await trio.sleep(0.01)
+        self.note(f"  SIGKILLed {module} workers {killed}")
 
     async def restart(self, module: str) -> None:
         """``ipadctl restart MODULE``: answered with the module's state, or refused for a reason."""
@@ -823,8 +858,8 @@ class Episode:
         self.write_layout(new)
         if step.action == "reload_abandoned":
             signum = signal.SIGINT if step.pick < 0.5 else signal.SIGKILL
-            await self.ctl_abandoned(step.arg * 0.2, signum, "reload")
-            self.candidates = [*old_candidates, new]
+            await self.ctl_abandoned(0.05 + step.arg * 0.3, signum, "reload")
+            self.candidates = widened(old_candidates, new)
             return
         if step.action == "sighup":
             await self.sighup(old_candidates, new)
@@ -832,7 +867,7 @@ class Episode:
         outcome = await self.ctl("reload")
         if outcome is None or outcome.rc != 0:
             self.note(f"  -> {outcome.error if outcome else 'no answer'}")
-            self.candidates = [*old_candidates, new]
+            self.candidates = widened(old_candidates, new)
             if outcome is not None and outcome.code == "invalid_config":
                 self.violate("reload", f"a valid configuration was refused: {outcome.error}")
             return
@@ -858,7 +893,7 @@ class Episode:
         failed = len(self.daemon.events("daemon.reload_failed"))
         self.daemon.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + ADMIN_DEADLINE
-        self.candidates = [*old_candidates, new]
+        self.candidates = widened(old_candidates, new)
         while time.monotonic() < deadline:
             done = self.daemon.events("daemon.reloaded")
             if len(done) > before:
@@ -914,8 +949,10 @@ class Episode:
         for name, (proxy, value) in sorted(self.camera.items()):
             if name in healthy and name not in self.removed_ever:
                 method, args, stats = CALLS[name][0]
-                if not await self.trio_call(proxy, method, args, stats, 5.0, value):
-                    self.violate("recovery", f"the camera's {name} proxy did not recover within 5s")
+                ok, result = await self.trio_call(proxy, method, args, stats, 5.0, value)
+                if not ok:
+                    self.violate("recovery", f"the camera's {name} proxy (since the episode's "
+                                 f"start) did not recover within 5s: {result!r}")  # fmt: skip
         for name in healthy:
             await self.trio_session(random.Random(name), name, strict=True)  # noqa: S311
             await self.blocking_session(
@@ -994,6 +1031,12 @@ class Episode:
             nursery.start_soon(self.final_request, args)
             await trio.sleep(0.15 + step.arg * 0.1)  # ipadctl takes about that long to start
             self.term(f"while ipadctl {' '.join(args)} runs")
+        elif step.action == "cooldown_then_term":
+            # A module crash-looping at run time, in cooldown with its standby loaded.
+            module = sorted(self.layout)[int(step.pick * len(self.layout))]
+            await self.crash_storm(module)
+            await trio.sleep(step.arg * 0.3)
+            self.term(f"{module} in cooldown, or nearly")
         elif step.action == "sighup_then_term":
             self.daemon.proc.send_signal(signal.SIGHUP)
             self.note("SIGHUP")
@@ -1091,7 +1134,7 @@ class Episode:
     async def trio_call(
         self, proxy: Proxy, method: str, args: dict[str, Any], stats: bool, wait: float | None,
         value: int,
-    ) -> bool:  # fmt: skip
+    ) -> tuple[bool, Any]:  # fmt: skip
         """One call on a trio proxy; ``get`` must return what the setup gave (replayed or not)."""
         fds = {"stats": self.stats_fd} if stats else None
         ok, result = await self.op(
@@ -1101,7 +1144,7 @@ class Episode:
         if ok and method == "get" and result != value:
             self.violate("replay", f"trio client: {proxy.module}.get() returned {result}, "
                          f"not {value} as its setup (replayed after recoveries) set")  # fmt: skip
-        return ok
+        return ok, result
 
     async def trio_session(
         self, rng: random.Random, module: str | None = None, *, strict: bool = False
@@ -1117,6 +1160,10 @@ class Episode:
         except trio.TooSlowError:
             self.violate("unanswered", f"a trio client session on {module} did not end within "
                          f"{SESSION_BOUND:g}s")  # fmt: skip
+            return
+        except ExceptionGroup as group:  # what is left of one once leaving took its Cancelled
+            self.violate("client", f"trio client on {module}: open_client raised an exception "
+                         f"group (the README says it does not): {group!r}")  # fmt: skip
             return
         if leaving.cancelled_caught:
             self.counts["trio clients left mid-way"] += 1
@@ -1140,10 +1187,10 @@ class Episode:
                     steps = [(m, a, False) for m, a in setup_calls(module, value)]
                     steps += [rng.choice(CALLS[module]) for _ in range(calls)]
                     for method, args, stats in steps:
-                        ok = await self.trio_call(proxy, method, args, stats, rng.choice(waits),
-                                                  value)  # fmt: skip
+                        ok, result = await self.trio_call(proxy, method, args, stats,
+                                                          rng.choice(waits), value)  # fmt: skip
                         if not ok and strict:
-                            self.violate("settle", f"trio client: {module}.{method} failed")
+                            self.violate("settle", f"trio client: {module}.{method}: {result!r}")
                             return
                         await trio.sleep(rng.uniform(0, 0.05))
                     if rng.random() < 0.5:
@@ -1190,6 +1237,9 @@ class Episode:
                     pass
         except (OSError, IpadError) as exc:
             self.connect_failed("camera", exc)
+        except ExceptionGroup as group:
+            self.violate("client", f"camera client: open_client raised an exception group "
+                         f"(the README says it does not): {group!r}")  # fmt: skip
 
     async def blocking_actor(self, rng: random.Random) -> None:
         """Blocking clients, each a process of its own, one after another until the stop."""
