@@ -422,6 +422,11 @@ class Episode:
         self.note(f"VIOLATION {kind}: {message}")
 
     @property
+    def died(self) -> bool:
+        """Whether the daemon exited unasked (what follows from that is not reported again)."""
+        return ("exit",) in self.reported
+
+    @property
     def socket(self) -> Path:
         """The daemon's socket."""
         return self.directory / "run" / "ipad.sock"
@@ -573,7 +578,9 @@ class Episode:
             self.counts[f"ipadctl {args[0]} refused: {outcome.code}"] += 1
             if outcome.code == "internal":
                 self.violate("internal", f"{what}: internal error: {answer['error']['message']}")
-            elif outcome.code in ("unreachable", "disconnected") and not self.stop_asked:
+            elif outcome.code in ("unreachable", "disconnected") and not (
+                self.stop_asked or self.died
+            ):
                 self.violate("refused", f"{what}: {answer['error']['message']} (the daemon "
                              "was not asked to stop)")  # fmt: skip
             return outcome
@@ -608,7 +615,7 @@ class Episode:
         """``ipadctl --json status``, or None (recorded) if it failed."""
         outcome = await self.ctl("status", deadline=STATUS_DEADLINE)
         if outcome is None or outcome.rc != 0:
-            if outcome is not None and not self.stop_asked and ("exit",) not in self.reported:
+            if outcome is not None and not self.stop_asked and not self.died:
                 self.violate("status", f"ipadctl status failed: {outcome.error}")
             return None
         status: dict[str, Any] = outcome.result
@@ -721,13 +728,13 @@ class Episode:
     async def operate(self) -> None:
         """Run the plan's steps, checking status against /proc after each; then maybe settle."""
         for step in self.plan.steps:
-            if self.stop_asked or ("exit",) in self.reported:
+            if self.stop_asked or self.died:
                 return
             await trio.sleep(step.delay)
             self.note(str(step))
             await self.perform(step)
             await self.check()
-        if self.plan.settle and ("exit",) not in self.reported:
+        if self.plan.settle and not self.died:
             await self.settle()
 
     def pick_pid(self, step: Step, field: str) -> tuple[str, int] | None:
@@ -1004,7 +1011,7 @@ class Episode:
         assert self.daemon is not None
         step = self.plan.finale
         self.note(f"finale {step}")
-        if ("exit",) in self.reported:
+        if self.died:
             self.ask_stop()
         elif step.action == "ctl_stop":
             self.ask_stop()
@@ -1070,7 +1077,11 @@ class Episode:
         self.stop_seconds = time.monotonic() - self.stop_at
         status = self.daemon.proc.returncode
         self.note(f"daemon exited with status {status} after {self.stop_seconds:.3f}s")
-        if status != 0:
+        if status < 0:
+            stopped = any(r.get("event") == "daemon.stopped" for r in self.daemon.records)
+            self.violate("stop", f"killed by {signal.Signals(-status).name} "
+                         f"({'after' if stopped else 'before'} it logged daemon.stopped)")  # fmt: skip
+        elif status != 0 and not self.died:
             self.violate("stop", f"exit status {status}; last lines:\n{self.tail()}")
         if self.stop_seconds > bound:
             self.violate("stop", f"the stop took {self.stop_seconds:.2f}s (bound {bound:g}s)")
@@ -1094,7 +1105,7 @@ class Episode:
                 inside = sorted(p.name for p in Path(record["cgroup"]).iterdir() if p.is_dir())
                 self.violate("leftover", f"cgroup {record['cgroup']} left after the stop "
                              f"(holding {inside})")  # fmt: skip
-        if not any(r.get("event") == "daemon.stopped" for r in records):
+        if not self.died and not any(r.get("event") == "daemon.stopped" for r in records):
             self.violate("stop", "no daemon.stopped in the log")
         for record in records:
             if record.get("event") in ("request.internal_error", "client.session_failed"):
@@ -1204,7 +1215,7 @@ class Episode:
     def connect_failed(self, who: str, exc: BaseException) -> None:
         """A client that could not connect (or say HELLO): fine only once the stop was asked."""
         self.counts[f"{who} connect failed: {type(exc).__name__}"] += 1
-        if not self.stop_asked:
+        if not (self.stop_asked or self.died):
             self.violate("client", f"{who} client could not connect: {type(exc).__name__}: {exc}")
 
     async def trio_actor(self, rng: random.Random) -> None:
