@@ -327,10 +327,29 @@ def comm(pid: int) -> str:
     return f"{name}, state {stat[0] if stat else '?'}"
 
 
-def ours(pid: int) -> bool:
-    """Whether ``pid`` is alive and an ipad process (a worker or the fork server)."""
+def started(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def ticks_now() -> int:
+    """Now, in clock ticks since boot, as ``started`` counts."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def ours(pid: int, before: int) -> bool:
+    """Whether ``pid`` is alive, an ipad process, and started by tick ``before``.
+
+    pid_max is 32768 here and other test runs start ipad processes too: a pid
+    from the log may be someone else's by now, but not one started earlier.
+    """
     stat = proc_stat(pid)
-    if stat is None or stat[0] == "Z":
+    begun = started(pid)
+    if stat is None or stat[0] == "Z" or begun is None or begun > before:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -392,6 +411,7 @@ class Episode:
     load: float = 0.0
     stop_asked: bool = False
     exited: bool = False
+    exit_ticks: int = 0
     stop_at: float = 0.0
     zombie_since: dict[int, float] = attrs.Factory(dict)
     unlisted_since: dict[int, float] = attrs.Factory(dict)
@@ -1074,6 +1094,7 @@ class Episode:
                 return
             await trio.sleep(0.005)
         self.exited = True
+        self.exit_ticks = ticks_now()
         self.stop_seconds = time.monotonic() - self.stop_at
         status = self.daemon.proc.returncode
         self.note(f"daemon exited with status {status} after {self.stop_seconds:.3f}s")
@@ -1095,7 +1116,7 @@ class Episode:
         pids = {r["worker_pid"] for r in records if r.get("event") in ("worker.spawned",
                                                                         "worker.forked")}  # fmt: skip
         pids |= {r["pid"] for r in records if r.get("event") == "forkserver.started"}
-        left = sorted(pid for pid in pids if ours(pid))
+        left = sorted(pid for pid in pids if ours(pid, self.exit_ticks))
         if left:
             self.violate(
                 "leftover", f"processes left after the stop: {[(p, comm(p)) for p in left]}"
