@@ -49,9 +49,8 @@ import pytest
 
 from tests.chaos import Result, run_episode
 
-#: The bounded run in the suite: this many episodes of this many steps (about 10 s each).
+#: The bounded run in the suite: this many episodes (about 10 s each).
 EPISODES = 3
-STEPS = 12
 
 
 @attrs.frozen
@@ -61,7 +60,6 @@ class ChaosRun:
     episodes: int
     minutes: float | None
     seed: int | None
-    steps: int
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -71,12 +69,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     minutes = metafunc.config.getoption("chaos_minutes")
     seed = metafunc.config.getoption("chaos_seed")
     if seed is not None:
-        run, ident, timeout = ChaosRun(1, None, seed, STEPS), f"seed{seed}", 300
+        run, ident, timeout = ChaosRun(1, None, seed), f"seed{seed}", 300
     elif minutes is not None:
-        run = ChaosRun(10**9, minutes, None, STEPS * 2)
+        run = ChaosRun(10**9, minutes, None)
         ident, timeout = f"{minutes:g}min", int(minutes * 60) + 300
     else:
-        run, ident, timeout = ChaosRun(EPISODES, None, None, STEPS), "bounded", 240
+        run, ident, timeout = ChaosRun(EPISODES, None, None), "bounded", 240
     metafunc.parametrize("chaos", [pytest.param(run, id=ident, marks=pytest.mark.timeout(timeout))])
 
 
@@ -90,8 +88,7 @@ async def test_chaos(chaos: ChaosRun, tmp_path: Path) -> None:
         if end is not None and time.monotonic() >= end:
             break
         seed = chaos.seed if chaos.seed is not None else rng.randrange(2**32)
-        steps = chaos.steps if end is None else rng.randint(chaos.steps // 2, chaos.steps)
-        result = await run_episode(seed, tmp_path / f"ep{index}", steps)
+        result = await run_episode(seed, tmp_path / f"ep{index}")
         results.append(result)
         print(result.summary(), flush=True)
     failed = [r for r in results if r.violations]
