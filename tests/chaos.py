@@ -452,6 +452,11 @@ class Episode:
         return ("exit",) in self.reported
 
     @property
+    def hung(self) -> bool:
+        """Whether a request went unanswered: the rest of the schedule would wait 15 s a step."""
+        return any(v.kind == "unanswered" for v in self.violations)
+
+    @property
     def socket(self) -> Path:
         """The daemon's socket."""
         return self.directory / "run" / "ipad.sock"
@@ -753,13 +758,13 @@ class Episode:
     async def operate(self) -> None:
         """Run the plan's steps, checking status against /proc after each; then maybe settle."""
         for step in self.plan.steps:
-            if self.stop_asked or self.died:
+            if self.stop_asked or self.died or self.hung:
                 return
             await trio.sleep(step.delay)
             self.note(str(step))
             await self.perform(step)
             await self.check()
-        if self.plan.settle and not self.died:
+        if self.plan.settle and not self.died and not self.hung:
             await self.settle()
 
     def pick_pid(self, step: Step, field: str) -> tuple[str, int] | None:

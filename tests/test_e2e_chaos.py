@@ -19,11 +19,13 @@ with a reason (never "internal") within a deadline; ``ipadctl --json status``
 agrees with /proc (running worker, standby and fork server pids alive, not
 zombies, children of the daemon; a SIGSTOPped worker is not left "running";
 no child of the daemon lives unnamed in status for long; the module set is
-the configuration asked for, no configured module left stopped); no child is a
-zombie for more than 1 s; ``get`` returns what the setup set (replay); the stop
-ends with status 0 within stop_timeout + 2 s, leaving no process and no cgroup.
-Half the episodes also settle before the stop: every healthy module running
-with its standby, the camera's proxies recovered, fresh clients of both kinds
+the configuration asked for, no configured module left stopped, no start
+"starting" beyond start_timeout); no child is a zombie for more than 1 s;
+``get`` returns what the setup set (replay); the stop ends with status 0
+within stop_timeout + 2 s, leaving no process and no cgroup, and nothing in
+the log says "internal error". Half the episodes also settle before the stop
+(stopped processes resumed): every healthy module running with its standby,
+the camera's proxies serving again within 5 s, fresh clients of both kinds
 served.
 
 Why a seeded schedule and not a hypothesis RuleBasedStateMachine: the faults
