@@ -827,7 +827,8 @@ class Episode:
             sent = pid is not None and self.signal_child(pid, signal.SIGKILL)
             self.note(f"  SIGKILL fork server {pid}: {'sent' if sent else 'none'}")
         elif action == "crash_storm":
-            await self.crash_storm(sorted(self.layout)[int(step.pick * len(self.layout))])
+            module = sorted(self.layout)[int(step.pick * len(self.layout))]
+            await self.crash_storm(module, patient=step.arg >= 0.5)
         elif action == "restart":
             await self.restart(self.module_pick(step))
         elif action == "restart_abandoned":
@@ -851,22 +852,38 @@ class Episode:
         elif action == "pause":
             await trio.sleep(0.3 + step.arg)
 
-    async def crash_storm(self, module: str) -> None:
+    async def crash_storm(self, module: str, *, patient: bool) -> None:
         """A module crashing at run time, over and over: SIGKILL each new worker as it is ready.
 
-        More than max_failures crashes within the failure window put it in cooldown,
-        with its standby loaded (a state where SIGTERM once hung).
+        More than max_failures crashes within the failure window put it in cooldown.
+        A ``patient`` storm waits (up to a second) for each new standby to be ready
+        before the kill, so the module waits out its backoff, and then its cooldown,
+        with a standby loaded: SIGTERM there hung (issue 16's first bullet).
         """
         assert self.daemon is not None
+        status = await self.status() if patient else None
+        first_ready = bool(status and (status["modules"].get(module) or {}).get("standby_pid"))
         start = len(self.daemon.records)
         killed: list[int] = []
-        deadline = time.monotonic() + 4.0
+        deadline = time.monotonic() + (8.0 if patient else 4.0)
+        standby_since = time.monotonic()
         while len(killed) < 7 and time.monotonic() < deadline:
+            mine = [r for r in self.daemon.records[start:] if r.get("module") == module]
             ready = [r["worker_pid"] for r in self.daemon.events("worker.ready")
                      if r.get("module") == module]  # fmt: skip
             pid = ready[-1] if ready else None
-            if pid is not None and pid not in killed and self.signal_child(pid, signal.SIGKILL):
+            events = [r.get("event") for r in mine]
+            standby = "worker.standby_ready" in events[_last_index(events, "worker.ready") + 1 :]
+            standby = standby or (first_ready and not killed)
+            waited = time.monotonic() - standby_since > 1.0
+            if (
+                pid is not None
+                and pid not in killed
+                and (not patient or standby or waited)
+                and self.signal_child(pid, signal.SIGKILL)
+            ):
                 killed.append(pid)
+                standby_since = time.monotonic()
             cooled = any(r.get("event") == "module.cooldown" and r.get("module") == module
                          for r in self.daemon.records[start:])  # fmt: skip
             if cooled:
@@ -1095,7 +1112,7 @@ class Episode:
         elif step.action == "cooldown_then_term":
             # A module crash-looping at run time, in cooldown with its standby loaded.
             module = sorted(self.layout)[int(step.pick * len(self.layout))]
-            await self.crash_storm(module)
+            await self.crash_storm(module, patient=True)
             await trio.sleep(step.arg * 0.3)
             self.term(f"{module} in cooldown, or nearly")
         elif step.action == "sighup_then_term":
@@ -1390,6 +1407,11 @@ class Episode:
             self.connect_failed("blocking", OSError(f"{error}: {message}"))
         else:
             self.violate("client", f"blocking client: {what} raised {error}: {message}")
+
+
+def _last_index(items: list[Any], value: Any) -> int:
+    """The index of the last ``value`` in ``items``, -1 if none."""
+    return max((i for i, item in enumerate(items) if item == value), default=-1)
 
 
 def _fields(record: Mapping[str, Any]) -> str:
