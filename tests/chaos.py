@@ -424,7 +424,7 @@ class Episode:
     reported: set[tuple[str, ...]] = attrs.Factory(set)
     stopped_pids: set[int] = attrs.Factory(set)
     last_status: dict[str, Any] | None = None
-    camera: dict[str, tuple[Proxy, int]] = attrs.Factory(dict)
+    camera: dict[str, tuple[Proxy, int | None]] = attrs.Factory(dict)
     stats_fd: int = -1
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -1018,7 +1018,7 @@ class Episode:
                 None,
             )
 
-    async def recovered(self, name: str, proxy: Proxy, value: int) -> None:
+    async def recovered(self, name: str, proxy: Proxy, value: int | None) -> None:
         """A proxy held since the episode began serves its module again within RECOVERY_DEADLINE.
 
         A call that was in flight when a worker died fails, as documented: only
@@ -1216,17 +1216,22 @@ class Episode:
 
     async def trio_call(
         self, proxy: Proxy, method: str, args: dict[str, Any], stats: bool, wait: float | None,
-        value: int,
+        expect: int | None,
     ) -> tuple[bool, Any]:  # fmt: skip
-        """One call on a trio proxy; ``get`` must return what the setup gave (replayed or not)."""
+        """One call on a trio proxy; ``get`` must return ``expect``, what the setup gave.
+
+        ``expect`` is None until the setup call that sets it has succeeded: one that
+        failed (its worker died with it in flight) was never recorded, so a recovery
+        replays nothing and ``get`` rightly returns the module's default.
+        """
         fds = {"stats": self.stats_fd} if stats else None
         ok, result = await self.op(
             "trio", f"{proxy.module}.{method} (wait={wait})", (wait or 0) + PATIENT + MARGIN,
             lambda: proxy.call(method, args, fds, wait=wait),
         )  # fmt: skip
-        if ok and method == "get" and result != value:
+        if ok and method == "get" and expect is not None and result != expect:
             self.violate("replay", f"trio client: {proxy.module}.get() returned {result}, "
-                         f"not {value} as its setup (replayed after recoveries) set")  # fmt: skip
+                         f"not {expect} as its setup (replayed after recoveries) set")  # fmt: skip
         return ok, result
 
     async def trio_session(
@@ -1269,9 +1274,12 @@ class Episode:
                     waits = [5.0] if strict else [None, 0.05, 0.5, 3.0]
                     steps = [(m, a, False) for m, a in setup_calls(module, value)]
                     steps += [rng.choice(CALLS[module]) for _ in range(calls)]
+                    known: int | None = None
                     for method, args, stats in steps:
                         ok, result = await self.trio_call(proxy, method, args, stats,
-                                                          rng.choice(waits), value)  # fmt: skip
+                                                          rng.choice(waits), known)  # fmt: skip
+                        if ok and "settings" in args:
+                            known = value
                         if not ok and strict:
                             self.violate("settle", f"trio client: {module}.{method}: {result!r}")
                             return
@@ -1308,13 +1316,16 @@ class Episode:
                                               REQUEST_BOUND, request)  # fmt: skip
                     if not ok:
                         continue
+                    known: int | None = None
                     for method, args in setup_calls(name, value):
-                        await self.trio_call(proxy, method, args, False, 3.0, value)
-                    self.camera[name] = (proxy, value)
+                        ok, _ = await self.trio_call(proxy, method, args, False, 3.0, known)
+                        if ok and "settings" in args:
+                            known = value
+                    self.camera[name] = (proxy, known)
                 while not self.stop_asked:
-                    for proxy, value in list(self.camera.values()):
+                    for proxy, expect in list(self.camera.values()):
                         method, args, stats = rng.choice(CALLS[proxy.module])
-                        await self.trio_call(proxy, method, args, stats, 1.0, value)
+                        await self.trio_call(proxy, method, args, stats, 1.0, expect)
                     await trio.sleep(0.05)
                 async for _ in client.events:  # held open through the stop: it ends with it
                     pass

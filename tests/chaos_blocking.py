@@ -77,6 +77,7 @@ class Session:
         self.spec = spec
         self.rng = random.Random(spec["seed"])  # noqa: S311 - a schedule, not a secret
         self.stats = stats_memfd()
+        self.known: int | None = None
 
     def report(self, **fields: Any) -> None:
         """One line for the chaos test, flushed at once: the process may be killed next."""
@@ -115,8 +116,14 @@ class Session:
         value = self.rng.randrange(1, 1_000_000)
         calls = [(method, args, False) for method, args in setup_calls(module, value)]
         calls += [self.rng.choice(CALLS[module]) for _ in range(self.spec["calls"])]
+        # What get() must return: known once the setup call that sets it succeeded (one
+        # that failed in flight was never recorded, so no recovery replays it).
+        self.known = None
         for method, args, with_stats in calls:
-            if not self.call(proxy, method, args, with_stats, value):
+            ok, go_on = self.call(proxy, method, args, with_stats)
+            if ok and "settings" in args:
+                self.known = value
+            if not go_on:
                 break
         if self.rng.random() < 0.5:  # the other half leave without a word
             self.step("release", REQUEST_BOUND, proxy.release, module=module)
@@ -128,9 +135,8 @@ class Session:
         method: str,
         args: dict[str, Any],
         with_stats: bool,
-        value: int,
-    ) -> bool:
-        """One call with random patience; False once the session should end."""
+    ) -> tuple[bool, bool]:
+        """One call with random patience: whether it succeeded, whether the session goes on."""
         strict = self.spec["strict"]
         impatient = not strict and self.rng.random() < 0.15
         timeout = self.rng.uniform(0.001, 0.03) if impatient else PATIENT
@@ -140,13 +146,13 @@ class Session:
             "call", timeout + (wait or 0) + MARGIN,
             lambda: proxy.call(method, args, fds, timeout=timeout, wait=wait),
             module=proxy.module, method=method, wait=wait, timeout=timeout,
-            impatient=impatient, expect=value if method == "get" else None,
+            impatient=impatient, expect=self.known if method == "get" else None,
         )  # fmt: skip
         if not ok:
             # Without ``wait`` a blocking proxy stays broken (its design): end the session,
             # as an application would start over. A strict session ends at any failure.
-            return not strict and not impatient and wait is not None
-        return True
+            return False, not strict and not impatient and wait is not None
+        return True, True
 
 
 def main() -> None:
