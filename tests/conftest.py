@@ -11,6 +11,25 @@ import pytest
 import structlog
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the chaos test (tests/test_e2e_chaos.py): a longer run, or one seed again."""
+    group = parser.getgroup("chaos", "the chaos test against a live daemon")
+    group.addoption(
+        "--chaos-minutes",
+        type=float,
+        default=None,
+        metavar="N",
+        help="run chaos episodes for N minutes instead of the bounded three",
+    )
+    group.addoption(
+        "--chaos-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="run the one chaos episode of this seed (printed on failure)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _clean_ipad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own IPAD_* variables must not steer what a test sees."""
