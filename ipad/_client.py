@@ -267,6 +267,10 @@ class Client:
             proxy._failed(not_sent(proxy.module, proxy.reason))
             proxy.backoff.failed(trio.current_time())
             return False
+        except BaseException:  # cancelled (the client closes): a channel not taken is closed
+            if proxy.channel is not channel:
+                channel.close()
+            raise
         done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
         kind = "fallback" if granted.served_by else "recovered"
         if granted.served_by:

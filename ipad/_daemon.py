@@ -68,6 +68,9 @@ CHANGED = "changed in the configuration: restarting"
 #: launcher and the last clean-up before it lets the reaper kill what is left.
 STOP_MARGIN = 2.0
 
+#: The signals the daemon handles: SIGTERM and SIGINT stop it, SIGHUP reloads.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 #: Admin requests that may wait their turn; more are refused (one client's flood of
 #: reloads must not queue up work for minutes).
 ADMIN_QUEUE = 16
@@ -338,6 +341,8 @@ class DaemonRuntime:
         #: Where the modules' jobs run: it outlives every supervisor (set by run()).
         self._supervision: trio.Nursery | None = None
         self._launcher_done = trio.Event()
+        #: Set once every client session has ended (their proxies released).
+        self._clients_done = trio.Event()
         #: Cancelled by a stop that comes while the modules first start.
         self._starting: trio.CancelScope | None = None
         self.admin_queue = AdminQueue(self._admin_operation)
@@ -493,8 +498,11 @@ class DaemonRuntime:
         *,
         task_status: trio.TaskStatus[None],
     ) -> None:
-        with scope:
-            await serve_clients(listener, self.daemon, task_status=task_status)
+        try:
+            with scope:
+                await serve_clients(listener, self.daemon, task_status=task_status)
+        finally:
+            self._clients_done.set()
 
     async def _shutdown(self, clients: trio.CancelScope) -> None:
         """Finish the admin operation under way, tell every client, stop every module.
@@ -513,6 +521,8 @@ class DaemonRuntime:
                 for supervisor in [*self.supervisors.values(), *self.retiring]:
                     nursery.start_soon(supervisor.stop)
             clients.cancel()
+            with trio.move_on_after(STOP_MARGIN):  # sessions release their proxies, then end
+                await self._clients_done.wait()
 
     async def _module_stable(self, module: str) -> None:
         """A module runs stably again: move the proxies its fallback served back to it."""
@@ -733,8 +743,13 @@ async def run_daemon(
         configured = socket_path(checked.config.daemon.socket)
         listener, path, activated = open_listener(configured, checked.access.socket_gid)
         runtime = DaemonRuntime(checked, path, service, early_forkserver, relog)
+        # What trio restores when its receiver closes, and what it then hands the signals
+        # still pending to: ignored. A second SIGTERM (systemd, an impatient operator)
+        # must not kill a daemon in its last milliseconds, before daemon.stopped and 0.
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_handle_signals, runtime, signals)
                     nursery.start_soon(service.keep_watchdog)

@@ -508,7 +508,13 @@ class Session:
         if record is None:
             return
         seq = self.daemon.events.last_seq
-        if record.state is ProxyState.INVALID:
+        serving = self.daemon.supervisors.get(record.served_by)
+        worker = serving.worker if serving is not None else None
+        # Its worker may have died since the grant: then it stays invalid (its client
+        # recovers again), never valid on a dead worker.
+        alive = (serving is not None and serving.state is WorkerState.RUNNING
+                 and worker is not None and worker.pid == record.worker_pid)  # fmt: skip
+        if record.state is ProxyState.INVALID and alive:
             fallback = record.served_by != record.module
             details: dict[str, Any] = {"replayed": message.replayed}
             if fallback:

@@ -413,7 +413,10 @@ class ModuleSupervisor:
             except Exception:
                 log.exception("module.job_failed", module=self.name, job=function.__name__)
 
-        self._nursery.start_soon(job)
+        try:
+            self._nursery.start_soon(job)
+        except RuntimeError:  # the daemon's last moments: its reaper ends what is left
+            log.debug("module.job_skipped", module=self.name, job=function.__name__)
 
     def _cancel_timer(self, timer: Timer) -> None:
         handle = self._timers.pop(timer, None)

@@ -598,3 +598,29 @@ def test_clients_are_served_while_the_daemon_starts(
         assert proxy.call("pid") == daemon.worker_pids()["sleepy"]
     assert daemon.events("daemon.started")
     daemon.stop_cleanly("sigterm").check()
+
+
+@VIA
+def test_more_signals_during_the_stop_change_nothing(
+    start_daemon: Start, tmp_path: Path, via: Via
+) -> None:
+    """SIGTERM, SIGINT and SIGHUP again and again while the daemon stops: it still exits 0.
+
+    Before, one landing in the daemon's last milliseconds (its signal handling
+    already let go) killed it with status -15 before daemon.stopped.
+    """
+    daemon = start_daemon(write_config(tmp_path, f"[restart]\nstop_timeout = {STOP_TIMEOUT}\n"))
+    daemon.wait_standbys()
+
+    def pester() -> None:
+        daemon.wait_for("daemon.stopping")  # the stop asked for came first (ipadctl's too)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            for signum in signals:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(daemon.proc.pid, signum)
+            time.sleep(0.0005)
+
+    daemon.stop_cleanly(via, race=pester).check()
+    assert daemon.events("daemon.stopped")
