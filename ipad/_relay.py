@@ -147,7 +147,7 @@ class OutputRelay:
     def add(self, fd: int, module: str, worker_pid: int) -> None:
         """Relay the pipe ``fd`` (which this takes and closes), naming its worker on each record."""
         os.set_blocking(fd, False)
-        pipe = _Pipe(fd, module, worker_pid, self._limit())
+        pipe = _Pipe(fd, module, worker_pid)
         self._pipes[fd] = pipe
         self.reactor.add(fd, functools.partial(self._readable, pipe))
 
@@ -161,10 +161,20 @@ class OutputRelay:
         if not data:
             self._finish(pipe)
             return
-        for raw in pipe.lines.feed(data):
+        for raw in self._lines(pipe).feed(data):
             self._relay(pipe, raw)
 
+    def _lines(self, pipe: _Pipe) -> LineBuffer:
+        """The pipe's line buffer (and rate limit), made at its first output.
+
+        Most workers write nothing, and a daemon holds two pipes per module.
+        """
+        if pipe.lines is None:
+            pipe.lines, pipe.limit = LineBuffer(), self._limit()
+        return pipe.lines
+
     def _relay(self, pipe: _Pipe, raw: bytes) -> None:
+        assert pipe.limit is not None  # noqa: S101 - made with its lines
         allowed, ended = pipe.limit.allow(self.clock())
         self._report(pipe, ended)
         if allowed:
@@ -176,10 +186,11 @@ class OutputRelay:
 
     def _expire(self, pipe: _Pipe) -> None:
         pipe.timer = None
-        self._report(pipe, pipe.limit.expire(self.clock()))
+        if pipe.limit is not None:
+            self._report(pipe, pipe.limit.expire(self.clock()))
 
     def _report(self, pipe: _Pipe, count: int) -> None:
-        if count:
+        if count and pipe.limit is not None:
             log.warning("worker.stderr_suppressed", module=pipe.module, worker_pid=pipe.pid,
                         suppressed=count,
                         burst=pipe.limit.burst, interval=pipe.limit.interval)  # fmt: skip
@@ -190,9 +201,13 @@ class OutputRelay:
         self._pipes.pop(pipe.fd, None)
         if pipe.timer is not None:
             pipe.timer.cancel()
-        for raw in [*pipe.lines.feed(_read_available(pipe.fd)), *pipe.lines.flush()]:
-            self._relay(pipe, raw)
-        self._report(pipe, pipe.limit.flush())
+        rest = _read_available(pipe.fd)
+        if rest or pipe.lines is not None:
+            lines = self._lines(pipe)
+            for raw in [*lines.feed(rest), *lines.flush()]:
+                self._relay(pipe, raw)
+            assert pipe.limit is not None  # noqa: S101 - made with its lines
+            self._report(pipe, pipe.limit.flush())
         os.close(pipe.fd)
 
     def close(self) -> None:
@@ -206,12 +221,12 @@ class _Pipe:
 
     __slots__ = ("fd", "limit", "lines", "module", "pid", "timer")
 
-    def __init__(self, fd: int, module: str, pid: int, limit: RateLimit) -> None:
+    def __init__(self, fd: int, module: str, pid: int) -> None:
         self.fd = fd
         self.module = module
         self.pid = pid
-        self.limit = limit
-        self.lines = LineBuffer()
+        self.limit: RateLimit | None = None
+        self.lines: LineBuffer | None = None
         self.timer: TimerHandle | None = None
 
 

@@ -348,7 +348,7 @@ class ModuleSupervisor:
                         extra["version"] = worker.ready.version if worker.ready else None
                 getattr(log, level)(event, **fields, **extra)
             case LaunchWorker(standby=standby):
-                self._job(self._launch, standby)
+                self._job(self._launch, standby, guarded=True)
             case CancelLaunch(standby=standby):
                 scope = self._launches.get(standby)
                 if scope is not None:
@@ -403,8 +403,12 @@ class ModuleSupervisor:
         )  # fmt: skip
 
     def _job(self, function: Callable[..., Awaitable[object]], *args: object,
-             **kwargs: object) -> None:  # fmt: skip
-        """Run ``function`` in the daemon's nursery; a bug in it is logged, not the daemon's end."""
+             guarded: bool = False, **kwargs: object) -> None:  # fmt: skip
+        """Run ``function`` in the daemon's nursery; a bug in it is logged, not the daemon's end.
+
+        ``guarded``: it logs its own bugs (a launch: every module has one in flight at
+        the daemon's start, and a wrapper's frame each made the daemon bigger for good).
+        """
         assert self._nursery is not None  # noqa: S101 - set by begin()
 
         async def job() -> None:
@@ -414,7 +418,10 @@ class ModuleSupervisor:
                 log.exception("module.job_failed", module=self.name, job=function.__name__)
 
         try:
-            self._nursery.start_soon(job)
+            if guarded and not kwargs:
+                self._nursery.start_soon(function, *args)
+            else:
+                self._nursery.start_soon(job)
         except RuntimeError:  # the daemon's last moments: its reaper ends what is left
             log.debug("module.job_skipped", module=self.name, job=function.__name__)
 
@@ -474,6 +481,8 @@ class ModuleSupervisor:
                     async with self.standbys:
                         outcome = await self._launch_and_load(standby, started)
                 returned = True
+        except Exception:
+            log.exception("module.job_failed", module=self.name, job="_launch")
         finally:
             if self._launches.get(standby) is scope:
                 del self._launches[standby]
