@@ -604,12 +604,8 @@ def kill_group(pid: int) -> None:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    """Whether ``pid`` exists and is not a zombie (reaped as we read it: not alive)."""
+    return _state(pid) not in ("Z", "gone")
 
 
 def open_fds(pid: int) -> int:

@@ -51,7 +51,7 @@ def zombies_among(pids: list[int]) -> list[int]:
     for pid in pids:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # reaped before or while we read
             continue
         if state == "Z":
             found.append(pid)

@@ -18,6 +18,7 @@ from ipad import _cgroup
 from ipad._children import Children
 from ipad._reactor import Reactor, Timers
 from ipad._worker import WorkerProcess
+from tests.daemon_process import alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,7 +125,7 @@ async def test_the_reaper_reaps_a_killed_child_and_says_how_it_ended(reactor: Re
     assert status.signal == signal.SIGKILL
     assert ended == [child]
     assert child not in children
-    assert not Path(f"/proc/{child.pid}").exists() or _state(child.pid) != "Z"
+    assert not Path(f"/proc/{child.pid}").exists()  # reaped: no zombie left
     child.close()
 
 
@@ -146,9 +147,9 @@ async def test_the_reaper_kills_what_the_child_left_in_its_group(reactor: Reacto
     with trio.fail_after(5):
         await worker.wait_exit()
     deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         await trio.sleep(0.01)
-    assert not _alive(grandchild)
+    assert not alive(grandchild)
     worker.close()
 
 
@@ -201,17 +202,6 @@ async def test_a_cgroup_is_waited_empty_by_inotify_then_removed() -> None:
         with trio.fail_after(10):
             await cgroups.aclose()
     assert not cgroups.base.exists()
-
-
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return _state(pid) != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _group(pgid: int) -> list[int]:
