@@ -18,6 +18,7 @@ server).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -70,9 +71,9 @@ class Children:
     def adopt_pid(self, pid: int, module: str) -> WorkerProcess | None:
         """Kill and reap a child of ours that nobody holds (a fork answered too late)."""
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = child_pidfd(pid)
         except OSError:
-            return None  # reaped already
+            return None  # reaped already, or not ours to touch
         process = WorkerProcess.stray(module, pid, pidfd)
         self.adopt(process, lambda p: p.close())
         process.kill()
@@ -126,3 +127,29 @@ class Children:
                 self._alive[pid] = process
                 log.warning("daemon.stray_child", worker_pid=pid, action="killed")
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def is_child(pid: int) -> bool:
+    """Whether ``pid`` is a child of this process (its parent in /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
+
+
+def child_pidfd(pid: int) -> int:
+    """A pidfd for ``pid`` if it is a child of the daemon; OSError if not, or if it is gone.
+
+    The fork server says which pid it forked. The daemon signals and reaps only
+    a process that is its own child (CLONE_PARENT makes every fork one): nobody
+    else can reap it, so its pid can be no other process's meanwhile, and a
+    reply naming any other pid (a fork server gone wrong) touches nothing.
+    """
+    if pid <= 0:
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+    pidfd = os.pidfd_open(pid)
+    if not is_child(pid):  # checked after the pidfd: it pins the process being checked
+        os.close(pidfd)
+        raise ChildProcessError(errno.ECHILD, f"process {pid} is not a child of the daemon")
+    return pidfd

@@ -38,7 +38,7 @@ import trio
 from . import _memory_cgroup
 from . import _protocol as p
 from ._cgroup import WorkerCgroups, clear_cgroup
-from ._children import Children
+from ._children import Children, child_pidfd, is_child
 from ._jail import command as jail_command
 from ._lifecycle import ExitStatus
 from ._reactor import Timers
@@ -452,10 +452,12 @@ def _pidfd_of_child(pid: int) -> int:
     """A pidfd for a just-forked child of ours; without one (EMFILE) the child is killed.
 
     Unreaped, its pid stays ours, so the kill cannot hit another process; the
-    reaper's stray sweep reaps the zombie.
+    reaper's stray sweep reaps the zombie. A pid that is not our child is
+    refused and left alone.
     """
     try:
-        return os.pidfd_open(pid)
+        return child_pidfd(pid)
     except OSError:
-        os.kill(pid, signal.SIGKILL)
+        if is_child(pid):
+            os.kill(pid, signal.SIGKILL)
         raise

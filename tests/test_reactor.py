@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from ipad import _cgroup
-from ipad._children import Children
+from ipad._children import Children, child_pidfd
 from ipad._reactor import Reactor, Timers
 from ipad._worker import WorkerProcess
 from tests.daemon_process import alive
@@ -217,3 +217,28 @@ def _group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(entry.name))
     return found
+
+
+def test_only_a_child_of_ours_is_taken_for_a_fork() -> None:
+    """A SPAWNED naming a process that is not the daemon's child is refused, and nothing is sent.
+
+    The daemon signals and reaps only its own children: a fork server gone wrong
+    cannot make it kill init or its own parent.
+    """
+    with pytest.raises(ChildProcessError):
+        child_pidfd(os.getppid())
+    with pytest.raises(ChildProcessError):
+        child_pidfd(1)
+    with pytest.raises(ProcessLookupError):
+        child_pidfd(0)
+    child = _sleeper()
+    try:
+        pidfd = child_pidfd(child.pid)
+        os.close(pidfd)
+    finally:
+        child.kill()
+        os.waitpid(child.pid, 0)
+        os.close(child.pidfd)
+        child.pidfd = -1  # waited for above
+        child.close()
+    assert Children(Reactor()).adopt_pid(1, "unknown") is None
