@@ -17,11 +17,9 @@ server).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,7 +104,7 @@ class Children:
         """
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + timeout
-            self.reap_strays_now()
+            self.reap_strays()  # adopted and killed: reaped below with the rest
             for process in list(self._alive.values()):
                 process.kill()
             for process in list(self._alive.values()):
@@ -117,16 +115,6 @@ class Children:
                 process.close()
         for process in self._alive.values():  # stuck in the kernel: say so, leave it
             log.error("daemon.child_not_reaped", worker_pid=process.pid, module=process.module)
-
-    def reap_strays_now(self) -> None:
-        """At the end: strays are killed and adopted so that ``close`` reaps them."""
-        for pid in self.strays():
-            with contextlib.suppress(OSError):
-                pidfd = os.pidfd_open(pid)
-                process = WorkerProcess.stray("unknown", pid, pidfd)
-                self._alive[pid] = process
-                log.warning("daemon.stray_child", worker_pid=pid, action="killed")
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 def is_child(pid: int) -> bool:
