@@ -236,10 +236,11 @@ def test_reload_reports_changed_code_and_refuses_unsigned_changes(
         )
         assert proxy.call("mark") == "signed"
         sign(signed.manifest, signed.key)
-        done = client.admin("reload")
-        assert done["code_changed"] == ["signed"]
-        assert "signed" in done["changed"]
-        assert "echo" in done["unchanged"]
+        printed = daemon.ctl("reload").stdout.splitlines()
+        assert "code changed: signed" in printed
+        assert "changed: signed" in printed
+        assert "unchanged: echo" in printed
+        assert daemon.wait_for("daemon.reloaded")["code_changed"] == ["signed"]
         wait_until(lambda: state(client)["state"] == "running")
         again = client.request_proxy("signed")
         assert again.call("mark") == "v2-signed"
