@@ -24,6 +24,7 @@ import pytest
 from ipad._signing import generate_key, sign
 from ipad.client import BlockingClient, ModuleError
 from tests.daemon_process import REPO, TEST_MODULES, DaemonProcess, wait_until
+from tests.privileges import NOBODY, as_user, needs_setpriv, user_install
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,7 +47,9 @@ max_version = 1
 class Signed:
     """A signed copy of the test modules' package, its key and a daemon config running it."""
 
-    def __init__(self, root: Path, *, forkserver: bool = True, standby: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, forkserver: bool = True, standby: bool = True, proxy: str = "isolated"
+    ) -> None:
         self.modules = root / "modules"
         self.modules.mkdir()
         self.package = self.modules / "ipad_test_modules"
@@ -63,7 +66,7 @@ class Signed:
         self.config.write_text(
             f'[daemon]\nmodule_dirs = ["{self.modules}"]\nforkserver = {str(forkserver).lower()}\n'
             f'[signatures]\ntrusted_keys = ["{public}"]\n'
-            "[modules.signed]\nrequire_signature = true\n"
+            f'[modules.signed]\nrequire_signature = true\nproxy = "{proxy}"\n'
             f"[modules.signed.restart]\nstandby = {str(standby).lower()}\n"
             "[modules.echo]\n"
         )
@@ -268,3 +271,42 @@ except _verified_import.CodeRefused as exc:
         out.stdout.strip()
         == f"{signed.package / 'signed.py'}: changed since it was signed (tampered)"
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as root and as nobody (setpriv)")
+@needs_setpriv
+@pytest.mark.parametrize("daemon_user", ["root", "nobody"])
+def test_sandboxed_workers_refuse_edited_code_as_root_and_unprivileged(
+    start_daemon: Start, shared_dir: Path, daemon_env: dict[str, str], daemon_user: str
+) -> None:
+    """A sandboxed worker (as nobody, or in a user namespace) verifies what it imports too.
+
+    Unprivileged, the daemon's own user owns the module files: the local user
+    who can edit them is the one the check must catch.
+    """
+    signed = Signed(shared_dir, proxy="sandboxed")
+    env = signed.env(daemon_env)
+    run = shared_dir / "run"
+    run.mkdir()
+    prefix: list[str] = []
+    if daemon_user == "nobody":
+        for path in [shared_dir, *shared_dir.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+        prefix = as_user()
+        env["IPAD_CONFIG_PATH"] = str(user_install().test_modules / "tuning")
+    env["IPAD_SOCKET"] = str(run / "ipad.sock")
+    daemon = start_daemon(signed.config, env=env, prefix=prefix)
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("signed")
+        assert proxy.call("mark") == "signed"
+        daemon.wait_standbys()
+        signed.edit("signed_late.py", "tampered")
+        assert proxy.call("late") == "late"  # verified at LOAD, in the sandbox
+        crash(client, daemon)  # the standby, loaded before the edit, serves; its successor:
+        late = signed.package / "signed_late.py"
+        refused = daemon.wait_for("worker.standby_failed", lambda r: r.get("module") == "signed")
+        assert f"{late}: changed since it was signed (tampered)" in refused["error"]
+        crash(client, daemon)
+        wait_until(lambda: state(client)["state"] == "failed")
+        assert f"{late}: changed since it was signed (tampered)" in state(client)["reason"]
+        still_serving(client, daemon)
