@@ -85,11 +85,14 @@ class VerifiedCode:
         A fork server's preload or an earlier import would otherwise be
         found in ``sys.modules`` and run without this check.
         """
+        # Origins are absolute: the path as given, or resolved (a fork server's preloads).
+        prefixes = (self.root + os.sep, os.path.realpath(self.root) + os.sep)
         for module in list(sys.modules.values()):
             spec = getattr(module, "__spec__", None)
             origin = getattr(spec, "origin", None)
-            if not isinstance(origin, str) or (rel := self.relative(origin)) is None:
+            if not isinstance(origin, str) or not origin.startswith(prefixes):
                 continue
+            rel = origin[len(next(p for p in prefixes if origin.startswith(p))) :]
             loader = getattr(spec, "loader", None)
             if not (isinstance(loader, VerifiedLoader) and loader.digest == self.digests.get(rel)):
                 raise CodeRefused(origin, "imported before it was verified against the signature")

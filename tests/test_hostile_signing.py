@@ -310,3 +310,25 @@ def test_sandboxed_workers_refuse_edited_code_as_root_and_unprivileged(
         wait_until(lambda: state(client)["state"] == "failed")
         assert f"{late}: changed since it was signed (tampered)" in state(client)["reason"]
         still_serving(client, daemon)
+
+
+def test_code_imported_before_verification_is_refused(tmp_path: Path) -> None:
+    """A module of the directory already imported unverified (say, preloaded) fails the check."""
+    signed = Signed(tmp_path)
+    script = f"""
+import json, sys
+from ipad import _signing, _verified_import
+from pathlib import Path
+manifest = Path({str(signed.manifest)!r})
+sys.path.insert(0, str(manifest.parent))
+import ipad_test_modules.signed_late
+document = json.loads(_signing.signature_path(manifest).read_text())
+try:
+    _verified_import.install(str(manifest.parent), document["files"])
+except _verified_import.CodeRefused as exc:
+    print(exc.refused_code)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=30, check=True)  # fmt: skip
+    first = signed.package / "__init__.py"  # the package, imported before its submodule
+    assert out.stdout.strip() == f"{first}: imported before it was verified against the signature"
