@@ -486,8 +486,8 @@ class Lifecycle(Generic[W]):
         """The active worker ended (or never came): restart now, later, or not at all."""
         decision = self.tracker.ended(self._now, failed=failure is not None, requested=requested)
         if refused and failure:  # its code was refused: the same code would be refused again
-            self._set(WorkerState.FAILED, f"{reason}; not restarted (its code is refused until "
-                      "it is signed again and reloaded, or restored)")  # fmt: skip
+            self._set(WorkerState.FAILED, f"{reason}; not restarted (its code is refused: "
+                      "sign it anew and reload, or restore it and restart the module)")  # fmt: skip
         elif decision.action is Action.STOP:
             final = WorkerState.FAILED if failure else WorkerState.EXITED
             text = f"{reason}; not restarted ({decision.reason})"

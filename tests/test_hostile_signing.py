@@ -115,6 +115,7 @@ def test_code_edited_after_signing_is_refused_on_restart_and_standby(
         proxy = client.request_proxy("signed")
         assert proxy.call("mark") == "signed"
         daemon.wait_standbys()
+        original = (signed.package / "signed.py").read_text()
         signed.edit("signed.py", "tampered")
         crash(client, daemon)
         # The standby loaded before the edit: verified code, promoted; its successor refused.
@@ -130,6 +131,10 @@ def test_code_edited_after_signing_is_refused_on_restart_and_standby(
         assert "not restarted" in reason
         assert len(daemon.events("worker.start_failed")) == 1  # refused once: no crash loop
         still_serving(client, daemon)
+        (signed.package / "signed.py").write_text(original)  # restored: a restart runs it
+        client.admin("restart", "signed")
+        wait_until(lambda: state(client)["state"] == "running")
+        assert client.request_proxy("signed").call("mark") == "signed"
 
 
 def _symlink_to_tampered(signed: Signed) -> Path:
