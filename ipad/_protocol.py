@@ -313,6 +313,9 @@ class Load(Message, frozen=True, forbid_unknown_fields=True):
     tuning: str
     #: Seconds between beats on the heartbeat board passed with LOAD (0: none passed).
     heartbeat_interval: float = 0.0
+    #: Relative path -> SHA-256 of each file of the module's verified signature: the worker
+    #: imports from ``module_dir`` only these files' bytes, checked (None: not signed).
+    signed: dict[str, str] | None = None
 
 
 class Ready(Message, frozen=True, forbid_unknown_fields=True):

@@ -521,7 +521,9 @@ class ModuleSupervisor:
             if isinstance(frame.message, p.Ready):
                 worker.ready = self._same_ready(frame.message)
                 return Ready(worker)
-            return LoadFailed(worker, _describe_error(frame.message), exiting=True)
+            # Code refused against its signature stays refused until a reload: no retries.
+            final = isinstance(frame.message, p.Error) and "refused" in frame.message.details
+            return LoadFailed(worker, _describe_error(frame.message), exiting=True, final=final)
         return LoadFailed(worker, f"not ready within {self.policy.start_timeout}")
 
     def _same_ready(self, ready: p.Ready) -> p.Ready:
@@ -553,6 +555,7 @@ class ModuleSupervisor:
             module_dir=str(self.plan.source.directory),
             tuning=str(self.plan.tuning),
             heartbeat_interval=max(interval, STANDBY_BEAT) if standby else interval,
+            signed=dict(self.plan.signed) if self.plan.signed is not None else None,
         )
 
     def _proxies_settled(self) -> bool:

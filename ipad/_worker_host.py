@@ -138,6 +138,11 @@ class LoadedModule:
     """The module class a worker serves and its method table."""
 
     def __init__(self, load: p.Load) -> None:
+        if load.signed is not None:
+            # Before any of its code runs: only the bytes the daemon's check signed are run.
+            from ._verified_import import install  # noqa: PLC0415 - signed modules only
+
+            install(load.module_dir, load.signed)
         if load.module_dir not in sys.path:
             sys.path.insert(0, load.module_dir)
         module_name, _, class_name = load.entry_point.partition(":")
@@ -281,14 +286,13 @@ class WorkerHost:
             self.loaded = LoadedModule(load)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, then we exit
             log("worker.load_failed", module=load.module, error=repr(exc))
-            self._send_control(
-                p.Error(
-                    p.ErrorCode.MODULE_ERROR,
-                    f"cannot load {load.entry_point}: {exc!r}",
-                    {"traceback": _short_traceback(exc)},
-                ),
-                request_id,
-            )
+            refused = getattr(exc, "refused_code", None)  # _verified_import.CodeRefused
+            text = (f"code refused: {refused}" if refused is not None
+                    else f"cannot load {load.entry_point}: {exc!r}")  # fmt: skip
+            details = {"traceback": _short_traceback(exc)}
+            if refused is not None:
+                details["refused"] = refused
+            self._send_control(p.Error(p.ErrorCode.MODULE_ERROR, text, details), request_id)
             self.running = False
             self.exit_status = EXIT_LOAD_FAILED
             return
