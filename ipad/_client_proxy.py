@@ -121,10 +121,14 @@ class Proxy:
         On an invalid proxy the call waits for the recovery under way: if its
         attempt fails, the call fails with CallNotSent saying why, or with
         ``wait``, waits on through failures for up to that many seconds.
-        ``timeout`` bounds the whole call, recovery included (TimedOut); a
-        surrounding cancel scope works as ever. A crash of the worker during
-        the call fails it at once with WorkerCrashed.
+        ``timeout`` bounds the whole call, recovery included (TimedOut); without
+        it, the module's ``call_timeout`` does (from the grant). A surrounding
+        cancel scope works as ever. A crash of the worker during the call fails
+        it at once with WorkerCrashed. A reply that comes after the call gave
+        up is dropped; the proxy stays usable.
         """
+        if timeout is None:
+            timeout = self.info.call_timeout
         bounds = Bounds.of(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path

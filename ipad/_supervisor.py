@@ -358,7 +358,8 @@ class ModuleSupervisor:
             case Watch(worker=worker):
                 policy = self.policy
                 self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
-                                      policy.heartbeat_timeout.seconds, self._hung)  # fmt: skip
+                                      policy.heartbeat_timeout.seconds, self._hung,
+                                      policy.call_timeout.seconds)  # fmt: skip
             case Unwatch(worker=worker):
                 self.heartbeats.forget(worker)
             case StopWorker(worker=worker, polite=polite, exiting=exiting):
@@ -430,9 +431,9 @@ class ModuleSupervisor:
         if handle is not None:
             handle.cancel()
 
-    def _hung(self, worker: WorkerProcess) -> None:
-        """No beat or PONG for ``heartbeat_timeout``: the machine has it killed."""
-        self.post(Hung(worker, "board" if worker.board is not None else "ping"))
+    def _hung(self, worker: WorkerProcess, how: str) -> None:
+        """No beat or PONG for ``heartbeat_timeout``, or a call past ``call_timeout``: killed."""
+        self.post(Hung(worker, how))
 
     def _exited(self, worker: WorkerProcess) -> None:
         """The reaper reaped a worker of ours: tell the machine how it ended.
