@@ -540,7 +540,11 @@ class ModuleSupervisor:
     async def _promote(self, worker: WorkerProcess) -> None:
         """A promoted standby beats at the module's pace from now on, not a standby's."""
         if worker.board is not None:
-            with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen
+            # Bounded: a worker that does not read its socket is seen hung meanwhile.
+            with (
+                self.timers.move_on_after(self.policy.heartbeat_timeout.seconds),
+                contextlib.suppress(OSError, trio.ClosedResourceError),
+            ):  # it died: seen
                 await worker.control.send(p.Heartbeat(self.policy.heartbeat_interval.seconds))
         self._balance_spares()
 
@@ -640,6 +644,7 @@ class ModuleSupervisor:
             raise
         if frame is None:
             client_end.close()
+            _close_on(worker, instance_id)  # should it open the instance late, it frees it next
             raise ModuleUnavailable(
                 f"its worker did not open an instance within {self.policy.start_timeout}"
             )
