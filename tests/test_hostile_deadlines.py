@@ -14,15 +14,23 @@ daemon with SIGTERM and fails the test unless it exits cleanly.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
+from ipad import _protocol as p
 from ipad import client as ipc
+from ipad._heartbeat import Heartbeats
+from ipad._heartbeat_board import Beater, new_board
+from ipad._transport import PacketSocket
+from ipad._worker import WorkerProcess
 from ipad.client import BlockingClient
 from tests.daemon_process import (
     TEST_MODULES,
@@ -313,3 +321,102 @@ def test_a_worker_that_dribbles_bytes_on_its_control_socket(
         daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == old_pid)
         assert proxy.call("pid", wait=WAIT, timeout=WAIT) != old_pid
         others_still_work(daemon)
+
+
+# --- the heartbeat task against stalling workers, on trio's mock clock --------------------
+
+BEAT_INTERVAL = 1.0
+BEAT_TIMEOUT = 3.0
+CALL_TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def heartbeats() -> AsyncIterator[tuple[Heartbeats, trio.Nursery]]:
+    """The daemon's heartbeat task, ticking in a nursery of the test's."""
+    beats = Heartbeats()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(beats.run)
+        yield beats, nursery
+        nursery.cancel_scope.cancel()
+
+
+def control_pair() -> tuple[WorkerProcess, PacketSocket]:
+    """A WorkerProcess as the daemon holds it, and the worker's end of its control socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return WorkerProcess("m", 0, -1, ours), PacketSocket(theirs, p.TO_WORKER_CONTROL)
+
+
+async def test_a_worker_deaf_to_pings_holds_up_no_other_worker(
+    heartbeats: tuple[Heartbeats, trio.Nursery], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A PING worker whose control socket is full is hung in time; the tick never waits on it."""
+    beats, _ = heartbeats
+    deaf, deaf_end = control_pair()
+    healthy, healthy_end = control_pair()
+    try:
+        while deaf.control.send_nowait(p.Pong()):  # filled: it reads nothing, ever
+            pass
+        pings = 0
+
+        async def answer() -> None:
+            nonlocal pings
+            while (frame := await healthy_end.receive()) is not None:
+                pings += 1
+                await healthy_end.send(p.Pong(), frame.request_id)
+
+        hung: list[tuple[WorkerProcess, str]] = []
+        async with trio.open_nursery() as own:  # ended before the sockets close
+            own.start_soon(answer)
+            own.start_soon(healthy.read_control)
+            beats.watch(deaf, BEAT_INTERVAL, BEAT_TIMEOUT, lambda w, how: hung.append((w, how)))
+            beats.watch(healthy, BEAT_INTERVAL, BEAT_TIMEOUT,
+                        lambda w, how: hung.append((w, how)))  # fmt: skip
+            started = trio.current_time()
+            while not hung:
+                await trio.sleep(0.1)
+            assert hung == [(deaf, "ping")]
+            assert trio.current_time() - started <= BEAT_TIMEOUT + 2 * BEAT_INTERVAL
+            await trio.sleep(10 * BEAT_INTERVAL)
+            assert hung == [(deaf, "ping")]
+            assert pings >= 12  # the healthy worker was pinged on every tick throughout
+            beats.forget(healthy)
+            own.cancel_scope.cancel()
+    finally:
+        for worker, end in ((deaf, deaf_end), (healthy, healthy_end)):
+            worker.close()
+            end.close()
+
+
+async def test_a_call_that_outlasts_call_timeout_is_a_hang_however_it_beats(
+    heartbeats: tuple[Heartbeats, trio.Nursery], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Beats from a thread hide nothing: one call seen running for call_timeout is a hang."""
+    beats, nursery = heartbeats
+    worker, end = control_pair()
+    worker.board = new_board()
+    beater = Beater(worker.board, BEAT_INTERVAL)
+    try:
+
+        async def beat() -> None:  # the module's own thread, beating whatever the loop does
+            while True:
+                beater.beat()
+                await trio.sleep(BEAT_INTERVAL / 4)
+
+        nursery.start_soon(beat)
+        hung: list[str] = []
+        beats.watch(worker, BEAT_INTERVAL, BEAT_TIMEOUT, lambda _, how: hung.append(how),
+                    CALL_TIMEOUT)  # fmt: skip
+        for _ in range(20):  # short calls one after another, for far longer than call_timeout
+            beater.enter()
+            await trio.sleep(CALL_TIMEOUT / 2)
+            beater.leave()
+        assert hung == []
+        beater.enter()  # one call that never returns
+        started = trio.current_time()
+        while not hung:
+            await trio.sleep(0.1)
+        assert hung == ["call"]
+        assert CALL_TIMEOUT <= trio.current_time() - started <= CALL_TIMEOUT + 2 * BEAT_INTERVAL
+    finally:
+        worker.close()
+        end.close()
