@@ -27,8 +27,10 @@ import trio.testing
 
 from ipad import _protocol as p
 from ipad import client as ipc
+from ipad._config_loader import parse_config
 from ipad._heartbeat import Heartbeats
 from ipad._heartbeat_board import Beater, new_board
+from ipad._problems import ConfigError
 from ipad._transport import PacketSocket
 from ipad._worker import WorkerProcess
 from ipad.client import BlockingClient
@@ -420,3 +422,20 @@ async def test_a_call_that_outlasts_call_timeout_is_a_hang_however_it_beats(
     finally:
         worker.close()
         end.close()
+
+
+# --- the configuration ---------------------------------------------------------------
+
+
+def test_call_timeout_has_a_default_an_override_and_no_zero(tmp_path: Path) -> None:
+    """call_timeout: 10 s by default, [restart] and per module like the other timeouts, never 0."""
+    path = tmp_path / "c.toml"
+    config = parse_config("[restart]\ncall_timeout = '2s'\n[modules.a]\n[modules.b.restart]\n"
+                          "call_timeout = '250ms'\n", path)  # fmt: skip
+    assert config.restart_policy("a").call_timeout.seconds == 2.0
+    assert config.restart_policy("b").call_timeout.seconds == 0.25
+    assert parse_config("[modules.a]\n", path).restart_policy("a").call_timeout.seconds == 10.0
+    for text in ("[restart]\ncall_timeout = '0'\n", "[modules.a.restart]\ncall_timeout = '0'\n"):
+        with pytest.raises(ConfigError) as raised:
+            parse_config(text, path)
+        assert any("call_timeout: must not be zero" in str(x) for x in raised.value.problems)
