@@ -106,6 +106,10 @@ class ModuleUnavailable(Exception):
     """The module's worker is not running, so no instance can be opened; says why."""
 
 
+class WorkerGone(ModuleUnavailable):
+    """The worker ended while it was asked to open an instance (crashed, or killed as hung)."""
+
+
 @attrs.frozen
 class Shared:
     """What every module's supervisor uses of the daemon's own."""
@@ -617,7 +621,23 @@ class ModuleSupervisor:
         if worker is None or self.state is not WorkerState.RUNNING:
             raise ModuleUnavailable(self.reason or f"module is {self.state.value}")
         spare = bool(worker.spares)
-        instance = worker.spares.pop() if spare else await self._open_on(worker)
+        try:
+            instance = worker.spares.pop() if spare else await self._open_on(worker)
+        except WorkerGone:
+            # Ended under the request (a stuck worker killed as hung): the worker that
+            # replaces it within start_timeout takes it, once; else the request fails.
+            lost = worker
+
+            def replaced() -> bool:
+                running = self.state is WorkerState.RUNNING and self.worker is not lost
+                return running or self.machine.stopping
+
+            await self.events.wait_until(replaced, self.policy.start_timeout.seconds)
+            worker = self.worker
+            if worker is None or worker is lost or self.state is not WorkerState.RUNNING:
+                raise
+            spare = bool(worker.spares)
+            instance = worker.spares.pop() if spare else await self._open_on(worker)
         log.debug("instance.opened", module=self.name, worker_pid=worker.pid,
                   instance_id=instance[0], spare=spare)  # fmt: skip
         self._balance_spares()
@@ -638,7 +658,7 @@ class ModuleSupervisor:
                     worker_end.close()
         except (WorkerCrashed, OSError, trio.ClosedResourceError) as exc:
             client_end.close()
-            raise ModuleUnavailable(f"worker went away: {exc}") from None
+            raise WorkerGone(f"worker went away: {exc}") from None
         except BaseException:
             client_end.close()
             raise
