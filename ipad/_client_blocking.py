@@ -334,9 +334,13 @@ class BlockingProxy:
         """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
 
         ``timeout`` bounds the whole call (TimedOut), recovery and replay
-        included; ``wait`` how long a dead proxy's recovery is waited for,
-        through failed attempts (CallNotSent when it runs out).
+        included; without it, the module's ``call_timeout`` does (from the
+        grant). ``wait`` is how long a dead proxy's recovery is waited for,
+        through failed attempts (CallNotSent when it runs out). A reply that
+        comes after the call gave up is dropped; the proxy stays usable.
         """
+        if timeout is None:
+            timeout = self.info.call_timeout
         bounds = Bounds.of(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
         while True:

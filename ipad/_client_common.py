@@ -46,6 +46,8 @@ class ProxyInfo:
     seq: int
     #: The module serving this proxy for now, when a fallback stands in; else "".
     served_by: str = ""
+    #: Every call's deadline when the caller gives no ``timeout`` (None: the daemon gave none).
+    call_timeout: float | None = None
 
     @classmethod
     def from_granted(cls, granted: p.ProxyGranted) -> ProxyInfo:
@@ -60,6 +62,7 @@ class ProxyInfo:
             undoes={m.name: m.undoes for m in granted.methods if m.undoes},
             seq=granted.seq,
             served_by=granted.served_by,
+            call_timeout=granted.call_timeout if granted.call_timeout > 0 else None,
         )
 
 

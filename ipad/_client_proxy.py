@@ -22,12 +22,16 @@ from ._client_common import (
 )
 from ._client_events import EventQueue
 from ._errors import CallNotSent, Disconnected, IpadError, TimedOut, UnknownProxy, WorkerCrashed
-from ._transport import PacketSocket, Pending, Requests
+from ._transport import PacketSocket, Pending, Requests, _Slot
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._client import Client
+
+
+#: Given-up requests remembered per channel, so their late replies are dropped without a word.
+GIVEN_UP_KEPT = 1024
 
 
 class ChannelRequests(Requests):
@@ -43,6 +47,8 @@ class ChannelRequests(Requests):
         self.newest: int | None = None
         #: The channel ended with ECONNRESET: the newest request was never read.
         self.reset = False
+        #: Requests whose caller gave up before the reply (in order, the oldest first).
+        self.given_up: dict[int, None] = {}
 
     async def send(
         self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
@@ -51,6 +57,24 @@ class ChannelRequests(Requests):
         pending = await super().send(conn, message, fds)
         self.newest = pending[0]
         return pending
+
+    async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
+        """Wait as Requests does; a call given up (deadline, cancel) has its late reply dropped."""
+        try:
+            return await super().reply(request_id, slot)
+        except BaseException:
+            if not slot.done.is_set():  # its reply may still come: expected, not news
+                self.given_up[request_id] = None
+                if len(self.given_up) > GIVEN_UP_KEPT:
+                    del self.given_up[next(iter(self.given_up))]
+            raise
+
+    def _drop(self, frame: p.Frame) -> None:
+        if frame.request_id in self.given_up:
+            del self.given_up[frame.request_id]
+            frame.close_fds()
+            return
+        super()._drop(frame)
 
     def never_ran(self, request_id: int) -> bool:
         """Whether ``request_id`` was surely not read by the worker before the channel ended."""
@@ -121,10 +145,14 @@ class Proxy:
         On an invalid proxy the call waits for the recovery under way: if its
         attempt fails, the call fails with CallNotSent saying why, or with
         ``wait``, waits on through failures for up to that many seconds.
-        ``timeout`` bounds the whole call, recovery included (TimedOut); a
-        surrounding cancel scope works as ever. A crash of the worker during
-        the call fails it at once with WorkerCrashed.
+        ``timeout`` bounds the whole call, recovery included (TimedOut); without
+        it, the module's ``call_timeout`` does (from the grant). A surrounding
+        cancel scope works as ever. A crash of the worker during the call fails
+        it at once with WorkerCrashed. A reply that comes after the call gave
+        up is dropped; the proxy stays usable.
         """
+        if timeout is None:
+            timeout = self.info.call_timeout
         bounds = Bounds.of(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path

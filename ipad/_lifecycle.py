@@ -150,7 +150,8 @@ class Hung(Generic[W]):
     """The heartbeat saw no sign of life within ``heartbeat_timeout``."""
 
     worker: W
-    #: ``board`` (its counter did not move) or ``ping`` (no reply).
+    #: ``board`` (its counter did not move), ``ping`` (no reply) or ``call`` (a call ran
+    #: past ``call_timeout``, however its beats moved).
     heartbeat: str
 
 
@@ -645,6 +646,13 @@ class Lifecycle(Generic[W]):
     def _on_hung(self, event: Hung[W]) -> None:
         worker = event.worker
         if worker is not self.active or worker in self.ending:
+            return
+        if event.heartbeat == "call":
+            limit = self.policy.call_timeout
+            text = f"worker hung: a call ran longer than its call_timeout of {limit}"
+            self._log("error", "worker.hung", worker, heartbeat="call", reason="call_timeout",
+                      timeout=limit.seconds)  # fmt: skip
+            self._end(worker, Why.HUNG, text, kill=True)
             return
         silence = ("its heartbeat counter did not move" if event.heartbeat == "board"
                    else "no heartbeat reply")  # fmt: skip

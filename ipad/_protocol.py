@@ -149,6 +149,9 @@ class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
     seq: int
     #: The module whose worker serves the proxy, when a fallback stands in for ``module``.
     served_by: str = ""
+    #: Seconds: the serving module's ``call_timeout``, every call's default deadline
+    #: (0: none given, as from a daemon before it).
+    call_timeout: float = 0.0
 
 
 class ReleaseProxy(Message, frozen=True, forbid_unknown_fields=True):

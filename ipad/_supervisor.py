@@ -106,6 +106,10 @@ class ModuleUnavailable(Exception):
     """The module's worker is not running, so no instance can be opened; says why."""
 
 
+class WorkerGone(ModuleUnavailable):
+    """The worker ended while it was asked to open an instance (crashed, or killed as hung)."""
+
+
 @attrs.frozen
 class Shared:
     """What every module's supervisor uses of the daemon's own."""
@@ -358,7 +362,8 @@ class ModuleSupervisor:
             case Watch(worker=worker):
                 policy = self.policy
                 self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
-                                      policy.heartbeat_timeout.seconds, self._hung)  # fmt: skip
+                                      policy.heartbeat_timeout.seconds, self._hung,
+                                      policy.call_timeout.seconds)  # fmt: skip
             case Unwatch(worker=worker):
                 self.heartbeats.forget(worker)
             case StopWorker(worker=worker, polite=polite, exiting=exiting):
@@ -430,9 +435,9 @@ class ModuleSupervisor:
         if handle is not None:
             handle.cancel()
 
-    def _hung(self, worker: WorkerProcess) -> None:
-        """No beat or PONG for ``heartbeat_timeout``: the machine has it killed."""
-        self.post(Hung(worker, "board" if worker.board is not None else "ping"))
+    def _hung(self, worker: WorkerProcess, how: str) -> None:
+        """No beat or PONG for ``heartbeat_timeout``, or a call past ``call_timeout``: killed."""
+        self.post(Hung(worker, how))
 
     def _exited(self, worker: WorkerProcess) -> None:
         """The reaper reaped a worker of ours: tell the machine how it ended.
@@ -541,7 +546,11 @@ class ModuleSupervisor:
     async def _promote(self, worker: WorkerProcess) -> None:
         """A promoted standby beats at the module's pace from now on, not a standby's."""
         if worker.board is not None:
-            with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen
+            # Bounded: a worker that does not read its socket is seen hung meanwhile.
+            with (
+                self.timers.move_on_after(self.policy.heartbeat_timeout.seconds),
+                contextlib.suppress(OSError, trio.ClosedResourceError),
+            ):  # it died: seen
                 await worker.control.send(p.Heartbeat(self.policy.heartbeat_interval.seconds))
         self._balance_spares()
 
@@ -615,7 +624,23 @@ class ModuleSupervisor:
         if worker is None or self.state is not WorkerState.RUNNING:
             raise ModuleUnavailable(self.reason or f"module is {self.state.value}")
         spare = bool(worker.spares)
-        instance = worker.spares.pop() if spare else await self._open_on(worker)
+        try:
+            instance = worker.spares.pop() if spare else await self._open_on(worker)
+        except WorkerGone:
+            # Ended under the request (a stuck worker killed as hung): the worker that
+            # replaces it within start_timeout takes it, once; else the request fails.
+            lost = worker
+
+            def replaced() -> bool:
+                running = self.state is WorkerState.RUNNING and self.worker is not lost
+                return running or self.machine.stopping
+
+            await self.events.wait_until(replaced, self.policy.start_timeout.seconds)
+            worker = self.worker
+            if worker is None or worker is lost or self.state is not WorkerState.RUNNING:
+                raise
+            spare = bool(worker.spares)
+            instance = worker.spares.pop() if spare else await self._open_on(worker)
         log.debug("instance.opened", module=self.name, worker_pid=worker.pid,
                   instance_id=instance[0], spare=spare)  # fmt: skip
         self._balance_spares()
@@ -636,12 +661,13 @@ class ModuleSupervisor:
                     worker_end.close()
         except (WorkerCrashed, OSError, trio.ClosedResourceError) as exc:
             client_end.close()
-            raise ModuleUnavailable(f"worker went away: {exc}") from None
+            raise WorkerGone(f"worker went away: {exc}") from None
         except BaseException:
             client_end.close()
             raise
         if frame is None:
             client_end.close()
+            _close_on(worker, instance_id)  # should it open the instance late, it frees it next
             raise ModuleUnavailable(
                 f"its worker did not open an instance within {self.policy.start_timeout}"
             )

@@ -210,6 +210,19 @@ class Requests:
             raise
         return request_id, slot
 
+    def send_nowait(self, conn: PacketSocket, message: p.Message) -> Pending | None:
+        """Send a request if ``conn`` has room now (see ``PacketSocket.send_nowait``); else None.
+
+        For what must never wait on a peer that does not read (the heartbeat's PING).
+        """
+        if self._closed is not None:
+            raise self._closed()
+        request_id = next(self._ids)
+        if not conn.send_nowait(message, request_id):
+            return None
+        slot = self._pending[request_id] = _Slot()
+        return request_id, slot
+
     async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
         """Wait for the reply to a request ``send`` made."""
         try:

@@ -317,6 +317,9 @@ class WorkerHost:
             self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
             message.instance_id,
         )  # fmt: skip
+        beater = self.beater
+        if beater is not None:
+            beater.enter()  # module code: its run is timed by the daemon (call_timeout)
         try:
             instance.module = self.loaded.cls(context)
         except Exception as exc:  # noqa: BLE001 - the module's constructor failed: tell the daemon
@@ -328,6 +331,9 @@ class WorkerHost:
             )
             self._send_control(error, frame.request_id)
             return
+        finally:
+            if beater is not None:
+                beater.leave()
         self.instances[message.instance_id] = instance
         self.epoll.register(sock, select.EPOLLIN)
         self.handlers[sock.fileno()] = instance
@@ -365,6 +371,10 @@ class WorkerHost:
         except (ValueError, msgspec.ValidationError) as exc:
             p.close_fds(fds)
             return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
+        beater = self.beater
+        if beater is not None:
+            # Module code runs: a call past call_timeout is a hang, even while a thread beats.
+            beater.enter()
         try:
             value = getattr(instance.module, call.method)(**kwargs)
             return p.Result(msgspec.to_builtins(value))
@@ -372,6 +382,8 @@ class WorkerHost:
             details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
             return p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
         finally:
+            if beater is not None:
+                beater.leave()
             for arg in kwargs.values():
                 if isinstance(arg, Buffer):
                     arg.close()
@@ -406,10 +418,16 @@ class WorkerHost:
         self.epoll.unregister(instance.sock)
         instance.sock.close()
         if instance.module is not None:
+            beater = self.beater
+            if beater is not None:
+                beater.enter()
             try:
                 instance.module.close()
             except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
                 log("worker.close_failed", instance=instance_id, error=repr(exc))
+            finally:
+                if beater is not None:
+                    beater.leave()
 
 
 def _discard_event(name: str, data: object) -> None:
