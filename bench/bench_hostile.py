@@ -36,7 +36,7 @@ from typing import Any
 import trio
 from _common import REPO, Row, exit_on_sigterm, percentile, print_rows, row, write_results
 from _common import parser as common_parser
-from _ipad import DaemonProcess
+from _ipad import DaemonProcess, log_time
 
 from ipad.client import IpadError, open_client
 
@@ -197,6 +197,7 @@ def config(root: Path) -> str:
         [modules.hostile.restart]
         heartbeat_interval = "100ms"
         heartbeat_timeout = "1s"
+        call_timeout = "1s"
         """)
 
 
@@ -274,6 +275,7 @@ async def episode(daemon: DaemonProcess, attack: str) -> dict[str, Any]:
         mid = proc_figures(pid)
         mid_log = daemon.log_path.stat().st_size
         started = time.monotonic()
+        started_wall = time.time()
         async with trio.open_nursery() as nursery:
 
             async def trigger() -> None:
@@ -298,7 +300,9 @@ async def episode(daemon: DaemonProcess, attack: str) -> dict[str, Any]:
         reply = await client.status()
     exits = [r for r in daemon.records() if r.get("event") == "worker.exited"
              and r.get("module") == "hostile" and r.get("worker_pid") == worker_pid]  # fmt: skip
-    reason = exits[-1].get("reason", exits[-1].get("exit_status")) if exits else None
+    last = exits[-1] if exits else {}
+    reason = last.get("cause") or last.get("signal") or last.get("exit_status")
+    ended = log_time(last) - started_wall if exits and not killed else None
     return {
         "attack": attack,
         "status_p50_base_ms": p50(base["status"]),
@@ -313,6 +317,7 @@ async def episode(daemon: DaemonProcess, attack: str) -> dict[str, Any]:
         "fds_delta": settled["fds"] - before["fds"],
         "rss_delta_kib": settled["rss_kib"] - before["rss_kib"],
         "attacker_gone_s": gone,
+        "attacker_ended_after_s": ended,
         "attacker_killed_by_us": killed,
         "attacker_exit": reason,
         "hostile_state_after": reply.modules.get("hostile", {}).get("state"),
@@ -361,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         outcome = "still running, killed by the bench"
         if not r["attacker_killed_by_us"]:
-            outcome = f"gone after {r['attacker_gone_s']:.2f} s ({r['attacker_exit']})"
+            ended = r["attacker_ended_after_s"]
+            outcome = f"ended {ended:.2f} s into the attack ({r['attacker_exit']})"
         print(f"  {r['attack']:16s} {r['status_p50_ms'] / r['status_p50_base_ms']:8.2f} "
               f"{r['call_p50_ms'] / r['call_p50_base_ms']:7.2f} {r['cpu_pct']:6.1f} "
               f"{r['log_bytes_per_s'] / 1e3:9.1f} {r['fds_delta']:5d} {r['rss_delta_kib']:9d} "
