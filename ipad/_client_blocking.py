@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _protocol as p
+from ._buffers import FdArg
 from ._client_common import (
     CLIENT_VERSIONS,
     Backoff,
@@ -326,7 +327,7 @@ class BlockingProxy:
         self,
         method: str,
         args: Mapping[str, Any] | None = None,
-        fds: Mapping[str, int] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
         timeout: float | None = None,
         *,
         wait: float | None = None,

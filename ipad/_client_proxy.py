@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _protocol as p
+from ._buffers import FdArg, protect_all
 from ._client_common import (
     Backoff,
     Bounds,
@@ -111,7 +112,7 @@ class Proxy:
         self,
         method: str,
         args: Mapping[str, Any] | None = None,
-        fds: Mapping[str, int] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
         *,
         wait: float | None = None,
         timeout: float | None = None,
@@ -123,8 +124,10 @@ class Proxy:
         ``wait``, waits on through failures for up to that many seconds.
         ``timeout`` bounds the whole call, recovery included (TimedOut); a
         surrounding cancel scope works as ever. A crash of the worker during
-        the call fails it at once with WorkerCrashed.
+        the call fails it at once with WorkerCrashed. A buffer that cannot be
+        sealed (ipad/_buffers.py) fails it with BadArguments before anything else.
         """
+        protect_all(fds)
         bounds = Bounds.of(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path
@@ -145,7 +148,7 @@ class Proxy:
         sent: list[bool],
         method: str,
         args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
+        fds: Mapping[str, FdArg] | None,
     ) -> Any:
         """The call, once the proxy is valid; ``sent`` gets True once it reached the worker."""
         while True:
@@ -218,7 +221,7 @@ class Proxy:
         requests: ChannelRequests,
         method: str,
         args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
+        fds: Mapping[str, FdArg] | None,
     ) -> Pending:
         """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
         message, fd_list = build_call(method, args, fds)
