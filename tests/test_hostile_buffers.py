@@ -1,0 +1,172 @@
+"""Hostile modules against the buffers clients pass, and against the clients themselves.
+
+A real daemon and real workers serve the hostile_buffers module
+(tests/modules/ipad_test_modules/hostile_buffers.py); each client runs in its
+own process (tests/hostile_buffers_client.py), so a SIGBUS shows as its exit
+status, and every scenario runs with both clients. Each test also proves that
+another module's calls, ``ipadctl status`` and a clean SIGTERM stop still work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipad import _protocol as p
+from ipad.client import BlockingClient
+from tests.daemon_process import REPO, TEST_MODULES, DaemonProcess, write_config
+
+pytestmark = pytest.mark.timeout(120)
+
+Start = Callable[..., DaemonProcess]
+CLIENTS = ("blocking", "trio")
+SCRIPT = Path(__file__).with_name("hostile_buffers_client.py")
+
+#: Every attack on an input buffer and the errno the kernel must answer (never "ok").
+REFUSED = {
+    "truncate": "EPERM", "shrink_by_one": "EPERM", "grow": "EPERM", "write": "EPERM",
+    "append": "EPERM", "punch_hole": "EPERM", "fallocate_grow": "EPERM",
+    "map_shared_writable": "EPERM", "reopen_write": "EPERM", "reopen_truncate": "EPERM",
+    "reopen_map_writable": "EPERM", "splice": "EPERM", "mprotect_writable": "EACCES",
+    "madvise_remove": "EACCES", "proc_mem_shared": "EIO",
+}  # fmt: skip
+
+
+@pytest.fixture
+def daemon(start_daemon: Start, tmp_path: Path) -> DaemonProcess:
+    """A daemon serving hostile_buffers and echo (the neighbour that must keep working)."""
+    config = write_config(tmp_path, f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+                          modules="[modules.hostile_buffers]\n[modules.echo]\n")  # fmt: skip
+    return start_daemon(config)
+
+
+def run_client(daemon: DaemonProcess, kind: str, scenario: str) -> tuple[dict[str, Any], str]:
+    """Run one scenario in a client process; its JSON report and its log output.
+
+    Fails with the exit status if the client died (a SIGBUS is -7).
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), kind, scenario, str(daemon.socket)],
+        capture_output=True, text=True, timeout=90, env=env, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        name = signal.Signals(-result.returncode).name if result.returncode < 0 else ""
+        pytest.fail(f"{kind} client exited {result.returncode} {name}:\n{result.stderr[-3000:]}")
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1]), "\n".join(lines[:-1]) + result.stderr
+
+
+def still_serving(daemon: DaemonProcess) -> None:
+    """``ipadctl status`` answers, and another client's call on echo does."""
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    assert status["daemon"]["pid"] == daemon.proc.pid
+    with BlockingClient(daemon.socket) as client:
+        assert client.request_proxy("echo").call("count", timeout=10) == 1
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_attacks_on_an_input_buffer_fail(daemon: DaemonProcess, kind: str) -> None:
+    """Truncating, growing, writing, reopening, remapping a passed buffer all fail; the client lives."""
+    report, _ = run_client(daemon, kind, "attack")
+    assert report["truncate"] == "EPERM"
+    attacks = report["attacks"]
+    assert {k: attacks[k] for k in REFUSED} == REFUSED
+    assert attacks["proc_mem_private"] == "ok"  # copy-on-write: the worker's own pages only
+    assert report["unchanged"]
+    assert report["worker_sees_client_write"]
+    assert report["size"] == 64 * 1024
+    assert report["other"] == "still here"
+    still_serving(daemon)
+    daemon.stop_cleanly().check()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_replay_copies_survive_attacks_and_crashes(daemon: DaemonProcess, kind: str) -> None:
+    """The copy kept for replay cannot be changed; a worker's SIGBUS is its own; replay is intact."""
+    report, _ = run_client(daemon, kind, "replay")
+    assert report["kept"]
+    assert report["copy_unchanged"]
+    assert report["mapping_unchanged"]
+    assert all(v != "ok" for k, v in report["attacks"].items() if "proc_mem_private" not in k)
+    assert report["crash"] == "WorkerCrashed"  # the mremap past the end killed the worker only
+    assert report["recoveries"] == 1
+    assert report["after_crash"]["truncate"] == "EPERM"
+    assert report["other"] == "still here"
+    still_serving(daemon)
+    daemon.stop_cleanly().check()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_buffers_that_cannot_be_protected_are_refused(daemon: DaemonProcess, kind: str) -> None:
+    """Not a memfd, unsealable, read-only, or an Output sealed against writes: refused, named."""
+    report, _ = run_client(daemon, kind, "refused")
+    for key, why in {"no_sealing": "cannot take seals", "read_only": "open read-only",
+                     "plain_file": "not a memfd", "pipe": "not a memfd",
+                     "output_sealed": "sealed against writes"}.items():  # fmt: skip
+        assert f"buffer {key!r}" in report[key], report[key]
+        assert why in report[key], report[key]
+    assert report["other"] == "still here"
+    still_serving(daemon)
+    daemon.stop_cleanly().check()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_output_buffers_are_writable_but_not_resizable(daemon: DaemonProcess, kind: str) -> None:
+    """An Output buffer is filled by the module, never resized; an input is never mapped writable."""
+    report, _ = run_client(daemon, kind, "output")
+    assert report["resize"] == "EPERM"
+    assert report["filled"]
+    assert "sealed against writes" in report["input_writable"]
+    assert report["other"] == "still here"
+    daemon.stop_cleanly().check()
+
+
+def raw_call(proxy: Any, method: str, fd: int) -> p.Message:
+    """A CALL sent past the client library's sealing, as a C client that skipped it would."""
+    conn = proxy._conn
+    request_id = conn.send(p.Call(method, {}, ("data",)), [fd])
+    message: p.Message = conn.reply(request_id, None).message
+    return message
+
+
+def test_a_worker_refuses_to_map_an_unsealed_memfd(daemon: DaemonProcess) -> None:
+    """A client that passes an unsealed memfd gets bad_arguments; the shared worker keeps serving."""
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("hostile_buffers")
+        neighbour = BlockingClient(daemon.socket)
+        shared = neighbour.request_proxy("hostile_buffers")
+        unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(unsealed, b"x" * 8192)
+        for method in ("digest", "swallow_refusal"):
+            reply = raw_call(proxy, method, unsealed)
+            assert isinstance(reply, p.Error)
+            assert reply.code == "bad_arguments"
+            assert "'data' cannot be mapped" in reply.message
+            assert "F_SEAL_SHRINK" in reply.message
+        os.ftruncate(unsealed, 0)  # had the worker mapped it, its next read would be a SIGBUS
+        pipe_r, pipe_w = os.pipe()
+        reply = raw_call(proxy, "digest", pipe_r)
+        assert isinstance(reply, p.Error)
+        assert "not a memfd" in reply.message
+        for fd in (unsealed, pipe_r, pipe_w):
+            os.close(fd)
+        assert shared.call("digest", fds={"data": _sealed(b"ok")}, timeout=10)
+        assert proxy.call("digest", fds={"data": _sealed(b"ok")}, timeout=10)
+        neighbour.close()
+    still_serving(daemon)
+    daemon.stop_cleanly().check()
+
+
+def _sealed(data: bytes) -> int:
+    from ipad.client import make_buffer  # noqa: PLC0415
+
+    return make_buffer(data)
