@@ -11,6 +11,7 @@ import trio
 
 from . import _protocol as p
 from ._buffers import FdArg, protect_all
+from ._client_backlog import RawModuleEvent
 from ._client_common import (
     Backoff,
     Bounds,
@@ -246,10 +247,15 @@ class Proxy:
                     break
                 except (OSError, trio.ClosedResourceError):
                     break
+                except MemoryError:
+                    # What the worker sent decodes to more than this process can hold: the
+                    # proxy loses its channel (and recovers), the client carries on.
+                    reason = "the client ran out of memory decoding what the worker sent"
+                    break
                 if frame is None:
                     break
-                if isinstance(frame.message, p.ModuleEvent):
-                    self.module_events.put(frame.message)
+                if isinstance(frame.message, RawModuleEvent):
+                    self.module_events.put(frame.message)  # decoded when read
                 else:
                     requests.deliver(frame)
         finally:

@@ -170,3 +170,44 @@ def _sealed(data: bytes) -> int:
     from ipad.client import make_buffer  # noqa: PLC0415
 
     return make_buffer(data)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_an_event_flood_keeps_client_memory_bounded(daemon: DaemonProcess, kind: str) -> None:
+    """40 events that decode to ~13 MB each: the client stores them raw, bounded, and counts losses."""
+    report, _ = run_client(daemon, kind, "events")
+    print(
+        "EVENTS",
+        kind,
+        {k: v for k, v in report.items() if k != "received"},
+        len(report["received"]),
+    )
+    stored_mib = (report["stored"] - report["before"]) / 1024
+    peak_mib = (report["peak"] - report["before"]) / 1024
+    assert stored_mib < 24, report  # was 550 MB: every event kept decoded
+    assert peak_mib < 64, report  # reading decodes one event at a time
+    received = report["received"]
+    assert received == list(range(40 - len(received), 40))  # the newest are kept
+    assert 0 < len(received) < 40
+    assert report["lost"] == 40 - len(received)
+    assert report["other"] == "still here"
+    still_serving(daemon)
+    daemon.stop_cleanly().check()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_unsolicited_replies_give_a_bounded_number_of_log_lines(
+    daemon: DaemonProcess, kind: str
+) -> None:
+    """20,000 replies to ids never sent: dropped, at most a burst of warnings plus their count."""
+    report, output = run_client(daemon, kind, "replies")
+    assert report["sent"] > 1000
+    assert report["same_proxy"]
+    assert report["other"] == "still here"
+    dropped = [line for line in output.splitlines() if "reply.dropped" in line]
+    print("REPLIES", kind, report, len(dropped), dropped[-1:])
+    assert len(dropped) <= 12, dropped[:20]  # was one line per reply
+    if kind == "trio":  # the blocking client drops them silently
+        assert any("reply.dropped_suppressed" in line for line in dropped), dropped
+    still_serving(daemon)
+    daemon.stop_cleanly().check()

@@ -206,6 +206,8 @@ class HostileBuffers(IPAModule):
     def _channel(self) -> socket.socket:
         """The channel socket of this instance, found through the host's emit closure."""
         emit: Any = self.context._emit
-        instance = emit.__closure__[1].cell_contents
-        sock: socket.socket = instance.sock
-        return sock
+        for cell in emit.__closure__:
+            sock = getattr(cell.cell_contents, "sock", None)
+            if isinstance(sock, socket.socket):
+                return sock
+        raise LookupError("no channel socket in reach")
