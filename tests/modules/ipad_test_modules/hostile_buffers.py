@@ -14,6 +14,7 @@ import hashlib
 import mmap
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -183,11 +184,15 @@ class HostileBuffers(IPAModule):
             return "swallowed"
         return "mapped"
 
-    def flood(self, count: int, items: int) -> int:
-        """Emit ``count`` events whose data decodes to ``items`` empty lists (~64 B each)."""
+    def flood(self, count: int, items: int, pause: float = 0.0) -> int:
+        """Emit ``count`` events whose data decodes to ``items`` empty lists (~64 B each).
+
+        ``pause`` between events lets a slow reader keep up, so none is lost to a full socket.
+        """
         payload: list[list[int]] = [[]] * items  # one list here; ``items`` lists in the client
         for i in range(count):
             self.context.emit("flood", {"i": i, "junk": payload})
+            time.sleep(pause)
         return count
 
     def reply_flood(self, count: int) -> int:
