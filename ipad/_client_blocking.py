@@ -202,9 +202,9 @@ class _Connection:
             raise self._gone() from None
         except MemoryError:
             # What the peer sent decodes to more than this process can hold: this connection
-            # ends with that reason; the client (and its other proxies) carry on.
+            # ends with that reason (a proxy reopens its channel, which closes this one); the
+            # client and its other proxies carry on.
             self.closed_reason = f"the client ran out of memory decoding what the {self.what} sent"
-            self.sock.close()
             raise self._gone() from None
         except OSError as exc:
             if exc.errno == errno.ECONNRESET and self.what == "daemon":

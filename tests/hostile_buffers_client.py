@@ -151,6 +151,31 @@ def scenario_events(call: Call, other: Call, next_event: Callable[[], Any]) -> d
             "other": other()}  # fmt: skip
 
 
+def vm_kib() -> int:
+    """The address space of this process now, in KiB."""
+    with open(f"/proc/{os.getpid()}/status", encoding="ascii") as status:  # noqa: PTH123
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1])
+    return 0
+
+
+def scenario_oom(call: Call, other: Call) -> dict[str, Any]:
+    """A result too big to decode in the memory left: an error on that proxy, not the client's end."""
+    out: dict[str, Any] = {"small": len(call("big", {"items": 10}))}
+    limit = (vm_kib() + 4 * 1024) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    try:
+        out["big"] = len(call("big", {"items": 200_000}))
+    except IpadError as exc:
+        out["big"] = f"{type(exc).__name__}: {exc.message}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    out["again"] = len(call("big", {"items": 10}, wait=20))
+    out["other"] = other()
+    return out
+
+
 def scenario_replies(call: Call, other: Call) -> dict[str, Any]:
     """Replies to ids never sent: each dropped, and the warnings about them rate-limited."""
     sent = call("reply_flood", {"count": 20_000})

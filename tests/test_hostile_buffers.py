@@ -203,3 +203,15 @@ def test_unsolicited_replies_give_a_bounded_number_of_log_lines(
         assert any("reply.dropped_suppressed" in line for line in dropped), dropped
     still_serving(daemon)
     daemon.stop_cleanly().check()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_memory_exhaustion_is_an_error_on_the_proxy(daemon: DaemonProcess, kind: str) -> None:
+    """A reply that cannot be decoded in the memory left fails that call; the client carries on."""
+    report, _ = run_client(daemon, kind, "oom")
+    assert report["small"] == 10
+    assert "ran out of memory" in report["big"], report
+    assert report["again"] == 10  # the proxy recovered
+    assert report["other"] == "still here"
+    still_serving(daemon)
+    daemon.stop_cleanly().check()

@@ -195,6 +195,10 @@ class HostileBuffers(IPAModule):
             time.sleep(pause)
         return count
 
+    def big(self, items: int) -> list[list[int]]:
+        """A result that decodes to ``items`` empty lists in the client (~64 B each)."""
+        return [[]] * items
+
     def reply_flood(self, count: int) -> int:
         """Send ``count`` replies to request ids the client never used, on this channel."""
         sock = self._channel()
