@@ -313,9 +313,6 @@ class Client:
                     continue
                 except (OSError, trio.ClosedResourceError):
                     break
-                except MemoryError:
-                    goodbye = "the client ran out of memory decoding what the daemon sent"
-                    break
                 if frame is None:
                     break
                 message = frame.message
@@ -325,6 +322,9 @@ class Client:
                     goodbye = message.reason
                 else:
                     requests.deliver(frame)
+        except MemoryError:
+            # Too big to decode or keep in the memory left: this connection ends, not the client.
+            goodbye = "the client ran out of memory decoding what the daemon sent"
         finally:
             reason = goodbye or "the daemon closed the connection"
             requests.fail_all(lambda: Disconnected(reason))

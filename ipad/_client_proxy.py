@@ -247,17 +247,16 @@ class Proxy:
                     break
                 except (OSError, trio.ClosedResourceError):
                     break
-                except MemoryError:
-                    # What the worker sent decodes to more than this process can hold: the
-                    # proxy loses its channel (and recovers), the client carries on.
-                    reason = "the client ran out of memory decoding what the worker sent"
-                    break
                 if frame is None:
                     break
                 if isinstance(frame.message, RawModuleEvent):
                     self.module_events.put(frame.message)  # decoded when read
                 else:
                     requests.deliver(frame)
+        except MemoryError:
+            # What the worker sent decodes to more than this process can hold (or there is no
+            # room to keep it): the proxy loses its channel and recovers; the client carries on.
+            reason = "the client ran out of memory decoding what the worker sent"
         finally:
             requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
             if channel is self.channel:
