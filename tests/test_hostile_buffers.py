@@ -18,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ipad import _protocol as p
+from ipad._client_backlog import EVENT_OVERHEAD, RAW_EVENTS, Backlog, RawModuleEvent
 from ipad.client import BlockingClient, make_buffer
 from tests.daemon_process import REPO, TEST_MODULES, DaemonProcess, write_config
 
@@ -215,3 +217,35 @@ def test_memory_exhaustion_is_an_error_on_the_proxy(daemon: DaemonProcess, kind:
     assert report["other"] == "still here"
     still_serving(daemon)
     daemon.stop_cleanly().check()
+
+
+def raw_event(name: str, data: object) -> RawModuleEvent:
+    """A module event as a client's channel receives it."""
+    frame = p.decode(p.encode(p.ModuleEvent(name, data)), decoders=RAW_EVENTS)
+    assert isinstance(frame.message, RawModuleEvent)
+    return frame.message
+
+
+def test_a_backlog_is_bounded_in_bytes_and_count() -> None:
+    """Past either bound the oldest events go, counted; what is kept costs what arrived."""
+    backlog = Backlog(size=3, max_bytes=3 * EVENT_OVERHEAD + 3000)
+    for i in range(5):
+        backlog.put(raw_event("e", {"i": i, "pad": "x" * 900}))
+    assert (len(backlog), backlog.dropped) == (3, 2)
+    assert backlog.bytes <= backlog.max_bytes
+    backlog.put(raw_event("big", "y" * 2500))  # needs the room of three of the others
+    assert len(backlog) == 1
+    assert backlog.dropped == 5
+    assert backlog.pop() == p.ModuleEvent("big", "y" * 2500)
+    assert backlog.bytes == 0
+
+
+def test_an_event_that_cannot_be_decoded_when_read_is_counted_lost() -> None:
+    """Nesting too deep to decode is found when the event is read: skipped, counted, no error."""
+    backlog = Backlog()
+    deep = RawModuleEvent("deep", msgspec.Raw(b"\x91" * 100_000 + b"\xc0"))
+    backlog.put(deep)
+    backlog.put(raw_event("fine", 1))
+    assert backlog.pop() is None
+    assert backlog.pop() == p.ModuleEvent("fine", 1)
+    assert backlog.dropped == 1
