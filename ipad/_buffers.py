@@ -111,11 +111,20 @@ def protect(key: str, value: FdArg) -> int:
         raise _refused(key, fd, "it cannot take seals (a memfd made without "
                                 "MFD_ALLOW_SEALING, or sealed with F_SEAL_SEAL)")  # fmt: skip
     try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, missing)
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, missing)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not missing & F_SEAL_FUTURE_WRITE:
+                raise
+            # A kernel before 5.1 has no F_SEAL_FUTURE_WRITE: F_SEAL_WRITE, which it refuses
+            # (EBUSY) while the client holds a writable mapping.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, missing & ~F_SEAL_FUTURE_WRITE | F_SEAL_WRITE)
     except OSError as exc:
         why = os.strerror(exc.errno or 0)
         if exc.errno == errno.EPERM:
             why = "it is open read-only, and sealing needs write access"
+        elif exc.errno == errno.EBUSY:
+            why = "this kernel cannot seal it against writes while it is mapped writable"
         raise _refused(key, fd, why) from None
     return fd
 
