@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _protocol as p
+from ._buffers import FdArg, protect_all
+from ._client_backlog import RawModuleEvent
 from ._client_common import (
     Backoff,
     Bounds,
@@ -135,7 +137,7 @@ class Proxy:
         self,
         method: str,
         args: Mapping[str, Any] | None = None,
-        fds: Mapping[str, int] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
         *,
         wait: float | None = None,
         timeout: float | None = None,
@@ -149,8 +151,10 @@ class Proxy:
         it, the module's ``call_timeout`` does (from the grant). A surrounding
         cancel scope works as ever. A crash of the worker during the call fails
         it at once with WorkerCrashed. A reply that comes after the call gave
-        up is dropped; the proxy stays usable.
+        up is dropped; the proxy stays usable. A buffer that cannot be sealed
+        (ipad/_buffers.py) fails the call with BadArguments before anything else.
         """
+        protect_all(fds)
         if timeout is None:
             timeout = self.info.call_timeout
         bounds = Bounds.of(trio.current_time(), timeout, wait)
@@ -173,7 +177,7 @@ class Proxy:
         sent: list[bool],
         method: str,
         args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
+        fds: Mapping[str, FdArg] | None,
     ) -> Any:
         """The call, once the proxy is valid; ``sent`` gets True once it reached the worker."""
         while True:
@@ -246,7 +250,7 @@ class Proxy:
         requests: ChannelRequests,
         method: str,
         args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
+        fds: Mapping[str, FdArg] | None,
     ) -> Pending:
         """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
         message, fd_list = build_call(method, args, fds)
@@ -273,10 +277,14 @@ class Proxy:
                     break
                 if frame is None:
                     break
-                if isinstance(frame.message, p.ModuleEvent):
-                    self.module_events.put(frame.message)
+                if isinstance(frame.message, RawModuleEvent):
+                    self.module_events.put(frame.message)  # decoded when read
                 else:
                     requests.deliver(frame)
+        except MemoryError:
+            # What the worker sent decodes to more than this process can hold (or there is no
+            # room to keep it): the proxy loses its channel and recovers; the client carries on.
+            reason = "the client ran out of memory decoding what the worker sent"
         finally:
             requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
             if channel is self.channel:

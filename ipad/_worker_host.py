@@ -127,7 +127,7 @@ class Method:
         for name, fd in zip(call.fd_args, fds, strict=True):
             if name not in self.buffers:
                 raise ValueError(f"{self.name}() argument {name!r} is not a Buffer")
-            kwargs[name] = Buffer(fd)
+            kwargs[name] = Buffer(fd, name)
         missing = [n for n in self.required if n not in kwargs]
         if missing:
             raise ValueError(f"{self.name}() is missing {', '.join(map(repr, missing))}")
@@ -371,22 +371,28 @@ class WorkerHost:
         except (ValueError, msgspec.ValidationError) as exc:
             p.close_fds(fds)
             return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
+        buffers = [arg for arg in kwargs.values() if isinstance(arg, Buffer)]
         beater = self.beater
         if beater is not None:
             # Module code runs: a call past call_timeout is a hang, even while a thread beats.
             beater.enter()
         try:
             value = getattr(instance.module, call.method)(**kwargs)
-            return p.Result(msgspec.to_builtins(value))
+            reply: p.Message = p.Result(msgspec.to_builtins(value))
         except Exception as exc:  # noqa: BLE001 - the module's bug becomes the caller's error reply
             details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
-            return p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+            reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
         finally:
             if beater is not None:
                 beater.leave()
-            for arg in kwargs.values():
-                if isinstance(arg, Buffer):
-                    arg.close()
+            for buffer in buffers:
+                buffer.close()
+        # A buffer refused for mapping is the caller's error, even if the module caught it.
+        for buffer in buffers:
+            if buffer.refused is not None:
+                details = {"fd_arg": buffer.name}
+                return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(buffer.refused), details)
+        return reply
 
     def _reply(self, instance: Instance, message: p.Message, request_id: int) -> None:
         self._send_channel(instance, message, request_id)
