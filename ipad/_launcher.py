@@ -39,11 +39,12 @@ from . import _memory_cgroup
 from . import _protocol as p
 from ._cgroup import WorkerCgroups, clear_cgroup
 from ._children import Children, child_pidfd, is_child
+from ._fdpass import recv_packet
 from ._jail import command as jail_command
 from ._lifecycle import ExitStatus
 from ._reactor import Timers
 from ._relay import OutputRelay
-from ._spawn import StartedProcess
+from ._spawn import StartedProcess, start_process
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
 from ._zygote import ZYGOTE_ARGV
 
@@ -62,6 +63,12 @@ FORK_TIMEOUT = 2.0
 
 #: How long ``renew`` waits for the new fork server before workers are spawned meanwhile.
 RENEW_TIMEOUT = 5.0
+
+#: How long a jail (ipad/_jail.py) may take to say which worker it started, by default.
+JAIL_TIMEOUT = 5.0
+
+#: What a jail may say: the worker's pid.
+JAIL_REPLY = frozenset({p.MsgType.SPAWNED})
 
 #: Told of a worker the moment its process exists; then when it has exited and been reaped.
 OnStarted = Callable[[WorkerProcess], None]
@@ -271,10 +278,12 @@ class Launcher:
         *,
         on_started: OnStarted = lambda _: None,
         on_exit: OnExit | None = None,
+        timeout: float = JAIL_TIMEOUT,
     ) -> WorkerProcess:
         """A new worker for ``module``: forked if it runs the Python worker host, else spawned.
 
-        With ``sandbox`` the worker confines itself before it loads its module.
+        With ``sandbox`` the worker confines itself before it loads its module;
+        a spawned one is started by the jail, which has ``timeout`` to say its pid.
         ``on_started`` is told of the worker the moment its process exists (it
         owns it from then on, even if this is cancelled later); the reaper
         calls ``on_exit`` once it has exited.
@@ -293,11 +302,14 @@ class Launcher:
         self.spawns += 1
         v1_memory = self._v1_memory(module, sandbox)
         if sandbox is not None:
-            sandbox = msgspec.structs.replace(sandbox, pid_namespace=False, memory_cgroup=(
+            sandbox = msgspec.structs.replace(sandbox, memory_cgroup=(
                 str(v1_memory) if v1_memory else None))  # fmt: skip
             argv = jail_command(sandbox, list(argv))
         try:
-            worker = self._spawn(module, argv, env, on_notice, on_exit=on_exit)
+            if sandbox is not None and sandbox.pid_namespace:
+                worker = await self._spawn_jailed(module, argv, env, on_notice, on_exit, timeout)
+            else:
+                worker = self._spawn(module, argv, env, on_notice, on_exit=on_exit)
         except BaseException:
             self._drop_v1_memory(v1_memory, None)
             raise
@@ -426,6 +438,90 @@ class Launcher:
             if not spawned.in_cgroup:
                 await trio.to_thread.run_sync(WorkerCgroups.move, path, pid)
         return worker
+
+    async def _spawn_jailed(
+        self,
+        module: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        on_notice: Callable[[p.Message], None],
+        on_exit: OnExit | None,
+        timeout: float,
+    ) -> WorkerProcess:
+        """Spawn the jail (ipad/_jail.py), adopt the worker it clones, reap the jail.
+
+        The jail is the reaper's from the moment it exists, the worker from the
+        moment its SPAWNED is read, and only if it is a child of the daemon
+        that nobody holds yet: a jail that dies, lies or takes longer than
+        ``timeout`` is a failed start (OSError), and whatever it cloned is
+        killed and reaped.
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)  # the jail's, then the worker's output
+        try:
+            started = start_process(argv, env, output=write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        started.taken = True
+        jail = WorkerProcess.stray(module, started.pid, started.pidfd)
+        self.children.adopt(jail, lambda process: process.close())
+        control = started.control
+        worker_pid = jail.pid  # whose output the pipe carries, until the worker is known
+        try:
+            spawned = await self._jail_answer(control, timeout)
+            pidfd = self._unheld_child(spawned.pid)
+        except BaseException:
+            jail.kill()  # and the clone with it, while it is still in the jail's group
+            self._adopt_unread(control, module)
+            control.close()
+            self.relay.add(read_end, module=module, worker_pid=worker_pid)
+            raise
+        worker = WorkerProcess(module, spawned.pid, pidfd, control, on_notice)
+        self._watch(worker, read_end, on_exit)
+        log.debug("worker.spawned", module=module, worker_pid=worker.pid, jail_pid=jail.pid,
+                  argv=list(argv))  # fmt: skip
+        return worker
+
+    def _unheld_child(self, pid: int) -> int:
+        """A pidfd for ``pid`` if it is a child of ours nobody holds yet; OSError if not."""
+        if self.children.holds(pid):
+            raise OSError(f"the jail named process {pid}, a worker already")
+        return child_pidfd(pid)
+
+    async def _jail_answer(self, control: socket.socket, timeout: float) -> p.Spawned:
+        """The jail's SPAWNED, the first packet on the control socket; OSError otherwise."""
+        control.setblocking(False)
+        with self.timers.move_on_after(timeout):
+            while True:
+                await trio.lowlevel.wait_readable(control)
+                try:
+                    received = recv_packet(control)
+                except BlockingIOError:
+                    continue
+                if received is None:
+                    raise OSError("the jail exited before it started the worker")
+                try:
+                    frame = p.decode(*received, allowed=JAIL_REPLY)
+                except p.ProtocolError as exc:
+                    raise OSError(f"the jail said something else: {exc.reason}") from None
+                frame.close_fds()
+                assert isinstance(frame.message, p.Spawned)  # noqa: S101 - decode allowed only it
+                return frame.message
+        raise OSError(f"the jail did not start the worker within {timeout:g}s")
+
+    def _adopt_unread(self, control: socket.socket, module: str) -> None:
+        """A SPAWNED the jail sent that nobody read: kill and reap the worker it names."""
+        with contextlib.suppress(OSError, p.ProtocolError):
+            received = recv_packet(control)
+            if received is not None:
+                frame = p.decode(*received, allowed=JAIL_REPLY)
+                frame.close_fds()
+                if isinstance(frame.message, p.Spawned) and not self.children.holds(
+                    frame.message.pid
+                ):
+                    self.children.adopt_pid(frame.message.pid, module)
 
     def _discard_cgroup(self, path: Path) -> None:
         """Kill whatever is in a cgroup nobody will use and remove it, in the background."""
