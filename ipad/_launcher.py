@@ -67,6 +67,9 @@ RENEW_TIMEOUT = 5.0
 #: How long a jail (ipad/_jail.py) may take to say which worker it started, by default.
 JAIL_TIMEOUT = 5.0
 
+#: How long a jail that failed gets to die of its SIGKILL before what it said is read.
+JAIL_KILL_WAIT = 1.0
+
 #: What a jail may say: the worker's pid.
 JAIL_REPLY = frozenset({p.MsgType.SPAWNED})
 
@@ -474,6 +477,8 @@ class Launcher:
             pidfd = self._unheld_child(spawned.pid)
         except BaseException:
             jail.kill()  # and the clone with it, while it is still in the jail's group
+            with trio.CancelScope(shield=True), self.timers.move_on_after(JAIL_KILL_WAIT):
+                await jail.wait_exit()  # then whatever it said before it died is there to read
             self._adopt_unread(control, module)
             control.close()
             self.relay.add(read_end, module=module, worker_pid=worker_pid)
