@@ -480,6 +480,7 @@ class Launcher:
             with trio.CancelScope(shield=True), self.timers.move_on_after(JAIL_KILL_WAIT):
                 await jail.wait_exit()  # then whatever it said before it died is there to read
             self._adopt_unread(control, module)
+            self._adopt_unnamed(jail.pid, module)
             control.close()
             self.relay.add(read_end, module=module, worker_pid=worker_pid)
             raise
@@ -528,6 +529,21 @@ class Launcher:
                 ):
                     self.children.adopt_pid(frame.message.pid, module)
 
+    def _adopt_unnamed(self, jail_pid: int, module: str) -> None:
+        """Kill and reap a clone the jail died before naming: a child of ours in its group.
+
+        The clone stays in the jail's process group until the jail says go, and
+        a killed one stays there as a zombie until reaped: the group id cannot
+        be another's meanwhile.
+        """
+        try:
+            listed = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        except OSError:
+            return
+        for pid in map(int, listed):
+            if not self.children.holds(pid) and _process_group(pid) == jail_pid:
+                self.children.adopt_pid(pid, module)
+
     def _discard_cgroup(self, path: Path) -> None:
         """Kill whatever is in a cgroup nobody will use and remove it, in the background."""
         if self._background is not None:
@@ -547,6 +563,15 @@ def _spawned(frame: p.Frame | None) -> p.Spawned:
         error = message.message if isinstance(message, p.Error) else message.TYPE.name
         raise OSError(f"fork server refused: {error}")
     return message
+
+
+def _process_group(pid: int) -> int | None:
+    """The process group of ``pid`` (from /proc/PID/stat), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[2])
 
 
 def _pidfd_of_child(pid: int) -> int:
