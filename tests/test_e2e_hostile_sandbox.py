@@ -105,6 +105,8 @@ class Setup:
         self.native_dir = directory / "native-modules"
         self.bin = directory / "bin"
         self.targets = self.native_dir / "targets"  # in its view: its module directory
+        #: The name its escapee takes: this test's own, so none of another run is counted.
+        self.marker = f"ipad-esc-n{os.getpid() % 100000}"
 
     def build_native(self) -> None:
         """Compile the hostile native worker and give it a manifest of its own."""
@@ -113,7 +115,8 @@ class Setup:
         self.targets.write_text("")
         self.targets.chmod(0o644)
         binary = self.bin / "hostile-native"
-        subprocess.run([str(GCC), "-O1", "-Wall", f'-DTARGETS="{self.targets}"', "-o", str(binary),
+        subprocess.run([str(GCC), "-O1", "-Wall", f'-DTARGETS="{self.targets}"',
+                        f'-DMARKER="{self.marker}"', "-o", str(binary),
                         str(NATIVE_SOURCE)], check=True, capture_output=True)  # fmt: skip
         binary.chmod(0o755)
         (self.native_dir / "native.toml").write_text(NATIVE_MANIFEST)  # tuning: tests/modules
@@ -264,5 +267,5 @@ def test_hostile_native_worker_harms_nothing_outside(
     assert (others["clone_parent"], others["clone3_parent"]) == ("SYS", "ENOSYS"), lines
     # Its exit (a load failure) ended its namespace: the escapee went with it.
     daemon.wait_for("worker.start_failed", lambda r: r.get("worker_pid") == pid)
-    wait_until(lambda: not processes_named("ipad-escapee"), timeout=10)
+    wait_until(lambda: not processes_named(setup.marker), timeout=10)
     assert_unharmed(daemon, before)

@@ -2,7 +2,8 @@
  * outlive what is outside its sandbox, and says on stderr (relayed into the daemon's log)
  * what each attempt got. Then it exits with status 3, a load failure.
  *
- * Built by tests/test_e2e_hostile_sandbox.py with -DTARGETS="<file of host pids>". */
+ * Built by tests/test_e2e_hostile_sandbox.py with -DTARGETS="<file of host pids>" and
+ * -DMARKER="<the name its escapee takes>". */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -112,7 +113,7 @@ static long escape(void) {
         if (fork() == 0) {
             setpgid(0, 0);
             prctl(PR_SET_PDEATHSIG, 0);
-            prctl(PR_SET_NAME, "ipad-escapee");
+            prctl(PR_SET_NAME, MARKER);
             signal(SIGTERM, SIG_IGN);
             signal(SIGHUP, SIG_IGN);
             for (;;) pause();
