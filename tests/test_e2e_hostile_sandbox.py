@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,16 +28,20 @@ from typing import Any
 
 import pytest
 
+from ipad import _protocol as p
+from ipad._fdpass import send_packet
 from ipad.client import BlockingClient
 from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,
     alive,
+    open_fds,
     wait_until,
     write_config,
     zombie_children,
 )
 from tests.privileges import NOBODY, as_user, setpriv, user_install
+from tests.raw_client import hello, receive
 from tests.test_e2e_unprivileged import nobody_dir, nobody_env
 
 __all__ = ["nobody_dir", "nobody_env"]  # fixtures, used by name
@@ -178,6 +183,30 @@ def assert_unharmed(daemon: DaemonProcess, before: dict[str, int]) -> None:
     assert daemon.proc.poll() is None
 
 
+def call_with_fd(daemon: DaemonProcess, method: str, name: str, fd: int) -> object:
+    """Call ``method`` of the hostile module passing ``fd`` as its argument ``name``, by hand.
+
+    By hand: a client library may rightly refuse to pass what is not a buffer.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+        hello(sock)
+        sock.send(p.encode(p.RequestProxy("hostile"), 2))
+        while (frame := receive(sock)) is not None and frame.request_id != 2:
+            frame.close_fds()
+        assert frame is not None
+        assert isinstance(frame.message, p.ProxyGranted), frame.message
+        with socket.socket(fileno=frame.fds[0]) as channel:
+            channel.settimeout(10)
+            send_packet(channel, p.encode(p.Call(method, {}, (name,)), 1, nfds=1), [fd])
+            while (reply := receive(channel)) is not None and reply.request_id != 1:
+                reply.close_fds()
+            assert reply is not None
+            assert isinstance(reply.message, p.Result), reply.message
+            return reply.message.value
+
+
 def processes_named(name: str) -> list[int]:
     """Host pids whose name (comm) is ``name``."""
     found = []
@@ -199,6 +228,8 @@ def test_hostile_python_module_harms_nothing_outside(
     daemon = start(start_daemon, setup, request, setup.config(forkserver=forkserver))
     before = targets(daemon, sentinel)
     hostile_pid = daemon.worker_pids()["hostile"]
+    daemon.wait_standbys()
+    fds = open_fds(daemon.proc.pid)
     with BlockingClient(daemon.socket) as client:
         hostile = client.request_proxy("hostile")
         results: dict[str, dict[str, str]] = hostile.call("signal_others",
@@ -223,6 +254,13 @@ def test_hostile_python_module_harms_nothing_outside(
         assert view["self"] == 1
         assert len(view["pids"]) < 5, view  # itself and the odd helper: nothing of the host
         assert hostile.call("passed_pidfd", {"path": f"/proc/{before['daemon']}"}) != "ok"
+        for target in before.values():  # a pidfd a client hands it: refused all the same
+            pidfd = os.pidfd_open(target)
+            try:
+                assert call_with_fd(daemon, "signal_fd", "target", pidfd) == "EPERM"
+            finally:
+                os.close(pidfd)
+        assert_unharmed(daemon, before)
 
         marker = f"ipad-esc-{os.getpid() % 100000}"
         hostile.call("escape", {"marker": marker})
@@ -233,6 +271,9 @@ def test_hostile_python_module_harms_nothing_outside(
         wait_until(lambda: not processes_named(marker), timeout=10)  # died with its worker
         assert hostile.call("proc_view", wait=10)["self"] == 1  # back, still in its namespace
     assert_unharmed(daemon, before)
+    daemon.wait_standbys()  # the client's proxies gone, the standbys' spares with them
+    count = open_fds(daemon.proc.pid)
+    assert count <= fds, (count, fds)  # nothing of the attacks is held open
 
 
 @pytest.mark.skipif(GCC is None, reason="needs gcc to build the native worker")
@@ -243,6 +284,8 @@ def test_hostile_native_worker_harms_nothing_outside(
     """A native worker, attacking before it answers LOAD, is pid 1 of its namespace and harms nothing."""
     daemon = start(start_daemon, setup, request, setup.config(forkserver=False))
     before = targets(daemon, sentinel)
+    daemon.wait_standbys()
+    fds = open_fds(daemon.proc.pid)
     setup.targets.write_text(" ".join(str(pid) for pid in before.values()))
     setup.config(forkserver=False, native=True)
     assert "added: native" in daemon.ctl("reload").stdout
@@ -269,3 +312,5 @@ def test_hostile_native_worker_harms_nothing_outside(
     daemon.wait_for("worker.start_failed", lambda r: r.get("worker_pid") == pid)
     wait_until(lambda: not processes_named(setup.marker), timeout=10)
     assert_unharmed(daemon, before)
+    # In cooldown, nothing of its jails and workers held open (its module adds a pipe or two).
+    wait_until(lambda: open_fds(daemon.proc.pid) <= fds + 2)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ipad.ipa import IPAModule
+from ipad.ipa import Buffer, IPAModule
 
 __version__ = "1.0.0"
 
@@ -162,6 +162,10 @@ class Hostile(IPAModule):
     def passed_pidfd(self, path: str) -> str:
         """Signal through a pidfd opened on a host /proc path (as if one had been passed in)."""
         return _outcome(lambda: _proc_pidfd(int(Path(path).name)))
+
+    def signal_fd(self, target: Buffer) -> str:
+        """SIGKILL through a pidfd a client passed in, as a buffer."""
+        return _outcome(lambda: signal.pidfd_send_signal(target.fd, signal.SIGKILL))
 
     def clone_parent(self, count: int) -> dict[str, str]:
         """Children of the daemon: clone(CLONE_PARENT), vfork-style, clone3, ``count`` times each."""
