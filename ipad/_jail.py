@@ -39,7 +39,7 @@ from . import _protocol as p
 from ._fdpass import send_packet
 from ._protocol import SandboxSpec
 from ._sandbox import CLONE_NEWUSER, SandboxError, apply, clone_flags, close_other_fds
-from ._spawn import CONTROL_FD
+from ._spawn import CONTROL_FD, EXTRA_FD
 
 if TYPE_CHECKING:
     from ._forkserver import Daemon
@@ -51,17 +51,24 @@ EXIT_SANDBOX_FAILED = 4
 PARENT_PID = "--parent-pid"
 
 
-def command(spec: SandboxSpec, argv: list[str]) -> list[str]:
-    """The command line that starts ``argv`` confined by ``spec``."""
+#: The first argument when fd 4 is the worker's cgroup directory, to clone it into.
+CGROUP_ARG = "--cgroup-fd=4"
+
+
+def command(spec: SandboxSpec, argv: list[str], *, cgroup: bool = False) -> list[str]:
+    """The command line that starts ``argv`` confined by ``spec`` (in the cgroup on fd 4)."""
     encoded = msgspec.json.encode(spec).decode()
-    return [sys.executable, "-I", "-m", "ipad._jail", encoded, "--", *argv]
+    head = [CGROUP_ARG] if cgroup else []
+    return [sys.executable, "-I", "-m", "ipad._jail", *head, encoded, "--", *argv]
 
 
 def main(argv: list[str]) -> int:
     """Apply the spec in argv[0] to the worker that follows ``--``, then start it."""
+    cgroup_fd = EXTRA_FD if argv[0] == CGROUP_ARG else None
+    argv = argv[1:] if cgroup_fd is not None else argv
     spec = msgspec.json.decode(argv[0].encode(), type=SandboxSpec)
     worker = argv[argv.index("--") + 1 :]
-    close_other_fds()
+    close_other_fds(EXTRA_FD + 1 if cgroup_fd is not None else EXTRA_FD)
     if not spec.pid_namespace:
         return _exec_in_place(spec, worker)
     from ._forkserver import Daemon  # noqa: PLC0415 - the jail's alone, not the daemon's
@@ -70,7 +77,7 @@ def main(argv: list[str]) -> int:
     # The worker's parent is the daemon, outside its namespace: there getppid() says 0.
     if PARENT_PID in worker:
         worker[worker.index(PARENT_PID) + 1] = "0"
-    return _clone_worker(spec, worker, Daemon(daemon_pid))
+    return _clone_worker(spec, worker, Daemon(daemon_pid), cgroup_fd)
 
 
 def _parent_pid(worker: list[str]) -> int | None:
@@ -91,26 +98,37 @@ def _exec_in_place(spec: SandboxSpec, worker: list[str]) -> int:  # noqa: RET503
     os.execv(worker[0], worker)  # noqa: S606 - the resolved worker, as the daemon would spawn it
 
 
-def _clone_worker(spec: SandboxSpec, worker: list[str], daemon: Daemon) -> int:
-    """Clone the worker into its namespaces, tell the daemon its pid, let it go, exit."""
+def _clone_worker(
+    spec: SandboxSpec, worker: list[str], daemon: Daemon, cgroup_fd: int | None
+) -> int:
+    """Clone the worker into its namespaces (and cgroup), tell the daemon its pid, let it go."""
     from ._forkserver import fork_sibling  # noqa: PLC0415 - the jail's alone, not the daemon's
 
     control = socket.socket(fileno=CONTROL_FD)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     outer_ids = (os.getuid(), os.getgid())  # what a user namespace maps: ours, from outside
     namespaces = clone_flags(spec)
+    in_cgroup = cgroup_fd is not None
     try:
-        pid = fork_sibling(None, namespaces)
+        try:
+            pid = fork_sibling(cgroup_fd, namespaces)
+        except OSError:
+            if cgroup_fd is None:
+                raise
+            in_cgroup = False  # an older kernel: clone plainly, the daemon moves it
+            pid = fork_sibling(None, namespaces)
     except OSError as exc:
         _failed(spec, "pid_namespace", f"clone: {exc.strerror or exc}")
         return EXIT_SANDBOX_FAILED
     if pid == 0:
+        if cgroup_fd is not None:
+            os.close(cgroup_fd)
         ours.close()
         control.detach()  # fd 3 stays: it is the worker's control socket
         _become_worker(spec, worker, theirs, daemon, outer_ids, namespaces)
     theirs.close()
     try:
-        send_packet(control, p.encode(p.Spawned(pid)))
+        send_packet(control, p.encode(p.Spawned(pid, in_cgroup)))
         ours.send(b"go")
         ours.recv(16)  # it leads a group of its own now (or it died): ours may end
     except OSError:

@@ -304,29 +304,43 @@ class Launcher:
             return worker
         self.spawns += 1
         v1_memory = self._v1_memory(module, sandbox)
+        prepared, in_cgroup = None, False
         if sandbox is not None:
             sandbox = msgspec.structs.replace(sandbox, memory_cgroup=(
                 str(v1_memory) if v1_memory else None))  # fmt: skip
-            argv = jail_command(sandbox, list(argv))
+            if sandbox.pid_namespace and self.cgroups is not None:
+                prepared = self._prepare_cgroup(module, sandbox, v1_memory)
+            argv = jail_command(sandbox, list(argv), cgroup=prepared is not None)
         try:
             if sandbox is not None and sandbox.pid_namespace:
-                worker = await self._spawn_jailed(module, argv, env, on_notice, on_exit, timeout)
+                worker, in_cgroup = await self._spawn_jailed(
+                    module, argv, env, on_notice, on_exit, timeout, prepared
+                )
             else:
                 worker = self._spawn(module, argv, env, on_notice, on_exit=on_exit)
         except BaseException:
             self._drop_v1_memory(v1_memory, None)
             raise
         worker.sandbox, worker.memory_cgroup = sandbox, v1_memory
+        if prepared is not None and self._limited_in(prepared[0], sandbox, v1_memory):
+            worker.memory_cgroup = prepared[0]
         on_started(worker)
-        if self.cgroups is not None:
-            # Moving a process between cgroups can wait out an RCU grace period
-            # (~10 ms here): do it off the event loop so other workers carry on.
+        await self._place(worker, module, in_cgroup=in_cgroup)
+        return worker
+
+    async def _place(self, worker: WorkerProcess, module: str, *, in_cgroup: bool) -> None:
+        """Move a spawned worker into a cgroup of its own, unless it was cloned into one."""
+        # Moving a process between cgroups can wait out an RCU grace period
+        # (~10 ms here): do it off the event loop so other workers carry on.
+        if worker.cgroup is not None:  # the jail's: cloned into it, or moved there now
+            if not in_cgroup:
+                await trio.to_thread.run_sync(WorkerCgroups.move, worker.cgroup, worker.pid)
+        elif self.cgroups is not None:
             worker.cgroup = await trio.to_thread.run_sync(self.cgroups.add, module, worker.pid)
-            limit = sandbox.memory_max if sandbox is not None else None
+            limit = worker.sandbox.memory_max if worker.sandbox is not None else None
             if worker.cgroup is not None and limit is not None and self.memory_version == 2:
                 _memory_cgroup.set_limit(worker.cgroup, limit, 2)
                 worker.memory_cgroup = worker.cgroup
-        return worker
 
     async def _fork_from(self) -> WorkerProcess | None:
         """The fork server to fork from: while one is being replaced, its successor.
@@ -442,6 +456,24 @@ class Launcher:
                 await trio.to_thread.run_sync(WorkerCgroups.move, path, pid)
         return worker
 
+    def _prepare_cgroup(
+        self, module: str, sandbox: p.SandboxSpec, v1_memory: Path | None
+    ) -> tuple[Path, int] | None:
+        """A cgroup for the jail to clone the worker into, with its memory limit already set."""
+        assert self.cgroups is not None  # noqa: S101 - the caller checked
+        prepared = self.cgroups.prepare(module)
+        if prepared is not None and self._limited_in(prepared[0], sandbox, v1_memory):
+            assert sandbox.memory_max is not None  # noqa: S101 - checked just now
+            _memory_cgroup.set_limit(prepared[0], sandbox.memory_max, 2)  # before it runs
+        return prepared
+
+    def _limited_in(
+        self, path: Path, sandbox: p.SandboxSpec | None, v1_memory: Path | None
+    ) -> bool:
+        """Whether the worker's memory limit goes on its own cgroup ``path`` (cgroup v2)."""
+        return (sandbox is not None and sandbox.memory_max is not None and v1_memory is None
+                and self.memory_version == 2 and path.exists())  # fmt: skip
+
     async def _spawn_jailed(
         self,
         module: str,
@@ -450,23 +482,31 @@ class Launcher:
         on_notice: Callable[[p.Message], None],
         on_exit: OnExit | None,
         timeout: float,
-    ) -> WorkerProcess:
+        prepared: tuple[Path, int] | None = None,
+    ) -> tuple[WorkerProcess, bool]:
         """Spawn the jail (ipad/_jail.py), adopt the worker it clones, reap the jail.
 
         The jail is the reaper's from the moment it exists, the worker from the
         moment its SPAWNED is read, and only if it is a child of the daemon
         that nobody holds yet: a jail that dies, lies or takes longer than
         ``timeout`` is a failed start (OSError), and whatever it cloned is
-        killed and reaped.
+        killed and reaped. With ``prepared`` (a cgroup and its directory fd,
+        given to the jail as fd 4) the worker is cloned into that cgroup;
+        the second value says whether it got in (else the caller moves it).
         """
         read_end, write_end = os.pipe2(os.O_CLOEXEC)  # the jail's, then the worker's output
         try:
-            started = start_process(argv, env, output=write_end)
+            extra = prepared[1] if prepared is not None else None
+            started = start_process(argv, env, output=write_end, extra=extra)
         except BaseException:
             os.close(read_end)
+            if prepared is not None:
+                self._discard_cgroup(prepared[0])
             raise
         finally:
             os.close(write_end)
+            if prepared is not None:
+                os.close(prepared[1])
         started.taken = True
         jail = WorkerProcess.stray(module, started.pid, started.pidfd)
         self.children.adopt(jail, lambda process: process.close())
@@ -483,12 +523,16 @@ class Launcher:
             self._adopt_unnamed(jail.pid, module)
             control.close()
             self.relay.add(read_end, module=module, worker_pid=worker_pid)
+            if prepared is not None:  # what got into it is killed, and it is removed
+                self._discard_cgroup(prepared[0])
             raise
         worker = WorkerProcess(module, spawned.pid, pidfd, control, on_notice)
         self._watch(worker, read_end, on_exit)
+        if prepared is not None:
+            worker.cgroup = prepared[0]  # it is removed with the worker, whether or not it got in
         log.debug("worker.spawned", module=module, worker_pid=worker.pid, jail_pid=jail.pid,
-                  argv=list(argv))  # fmt: skip
-        return worker
+                  in_cgroup=spawned.in_cgroup, argv=list(argv))  # fmt: skip
+        return worker, spawned.in_cgroup
 
     def _unheld_child(self, pid: int) -> int:
         """A pidfd for ``pid`` if it is a child of ours nobody holds yet; OSError if not."""

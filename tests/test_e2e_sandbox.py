@@ -236,6 +236,10 @@ def test_spawned_workers_are_confined_too(start_daemon: Start, tmp_path: Path) -
         assert probe.call("write", {"path": "/etc/ipad-probe"}) == "EROFS"
     assert status_of(daemon, "probe")["sandbox"]["in_force"]["pid_namespace"] is True
     assert daemon.events("worker.forked") == []
+    jailed = [r for r in daemon.events("worker.spawned") if r.get("module") == "probe"]
+    assert jailed
+    # Cloned straight into its cgroup, as a forked worker is, where ipad makes cgroups.
+    assert all(r["in_cgroup"] for r in jailed) == bool(daemon.events("cgroup.ready"))
 
 
 def test_unprivileged_daemon_workers_get_a_user_namespace(
