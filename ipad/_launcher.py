@@ -2,9 +2,11 @@
 
 Workers run by the Python worker host are forked by the fork server (see
 ipad/_forkserver.py) in about a millisecond; any other worker executable is
-started with posix_spawn. Either way the worker is a child of the daemon,
-watched through its pidfd. If the fork server dies it is started again, and
-meanwhile workers are spawned, only slower.
+started with posix_spawn, a sandboxed one through the jail (ipad/_jail.py),
+which clones it into its PID namespace and cgroup as the fork server would.
+Either way the worker is a child of the daemon, watched through its pidfd.
+If the fork server dies it is started again, and meanwhile workers are
+spawned, only slower.
 
 Every process started here is handed to the daemon's reaper (ipad/_children.py)
 and to its caller's ``on_started`` the moment it exists, before anything
