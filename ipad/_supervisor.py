@@ -514,6 +514,7 @@ class ModuleSupervisor:
             worker = await self.launcher.launch(
                 self.name, argv, self.env, self._on_notice, self.plan.sandbox,
                 on_started=started, on_exit=self._exited,
+                timeout=self.policy.start_timeout.seconds,
             )  # fmt: skip
         except OSError as exc:
             return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)

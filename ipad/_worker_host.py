@@ -455,9 +455,17 @@ def main(argv: list[str] | None = None) -> int:
         from ._forkserver import main as forkserver_main  # noqa: PLC0415 - only in that mode
 
         return forkserver_main(parent)
+    if os.getpid() == 1:
+        # The first process of a PID namespace (a jailed worker, ipad/_jail.py) ignores
+        # signals it has no handler for, even the daemon's SIGTERM: exit on it as others do.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     die_with_parent(parent)
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":
