@@ -1,0 +1,127 @@
+"""Red team of deadlines and signatures: what a hostile module tries next, against a real daemon.
+
+The ``rogue`` module (tests/modules/ipad_test_modules/rogue.py) attacks its
+own worker, its standby and the daemon through them. Each test proves from
+the outside that the attack failed and that the daemon, another module and
+``ipadctl status`` carry on; the daemon fixture stops every daemon with
+SIGTERM and fails the test unless it exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ipad._lifecycle import Stop, Timer
+from ipad.client import BlockingClient
+from tests.daemon_process import (
+    TEST_MODULES,
+    WAIT,
+    DaemonProcess,
+    Record,
+    of_module,
+    write_config,
+)
+from tests.test_lifecycle import CLEAN, world
+
+pytestmark = pytest.mark.timeout(120)
+
+Start = Callable[..., DaemonProcess]
+
+#: How long the tests of repeated attacks watch the daemon answer them, in seconds.
+WINDOW = 4.0
+
+CONFIG = """
+[daemon]
+module_dirs = ["{modules}"]
+
+[modules.echo]
+
+[modules.rogue]
+[modules.rogue.restart]
+standby = true
+{restart}
+"""
+
+
+def rogue_daemon(
+    start_daemon: Start, directory: Path, daemon_env: dict[str, str], tuning: str,
+    restart: str = "",
+) -> DaemonProcess:  # fmt: skip
+    """A daemon running ``rogue`` with ``tuning`` next to the shipped ``echo``."""
+    path = directory / "rogue.toml"
+    path.write_text(tuning)
+    env = {**daemon_env, "IPAD_ROGUE_TUNING_FILE": str(path)}
+    text = CONFIG.format(modules=TEST_MODULES, restart=restart)
+    return start_daemon(write_config(directory, modules=text), env=env)
+
+
+def others_still_work(daemon: DaemonProcess) -> None:
+    """Another module answers, and so does ``ipadctl status``."""
+    with BlockingClient(daemon.socket) as other:
+        echo = other.request_proxy("echo")
+        assert echo.call("echo", {"text": "still here"}, timeout=WAIT) == {"text": "still here"}
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    assert status["modules"]["echo"]["state"] == "running"
+
+
+def rogue_standby_exits(daemon: DaemonProcess) -> list[Record]:
+    """The daemon's records of ``rogue`` standbys that ended on their own, so far."""
+    return [r for r in daemon.events("worker.standby_exited") if r.get("module") == "rogue"]
+
+
+def test_a_standby_that_dies_in_every_load_is_relaunched_with_backoff(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """A standby that exits in every LOAD is relaunched after a growing delay, not flat out."""
+    daemon = rogue_daemon(start_daemon, tmp_path, daemon_env, "standby_exit = true\n",
+                          restart='max_delay = "1s"')  # fmt: skip
+    with BlockingClient(daemon.socket) as client:
+        rogue = client.request_proxy("rogue")
+        assert rogue.call("ping", timeout=WAIT) == "pong"
+        daemon.wait_for("worker.standby_exited", of_module("rogue"))
+        time.sleep(WINDOW)
+        exits = rogue_standby_exits(daemon)
+        # Unbounded, the daemon forked some 50 standbys a second here (155 in 3 s). With the
+        # backoff: 0.01 s doubling to 1 s, about 7 in the first 1.3 s, then one a second.
+        assert len(exits) <= 7 + WINDOW + 3, f"{len(exits)} standbys in {WINDOW} s"
+        delays = [r["retry_in"] for r in exits]
+        assert delays[:3] == [0.01, 0.02, 0.04]
+        assert max(delays) == 1.0
+        # Its active worker serves on, and the module counts as running.
+        assert rogue.call("ping", timeout=WAIT) == "pong"
+        status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]["rogue"]
+        assert status["state"] == "running"
+        assert status["standby_pid"] is None
+    others_still_work(daemon)
+
+
+def test_standby_backoff_grows_and_resets_in_the_machine() -> None:
+    """The lifecycle waits longer after each standby in a row that ends on its own, and resets."""
+    w = world(initial_delay=0.1, multiplier=2.0, max_delay=0.5, stable_after=10.0)
+    active = w.running(standby=True)
+    delays = []
+    for _ in range(5):
+        standby = w.m.standby
+        assert standby is not None
+        w.exit(standby)  # dies on its own
+        assert not w.launching.get(True)  # no launch until its backoff ran out
+        delays.append(w.logged("worker.standby_exited")[-1].fields["retry_in"])
+        w.fire(Timer.STANDBY)
+        w.ready(w.launched(standby=True))
+    assert delays == [0.1, 0.2, 0.4, 0.5, 0.5]
+    # One that stayed loaded stable_after ended by a new fault: it counts as the first.
+    w.now += 10.0
+    standby = w.m.standby
+    assert standby is not None
+    w.exit(standby)
+    assert w.logged("worker.standby_exited")[-1].fields["retry_in"] == 0.1
+    # A stop while a standby waits for its backoff forgets the timer and finishes.
+    w.feed(Stop())
+    assert Timer.STANDBY not in w.timers
+    w.exit(active, CLEAN)
+    assert w.finished == 1
