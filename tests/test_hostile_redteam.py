@@ -10,6 +10,8 @@ SIGTERM and fails the test unless it exits cleanly.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from tests.daemon_process import (
     of_module,
     write_config,
 )
+from tests.test_hostile_signing import Signed, still_serving
 from tests.test_lifecycle import CLEAN, world
 
 pytestmark = pytest.mark.timeout(120)
@@ -125,3 +128,88 @@ def test_standby_backoff_grows_and_resets_in_the_machine() -> None:
     assert Timer.STANDBY not in w.timers
     w.exit(active, CLEAN)
     assert w.finished == 1
+
+
+# --- signatures ------------------------------------------------------------------------
+
+#: Planted next to a signed module: it must never run.
+PLANTED = "import os\nos.environ['IPAD_PLANTED_RAN'] = '1'\n"
+
+
+def test_a_file_planted_in_a_race_with_an_import_never_runs(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """A file that appears and vanishes in a loop beside a signed module is never imported."""
+    signed = Signed(tmp_path, standby=False)
+    daemon = start_daemon(signed.config, env=signed.env(daemon_env))
+    source = tmp_path / "planted.txt"
+    source.write_text(PLANTED)
+    target = signed.modules / "optional_accel.py"
+    # The attacker, who may write the module directory but has no key: the file is there
+    # for a moment, again and again, so that some import looks between its two checks.
+    toggler = subprocess.Popen([sys.executable, "-c", TOGGLE, str(source), str(target)])
+    try:
+        with BlockingClient(daemon.socket) as client:
+            proxy = client.request_proxy("signed")
+            # Before the fix the planted code ran within 100 tries (20 ms). 2 s: under the
+            # heartbeat_timeout of 3 s, which a call that blocks its loop counts against.
+            outcome = proxy.call("try_import", {"name": "optional_accel", "seconds": 2.0},
+                                 timeout=WAIT)  # fmt: skip
+            assert outcome["tries"] > 1000  # the race was run, often
+            assert outcome == {"tries": outcome["tries"], "ran": False}
+            assert proxy.call("mark") == "signed"
+            still_serving(client, daemon)
+    finally:
+        toggler.kill()
+        toggler.wait(WAIT)
+        target.unlink(missing_ok=True)
+    others_still_work(daemon)
+
+
+#: The attacker's loop: ``argv[1]`` linked to ``argv[2]`` and removed again, for ever.
+TOGGLE = """
+import os, sys
+while True:
+    os.link(sys.argv[1], sys.argv[2])
+    os.unlink(sys.argv[2])
+"""
+
+
+def test_the_path_finder_never_looks_in_a_signed_module_directory(tmp_path: Path) -> None:
+    """A file that appears just after the verified finder looked is not imported by the next one."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE_WON.format(root=str(tmp_path / "modules")))
+    (tmp_path / "modules" / "pkg").mkdir(parents=True)
+    (tmp_path / "modules" / "pkg" / "__init__.py").write_text("MARK = 'signed'\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=WAIT, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["signed", "ModuleNotFoundError", "not run"]
+
+
+#: The race won on purpose: a meta path finder right after the verified one plants the file.
+RACE_WON = """
+import hashlib, os, sys
+from ipad import _verified_import
+root = {root!r}
+data = open(os.path.join(root, "pkg", "__init__.py"), "rb").read()
+_verified_import.install(root, {{"pkg/__init__.py": hashlib.sha256(data).hexdigest()}})
+sys.path.insert(0, root)
+
+class Planter:
+    def find_spec(self, name, path, target=None):
+        if name == "optional_accel":
+            with open(os.path.join(root, "optional_accel.py"), "w") as file:
+                file.write("import os\\nos.environ['IPAD_PLANTED_RAN'] = '1'\\n")
+        return None
+
+sys.meta_path.insert(1, Planter())
+import pkg
+print(pkg.MARK)
+try:
+    import optional_accel
+    print("imported")
+except ImportError as exc:
+    print(type(exc).__name__)
+print("ran" if "IPAD_PLANTED_RAN" in os.environ else "not run")
+"""
