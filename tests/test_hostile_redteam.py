@@ -10,14 +10,19 @@ SIGTERM and fails the test unless it exits cleanly.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from ipad import _protocol as p
+from ipad import client as ipc
+from ipad._client_blocking import LATE_PACKETS, _Connection
 from ipad._lifecycle import Stop, Timer
 from ipad.client import BlockingClient
 from tests.daemon_process import (
@@ -28,6 +33,7 @@ from tests.daemon_process import (
     of_module,
     write_config,
 )
+from tests.test_client_recovery import BlockingDriver, TrioDriver
 from tests.test_hostile_signing import Signed, still_serving
 from tests.test_lifecycle import CLEAN, world
 
@@ -128,6 +134,99 @@ def test_standby_backoff_grows_and_resets_in_the_machine() -> None:
     assert Timer.STANDBY not in w.timers
     w.exit(active, CLEAN)
     assert w.finished == 1
+
+
+# --- deadlines -------------------------------------------------------------------------
+
+#: Slack for a loaded two-core machine on top of what a deadline promises.
+SLACK = 3.0
+
+
+@pytest.mark.parametrize("flood", ["reply", "event"])
+@pytest.mark.parametrize("kind", ["trio", "blocking"])
+def test_a_flooded_channel_does_not_stretch_a_call_past_its_deadline(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str], kind: str, flood: str
+) -> None:
+    """A call ends at its deadline even while the worker sends something every moment."""
+    daemon = rogue_daemon(start_daemon, tmp_path, daemon_env, "", restart='call_timeout = "1s"')
+    client = TrioDriver(daemon.socket) if kind == "trio" else BlockingDriver(daemon.socket)
+    outcome: list[object] = []
+    try:
+        proxy = client.request_proxy("rogue")
+
+        def call() -> None:
+            try:
+                client.call(proxy, "flood_hidden", {"kind": flood, "seconds": 20.0})
+            except Exception as exc:  # noqa: BLE001 - what it raised is checked below
+                outcome.append(exc)
+            else:
+                outcome.append("answered")
+
+        started = time.monotonic()
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(1.0 + SLACK)  # the module's call_timeout is the call's deadline
+        # Before the fix the blocking client read the flood until the module stopped (20 s).
+        assert not caller.is_alive(), f"the call ran {time.monotonic() - started:.1f} s"
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ipc.TimedOut)
+        others_still_work(daemon)
+    finally:
+        client.close()
+
+
+def flooded_connection(packet: bytes, limit: int) -> tuple[_Connection, socket.socket, list[float]]:
+    """A blocking connection whose peer sends ``packet`` again for each packet it reads.
+
+    Its socket is never empty, by construction (a worker that floods faster
+    than its client reads); the peer stops after ``limit``. Returned: the
+    connection, the peer's end, and when each packet was read.
+    """
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read: list[float] = []
+
+    def refill() -> None:
+        read.append(time.monotonic())
+        if len(read) < limit:
+            peer.send(packet)
+
+    conn = _Connection(ours, p.FROM_WORKER_CHANNEL, "worker", on_event=lambda _: refill())
+    put_aside = conn._put_aside  # a stray reply is read: the peer sends another
+
+    def stray_read(frame: p.Frame) -> None:
+        refill()
+        put_aside(frame)
+
+    conn._put_aside = stray_read  # type: ignore[method-assign]
+    peer.send(packet)
+    return conn, peer, read
+
+
+EVENT = p.encode(p.ModuleEvent("tick", None), 0)
+STRAY = p.encode(p.Result("stray"), 12345)
+
+
+@pytest.mark.parametrize(
+    ("wait", "packet"),
+    [("reply", EVENT), ("reply", STRAY), ("next_event", STRAY)],
+    ids=["reply-events", "reply-stray-replies", "next_event-stray-replies"],
+)
+def test_a_blocking_wait_past_its_deadline_stops_reading_a_flood(wait: str, packet: bytes) -> None:
+    """A blocking client's wait ends at its deadline on a socket that is never empty."""
+    conn, peer, read = flooded_connection(packet, limit=200_000)
+    try:
+        deadline = time.monotonic() + 0.2
+        if wait == "reply":
+            with pytest.raises(ipc.TimedOut):
+                conn.reply(7, deadline)
+        else:
+            assert conn.next_event(0.2) is None
+        # Before the fix it read all 200,000 (seconds), and a real flood for ever.
+        assert len([t for t in read if t >= deadline]) <= LATE_PACKETS + 1
+        assert 1000 < len(read) < 200_000  # it did read a flood until the deadline
+    finally:
+        conn.close()
+        peer.close()
 
 
 # --- signatures ------------------------------------------------------------------------
