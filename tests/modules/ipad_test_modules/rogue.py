@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import threading
 import time
 
@@ -101,6 +102,20 @@ class Rogue(IPAModule):
                 flood()
                 os._exit(0)
         time.sleep(seconds)
+
+    def stray_control(self, count: int) -> int:
+        """Send ``count`` replies to requests the daemon never made, on the control socket."""
+        control = _host().control
+        packet = p.encode(p.Pong(), 0x7FFF_FFF0)
+        sent = 0
+        for _ in range(count):
+            try:
+                control.send(packet, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            sent += 1
+        return sent
 
     def sleep(self, seconds: float) -> None:
         """Block the loop (no beating thread) for ``seconds``."""
