@@ -53,6 +53,11 @@ from ._paths import client_socket_path
 
 __all__ = ["EVENT_BACKLOG", "BlockingClient", "BlockingProxy"]
 
+#: Packets a wait still takes once its deadline has passed, if they are ready: a grant
+#: behind a burst of events is used, but a peer that keeps the socket full (a worker
+#: flooding its channel) cannot stretch the wait for ever.
+LATE_PACKETS = 128
+
 
 class _Connection:
     """A blocking SEQPACKET connection: request ids, replies kept on request, an event backlog.
@@ -108,7 +113,12 @@ class _Connection:
                 return request_id
 
     def reply(self, request_id: int, deadline: float | None) -> p.Frame:
-        """The reply to ``request_id``; replies to kept requests that come first are put aside."""
+        """The reply to ``request_id``; replies to kept requests that come first are put aside.
+
+        Past the deadline up to ``LATE_PACKETS`` that are ready are still taken:
+        then the wait ends, however much more keeps coming.
+        """
+        late = 0
         while True:
             frame = self.kept.get(request_id)
             if frame is not None:
@@ -117,11 +127,14 @@ class _Connection:
             if self.closed_reason is not None:
                 self.kept.pop(request_id, None)
                 raise self._gone()
+            if late >= LATE_PACKETS:
+                raise TimedOut(f"no answer from the {self.what} in time")
             try:
                 frame = self._receive(deadline)
             except (WorkerCrashed, Disconnected):
                 self.kept.pop(request_id, None)
                 raise
+            late += deadline is not None and time.monotonic() >= deadline
             if frame is None:
                 continue
             if frame.request_id == request_id:
@@ -148,14 +161,18 @@ class _Connection:
     def next_event(self, timeout: float | None) -> p.Message | None:
         """The oldest queued or next arriving event; None if none came within ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        late = 0
         while True:
             while not self.backlog:
                 if self.closed_reason is not None:
                     raise self._gone()
+                if late >= LATE_PACKETS:
+                    return None  # past the deadline: a flood does not stretch it
                 try:
                     frame = self._receive(deadline)
                 except TimedOut:
                     return None
+                late += deadline is not None and time.monotonic() >= deadline
                 if frame is not None:
                     self._put_aside(frame)
             event: p.Message | None = self.backlog.pop()

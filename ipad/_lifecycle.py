@@ -71,6 +71,9 @@ class Timer(enum.Enum):
     RESTART = "restart"
     #: ``stable_after`` into a run: the module counts as stable (fallback proxies come home).
     STABLE = "stable"
+    #: The wait before the next standby after one ended on its own: a standby that dies
+    #: in every LOAD would otherwise have the daemon fork one after another, flat out.
+    STANDBY = "standby"
 
 
 class Cause(enum.Enum):
@@ -351,8 +354,11 @@ class Lifecycle(Generic[W]):
         "reason",
         "standby",
         "standby_allowed",
+        "standby_failures",
         "standby_launching",
         "standby_ready",
+        "standby_ready_at",
+        "standby_waiting",
         "starts",
         "state",
         "stop_why",
@@ -380,6 +386,12 @@ class Lifecycle(Generic[W]):
         #: Set by Stop: how the module's clients are told (None: not stopping).
         self.stop_why: str | None = None
         self.standby_allowed = False
+        #: Standbys in a row that ended on their own (reset by a promotion, a restart, or
+        #: one that stayed loaded ``stable_after``), and whether the next one waits for
+        #: its backoff (Timer.STANDBY); when the last one said READY.
+        self.standby_failures = 0
+        self.standby_waiting = False
+        self.standby_ready_at: float | None = None
         #: A worker's code was refused: no standby is loaded until a restart is asked for.
         self.code_refused = False
         #: Whether the active worker said READY (its end then reads as a run's, not a start's).
@@ -451,7 +463,7 @@ class Lifecycle(Generic[W]):
 
     def _want_standby(self) -> bool:
         return (self.policy.standby and self.standby_allowed and not self.stopping
-                and not self.code_refused
+                and not self.code_refused and not self.standby_waiting
                 and self.state is WorkerState.RUNNING and self.standby is None
                 and not self.standby_launching)  # fmt: skip
 
@@ -469,12 +481,32 @@ class Lifecycle(Generic[W]):
         standby = self.standby
         if standby is not None and self.standby_ready:
             self.standby, self.standby_ready, self.active = None, False, standby
+            self.standby_failures = 0  # its module loads: the next standby starts afresh
             self._emit(Promote(standby))
             self._log("info", "worker.ready", standby, standby=True)
             self._running(standby)
             return
         self.launching = True
         self._emit(LaunchWorker())
+
+    def _standby_failed(self, worker: W) -> None:
+        """A standby ended on its own: the next one waits, longer after each in a row.
+
+        The restart policy's backoff (``initial_delay`` times ``multiplier`` per
+        failure, up to ``max_delay``): forks, loads and log lines stay bounded
+        however its module makes every standby die.
+        """
+        ready_at = self.standby_ready_at
+        if ready_at is not None and self._now - ready_at >= self.policy.stable_after.seconds:
+            self.standby_failures = 0  # it served as a standby long enough: a new fault
+        self.standby_failures += 1
+        policy = self.policy
+        delay = min(policy.initial_delay.seconds * policy.multiplier ** (self.standby_failures - 1),
+                    policy.max_delay.seconds)  # fmt: skip
+        self._log("warning", "worker.standby_exited", worker, retry_in=round(delay, 4),
+                  consecutive_failures=self.standby_failures)  # fmt: skip
+        self.standby_waiting = True
+        self._emit(StartTimer(Timer.STANDBY, delay))
 
     def _running(self, worker: W) -> None:
         self.active_ready = True
@@ -591,7 +623,7 @@ class Lifecycle(Generic[W]):
     def _on_ready(self, event: Ready[W]) -> None:
         worker = event.worker
         if worker is self.standby and not self.standby_ready:
-            self.standby_ready = True
+            self.standby_ready, self.standby_ready_at = True, self._now
             self._log("info", "worker.standby_ready", worker)
             self._emit(FillStandby(worker))
             return
@@ -619,8 +651,8 @@ class Lifecycle(Generic[W]):
         ending = self.ending.pop(worker, None)
         if worker is self.standby:
             self.standby, self.standby_ready = None, False
-            if ending is None:
-                self._log("warning", "worker.standby_exited", worker)
+            if ending is None and not self.stopping:
+                self._standby_failed(worker)
             self._maybe_standby()
             self._finish_if_idle()
             return
@@ -662,6 +694,10 @@ class Lifecycle(Generic[W]):
         self._end(worker, Why.HUNG, text, kill=True)
 
     def _on_timer(self, event: TimerFired) -> None:
+        if event.timer is Timer.STANDBY:
+            self.standby_waiting = False
+            self._maybe_standby()
+            return
         if event.timer is Timer.STABLE:
             if self.state is WorkerState.RUNNING and self.active is not None:
                 self._log("info", "module.stable", self.active)
@@ -675,6 +711,8 @@ class Lifecycle(Generic[W]):
             return  # stopping for good: nothing starts again
         self.tracker.reset()
         self.code_refused = False  # the operator asks for another try: standbys too
+        self.standby_failures, self.standby_waiting = 0, False
+        self._emit(CancelTimer(Timer.STANDBY))
         active = self.active
         if self.state is WorkerState.RUNNING and active is not None:
             self._log("info", "module.restart_requested", active)
@@ -693,7 +731,8 @@ class Lifecycle(Generic[W]):
         if self.stopping:
             return  # stopping already: the first stop's reason stands
         self.stop_why = event.why
-        self._emit(CancelTimer(Timer.RESTART), CancelTimer(Timer.STABLE))
+        self._emit(CancelTimer(Timer.RESTART), CancelTimer(Timer.STABLE),
+                   CancelTimer(Timer.STANDBY))  # fmt: skip
         if self.launching:
             self._emit(CancelLaunch())
         if self.standby_launching:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import time
 
 from ipad.ipa import IPAModule
 
@@ -32,6 +34,24 @@ class Signed(IPAModule):
     def extra(self) -> str:
         """Import a module the signature may not cover (a test adds it)."""
         return str(importlib.import_module(f"{__package__}.signed_extra").MARK)
+
+    def try_import(self, name: str, seconds: float) -> dict[str, int | bool]:
+        """Import the top-level ``name`` (absent when signed) again and again for ``seconds``.
+
+        What a signed module does when it imports an optional module, or a
+        standard one lazily: each attempt asks the module directory first.
+        The planted code, should it ever run, sets ``IPAD_PLANTED_RAN``.
+        """
+        tries = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and "IPAD_PLANTED_RAN" not in os.environ:
+            tries += 1
+            sys.modules.pop(name, None)
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue
+        return {"tries": tries, "ran": "IPAD_PLANTED_RAN" in os.environ}
 
     def pid(self) -> int:
         """The worker's pid."""
