@@ -24,6 +24,7 @@ from . import _protocol as p
 from ._access import AccessPolicy, Peer, Rule, peer_of
 from ._config import ClientLimits
 from ._events import EventBus, Subscription
+from ._fdpass import MIN_WMEM_MAX, SEND_BUFFER, size_send_buffer
 from ._proxies import ProxyRecord, ProxyTable
 from ._relay import RateLimit
 from ._states import ProxyState, WorkerState
@@ -643,6 +644,7 @@ async def serve_clients(
     """Accept connections for ever, one session task each, within the connection limits."""
     sock = trio.socket.from_stdlib_socket(listener)
     warned_groups = False
+    warned_buffer = False
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -668,6 +670,12 @@ async def serve_clients(
                             reason="this kernel has no SO_PEERGROUPS: group rules see each "
                             "client's primary group only")  # fmt: skip
             raw = socket.socket(fileno=conn.detach())
+            if not size_send_buffer(raw) and not warned_buffer:
+                warned_buffer = True
+                log.warning("socket.send_buffer_small", needed=SEND_BUFFER // 2,
+                            wmem_max_at_least=MIN_WMEM_MAX,
+                            reason="the kernel caps the send buffer (net.core.wmem_max) below "
+                            "one largest message: replies that large will fail")  # fmt: skip
             refusal = daemon.refusal(peer)
             if refusal is not None:
                 _refuse(daemon, raw, peer, refusal)

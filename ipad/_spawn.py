@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from ._fdpass import sized_socketpair
+
 #: The control socket's descriptor number in the worker (see ipad/_worker_host.py).
 CONTROL_FD = 3
 
@@ -60,7 +62,7 @@ def start_process(
     1 and 2 = that pipe, 3 = its control socket; without it, the daemon's own
     stdin, stdout and stderr.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    ours, theirs = sized_socketpair()  # READY, a fork server's replies: up to MAX_PACKET
     # dup2 onto the same number would keep close-on-exec: start from a fresh number.
     source = os.dup(theirs.fileno())
     actions: list[tuple[object, ...]] = [(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)]

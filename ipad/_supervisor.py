@@ -35,6 +35,7 @@ from ._backoff import RestartTracker
 from ._cgroup import clear_cgroup
 from ._check import ModulePlan
 from ._config import RestartPolicy
+from ._fdpass import sized_socketpair
 from ._heartbeat import Heartbeats
 from ._launcher import Launcher
 from ._lifecycle import (
@@ -445,14 +446,16 @@ class ModuleSupervisor:
         assert status is not None  # noqa: S101 - the reaper sets it first
         cause: Cause | None = None
         memory_max: int | None = None
-        if worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
+        if worker.violation is not None:
+            cause = Cause.PROTOCOL
+        elif worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
             cause = Cause.SECCOMP
         elif _killed_for_memory(worker, status):
             cause = Cause.OOM
             memory_max = worker.sandbox.memory_max if worker.sandbox else None
         if worker is self.machine.active:
             self.last_exit = status
-        exited = Exited(worker, status, cause, memory_max)
+        exited = Exited(worker, status, cause, memory_max, worker.violation)
         if worker in self._loading:
             self._loading[worker] = exited  # posted by its launch job, after the LOAD's answer
             return
@@ -593,13 +596,20 @@ class ModuleSupervisor:
 
     # --- instances -------------------------------------------------------------
 
-    def _on_notice(self, message: p.Message) -> None:
-        """A one-way message from the worker: an instance it closed on its own."""
-        if isinstance(message, p.InstanceClosed):
-            for record in self.proxies.of_module(self.name):
-                if record.instance_id == message.instance_id:
-                    self.proxies.close(record, message.reason)
-                    self._balance_spares()
+    def _on_notice(self, message: p.Message) -> bool:
+        """A one-way message from the worker: an instance it closed on its own.
+
+        False if it names no instance a proxy holds (closed by the daemon at the
+        same moment, or a lie): the worker counts those, and is killed for a flood.
+        """
+        if not isinstance(message, p.InstanceClosed):
+            return False
+        for record in self.proxies.of_module(self.name):
+            if record.instance_id == message.instance_id:
+                self.proxies.close(record, message.reason)
+                self._balance_spares()
+                return True
+        return False
 
     async def open_instance(self) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel.
@@ -621,9 +631,7 @@ class ModuleSupervisor:
     async def _open_on(self, worker: WorkerProcess) -> tuple[int, socket.socket]:
         """OPEN_INSTANCE on ``worker``: the instance id and the client's end of its channel."""
         instance_id = next(self._instance_ids)
-        client_end, worker_end = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
+        client_end, worker_end = sized_socketpair()  # calls and results up to MAX_PACKET
         frame: p.Frame | None = None
         try:
             with self.timers.move_on_after(self.policy.start_timeout.seconds):

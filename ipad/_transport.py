@@ -170,7 +170,7 @@ Pending = tuple[int, _Slot]
 class Requests:
     """Requests in flight on one connection, by id."""
 
-    __slots__ = ("_closed", "_ids", "_pending", "name", "on_dropped")
+    __slots__ = ("_closed", "_ids", "_pending", "last_id", "name", "on_dropped")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
@@ -179,9 +179,15 @@ class Requests:
         self._ids: Iterator[int] = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
         self._closed: Callable[[], Exception] | None = None
+        #: The highest request id sent: a reply to a higher one answers nothing ever asked.
+        self.last_id = 0
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def __contains__(self, request_id: int) -> bool:
+        """Whether a caller waits for the reply to ``request_id``."""
+        return request_id in self._pending
 
     async def call(
         self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
@@ -200,7 +206,7 @@ class Requests:
         """
         if self._closed is not None:
             raise self._closed()
-        request_id = next(self._ids)
+        request_id = self.last_id = next(self._ids)
         slot = _Slot()
         self._pending[request_id] = slot
         try:
