@@ -120,16 +120,16 @@ class RateLimit:
         """Start a new interval if this one is over; return what the old one suppressed."""
         return self._roll(now)
 
-    def take_bytes(self, count: int) -> bool:
-        """Whether ``count`` more bytes are within this interval's budget (lines and bytes).
+    def take_bytes(self, count: int) -> int:
+        """How many of ``count`` more bytes are within this interval's budget (lines and bytes).
 
         Past it the interval's budget is spent: what follows is dropped until it ends.
         """
-        if self._passed >= self.burst or self._bytes + count > self.max_bytes:
-            self._bytes = max(self._bytes, self.max_bytes)
-            return False
-        self._bytes += count
-        return True
+        if self._passed >= self.burst:
+            return 0
+        taken = int(min(count, self.max_bytes - self._bytes))
+        self._bytes += taken
+        return taken
 
     def over(self, now: float) -> bool:
         """Whether this interval's budget is spent (False once a new interval is due)."""
@@ -231,16 +231,18 @@ class OutputRelay:
         lines, limit = self._lines(pipe)
         now = self.clock()
         self._report(pipe, limit.roll(now))
-        if not limit.take_bytes(len(data)):
-            limit.suppressed += data.count(b"\n")  # counted, not split: a flood costs little
-            limit.dropped_bytes += len(data)
-            lines.clear()
-        else:
-            pieces = lines.feed(data)
+        taken = limit.take_bytes(len(data))
+        if taken:
+            pieces = lines.feed(data[:taken])
             for index, raw in enumerate(pieces):
                 if not self._relay(pipe, raw, now):
                     limit.suppressed += len(pieces) - index - 1
                     break
+        if taken < len(data):
+            dropped = memoryview(data)[taken:]
+            limit.suppressed += dropped.tobytes().count(b"\n")  # counted, not split: cheap
+            limit.dropped_bytes += len(dropped)
+            lines.clear()
         if limit.over(now):
             self._pause(pipe)
         if pipe.timer is None and limit.deadline < math.inf:  # report the drops at its end
@@ -300,7 +302,8 @@ class OutputRelay:
         if count or dropped_bytes:
             log.warning("worker.stderr_suppressed", module=pipe.module, worker_pid=pipe.pid,
                         suppressed=count, dropped_bytes=dropped_bytes, burst=limit.burst,
-                        max_bytes=limit.max_bytes, interval=limit.interval)  # fmt: skip
+                        max_bytes=limit.max_bytes if limit.max_bytes < math.inf else None,
+                        interval=limit.interval)  # fmt: skip
 
     def _finish(self, pipe: _Pipe) -> None:
         """End of the pipe: its last line and suppressed count, then close it."""
