@@ -10,7 +10,8 @@ SIGTERM at the end (the ``start_daemon`` fixture's own check).
 
 from __future__ import annotations
 
-import os
+import concurrent.futures
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,18 @@ import trio
 
 from ipad import _protocol as p
 from ipad import client as ipc
+from ipad._bounds import MAX_TEXT, MAX_VERSION
+from ipad._relay import RELAY_BURST
+from ipad._worker import UNSOLICITED_BURST
 from ipad.client import BlockingClient
-from tests.daemon_process import DaemonProcess, open_fds, wait_until, write_config
+from tests.daemon_process import (
+    REPO,
+    TEST_MODULES,
+    DaemonProcess,
+    open_fds,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,3 +62,132 @@ async def test_a_256_kib_echo_works_with_the_trio_client(start_daemon: Start) ->
         with trio.fail_after(30):
             assert await proxy.call("echo", {"text": text}) == {"text": text}
             assert await proxy.call("count") == 1
+
+
+def of_module(module: str) -> Callable[[dict[str, object]], bool]:
+    """A log record about ``module``."""
+    return lambda record: record.get("module") == module
+
+
+def hostile_config(directory: Path, module: str = "hostile") -> Path:
+    """The hostile module next to the well-behaved echo."""
+    daemon = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}", "{REPO / "workers" / "modules"}"]'
+    return write_config(directory, daemon, modules=f"[modules.{module}]\n[modules.echo]\n")
+
+
+def status_latency(client: BlockingClient, rounds: int = 20) -> float:
+    """The median time one STATUS takes."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        client.status()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def others_unharmed(daemon: DaemonProcess, client: BlockingClient, baseline: float) -> None:
+    """`ipadctl status` answers, STATUS is about as fast as before, echo answers."""
+    daemon.ctl("status")
+    assert status_latency(client) < max(20 * baseline, 0.05)
+    echo = client.request_proxy("echo")
+    assert echo.call("echo", {"text": "still here"}) == {"text": "still here"}
+    echo.release()
+
+
+def test_a_huge_version_is_capped_where_the_daemon_receives_it(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A 261 KB READY version is cut to MAX_VERSION: status answers for everyone."""
+    daemon = start_daemon(hostile_config(tmp_path, "bigversion"))
+    with BlockingClient(daemon.socket) as client:
+        version = client.status().modules["bigversion"]["version"]
+        assert version.startswith("1.999")
+        assert version.endswith("bytes]")
+        assert len(version) < MAX_VERSION + 40
+        proxy = client.request_proxy("bigversion")
+        assert proxy.call("ping") == "pong"
+        others_unharmed(daemon, client, status_latency(client))
+    assert daemon.ctl("status").returncode == 0
+
+
+def test_a_huge_close_reason_is_capped_and_subscribers_keep_receiving(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A 262 KB INSTANCE_CLOSED reason reaches subscribers cut, and later events still come."""
+    daemon = start_daemon(hostile_config(tmp_path))
+    with BlockingClient(daemon.socket) as client, BlockingClient(daemon.socket) as watcher:
+        watcher.subscribe()
+        proxy = client.request_proxy("hostile")
+        assert proxy.call("close_reason", {"size": 262_000, "instance_ids": list(range(1, 9))})
+        closed = _next_event(watcher, lambda e: e.module == "hostile" and e.proxy_id is not None
+                             and e.reason is not None and e.reason.startswith("rrr"))  # fmt: skip
+        assert closed.reason is not None
+        assert closed.reason.endswith("bytes]")
+        assert len(closed.reason) < MAX_TEXT + 40
+        daemon.ctl("restart", "echo")  # a later event still reaches the subscriber
+        _next_event(watcher, lambda e: e.module == "echo" and e.state == "running")
+        others_unharmed(daemon, client, status_latency(client))
+
+
+def _next_event(client: BlockingClient, match: Callable[[p.Event], bool]) -> p.Event:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        event = client.next_event(timeout=1)
+        if event is not None and match(event):
+            return event
+    raise AssertionError("no such event within 20 s")
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "violation"),
+    [
+        ("flood", {"kind": "replies", "count": 100_000}, "which was never sent"),
+        ("flood", {"kind": "closes", "count": 100_000}, "unsolicited control messages"),
+        ("flood", {"kind": "late", "count": 100_000}, "unsolicited control messages"),
+        ("malformed", {"how": "hello"}, "unexpected message HELLO"),
+        ("malformed", {"how": "huge"}, "packet larger than"),
+        ("malformed", {"how": "fds"}, "file descriptors"),
+    ],
+)
+def test_a_worker_that_lies_on_the_wire_is_killed_for_it(
+    start_daemon: Start, tmp_path: Path, method: str, args: dict[str, object], violation: str
+) -> None:
+    """A worker that breaks the protocol is killed (cause protocol) and restarted; others carry on."""
+    daemon = start_daemon(hostile_config(tmp_path))
+    with BlockingClient(daemon.socket) as client:
+        daemon.wait_standbys()
+        baseline = status_latency(client)
+        fds = open_fds(daemon.proc.pid)
+        first = daemon.worker_pids()["hostile"]
+        proxy = client.request_proxy("hostile")
+        with contextlib.suppress(Exception):  # killed mid-call, perhaps: the call fails
+            proxy.call(method, args, timeout=20)
+        killed = daemon.wait_for("worker.protocol_violation", lambda r: r["worker_pid"] == first)
+        assert violation in killed["reason"]
+        exited = daemon.wait_for("worker.exited", lambda r: r["worker_pid"] == first)
+        assert exited["cause"] == "protocol"
+        assert len(daemon.events("reply.dropped")) <= UNSOLICITED_BURST
+        others_unharmed(daemon, client, baseline)
+        wait_until(lambda: proxy.call("ping", timeout=5) == "pong", timeout=20)
+        proxy.release()
+        daemon.wait_standbys()
+        wait_until(lambda: open_fds(daemon.proc.pid) <= fds, timeout=20)
+
+
+def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """64 MiB of bare newlines on stderr: status stays fast, echo answers, drops are counted."""
+    daemon = start_daemon(hostile_config(tmp_path))
+    with BlockingClient(daemon.socket) as client, BlockingClient(daemon.socket) as attacker:
+        baseline = status_latency(client)
+        proxy = attacker.request_proxy("hostile")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            writing = pool.submit(proxy.call, "newlines", {"megabytes": 64}, timeout=60)
+            time.sleep(0.5)
+            others_unharmed(daemon, client, baseline)
+            assert writing.result() == 64
+        report = daemon.wait_for("worker.stderr_suppressed", of_module("hostile"), timeout=20)
+        assert report["dropped_bytes"] > 0
+        relayed = [r for r in daemon.events("worker.stderr") if r["module"] == "hostile"]
+        assert len(relayed) <= 2 * RELAY_BURST
