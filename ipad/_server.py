@@ -22,6 +22,7 @@ import trio
 
 from . import _protocol as p
 from ._access import AccessPolicy, Peer, Rule, peer_of
+from ._bounds import fit_entries
 from ._config import ClientLimits
 from ._events import EventBus, Subscription
 from ._fdpass import MIN_WMEM_MAX, SEND_BUFFER, size_send_buffer
@@ -263,7 +264,7 @@ class Session:
         elif isinstance(message, p.Status):
             await self._reply(frame, self._status())
         elif isinstance(message, p.ListModules):
-            await self._reply(frame, p.Modules(self.daemon.modules_info()))
+            await self._reply(frame, fit_entries(p.Modules, self.daemon.modules_info()))
         elif isinstance(message, p.ReopenProxy):
             await self._reopen_proxy(frame, message)
         elif isinstance(message, p.ProxyReady):
@@ -617,22 +618,22 @@ class Session:
             return False  # the client is gone: its session ends on its own
         return True
 
-    def _status(self) -> p.StatusReply:
+    def _status(self) -> p.Message:
+        """STATUS_REPLY, degraded per module if all of it would not fit one packet."""
         d = self.daemon
-        return p.StatusReply(
-            daemon={
-                "pid": os.getpid(),
-                "version": __version__,
-                "uptime": round(time.monotonic() - d.started, 3),
-                "socket": d.socket_path,
-                "clients": len(d.sessions),
-                "clients_refused": d.refused,
-                "proxies": len(d.proxies),
-                "event_seq": d.events.last_seq,
-                **d.extra_status(),
-            },
-            modules={name: sup.status() for name, sup in d.supervisors.items()},
-        )
+        daemon = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.monotonic() - d.started, 3),
+            "socket": d.socket_path,
+            "clients": len(d.sessions),
+            "clients_refused": d.refused,
+            "proxies": len(d.proxies),
+            "event_seq": d.events.last_seq,
+            **d.extra_status(),
+        }
+        modules = {name: sup.status() for name, sup in d.supervisors.items()}
+        return fit_entries(lambda entries: p.StatusReply(daemon, entries), modules)
 
 
 async def serve_clients(
