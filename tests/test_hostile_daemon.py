@@ -30,6 +30,7 @@ from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,
     open_fds,
+    rss_kib,
     wait_until,
     write_config,
 )
@@ -37,6 +38,9 @@ from tests.daemon_process import (
 pytestmark = pytest.mark.timeout(120)
 
 Start = Callable[..., DaemonProcess]
+
+#: How much the daemon may grow for good from one attack (allocator pages kept, caches).
+RSS_SLACK_KIB = 8 * 1024
 
 #: The longest text an ``echo`` call's CALL and RESULT both carry within MAX_PAYLOAD.
 LARGEST_ECHO = p.MAX_PAYLOAD - 64
@@ -157,7 +161,7 @@ def test_a_worker_that_lies_on_the_wire_is_killed_for_it(
     with BlockingClient(daemon.socket) as client:
         daemon.wait_standbys()
         baseline = status_latency(client)
-        fds = open_fds(daemon.proc.pid)
+        fds, rss = open_fds(daemon.proc.pid), rss_kib(daemon.proc.pid)
         first = daemon.worker_pids()["hostile"]
         proxy = client.request_proxy("hostile")
         with contextlib.suppress(Exception):  # killed mid-call, perhaps: the call fails
@@ -172,6 +176,7 @@ def test_a_worker_that_lies_on_the_wire_is_killed_for_it(
         proxy.release()
         daemon.wait_standbys()
         wait_until(lambda: open_fds(daemon.proc.pid) <= fds, timeout=20)
+        assert rss_kib(daemon.proc.pid) < rss + RSS_SLACK_KIB
 
 
 def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
@@ -181,6 +186,7 @@ def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
     daemon = start_daemon(hostile_config(tmp_path))
     with BlockingClient(daemon.socket) as client, BlockingClient(daemon.socket) as attacker:
         baseline = status_latency(client)
+        fds, rss = open_fds(daemon.proc.pid), rss_kib(daemon.proc.pid)
         proxy = attacker.request_proxy("hostile")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             writing = pool.submit(proxy.call, "newlines", {"megabytes": 64}, timeout=60)
@@ -191,3 +197,6 @@ def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
         assert report["dropped_bytes"] > 0
         relayed = [r for r in daemon.events("worker.stderr") if r["module"] == "hostile"]
         assert len(relayed) <= 2 * RELAY_BURST
+        proxy.release()
+        wait_until(lambda: open_fds(daemon.proc.pid) <= fds, timeout=20)
+        assert rss_kib(daemon.proc.pid) < rss + RSS_SLACK_KIB
