@@ -596,20 +596,17 @@ class ModuleSupervisor:
 
     # --- instances -------------------------------------------------------------
 
-    def _on_notice(self, message: p.Message) -> bool:
-        """A one-way message from the worker: an instance it closed on its own.
+    def _on_notice(self, message: p.Message) -> None:
+        """A one-way message from the worker: an instance it held and closed on its own.
 
-        False if it names no instance a proxy holds (closed by the daemon at the
-        same moment, or a lie): the worker counts those, and is killed for a flood.
+        The worker passes on only closes of instances it holds (WorkerProcess counts
+        the rest, and kills a worker that floods them), so this scan is bounded.
         """
-        if not isinstance(message, p.InstanceClosed):
-            return False
-        for record in self.proxies.of_module(self.name):
-            if record.instance_id == message.instance_id:
-                self.proxies.close(record, message.reason)
-                self._balance_spares()
-                return True
-        return False
+        if isinstance(message, p.InstanceClosed):
+            for record in self.proxies.of_module(self.name):
+                if record.instance_id == message.instance_id:
+                    self.proxies.close(record, message.reason)
+                    self._balance_spares()
 
     async def open_instance(self) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel.
@@ -653,6 +650,7 @@ class ModuleSupervisor:
         if not isinstance(frame.message, p.InstanceOpened):
             client_end.close()
             raise ModuleUnavailable(_describe_error(frame.message))
+        worker.opened(instance_id)
         return instance_id, client_end
 
     def _loaded_standby(self) -> WorkerProcess | None:
@@ -703,6 +701,7 @@ def _close_on(worker: WorkerProcess, instance_id: int) -> None:
     A worker that does not read its control socket keeps the instance until
     it ends; a client leaving (its session's clean-up) never waits on it.
     """
+    worker.closing(instance_id)
     if not worker.control.send_nowait(p.CloseInstance(instance_id)):
         log.warning("instance.close_dropped", module=worker.module, worker_pid=worker.pid,
                     instance_id=instance_id, reason="its control socket is full")  # fmt: skip

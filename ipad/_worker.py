@@ -43,6 +43,10 @@ CONTROL_BATCH = 64
 UNSOLICITED_BURST = 100
 UNSOLICITED_INTERVAL = 10.0
 
+#: How long an instance the daemon closed may still be reported closed by its worker
+#: (the worker saw its channel end before it read CLOSE_INSTANCE: the two crossed).
+CLOSE_CROSSING = 10.0
+
 
 class WorkerCrashed(Exception):
     """The worker died or was stopped while a request to it was in flight."""
@@ -54,6 +58,7 @@ class WorkerProcess:
     # Slots: a daemon holds two per module (worker and standby), each for hours.
     __slots__ = (
         "_cgroup",
+        "_closing",
         "_exited",
         "_grace",
         "_memory_cgroup",
@@ -63,6 +68,7 @@ class WorkerProcess:
         "control",
         "control_ended",
         "exit_status",
+        "instances",
         "module",
         "on_notice",
         "pid",
@@ -114,6 +120,10 @@ class WorkerProcess:
         self.unsolicited: tuple[float, int] = (-UNSOLICITED_INTERVAL, 0)
         #: How it broke the protocol, if it did (it was killed for it).
         self.violation: str | None = None
+        #: Instances opened on it that it has not reported closed, nor the daemon closed.
+        self.instances: set[int] = set()
+        #: Instances the daemon closed lately, and when: it may report them closed still.
+        self._closing: dict[int, float] = {}
 
     # A cgroup path is kept as text: a Path object with its parts costs about 0.6 KiB, and
     # a daemon holds two per module for as long as it runs.
@@ -214,7 +224,9 @@ class WorkerProcess:
         if message is not frame.message:
             frame = p.Frame(message, frame.request_id, frame.fds)
         if frame.request_id == 0:
-            if self.on_notice(message) is False:  # one-way, and about nothing it holds
+            if isinstance(message, p.InstanceClosed) and self._closed(message.instance_id):
+                self.on_notice(message)
+            else:  # one-way, and about nothing it holds: counted, not looked up
                 self._unsolicited(f"a {message.TYPE.name} about nothing it holds")
         elif frame.request_id > self.requests.last_id:
             frame.close_fds()
@@ -226,6 +238,28 @@ class WorkerProcess:
             self.requests.deliver(frame)  # dropped: logged, told to requests.on_dropped
         else:
             frame.close_fds()
+
+    def opened(self, instance_id: int) -> None:
+        """An instance was opened on it (INSTANCE_OPENED came)."""
+        self.instances.add(instance_id)
+
+    def closing(self, instance_id: int) -> None:
+        """The daemon closes an instance of it: a report of its close may still cross."""
+        self.instances.discard(instance_id)
+        now = trio.current_time()
+        closing = self._closing
+        closing[instance_id] = now
+        for old, when in list(closing.items()):  # oldest first: forget the crossings long past
+            if now - when < CLOSE_CROSSING:
+                break
+            del closing[old]
+
+    def _closed(self, instance_id: int) -> bool:
+        """The worker reports an instance closed: whether it was one it held (once each)."""
+        if instance_id in self.instances:
+            self.instances.remove(instance_id)
+            return True
+        return self._closing.pop(instance_id, None) is not None
 
     def _unsolicited(self, what: str) -> bool:
         """Count an unsolicited message; False (and the worker killed) once past the budget."""

@@ -200,3 +200,21 @@ def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
         proxy.release()
         wait_until(lambda: open_fds(daemon.proc.pid) <= fds, timeout=20)
         assert rss_kib(daemon.proc.pid) < rss + RSS_SLACK_KIB
+
+
+def test_many_clients_leaving_at_once_do_not_get_a_worker_killed(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Closes its worker reports for instances it held are no lies, however many come at once."""
+    daemon = start_daemon(hostile_config(tmp_path))
+    with BlockingClient(daemon.socket) as watcher:
+        pid = watcher.status().modules["echo"]["worker_pid"]
+        clients = [BlockingClient(daemon.socket) for _ in range(5)]
+        for client in clients:
+            for _ in range(30):  # 150 proxies: past UNSOLICITED_BURST
+                client.request_proxy("echo")
+        for client in clients:
+            client.close()  # every channel ends: the worker reports each instance closed
+        wait_until(lambda: watcher.status().daemon["proxies"] == 0, timeout=20)
+        assert watcher.status().modules["echo"]["worker_pid"] == pid
+        assert not daemon.events("worker.protocol_violation")
