@@ -703,8 +703,11 @@ def _close_on(worker: WorkerProcess, instance_id: int) -> None:
     """
     worker.closing(instance_id)
     if not worker.control.send_nowait(p.CloseInstance(instance_id)):
-        log.warning("instance.close_dropped", module=worker.module, worker_pid=worker.pid,
-                    instance_id=instance_id, reason="its control socket is full")  # fmt: skip
+        worker.close_drops += 1
+        if not worker.close_drops & (worker.close_drops - 1):  # the 1st, 2nd, 4th...: bounded
+            log.warning("instance.close_dropped", module=worker.module, worker_pid=worker.pid,
+                        instance_id=instance_id, reason="its control socket is full",
+                        dropped=worker.close_drops)  # fmt: skip
 
 
 async def _clear_v1_memory(path: Path) -> None:

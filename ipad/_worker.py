@@ -65,6 +65,7 @@ class WorkerProcess:
         "_reactor",
         "_timers",
         "board",
+        "close_drops",
         "control",
         "control_ended",
         "exit_status",
@@ -124,6 +125,8 @@ class WorkerProcess:
         self.instances: set[int] = set()
         #: Instances the daemon closed lately, and when: it may report them closed still.
         self._closing: dict[int, float] = {}
+        #: CLOSE_INSTANCEs its full control socket did not take (logged at each power of two).
+        self.close_drops = 0
 
     # A cgroup path is kept as text: a Path object with its parts costs about 0.6 KiB, and
     # a daemon holds two per module for as long as it runs.
