@@ -266,8 +266,11 @@ class OutputRelay:
             pipe.resume = self.timers.call_later(RELAY_PAUSE, lambda: self._resume(pipe))
 
     def _resume(self, pipe: _Pipe) -> None:
-        """Empty a paused pipe (bounded); watch it again once its budget is back."""
-        pipe.resume = None
+        """Empty a paused pipe (bounded); watch it again once its budget is back.
+
+        ``pipe.resume`` stays set while it empties: the ``_take`` of what it reads
+        must not pause the pipe a second time (two timers, then four...).
+        """
         if pipe.closed:
             return
         full = True
@@ -287,6 +290,7 @@ class OutputRelay:
         if full or pipe.limit.over(self.clock()):
             pipe.resume = self.timers.call_later(RELAY_PAUSE, lambda: self._resume(pipe))
         else:
+            pipe.resume = None
             self.reactor.add(pipe.fd, functools.partial(self._readable, pipe))
 
     def _expire(self, pipe: _Pipe) -> None:

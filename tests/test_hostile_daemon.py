@@ -182,7 +182,11 @@ def test_a_worker_that_lies_on_the_wire_is_killed_for_it(
 def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
     start_daemon: Start, tmp_path: Path
 ) -> None:
-    """64 MiB of bare newlines on stderr: status stays fast, echo answers, drops are counted."""
+    """Bare newlines on stderr as fast as it can: status stays fast, echo answers, drops counted.
+
+    The relay empties a pipe past its budget only every RELAY_PAUSE, so the writer is slowed
+    down: a call that writes for longer than the heartbeat timeout is killed as hung.
+    """
     daemon = start_daemon(hostile_config(tmp_path))
     with BlockingClient(daemon.socket) as client, BlockingClient(daemon.socket) as attacker:
         baseline = status_latency(client)
@@ -192,7 +196,9 @@ def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
             writing = pool.submit(proxy.call, "newlines", {"megabytes": 64}, timeout=60)
             time.sleep(0.5)
             others_unharmed(daemon, client, baseline)
-            assert writing.result() == 64
+            assert not writing.done()  # slowed down by the relay, not finished in a blink
+            with contextlib.suppress(ipc.WorkerCrashed):  # killed as hung, most likely
+                writing.result()
         report = daemon.wait_for("worker.stderr_suppressed", of_module("hostile"), timeout=20)
         assert report["dropped_bytes"] > 0
         relayed = [r for r in daemon.events("worker.stderr") if r["module"] == "hostile"]

@@ -46,13 +46,11 @@ class Hostile(IPAModule):
             packet = p.encode(p.InstanceClosed(10**9, "no such instance"))
         sent = 0
         with _control() as sock:
-            sock.setblocking(False)
+            sock.settimeout(5.0)  # as fast as the daemon reads them
             for _ in range(count):
                 try:
                     sock.send(packet)
-                except BlockingIOError:
-                    break
-                except OSError:  # the daemon has had enough: it is killing us
+                except OSError:  # the daemon has stopped reading: it is killing us
                     break
                 sent += 1
         return sent
