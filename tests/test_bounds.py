@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import msgspec
+import pytest
 
 from ipad import _protocol as p
 from ipad._bounds import MAX_METHODS, MAX_TEXT, MAX_VERSION, bound_worker_message, cap, fit_entries
+from ipad._fdpass import MIN_WMEM_MAX, size_send_buffer, sized_socketpair
+from tests.privileges import as_user, needs_setpriv
 
 
 def _size(message: p.Message) -> int:
@@ -55,3 +63,38 @@ def test_a_status_of_many_modules_always_fits_a_packet() -> None:
             assert decoded["modules"] == modules  # small enough: not touched
         else:
             assert any(m.get("degraded") for m in decoded["modules"].values())
+
+
+SEND_LARGEST = """
+import socket
+from ipad import _protocol as p
+from ipad._fdpass import SEND_BUFFER, sized_socketpair
+a, b = sized_socketpair()
+a.send(b"x" * p.MAX_PACKET)
+assert len(b.recv(p.MAX_PACKET)) == p.MAX_PACKET
+print(a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= SEND_BUFFER)
+"""
+
+
+def test_a_largest_packet_fits_the_send_buffer() -> None:
+    """Sized sockets send a MAX_PACKET message, which the default buffer refuses (EMSGSIZE)."""
+    plain, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with plain, peer, pytest.raises(OSError, match="Message too long"):
+        plain.send(b"x" * p.MAX_PACKET)
+    ours, theirs = sized_socketpair()
+    with ours, theirs:
+        assert size_send_buffer(ours)
+        ours.send(b"x" * p.MAX_PACKET)
+        assert len(theirs.recv(p.MAX_PACKET)) == p.MAX_PACKET
+
+
+@needs_setpriv
+def test_an_unprivileged_process_sizes_its_send_buffer_too() -> None:
+    """Without SO_SNDBUFFORCE, SO_SNDBUF within net.core.wmem_max is enough for MAX_PACKET."""
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    if wmem_max < MIN_WMEM_MAX:
+        pytest.skip(f"net.core.wmem_max is {wmem_max}, below {MIN_WMEM_MAX}")
+    result = subprocess.run([*as_user(), sys.executable, "-c", SEND_LARGEST],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
