@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import socket
 from collections.abc import Callable, Iterator, Sequence
 
@@ -154,6 +153,19 @@ class PacketSocket:
         self.raw.close()
 
 
+class _Ids(Iterator[int]):
+    """Request ids, 1, 2, 3...; remembers the last one handed out (``Requests.last_id``)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __next__(self) -> int:
+        self.last += 1
+        return self.last
+
+
 class _Slot:
     __slots__ = ("done", "error", "frame")
 
@@ -170,20 +182,23 @@ Pending = tuple[int, _Slot]
 class Requests:
     """Requests in flight on one connection, by id."""
 
-    __slots__ = ("_closed", "_ids", "_pending", "last_id", "name", "on_dropped")
+    __slots__ = ("_closed", "_ids", "_pending", "name", "on_dropped")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
         #: Told of every reply nobody takes (late, or its caller cancelled), before it is dropped.
         self.on_dropped: Callable[[p.Frame], None] | None = None
-        self._ids: Iterator[int] = itertools.count(1)
+        self._ids = _Ids()
         self._pending: dict[int, _Slot] = {}
         self._closed: Callable[[], Exception] | None = None
-        #: The highest request id sent: a reply to a higher one answers nothing ever asked.
-        self.last_id = 0
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    @property
+    def last_id(self) -> int:
+        """The highest request id used: a reply to a higher one answers nothing ever asked."""
+        return self._ids.last
 
     def __contains__(self, request_id: int) -> bool:
         """Whether a caller waits for the reply to ``request_id``."""
@@ -206,7 +221,7 @@ class Requests:
         """
         if self._closed is not None:
             raise self._closed()
-        request_id = self.last_id = next(self._ids)
+        request_id = next(self._ids)
         slot = _Slot()
         self._pending[request_id] = slot
         try:
