@@ -73,7 +73,7 @@ def of_module(module: str) -> Callable[[dict[str, object]], bool]:
     return lambda record: record.get("module") == module
 
 
-def hostile_config(directory: Path, module: str = "hostile") -> Path:
+def hostile_config(directory: Path, module: str = "liar") -> Path:
     """The hostile module next to the well-behaved echo."""
     daemon = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}", "{REPO / "workers" / "modules"}"]'
     return write_config(directory, daemon, modules=f"[modules.{module}]\n[modules.echo]\n")
@@ -121,9 +121,9 @@ def test_a_huge_close_reason_is_capped_and_subscribers_keep_receiving(
     daemon = start_daemon(hostile_config(tmp_path))
     with BlockingClient(daemon.socket) as client, BlockingClient(daemon.socket) as watcher:
         watcher.subscribe()
-        proxy = client.request_proxy("hostile")
+        proxy = client.request_proxy("liar")
         assert proxy.call("close_reason", {"size": 262_000, "instance_ids": list(range(1, 9))})
-        closed = _next_event(watcher, lambda e: e.module == "hostile" and e.proxy_id is not None
+        closed = _next_event(watcher, lambda e: e.module == "liar" and e.proxy_id is not None
                              and e.reason is not None and e.reason.startswith("rrr"))  # fmt: skip
         assert closed.reason is not None
         assert closed.reason.endswith("bytes]")
@@ -162,8 +162,8 @@ def test_a_worker_that_lies_on_the_wire_is_killed_for_it(
         daemon.wait_standbys()
         baseline = status_latency(client)
         fds, rss = open_fds(daemon.proc.pid), rss_kib(daemon.proc.pid)
-        first = daemon.worker_pids()["hostile"]
-        proxy = client.request_proxy("hostile")
+        first = daemon.worker_pids()["liar"]
+        proxy = client.request_proxy("liar")
         with contextlib.suppress(Exception):  # killed mid-call, perhaps: the call fails
             proxy.call(method, args, timeout=20)
         killed = daemon.wait_for("worker.protocol_violation", lambda r: r["worker_pid"] == first)
@@ -191,7 +191,7 @@ def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
     with BlockingClient(daemon.socket) as client, BlockingClient(daemon.socket) as attacker:
         baseline = status_latency(client)
         fds, rss = open_fds(daemon.proc.pid), rss_kib(daemon.proc.pid)
-        proxy = attacker.request_proxy("hostile")
+        proxy = attacker.request_proxy("liar")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             writing = pool.submit(proxy.call, "newlines", {"megabytes": 64}, timeout=60)
             time.sleep(0.5)
@@ -199,9 +199,9 @@ def test_a_flood_of_bare_newlines_leaves_the_daemon_responsive(
             assert not writing.done()  # slowed down by the relay, not finished in a blink
             with contextlib.suppress(ipc.WorkerCrashed):  # killed as hung, most likely
                 writing.result()
-        report = daemon.wait_for("worker.stderr_suppressed", of_module("hostile"), timeout=20)
+        report = daemon.wait_for("worker.stderr_suppressed", of_module("liar"), timeout=20)
         assert report["dropped_bytes"] > 0
-        relayed = [r for r in daemon.events("worker.stderr") if r["module"] == "hostile"]
+        relayed = [r for r in daemon.events("worker.stderr") if r["module"] == "liar"]
         assert len(relayed) <= 2 * RELAY_BURST
         proxy.release()
         wait_until(lambda: open_fds(daemon.proc.pid) <= fds, timeout=20)

@@ -1,4 +1,4 @@
-"""A module that attacks the daemon through what its worker controls.
+"""A module whose worker lies to the daemon through what it controls.
 
 Its code runs in the worker, which holds the control socket to the daemon on
 fd 3: it writes packets there that ipad's worker host never sends (replies to
@@ -26,7 +26,7 @@ def _control() -> socket.socket:
     return socket.socket(fileno=os.dup(CONTROL_FD))
 
 
-class Hostile(IPAModule):
+class Liar(IPAModule):
     """One attack per method; each returns how many packets it sent."""
 
     def close_reason(self, size: int, instance_ids: list[int]) -> int:
