@@ -42,6 +42,7 @@ from typing import Any
 from _common import REPO, Row, exit_on_sigterm, forked_peer, parser, print_rows, row, write_results
 from _ipad import running_daemon
 
+from ipad._buffers import protect
 from ipad.client import BlockingClient
 from ipad.ipa import Buffer, ModuleContext
 
@@ -59,8 +60,9 @@ def buffer_pool(size: int) -> list[int]:
     data = zone * (size // ZONE.size)
     pool = []
     for i in range(POOL):
-        fd = os.memfd_create(f"stats{i}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"stats{i}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.write(fd, data)
+        protect("stats", fd)  # sealed as the client library seals what it passes
         pool.append(fd)
     return pool
 

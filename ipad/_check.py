@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -28,6 +28,9 @@ from ._sandbox_plan import ModuleFiles, Unavailable
 from ._search_path import dirs_from_env
 from ._tuning import CONFIG_PATH_ENV, TuningFileNotFound, find_tuning_file
 
+if TYPE_CHECKING:
+    from ._signing import Verified
+
 
 @attrs.frozen
 class ModulePlan:
@@ -41,6 +44,10 @@ class ModulePlan:
     sandbox: SandboxSpec | None = None
     #: Optional sandbox measures this host lacks (logged once at start).
     unavailable: tuple[Unavailable, ...] = ()
+    #: (relative path, SHA-256) of each file its verified signature covers; None: not signed.
+    #: Its workers import only these bytes (ipad/_verified_import.py), and a reload that
+    #: finds other digests sees the module changed.
+    signed: tuple[tuple[str, str], ...] | None = None
 
 
 @attrs.frozen
@@ -76,8 +83,10 @@ def check_config(
         plan, found = _plan(config, path, name, discovery, env, workers)
         if plan is not None:
             signature = keys.check(name, plan.source, required=config.signature_required(name))
-            if signature is not None:
+            if isinstance(signature, Problem):
                 plan, found = None, [*found, signature]
+            elif signature is not None:
+                plan = attrs.evolve(plan, signed=signature.digests)
         if plan is not None:
             plans[name] = plan
         problems.extend(found)
@@ -102,8 +111,10 @@ class TrustedKeys:
                 where = f"signatures.trusted_keys[{index}]"
                 self.problems.append(Problem(path, where, f"{key_path}: {reason}"))
 
-    def check(self, name: str, source: ModuleSource, *, required: bool) -> Problem | None:
-        """Why the module must be refused: a required signature missing, or one that fails.
+    def check(
+        self, name: str, source: ModuleSource, *, required: bool
+    ) -> Problem | Verified | None:
+        """Why the module must be refused, or its verified signature (None: unsigned, allowed).
 
         A signature that is present is checked even when none is required: a
         signed module that no longer matches its signature has been tampered with.
@@ -113,10 +124,9 @@ class TrustedKeys:
         if not required and not signature_path(source.path).exists():
             return None
         try:
-            verify(source, self.keys)
+            return verify(source, self.keys)
         except SignatureError as exc:
             return Problem(exc.file, "(signature)", f"module {name}: {exc.reason}")
-        return None
 
 
 class _Workers:

@@ -50,6 +50,10 @@ class Children:
     def __contains__(self, process: WorkerProcess) -> bool:
         return self._alive.get(process.pid) is process
 
+    def holds(self, pid: int) -> bool:
+        """Whether a process of ours with this pid is held already."""
+        return pid in self._alive
+
     def adopt(
         self, process: WorkerProcess, on_exit: Callable[[WorkerProcess], None] | None = None
     ) -> None:

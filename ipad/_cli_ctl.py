@@ -238,8 +238,8 @@ def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
     elif args.command == "restart":
         print(f"{result['module']}: {result['state']}")
     elif args.command == "reload":
-        for key in ("added", "removed", "changed", "unchanged"):
-            print(f"{key}: {', '.join(result[key]) or '-'}")
+        for key in ("added", "removed", "changed", "code_changed", "unchanged"):
+            print(f"{key.replace('_', ' ')}: {', '.join(result.get(key, ())) or '-'}")
     else:
         print("stopping")
     return 0

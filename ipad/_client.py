@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import trio
 
 from . import _protocol as p
+from ._client_backlog import RAW_EVENTS
 from ._client_common import (
     CLIENT_VERSIONS,
     RECONNECT_INITIAL,
@@ -33,14 +34,15 @@ from ._client_common import (
     not_sent,
     unavailable_details,
 )
-from ._client_events import EVENT_BACKLOG, EventQueue, LocalEvent
+from ._client_events import EVENT_BACKLOG, EVENT_BACKLOG_BYTES, EventQueue, LocalEvent
 from ._client_proxy import ChannelRequests, Proxy
 from ._errors import Disconnected, IpadError, ModuleUnavailable, UnknownProxy, WorkerCrashed
 from ._paths import client_socket_path
-from ._transport import PacketSocket, Requests
+from ._transport import PacketSocket, Requests, report_suppressed_drops
 
 __all__ = [
     "EVENT_BACKLOG",
+    "EVENT_BACKLOG_BYTES",
     "RECONNECT_INITIAL",
     "RECONNECT_JITTER",
     "RECONNECT_MAX",
@@ -189,7 +191,9 @@ class Client:
         if len(frame.fds) != 1:
             frame.close_fds()
             raise IpadError("PROXY_GRANTED came without its channel")
-        channel = PacketSocket(socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL)
+        channel = PacketSocket(
+            socket.socket(fileno=frame.fds[0]), p.FROM_WORKER_CHANNEL, decoders=RAW_EVENTS
+        )
         return granted, channel
 
     # --- recovery after a worker's crash ----------------------------------------
@@ -318,6 +322,9 @@ class Client:
                     goodbye = message.reason
                 else:
                     requests.deliver(frame)
+        except MemoryError:
+            # Too big to decode or keep in the memory left: this connection ends, not the client.
+            goodbye = "the client ran out of memory decoding what the daemon sent"
         finally:
             reason = goodbye or "the daemon closed the connection"
             requests.fail_all(lambda: Disconnected(reason))
@@ -420,6 +427,7 @@ class Client:
             proxy.setup_log.close()
         if self.conn is not None:
             self.conn.close()
+        report_suppressed_drops()
 
 
 async def connect_unix(conn: PacketSocket, path: str) -> None:

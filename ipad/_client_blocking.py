@@ -12,7 +12,6 @@ comes after the caller gave up is kept for the next call, never thrown away.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import itertools
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _protocol as p
+from ._buffers import FdArg
+from ._client_backlog import EVENT_BACKLOG, RAW_EVENTS, Backlog, RawModuleEvent
 from ._client_common import (
     CLIENT_VERSIONS,
     Backoff,
@@ -50,8 +51,7 @@ from ._errors import (
 from ._fdpass import recv_packet, rights
 from ._paths import client_socket_path
 
-#: Events kept while nobody reads them; the oldest go first.
-EVENT_BACKLOG = 1024
+__all__ = ["EVENT_BACKLOG", "BlockingClient", "BlockingProxy"]
 
 
 class _Connection:
@@ -73,7 +73,8 @@ class _Connection:
         self.what = what
         self.on_event = on_event
         self.ids = itertools.count(1)
-        self.backlog: collections.deque[p.Message] = collections.deque(maxlen=EVENT_BACKLOG)
+        #: Events not read yet, bounded in count and bytes (ipad/_client_backlog.py).
+        self.backlog = Backlog()
         self.closed_reason: str | None = None
         #: Requests whose reply is put aside when it comes while another is awaited (a grant
         #: the caller gave up on): request id -> the reply once it came.
@@ -147,16 +148,19 @@ class _Connection:
     def next_event(self, timeout: float | None) -> p.Message | None:
         """The oldest queued or next arriving event; None if none came within ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.backlog:
-            if self.closed_reason is not None:
-                raise self._gone()
-            try:
-                frame = self._receive(deadline)
-            except TimedOut:
-                return None
-            if frame is not None:
-                self._put_aside(frame)
-        return self.backlog.popleft()
+        while True:
+            while not self.backlog:
+                if self.closed_reason is not None:
+                    raise self._gone()
+                try:
+                    frame = self._receive(deadline)
+                except TimedOut:
+                    return None
+                if frame is not None:
+                    self._put_aside(frame)
+            event: p.Message | None = self.backlog.pop()
+            if event is not None:  # None: a module event that could not be decoded (lost)
+                return event
 
     def _ready(self, events: int, deadline: float | None) -> None:
         """Wait until the socket is ready for ``events``; TimedOut once ``deadline`` passed.
@@ -192,9 +196,15 @@ class _Connection:
         try:
             received = recv_packet(self.sock)
             if received is not None:
-                frame = p.decode(*received, allowed=self.allowed)
+                frame = p.decode(*received, allowed=self.allowed, decoders=RAW_EVENTS)
         except p.ProtocolError as exc:
             self.closed_reason = f"{self.what} broke the protocol: {exc.reason}"
+            raise self._gone() from None
+        except MemoryError:
+            # What the peer sent decodes to more than this process can hold: this connection
+            # ends with that reason (a proxy reopens its channel, which closes this one); the
+            # client and its other proxies carry on.
+            self.closed_reason = f"the client ran out of memory decoding what the {self.what} sent"
             raise self._gone() from None
         except OSError as exc:
             if exc.errno == errno.ECONNRESET and self.what == "daemon":
@@ -211,8 +221,8 @@ class _Connection:
             self.closed_reason = self.closed_reason or f"{self.what} closed the connection"
             raise self._gone()
         message = frame.message
-        if isinstance(message, p.Event | p.ModuleEvent):
-            self.backlog.append(message)
+        if isinstance(message, p.Event | RawModuleEvent):
+            self.backlog.put(message)
             if self.on_event is not None:
                 self.on_event(message)
             return None
@@ -326,7 +336,7 @@ class BlockingProxy:
         self,
         method: str,
         args: Mapping[str, Any] | None = None,
-        fds: Mapping[str, int] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
         timeout: float | None = None,
         *,
         wait: float | None = None,
@@ -334,9 +344,13 @@ class BlockingProxy:
         """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
 
         ``timeout`` bounds the whole call (TimedOut), recovery and replay
-        included; ``wait`` how long a dead proxy's recovery is waited for,
-        through failed attempts (CallNotSent when it runs out).
+        included; without it, the module's ``call_timeout`` does (from the
+        grant). ``wait`` is how long a dead proxy's recovery is waited for,
+        through failed attempts (CallNotSent when it runs out). A reply that
+        comes after the call gave up is dropped; the proxy stays usable.
         """
+        if timeout is None:
+            timeout = self.info.call_timeout
         bounds = Bounds.of(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
         while True:
@@ -524,6 +538,11 @@ class BlockingProxy:
         self.state = "closed"
         self.reason = reason
 
+    @property
+    def events_lost(self) -> int:
+        """Module events lost on the current channel (past its bounds, or undecodable)."""
+        return self._conn.backlog.dropped
+
     def next_event(self, timeout: float | None = None) -> p.ModuleEvent | None:
         """The next event the module instance sent, or None after ``timeout`` seconds."""
         event = self._conn.next_event(timeout)
@@ -670,6 +689,11 @@ class BlockingClient:
     def subscribe(self, since: int | None = None) -> p.Subscribed:
         """Receive events from now on, after the kept ones later than ``since`` if given."""
         return self.request(p.Subscribe(since), p.Subscribed)
+
+    @property
+    def events_lost(self) -> int:
+        """Daemon events lost on this connection past the backlog's bounds."""
+        return self._conn.backlog.dropped
 
     def next_event(self, timeout: float | None = None) -> p.Event | None:
         """The next daemon event, or None after ``timeout`` seconds."""

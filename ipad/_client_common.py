@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 
 from . import _protocol as p
+from ._buffers import FdArg, Output, fd_of, protect_all
 from ._errors import CallNotSent, IpadError, TimedOut, UnknownProxy, error_from_reply
 
 #: Protocol versions this client library speaks, newest first.
@@ -46,6 +47,8 @@ class ProxyInfo:
     seq: int
     #: The module serving this proxy for now, when a fallback stands in; else "".
     served_by: str = ""
+    #: Every call's deadline when the caller gives no ``timeout`` (None: the daemon gave none).
+    call_timeout: float | None = None
 
     @classmethod
     def from_granted(cls, granted: p.ProxyGranted) -> ProxyInfo:
@@ -60,6 +63,7 @@ class ProxyInfo:
             undoes={m.name: m.undoes for m in granted.methods if m.undoes},
             seq=granted.seq,
             served_by=granted.served_by,
+            call_timeout=granted.call_timeout if granted.call_timeout > 0 else None,
         )
 
 
@@ -69,7 +73,7 @@ class SetupCall:
 
     method: str
     args: dict[str, Any]
-    fds: tuple[tuple[str, int], ...]
+    fds: tuple[tuple[str, FdArg], ...]
 
 
 class SetupLog:
@@ -85,7 +89,7 @@ class SetupLog:
         self.calls: list[SetupCall] = []
 
     def record(
-        self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, int] | None
+        self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
     ) -> None:
         """Note a successful call, if it changes what a new instance must replay."""
         undone = self.info.undoes.get(method)
@@ -93,30 +97,39 @@ class SetupLog:
             self._drop(undone)
         if method in self.info.setup_methods:
             self._drop(method)
-            dups = tuple((name, os.dup(fd)) for name, fd in (fds or {}).items())
+            dups = tuple((name, _dup(value)) for name, value in (fds or {}).items())
             self.calls.append(SetupCall(method, dict(args or {}), dups))
 
     def _drop(self, method: str) -> None:
         for call in [c for c in self.calls if c.method == method]:
             self.calls.remove(call)
-            for _, fd in call.fds:
-                os.close(fd)
+            for _, value in call.fds:
+                os.close(fd_of(value))
 
     def close(self) -> None:
         """Close the duplicated descriptors."""
         for call in self.calls:
-            for _, fd in call.fds:
-                os.close(fd)
+            for _, value in call.fds:
+                os.close(fd_of(value))
         self.calls.clear()
 
 
+def _dup(value: FdArg) -> FdArg:
+    """A duplicate for the replay, an Output still an Output; the memfd (and its seals) shared."""
+    return Output(os.dup(value.fd)) if isinstance(value, Output) else os.dup(value)
+
+
 def build_call(
-    method: str, args: Mapping[str, Any] | None, fds: Mapping[str, int] | None
+    method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
 ) -> tuple[p.Call, list[int]]:
-    """A CALL and the descriptors to pass with it, in the order ``fd_args`` names them."""
-    fd_items = list((fds or {}).items())
-    call = p.Call(method, dict(args or {}), tuple(name for name, _ in fd_items))
-    return call, [fd for _, fd in fd_items]
+    """A CALL and the descriptors to pass with it, in the order ``fd_args`` names them.
+
+    Each descriptor is sealed first (ipad/_buffers.py): one that cannot be is
+    refused with BadArguments, and nothing is sent.
+    """
+    fd_list = protect_all(fds)
+    call = p.Call(method, dict(args or {}), tuple(fds or ()))
+    return call, fd_list
 
 
 M = TypeVar("M", bound=p.Message)

@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 import attrs
 import trio
 
-#: Events kept for a reader that is behind; older ones are dropped first.
-EVENT_BACKLOG = 1024
+from ._client_backlog import EVENT_BACKLOG, EVENT_BACKLOG_BYTES, Backlog
+
+__all__ = ["EVENT_BACKLOG", "EVENT_BACKLOG_BYTES", "EventQueue", "LocalEvent"]
 
 
 class EventQueue:
-    """A bounded queue that never blocks its writer: when full, the oldest entry goes."""
+    """A queue bounded in count and bytes that never blocks its writer: the oldest entry goes.
 
-    def __init__(self, size: int = EVENT_BACKLOG) -> None:
-        self._items: collections.deque[Any] = collections.deque(maxlen=size)
+    ``dropped`` counts the events lost (ipad/_client_backlog.py says how).
+    """
+
+    def __init__(self, size: int = EVENT_BACKLOG, max_bytes: int = EVENT_BACKLOG_BYTES) -> None:
+        self._items = Backlog(size, max_bytes)
         self._ready = trio.Event()
         self._closed = False
-        self.dropped = 0
+
+    @property
+    def dropped(self) -> int:
+        """Events lost: dropped when the queue was full, or undecodable when read."""
+        return self._items.dropped
 
     def put(self, item: object) -> None:
         """Add an item, dropping the oldest if the queue is full."""
-        if len(self._items) == self._items.maxlen:
-            self.dropped += 1
-        self._items.append(item)
+        self._items.put(item)
         self._ready.set()
 
     def close(self) -> None:
@@ -35,12 +40,15 @@ class EventQueue:
 
     async def get(self) -> Any:
         """The next item; raise trio.EndOfChannel once closed and drained."""
-        while not self._items:
-            if self._closed:
-                raise trio.EndOfChannel
-            self._ready = trio.Event()
-            await self._ready.wait()
-        return self._items.popleft()
+        while True:
+            while not self._items:
+                if self._closed:
+                    raise trio.EndOfChannel
+                self._ready = trio.Event()
+                await self._ready.wait()
+            item = self._items.pop()
+            if item is not None:  # None: a module event that could not be decoded (lost)
+                return item
 
     def __aiter__(self) -> EventQueue:
         # An iterator object, not an async generator: breaking out of ``async for``

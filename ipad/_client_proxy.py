@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _protocol as p
+from ._buffers import FdArg, protect_all
+from ._client_backlog import RawModuleEvent
 from ._client_common import (
     Backoff,
     Bounds,
@@ -22,12 +24,16 @@ from ._client_common import (
 )
 from ._client_events import EventQueue
 from ._errors import CallNotSent, Disconnected, IpadError, TimedOut, UnknownProxy, WorkerCrashed
-from ._transport import PacketSocket, Pending, Requests
+from ._transport import PacketSocket, Pending, Requests, _Slot
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._client import Client
+
+
+#: Given-up requests remembered per channel, so their late replies are dropped without a word.
+GIVEN_UP_KEPT = 1024
 
 
 class ChannelRequests(Requests):
@@ -43,6 +49,8 @@ class ChannelRequests(Requests):
         self.newest: int | None = None
         #: The channel ended with ECONNRESET: the newest request was never read.
         self.reset = False
+        #: Requests whose caller gave up before the reply (in order, the oldest first).
+        self.given_up: dict[int, None] = {}
 
     async def send(
         self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
@@ -51,6 +59,24 @@ class ChannelRequests(Requests):
         pending = await super().send(conn, message, fds)
         self.newest = pending[0]
         return pending
+
+    async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
+        """Wait as Requests does; a call given up (deadline, cancel) has its late reply dropped."""
+        try:
+            return await super().reply(request_id, slot)
+        except BaseException:
+            if not slot.done.is_set():  # its reply may still come: expected, not news
+                self.given_up[request_id] = None
+                if len(self.given_up) > GIVEN_UP_KEPT:
+                    del self.given_up[next(iter(self.given_up))]
+            raise
+
+    def _drop(self, frame: p.Frame) -> None:
+        if frame.request_id in self.given_up:
+            del self.given_up[frame.request_id]
+            frame.close_fds()
+            return
+        super()._drop(frame)
 
     def never_ran(self, request_id: int) -> bool:
         """Whether ``request_id`` was surely not read by the worker before the channel ended."""
@@ -111,7 +137,7 @@ class Proxy:
         self,
         method: str,
         args: Mapping[str, Any] | None = None,
-        fds: Mapping[str, int] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
         *,
         wait: float | None = None,
         timeout: float | None = None,
@@ -121,10 +147,16 @@ class Proxy:
         On an invalid proxy the call waits for the recovery under way: if its
         attempt fails, the call fails with CallNotSent saying why, or with
         ``wait``, waits on through failures for up to that many seconds.
-        ``timeout`` bounds the whole call, recovery included (TimedOut); a
-        surrounding cancel scope works as ever. A crash of the worker during
-        the call fails it at once with WorkerCrashed.
+        ``timeout`` bounds the whole call, recovery included (TimedOut); without
+        it, the module's ``call_timeout`` does (from the grant). A surrounding
+        cancel scope works as ever. A crash of the worker during the call fails
+        it at once with WorkerCrashed. A reply that comes after the call gave
+        up is dropped; the proxy stays usable. A buffer that cannot be sealed
+        (ipad/_buffers.py) fails the call with BadArguments before anything else.
         """
+        protect_all(fds)
+        if timeout is None:
+            timeout = self.info.call_timeout
         bounds = Bounds.of(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path
@@ -145,7 +177,7 @@ class Proxy:
         sent: list[bool],
         method: str,
         args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
+        fds: Mapping[str, FdArg] | None,
     ) -> Any:
         """The call, once the proxy is valid; ``sent`` gets True once it reached the worker."""
         while True:
@@ -218,7 +250,7 @@ class Proxy:
         requests: ChannelRequests,
         method: str,
         args: Mapping[str, Any] | None,
-        fds: Mapping[str, int] | None,
+        fds: Mapping[str, FdArg] | None,
     ) -> Pending:
         """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
         message, fd_list = build_call(method, args, fds)
@@ -245,10 +277,14 @@ class Proxy:
                     break
                 if frame is None:
                     break
-                if isinstance(frame.message, p.ModuleEvent):
-                    self.module_events.put(frame.message)
+                if isinstance(frame.message, RawModuleEvent):
+                    self.module_events.put(frame.message)  # decoded when read
                 else:
                     requests.deliver(frame)
+        except MemoryError:
+            # What the worker sent decodes to more than this process can hold (or there is no
+            # room to keep it): the proxy loses its channel and recovers; the client carries on.
+            reason = "the client ran out of memory decoding what the worker sent"
         finally:
             requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
             if channel is self.channel:

@@ -94,6 +94,9 @@ class RestartPolicy:
     heartbeat_interval: Duration = Duration(1.0)
     #: A worker that has not answered a heartbeat for this long is hung.
     heartbeat_timeout: Duration = Duration(3.0)
+    #: Every call's deadline: a client's default ``timeout``, and past it the daemon
+    #: treats the worker as hung (a thread that beats cannot hide a blocked main loop).
+    call_timeout: Duration = Duration(10.0)
     #: Keep a second worker started and loaded, promoted the moment the active one ends.
     standby: bool = True
 
@@ -115,6 +118,7 @@ class RestartOverrides:
     stop_timeout: Duration | None = None
     heartbeat_interval: Duration | None = None
     heartbeat_timeout: Duration | None = None
+    call_timeout: Duration | None = None
     standby: bool | None = None
 
     def apply_to(self, base: RestartPolicy) -> RestartPolicy:

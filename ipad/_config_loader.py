@@ -239,6 +239,7 @@ def _check_policy(
         "heartbeat_interval",
         "failure_window",
         "cooldown_interval",
+        "call_timeout",
     ):
         if getattr(policy, field).seconds == 0:
             yield from problem((field,), "must not be zero", "a positive duration")

@@ -100,6 +100,8 @@ def trusted_preloads(plans: Iterable[ModulePlan], trusted: Iterable[Path] = ()) 
     specs: set[str] = set()
     for plan in plans:
         entry = plan.source.manifest.entry_point
+        if plan.signed is not None:
+            continue  # signed code is imported by its worker, from verified bytes only
         found = plan.source.directory
         directory = resolved.get(found)
         if directory is None:
@@ -170,6 +172,9 @@ class ReloadPlan:
     changed: tuple[str, ...]
     #: ``[daemon]`` keys that differ but wait for a restart of the daemon.
     fixed: tuple[str, ...]
+    #: Changed modules whose signed code differs (new digests, or signed or unsigned anew):
+    #: they restart onto the newly verified code like any changed module.
+    code_changed: tuple[str, ...] = ()
 
     @classmethod
     def between(cls, old: CheckedConfig, new: CheckedConfig) -> ReloadPlan:
@@ -183,9 +188,10 @@ class ReloadPlan:
         )
         fixed = [key for key in AT_RESTART_ONLY
                  if getattr(old.config.daemon, key) != getattr(new.config.daemon, key)]  # fmt: skip
+        code = [name for name in changed if old.plans[name].signed != new.plans[name].signed]
         return cls(new, tuple(sorted(set(new.plans) - set(old.plans))),
                    tuple(sorted(set(old.plans) - set(new.plans))), tuple(changed),
-                   tuple(fixed))  # fmt: skip
+                   tuple(fixed), tuple(code))  # fmt: skip
 
     @property
     def starting(self) -> tuple[str, ...]:
@@ -196,7 +202,8 @@ class ReloadPlan:
         """What ``ipadctl reload`` prints."""
         unchanged = sorted(set(self.new.plans) - set(self.added) - set(self.changed))
         return {"added": list(self.added), "removed": list(self.removed),
-                "changed": list(self.changed), "unchanged": unchanged}  # fmt: skip
+                "changed": list(self.changed), "code_changed": list(self.code_changed),
+                "unchanged": unchanged}  # fmt: skip
 
 
 class _Pending:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import TypeGuard
 
 from . import _protocol as p
+from . import _verified_import  # noqa: F401 - imported once here, not in every signed worker
 from ._fdpass import recv_packet, send_packet
 from ._sandbox import CLONE_NEWUSER, SandboxError, clone_flags, close_other_fds
 from ._sandbox import apply as apply_sandbox

@@ -11,6 +11,9 @@ replies just set an event: nobody wakes to wait for them).
 
 A hang is seen ``heartbeat_timeout`` after the last beat (or the unanswered
 PING), give or take one interval: the ticks are when anything is looked at.
+A board also says when module code runs (its call counter is odd): one call
+seen running for ``call_timeout`` is a hang too, however the beats move (a
+module's own thread can beat while its call blocks the loop).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import attrs
 import trio
 
 from . import _protocol as p
-from ._heartbeat_board import read_board
+from ._heartbeat_board import call_running, read_board
 from ._transport import Pending
 from ._worker import WorkerCrashed, WorkerProcess
 
@@ -32,13 +35,21 @@ class _Watched:
 
     worker: WorkerProcess
     timeout: float
-    on_hung: Callable[[WorkerProcess], None]
+    #: Called once with the worker and how it hung: ``board``, ``ping`` or ``call``.
+    on_hung: Callable[[WorkerProcess, str], None]
+    #: How long one call may run (None: no limit).
+    call_timeout: float | None = None
     #: The unanswered PING and when it was sent.
     ping: Pending | None = None
     sent: float = 0.0
+    #: When a PING first found no room in its socket (None: the last one went out).
+    unsent: float | None = None
     #: A board worker's counter as last read, and when it was last seen to move.
     beat: bytes = b""
     beat_seen: float = 0.0
+    #: The call counter of the call seen running, and when it was first seen.
+    call: bytes | None = None
+    call_seen: float = 0.0
 
 
 class _Group:
@@ -70,15 +81,23 @@ class _Group:
                 _, slot = entry.ping
                 if not slot.done.is_set():
                     if now - entry.sent >= entry.timeout:
-                        self._hung(entry)
+                        self._hung(entry, "ping")
                     continue
                 entry.worker.requests.forget(entry.ping)
             try:
-                entry.ping = await entry.worker.requests.send(entry.worker.control, p.Ping())
+                # Never waits: one worker that does not read its socket must not hold up
+                # the tick of every other.
+                pending = entry.worker.requests.send_nowait(entry.worker.control, p.Ping())
             except (WorkerCrashed, OSError, trio.ClosedResourceError):
                 self.watched.pop(entry.worker, None)  # it died: its exit is being handled
                 continue
-            entry.sent = now
+            if pending is None:  # no room: it does not read; silent since the first refusal
+                if entry.unsent is None:
+                    entry.unsent = now
+                elif now - entry.unsent >= entry.timeout:
+                    self._hung(entry, "ping")
+                continue
+            entry.ping, entry.sent, entry.unsent = pending, now, None
 
     def _look_at_board(self, entry: _Watched, board: int, now: float) -> None:
         try:
@@ -88,12 +107,20 @@ class _Group:
         if beat and beat != entry.beat:
             entry.beat, entry.beat_seen = beat, now
         elif now - entry.beat_seen >= entry.timeout:
-            self._hung(entry)
+            self._hung(entry, "board")
+            return
+        call = call_running(beat)
+        if call is None or entry.call_timeout is None:
+            entry.call = None
+        elif call != entry.call:
+            entry.call, entry.call_seen = call, now  # a call first seen now: timed from here
+        elif now - entry.call_seen >= entry.call_timeout:
+            self._hung(entry, "call")
 
-    def _hung(self, entry: _Watched) -> None:
+    def _hung(self, entry: _Watched, how: str) -> None:
         """Stop watching a hung worker and report it, once."""
         self.watched.pop(entry.worker, None)
-        entry.on_hung(entry.worker)
+        entry.on_hung(entry.worker, how)
 
 
 class Heartbeats:
@@ -117,19 +144,22 @@ class Heartbeats:
         worker: WorkerProcess,
         interval: float,
         timeout: float,
-        on_hung: Callable[[WorkerProcess], None],
+        on_hung: Callable[[WorkerProcess, str], None],
+        call_timeout: float | None = None,
     ) -> None:
         """Check ``worker`` every ``interval``; call ``on_hung`` once it is silent ``timeout``.
 
         Silent: its board's counter has not moved, or (without a board) its PING
-        is unanswered.
+        is unanswered. Stuck: its board shows one call running for ``call_timeout``.
         """
         group = self._groups.get(interval)
         if group is None:
             group = self._groups[interval] = _Group(interval)
             if self._nursery is not None:
                 self._nursery.start_soon(group.run)
-        group.watched[worker] = _Watched(worker, timeout, on_hung, beat_seen=trio.current_time())
+        group.watched[worker] = _Watched(
+            worker, timeout, on_hung, call_timeout, beat_seen=trio.current_time()
+        )
         group.wake.set()
 
     def forget(self, worker: WorkerProcess) -> None:

@@ -11,6 +11,12 @@ microsecond each, and a worker whose counter has not moved for the
 heartbeat timeout is hung: its loop is stuck, exactly when it could not
 have answered a PING either.
 
+A beating loop proves the loop turns, not that module code returns: a
+module can beat from a thread of its own while its call blocks the loop.
+So the board's second counter counts module code entered and left (odd:
+module code runs). The daemon sees a call that runs past the module's
+``call_timeout`` as a hang, on its own clock: the worker writes no time.
+
 One board per worker: workers never share memory with one another. The
 daemon reads with pread and never maps a board, so a worker that truncates
 its memfd cannot fault the daemon (the read returns nothing, which reads
@@ -21,9 +27,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
-#: The board's size: one unsigned 64-bit counter.
-BOARD_SIZE = 8
+#: The board's size: two unsigned 64-bit counters, beats and module code entered or left.
+BOARD_SIZE = 16
+#: Where the beat counter ends: the rest is the call counter.
+BEAT_SIZE = 8
 
 #: The longest wait a worker's loop takes between beats (epoll's timeout must fit an int of ms).
 MAX_BEAT_WAIT = 86400.0
@@ -41,8 +50,19 @@ def new_board() -> int:
 
 
 def read_board(fd: int) -> bytes:
-    """The board's counter as it stands, as bytes to compare (empty if it was truncated)."""
+    """The board's counters as they stand, as bytes to compare (short if it was truncated)."""
     return os.pread(fd, BOARD_SIZE, 0)
+
+
+def call_running(board: bytes) -> bytes | None:
+    """The call counter read from a board if module code runs (odd), to compare; else None.
+
+    A board of 8 bytes (a worker that knows only the beat counter) never runs a call.
+    """
+    calls = board[BEAT_SIZE:BOARD_SIZE]
+    if len(calls) != BOARD_SIZE - BEAT_SIZE or not int.from_bytes(calls, sys.byteorder) & 1:
+        return None
+    return calls
 
 
 class Beater:
@@ -51,6 +71,8 @@ class Beater:
     def __init__(self, fd: int, interval: float) -> None:
         self._map = mmap.mmap(fd, BOARD_SIZE)
         self._counter = memoryview(self._map).cast("Q")
+        #: Module code entered and left: odd while it runs.
+        self.calls = 0
         #: How long the loop may wait for anything before it must beat again.
         self.wait: float
         self.pace(interval)
@@ -62,3 +84,15 @@ class Beater:
     def beat(self) -> None:
         """One beat: the loop is turning."""
         self._counter[0] = (self._counter[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def enter(self) -> None:
+        """Module code starts (a call, an instance's constructor or close): the counter is odd."""
+        if not self.calls & 1:
+            self.calls += 1
+        self._counter[1] = self.calls & 0xFFFF_FFFF_FFFF_FFFF
+
+    def leave(self) -> None:
+        """Module code returned: the counter is even again."""
+        if self.calls & 1:
+            self.calls += 1
+        self._counter[1] = self.calls & 0xFFFF_FFFF_FFFF_FFFF

@@ -2,9 +2,11 @@
 
 Workers run by the Python worker host are forked by the fork server (see
 ipad/_forkserver.py) in about a millisecond; any other worker executable is
-started with posix_spawn. Either way the worker is a child of the daemon,
-watched through its pidfd. If the fork server dies it is started again, and
-meanwhile workers are spawned, only slower.
+started with posix_spawn, a sandboxed one through the jail (ipad/_jail.py),
+which clones it into its PID namespace and cgroup as the fork server would.
+Either way the worker is a child of the daemon, watched through its pidfd.
+If the fork server dies it is started again, and meanwhile workers are
+spawned, only slower.
 
 Every process started here is handed to the daemon's reaper (ipad/_children.py)
 and to its caller's ``on_started`` the moment it exists, before anything
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -38,12 +41,12 @@ from . import _memory_cgroup
 from . import _protocol as p
 from ._cgroup import WorkerCgroups, clear_cgroup
 from ._children import Children, child_pidfd, is_child
-from ._fdpass import sized_socketpair
+from ._fdpass import recv_packet, sized_socketpair
 from ._jail import command as jail_command
 from ._lifecycle import ExitStatus
 from ._reactor import Timers
 from ._relay import OutputRelay
-from ._spawn import StartedProcess
+from ._spawn import StartedProcess, start_process
 from ._worker import WorkerCrashed, WorkerProcess, adopt, spawn_worker
 from ._zygote import ZYGOTE_ARGV
 
@@ -62,6 +65,15 @@ FORK_TIMEOUT = 2.0
 
 #: How long ``renew`` waits for the new fork server before workers are spawned meanwhile.
 RENEW_TIMEOUT = 5.0
+
+#: How long a jail (ipad/_jail.py) may take to say which worker it started, by default.
+JAIL_TIMEOUT = 5.0
+
+#: How long a jail that failed gets to die of its SIGKILL before what it said is read.
+JAIL_KILL_WAIT = 1.0
+
+#: What a jail may say: the worker's pid.
+JAIL_REPLY = frozenset({p.MsgType.SPAWNED})
 
 #: Told of a worker the moment its process exists; then when it has exited and been reaped.
 OnStarted = Callable[[WorkerProcess], None]
@@ -271,10 +283,12 @@ class Launcher:
         *,
         on_started: OnStarted = lambda _: None,
         on_exit: OnExit | None = None,
+        timeout: float = JAIL_TIMEOUT,
     ) -> WorkerProcess:
         """A new worker for ``module``: forked if it runs the Python worker host, else spawned.
 
-        With ``sandbox`` the worker confines itself before it loads its module.
+        With ``sandbox`` the worker confines itself before it loads its module;
+        a spawned one is started by the jail, which has ``timeout`` to say its pid.
         ``on_started`` is told of the worker the moment its process exists (it
         owns it from then on, even if this is cancelled later); the reaper
         calls ``on_exit`` once it has exited.
@@ -292,26 +306,43 @@ class Launcher:
             return worker
         self.spawns += 1
         v1_memory = self._v1_memory(module, sandbox)
+        prepared, in_cgroup = None, False
         if sandbox is not None:
-            sandbox = msgspec.structs.replace(sandbox, pid_namespace=False, memory_cgroup=(
+            sandbox = msgspec.structs.replace(sandbox, memory_cgroup=(
                 str(v1_memory) if v1_memory else None))  # fmt: skip
-            argv = jail_command(sandbox, list(argv))
+            if sandbox.pid_namespace and self.cgroups is not None:
+                prepared = self._prepare_cgroup(module, sandbox, v1_memory)
+            argv = jail_command(sandbox, list(argv), cgroup=prepared is not None)
         try:
-            worker = self._spawn(module, argv, env, on_notice, on_exit=on_exit)
+            if sandbox is not None and sandbox.pid_namespace:
+                worker, in_cgroup = await self._spawn_jailed(
+                    module, argv, env, on_notice, on_exit, timeout, prepared
+                )
+            else:
+                worker = self._spawn(module, argv, env, on_notice, on_exit=on_exit)
         except BaseException:
             self._drop_v1_memory(v1_memory, None)
             raise
         worker.sandbox, worker.memory_cgroup = sandbox, v1_memory
+        if prepared is not None and self._limited_in(prepared[0], sandbox, v1_memory):
+            worker.memory_cgroup = prepared[0]
         on_started(worker)
-        if self.cgroups is not None:
-            # Moving a process between cgroups can wait out an RCU grace period
-            # (~10 ms here): do it off the event loop so other workers carry on.
+        await self._place(worker, module, in_cgroup=in_cgroup)
+        return worker
+
+    async def _place(self, worker: WorkerProcess, module: str, *, in_cgroup: bool) -> None:
+        """Move a spawned worker into a cgroup of its own, unless it was cloned into one."""
+        # Moving a process between cgroups can wait out an RCU grace period
+        # (~10 ms here): do it off the event loop so other workers carry on.
+        if worker.cgroup is not None:  # the jail's: cloned into it, or moved there now
+            if not in_cgroup:
+                await trio.to_thread.run_sync(WorkerCgroups.move, worker.cgroup, worker.pid)
+        elif self.cgroups is not None:
             worker.cgroup = await trio.to_thread.run_sync(self.cgroups.add, module, worker.pid)
-            limit = sandbox.memory_max if sandbox is not None else None
+            limit = worker.sandbox.memory_max if worker.sandbox is not None else None
             if worker.cgroup is not None and limit is not None and self.memory_version == 2:
                 _memory_cgroup.set_limit(worker.cgroup, limit, 2)
                 worker.memory_cgroup = worker.cgroup
-        return worker
 
     async def _fork_from(self) -> WorkerProcess | None:
         """The fork server to fork from: while one is being replaced, its successor.
@@ -425,6 +456,138 @@ class Launcher:
                 await trio.to_thread.run_sync(WorkerCgroups.move, path, pid)
         return worker
 
+    def _prepare_cgroup(
+        self, module: str, sandbox: p.SandboxSpec, v1_memory: Path | None
+    ) -> tuple[Path, int] | None:
+        """A cgroup for the jail to clone the worker into, with its memory limit already set."""
+        assert self.cgroups is not None  # noqa: S101 - the caller checked
+        prepared = self.cgroups.prepare(module)
+        if prepared is not None and self._limited_in(prepared[0], sandbox, v1_memory):
+            assert sandbox.memory_max is not None  # noqa: S101 - checked just now
+            _memory_cgroup.set_limit(prepared[0], sandbox.memory_max, 2)  # before it runs
+        return prepared
+
+    def _limited_in(
+        self, path: Path, sandbox: p.SandboxSpec | None, v1_memory: Path | None
+    ) -> bool:
+        """Whether the worker's memory limit goes on its own cgroup ``path`` (cgroup v2)."""
+        return (sandbox is not None and sandbox.memory_max is not None and v1_memory is None
+                and self.memory_version == 2 and path.exists())  # fmt: skip
+
+    async def _spawn_jailed(
+        self,
+        module: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        on_notice: Callable[[p.Message], object],
+        on_exit: OnExit | None,
+        timeout: float,
+        prepared: tuple[Path, int] | None = None,
+    ) -> tuple[WorkerProcess, bool]:
+        """Spawn the jail (ipad/_jail.py), adopt the worker it clones, reap the jail.
+
+        The jail is the reaper's from the moment it exists, the worker from the
+        moment its SPAWNED is read, and only if it is a child of the daemon
+        that nobody holds yet: a jail that dies, lies or takes longer than
+        ``timeout`` is a failed start (OSError), and whatever it cloned is
+        killed and reaped. With ``prepared`` (a cgroup and its directory fd,
+        given to the jail as fd 4) the worker is cloned into that cgroup;
+        the second value says whether it got in (else the caller moves it).
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)  # the jail's, then the worker's output
+        try:
+            extra = prepared[1] if prepared is not None else None
+            started = start_process(argv, env, output=write_end, extra=extra)
+        except BaseException:
+            os.close(read_end)
+            if prepared is not None:
+                self._discard_cgroup(prepared[0])
+            raise
+        finally:
+            os.close(write_end)
+            if prepared is not None:
+                os.close(prepared[1])
+        started.taken = True
+        jail = WorkerProcess.stray(module, started.pid, started.pidfd)
+        self.children.adopt(jail, lambda process: process.close())
+        control = started.control
+        worker_pid = jail.pid  # whose output the pipe carries, until the worker is known
+        try:
+            spawned = await self._jail_answer(control, timeout)
+            pidfd = self._unheld_child(spawned.pid)
+        except BaseException:
+            jail.kill()  # and the clone with it, while it is still in the jail's group
+            with trio.CancelScope(shield=True), self.timers.move_on_after(JAIL_KILL_WAIT):
+                await jail.wait_exit()  # then whatever it said before it died is there to read
+            self._adopt_unread(control, module)
+            self._adopt_unnamed(jail.pid, module)
+            control.close()
+            self.relay.add(read_end, module=module, worker_pid=worker_pid)
+            if prepared is not None:  # what got into it is killed, and it is removed
+                self._discard_cgroup(prepared[0])
+            raise
+        worker = WorkerProcess(module, spawned.pid, pidfd, control, on_notice)
+        self._watch(worker, read_end, on_exit)
+        if prepared is not None:
+            worker.cgroup = prepared[0]  # it is removed with the worker, whether or not it got in
+        log.debug("worker.spawned", module=module, worker_pid=worker.pid, jail_pid=jail.pid,
+                  in_cgroup=spawned.in_cgroup, argv=list(argv))  # fmt: skip
+        return worker, spawned.in_cgroup
+
+    def _unheld_child(self, pid: int) -> int:
+        """A pidfd for ``pid`` if it is a child of ours nobody holds yet; OSError if not."""
+        if self.children.holds(pid):
+            raise OSError(f"the jail named process {pid}, a worker already")
+        return child_pidfd(pid)
+
+    async def _jail_answer(self, control: socket.socket, timeout: float) -> p.Spawned:
+        """The jail's SPAWNED, the first packet on the control socket; OSError otherwise."""
+        control.setblocking(False)
+        with self.timers.move_on_after(timeout):
+            while True:
+                await trio.lowlevel.wait_readable(control)
+                try:
+                    received = recv_packet(control)
+                except BlockingIOError:
+                    continue
+                if received is None:
+                    raise OSError("the jail exited before it started the worker")
+                try:
+                    frame = p.decode(*received, allowed=JAIL_REPLY)
+                except p.ProtocolError as exc:
+                    raise OSError(f"the jail said something else: {exc.reason}") from None
+                frame.close_fds()
+                assert isinstance(frame.message, p.Spawned)  # noqa: S101 - decode allowed only it
+                return frame.message
+        raise OSError(f"the jail did not start the worker within {timeout:g}s")
+
+    def _adopt_unread(self, control: socket.socket, module: str) -> None:
+        """A SPAWNED the jail sent that nobody read: kill and reap the worker it names."""
+        with contextlib.suppress(OSError, p.ProtocolError):
+            received = recv_packet(control)
+            if received is not None:
+                frame = p.decode(*received, allowed=JAIL_REPLY)
+                frame.close_fds()
+                if isinstance(frame.message, p.Spawned) and not self.children.holds(
+                    frame.message.pid
+                ):
+                    self.children.adopt_pid(frame.message.pid, module)
+
+    def _adopt_unnamed(self, jail_pid: int, module: str) -> None:
+        """Kill and reap a clone the jail died before naming: a child of ours in its group.
+
+        The clone stays in the jail's process group until the jail says go, and
+        a killed one stays there as a zombie until reaped: the group id cannot
+        be another's meanwhile.
+        """
+        try:
+            listed = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        except OSError:
+            return
+        for pid in map(int, listed):
+            if not self.children.holds(pid) and _process_group(pid) == jail_pid:
+                self.children.adopt_pid(pid, module)
+
     def _discard_cgroup(self, path: Path) -> None:
         """Kill whatever is in a cgroup nobody will use and remove it, in the background."""
         if self._background is not None:
@@ -444,6 +607,15 @@ def _spawned(frame: p.Frame | None) -> p.Spawned:
         error = message.message if isinstance(message, p.Error) else message.TYPE.name
         raise OSError(f"fork server refused: {error}")
     return message
+
+
+def _process_group(pid: int) -> int | None:
+    """The process group of ``pid`` (from /proc/PID/stat), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[2])
 
 
 def _pidfd_of_child(pid: int) -> int:

@@ -132,6 +132,8 @@ class LoadFailed(Generic[W]):
     worker: W
     reason: str
     exiting: bool = False
+    #: Its code was refused (not what was signed): no retry can succeed before a reload.
+    final: bool = False
 
 
 @attrs.frozen
@@ -152,7 +154,8 @@ class Hung(Generic[W]):
     """The heartbeat saw no sign of life within ``heartbeat_timeout``."""
 
     worker: W
-    #: ``board`` (its counter did not move) or ``ping`` (no reply).
+    #: ``board`` (its counter did not move), ``ping`` (no reply) or ``call`` (a call ran
+    #: past ``call_timeout``, however its beats moved).
     heartbeat: str
 
 
@@ -331,6 +334,8 @@ class _Ending:
     why: Why
     #: Hung: how it was silent; not ready: what failed; stop: how clients are told.
     text: str = ""
+    #: Not ready, and no retry can succeed (its code was refused): the module fails.
+    final: bool = False
 
 
 class Lifecycle(Generic[W]):
@@ -341,6 +346,7 @@ class Lifecycle(Generic[W]):
         "_out",
         "active",
         "active_ready",
+        "code_refused",
         "ending",
         "finished",
         "launching",
@@ -378,6 +384,8 @@ class Lifecycle(Generic[W]):
         #: Set by Stop: how the module's clients are told (None: not stopping).
         self.stop_why: str | None = None
         self.standby_allowed = False
+        #: A worker's code was refused: no standby is loaded until a restart is asked for.
+        self.code_refused = False
         #: Whether the active worker said READY (its end then reads as a run's, not a start's).
         self.active_ready = False
         self.finished = False
@@ -422,11 +430,11 @@ class Lifecycle(Generic[W]):
         self._emit(Log(level, event, {"module": self.name, **fields}, worker, origin))
 
     def _end(self, worker: W, why: Why, text: str = "", *, polite: bool = False,
-             exiting: bool = False, kill: bool = False) -> None:  # fmt: skip
+             exiting: bool = False, kill: bool = False, final: bool = False) -> None:  # fmt: skip
         """Start ending ``worker`` (once: a later reason does not restart its stop)."""
         if worker in self.ending:
             return
-        self.ending[worker] = _Ending(why, text)
+        self.ending[worker] = _Ending(why, text, final)
         if worker is self.active:
             self._emit(Unwatch(worker))
         self._emit(KillWorker(worker) if kill else StopWorker(worker, polite, exiting))
@@ -447,6 +455,7 @@ class Lifecycle(Generic[W]):
 
     def _want_standby(self) -> bool:
         return (self.policy.standby and self.standby_allowed and not self.stopping
+                and not self.code_refused
                 and self.state is WorkerState.RUNNING and self.standby is None
                 and not self.standby_launching)  # fmt: skip
 
@@ -477,10 +486,14 @@ class Lifecycle(Generic[W]):
         self._emit(Watch(worker), StartTimer(Timer.STABLE, self.policy.stable_after.seconds))
         self._maybe_standby()
 
-    def _after_end(self, reason: str, failure: str | None, *, requested: bool) -> None:
+    def _after_end(self, reason: str, failure: str | None, *, requested: bool,
+                   refused: bool = False) -> None:  # fmt: skip
         """The active worker ended (or never came): restart now, later, or not at all."""
         decision = self.tracker.ended(self._now, failed=failure is not None, requested=requested)
-        if decision.action is Action.STOP:
+        if refused and failure:  # its code was refused: the same code would be refused again
+            self._set(WorkerState.FAILED, f"{reason}; not restarted (its code is refused: "
+                      "sign it anew and reload, or restore it and restart the module)")  # fmt: skip
+        elif decision.action is Action.STOP:
             final = WorkerState.FAILED if failure else WorkerState.EXITED
             text = f"{reason}; not restarted ({decision.reason})"
             if self.state is not final:
@@ -597,13 +610,15 @@ class Lifecycle(Generic[W]):
 
     def _on_load_failed(self, event: LoadFailed[W]) -> None:
         worker = event.worker
+        self.code_refused = self.code_refused or event.final
         if worker is self.standby and not self.standby_ready:
             self.standby = None
             self._log("warning", "worker.standby_failed", worker, error=event.reason)
             self._end(worker, Why.RETIRED, exiting=event.exiting)
             return
         if worker is self.active and self.state is WorkerState.STARTING:
-            self._end(worker, Why.NOT_READY, event.reason, exiting=event.exiting)
+            self._end(worker, Why.NOT_READY, event.reason, exiting=event.exiting,
+                      final=event.final)  # fmt: skip
 
     def _on_exited(self, event: Exited[W]) -> None:
         worker = event.worker
@@ -632,11 +647,19 @@ class Lifecycle(Generic[W]):
             if not self.finished:  # a standby still to go: it is still stopping
                 self._set(WorkerState.STOPPING, "stopping")
             return
-        self._after_end(reason, failure, requested=requested)
+        self._after_end(reason, failure, requested=requested,
+                        refused=ending is not None and ending.final)  # fmt: skip
 
     def _on_hung(self, event: Hung[W]) -> None:
         worker = event.worker
         if worker is not self.active or worker in self.ending:
+            return
+        if event.heartbeat == "call":
+            limit = self.policy.call_timeout
+            text = f"worker hung: a call ran longer than its call_timeout of {limit}"
+            self._log("error", "worker.hung", worker, heartbeat="call", reason="call_timeout",
+                      timeout=limit.seconds)  # fmt: skip
+            self._end(worker, Why.HUNG, text, kill=True)
             return
         silence = ("its heartbeat counter did not move" if event.heartbeat == "board"
                    else "no heartbeat reply")  # fmt: skip
@@ -658,6 +681,7 @@ class Lifecycle(Generic[W]):
         if self.stopping:
             return  # stopping for good: nothing starts again
         self.tracker.reset()
+        self.code_refused = False  # the operator asks for another try: standbys too
         active = self.active
         if self.state is WorkerState.RUNNING and active is not None:
             self._log("info", "module.restart_requested", active)

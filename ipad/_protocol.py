@@ -26,7 +26,7 @@ import contextlib
 import enum
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -149,6 +149,9 @@ class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
     seq: int
     #: The module whose worker serves the proxy, when a fallback stands in for ``module``.
     served_by: str = ""
+    #: Seconds: the serving module's ``call_timeout``, every call's default deadline
+    #: (0: none given, as from a daemon before it).
+    call_timeout: float = 0.0
 
 
 class ReleaseProxy(Message, frozen=True, forbid_unknown_fields=True):
@@ -313,6 +316,9 @@ class Load(Message, frozen=True, forbid_unknown_fields=True):
     tuning: str
     #: Seconds between beats on the heartbeat board passed with LOAD (0: none passed).
     heartbeat_interval: float = 0.0
+    #: Relative path -> SHA-256 of each file of the module's verified signature: the worker
+    #: imports from ``module_dir`` only these files' bytes, checked (None: not signed).
+    signed: dict[str, str] | None = None
 
 
 class Ready(Message, frozen=True, forbid_unknown_fields=True):
@@ -584,20 +590,27 @@ def decode(
     *,
     allowed: frozenset[MsgType] | None = None,
     max_payload: int = MAX_PAYLOAD,
+    decoders: Mapping[MsgType, msgspec.msgpack.Decoder[Any]] | None = None,
 ) -> Frame:
     """Decode one packet; raise ProtocolError (closing ``fds``) for anything malformed.
 
-    ``allowed`` is the set of types this receiver accepts from this peer.
+    ``allowed`` is the set of types this receiver accepts from this peer;
+    ``decoders`` replaces the decoder of some types (a client keeps module
+    events undecoded until they are read: ipad/_client_backlog.py).
     """
     try:
-        return _decode(bytes(packet), tuple(fds), allowed, max_payload)
+        return _decode(bytes(packet), tuple(fds), allowed, max_payload, decoders)
     except BaseException:
         close_fds(fds)  # the fds were ours; nobody else will ever close them
         raise
 
 
 def _decode(
-    packet: bytes, fds: tuple[int, ...], allowed: frozenset[MsgType] | None, max_payload: int
+    packet: bytes,
+    fds: tuple[int, ...],
+    allowed: frozenset[MsgType] | None,
+    max_payload: int,
+    decoders: Mapping[MsgType, msgspec.msgpack.Decoder[Any]] | None = None,
 ) -> Frame:
     if len(packet) < HEADER_SIZE:
         raise ProtocolError(f"packet of {len(packet)} bytes is shorter than the header")
@@ -625,7 +638,8 @@ def _decode(
     if len(fds) > FD_LIMITS.get(msg_type, 0):
         raise ProtocolError(f"{msg_type.name} cannot carry {_fds(len(fds))}", request_id)
     try:
-        message = _DECODERS[msg_type].decode(memoryview(packet)[HEADER_SIZE:])
+        decoder = _DECODERS[msg_type] if decoders is None else decoders.get(msg_type)
+        message = (decoder or _DECODERS[msg_type]).decode(memoryview(packet)[HEADER_SIZE:])
     except (ValueError, RecursionError) as exc:
         # DecodeError and ValidationError are ValueErrors, and so is invalid UTF-8;
         # absurd nesting exhausts the recursion limit. All of it is the peer's fault.

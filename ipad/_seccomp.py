@@ -15,9 +15,21 @@ CLONE_NEW* flags too), kernel keyrings, BPF, perf, modules, kexec. It denies
 with EPERM what a library might try and do without: clocks, host names, swap,
 io_uring (whose operations would bypass this filter). It allows ``socket``
 only for AF_UNIX, so no network socket can be made even where a network
-namespace is not. Without a PID namespace of its own
-(``restrict_signals``), a worker may signal only itself and its process group.
-A foreign architecture's system call kills the process.
+namespace is not. A foreign architecture's system call kills the process.
+
+Signals: every way to signal a process by something other than a pid the
+worker's PID namespace resolves is closed. ``pidfd_open`` and
+``pidfd_send_signal`` fail with EPERM (a pidfd may come from a /proc
+directory or be passed in; a library such as asyncio probes pidfd_open and
+falls back); ``fcntl`` F_SETOWN, F_SETOWN_EX, F_SETSIG and F_SETFL with
+O_ASYNC, and ``ioctl`` FIOSETOWN, SIOCSPGRP, TIOCSPGRP and FIOASYNC (which
+would have the kernel signal an owner for I/O) fail with EPERM; ``clone`` with
+CLONE_PARENT (a child of the daemon, outside the namespace, left a zombie)
+kills the worker, as only an escape asks for it. ``kill``, ``tkill``,
+``tgkill`` and ``rt_*sigqueueinfo`` stay allowed: a pid names a process of the
+caller's PID namespace, which holds only the worker's own. Without a PID
+namespace of its own (``restrict_signals_to``), a worker may signal only
+itself and its process group.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ _JSET = 0x45
 _RET = 0x06
 
 #: Offsets into struct seccomp_data: nr, arch, then the arguments (low word first, LE).
-_NR, _ARCH, _ARG0 = 0, 4, 16
+_NR, _ARCH, _ARG0, _ARG1, _ARG2 = 0, 4, 16, 24, 32
 
 #: AUDIT_ARCH_* per machine: a filter built for one is never run for another.
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -68,6 +80,20 @@ DENIED = (
     "io_uring_setup", "io_uring_enter", "io_uring_register",
 )  # fmt: skip
 
+#: What the kernel would signal for, on ``fcntl`` (linux/fcntl.h, asm-generic/fcntl.h): refused.
+F_SETFL = 4
+F_SETOWN = 8
+F_SETSIG = 10
+F_SETOWN_EX = 15
+O_ASYNC = 0o20000
+FCNTL_SIGNALLING = (F_SETOWN, F_SETSIG, F_SETOWN_EX)
+#: ioctl requests that set an I/O owner or O_ASYNC (asm-generic: the same on both machines).
+FIOSETOWN = 0x8901
+SIOCSPGRP = 0x8902
+TIOCSPGRP = 0x5410
+FIOASYNC = 0x5452
+IOCTL_SIGNALLING = (FIOSETOWN, SIOCSPGRP, TIOCSPGRP, FIOASYNC)
+
 #: System call numbers per machine (x86_64: arch/x86/entry/syscalls/syscall_64.tbl;
 #: aarch64: include/uapi/asm-generic/unistd.h). Numbers from 424 up are the same on both.
 _COMMON = {
@@ -79,7 +105,8 @@ _COMMON = {
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
         **_COMMON,
-        "socket": 41, "clone": 56, "kill": 62, "ptrace": 101, "syslog": 103,
+        "ioctl": 16, "socket": 41, "clone": 56, "kill": 62, "fcntl": 72, "ptrace": 101,
+        "syslog": 103,
         "rt_sigqueueinfo": 129, "vhangup": 153, "pivot_root": 155, "adjtimex": 159,
         "chroot": 161, "acct": 163, "settimeofday": 164, "mount": 165, "umount2": 166,
         "swapon": 167, "swapoff": 168, "reboot": 169, "sethostname": 170,
@@ -93,7 +120,8 @@ SYSCALLS: dict[str, dict[str, int]] = {
     },
     "aarch64": {
         **_COMMON,
-        "umount2": 39, "mount": 40, "pivot_root": 41, "chroot": 51, "vhangup": 58,
+        "fcntl": 25, "ioctl": 29, "umount2": 39, "mount": 40, "pivot_root": 41, "chroot": 51,
+        "vhangup": 58,
         "quotactl": 60, "acct": 89, "unshare": 97, "kexec_load": 104, "init_module": 105,
         "delete_module": 106, "clock_settime": 112, "syslog": 116, "ptrace": 117, "kill": 129,
         "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "reboot": 142,
@@ -111,6 +139,8 @@ X32_SYSCALL_BIT = 0x40000000
 
 #: clone(2) flags that make a namespace.
 NAMESPACE_FLAGS = 0x7E020080  # NEWTIME|NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+#: clone(2) flag: the child's parent is the caller's parent (outside the worker's tree).
+CLONE_PARENT = 0x00008000
 
 AF_UNIX = 1
 
@@ -190,9 +220,12 @@ def build_filter(arch: str | None = None, restrict_signals_to: int | None = None
     prog.jump(_JEQ, numbers["clone3"], "nosys")  # its flags are out of reach: glibc falls back
     prog.jump(_JEQ, numbers["clone"], "clone")
     prog.jump(_JEQ, numbers["socket"], "socket")
+    for syscall in ("pidfd_open", "pidfd_send_signal"):
+        prog.jump(_JEQ, numbers[syscall], "deny")
+    prog.jump(_JEQ, numbers["fcntl"], "fcntl")
+    prog.jump(_JEQ, numbers["ioctl"], "ioctl")
     if restrict_signals_to is not None:
-        for syscall in ("tkill", "pidfd_open"):  # pidfd_send_signal needs a pidfd: own children
-            prog.jump(_JEQ, numbers[syscall], "deny")
+        prog.jump(_JEQ, numbers["tkill"], "deny")
         prog.jump(_JEQ, numbers["kill"], "kill")
         for syscall in ("tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
             prog.jump(_JEQ, numbers[syscall], "self")
@@ -203,7 +236,7 @@ def build_filter(arch: str | None = None, restrict_signals_to: int | None = None
     # Each block below ends in returns of its own: classic BPF jumps only forward.
     prog.label("clone")
     prog.load(_ARG0)
-    prog.jump(_JSET, NAMESPACE_FLAGS, "clone_kill", "clone_allow")
+    prog.jump(_JSET, NAMESPACE_FLAGS | CLONE_PARENT, "clone_kill", "clone_allow")
     prog.ret(RET_KILL_PROCESS, "clone_kill")
     prog.ret(RET_ALLOW, "clone_allow")
     prog.label("socket")
@@ -211,20 +244,47 @@ def build_filter(arch: str | None = None, restrict_signals_to: int | None = None
     prog.jump(_JEQ, AF_UNIX, "socket_allow")
     prog.ret(RET_ERRNO | errno.EAFNOSUPPORT)
     prog.ret(RET_ALLOW, "socket_allow")
+    _owner_blocks(prog)
     if restrict_signals_to is not None:
-        own = restrict_signals_to
-        prog.label("kill")
-        prog.load(_ARG0)  # the kernel takes pid_t: the low word is all it reads
-        for allowed in (own, 0, -own):
-            prog.jump(_JEQ, allowed & 0xFFFFFFFF, "kill_allow")
-        prog.ret(RET_ERRNO | errno.EPERM)
-        prog.ret(RET_ALLOW, "kill_allow")
-        prog.label("self")
-        prog.load(_ARG0)
-        prog.jump(_JEQ, own, "self_allow")
-        prog.ret(RET_ERRNO | errno.EPERM)
-        prog.ret(RET_ALLOW, "self_allow")
+        _signal_blocks(prog, restrict_signals_to)
     return prog.assemble()
+
+
+def _signal_blocks(prog: _Program, own: int) -> None:
+    """Without a PID namespace: ``kill`` only to ``own`` or its group, the rest only to itself."""
+    prog.label("kill")
+    prog.load(_ARG0)  # the kernel takes pid_t: the low word is all it reads
+    for allowed in (own, 0, -own):
+        prog.jump(_JEQ, allowed & 0xFFFFFFFF, "kill_allow")
+    prog.ret(RET_ERRNO | errno.EPERM)
+    prog.ret(RET_ALLOW, "kill_allow")
+    prog.label("self")
+    prog.load(_ARG0)
+    prog.jump(_JEQ, own, "self_allow")
+    prog.ret(RET_ERRNO | errno.EPERM)
+    prog.ret(RET_ALLOW, "self_allow")
+
+
+def _owner_blocks(prog: _Program) -> None:
+    """``fcntl`` and ``ioctl``: refuse what would make the kernel signal an I/O owner."""
+    prog.label("fcntl")
+    prog.load(_ARG1)  # the command: an unsigned int to the kernel
+    for command in FCNTL_SIGNALLING:
+        prog.jump(_JEQ, command, "fcntl_deny")
+    prog.jump(_JEQ, F_SETFL, "fcntl_setfl", "fcntl_allow")
+    prog.ret(RET_ERRNO | errno.EPERM, "fcntl_deny")
+    prog.ret(RET_ALLOW, "fcntl_allow")
+    prog.label("fcntl_setfl")
+    prog.load(_ARG2)  # the new flags: O_ASYNC is in the low word
+    prog.jump(_JSET, O_ASYNC, "setfl_deny", "setfl_allow")
+    prog.ret(RET_ERRNO | errno.EPERM, "setfl_deny")
+    prog.ret(RET_ALLOW, "setfl_allow")
+    prog.label("ioctl")
+    prog.load(_ARG1)  # the request: an unsigned int to the kernel
+    for request in IOCTL_SIGNALLING:
+        prog.jump(_JEQ, request, "ioctl_deny")
+    prog.ret(RET_ALLOW)
+    prog.ret(RET_ERRNO | errno.EPERM, "ioctl_deny")
 
 
 class _SockFprog(ctypes.Structure):

@@ -415,6 +415,7 @@ class Session:
             state=record.state.value,
             seq=seq,
             served_by="" if serving.name == record.module else serving.name,
+            call_timeout=serving.policy.call_timeout.seconds,
         )
 
     async def _own_proxy(self, frame: p.Frame, proxy_id: int) -> ProxyRecord | None:

@@ -51,6 +51,8 @@ class Verified:
 
     key_id: str
     files: tuple[str, ...]
+    #: (relative path, SHA-256 hex) of each signed file, as the signature lists them.
+    digests: tuple[tuple[str, str], ...] = ()
 
 
 def signature_path(manifest: Path) -> Path:
@@ -194,4 +196,4 @@ def verify(source: ModuleSource, trusted: Sequence[Ed25519PublicKey]) -> Verifie
             raise SignatureError(file, "not covered by the signature (added after signing)")
         if signed[name] != current[name]:
             raise SignatureError(file, "changed since it was signed (tampered)")
-    return Verified(ident, tuple(sorted(current)))
+    return Verified(ident, tuple(sorted(current)), tuple(sorted(current.items())))

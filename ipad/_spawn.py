@@ -9,6 +9,7 @@ the daemon's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from ._fdpass import sized_socketpair
 
 #: The control socket's descriptor number in the worker (see ipad/_worker_host.py).
 CONTROL_FD = 3
+#: Where ``start_process`` puts its ``extra`` descriptor.
+EXTRA_FD = 4
 
 
 @attrs.define
@@ -52,7 +55,11 @@ class StartedProcess:
 
 
 def start_process(
-    argv: Sequence[str], env: Mapping[str, str], *, output: int | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    output: int | None = None,
+    extra: int | None = None,
 ) -> StartedProcess:
     """Start ``argv`` with its control socket on fd 3, leading a new process group.
 
@@ -60,18 +67,23 @@ def start_process(
     other descriptor of the daemon is close-on-exec. With ``output`` (the write
     end of the pipe the daemon relays) the worker has exactly: 0 = /dev/null,
     1 and 2 = that pipe, 3 = its control socket; without it, the daemon's own
-    stdin, stdout and stderr.
+    stdin, stdout and stderr. ``extra`` becomes its fd 4 (the jail's cgroup, ipad/_jail.py).
     """
     ours, theirs = sized_socketpair()  # READY, a fork server's replies: up to MAX_PACKET
-    # dup2 onto the same number would keep close-on-exec: start from a fresh number.
-    source = os.dup(theirs.fileno())
+    # dup2 onto the same number would keep close-on-exec, and a source numbered as an
+    # earlier action's target would be overwritten by it: every source gets a fresh number
+    # above the targets.
+    sources = [_above_targets(fd) for fd in (theirs.fileno(), output, extra) if fd is not None]
+    source = sources[0]
     actions: list[tuple[object, ...]] = [(os.POSIX_SPAWN_DUP2, source, CONTROL_FD)]
     if output is not None:
         actions += [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, output, 1),
-            (os.POSIX_SPAWN_DUP2, output, 2),
+            (os.POSIX_SPAWN_DUP2, sources[1], 1),
+            (os.POSIX_SPAWN_DUP2, sources[1], 2),
         ]
+    if extra is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, sources[-1], EXTRA_FD))
     try:
         pid = os.posix_spawn(
             argv[0],
@@ -85,6 +97,12 @@ def start_process(
         ours.close()
         raise
     finally:
-        os.close(source)
+        for fd in sources:
+            os.close(fd)
         theirs.close()
     return StartedProcess(pid, os.pidfd_open(pid), ours, list(argv))
+
+
+def _above_targets(fd: int) -> int:
+    """A close-on-exec duplicate of ``fd`` numbered above every descriptor the child gets."""
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, EXTRA_FD + 1)

@@ -107,6 +107,10 @@ class ModuleUnavailable(Exception):
     """The module's worker is not running, so no instance can be opened; says why."""
 
 
+class WorkerGone(ModuleUnavailable):
+    """The worker ended while it was asked to open an instance (crashed, or killed as hung)."""
+
+
 @attrs.frozen
 class Shared:
     """What every module's supervisor uses of the daemon's own."""
@@ -359,7 +363,8 @@ class ModuleSupervisor:
             case Watch(worker=worker):
                 policy = self.policy
                 self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
-                                      policy.heartbeat_timeout.seconds, self._hung)  # fmt: skip
+                                      policy.heartbeat_timeout.seconds, self._hung,
+                                      policy.call_timeout.seconds)  # fmt: skip
             case Unwatch(worker=worker):
                 self.heartbeats.forget(worker)
             case StopWorker(worker=worker, polite=polite, exiting=exiting):
@@ -431,9 +436,9 @@ class ModuleSupervisor:
         if handle is not None:
             handle.cancel()
 
-    def _hung(self, worker: WorkerProcess) -> None:
-        """No beat or PONG for ``heartbeat_timeout``: the machine has it killed."""
-        self.post(Hung(worker, "board" if worker.board is not None else "ping"))
+    def _hung(self, worker: WorkerProcess, how: str) -> None:
+        """No beat or PONG for ``heartbeat_timeout``, or a call past ``call_timeout``: killed."""
+        self.post(Hung(worker, how))
 
     def _exited(self, worker: WorkerProcess) -> None:
         """The reaper reaped a worker of ours: tell the machine how it ended.
@@ -512,6 +517,7 @@ class ModuleSupervisor:
             worker = await self.launcher.launch(
                 self.name, argv, self.env, self._on_notice, self.plan.sandbox,
                 on_started=started, on_exit=self._exited,
+                timeout=self.policy.start_timeout.seconds,
             )  # fmt: skip
         except OSError as exc:
             return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)
@@ -524,7 +530,9 @@ class ModuleSupervisor:
             if isinstance(frame.message, p.Ready):
                 worker.ready = self._same_ready(frame.message)
                 return Ready(worker)
-            return LoadFailed(worker, _describe_error(frame.message), exiting=True)
+            # Code refused against its signature stays refused until a reload: no retries.
+            final = isinstance(frame.message, p.Error) and "refused" in frame.message.details
+            return LoadFailed(worker, _describe_error(frame.message), exiting=True, final=final)
         return LoadFailed(worker, f"not ready within {self.policy.start_timeout}")
 
     def _same_ready(self, ready: p.Ready) -> p.Ready:
@@ -542,7 +550,11 @@ class ModuleSupervisor:
     async def _promote(self, worker: WorkerProcess) -> None:
         """A promoted standby beats at the module's pace from now on, not a standby's."""
         if worker.board is not None:
-            with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen
+            # Bounded: a worker that does not read its socket is seen hung meanwhile.
+            with (
+                self.timers.move_on_after(self.policy.heartbeat_timeout.seconds),
+                contextlib.suppress(OSError, trio.ClosedResourceError),
+            ):  # it died: seen
                 await worker.control.send(p.Heartbeat(self.policy.heartbeat_interval.seconds))
         self._balance_spares()
 
@@ -556,6 +568,7 @@ class ModuleSupervisor:
             module_dir=str(self.plan.source.directory),
             tuning=str(self.plan.tuning),
             heartbeat_interval=max(interval, STANDBY_BEAT) if standby else interval,
+            signed=dict(self.plan.signed) if self.plan.signed is not None else None,
         )
 
     def _proxies_settled(self) -> bool:
@@ -619,7 +632,23 @@ class ModuleSupervisor:
         if worker is None or self.state is not WorkerState.RUNNING:
             raise ModuleUnavailable(self.reason or f"module is {self.state.value}")
         spare = bool(worker.spares)
-        instance = worker.spares.pop() if spare else await self._open_on(worker)
+        try:
+            instance = worker.spares.pop() if spare else await self._open_on(worker)
+        except WorkerGone:
+            # Ended under the request (a stuck worker killed as hung): the worker that
+            # replaces it within start_timeout takes it, once; else the request fails.
+            lost = worker
+
+            def replaced() -> bool:
+                running = self.state is WorkerState.RUNNING and self.worker is not lost
+                return running or self.machine.stopping
+
+            await self.events.wait_until(replaced, self.policy.start_timeout.seconds)
+            worker = self.worker
+            if worker is None or worker is lost or self.state is not WorkerState.RUNNING:
+                raise
+            spare = bool(worker.spares)
+            instance = worker.spares.pop() if spare else await self._open_on(worker)
         log.debug("instance.opened", module=self.name, worker_pid=worker.pid,
                   instance_id=instance[0], spare=spare)  # fmt: skip
         self._balance_spares()
@@ -638,12 +667,13 @@ class ModuleSupervisor:
                     worker_end.close()
         except (WorkerCrashed, OSError, trio.ClosedResourceError) as exc:
             client_end.close()
-            raise ModuleUnavailable(f"worker went away: {exc}") from None
+            raise WorkerGone(f"worker went away: {exc}") from None
         except BaseException:
             client_end.close()
             raise
         if frame is None:
             client_end.close()
+            _close_on(worker, instance_id)  # should it open the instance late, it frees it next
             raise ModuleUnavailable(
                 f"its worker did not open an instance within {self.policy.start_timeout}"
             )

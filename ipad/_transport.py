@@ -11,15 +11,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
+import msgspec
 import structlog
 import trio
 
 from . import _protocol as p
 from ._fdpass import receive_into_buffer, rights, unpack_received
+from ._relay import RateLimit
 
 log = structlog.get_logger("ipad")
+
+#: ``reply.dropped`` warnings per process: DROPPED_BURST per DROPPED_INTERVAL, the rest counted.
+DROPPED_BURST = 10
+DROPPED_INTERVAL = 10.0
+DROPPED_WARNINGS = RateLimit(DROPPED_INTERVAL, DROPPED_BURST)
+
+
+def report_suppressed_drops() -> None:
+    """Log how many ``reply.dropped`` warnings were suppressed and not reported yet."""
+    count = DROPPED_WARNINGS.flush()
+    if count:
+        log.warning("reply.dropped_suppressed", count=count, interval=DROPPED_INTERVAL)
 
 
 class PacketSocket:
@@ -33,10 +49,14 @@ class PacketSocket:
     """
 
     # Slots: one per worker, standby and client connection.
-    __slots__ = ("_send_lock", "_sock", "allowed", "max_payload", "raw")
+    __slots__ = ("_send_lock", "_sock", "allowed", "decoders", "max_payload", "raw")
 
     def __init__(
-        self, sock: socket.socket, allowed: frozenset[p.MsgType], max_payload: int = p.MAX_PAYLOAD
+        self,
+        sock: socket.socket,
+        allowed: frozenset[p.MsgType],
+        max_payload: int = p.MAX_PAYLOAD,
+        decoders: Mapping[p.MsgType, msgspec.msgpack.Decoder[Any]] | None = None,
     ) -> None:
         #: The socket itself, non-blocking: sends try it first, without a scheduler pass.
         self.raw = sock
@@ -44,6 +64,8 @@ class PacketSocket:
         self.allowed = allowed
         #: The largest payload received; a bigger packet does not fit the buffer (MSG_TRUNC).
         self.max_payload = max_payload
+        #: Decoders replacing the protocol's for some types (p.decode's ``decoders``).
+        self.decoders = decoders
         # Made on first need: most sockets never wait for room (and a daemon holds hundreds).
         self._sock: trio.socket.SocketType | None = None
         self._send_lock: trio.StrictFIFOLock | None = None
@@ -125,7 +147,9 @@ class PacketSocket:
         received = unpack_received(data, ancdata, msg_flags, max_packet)
         if received is None:
             return None
-        return p.decode(*received, allowed=self.allowed, max_payload=self.max_payload)
+        return p.decode(
+            *received, allowed=self.allowed, max_payload=self.max_payload, decoders=self.decoders
+        )
 
     def discard_unread(self, limit: int) -> None:
         """Drop up to ``limit`` packets the peer sent that nobody will read (their fds too).
@@ -231,6 +255,19 @@ class Requests:
             raise
         return request_id, slot
 
+    def send_nowait(self, conn: PacketSocket, message: p.Message) -> Pending | None:
+        """Send a request if ``conn`` has room now (see ``PacketSocket.send_nowait``); else None.
+
+        For what must never wait on a peer that does not read (the heartbeat's PING).
+        """
+        if self._closed is not None:
+            raise self._closed()
+        request_id = next(self._ids)
+        if not conn.send_nowait(message, request_id):
+            return None
+        slot = self._pending[request_id] = _Slot()
+        return request_id, slot
+
     async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
         """Wait for the reply to a request ``send`` made."""
         try:
@@ -264,13 +301,18 @@ class Requests:
     def _drop(self, frame: p.Frame) -> None:
         if self.on_dropped is not None:
             self.on_dropped(frame)
-        log.warning(
-            "reply.dropped",
-            connection=self.name,
-            request_id=frame.request_id,
-            message=frame.message.TYPE.name,
-        )
         frame.close_fds()
+        # A peer can send replies to ids never used as fast as it likes: a warning for each
+        # would be its to multiply. The count of those not logged comes with the next one.
+        logged, suppressed = DROPPED_WARNINGS.allow(time.monotonic())
+        if logged:
+            log.warning(
+                "reply.dropped",
+                connection=self.name,
+                request_id=frame.request_id,
+                message=frame.message.TYPE.name,
+                **({"suppressed": suppressed} if suppressed else {}),
+            )
 
     def fail_all(self, error: Callable[[], Exception]) -> None:
         """The connection is gone: every caller fails at once, and so does every later call.

@@ -127,7 +127,7 @@ class Method:
         for name, fd in zip(call.fd_args, fds, strict=True):
             if name not in self.buffers:
                 raise ValueError(f"{self.name}() argument {name!r} is not a Buffer")
-            kwargs[name] = Buffer(fd)
+            kwargs[name] = Buffer(fd, name)
         missing = [n for n in self.required if n not in kwargs]
         if missing:
             raise ValueError(f"{self.name}() is missing {', '.join(map(repr, missing))}")
@@ -138,6 +138,11 @@ class LoadedModule:
     """The module class a worker serves and its method table."""
 
     def __init__(self, load: p.Load) -> None:
+        if load.signed is not None:
+            # Before any of its code runs: only the bytes the daemon's check signed are run.
+            from ._verified_import import install  # noqa: PLC0415 - signed modules only
+
+            install(load.module_dir, load.signed)
         if load.module_dir not in sys.path:
             sys.path.insert(0, load.module_dir)
         module_name, _, class_name = load.entry_point.partition(":")
@@ -281,14 +286,13 @@ class WorkerHost:
             self.loaded = LoadedModule(load)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, then we exit
             log("worker.load_failed", module=load.module, error=repr(exc))
-            self._send_control(
-                p.Error(
-                    p.ErrorCode.MODULE_ERROR,
-                    f"cannot load {load.entry_point}: {exc!r}",
-                    {"traceback": _short_traceback(exc)},
-                ),
-                request_id,
-            )
+            refused = getattr(exc, "refused_code", None)  # _verified_import.CodeRefused
+            text = (f"code refused: {refused}" if refused is not None
+                    else f"cannot load {load.entry_point}: {exc!r}")  # fmt: skip
+            details = {"traceback": _short_traceback(exc)}
+            if refused is not None:
+                details["refused"] = refused
+            self._send_control(p.Error(p.ErrorCode.MODULE_ERROR, text, details), request_id)
             self.running = False
             self.exit_status = EXIT_LOAD_FAILED
             return
@@ -313,6 +317,9 @@ class WorkerHost:
             self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
             message.instance_id,
         )  # fmt: skip
+        beater = self.beater
+        if beater is not None:
+            beater.enter()  # module code: its run is timed by the daemon (call_timeout)
         try:
             instance.module = self.loaded.cls(context)
         except Exception as exc:  # noqa: BLE001 - the module's constructor failed: tell the daemon
@@ -324,6 +331,9 @@ class WorkerHost:
             )
             self._send_control(error, frame.request_id)
             return
+        finally:
+            if beater is not None:
+                beater.leave()
         self.instances[message.instance_id] = instance
         self.epoll.register(sock, select.EPOLLIN)
         self.handlers[sock.fileno()] = instance
@@ -361,16 +371,28 @@ class WorkerHost:
         except (ValueError, msgspec.ValidationError) as exc:
             p.close_fds(fds)
             return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
+        buffers = [arg for arg in kwargs.values() if isinstance(arg, Buffer)]
+        beater = self.beater
+        if beater is not None:
+            # Module code runs: a call past call_timeout is a hang, even while a thread beats.
+            beater.enter()
         try:
             value = getattr(instance.module, call.method)(**kwargs)
-            return p.Result(msgspec.to_builtins(value))
+            reply: p.Message = p.Result(msgspec.to_builtins(value))
         except Exception as exc:  # noqa: BLE001 - the module's bug becomes the caller's error reply
             details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
-            return p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+            reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
         finally:
-            for arg in kwargs.values():
-                if isinstance(arg, Buffer):
-                    arg.close()
+            if beater is not None:
+                beater.leave()
+            for buffer in buffers:
+                buffer.close()
+        # A buffer refused for mapping is the caller's error, even if the module caught it.
+        for buffer in buffers:
+            if buffer.refused is not None:
+                details = {"fd_arg": buffer.name}
+                return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(buffer.refused), details)
+        return reply
 
     def _reply(self, instance: Instance, message: p.Message, request_id: int) -> None:
         self._send_channel(instance, message, request_id)
@@ -402,10 +424,16 @@ class WorkerHost:
         self.epoll.unregister(instance.sock)
         instance.sock.close()
         if instance.module is not None:
+            beater = self.beater
+            if beater is not None:
+                beater.enter()
             try:
                 instance.module.close()
             except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
                 log("worker.close_failed", instance=instance_id, error=repr(exc))
+            finally:
+                if beater is not None:
+                    beater.leave()
 
 
 def _discard_event(name: str, data: object) -> None:
@@ -427,9 +455,17 @@ def main(argv: list[str] | None = None) -> int:
         from ._forkserver import main as forkserver_main  # noqa: PLC0415 - only in that mode
 
         return forkserver_main(parent)
+    if os.getpid() == 1:
+        # The first process of a PID namespace (a jailed worker, ipad/_jail.py) ignores
+        # signals it has no handler for, even the daemon's SIGTERM: exit on it as others do.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     die_with_parent(parent)
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

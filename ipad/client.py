@@ -2,7 +2,7 @@
 
     async with ipad.client.open_client() as client:
         awb = await client.request_proxy("awb")
-        gains = await awb.call("process_stats", {"frame": 1}, fds={"stats": memfd})
+        gains = await awb.call("process_stats", {"frame": 1}, fds={"stats": make_buffer(stats)})
 
     with ipad.client.BlockingClient() as client:
         echo = client.request_proxy("echo")
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._buffers import Output, make_buffer
 from ._client_blocking import BlockingClient, BlockingProxy
 from ._client_common import ProxyInfo
 from ._errors import (
@@ -52,6 +53,7 @@ __all__ = [
     "LimitExceeded",
     "ModuleError",
     "ModuleUnavailable",
+    "Output",
     "PermissionDenied",
     "PipelineMismatch",
     "Proxy",
@@ -62,6 +64,7 @@ __all__ = [
     "UnknownProxy",
     "UnsupportedVersion",
     "WorkerCrashed",
+    "make_buffer",
     "open_client",
 ]
 

@@ -8,7 +8,10 @@ by default) are the ones a client replays, in order, after its worker was
 restarted, to bring a new instance to the state the old one had.
 
 Large data travels as file descriptors: a parameter annotated ``Buffer``
-receives a memfd the client passed with the call, mapped read-only.
+receives a memfd the client passed with the call, mapped read-only (or
+writable, for a buffer the client passed as an output). Only a memfd sealed
+against shrinking is mapped: a client that truncated a mapped buffer would
+kill the worker, and every other client it serves, with SIGBUS.
 
 This module is imported inside workers: it uses only the standard library, so
 a worker starts in tens of milliseconds.
@@ -17,10 +20,12 @@ a worker starts in tens of milliseconds.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,23 +75,66 @@ def is_setup(cls: type, name: str) -> bool:
     return any(getattr(vars(base).get(name), SETUP_ATTRIBUTE, False) for base in cls.__mro__)
 
 
+#: fcntl(2) seal (linux/fcntl.h): the file cannot shrink, so a mapping of it cannot fault.
+F_SEAL_SHRINK = 0x0002
+
+
+class BufferRefused(ValueError):
+    """A passed buffer is not safe to map; the call fails with ``bad_arguments``."""
+
+
 class Buffer:
     """A file descriptor passed with a call, mapped on demand and closed after the call."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, name: str = "buffer") -> None:
         self.fd = fd
+        #: The parameter it was passed as, for error messages.
+        self.name = name
         self._map: mmap.mmap | None = None
+        self._writable = False
+        #: Why mapping it was refused, if it was: the call's error, whatever the module did.
+        self.refused: BufferRefused | None = None
 
     @property
     def size(self) -> int:
         """The size of the file behind the descriptor."""
         return os.fstat(self.fd).st_size
 
-    def map(self) -> memoryview:
-        """Map the whole buffer read-only; zero-copy, valid until the call returns."""
+    def map(self, *, writable: bool = False) -> memoryview:
+        """Map the whole buffer, zero-copy, valid until the call returns.
+
+        Read-only unless ``writable``, which only an output buffer allows (the
+        client sealed an input against writes). BufferRefused unless the
+        descriptor is a memfd sealed against shrinking: a file that can shrink
+        under a mapping makes the next read of it a SIGBUS.
+        """
         if self._map is None:
-            self._map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+            self._check()
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            try:
+                self._map = mmap.mmap(self.fd, 0, prot=prot, flags=mmap.MAP_SHARED)
+            except PermissionError:
+                if not writable:
+                    raise
+                self._refuse("it is sealed against writes (the client passed it as an input)")
+            self._writable = writable
+        elif writable and not self._writable:
+            self._refuse("it was mapped read-only first")
         return memoryview(self._map)
+
+    def _check(self) -> None:
+        try:
+            seals = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refuse("it is not a memfd")
+        if not seals & F_SEAL_SHRINK:
+            self._refuse("the memfd is not sealed against shrinking (F_SEAL_SHRINK)")
+
+    def _refuse(self, why: str) -> NoReturn:
+        self.refused = BufferRefused(f"buffer {self.name!r} cannot be mapped: {why}")
+        raise self.refused
 
     def close(self) -> None:
         """Unmap and close; the worker host calls this when the call is over."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ipad import _buffers
 from ipad.ipa import Buffer
 
 MakeFd = Callable[[bytes], int]
@@ -14,11 +15,9 @@ MakeBuffer = Callable[[bytes], Buffer]
 
 
 def write_memfd(data: bytes) -> int:
-    """A memfd holding ``data``; the caller closes it."""
-    fd = os.memfd_create("ipad-test", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    """A memfd holding ``data``, sealed as the client library seals an input; the caller closes it."""
+    fd = _buffers.make_buffer(data, "ipad-test")
+    _buffers.protect("test", fd)
     return fd
 
 

@@ -65,7 +65,7 @@ def setup_calls(module: str, value: int) -> list[tuple[str, dict[str, Any]]]:
 
 def stats_memfd() -> int:
     """An AWB statistics buffer: two zones of red, green, blue sums and a pixel count."""
-    fd = os.memfd_create("chaos-stats")
+    fd = os.memfd_create("chaos-stats", os.MFD_ALLOW_SEALING)
     os.write(fd, struct.pack("<4I", 12000, 10000, 7000, 100) * 2)
     return fd
 

@@ -43,6 +43,8 @@ SCENARIOS = {
     "load": ["calls per second under load and kills", "misrouted replies"],
     "fanout": ["ipad: to the last client p50", "limit: raw writes: to the last client p50"],
     "codec": ["codec: ipad encode()+decode()", "limit: raw SEQPACKET round trip"],
+    "hostile": ["nothing: status p50", "unknown_replies: bystander call p50",
+                "hang_beating: status p50"],
 }  # fmt: skip
 
 

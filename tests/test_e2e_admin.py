@@ -85,7 +85,13 @@ def test_a_client_leaving_mid_reload_cuts_nothing_short(
     wait_until(lambda: state_of(daemon, "sleepy")["state"] == "running")
     assert state_of(daemon, "sleepy")["worker_pid"] not in (first, None)
     again = json.loads(daemon.ctl("--json", "reload").stdout)
-    assert again == {"added": [], "removed": [], "changed": [], "unchanged": ["sleepy"]}
+    assert again == {
+        "added": [],
+        "removed": [],
+        "changed": [],
+        "code_changed": [],
+        "unchanged": ["sleepy"],
+    }
     daemon.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: len(daemon.events("daemon.reloaded")) == 3)
     assert not daemon.events("admin.failed")

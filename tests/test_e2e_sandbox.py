@@ -224,20 +224,22 @@ def test_sandboxes_added_by_reload_are_as_confined(start_daemon: Start, tmp_path
 
 
 def test_spawned_workers_are_confined_too(start_daemon: Start, tmp_path: Path) -> None:
-    """Without the fork server, the jail confines the spawned worker; signals reach only itself."""
+    """Without the fork server, the jail starts the worker as confined as a forked one, PID namespace too."""
     config = sandbox_config(tmp_path)
     config.write_text(config.read_text().replace("[daemon]\n", "[daemon]\nforkserver = false\n"))
     daemon = start_daemon(config)
     report = probe_report(daemon)
-    assert (report["uid"], report["status"]["NoNewPrivs"], report["status"]["Seccomp"]) == (
-        NOBODY, "1", "2")  # fmt: skip
-    assert report["interfaces"] == ["lo"]
-    assert report["pid"] != 1  # a PID namespace needs a fork: the filter guards signals instead
+    assert_confined(report, uid=NOBODY)  # pid 1 of its own namespace, its own /proc
     with BlockingClient(daemon.socket) as client:
         probe = client.request_proxy("probe")
-        assert probe.call("signal", {"pid": daemon.proc.pid}) == "EPERM"
+        assert probe.call("signal", {"pid": daemon.proc.pid}) == "ESRCH"
         assert probe.call("write", {"path": "/etc/ipad-probe"}) == "EROFS"
-    assert status_of(daemon, "probe")["sandbox"]["in_force"]["pid_namespace"] is False
+    assert status_of(daemon, "probe")["sandbox"]["in_force"]["pid_namespace"] is True
+    assert daemon.events("worker.forked") == []
+    jailed = [r for r in daemon.events("worker.spawned") if r.get("module") == "probe"]
+    assert jailed
+    # Cloned straight into its cgroup, as a forked worker is, where ipad makes cgroups.
+    assert all(r["in_cgroup"] for r in jailed) == bool(daemon.events("cgroup.ready"))
 
 
 def test_unprivileged_daemon_workers_get_a_user_namespace(

@@ -15,8 +15,17 @@ import trio
 import trio.testing
 
 from ipad import _protocol as p
+from ipad import _transport
 from ipad._fdpass import recv_packet, send_packet
+from ipad._relay import RateLimit
 from ipad._transport import PacketSocket, Requests
+
+
+@pytest.fixture(autouse=True)
+def _fresh_drop_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the process-wide reply.dropped rate limit unused."""
+    fresh = RateLimit(_transport.DROPPED_INTERVAL, _transport.DROPPED_BURST)
+    monkeypatch.setattr(_transport, "DROPPED_WARNINGS", fresh)
 
 
 def open_fd_count() -> int:
@@ -455,3 +464,17 @@ async def test_send_nowait_never_waits_for_a_peer_that_does_not_read() -> None:
     assert kinds == ["CloseInstance"] * sent + ["Shutdown"]  # in order; the refused one: never
     ours.close()
     theirs.close()
+
+
+async def test_dropped_reply_warnings_are_rate_limited() -> None:
+    """Replies to ids never sent: DROPPED_BURST warnings, the rest counted and reported once."""
+    requests = Requests("proxy:1")
+    with structlog.testing.capture_logs() as logs:
+        for request_id in range(1, 1001):
+            assert not requests.deliver(p.Frame(p.Result(None), request_id))
+        _transport.report_suppressed_drops()
+        _transport.report_suppressed_drops()  # nothing left to report
+    assert [e["event"] for e in logs] == ["reply.dropped"] * _transport.DROPPED_BURST + [
+        "reply.dropped_suppressed"
+    ]
+    assert logs[-1]["count"] == 1000 - _transport.DROPPED_BURST

@@ -60,7 +60,7 @@ async def watched(
     MADE.append(worker)
     nursery.start_soon(worker.serve)
     nursery.start_soon(worker.process.read_control)
-    beats.watch(worker.process, INTERVAL, TIMEOUT, hung.append)
+    beats.watch(worker.process, INTERVAL, TIMEOUT, lambda w, _how: hung.append(w))
     return worker
 
 

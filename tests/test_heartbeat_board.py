@@ -15,7 +15,7 @@ import trio.testing
 from ipad import _protocol as p
 from ipad._fdpass import recv_packet, send_packet
 from ipad._heartbeat import Heartbeats
-from ipad._heartbeat_board import Beater, new_board, read_board
+from ipad._heartbeat_board import BOARD_SIZE, Beater, new_board, read_board
 from ipad._transport import PacketSocket
 from ipad._worker import WorkerProcess
 from ipad._worker_host import WorkerHost
@@ -36,7 +36,7 @@ def test_a_beat_moves_the_counter_the_daemon_reads() -> None:
         beater.beat()
         second = read_board(board)
         beater.beat()
-        assert len(first) == 8
+        assert len(first) == BOARD_SIZE
         assert len({first, second, read_board(board)}) == 3
     finally:
         os.close(board)
@@ -154,7 +154,7 @@ async def watched(
     made.append(worker)
     nursery.start_soon(worker.beat)
     nursery.start_soon(worker.serve)
-    beats.watch(worker.process, INTERVAL, TIMEOUT, hung.append)
+    beats.watch(worker.process, INTERVAL, TIMEOUT, lambda w, _how: hung.append(w))
     return worker
 
 

@@ -166,10 +166,12 @@ class World:
         del self.loading[worker]
         self.feed(Ready(worker))
 
-    def load_failed(self, worker: int, reason: str = "no such module") -> None:
-        """The worker answered LOAD with an ERROR."""
+    def load_failed(
+        self, worker: int, reason: str = "no such module", *, final: bool = False
+    ) -> None:
+        """The worker answered LOAD with an ERROR (``final``: its code was refused)."""
         del self.loading[worker]
-        self.feed(LoadFailed(worker, reason))
+        self.feed(LoadFailed(worker, reason, final=final))
 
     def exit(
         self, worker: int, status: ExitStatus = KILLED, cause: Cause | None = None,
@@ -426,6 +428,29 @@ def test_a_load_error_ends_the_start_as_a_failure() -> None:
     reason = "failed to start: no module named foo (exit status 1)"
     assert (WorkerState.EXITED, reason) in w.states
     assert w.logged("worker.start_failed")
+
+
+def test_refused_code_fails_the_module_at_once_and_stops_standbys() -> None:
+    """Code refused against its signature: no retry, no new standby, until a restart is asked."""
+    w = world()
+    active = w.running(standby=True)
+    w.exit(active)  # the standby is promoted; a new one is launched
+    successor = w.launched(standby=True)
+    w.load_failed(successor, "code refused: x.py: changed since it was signed", final=True)
+    w.exit(successor, ExitStatus(code=3))
+    assert not w.launching.get(True)  # no standby after a refused one
+    w.now = 1000.0  # a healthy run: the next crash restarts at once
+    w.exit(w.m.active)  # type: ignore[arg-type]
+    fresh = w.launched()
+    w.load_failed(fresh, "code refused: x.py: changed since it was signed", final=True)
+    w.exit(fresh, ExitStatus(code=3))
+    assert state(w) is WorkerState.FAILED
+    assert "not restarted (its code is refused" in (w.m.reason or "")
+    assert not w.launching.get(False)  # refused once: no backoff, no retry
+    w.feed(Restart())  # the operator tries again: standbys are allowed again too
+    w.ready(w.launched())
+    assert state(w) is WorkerState.RUNNING
+    assert w.launching[True]
 
 
 def test_a_stop_during_a_launch_waits_for_what_the_launch_produced() -> None:
