@@ -7,6 +7,7 @@ shares ``unpack_received`` so both sides judge truncation the same way.
 from __future__ import annotations
 
 import array
+import contextlib
 import socket
 from _thread import _local
 from collections.abc import Sequence
@@ -64,6 +65,46 @@ def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     if not fds:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+#: setsockopt(2) SO_SNDBUFFORCE (Python's socket module lacks it): as SO_SNDBUF, past
+#: net.core.wmem_max, for a process with CAP_NET_ADMIN.
+SO_SNDBUFFORCE = 32
+
+#: The send buffer a SEQPACKET socket needs: Linux refuses (EMSGSIZE) a message larger
+#: than the buffer less 32 bytes, and the default (net.core.wmem_default, 212992 bytes)
+#: is below MAX_PACKET. Twice the packet, so one can queue while another is read.
+SEND_BUFFER = 2 * MAX_PACKET + 4096
+
+
+def size_send_buffer(sock: socket.socket) -> bool:
+    """Make ``sock``'s send buffer hold a MAX_PACKET message; False if the kernel will not.
+
+    The kernel doubles what SO_SNDBUF asks and caps the request at
+    net.core.wmem_max, so an unprivileged process needs a wmem_max of at least
+    half a packet (MIN_WMEM_MAX); root raises it past the cap with SO_SNDBUFFORCE.
+    """
+    level, name = socket.SOL_SOCKET, socket.SO_SNDBUF
+    if sock.getsockopt(level, name) >= SEND_BUFFER:
+        return True
+    sock.setsockopt(level, name, SEND_BUFFER // 2)
+    if sock.getsockopt(level, name) >= SEND_BUFFER:
+        return True
+    with contextlib.suppress(PermissionError):
+        sock.setsockopt(level, SO_SNDBUFFORCE, SEND_BUFFER // 2)
+    return sock.getsockopt(level, name) >= MAX_PACKET + 32
+
+
+#: The net.core.wmem_max an unprivileged process needs for a MAX_PACKET message (above).
+MIN_WMEM_MAX = (MAX_PACKET + 32 + 1) // 2
+
+
+def sized_socketpair() -> tuple[socket.socket, socket.socket]:
+    """A close-on-exec SEQPACKET socket pair whose ends each send a MAX_PACKET message."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    for end in pair:
+        size_send_buffer(end)
+    return pair
 
 
 def send_packet(sock: socket.socket, packet: bytes, fds: Sequence[int] = ()) -> None:

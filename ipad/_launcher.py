@@ -41,7 +41,7 @@ from . import _memory_cgroup
 from . import _protocol as p
 from ._cgroup import WorkerCgroups, clear_cgroup
 from ._children import Children, child_pidfd, is_child
-from ._fdpass import recv_packet
+from ._fdpass import recv_packet, sized_socketpair
 from ._jail import command as jail_command
 from ._lifecycle import ExitStatus
 from ._reactor import Timers
@@ -278,7 +278,7 @@ class Launcher:
         module: str,
         argv: Sequence[str],
         env: Mapping[str, str],
-        on_notice: Callable[[p.Message], None],
+        on_notice: Callable[[p.Message], object],
         sandbox: p.SandboxSpec | None = None,
         *,
         on_started: OnStarted = lambda _: None,
@@ -386,7 +386,7 @@ class Launcher:
         module: str,
         argv: Sequence[str],
         env: Mapping[str, str],
-        on_notice: Callable[[p.Message], None] = lambda _: None,
+        on_notice: Callable[[p.Message], object] = lambda _: None,
         allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
         on_exit: OnExit | None = None,
     ) -> WorkerProcess:
@@ -407,14 +407,12 @@ class Launcher:
         server: WorkerProcess,
         module: str,
         env: Mapping[str, str],
-        on_notice: Callable[[p.Message], None],
+        on_notice: Callable[[p.Message], object],
         sandbox: p.SandboxSpec | None,
         on_started: OnStarted,
         on_exit: OnExit | None,
     ) -> WorkerProcess:
-        ours, theirs = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
+        ours, theirs = sized_socketpair()  # a READY may be up to MAX_PACKET
         read_end, write_end = os.pipe2(os.O_CLOEXEC)  # the worker's stdout and stderr
         prepared = self.cgroups.prepare(module) if self.cgroups is not None else None
         memory_cgroup = self._v1_memory(module, sandbox)
@@ -481,7 +479,7 @@ class Launcher:
         module: str,
         argv: Sequence[str],
         env: Mapping[str, str],
-        on_notice: Callable[[p.Message], None],
+        on_notice: Callable[[p.Message], object],
         on_exit: OnExit | None,
         timeout: float,
         prepared: tuple[Path, int] | None = None,

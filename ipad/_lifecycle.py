@@ -83,6 +83,8 @@ class Cause(enum.Enum):
     SECCOMP = "seccomp"
     #: Killed by the kernel's OOM killer within its memory limit.
     OOM = "oom"
+    #: Killed by the daemon for breaking the protocol on its control socket.
+    PROTOCOL = "protocol"
 
 
 class Why(enum.Enum):
@@ -146,6 +148,8 @@ class Exited(Generic[W]):
     cause: Cause | None = None
     #: For an OOM kill: the limit it ran under, in bytes.
     memory_max: int | None = None
+    #: For a protocol violation: what it did.
+    detail: str | None = None
 
 
 @attrs.frozen
@@ -559,6 +563,9 @@ class Lifecycle(Generic[W]):
         elif ending is not None and ending.why is Why.HUNG:
             fields["cause"] = "hung"
             reason = ending.text
+        elif event.cause is Cause.PROTOCOL:
+            fields.update(cause="protocol", violation=event.detail)
+            reason = f"protocol: killed for breaking the protocol: {event.detail} ({said})"
         elif not self.active_ready:
             failure = ending.text if ending is not None else "exited before it was ready"
             name, fields["reason"] = "worker.start_failed", failure

@@ -4,9 +4,13 @@ A worker's stdout and stderr are one pipe the daemon reads. Each line becomes
 a ``worker.stderr`` record with the worker's ``module`` and ``worker_pid``, so
 ``journalctl -u ipad MODULE=awb`` shows a module's own words next to the
 daemon's records about it, its crashes included. A worker that writes more
-than RELAY_BURST lines within RELAY_INTERVAL has the rest dropped and counted,
-and the count is logged (``worker.stderr_suppressed``) when the interval ends:
-one noisy module cannot flood the journal or make the daemon busy logging.
+than RELAY_BURST lines or RELAY_BYTES bytes within RELAY_INTERVAL has the rest
+dropped and counted, and the counts are logged (``worker.stderr_suppressed``)
+when the interval ends: one noisy module cannot flood the journal or make the
+daemon busy logging. Past its budget the relay stops watching the pipe and
+empties it only every RELAY_PAUSE, without splitting lines, so what a flood
+costs the daemon is bounded by time, not by what the worker writes (a worker
+writing bare newlines held it at 100 % CPU when every line was judged).
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ READ_SIZE = 65536
 #: Lines a worker may write per interval before the rest are dropped (and counted).
 RELAY_BURST = 200
 RELAY_INTERVAL = 10.0
+#: Bytes a worker may write per interval before the rest are dropped (and counted).
+RELAY_BYTES = 256 * 1024
+#: Past its budget, how often a worker's pipe is emptied (what it held dropped and counted).
+RELAY_PAUSE = 0.25
+#: Reads one emptying takes at most: a pipe holds 64 KiB unless its writer enlarged it.
+DRAIN_READS = 16
 
 #: sd-daemon(3) prefixes ("<3>text") that set a line's level, as journald reads them on stderr.
 PREFIX_LEVELS = {
@@ -55,6 +65,10 @@ class LineBuffer:
             self._partial = self._partial[self.max_line :]
         return [piece for line in lines for piece in self._cut(line)]
 
+    def clear(self) -> None:
+        """Forget the partial line (its end was dropped)."""
+        self._partial = b""
+
     def flush(self) -> list[bytes]:
         """At end of stream: the last line, if it had no newline."""
         partial, self._partial = self._partial, b""
@@ -67,24 +81,61 @@ class LineBuffer:
 
 
 class RateLimit:
-    """At most ``burst`` lines per ``interval`` seconds; the rest are counted, as journald does."""
+    """At most ``burst`` lines per ``interval`` seconds; the rest are counted, as journald does.
 
-    __slots__ = ("_passed", "_start", "burst", "interval", "suppressed")
+    With ``max_bytes``, also at most that many bytes (``take_bytes``); the bytes
+    dropped are counted in ``dropped_bytes`` and, once an interval ends, in
+    ``ended_bytes`` until reported.
+    """
 
-    def __init__(self, interval: float = RELAY_INTERVAL, burst: int = RELAY_BURST) -> None:
+    __slots__ = (
+        "_bytes", "_passed", "_start", "burst", "dropped_bytes", "ended_bytes", "interval",
+        "max_bytes", "suppressed",
+    )  # fmt: skip
+
+    def __init__(
+        self, interval: float = RELAY_INTERVAL, burst: int = RELAY_BURST,
+        max_bytes: float = math.inf,
+    ) -> None:  # fmt: skip
         self.interval = interval
         self.burst = burst
+        self.max_bytes = max_bytes
         self._start = -math.inf
         self._passed = 0
+        self._bytes: float = 0
         self.suppressed = 0
+        self.dropped_bytes = 0
+        self.ended_bytes = 0
 
     def _roll(self, now: float) -> int:
         """Start a new interval if this one is over; return what the old one suppressed."""
         if now - self._start < self.interval:
             return 0
         ended, self.suppressed = self.suppressed, 0
-        self._start, self._passed = now, 0
+        self.ended_bytes += self.dropped_bytes
+        self._start, self._passed, self._bytes, self.dropped_bytes = now, 0, 0, 0
         return ended
+
+    def roll(self, now: float) -> int:
+        """Start a new interval if this one is over; return what the old one suppressed."""
+        return self._roll(now)
+
+    def take_bytes(self, count: int) -> int:
+        """How many of ``count`` more bytes are within this interval's budget (lines and bytes).
+
+        Past it the interval's budget is spent: what follows is dropped until it ends.
+        """
+        if self._passed >= self.burst:
+            return 0
+        taken = int(min(count, self.max_bytes - self._bytes))
+        self._bytes += taken
+        return taken
+
+    def over(self, now: float) -> bool:
+        """Whether this interval's budget is spent (False once a new interval is due)."""
+        if now - self._start >= self.interval:
+            return False
+        return self._passed >= self.burst or self._bytes >= self.max_bytes
 
     def allow(self, now: float) -> tuple[bool, int]:
         """Whether a line at ``now`` is relayed, and how many an interval just ended suppressed."""
@@ -98,15 +149,18 @@ class RateLimit:
     @property
     def deadline(self) -> float:
         """When the suppressed lines are to be reported (never, if there are none)."""
-        return self._start + self.interval if self.suppressed else math.inf
+        dropped = self.suppressed or self.dropped_bytes
+        return self._start + self.interval if dropped else math.inf
 
     def expire(self, now: float) -> int:
         """At the deadline: the count to report, and a fresh interval."""
-        return self._roll(now) if self.suppressed else 0
+        return self._roll(now) if self.suppressed or self.dropped_bytes else 0
 
     def flush(self) -> int:
         """At end of stream: whatever is still suppressed."""
         ended, self.suppressed = self.suppressed, 0
+        self.ended_bytes += self.dropped_bytes
+        self.dropped_bytes = 0
         return ended
 
 
@@ -133,7 +187,7 @@ class OutputRelay:
         reactor: Reactor,
         timers: Timers,
         clock: Callable[[], float] = trio.current_time,
-        limit: Callable[[], RateLimit] = RateLimit,
+        limit: Callable[[], RateLimit] = lambda: RateLimit(max_bytes=RELAY_BYTES),
     ) -> None:
         self.reactor = reactor
         self.timers = timers
@@ -161,28 +215,83 @@ class OutputRelay:
         if not data:
             self._finish(pipe)
             return
-        for raw in self._lines(pipe).feed(data):
-            self._relay(pipe, raw)
+        self._take(pipe, data)
 
-    def _lines(self, pipe: _Pipe) -> LineBuffer:
-        """The pipe's line buffer (and rate limit), made at its first output.
+    def _lines(self, pipe: _Pipe) -> tuple[LineBuffer, RateLimit]:
+        """The pipe's line buffer and rate limit, made at its first output.
 
         Most workers write nothing, and a daemon holds two pipes per module.
         """
-        if pipe.lines is None:
+        if pipe.lines is None or pipe.limit is None:
             pipe.lines, pipe.limit = LineBuffer(), self._limit()
-        return pipe.lines
+        return pipe.lines, pipe.limit
 
-    def _relay(self, pipe: _Pipe, raw: bytes) -> None:
+    def _take(self, pipe: _Pipe, data: bytes) -> None:
+        """Relay ``data``'s lines within the budget; past it, drop and count, and pause."""
+        lines, limit = self._lines(pipe)
+        now = self.clock()
+        self._report(pipe, limit.roll(now))
+        taken = limit.take_bytes(len(data))
+        if taken:
+            pieces = lines.feed(data[:taken])
+            for index, raw in enumerate(pieces):
+                if not self._relay(pipe, raw, now):
+                    limit.suppressed += len(pieces) - index - 1
+                    break
+        if taken < len(data):
+            dropped = memoryview(data)[taken:]
+            limit.suppressed += dropped.tobytes().count(b"\n")  # counted, not split: cheap
+            limit.dropped_bytes += len(dropped)
+            lines.clear()
+        if limit.over(now):
+            self._pause(pipe)
+        if pipe.timer is None and limit.deadline < math.inf:  # report the drops at its end
+            pipe.timer = self.timers.call_at(limit.deadline, lambda: self._expire(pipe))
+
+    def _relay(self, pipe: _Pipe, raw: bytes, now: float) -> bool:
+        """Log one line if the rate limit allows it; whether it did."""
         assert pipe.limit is not None  # noqa: S101 - made with its lines
-        allowed, ended = pipe.limit.allow(self.clock())
+        allowed, ended = pipe.limit.allow(now)
         self._report(pipe, ended)
         if allowed:
             level, text = parse_line(raw)
             getattr(log, level)("worker.stderr", module=pipe.module, worker_pid=pipe.pid,
                                 text=text)  # fmt: skip
-        elif pipe.timer is None:  # the first line dropped: report the count when the interval ends
-            pipe.timer = self.timers.call_at(pipe.limit.deadline, lambda: self._expire(pipe))
+        return allowed
+
+    def _pause(self, pipe: _Pipe) -> None:
+        """Stop watching the pipe: it is emptied every RELAY_PAUSE until the budget is back."""
+        if pipe.resume is None and not pipe.closed:
+            self.reactor.remove(pipe.fd)
+            pipe.resume = self.timers.call_later(RELAY_PAUSE, lambda: self._resume(pipe))
+
+    def _resume(self, pipe: _Pipe) -> None:
+        """Empty a paused pipe (bounded); watch it again once its budget is back.
+
+        ``pipe.resume`` stays set while it empties: the ``_take`` of what it reads
+        must not pause the pipe a second time (two timers, then four...).
+        """
+        if pipe.closed:
+            return
+        full = True
+        for _ in range(DRAIN_READS):
+            try:
+                data = os.read(pipe.fd, READ_SIZE)
+            except BlockingIOError:
+                full = False
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._finish(pipe)
+                return
+            self._take(pipe, data)
+        assert pipe.limit is not None  # noqa: S101 - it wrote, so it has one
+        if full or pipe.limit.over(self.clock()):
+            pipe.resume = self.timers.call_later(RELAY_PAUSE, lambda: self._resume(pipe))
+        else:
+            pipe.resume = None
+            self.reactor.add(pipe.fd, functools.partial(self._readable, pipe))
 
     def _expire(self, pipe: _Pipe) -> None:
         pipe.timer = None
@@ -190,24 +299,33 @@ class OutputRelay:
             self._report(pipe, pipe.limit.expire(self.clock()))
 
     def _report(self, pipe: _Pipe, count: int) -> None:
-        if count and pipe.limit is not None:
+        limit = pipe.limit
+        if limit is None:
+            return
+        dropped_bytes, limit.ended_bytes = limit.ended_bytes, 0
+        if count or dropped_bytes:
             log.warning("worker.stderr_suppressed", module=pipe.module, worker_pid=pipe.pid,
-                        suppressed=count,
-                        burst=pipe.limit.burst, interval=pipe.limit.interval)  # fmt: skip
+                        suppressed=count, dropped_bytes=dropped_bytes, burst=limit.burst,
+                        max_bytes=limit.max_bytes if limit.max_bytes < math.inf else None,
+                        interval=limit.interval)  # fmt: skip
 
     def _finish(self, pipe: _Pipe) -> None:
         """End of the pipe: its last line and suppressed count, then close it."""
         self.reactor.remove(pipe.fd)
         self._pipes.pop(pipe.fd, None)
-        if pipe.timer is not None:
-            pipe.timer.cancel()
+        for timer in (pipe.timer, pipe.resume):
+            if timer is not None:
+                timer.cancel()
+        pipe.timer = pipe.resume = None
+        pipe.closed = True
         rest = _read_available(pipe.fd)
         if rest or pipe.lines is not None:
-            lines = self._lines(pipe)
-            for raw in [*lines.feed(rest), *lines.flush()]:
-                self._relay(pipe, raw)
-            assert pipe.limit is not None  # noqa: S101 - made with its lines
-            self._report(pipe, pipe.limit.flush())
+            if rest:
+                self._take(pipe, rest)
+            lines, limit = self._lines(pipe)
+            for raw in lines.flush():
+                self._relay(pipe, raw, self.clock())
+            self._report(pipe, limit.flush())
         os.close(pipe.fd)
 
     def close(self) -> None:
@@ -219,7 +337,7 @@ class OutputRelay:
 class _Pipe:
     """One relayed pipe: its partial line, its rate limit, the worker its records name."""
 
-    __slots__ = ("fd", "limit", "lines", "module", "pid", "timer")
+    __slots__ = ("closed", "fd", "limit", "lines", "module", "pid", "resume", "timer")
 
     def __init__(self, fd: int, module: str, pid: int) -> None:
         self.fd = fd
@@ -228,12 +346,15 @@ class _Pipe:
         self.limit: RateLimit | None = None
         self.lines: LineBuffer | None = None
         self.timer: TimerHandle | None = None
+        #: While paused past its budget: the timer that empties it next.
+        self.resume: TimerHandle | None = None
+        self.closed = False
 
 
 def _read_available(fd: int) -> bytes:
-    """Whatever the pipe holds now, without waiting."""
+    """What the pipe holds now, without waiting (bounded: a writer may still be writing)."""
     chunks = []
-    while True:
+    for _ in range(DRAIN_READS):
         try:
             chunk = os.read(fd, READ_SIZE)
         except OSError:  # BlockingIOError: nothing more for now

@@ -22,8 +22,10 @@ import trio
 
 from . import _protocol as p
 from ._access import AccessPolicy, Peer, Rule, peer_of
+from ._bounds import fit_entries
 from ._config import ClientLimits
 from ._events import EventBus, Subscription
+from ._fdpass import MIN_WMEM_MAX, SEND_BUFFER, size_send_buffer
 from ._proxies import ProxyRecord, ProxyTable
 from ._relay import RateLimit
 from ._states import ProxyState, WorkerState
@@ -262,7 +264,7 @@ class Session:
         elif isinstance(message, p.Status):
             await self._reply(frame, self._status())
         elif isinstance(message, p.ListModules):
-            await self._reply(frame, p.Modules(self.daemon.modules_info()))
+            await self._reply(frame, fit_entries(p.Modules, self.daemon.modules_info()))
         elif isinstance(message, p.ReopenProxy):
             await self._reopen_proxy(frame, message)
         elif isinstance(message, p.ProxyReady):
@@ -617,22 +619,22 @@ class Session:
             return False  # the client is gone: its session ends on its own
         return True
 
-    def _status(self) -> p.StatusReply:
+    def _status(self) -> p.Message:
+        """STATUS_REPLY, degraded per module if all of it would not fit one packet."""
         d = self.daemon
-        return p.StatusReply(
-            daemon={
-                "pid": os.getpid(),
-                "version": __version__,
-                "uptime": round(time.monotonic() - d.started, 3),
-                "socket": d.socket_path,
-                "clients": len(d.sessions),
-                "clients_refused": d.refused,
-                "proxies": len(d.proxies),
-                "event_seq": d.events.last_seq,
-                **d.extra_status(),
-            },
-            modules={name: sup.status() for name, sup in d.supervisors.items()},
-        )
+        daemon = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.monotonic() - d.started, 3),
+            "socket": d.socket_path,
+            "clients": len(d.sessions),
+            "clients_refused": d.refused,
+            "proxies": len(d.proxies),
+            "event_seq": d.events.last_seq,
+            **d.extra_status(),
+        }
+        modules = {name: sup.status() for name, sup in d.supervisors.items()}
+        return fit_entries(lambda entries: p.StatusReply(daemon, entries), modules)
 
 
 async def serve_clients(
@@ -644,6 +646,7 @@ async def serve_clients(
     """Accept connections for ever, one session task each, within the connection limits."""
     sock = trio.socket.from_stdlib_socket(listener)
     warned_groups = False
+    warned_buffer = False
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -669,6 +672,12 @@ async def serve_clients(
                             reason="this kernel has no SO_PEERGROUPS: group rules see each "
                             "client's primary group only")  # fmt: skip
             raw = socket.socket(fileno=conn.detach())
+            if not size_send_buffer(raw) and not warned_buffer:
+                warned_buffer = True
+                log.warning("socket.send_buffer_small", needed=SEND_BUFFER // 2,
+                            wmem_max_at_least=MIN_WMEM_MAX,
+                            reason="the kernel caps the send buffer (net.core.wmem_max) below "
+                            "one largest message: replies that large will fail")  # fmt: skip
             refusal = daemon.refusal(peer)
             if refusal is not None:
                 _refuse(daemon, raw, peer, refusal)

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from ._fdpass import sized_socketpair
+
 #: The control socket's descriptor number in the worker (see ipad/_worker_host.py).
 CONTROL_FD = 3
 #: Where ``start_process`` puts its ``extra`` descriptor.
@@ -67,7 +69,7 @@ def start_process(
     1 and 2 = that pipe, 3 = its control socket; without it, the daemon's own
     stdin, stdout and stderr. ``extra`` becomes its fd 4 (the jail's cgroup, ipad/_jail.py).
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    ours, theirs = sized_socketpair()  # READY, a fork server's replies: up to MAX_PACKET
     # dup2 onto the same number would keep close-on-exec, and a source numbered as an
     # earlier action's target would be overwritten by it: every source gets a fresh number
     # above the targets.

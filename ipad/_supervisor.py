@@ -35,6 +35,7 @@ from ._backoff import RestartTracker
 from ._cgroup import clear_cgroup
 from ._check import ModulePlan
 from ._config import RestartPolicy
+from ._fdpass import sized_socketpair
 from ._heartbeat import Heartbeats
 from ._launcher import Launcher
 from ._lifecycle import (
@@ -450,14 +451,16 @@ class ModuleSupervisor:
         assert status is not None  # noqa: S101 - the reaper sets it first
         cause: Cause | None = None
         memory_max: int | None = None
-        if worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
+        if worker.violation is not None:
+            cause = Cause.PROTOCOL
+        elif worker.sandbox is not None and worker.sandbox.seccomp and status.signal == SIGSYS:
             cause = Cause.SECCOMP
         elif _killed_for_memory(worker, status):
             cause = Cause.OOM
             memory_max = worker.sandbox.memory_max if worker.sandbox else None
         if worker is self.machine.active:
             self.last_exit = status
-        exited = Exited(worker, status, cause, memory_max)
+        exited = Exited(worker, status, cause, memory_max, worker.violation)
         if worker in self._loading:
             self._loading[worker] = exited  # posted by its launch job, after the LOAD's answer
             return
@@ -607,7 +610,11 @@ class ModuleSupervisor:
     # --- instances -------------------------------------------------------------
 
     def _on_notice(self, message: p.Message) -> None:
-        """A one-way message from the worker: an instance it closed on its own."""
+        """A one-way message from the worker: an instance it held and closed on its own.
+
+        The worker passes on only closes of instances it holds (WorkerProcess counts
+        the rest, and kills a worker that floods them), so this scan is bounded.
+        """
         if isinstance(message, p.InstanceClosed):
             for record in self.proxies.of_module(self.name):
                 if record.instance_id == message.instance_id:
@@ -650,9 +657,7 @@ class ModuleSupervisor:
     async def _open_on(self, worker: WorkerProcess) -> tuple[int, socket.socket]:
         """OPEN_INSTANCE on ``worker``: the instance id and the client's end of its channel."""
         instance_id = next(self._instance_ids)
-        client_end, worker_end = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
+        client_end, worker_end = sized_socketpair()  # calls and results up to MAX_PACKET
         frame: p.Frame | None = None
         try:
             with self.timers.move_on_after(self.policy.start_timeout.seconds):
@@ -675,6 +680,7 @@ class ModuleSupervisor:
         if not isinstance(frame.message, p.InstanceOpened):
             client_end.close()
             raise ModuleUnavailable(_describe_error(frame.message))
+        worker.opened(instance_id)
         return instance_id, client_end
 
     def _loaded_standby(self) -> WorkerProcess | None:
@@ -725,9 +731,13 @@ def _close_on(worker: WorkerProcess, instance_id: int) -> None:
     A worker that does not read its control socket keeps the instance until
     it ends; a client leaving (its session's clean-up) never waits on it.
     """
+    worker.closing(instance_id)
     if not worker.control.send_nowait(p.CloseInstance(instance_id)):
-        log.warning("instance.close_dropped", module=worker.module, worker_pid=worker.pid,
-                    instance_id=instance_id, reason="its control socket is full")  # fmt: skip
+        worker.close_drops += 1
+        if not worker.close_drops & (worker.close_drops - 1):  # the 1st, 2nd, 4th...: bounded
+            log.warning("instance.close_dropped", module=worker.module, worker_pid=worker.pid,
+                        instance_id=instance_id, reason="its control socket is full",
+                        dropped=worker.close_drops)  # fmt: skip
 
 
 async def _clear_v1_memory(path: Path) -> None:

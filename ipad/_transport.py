@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -178,6 +177,19 @@ class PacketSocket:
         self.raw.close()
 
 
+class _Ids(Iterator[int]):
+    """Request ids, 1, 2, 3...; remembers the last one handed out (``Requests.last_id``)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __next__(self) -> int:
+        self.last += 1
+        return self.last
+
+
 class _Slot:
     __slots__ = ("done", "error", "frame")
 
@@ -200,12 +212,21 @@ class Requests:
         self.name = name
         #: Told of every reply nobody takes (late, or its caller cancelled), before it is dropped.
         self.on_dropped: Callable[[p.Frame], None] | None = None
-        self._ids: Iterator[int] = itertools.count(1)
+        self._ids = _Ids()
         self._pending: dict[int, _Slot] = {}
         self._closed: Callable[[], Exception] | None = None
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    @property
+    def last_id(self) -> int:
+        """The highest request id used: a reply to a higher one answers nothing ever asked."""
+        return self._ids.last
+
+    def __contains__(self, request_id: int) -> bool:
+        """Whether a caller waits for the reply to ``request_id``."""
+        return request_id in self._pending
 
     async def call(
         self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()

@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from . import _protocol as p
+from ._bounds import MAX_TEXT, bound_worker_message, cap
 from ._heartbeat_board import new_board
 from ._lifecycle import ExitStatus
 from ._reactor import Flag, Reactor, TimerHandle, Timers
@@ -35,6 +36,17 @@ KILL_WAIT = 5.0
 #: Control messages read per wake-up before other workers get their turn.
 CONTROL_BATCH = 64
 
+#: Unsolicited control messages a worker may send per UNSOLICITED_INTERVAL (a late PONG,
+#: the reply to a request whose caller gave up, the close of an instance the daemon closed
+#: at the same moment); past that it is killed as a protocol violation. ipad's worker host
+#: sends a handful at most: a flood is module code lying on the wire.
+UNSOLICITED_BURST = 100
+UNSOLICITED_INTERVAL = 10.0
+
+#: How long an instance the daemon closed may still be reported closed by its worker
+#: (the worker saw its channel end before it read CLOSE_INSTANCE: the two crossed).
+CLOSE_CROSSING = 10.0
+
 
 class WorkerCrashed(Exception):
     """The worker died or was stopped while a request to it was in flight."""
@@ -46,15 +58,18 @@ class WorkerProcess:
     # Slots: a daemon holds two per module (worker and standby), each for hours.
     __slots__ = (
         "_cgroup",
+        "_closing",
         "_exited",
         "_grace",
         "_memory_cgroup",
         "_reactor",
         "_timers",
         "board",
+        "close_drops",
         "control",
         "control_ended",
         "exit_status",
+        "instances",
         "module",
         "on_notice",
         "pid",
@@ -63,6 +78,8 @@ class WorkerProcess:
         "requests",
         "sandbox",
         "spares",
+        "unsolicited",
+        "violation",
     )
 
     def __init__(
@@ -71,10 +88,11 @@ class WorkerProcess:
         pid: int,
         pidfd: int,
         control: socket.socket | None,
-        on_notice: Callable[[p.Message], None] = lambda _: None,
+        on_notice: Callable[[p.Message], object] = lambda _: None,
         allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
     ) -> None:
         self.module = module
+        #: Told of each one-way message; returning False says it matched nothing (unsolicited).
         self.on_notice = on_notice
         self.pid = pid
         self.pidfd = pidfd
@@ -99,6 +117,16 @@ class WorkerProcess:
         self._reactor: Reactor | None = None
         self._timers: Timers | None = None
         self._grace: TimerHandle | None = None
+        #: Unsolicited messages in the current interval: (interval start, count).
+        self.unsolicited: tuple[float, int] = (-UNSOLICITED_INTERVAL, 0)
+        #: How it broke the protocol, if it did (it was killed for it).
+        self.violation: str | None = None
+        #: Instances opened on it that it has not reported closed, nor the daemon closed.
+        self.instances: set[int] = set()
+        #: Instances the daemon closed lately, and when: it may report them closed still.
+        self._closing: dict[int, float] = {}
+        #: CLOSE_INSTANCEs its full control socket did not take (logged at each power of two).
+        self.close_drops = 0
 
     # A cgroup path is kept as text: a Path object with its parts costs about 0.6 KiB, and
     # a daemon holds two per module for as long as it runs.
@@ -169,25 +197,94 @@ class WorkerProcess:
             self._outlived()
 
     def _control_readable(self) -> None:
-        """Read what is there: replies to their callers, notices to ``on_notice``."""
+        """Read what is there: replies to their callers, notices to ``on_notice``.
+
+        Every string in what it sent is capped first (ipad/_bounds.py). A worker
+        that breaks the protocol (a malformed packet, a reply to a request never
+        sent, a flood of unsolicited messages) is killed at once: the daemon's
+        work for it, and the log lines it causes, end there.
+        """
         for _ in range(CONTROL_BATCH):  # then others get their turn; the rest comes next pass
             try:
                 frame = self.control.receive_nowait()
             except BlockingIOError:
                 return
             except p.ProtocolError as exc:
-                log.error("worker.protocol_error", module=self.module, worker_pid=self.pid,
-                          reason=exc.reason)  # fmt: skip
-                frame = None
+                self.violated(exc.reason)
+                return
             except (OSError, trio.ClosedResourceError):
                 frame = None
             if frame is None:
                 self._control_lost()
                 return
-            if frame.request_id == 0:
-                self.on_notice(frame.message)  # one-way: not a reply to anything
-            else:
-                self.requests.deliver(frame)  # one nobody takes goes to requests.on_dropped
+            self._dispatch(frame)
+            if self.violation is not None:
+                return
+
+    def _dispatch(self, frame: p.Frame) -> None:
+        """One message, its strings capped: a reply to its caller, a notice to ``on_notice``."""
+        message = bound_worker_message(frame.message)
+        if message is not frame.message:
+            frame = p.Frame(message, frame.request_id, frame.fds)
+        if frame.request_id == 0:
+            if isinstance(message, p.InstanceClosed) and self._closed(message.instance_id):
+                self.on_notice(message)
+            else:  # one-way, and about nothing it holds: counted, not looked up
+                self._unsolicited(f"a {message.TYPE.name} about nothing it holds")
+        elif frame.request_id > self.requests.last_id:
+            frame.close_fds()
+            self.violated(f"a {message.TYPE.name} answering request {frame.request_id}, "
+                          "which was never sent")  # fmt: skip
+        elif frame.request_id in self.requests:
+            self.requests.deliver(frame)
+        elif self._unsolicited(f"a {message.TYPE.name} nobody waits for"):
+            self.requests.deliver(frame)  # dropped: logged, told to requests.on_dropped
+        else:
+            frame.close_fds()
+
+    def opened(self, instance_id: int) -> None:
+        """An instance was opened on it (INSTANCE_OPENED came)."""
+        self.instances.add(instance_id)
+
+    def closing(self, instance_id: int) -> None:
+        """The daemon closes an instance of it: a report of its close may still cross."""
+        self.instances.discard(instance_id)
+        now = trio.current_time()
+        closing = self._closing
+        closing[instance_id] = now
+        for old, when in list(closing.items()):  # oldest first: forget the crossings long past
+            if now - when < CLOSE_CROSSING:
+                break
+            del closing[old]
+
+    def _closed(self, instance_id: int) -> bool:
+        """The worker reports an instance closed: whether it was one it held (once each)."""
+        if instance_id in self.instances:
+            self.instances.remove(instance_id)
+            return True
+        return self._closing.pop(instance_id, None) is not None
+
+    def _unsolicited(self, what: str) -> bool:
+        """Count an unsolicited message; False (and the worker killed) once past the budget."""
+        now = trio.current_time()
+        start, count = self.unsolicited
+        if now - start >= UNSOLICITED_INTERVAL:
+            start, count = now, 0
+        self.unsolicited = (start, count + 1)
+        if count < UNSOLICITED_BURST:
+            return True
+        self.violated(f"more than {UNSOLICITED_BURST} unsolicited control messages within "
+                      f"{UNSOLICITED_INTERVAL:g}s (the last: {what})")  # fmt: skip
+        return False
+
+    def violated(self, reason: str) -> None:
+        """The worker broke the protocol: kill it now, stop reading it, say why (once)."""
+        if self.violation is None:
+            self.violation = cap(reason, MAX_TEXT)
+            log.error("worker.protocol_violation", module=self.module, worker_pid=self.pid,
+                      reason=self.violation, action="killed")  # fmt: skip
+        self.kill()
+        self._control_lost()
 
     def drain_control(self) -> None:
         """The process is gone: read what it sent before it died, then end the channel.
@@ -307,7 +404,7 @@ def spawn_worker(
     module: str,
     argv: Sequence[str],
     env: Mapping[str, str],
-    on_notice: Callable[[p.Message], None] = lambda _: None,
+    on_notice: Callable[[p.Message], object] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
     *,
     output: int | None = None,
@@ -319,7 +416,7 @@ def spawn_worker(
 def adopt(
     module: str,
     started: StartedProcess,
-    on_notice: Callable[[p.Message], None] = lambda _: None,
+    on_notice: Callable[[p.Message], object] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
 ) -> WorkerProcess:
     """Take charge of a process started with ``start_process``."""

@@ -252,12 +252,15 @@ def test_a_client_that_reads_nothing_does_not_hold_up_the_stop(
     hello(sock)
     sock.setblocking(False)
     sent = 0
-    try:
-        for request_id in range(2, 100_000):
-            sock.send(p.encode(p.Status(), request_id))
+    deadline = time.monotonic() + WAIT
+    # Until the daemon's replies fill our socket (its send buffer holds two largest packets,
+    # some 230 STATUS replies) and it stops reading: then our requests pile up past the limit.
+    while not daemon.events("client.limit_exceeded") and time.monotonic() < deadline:
+        try:
+            sock.send(p.encode(p.Status(), sent + 2))
             sent += 1
-    except BlockingIOError:
-        pass  # the daemon stopped reading: its replies fill our socket
+        except BlockingIOError:
+            time.sleep(0.01)
     assert sent > 100
     daemon.wait_for("client.limit_exceeded")
     started = time.monotonic()

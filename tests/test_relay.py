@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -10,7 +11,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from ipad._reactor import Reactor, Timers
-from ipad._relay import LineBuffer, OutputRelay, RateLimit, parse_line
+from ipad._relay import RELAY_PAUSE, LineBuffer, OutputRelay, RateLimit, parse_line
 
 
 def test_lines_are_cut_at_newlines_and_partials_wait() -> None:
@@ -88,7 +89,8 @@ async def test_relay_limits_a_flood_and_reports_it(
             await trio.sleep(11)  # the interval ends with nothing more written
             assert logs[5] == {
                 "event": "worker.stderr_suppressed", "log_level": "warning", "module": "awb",
-                "worker_pid": 42, "suppressed": 15, "burst": 5, "interval": 10.0,
+                "worker_pid": 42, "suppressed": 15, "dropped_bytes": 0, "burst": 5,
+                "max_bytes": None, "interval": 10.0,
             }  # fmt: skip
             os.write(write_end, b"<3>after\nno newline")
             os.close(write_end)
@@ -104,6 +106,41 @@ async def test_relay_limits_a_flood_and_reports_it(
     ]  # fmt: skip
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(read_end)  # the relay closed its end
+
+
+async def test_a_flood_of_bare_newlines_costs_the_daemon_little(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Past its budget a pipe is not split into lines: its bytes are counted, reading pauses."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    reactor, timers = Reactor(), Timers()
+    relay = OutputRelay(reactor, timers, limit=lambda: RateLimit(10.0, 5, max_bytes=4096))
+    written = 0
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            await nursery.start(timers.run)
+            relay.add(read_end, module="awb", worker_pid=42)
+            for _ in range(30):  # within the interval, the writer refills what the relay empties
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        written += os.write(write_end, b"\n" * 65536)
+                await trio.sleep(RELAY_PAUSE)
+            assert read_end not in reactor._callbacks  # paused: no wake-up per write
+            pending = [h for _, _, h in timers._heap if h.callback is not None]
+            assert len(pending) <= 2  # one to empty the pipe, one to report: not one per pause
+            await trio.sleep(11)  # the interval ends: its drops are reported
+            os.close(write_end)
+            await trio.sleep(1)
+            assert len(relay) == 0
+            nursery.cancel_scope.cancel()
+    reactor.close()
+    relayed = [e for e in logs if e["event"] == "worker.stderr"]
+    reports = [e for e in logs if e["event"] == "worker.stderr_suppressed"]
+    assert len(relayed) in (5, 10)  # five per interval: a second one if it wrote into it
+    assert sum(e["suppressed"] for e in reports) == written - len(relayed)  # all counted
+    assert sum(e["dropped_bytes"] for e in reports) > written - 65536 * 2
 
 
 async def test_what_is_in_the_pipe_at_the_end_is_still_relayed() -> None:
