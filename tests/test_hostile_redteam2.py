@@ -1,0 +1,130 @@
+"""Red team of the jail and the seccomp filter: what an attacker who read the filter tries next.
+
+A native worker (tests/native/bypass_worker.c), spawned through the jail,
+tries to get past ipad/_seccomp.py: the same system calls through the x32
+and i386 ABIs, high bits in the 32-bit command words of ``ioctl``, ``fcntl``
+and ``clone``, O_ASYNC hidden among other flags, F_SETOWN_EX to a process
+group, io_uring, a pidfd from CLONE_PIDFD, and the calls that reach into
+other processes. Every attempt must be refused (EPERM/ENOSYS) or kill the
+attempt (SIGSYS); the daemon, another module, a process of the workers' own
+user and ``ipadctl status`` must be unharmed, and the daemon must stop
+cleanly with SIGTERM (the ``start_daemon`` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_process import DaemonProcess, open_fds, wait_until
+from tests.test_e2e_hostile_sandbox import (
+    GCC,
+    Setup,
+    assert_unharmed,
+    nobody_dir,
+    nobody_env,
+    sentinel,
+    setup,
+    start,
+    targets,
+)
+
+__all__ = ["nobody_dir", "nobody_env", "sentinel", "setup"]  # fixtures, used by name
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(os.geteuid() != 0, reason="root starts both daemons (CI runs as root)"),
+    pytest.mark.skipif(GCC is None, reason="needs gcc to build the native worker"),
+]
+
+Start = Callable[..., DaemonProcess]
+
+BYPASS_SOURCE = Path(__file__).parent / "native" / "bypass_worker.c"
+
+BYPASS_MANIFEST = """
+name = "bypass"
+version = "1.0.0"
+api_version = 1
+worker = "bypass-native"
+description = "a native worker that tries to get past the seccomp filter (tests)"
+
+[pipeline]
+handlers = ["simple"]
+min_version = 1
+max_version = 1
+"""
+
+#: What each attempt must get: refused by the filter, or the attempt killed (SIGSYS).
+EXPECTED = {
+    "x32_pidfd_open": "EPERM",  # the filter's, before the kernel's ENOSYS (no x32 here)
+    "x32_kill": "EPERM",
+    "i386_pidfd_open": "SYS",  # a foreign architecture's call kills the process
+    "ioctl_setown_high": "EPERM",  # the kernel reads the low 32 bits: so does the filter
+    "ioctl_async_high": "EPERM",
+    "fcntl_setown_high": "EPERM",
+    "fcntl_setsig_high": "EPERM",
+    "setfl_mixed": "EPERM",  # O_ASYNC among O_NONBLOCK and O_APPEND
+    "setfl_high": "EPERM",
+    "setown_ex_pgrp": "EPERM",
+    "io_uring": "EPERM",
+    "clone_parent_high": "SYS",
+    "clone_pidfd_signal": "EPERM",  # a pidfd of its own child: still no pidfd_send_signal
+    "traceme": "SYS",
+    "userfaultfd": "SYS",
+    "perf_event_open": "SYS",
+    "kcmp": "SYS",
+    "unshare_user": "SYS",
+}
+
+
+def build_bypass(setup: Setup) -> None:
+    """Compile the bypass worker next to the hostile one, with a manifest of its own."""
+    binary = setup.bin / "bypass-native"
+    subprocess.run([str(GCC), "-O1", "-Wall", "-o", str(binary), str(BYPASS_SOURCE)],
+                   check=True, capture_output=True)  # fmt: skip
+    binary.chmod(0o755)
+    (setup.native_dir / "bypass.toml").write_text(BYPASS_MANIFEST)
+
+
+def test_seccomp_bypasses_fail_in_a_spawned_native_worker(
+    start_daemon: Start, setup: Setup, request: pytest.FixtureRequest,
+    sentinel: subprocess.Popen[bytes],
+) -> None:  # fmt: skip
+    """Other ABIs, high bits, hidden O_ASYNC, F_SETOWN_EX, io_uring, CLONE_PIDFD: all refused."""
+    build_bypass(setup)
+    config = setup.config(forkserver=False)
+    daemon = start(start_daemon, setup, request, config)
+    before = targets(daemon, sentinel)
+    daemon.wait_standbys()
+    fds = open_fds(daemon.proc.pid)
+    config.write_text(config.read_text() + '[modules.bypass]\nproxy = "sandboxed"\n')
+    assert "added: bypass" in daemon.ctl("reload").stdout
+    done = daemon.wait_for("worker.stderr", lambda r: r.get("module") == "bypass"
+                           and r["text"] == "bypass.native done")  # fmt: skip
+    pid = done["worker_pid"]
+    lines = [r["text"] for r in daemon.events("worker.stderr") if r.get("worker_pid") == pid]
+    report = [line for line in lines if line.startswith("bypass.native ") and "=" in line]
+    assert len(report) == 1, lines
+    got = dict(item.split("=", 1) for item in report[0].split()[1:])
+    assert got == EXPECTED
+    daemon.wait_for("worker.start_failed", lambda r: r.get("worker_pid") == pid)
+    assert_unharmed(daemon, before)
+    wait_until(lambda: open_fds(daemon.proc.pid) <= fds + 2)
+
+
+def test_bypass_probes_work_without_the_filter(tmp_path: Path) -> None:
+    """Unconfined, the same probes succeed: the test above measures the filter, not the kernel."""
+    binary = tmp_path / "bypass"
+    subprocess.run([str(GCC), "-O1", "-Wall", "-o", str(binary), str(BYPASS_SOURCE)],
+                   check=True, capture_output=True)  # fmt: skip
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30,
+                            check=False)  # fmt: skip
+    assert result.returncode == 3
+    got = dict(item.split("=", 1) for item in result.stderr.splitlines()[0].split()[1:])
+    allowed = {name for name, outcome in got.items() if outcome == "ok"}
+    # x32 needs a kernel built with it; perf_event_open may be off (perf_event_paranoid).
+    assert allowed >= set(EXPECTED) - {"x32_pidfd_open", "x32_kill", "perf_event_open"}, got
