@@ -6,7 +6,9 @@ and i386 ABIs, high bits in the 32-bit command words of ``ioctl``, ``fcntl``
 and ``clone``, O_ASYNC hidden among other flags, F_SETOWN_EX to a process
 group, io_uring, a pidfd from CLONE_PIDFD, and the calls that reach into
 other processes. Every attempt must be refused (EPERM/ENOSYS) or kill the
-attempt (SIGSYS); the daemon, another module, a process of the workers' own
+attempt (SIGSYS). Then it lies on its control socket as the jail speaks on
+it, SPAWNED naming the daemon, other modules' workers and host processes:
+the daemon must drop the liar and adopt, signal or reap none of them. The daemon, another module, a process of the workers' own
 user and ``ipadctl status`` must be unharmed, and the daemon must stop
 cleanly with SIGTERM (the ``start_daemon`` fixture).
 """
@@ -14,13 +16,15 @@ cleanly with SIGTERM (the ``start_daemon`` fixture).
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import DaemonProcess, open_fds, wait_until
+from ipad import _protocol as p
+from tests.daemon_process import DaemonProcess, alive, open_fds, wait_until
 from tests.test_e2e_hostile_sandbox import (
     GCC,
     Setup,
@@ -81,46 +85,64 @@ EXPECTED = {
 }
 
 
+def compile_bypass(binary: Path, lies: Path) -> None:
+    """Build the bypass worker; it sends the packets in ``lies`` on its control socket."""
+    subprocess.run([str(GCC), "-O1", "-Wall", f'-DLIES="{lies}"', "-o", str(binary),
+                    str(BYPASS_SOURCE)], check=True, capture_output=True)  # fmt: skip
+
+
 def build_bypass(setup: Setup) -> None:
     """Compile the bypass worker next to the hostile one, with a manifest of its own."""
     binary = setup.bin / "bypass-native"
-    subprocess.run([str(GCC), "-O1", "-Wall", "-o", str(binary), str(BYPASS_SOURCE)],
-                   check=True, capture_output=True)  # fmt: skip
+    compile_bypass(binary, setup.native_dir / "lies")
     binary.chmod(0o755)
     (setup.native_dir / "bypass.toml").write_text(BYPASS_MANIFEST)
 
 
-def test_seccomp_bypasses_fail_in_a_spawned_native_worker(
+def write_lies(path: Path, pids: list[int]) -> None:
+    """SPAWNED packets naming ``pids``, as the jail would send them, for the worker to send."""
+    with path.open("wb") as file:
+        for pid in pids:
+            for in_cgroup in (False, True):
+                packet = p.encode(p.Spawned(pid, in_cgroup))
+                file.write(struct.pack("<I", len(packet)) + packet)
+    path.chmod(0o644)
+
+
+def test_seccomp_bypasses_and_spawned_lies_fail_in_a_spawned_native_worker(
     start_daemon: Start, setup: Setup, request: pytest.FixtureRequest,
     sentinel: subprocess.Popen[bytes],
 ) -> None:  # fmt: skip
-    """Other ABIs, high bits, hidden O_ASYNC, F_SETOWN_EX, io_uring, CLONE_PIDFD: all refused."""
+    """Other ABIs, high bits, hidden O_ASYNC, F_SETOWN_EX, io_uring, CLONE_PIDFD: refused; lies too."""
     build_bypass(setup)
     config = setup.config(forkserver=False)
     daemon = start(start_daemon, setup, request, config)
     before = targets(daemon, sentinel)
     daemon.wait_standbys()
     fds = open_fds(daemon.proc.pid)
+    held = daemon.worker_pids()
+    write_lies(setup.native_dir / "lies", [*before.values(), *held.values(), 1])
     config.write_text(config.read_text() + '[modules.bypass]\nproxy = "sandboxed"\n')
     assert "added: bypass" in daemon.ctl("reload").stdout
-    done = daemon.wait_for("worker.stderr", lambda r: r.get("module") == "bypass"
-                           and r["text"] == "bypass.native done")  # fmt: skip
-    pid = done["worker_pid"]
-    lines = [r["text"] for r in daemon.events("worker.stderr") if r.get("worker_pid") == pid]
-    report = [line for line in lines if line.startswith("bypass.native ") and "=" in line]
-    assert len(report) == 1, lines
-    got = dict(item.split("=", 1) for item in report[0].split()[1:])
+    first = daemon.wait_for("worker.stderr", lambda r: r.get("module") == "bypass"
+                            and " x32_kill=" in r["text"])  # fmt: skip
+    got = dict(item.split("=", 1) for item in first["text"].split()[1:])
     assert got == EXPECTED
+    pid = first["worker_pid"]
+    # The liar is dropped for breaking the protocol (a SPAWNED is the jail's word, not its).
+    error = daemon.wait_for("worker.protocol_error", lambda r: r.get("worker_pid") == pid)
+    assert "SPAWNED" in str(error), error
     daemon.wait_for("worker.start_failed", lambda r: r.get("worker_pid") == pid)
     assert_unharmed(daemon, before)
+    assert alive(1)
+    assert daemon.worker_pids()["hostile"] == held["hostile"]
     wait_until(lambda: open_fds(daemon.proc.pid) <= fds + 2)
 
 
 def test_bypass_probes_work_without_the_filter(tmp_path: Path) -> None:
     """Unconfined, the same probes succeed: the test above measures the filter, not the kernel."""
     binary = tmp_path / "bypass"
-    subprocess.run([str(GCC), "-O1", "-Wall", "-o", str(binary), str(BYPASS_SOURCE)],
-                   check=True, capture_output=True)  # fmt: skip
+    compile_bypass(binary, tmp_path / "no-lies")
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30,
                             check=False)  # fmt: skip
     assert result.returncode == 3

@@ -3,7 +3,9 @@
  * O_ASYNC hidden among other flags, F_SETOWN_EX to a process group, and the system calls
  * the filter may have missed. Each attempt runs in a child; it says on stderr (relayed into
  * the daemon's log) what each got: "ok", an errno name, or the signal that ended the child.
- * Then it exits with status 3, a load failure.
+ * Then, before it answers LOAD, it lies on its control socket (fd 3) as the jail speaks on it:
+ * it sends the packets in the file LIES (SPAWNED naming host processes, written by the test)
+ * and waits to be dropped. Then it exits with status 3, a load failure.
  *
  * Built by tests/test_hostile_redteam2.py. */
 #define _GNU_SOURCE
@@ -138,6 +140,16 @@ int main(void) {
     for (size_t i = 0; i < sizeof ATTACKS / sizeof ATTACKS[0]; i++)
         n += snprintf(line + n, sizeof line - n, " %s=%s", ATTACKS[i].name,
                       in_child(ATTACKS[i].attack));
-    fprintf(stderr, "%s\nbypass.native done\n", line);
+    fprintf(stderr, "%s\n", line);
+    FILE *lies = fopen(LIES, "rb");
+    uint32_t length;
+    unsigned char packet[4096];
+    int sent = 0;
+    while (lies != NULL && fread(&length, sizeof length, 1, lies) == 1 && length <= sizeof packet
+           && fread(packet, 1, length, lies) == length)
+        sent += send(3, packet, length, 0) == (ssize_t)length;
+    fprintf(stderr, "bypass.native lies=%d\n", sent);
+    usleep(500 * 1000); /* time to be judged on what it said */
+    fprintf(stderr, "bypass.native done\n");
     return 3;
 }
