@@ -85,6 +85,10 @@ EXPECTED = {
 }
 
 
+#: What the daemon logs when a worker breaks the protocol (the second: once strings are capped).
+PROTOCOL_EVENTS = ("worker.protocol_error", "worker.protocol_violation")
+
+
 def compile_bypass(binary: Path, lies: Path) -> None:
     """Build the bypass worker; it sends the packets in ``lies`` on its control socket."""
     subprocess.run([str(GCC), "-O1", "-Wall", f'-DLIES="{lies}"', "-o", str(binary),
@@ -130,8 +134,15 @@ def test_seccomp_bypasses_and_spawned_lies_fail_in_a_spawned_native_worker(
     assert got == EXPECTED
     pid = first["worker_pid"]
     # The liar is dropped for breaking the protocol (a SPAWNED is the jail's word, not its).
-    error = daemon.wait_for("worker.protocol_error", lambda r: r.get("worker_pid") == pid)
-    assert "SPAWNED" in str(error), error
+    errors: list[dict[str, object]] = []
+
+    def dropped() -> bool:
+        errors[:] = [r for name in PROTOCOL_EVENTS for r in daemon.events(name)
+                     if r.get("worker_pid") == pid]  # fmt: skip
+        return bool(errors)
+
+    wait_until(dropped, timeout=10)
+    assert "SPAWNED" in str(errors[0]["reason"]), errors
     daemon.wait_for("worker.start_failed", lambda r: r.get("worker_pid") == pid)
     assert_unharmed(daemon, before)
     assert alive(1)
