@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from ipad import _protocol as p
+from ipad._client_backlog import Backlog, RawModuleEvent
 from tests.daemon_process import DaemonProcess, alive, open_fds, wait_until
 from tests.test_e2e_hostile_sandbox import (
     GCC,
@@ -39,11 +42,12 @@ from tests.test_e2e_hostile_sandbox import (
 
 __all__ = ["nobody_dir", "nobody_env", "sentinel", "setup"]  # fixtures, used by name
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(os.geteuid() != 0, reason="root starts both daemons (CI runs as root)"),
-    pytest.mark.skipif(GCC is None, reason="needs gcc to build the native worker"),
-]
+pytestmark = pytest.mark.timeout(120)
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="root starts both daemons (CI runs as root)"
+)
+needs_gcc = pytest.mark.skipif(GCC is None, reason="needs gcc to build the native worker")
 
 Start = Callable[..., DaemonProcess]
 
@@ -115,6 +119,8 @@ def write_lies(path: Path, pids: list[int]) -> None:
     path.chmod(0o644)
 
 
+@needs_root
+@needs_gcc
 def test_seccomp_bypasses_and_spawned_lies_fail_in_a_spawned_native_worker(
     start_daemon: Start, setup: Setup, request: pytest.FixtureRequest,
     sentinel: subprocess.Popen[bytes],
@@ -154,6 +160,7 @@ def test_seccomp_bypasses_and_spawned_lies_fail_in_a_spawned_native_worker(
     wait_until(lambda: open_fds(daemon.proc.pid) <= fds + 2)
 
 
+@needs_gcc
 def test_bypass_probes_work_without_the_filter(tmp_path: Path) -> None:
     """Unconfined, the same probes succeed: the test above measures the filter, not the kernel."""
     binary = tmp_path / "bypass"
@@ -165,3 +172,14 @@ def test_bypass_probes_work_without_the_filter(tmp_path: Path) -> None:
     allowed = {name for name, outcome in got.items() if outcome == "ok"}
     # x32 needs a kernel built with it; perf_event_open may be off (perf_event_paranoid).
     assert allowed >= set(EXPECTED) - {"x32_pidfd_open", "x32_kill", "perf_event_open"}, got
+
+
+def test_a_backlog_counts_event_names_by_what_they_hold() -> None:
+    """Names of 4-byte characters cost what they hold, so the byte bound holds for them too."""
+    backlog = Backlog()
+    name = "\U0001f600" * 60_000  # 240 KB of UTF-8 as it arrived, 240 KB as a str
+    for _ in range(20):
+        backlog.put(RawModuleEvent(name, msgspec.Raw(b"\xc0")))
+    held = len(backlog) * (sys.getsizeof(name) + 1)  # every one kept holds its name
+    assert held <= backlog.max_bytes, (held, len(backlog), backlog.bytes)
+    assert backlog.dropped == 20 - len(backlog)
