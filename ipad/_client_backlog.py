@@ -16,6 +16,7 @@ Sans I/O and without trio, for the blocking client as for the trio one.
 from __future__ import annotations
 
 import collections
+import sys
 from typing import Any
 
 import msgspec
@@ -24,7 +25,7 @@ from . import _protocol as p
 
 #: Events kept for a reader that is behind; older ones are dropped first.
 EVENT_BACKLOG = 1024
-#: Bytes of events kept for a reader that is behind (each counted as it arrived, plus
+#: Bytes of events kept for a reader that is behind (its data as it arrived, its name as held, plus
 #: EVENT_OVERHEAD); older ones are dropped first. Four full-size module events.
 EVENT_BACKLOG_BYTES = 4 * p.MAX_PAYLOAD
 #: What one kept event costs besides its bytes: its objects and the queue's slot.
@@ -52,7 +53,8 @@ RAW_EVENTS: dict[p.MsgType, msgspec.msgpack.Decoder[Any]] = {
 def event_cost(item: object) -> int:
     """What keeping ``item`` costs against EVENT_BACKLOG_BYTES."""
     if isinstance(item, RawModuleEvent):
-        return EVENT_OVERHEAD + len(item.name) + len(item.data)
+        # The name as it is held: len() counts characters, and one can take 4 bytes.
+        return EVENT_OVERHEAD + sys.getsizeof(item.name) + len(item.data)
     if isinstance(item, p.Event):
         # The daemon's events are small and their strings capped: their encoded size is a
         # fair measure, and encoding one takes about a microsecond.
