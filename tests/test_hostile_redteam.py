@@ -229,22 +229,27 @@ def test_a_blocking_wait_past_its_deadline_stops_reading_a_flood(wait: str, pack
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 4: one reply.dropped line per stray reply")
 def test_stray_replies_on_the_control_socket_cost_the_log_little(
     start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
 ) -> None:
-    """20,000 replies to requests the daemon never made leave a bounded trace in its log."""
+    """Replies to requests the daemon never made end the worker at once, in a few log lines."""
     daemon = rogue_daemon(start_daemon, tmp_path, daemon_env, "")
     with BlockingClient(daemon.socket) as client:
         rogue = client.request_proxy("rogue")
         before = len(daemon.raw)
-        sent = rogue.call("stray_control", {"count": 20_000}, timeout=WAIT)
-        assert sent > 10_000
-        assert rogue.call("ping", timeout=WAIT) == "pong"  # read in order: all of them are in
+        old_pid = daemon.wait_for("worker.ready", lambda r: r.get("module") == "rogue")
+        # The first stray reply is a lie only module code can tell: the worker is killed
+        # for it (before the fix: 19,078 reply.dropped lines for 19,078 stray replies).
+        with pytest.raises(ipc.IpadError):
+            rogue.call("stray_control", {"count": 20_000}, timeout=WAIT)
+        exited = daemon.wait_for("worker.exited", lambda r: r.get("module") == "rogue")
+        assert exited["worker_pid"] == old_pid["worker_pid"]
+        assert exited.get("cause") == "protocol"
+        assert rogue.call("ping", wait=WAIT, timeout=WAIT) == "pong"  # its replacement
         others_still_work(daemon)
-        # Found by the red team: 19,078 lines for 19,078 stray replies (not fixed here).
-        lines = [line for line in daemon.raw[before:] if "reply.dropped" in line]
-        assert len(lines) < 100
+        lines = [line for line in daemon.raw[before:] if "reply.dropped" in line
+                 or "protocol_violation" in line]  # fmt: skip
+        assert len(lines) < 10
 
 
 # --- signatures ------------------------------------------------------------------------
