@@ -38,6 +38,9 @@ CONTROL_FD = 3
 PR_SET_PDEATHSIG = 1
 #: prctl(2) option: the thread's name (``comm``), at most 15 bytes, shown by ps and top.
 PR_SET_NAME = 15
+PR_SET_DUMPABLE = 4
+#: /proc/self/uid_map of a process in the initial user namespace.
+INITIAL_UID_MAP = "0 0 4294967295"
 
 #: Traceback frames kept in an error reply: enough to find the bug, short enough to log.
 TRACEBACK_LIMIT = 5
@@ -459,9 +462,29 @@ def main(argv: list[str] | None = None) -> int:
         # The first process of a PID namespace (a jailed worker, ipad/_jail.py) ignores
         # signals it has no handler for, even the daemon's SIGTERM: exit on it as others do.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        undumpable_after_exec()
     die_with_parent(parent)
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()
+
+
+def undumpable_after_exec() -> None:
+    """Undo what the exec did: a jailed worker that switched user is dumpable again.
+
+    The jail's clone drops root for the sandbox's ``user`` (``nobody`` by
+    default), then execs this; exec makes a process dumpable again, so any
+    other process of that user could trace it or read its memory, clients'
+    buffers included. A forked worker never execs and stays undumpable. In a
+    user namespace (an unprivileged daemon) the worker is the daemon's own
+    user and the daemon must keep reading its /proc entries: left as is.
+    """
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as uid_map:  # noqa: PTH123 - no pathlib
+            initial = " ".join(uid_map.read().split()) == INITIAL_UID_MAP
+    except OSError:
+        return
+    if initial and os.getuid() != 0:
+        libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

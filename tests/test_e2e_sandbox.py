@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,14 @@ def test_spawned_workers_are_confined_too(start_daemon: Start, tmp_path: Path) -
         assert probe.call("signal", {"pid": daemon.proc.pid}) == "ESRCH"
         assert probe.call("write", {"path": "/etc/ipad-probe"}) == "EROFS"
     assert status_of(daemon, "probe")["sandbox"]["in_force"]["pid_namespace"] is True
+    # Its exec made it dumpable again; its worker host undoes that, so another process of
+    # its user (nobody) cannot read its memory or environment through /proc.
+    pid = status_of(daemon, "probe")["worker_pid"]
+    assert Path(f"/proc/{pid}/environ").stat().st_uid == 0
+    peek = subprocess.run([*as_user(), "head", "-c1", f"/proc/{pid}/environ"],
+                          capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+    assert peek.returncode != 0, peek
+    assert "Permission denied" in peek.stderr, peek
     assert daemon.events("worker.forked") == []
     jailed = [r for r in daemon.events("worker.spawned") if r.get("module") == "probe"]
     assert jailed
