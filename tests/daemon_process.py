@@ -613,6 +613,15 @@ def open_fds(pid: int) -> int:
     return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 
 
+def fd_targets(pid: int) -> dict[int, str]:
+    """What each of process ``pid``'s descriptors refers to (a socket:[inode], a path...)."""
+    targets = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            targets[int(entry.name)] = str(entry.readlink())
+    return targets
+
+
 def rss_kib(pid: int) -> int:
     """Process ``pid``'s resident memory in KiB, from /proc/<pid>/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
