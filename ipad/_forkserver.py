@@ -99,6 +99,20 @@ def fork_sibling(cgroup_fd: int | None = None, namespaces: int = 0) -> int:
     return int(pid)
 
 
+def fork_sibling_into(cgroup_fd: int | None, namespaces: int = 0) -> tuple[int, bool]:
+    """:func:`fork_sibling` into ``cgroup_fd`` where the kernel can; the pid, and whether it could.
+
+    A kernel without CLONE_INTO_CGROUP gets a plain clone: the daemon then
+    moves the worker into its cgroup itself.
+    """
+    try:
+        return fork_sibling(cgroup_fd, namespaces), cgroup_fd is not None
+    except OSError:
+        if cgroup_fd is None:
+            raise
+        return fork_sibling(None, namespaces), False
+
+
 def _become_worker(
     server: socket.socket,
     control: int,
@@ -204,17 +218,10 @@ def serve(server: socket.socket, daemon: Daemon) -> int:
             send_packet(server, p.encode(error, frame.request_id))
             continue
         cgroup_fd = frame.fds[2] if spawn.cgroup else None
-        in_cgroup = cgroup_fd is not None
         namespaces = clone_flags(spawn.sandbox) if spawn.sandbox is not None else 0
         outer_ids = (os.getuid(), os.getgid())  # what a user namespace maps: ours, from outside
         try:
-            try:
-                pid = fork_sibling(cgroup_fd, namespaces)
-            except OSError:
-                if cgroup_fd is None:
-                    raise
-                in_cgroup = False  # an older kernel: fork plainly, the daemon moves it
-                pid = fork_sibling(None, namespaces)
+            pid, in_cgroup = fork_sibling_into(cgroup_fd, namespaces)
         except OSError as exc:
             frame.close_fds()
             error = p.Error(p.ErrorCode.INTERNAL, f"fork failed: {exc}")

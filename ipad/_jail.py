@@ -102,21 +102,14 @@ def _clone_worker(
     spec: SandboxSpec, worker: list[str], daemon: Daemon, cgroup_fd: int | None
 ) -> int:
     """Clone the worker into its namespaces (and cgroup), tell the daemon its pid, let it go."""
-    from ._forkserver import fork_sibling  # noqa: PLC0415 - the jail's alone, not the daemon's
+    from ._forkserver import fork_sibling_into  # noqa: PLC0415 - the jail's alone, not the daemon's
 
     control = socket.socket(fileno=CONTROL_FD)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     outer_ids = (os.getuid(), os.getgid())  # what a user namespace maps: ours, from outside
     namespaces = clone_flags(spec)
-    in_cgroup = cgroup_fd is not None
     try:
-        try:
-            pid = fork_sibling(cgroup_fd, namespaces)
-        except OSError:
-            if cgroup_fd is None:
-                raise
-            in_cgroup = False  # an older kernel: clone plainly, the daemon moves it
-            pid = fork_sibling(None, namespaces)
+        pid, in_cgroup = fork_sibling_into(cgroup_fd, namespaces)
     except OSError as exc:
         _failed(spec, "pid_namespace", f"clone: {exc.strerror or exc}")
         return EXIT_SANDBOX_FAILED
