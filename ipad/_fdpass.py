@@ -17,6 +17,12 @@ from ._protocol import MAX_FDS, MAX_PACKET, ProtocolError, close_fds
 #: Room for MAX_FDS descriptors; more than that sets MSG_CTRUNC and the kernel closes the rest.
 ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
+#: A started worker's control socket: the descriptor number the daemon (ipad/_spawn.py),
+#: the jail (ipad/_jail.py) and the worker host (ipad/_worker_host.py) agree on.
+CONTROL_FD = 3
+#: Where ``start_process`` puts its ``extra`` descriptor (the jail's cgroup).
+EXTRA_FD = 4
+
 #: Received descriptors are close-on-exec so a worker spawned later never inherits them.
 RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 

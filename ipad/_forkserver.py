@@ -28,11 +28,11 @@ from typing import TypeGuard
 
 from . import _protocol as p
 from . import _verified_import  # noqa: F401 - imported once here, not in every signed worker
-from ._fdpass import recv_packet, send_packet
+from ._fdpass import CONTROL_FD, recv_packet, send_packet
 from ._sandbox import CLONE_NEWUSER, SandboxError, clone_flags, close_other_fds
 from ._sandbox import apply as apply_sandbox
 from ._sandbox import warm as warm_sandbox
-from ._worker_host import CONTROL_FD, WorkerHost, die_with_parent, libc, log, method_table
+from ._worker_host import WorkerHost, die_with_parent, libc, log, method_table
 from .ipa import IPAModule
 
 #: clone(2) flag: the child's parent is our parent.

@@ -36,10 +36,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from . import _protocol as p
-from ._fdpass import send_packet
+from ._fdpass import CONTROL_FD, EXTRA_FD, send_packet
 from ._protocol import SandboxSpec
 from ._sandbox import CLONE_NEWUSER, SandboxError, apply, clone_flags, close_other_fds
-from ._spawn import CONTROL_FD, EXTRA_FD
 
 if TYPE_CHECKING:
     from ._forkserver import Daemon

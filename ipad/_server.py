@@ -27,7 +27,7 @@ from ._config import ClientLimits
 from ._events import EventBus, Subscription
 from ._fdpass import MIN_WMEM_MAX, SEND_BUFFER, size_send_buffer
 from ._proxies import ProxyRecord, ProxyTable
-from ._relay import RateLimit
+from ._rate_limit import RateLimit
 from ._states import ProxyState, WorkerState
 from ._supervisor import ModuleSupervisor, ModuleUnavailable
 from ._transport import PacketSocket

@@ -17,12 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from ._fdpass import sized_socketpair
-
-#: The control socket's descriptor number in the worker (see ipad/_worker_host.py).
-CONTROL_FD = 3
-#: Where ``start_process`` puts its ``extra`` descriptor.
-EXTRA_FD = 4
+from ._fdpass import CONTROL_FD, EXTRA_FD, sized_socketpair
 
 
 @attrs.define

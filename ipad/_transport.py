@@ -21,7 +21,7 @@ import trio
 
 from . import _protocol as p
 from ._fdpass import receive_into_buffer, rights, unpack_received
-from ._relay import RateLimit
+from ._rate_limit import RateLimit
 
 log = structlog.get_logger("ipad")
 

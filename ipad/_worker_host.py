@@ -27,12 +27,9 @@ from typing import Any
 import msgspec
 
 from . import _protocol as p
-from ._fdpass import recv_packet, send_packet
+from ._fdpass import CONTROL_FD, recv_packet, send_packet
 from ._heartbeat_board import Beater
 from .ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
-
-#: The control socket's descriptor number in a worker started by the daemon.
-CONTROL_FD = 3
 
 #: prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1

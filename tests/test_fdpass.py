@@ -17,7 +17,7 @@ import trio.testing
 from ipad import _protocol as p
 from ipad import _transport
 from ipad._fdpass import recv_packet, send_packet
-from ipad._relay import RateLimit
+from ipad._rate_limit import RateLimit
 from ipad._transport import PacketSocket, Requests
 
 

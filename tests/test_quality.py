@@ -44,3 +44,34 @@ def test_ruff_format() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_import_contracts() -> None:
+    """Each module imports only what its process may (pyproject's [tool.importlinter]).
+
+    A worker or the fork server must start without trio, threads, pathlib or
+    any daemon code; the protocol stays sans-I/O; clients never import the
+    daemon. A broken rule fails here with lint-imports' report, naming it.
+    """
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout, result.stdout
+
+
+def test_starting_a_worker_imports_no_trio() -> None:
+    """What a worker, the fork server and the jail import at start, checked in a fresh interpreter."""
+    code = (
+        "import sys, ipad._worker_host, ipad._forkserver, ipad._jail; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'trio', 'structlog', 'attrs', 'cattrs'} or m in {'threading', 'pathlib'}); "
+        "print(bad)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=REPO, capture_output=True, text=True,
+        check=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.strip() == "[]", result.stdout
