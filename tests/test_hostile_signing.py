@@ -129,8 +129,11 @@ def test_code_edited_after_signing_is_refused_on_restart_and_standby(
         reason = str(state(client)["reason"])
         assert f"{file}: changed since it was signed (tampered)" in reason
         assert "not restarted" in reason
-        assert len(daemon.events("worker.start_failed")) == 1  # refused once: no crash loop
+        # Refused once, no crash loop: the module is failed (status, at once); the log is
+        # read in a thread, so its record may come a moment after the state.
+        daemon.wait_for("worker.start_failed", lambda r: r.get("module") == "signed")
         still_serving(client, daemon)
+        assert len(daemon.events("worker.start_failed")) == 1
         (signed.package / "signed.py").write_text(original)  # restored: a restart runs it
         client.admin("restart", "signed")
         wait_until(lambda: state(client)["state"] == "running")
