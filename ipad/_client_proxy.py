@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _protocol as p
-from ._buffers import FdArg, protect_all
+from ._buffers import FdArg
 from ._client_backlog import RawModuleEvent
 from ._client_common import (
     Backoff,
@@ -154,15 +154,15 @@ class Proxy:
         up is dropped; the proxy stays usable. A buffer that cannot be sealed
         (ipad/_buffers.py) fails the call with BadArguments before anything else.
         """
-        protect_all(fds)
+        call = build_call(method, args, fds)  # sealed and encoded once, whatever the retries
         if timeout is None:
             timeout = self.info.call_timeout
         bounds = Bounds.of(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path
-            return await self._call(bounds, sent, method, args, fds)
+            return await self._call(bounds, sent, call, method, args, fds)
         with trio.move_on_at(bounds.deadline):
-            return await self._call(bounds, sent, method, args, fds)
+            return await self._call(bounds, sent, call, method, args, fds)
         if sent:
             raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
                            {"sent": True})  # fmt: skip
@@ -175,16 +175,21 @@ class Proxy:
         self,
         bounds: Bounds,
         sent: list[bool],
+        call: tuple[p.Call, list[int]],
         method: str,
         args: Mapping[str, Any] | None,
         fds: Mapping[str, FdArg] | None,
     ) -> Any:
-        """The call, once the proxy is valid; ``sent`` gets True once it reached the worker."""
+        """The call, once the proxy is valid; ``sent`` gets True once it reached the worker.
+
+        ``call`` is what build_call made of ``method``, ``args`` and ``fds``; those
+        are kept for the setup log once it succeeded.
+        """
         while True:
             await self._until_valid(bounds)
             channel, requests = self.channel, self.requests
             try:
-                pending = await self._send_call(channel, requests, method, args, fds)
+                pending = await self._send_call(channel, requests, *call)
             except CallNotSent:
                 if channel is self.channel:
                     self._lost("worker closed the channel")  # known before its reader saw it
@@ -248,12 +253,10 @@ class Proxy:
         self,
         channel: PacketSocket,
         requests: ChannelRequests,
-        method: str,
-        args: Mapping[str, Any] | None,
-        fds: Mapping[str, FdArg] | None,
+        message: p.Call,
+        fd_list: Sequence[int],
     ) -> Pending:
         """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
-        message, fd_list = build_call(method, args, fds)
         try:
             return await requests.send(channel, message, fd_list)
         except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
@@ -329,7 +332,9 @@ class Proxy:
         # Pipelined: the worker runs calls in arrival order, so sending every setup call
         # before collecting the replies keeps the order and saves a round trip each.
         sent = [
-            await self._send_call(channel, requests, call.method, call.args, dict(call.fds))
+            await self._send_call(
+                channel, requests, *build_call(call.method, call.args, dict(call.fds))
+            )
             for call in list(self.setup_log.calls)
         ]
         for request_id, slot in sent:
