@@ -89,11 +89,7 @@ class Children:
         """
         if not self.owns_strays:
             return []
-        try:
-            listed = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
-        except OSError:
-            return []
-        return [int(pid) for pid in listed if int(pid) not in self._alive]
+        return [pid for pid in listed_children() if pid not in self._alive]
 
     def reap_strays(self) -> None:
         """Adopt, kill and reap every stray child (logged)."""
@@ -121,13 +117,34 @@ class Children:
             log.error("daemon.child_not_reaped", worker_pid=process.pid, module=process.module)
 
 
-def is_child(pid: int) -> bool:
-    """Whether ``pid`` is a child of this process (its parent in /proc/PID/stat)."""
+def listed_children() -> list[int]:
+    """The children of this process's main thread, which starts every worker (from /proc)."""
+    try:
+        return [int(pid) for pid in
+                Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()]  # fmt: skip
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def is_child(pid: int) -> bool:
+    """Whether ``pid`` is a child of this process (its parent in /proc/PID/stat)."""
+    fields = _stat(pid)
+    return fields is not None and int(fields[1]) == os.getpid()
+
+
+def process_group(pid: int) -> int | None:
+    """The process group of ``pid`` (from /proc/PID/stat), None if it is gone."""
+    fields = _stat(pid)
+    return int(fields[2]) if fields is not None else None
 
 
 def child_pidfd(pid: int) -> int:

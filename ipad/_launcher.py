@@ -40,7 +40,7 @@ import trio
 from . import _memory_cgroup
 from . import _protocol as p
 from ._cgroup import WorkerCgroups, clear_cgroup
-from ._children import Children, child_pidfd, is_child
+from ._children import Children, child_pidfd, is_child, listed_children, process_group
 from ._fdpass import recv_packet, sized_socketpair
 from ._jail import command as jail_command
 from ._lifecycle import ExitStatus
@@ -580,12 +580,8 @@ class Launcher:
         a killed one stays there as a zombie until reaped: the group id cannot
         be another's meanwhile.
         """
-        try:
-            listed = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
-        except OSError:
-            return
-        for pid in map(int, listed):
-            if not self.children.holds(pid) and _process_group(pid) == jail_pid:
+        for pid in listed_children():
+            if not self.children.holds(pid) and process_group(pid) == jail_pid:
                 self.children.adopt_pid(pid, module)
 
     def _discard_cgroup(self, path: Path) -> None:
@@ -607,15 +603,6 @@ def _spawned(frame: p.Frame | None) -> p.Spawned:
         error = message.message if isinstance(message, p.Error) else message.TYPE.name
         raise OSError(f"fork server refused: {error}")
     return message
-
-
-def _process_group(pid: int) -> int | None:
-    """The process group of ``pid`` (from /proc/PID/stat), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[2])
 
 
 def _pidfd_of_child(pid: int) -> int:
