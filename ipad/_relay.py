@@ -125,16 +125,21 @@ class OutputRelay:
         self.reactor.add(fd, functools.partial(self._readable, pipe))
 
     def _readable(self, pipe: _Pipe) -> None:
+        self._read_once(pipe)
+
+    def _read_once(self, pipe: _Pipe) -> bool | None:
+        """Read and relay one chunk: True if one came, False if the pipe is empty, None at end."""
         try:
             data = os.read(pipe.fd, READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._finish(pipe)
-            return
+            return None
         self._take(pipe, data)
+        return True
 
     def _lines(self, pipe: _Pipe) -> tuple[LineBuffer, RateLimit]:
         """The pipe's line buffer and rate limit, made at its first output.
@@ -194,17 +199,12 @@ class OutputRelay:
             return
         full = True
         for _ in range(DRAIN_READS):
-            try:
-                data = os.read(pipe.fd, READ_SIZE)
-            except BlockingIOError:
+            read = self._read_once(pipe)
+            if read is None:
+                return
+            if not read:
                 full = False
                 break
-            except OSError:
-                data = b""
-            if not data:
-                self._finish(pipe)
-                return
-            self._take(pipe, data)
         assert pipe.limit is not None  # noqa: S101 - it wrote, so it has one
         if full or pipe.limit.over(self.clock()):
             pipe.resume = self.timers.call_later(RELAY_PAUSE, lambda: self._resume(pipe))
