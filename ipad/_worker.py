@@ -88,11 +88,11 @@ class WorkerProcess:
         pid: int,
         pidfd: int,
         control: socket.socket | None,
-        on_notice: Callable[[p.Message], object] = lambda _: None,
+        on_notice: Callable[[p.Message], None] = lambda _: None,
         allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
     ) -> None:
         self.module = module
-        #: Told of each one-way message; returning False says it matched nothing (unsolicited).
+        #: Told of each INSTANCE_CLOSED about an instance it held (others count as unsolicited).
         self.on_notice = on_notice
         self.pid = pid
         self.pidfd = pidfd
@@ -404,7 +404,7 @@ def spawn_worker(
     module: str,
     argv: Sequence[str],
     env: Mapping[str, str],
-    on_notice: Callable[[p.Message], object] = lambda _: None,
+    on_notice: Callable[[p.Message], None] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
     *,
     output: int | None = None,
@@ -416,7 +416,7 @@ def spawn_worker(
 def adopt(
     module: str,
     started: StartedProcess,
-    on_notice: Callable[[p.Message], object] = lambda _: None,
+    on_notice: Callable[[p.Message], None] = lambda _: None,
     allowed: frozenset[p.MsgType] = p.FROM_WORKER_CONTROL,
 ) -> WorkerProcess:
     """Take charge of a process started with ``start_process``."""
