@@ -96,3 +96,10 @@ class Beater:
         if self.calls & 1:
             self.calls += 1
         self._counter[1] = self.calls & 0xFFFF_FFFF_FFFF_FFFF
+
+    def __enter__(self) -> None:
+        """``with beater:`` around module code: entered, and left however it ends."""
+        self.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave()

@@ -9,6 +9,7 @@ until the client closes it. Calls on one worker run one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import inspect
@@ -38,6 +39,9 @@ PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
 #: /proc/self/uid_map of a process in the initial user namespace.
 INITIAL_UID_MAP = "0 0 4294967295"
+
+#: Module code before a board is given (LOAD's probe instance): timed by nobody.
+UNTIMED: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 #: Traceback frames kept in an error reply: enough to find the bug, short enough to log.
 TRACEBACK_LIMIT = 5
@@ -305,6 +309,14 @@ class WorkerHost:
         )
         self._send_control(ready, request_id)
 
+    def module_code(self) -> contextlib.AbstractContextManager[None]:
+        """Around module code (a constructor, a call, ``close``): the board says it runs.
+
+        The daemon times what runs against ``call_timeout`` (ipad/_heartbeat_board.py):
+        a thread that beats cannot hide a call that blocks the loop.
+        """
+        return self.beater if self.beater is not None else UNTIMED
+
     def _open_instance(self, message: p.OpenInstance, frame: p.Frame) -> None:
         if self.loaded is None or len(frame.fds) != 1 or message.instance_id in self.instances:
             frame.close_fds()
@@ -317,11 +329,9 @@ class WorkerHost:
             self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
             message.instance_id,
         )  # fmt: skip
-        beater = self.beater
-        if beater is not None:
-            beater.enter()  # module code: its run is timed by the daemon (call_timeout)
         try:
-            instance.module = self.loaded.cls(context)
+            with self.module_code():
+                instance.module = self.loaded.cls(context)
         except Exception as exc:  # noqa: BLE001 - the module's constructor failed: tell the daemon
             sock.close()
             error = p.Error(
@@ -331,9 +341,6 @@ class WorkerHost:
             )
             self._send_control(error, frame.request_id)
             return
-        finally:
-            if beater is not None:
-                beater.leave()
         self.instances[message.instance_id] = instance
         self.epoll.register(sock, select.EPOLLIN)
         self.handlers[sock.fileno()] = instance
@@ -372,19 +379,15 @@ class WorkerHost:
             p.close_fds(fds)
             return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
         buffers = [arg for arg in kwargs.values() if isinstance(arg, Buffer)]
-        beater = self.beater
-        if beater is not None:
-            # Module code runs: a call past call_timeout is a hang, even while a thread beats.
-            beater.enter()
         try:
-            value = getattr(instance.module, call.method)(**kwargs)
-            reply: p.Message = p.Result(msgspec.to_builtins(value))
-        except Exception as exc:  # noqa: BLE001 - the module's bug becomes the caller's error reply
-            details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
-            reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+            with self.module_code():
+                try:
+                    value = getattr(instance.module, call.method)(**kwargs)
+                    reply: p.Message = p.Result(msgspec.to_builtins(value))
+                except Exception as exc:  # noqa: BLE001 - the module's bug: the caller's error
+                    details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
+                    reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
         finally:
-            if beater is not None:
-                beater.leave()
             for buffer in buffers:
                 buffer.close()
         # A buffer refused for mapping is the caller's error, even if the module caught it.
@@ -424,16 +427,11 @@ class WorkerHost:
         self.epoll.unregister(instance.sock)
         instance.sock.close()
         if instance.module is not None:
-            beater = self.beater
-            if beater is not None:
-                beater.enter()
-            try:
-                instance.module.close()
-            except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
-                log("worker.close_failed", instance=instance_id, error=repr(exc))
-            finally:
-                if beater is not None:
-                    beater.leave()
+            with self.module_code():
+                try:
+                    instance.module.close()
+                except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
+                    log("worker.close_failed", instance=instance_id, error=repr(exc))
 
 
 def _discard_event(name: str, data: object) -> None:
