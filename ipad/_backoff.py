@@ -39,6 +39,16 @@ class Decision:
     reason: str = ""
 
 
+def backoff(policy: RestartPolicy, failures: int) -> float:
+    """The wait after ``failures`` failures in a row, without jitter.
+
+    ``initial_delay * multiplier**(failures - 1)``, capped at ``max_delay``:
+    restarts add their jitter to it, standbys wait it as it is.
+    """
+    return min(policy.initial_delay.seconds * policy.multiplier ** (failures - 1),
+               policy.max_delay.seconds)  # fmt: skip
+
+
 class RestartTracker:
     """One module's failure history."""
 
@@ -95,8 +105,7 @@ class RestartTracker:
         if consecutive <= 1:
             return 0.0  # the first restart after a healthy run is immediate
         policy = self.policy
-        base = policy.initial_delay.seconds * policy.multiplier ** (consecutive - 2)
-        base = min(base, policy.max_delay.seconds)
+        base = backoff(policy, consecutive - 1)
         spread = base * policy.jitter
         return max(0.0, min(policy.max_delay.seconds, base + spread * (2 * self._rand() - 1)))
 

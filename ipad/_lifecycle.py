@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from ._backoff import Action, RestartTracker
+from ._backoff import Action, RestartTracker, backoff
 from ._config import RestartPolicy
 from ._states import WorkerState, advance_worker
 
@@ -504,9 +504,7 @@ class Lifecycle(Generic[W]):
         if ready_at is not None and self._now - ready_at >= self.policy.stable_after.seconds:
             self.standby_failures = 0  # it served as a standby long enough: a new fault
         self.standby_failures += 1
-        policy = self.policy
-        delay = min(policy.initial_delay.seconds * policy.multiplier ** (self.standby_failures - 1),
-                    policy.max_delay.seconds)  # fmt: skip
+        delay = backoff(self.policy, self.standby_failures)
         self._log("warning", "worker.standby_exited", worker, retry_in=round(delay, 4),
                   consecutive_failures=self.standby_failures)  # fmt: skip
         self.standby_waiting = True
