@@ -31,6 +31,7 @@ from ipad._cgroup import remove_tree
 from ipad._config import RestartPolicy
 from ipad._duration import Duration
 from ipad._memory_cgroup import remove_tree as remove_memory_tree
+from ipad.client import BlockingClient
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODULES = Path(__file__).resolve().parent / "modules"
@@ -637,6 +638,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+def others_still_work(daemon: DaemonProcess) -> None:
+    """Another module (echo) answers a new client, and so does ``ipadctl status``."""
+    with BlockingClient(daemon.socket) as other:
+        echo = other.request_proxy("echo")
+        assert echo.call("echo", {"text": "still here"}, timeout=WAIT) == {"text": "still here"}
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    assert status["modules"]["echo"]["state"] == "running"
 
 
 def write_config(directory: Path, extra: str = "", *, modules: str | None = None) -> Path:

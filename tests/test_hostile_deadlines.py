@@ -14,7 +14,6 @@ daemon with SIGTERM and fails the test unless it exits cleanly.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -42,6 +41,7 @@ from tests.daemon_process import (
     fd_targets,
     of_module,
     open_fds,
+    others_still_work,
     wait_until,
     write_config,
 )
@@ -97,15 +97,6 @@ def stuck_daemon(
 def driver(kind: str, path: Path) -> Driver:
     """The client of that kind, connected to ``path``."""
     return TrioDriver(path) if kind == "trio" else BlockingDriver(path)
-
-
-def others_still_work(daemon: DaemonProcess) -> None:
-    """Another module answers, and so does ``ipadctl status``."""
-    with BlockingClient(daemon.socket) as other:
-        echo = other.request_proxy("echo")
-        assert echo.call("echo", {"text": "still here"}, timeout=WAIT) == {"text": "still here"}
-    status = json.loads(daemon.ctl("--json", "status").stdout)
-    assert status["modules"]["echo"]["state"] == "running"
 
 
 def calls_answer_on_a_new_worker(client: Driver, proxy: Any, old_pid: int) -> None:

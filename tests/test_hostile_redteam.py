@@ -31,6 +31,7 @@ from tests.daemon_process import (
     DaemonProcess,
     Record,
     of_module,
+    others_still_work,
     write_config,
 )
 from tests.test_client_recovery import BlockingDriver, TrioDriver
@@ -67,15 +68,6 @@ def rogue_daemon(
     env = {**daemon_env, "IPAD_ROGUE_TUNING_FILE": str(path)}
     text = CONFIG.format(modules=TEST_MODULES, restart=restart)
     return start_daemon(write_config(directory, modules=text), env=env)
-
-
-def others_still_work(daemon: DaemonProcess) -> None:
-    """Another module answers, and so does ``ipadctl status``."""
-    with BlockingClient(daemon.socket) as other:
-        echo = other.request_proxy("echo")
-        assert echo.call("echo", {"text": "still here"}, timeout=WAIT) == {"text": "still here"}
-    status = json.loads(daemon.ctl("--json", "status").stdout)
-    assert status["modules"]["echo"]["state"] == "running"
 
 
 def rogue_standby_exits(daemon: DaemonProcess) -> list[Record]:
