@@ -18,7 +18,7 @@ from bench_load import Tally, module_names, run_load, write_config
 
 from ipad._client import Client
 from ipad._errors import Disconnected
-from tests.daemon_process import DaemonProcess, open_fds, wait_until
+from tests.daemon_process import DaemonProcess, fd_targets, open_fds, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -70,6 +70,7 @@ async def test_200_clients_while_workers_are_killed_at_random(
     daemon = load_daemon(start_daemon, tmp_path, daemon_env, 200)
     daemon.wait_standbys()
     baseline = open_fds(daemon.proc.pid)
+    before = fd_targets(daemon.proc.pid)
     tally = await run_load(daemon.socket, daemon.proc.pid, clients=200, seconds=3.0,
                            kill_interval=0.3)  # fmt: skip
     with capsys.disabled():
@@ -82,7 +83,15 @@ async def test_200_clients_while_workers_are_killed_at_random(
     status = await trio.to_thread.run_sync(daemon.ctl, "--json", "status")
     assert '"proxies": 0' in status.stdout
     await trio.to_thread.run_sync(daemon.wait_standbys)
-    await trio.to_thread.run_sync(lambda: wait_until(lambda: open_fds(daemon.proc.pid) == baseline))
+    try:
+        await trio.to_thread.run_sync(
+            lambda: wait_until(lambda: open_fds(daemon.proc.pid) == baseline))  # fmt: skip
+    except AssertionError:
+        after = fd_targets(daemon.proc.pid)
+        added = sorted(set(after.items()) - set(before.items()))
+        gone = sorted(set(before.items()) - set(after.items()))
+        status = await trio.to_thread.run_sync(daemon.ctl, "--json", "status")
+        raise AssertionError(f"fds added {added}, gone {gone}; status {status.stdout}") from None
     assert daemon.events("request.internal_error") == []
     assert daemon.events("client.session_failed") == []
     exited = {r["worker_pid"] for r in daemon.events("worker.exited")}
