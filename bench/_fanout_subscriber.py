@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from ipad._client import open_client
+from ipad.client._trio import open_client
 
 #: A subscriber that has not seen every change by then gives up (the benchmark reports it).
 TIMEOUT = 120.0

@@ -25,7 +25,7 @@ from typing import Any
 import _profile
 from _common import REPO, dies_with_us
 
-from ipad._cgroup import remove_tree
+from ipad.daemon.cgroup import remove_tree
 
 
 @functools.cache

@@ -78,9 +78,9 @@ def _frame_name(frame: str) -> str:
 #: A frame on the stack that says which of ipad's processes it is (forked ones share a
 #: command line), most specific first.
 ROLES = (
-    ("main (ipad/_worker_host.py)", "workers"),
-    ("serve (ipad/_forkserver.py)", "fork server"),
-    ("main (ipad/_cli_daemon.py)", "daemon"),
+    ("main (ipad/worker/host.py)", "workers"),
+    ("serve (ipad/worker/forkserver.py)", "fork server"),
+    ("main (ipad/cli/daemon.py)", "daemon"),
 )
 
 

@@ -42,8 +42,8 @@ from typing import Any
 from _common import REPO, Row, exit_on_sigterm, forked_peer, parser, print_rows, row, write_results
 from _ipad import running_daemon
 
-from ipad._buffers import protect
 from ipad.client import BlockingClient
+from ipad.client._buffers import protect
 from ipad.ipa import Buffer, ModuleContext
 
 sys.path.insert(0, str(REPO / "workers" / "modules"))

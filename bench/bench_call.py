@@ -46,10 +46,10 @@ from _common import (
 )
 from _ipad import running_daemon
 
-from ipad import _protocol as p
-from ipad._client import open_client
-from ipad._fdpass import ANCILLARY_SIZE
 from ipad.client import BlockingClient
+from ipad.client._trio import open_client
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import ANCILLARY_SIZE
 
 #: Repetitions of each measurement; the median is reported (the others show the noise).
 ROUNDS = 5

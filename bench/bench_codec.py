@@ -29,7 +29,7 @@ from _common import (
     write_results,
 )
 
-from ipad import _protocol as p
+from ipad.protocol import wire as p
 
 ROUNDS = 7
 CALLS = 20_000

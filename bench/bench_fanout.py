@@ -51,8 +51,8 @@ from _common import (
 )
 from _ipad import module_config, running_daemon
 
-from ipad._errors import WorkerCrashed
 from ipad.client import BlockingClient
+from ipad.protocol.errors import WorkerCrashed
 
 SUBSCRIBER = BENCH / "_fanout_subscriber.py"
 #: Pause after each change, for every subscriber to read it and the proxy to recover.

@@ -53,7 +53,7 @@ import struct
 import threading
 import time
 
-from ipad import _protocol as p
+from ipad.protocol import wire as p
 from ipad.ipa import IPAModule
 
 __version__ = "1.0"

@@ -44,8 +44,8 @@ from _common import exit_on_sigterm, write_results
 from _common import parser as common_parser
 from _ipad import compile_bytecode
 
-from ipad._client import Client, Proxy, open_client
-from ipad._errors import IpadError
+from ipad.client._trio import Client, Proxy, open_client
+from ipad.protocol.errors import IpadError
 
 REPO = Path(__file__).resolve().parent.parent
 ECHO_MANIFEST = REPO / "workers" / "modules" / "echo.toml"

@@ -24,7 +24,7 @@ namespace with ``Restart=always`` and the default or a zero ``RestartSec``.
 
 The same run measures the limits a restart cannot beat on this machine:
 spawning ``python -I -S -c pass``, spawning ``python -I -c 'import
-ipad._worker_host'`` (what a fresh worker pays before it can say READY), and
+ipad.worker.host'`` (what a fresh worker pays before it can say READY), and
 forking an already warm Python process that answers over SEQPACKET, which is
 what the fork server does at best. Ratios are to that last one.
 
@@ -76,7 +76,7 @@ from _peers import (
     systemd_unit,
 )
 
-from ipad._client import RECOVERY_RETRY, Client, LocalEvent, Proxy, open_client
+from ipad.client._trio import RECOVERY_RETRY, Client, LocalEvent, Proxy, open_client
 
 #: A kill whose proxy is not valid again within this many seconds counts as not recovered.
 RECOVERY_LIMIT = 2.0
@@ -119,8 +119,8 @@ def measure_limits(n: int) -> dict[str, list[float]]:
     python = sys.executable
     return {
         "spawn python -I -S -c pass": spawn_ms([python, "-I", "-S", "-c", "pass"], n),
-        "spawn python -I -c 'import ipad._worker_host'": spawn_ms(
-            [python, "-I", "-c", "import ipad._worker_host"], n
+        "spawn python -I -c 'import ipad.worker.host'": spawn_ms(
+            [python, "-I", "-c", "import ipad.worker.host"], n
         ),
         "fork a warm process + SEQPACKET message": fork_message_ms(n),
     }
@@ -507,7 +507,7 @@ def print_breakdown(name: str, result: dict[str, Any]) -> None:
         print(
             "  note: the client recovers long after the module runs again: its first "
             "REOPEN_PROXY was refused\n  (module not running yet) and it retried only on "
-            f"its timer (ipad/_client.py RECOVERY_RETRY = {RECOVERY_RETRY:g} s)."
+            f"its timer (ipad/client/_trio.py RECOVERY_RETRY = {RECOVERY_RETRY:g} s)."
         )
 
 

@@ -52,8 +52,8 @@ from _common import (
 )
 from _ipad import DaemonProcess, copies_daemon_section, echo_copies, module_config
 
-from ipad._client import Client, LocalEvent, Proxy, open_client
-from ipad._errors import IpadError, WorkerCrashed
+from ipad.client._trio import Client, LocalEvent, Proxy, open_client
+from ipad.protocol.errors import IpadError, WorkerCrashed
 
 #: A call neither answered nor failed within this many seconds is lost.
 CALL_DEADLINE = 5.0
@@ -136,7 +136,7 @@ async def call_loop(proxy: Proxy, tag: str, tally: Tally, stop: trio.Event) -> N
 
 
 def crash_cause(message: str) -> str:
-    """Why a call failed with WorkerCrashed, from its message (ipad/_client.py's wording)."""
+    """Why a call failed with WorkerCrashed, from its message (ipad/client/_trio.py's wording)."""
     if "did not recover" in message:
         return "not recovered within the wait"
     if "channel is closed" in message:

@@ -1,6 +1,7 @@
 """ipad: run IPA modules in supervised, isolated worker processes.
 
-This module only re-exports; the work lives in small private modules. Names
+This module only re-exports; the work lives in the packages by process
+(docs/architecture.md). Names
 are imported on first use (PEP 562) so that a worker process importing
 ``ipad.worker`` does not pay for trio, cattrs or structlog.
 """
@@ -10,11 +11,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ipad._version import __version__
 
 if TYPE_CHECKING:
-    from ._check import CheckedConfig, ModulePlan, check_config
-    from ._config import (
+    from ipad.config.check import CheckedConfig, ModulePlan, check_config
+    from ipad.config.discovery import Discovery, discover_modules
+    from ipad.config.duration import Duration
+    from ipad.config.loader import load_config, parse_config
+    from ipad.config.manifest import Manifest, ModuleSource, PipelineSupport, load_manifest
+    from ipad.config.model import (
         Config,
         DaemonSettings,
         LogFormat,
@@ -24,50 +29,52 @@ if TYPE_CHECKING:
         RestartOverrides,
         RestartPolicy,
     )
-    from ._config_loader import load_config, parse_config
-    from ._discovery import Discovery, discover_modules
-    from ._duration import Duration
-    from ._manifest import Manifest, ModuleSource, PipelineSupport, load_manifest
-    from ._problems import ConfigError, ManifestError, Problem, ProblemsError
-    from ._registry import REGISTRY, DuplicateProxyKind, ProxyKind, ProxyRegistry, register_proxy
-    from ._resolve import WorkerNotFound, resolve_worker
-    from ._tuning import TuningFileNotFound, find_tuning_file
+    from ipad.config.problems import ConfigError, ManifestError, Problem, ProblemsError
+    from ipad.config.proxy_kinds import (
+        REGISTRY,
+        DuplicateProxyKind,
+        ProxyKind,
+        ProxyRegistry,
+        register_proxy,
+    )
+    from ipad.config.resolve import WorkerNotFound, resolve_worker
+    from ipad.config.tuning import TuningFileNotFound, find_tuning_file
 
-#: Public name -> private module that defines it.
+#: Public name -> the internal module (under ipad.) that defines it.
 _EXPORTS: dict[str, str] = {
-    "CheckedConfig": "_check",
-    "ModulePlan": "_check",
-    "check_config": "_check",
-    "Config": "_config",
-    "DaemonSettings": "_config",
-    "LogFormat": "_config",
-    "LogLevel": "_config",
-    "ModuleSettings": "_config",
-    "RestartMode": "_config",
-    "RestartOverrides": "_config",
-    "RestartPolicy": "_config",
-    "load_config": "_config_loader",
-    "parse_config": "_config_loader",
-    "Discovery": "_discovery",
-    "discover_modules": "_discovery",
-    "Duration": "_duration",
-    "Manifest": "_manifest",
-    "ModuleSource": "_manifest",
-    "PipelineSupport": "_manifest",
-    "load_manifest": "_manifest",
-    "ConfigError": "_problems",
-    "ManifestError": "_problems",
-    "Problem": "_problems",
-    "ProblemsError": "_problems",
-    "REGISTRY": "_registry",
-    "DuplicateProxyKind": "_registry",
-    "ProxyKind": "_registry",
-    "ProxyRegistry": "_registry",
-    "register_proxy": "_registry",
-    "WorkerNotFound": "_resolve",
-    "resolve_worker": "_resolve",
-    "TuningFileNotFound": "_tuning",
-    "find_tuning_file": "_tuning",
+    "CheckedConfig": "config.check",
+    "ModulePlan": "config.check",
+    "check_config": "config.check",
+    "Config": "config.model",
+    "DaemonSettings": "config.model",
+    "LogFormat": "config.model",
+    "LogLevel": "config.model",
+    "ModuleSettings": "config.model",
+    "RestartMode": "config.model",
+    "RestartOverrides": "config.model",
+    "RestartPolicy": "config.model",
+    "load_config": "config.loader",
+    "parse_config": "config.loader",
+    "Discovery": "config.discovery",
+    "discover_modules": "config.discovery",
+    "Duration": "config.duration",
+    "Manifest": "config.manifest",
+    "ModuleSource": "config.manifest",
+    "PipelineSupport": "config.manifest",
+    "load_manifest": "config.manifest",
+    "ConfigError": "config.problems",
+    "ManifestError": "config.problems",
+    "Problem": "config.problems",
+    "ProblemsError": "config.problems",
+    "REGISTRY": "config.proxy_kinds",
+    "DuplicateProxyKind": "config.proxy_kinds",
+    "ProxyKind": "config.proxy_kinds",
+    "ProxyRegistry": "config.proxy_kinds",
+    "register_proxy": "config.proxy_kinds",
+    "WorkerNotFound": "config.resolve",
+    "resolve_worker": "config.resolve",
+    "TuningFileNotFound": "config.tuning",
+    "find_tuning_file": "config.tuning",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -2,6 +2,6 @@
 
 import sys
 
-from ._cli_daemon import main
+from ipad.cli.daemon import main
 
 sys.exit(main())

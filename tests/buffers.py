@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ipad import _buffers
+from ipad.client import _buffers
 from ipad.ipa import Buffer
 
 MakeFd = Callable[[bytes], int]

@@ -584,7 +584,7 @@ class Episode:
 
     def ctl_argv(self, *args: str) -> list[str]:
         """The ipadctl command line."""
-        return [sys.executable, "-m", "ipad._cli_ctl", "--json", *args]
+        return [sys.executable, "-m", "ipad.cli.ctl", "--json", *args]
 
     async def ctl(self, *args: str, deadline: float = ADMIN_DEADLINE) -> Outcome | None:
         """Run ipadctl; its outcome, or None (recorded) if it was not answered in time."""

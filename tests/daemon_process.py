@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 import pytest
 
-from ipad._cgroup import remove_tree
-from ipad._config import RestartPolicy
-from ipad._duration import Duration
-from ipad._memory_cgroup import remove_tree as remove_memory_tree
 from ipad.client import BlockingClient
+from ipad.config.duration import Duration
+from ipad.config.model import RestartPolicy
+from ipad.daemon.cgroup import remove_tree
+from ipad.daemon.memory_cgroup import remove_tree as remove_memory_tree
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODULES = Path(__file__).resolve().parent / "modules"
@@ -43,7 +43,7 @@ WAIT = 30.0
 #: full runs of the suite here (IPAD_TEST_STOP_LOG; other suites ran on the 2 cores, load
 #: average up to 6): 254 clean stops, median 0.03-0.06 s, 95 % under 0.6 s, the slowest
 #: 1.36 s (`ipadctl stop` with the fork server SIGSTOPped). A client that reads nothing
-#: costs the daemon its GOODBYE_TIMEOUT of 1 s (ipad/_server.py) before it stops its
+#: costs the daemon its GOODBYE_TIMEOUT of 1 s (ipad/daemon/server.py) before it stops its
 #: workers (1.05 s measured); `ipadctl stop` adds its own start, 0.15-0.5 s. So: 1 s of
 #: goodbye, 0.5 s of ipadctl, 1.5 s for a loaded machine; a hang is far past it.
 STOP_MARGIN = 3.0
@@ -243,7 +243,7 @@ class DaemonProcess:
 
     def ctl_argv(self, *args: str) -> list[str]:
         """The command line of ipadctl against this daemon (as its user, with ``prefix``)."""
-        return [*self.prefix, sys.executable, "-m", "ipad._cli_ctl", *args]
+        return [*self.prefix, sys.executable, "-m", "ipad.cli.ctl", *args]
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ipadctl against this daemon."""

@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ipad import _buffers
-from ipad._buffers import Output, make_buffer
-from ipad.client import BadArguments, BlockingClient, IpadError
+from ipad.client import BadArguments, BlockingClient, IpadError, _buffers
+from ipad.client._buffers import Output, make_buffer
 
 SIZE = 64 * 1024
 PATTERN = bytes(range(256)) * (SIZE // 256)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ipad import _protocol as p
-from ipad._fdpass import recv_packet
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import recv_packet
 
 Connect = Callable[[Path], socket.socket]
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ipad._cgroup import cgroup2_mount, own_cgroup
+from ipad.daemon.cgroup import cgroup2_mount, own_cgroup
 from tests.journal_reader import JournalReader
 
 SYSTEMD = "/lib/systemd/systemd"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ipad._access import AccessPolicy, Peer, Rule, describe, peer_of, resolve_access
-from ipad._config_loader import parse_config
+from ipad.config.access import AccessPolicy, Peer, Rule, describe, peer_of, resolve_access
+from ipad.config.loader import parse_config
 from tests.privileges import needs_setpriv, setpriv
 
 #: The users and groups of a made-up system (lookups raise KeyError for others, as pwd and grp do).

@@ -5,9 +5,9 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from ipad._backoff import Action, RestartTracker
-from ipad._config import RestartMode, RestartPolicy
-from ipad._duration import Duration
+from ipad.config.duration import Duration
+from ipad.config.model import RestartMode, RestartPolicy
+from ipad.daemon.backoff import Action, RestartTracker
 
 POLICY = RestartPolicy(
     initial_delay=Duration(0.01),

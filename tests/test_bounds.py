@@ -10,9 +10,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ipad import _protocol as p
-from ipad._bounds import MAX_METHODS, MAX_TEXT, MAX_VERSION, bound_worker_message, cap, fit_entries
-from ipad._fdpass import MIN_WMEM_MAX, size_send_buffer, sized_socketpair
+from ipad.daemon.bounds import (
+    MAX_METHODS,
+    MAX_TEXT,
+    MAX_VERSION,
+    bound_worker_message,
+    cap,
+    fit_entries,
+)
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import MIN_WMEM_MAX, size_send_buffer, sized_socketpair
 from tests.privileges import as_user, needs_setpriv
 
 
@@ -67,8 +74,8 @@ def test_a_status_of_many_modules_always_fits_a_packet() -> None:
 
 SEND_LARGEST = """
 import socket
-from ipad import _protocol as p
-from ipad._fdpass import SEND_BUFFER, sized_socketpair
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import SEND_BUFFER, sized_socketpair
 a, b = sized_socketpair()
 a.send(b"x" * p.MAX_PACKET)
 assert len(b.recv(p.MAX_PACKET)) == p.MAX_PACKET

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ipad._check import check_config
-from ipad._problems import ConfigError
+from ipad.config.check import check_config
+from ipad.config.problems import ConfigError
 
 from .helpers_fs import make_dir, write_executable, write_file, write_manifest
 

@@ -87,7 +87,7 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", [["-m", "ipad"], ["-m", "ipad._cli_ctl"]])
+@pytest.mark.parametrize("command", [["-m", "ipad"], ["-m", "ipad.cli.ctl"]])
 def test_version_and_help(command: list[str]) -> None:
     """Both commands answer --version and --help."""
     version = run(*command, "--version")
@@ -102,7 +102,7 @@ def test_version_and_help(command: list[str]) -> None:
 def test_ipadctl_without_a_daemon_names_the_socket(tmp_path: Path) -> None:
     """No daemon: exit 1 and the socket it tried, found by $IPAD_SOCKET; as JSON with --json."""
     env = {**os.environ, "IPAD_SOCKET": str(tmp_path / "none.sock")}
-    result = run("-m", "ipad._cli_ctl", "status", env=env)
+    result = run("-m", "ipad.cli.ctl", "status", env=env)
     assert result.returncode == 1
     assert (
         result.stderr
@@ -111,7 +111,7 @@ def test_ipadctl_without_a_daemon_names_the_socket(tmp_path: Path) -> None:
     stale = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as bound:
         bound.bind(str(stale))  # bound, never listening: refused
-        result = run("-m", "ipad._cli_ctl", "--json", "--socket", str(stale), "status", env=env)
+        result = run("-m", "ipad.cli.ctl", "--json", "--socket", str(stale), "status", env=env)
     assert result.returncode == 1
     assert json.loads(result.stdout)["error"] == {
         "code": "unreachable",

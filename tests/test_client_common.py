@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from ipad import _protocol as p
-from ipad._client_common import (
+from ipad.client._core import (
     RECONNECT_INITIAL,
     RECONNECT_JITTER,
     RECONNECT_MAX,
@@ -19,7 +18,14 @@ from ipad._client_common import (
     proxy_news,
     unavailable_details,
 )
-from ipad._errors import CallNotSent, Disconnected, ModuleUnavailable, TimedOut, UnknownProxy
+from ipad.protocol import wire as p
+from ipad.protocol.errors import (
+    CallNotSent,
+    Disconnected,
+    ModuleUnavailable,
+    TimedOut,
+    UnknownProxy,
+)
 
 
 def test_backoff_first_attempt_at_once_then_doubling_to_the_cap() -> None:

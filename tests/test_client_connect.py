@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from ipad import _protocol as p
-from ipad._client import connect_unix
-from ipad._transport import PacketSocket
 from ipad.client import BlockingClient, open_client
+from ipad.client._trio import connect_unix
+from ipad.protocol import wire as p
+from ipad.transport.seqpacket import PacketSocket
 
 pytestmark = pytest.mark.timeout(30)
 

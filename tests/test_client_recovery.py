@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from ipad import client as ipc
-from ipad._client_common import RECONNECT_INITIAL, RECONNECT_MAX
+from ipad.client._core import RECONNECT_INITIAL, RECONNECT_MAX
 from tests.buffers import write_memfd
 from tests.daemon_process import (
     TEST_MODULES,

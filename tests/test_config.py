@@ -7,10 +7,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from ipad._config import Config, LogFormat, LogLevel, RestartMode
-from ipad._config_loader import load_config, parse_config
-from ipad._duration import Duration
-from ipad._problems import ConfigError
+from ipad.config.duration import Duration
+from ipad.config.loader import load_config, parse_config
+from ipad.config.model import Config, LogFormat, LogLevel, RestartMode
+from ipad.config.problems import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ipad._discovery import MODULE_PATH_ENV, Shadowed, discover_modules
-from ipad._paths import install_module_dir
+from ipad.config.discovery import MODULE_PATH_ENV, Shadowed, discover_modules
+from ipad.config.paths import install_module_dir
 
 from .helpers_fs import make_dir, write_file, write_manifest
 

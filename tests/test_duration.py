@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipad._duration import Duration
+from ipad.config.duration import Duration
 
 
 @pytest.mark.parametrize(

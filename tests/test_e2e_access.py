@@ -122,7 +122,7 @@ def test_a_user_outside_the_socket_group_cannot_even_connect(daemon: DaemonProce
     )  # fmt: skip
     assert (daemon.socket.parent.stat().st_mode & 0o777) == 0o750
     result = subprocess.run(
-        [*as_user(NOBODY, 12345, []), sys.executable, "-m", "ipad._cli_ctl", "--socket",
+        [*as_user(NOBODY, 12345, []), sys.executable, "-m", "ipad.cli.ctl", "--socket",
          str(daemon.socket), "status"],
         capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
     )  # fmt: skip
@@ -192,7 +192,7 @@ def test_reload_that_takes_access_away_closes_the_proxies_already_held(
 def test_ipadctl_as_a_user_without_admin(daemon: DaemonProcess) -> None:
     """`ipadctl stop` by a user outside the admin group: exit 1, the reason, the daemon runs on."""
     result = subprocess.run(
-        [*as_user(NOBODY, gid("nogroup"), []), sys.executable, "-m", "ipad._cli_ctl",
+        [*as_user(NOBODY, gid("nogroup"), []), sys.executable, "-m", "ipad.cli.ctl",
          "--socket", str(daemon.socket), "stop"],
         capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
     )  # fmt: skip

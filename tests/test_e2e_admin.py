@@ -53,7 +53,7 @@ def sleepy_env(daemon_env: dict[str, str], directory: Path) -> dict[str, str]:
 def ctl(daemon: DaemonProcess, *args: str) -> subprocess.Popen[str]:
     """Run ipadctl against ``daemon`` and leave it running (the test may kill it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "ipad._cli_ctl", *args],
+        [sys.executable, "-m", "ipad.cli.ctl", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env,
     )  # fmt: skip
 

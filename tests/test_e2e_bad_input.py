@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ipad import _protocol as p
-from ipad._fdpass import recv_packet
 from ipad.client import BlockingClient
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import recv_packet
 from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,

@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipad import _protocol as p
 from ipad.client import BlockingClient
+from ipad.protocol import wire as p
 from tests.daemon_process import DaemonProcess, open_fds, rss_kib, wait_until, write_config
 from tests.raw_client import receive
 

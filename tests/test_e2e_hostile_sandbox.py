@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from ipad import _protocol as p
-from ipad._fdpass import send_packet
 from ipad.client import BlockingClient
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import send_packet
 from tests.daemon_process import (
     TEST_MODULES,
     DaemonProcess,

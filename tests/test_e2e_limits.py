@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ipad import _client_blocking
-from ipad import _protocol as p
 from ipad.client import BlockingClient, LimitExceeded, UnsupportedVersion
+from ipad.client import _blocking as blocking_module
+from ipad.protocol import wire as p
 from tests.daemon_process import REPO, WAIT, DaemonProcess, open_fds, wait_until, write_config
 from tests.privileges import NOBODY, as_user, needs_setpriv
 from tests.raw_client import Connect, goodbye_reason, header, hello, receive
@@ -86,7 +86,7 @@ def test_one_user_cannot_take_every_connection(
     )
     nogroup = daemon.socket.stat().st_gid
     result = subprocess.run(
-        [*as_user(NOBODY, nogroup, []), sys.executable, "-m", "ipad._cli_ctl", "--json",
+        [*as_user(NOBODY, nogroup, []), sys.executable, "-m", "ipad.cli.ctl", "--json",
          "--socket", str(daemon.socket), "call", "echo", "echo", '{"text": "still in"}'],
         capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
     )  # fmt: skip
@@ -236,7 +236,7 @@ def test_a_client_of_an_unsupported_version(
 ) -> None:
     """A client library speaking only another version gets UnsupportedVersion, saying which."""
     daemon = limited(start_daemon, tmp_path, "")
-    monkeypatch.setattr(_client_blocking, "CLIENT_VERSIONS", (7,))
+    monkeypatch.setattr(blocking_module, "CLIENT_VERSIONS", (7,))
     with pytest.raises(UnsupportedVersion) as info:
         BlockingClient(daemon.socket)
     assert info.value.message == "this daemon speaks protocol version 1 only"

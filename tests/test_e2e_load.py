@@ -16,8 +16,8 @@ import pytest
 import trio
 from bench_load import Tally, module_names, run_load, write_config
 
-from ipad._client import Client
-from ipad._errors import Disconnected
+from ipad.client._trio import Client
+from ipad.protocol.errors import Disconnected
 from tests.daemon_process import DaemonProcess, fd_targets, open_fds, wait_until
 
 pytestmark = pytest.mark.timeout(240)

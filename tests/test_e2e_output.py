@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ipad._relay import RELAY_BURST
+from ipad.daemon.relay import RELAY_BURST
 from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
 
 pytestmark = pytest.mark.timeout(60)

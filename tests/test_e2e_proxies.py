@@ -247,8 +247,10 @@ def test_release_frees_the_instance(start_daemon: Start) -> None:
         assert again.call("count") == 1
         with pytest.raises(ipc.UnknownProxy):
             client.request(
-                __import__("ipad._protocol", fromlist=["ReleaseProxy"]).ReleaseProxy(echo.proxy_id),
-                __import__("ipad._protocol", fromlist=["Released"]).Released,
+                __import__("ipad.protocol.wire", fromlist=["ReleaseProxy"]).ReleaseProxy(
+                    echo.proxy_id
+                ),
+                __import__("ipad.protocol.wire", fromlist=["Released"]).Released,
             )
 
 

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from ipad import client as ipc
-from ipad._client import LocalEvent
 from ipad.client import BlockingClient
+from ipad.client._trio import LocalEvent
 from tests.daemon_process import TEST_MODULES, DaemonProcess, write_config
 
 pytestmark = pytest.mark.timeout(90)

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import trio
 
-from ipad import _protocol as p
 from ipad import client as ipc
-from ipad._client import Proxy
-from ipad._client_common import ProxyInfo
-from ipad._transport import PacketSocket
 from ipad.client import BlockingClient
+from ipad.client._core import ProxyInfo
+from ipad.client._trio import Proxy
+from ipad.protocol import wire as p
+from ipad.transport.seqpacket import PacketSocket
 from tests.daemon_process import DaemonProcess, Record, of_module, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(90)

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from ipad import client as ipc
-from ipad._sandbox_plan import memory_support
 from ipad.client import BlockingClient
+from ipad.config.sandbox_plan import memory_support
 from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
 from tests.privileges import NOBODY, as_user, user_install
 from tests.test_e2e_unprivileged import nobody_dir, nobody_env

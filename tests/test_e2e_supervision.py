@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from ipad import client as ipc
-from ipad._sandbox_status import _limits
 from ipad.client import BlockingClient
+from ipad.daemon.sandbox_status import _limits
 from tests.buffers import MakeFd, write_memfd
 from tests.daemon_process import (
     REPO,

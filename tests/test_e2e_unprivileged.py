@@ -57,7 +57,7 @@ def nobody_env(nobody_dir: Path, daemon_env: dict[str, str]) -> dict[str, str]:
 WHERE = """
 import json, os, sys
 import ipad, structlog, trio
-from ipad._paths import install_dir
+from ipad.config.paths import install_dir
 print(json.dumps({
     "uid": os.getuid(), "executable": sys.executable, "prefix": sys.prefix,
     "base_prefix": sys.base_prefix, "path": sys.path, "install_dir": str(install_dir()),

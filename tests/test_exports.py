@@ -43,9 +43,9 @@ def test_worker_runtime_imports_no_trio_structlog_or_threading() -> None:
     """What the fork server imports stays small, and free of threading's after-fork hook.
 
     ``threading`` registers a handler that runs in every forked worker, and it
-    cost each fork about 65 page faults (ipad/_fdpass.py); pathlib is memory
-    every worker maps and its exit tears down (ipad/_sandbox.py); trio and
+    cost each fork about 65 page faults (ipad/protocol/fdpass.py); pathlib is memory
+    every worker maps and its exit tears down (ipad/worker/sandbox.py); trio and
     structlog would add ~100 ms to a spawned worker's start.
     """
     heavy = ("trio", "structlog", "cattrs", "attrs", "threading", "pathlib")
-    assert imported_of("ipad._forkserver, ipad._worker_host", heavy, "-I") == "[]"
+    assert imported_of("ipad.worker.forkserver, ipad.worker.host", heavy, "-I") == "[]"

@@ -14,18 +14,18 @@ import structlog
 import trio
 import trio.testing
 
-from ipad import _protocol as p
-from ipad import _transport
-from ipad._fdpass import recv_packet, send_packet
-from ipad._rate_limit import RateLimit
-from ipad._transport import PacketSocket, Requests
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import recv_packet, send_packet
+from ipad.protocol.rate_limit import RateLimit
+from ipad.transport import seqpacket
+from ipad.transport.seqpacket import PacketSocket, Requests
 
 
 @pytest.fixture(autouse=True)
 def _fresh_drop_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with the process-wide reply.dropped rate limit unused."""
-    fresh = RateLimit(_transport.DROPPED_INTERVAL, _transport.DROPPED_BURST)
-    monkeypatch.setattr(_transport, "DROPPED_WARNINGS", fresh)
+    fresh = RateLimit(seqpacket.DROPPED_INTERVAL, seqpacket.DROPPED_BURST)
+    monkeypatch.setattr(seqpacket, "DROPPED_WARNINGS", fresh)
 
 
 def open_fd_count() -> int:
@@ -472,9 +472,9 @@ async def test_dropped_reply_warnings_are_rate_limited() -> None:
     with structlog.testing.capture_logs() as logs:
         for request_id in range(1, 1001):
             assert not requests.deliver(p.Frame(p.Result(None), request_id))
-        _transport.report_suppressed_drops()
-        _transport.report_suppressed_drops()  # nothing left to report
-    assert [e["event"] for e in logs] == ["reply.dropped"] * _transport.DROPPED_BURST + [
+        seqpacket.report_suppressed_drops()
+        seqpacket.report_suppressed_drops()  # nothing left to report
+    assert [e["event"] for e in logs] == ["reply.dropped"] * seqpacket.DROPPED_BURST + [
         "reply.dropped_suppressed"
     ]
-    assert logs[-1]["count"] == 1000 - _transport.DROPPED_BURST
+    assert logs[-1]["count"] == 1000 - seqpacket.DROPPED_BURST

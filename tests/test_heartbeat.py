@@ -9,10 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from ipad import _protocol as p
-from ipad._heartbeat import Heartbeats
-from ipad._transport import PacketSocket
-from ipad._worker import WorkerProcess
+from ipad.daemon.heartbeat import Heartbeats
+from ipad.daemon.worker_process import WorkerProcess
+from ipad.protocol import wire as p
+from ipad.transport.seqpacket import PacketSocket
 
 INTERVAL = 1.0
 TIMEOUT = 3.0

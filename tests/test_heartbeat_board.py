@@ -12,13 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-from ipad import _protocol as p
-from ipad._fdpass import recv_packet, send_packet
-from ipad._heartbeat import Heartbeats
-from ipad._heartbeat_board import BOARD_SIZE, Beater, new_board, read_board
-from ipad._transport import PacketSocket
-from ipad._worker import WorkerProcess
-from ipad._worker_host import WorkerHost
+from ipad.daemon.heartbeat import Heartbeats
+from ipad.daemon.worker_process import WorkerProcess
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import recv_packet, send_packet
+from ipad.transport.seqpacket import PacketSocket
+from ipad.worker.heartbeat_board import BOARD_SIZE, Beater, new_board, read_board
+from ipad.worker.host import WorkerHost
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = REPO / "workers" / "modules"

@@ -21,9 +21,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from ipad import _protocol as p
-from ipad._client_backlog import EVENT_OVERHEAD, RAW_EVENTS, Backlog, RawModuleEvent
 from ipad.client import BlockingClient, make_buffer
+from ipad.client._backlog import EVENT_OVERHEAD, RAW_EVENTS, Backlog, RawModuleEvent
+from ipad.protocol import wire as p
 from tests.daemon_process import REPO, TEST_MODULES, DaemonProcess, write_config
 
 pytestmark = pytest.mark.timeout(120)

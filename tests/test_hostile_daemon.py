@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from ipad import _protocol as p
 from ipad import client as ipc
-from ipad._bounds import MAX_TEXT, MAX_VERSION
-from ipad._relay import RELAY_BURST
-from ipad._worker import UNSOLICITED_BURST
 from ipad.client import BlockingClient
+from ipad.daemon.bounds import MAX_TEXT, MAX_VERSION
+from ipad.daemon.relay import RELAY_BURST
+from ipad.daemon.worker_process import UNSOLICITED_BURST
+from ipad.protocol import wire as p
 from tests.daemon_process import (
     REPO,
     TEST_MODULES,

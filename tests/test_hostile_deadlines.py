@@ -25,15 +25,15 @@ import pytest
 import trio
 import trio.testing
 
-from ipad import _protocol as p
 from ipad import client as ipc
-from ipad._config_loader import parse_config
-from ipad._heartbeat import Heartbeats
-from ipad._heartbeat_board import Beater, new_board
-from ipad._problems import ConfigError
-from ipad._transport import PacketSocket
-from ipad._worker import WorkerProcess
 from ipad.client import BlockingClient
+from ipad.config.loader import parse_config
+from ipad.config.problems import ConfigError
+from ipad.daemon.heartbeat import Heartbeats
+from ipad.daemon.worker_process import WorkerProcess
+from ipad.protocol import wire as p
+from ipad.transport.seqpacket import PacketSocket
+from ipad.worker.heartbeat_board import Beater, new_board
 from tests.daemon_process import (
     TEST_MODULES,
     WAIT,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from ipad import _protocol as p
 from ipad import client as ipc
-from ipad._client_blocking import LATE_PACKETS, _Connection
-from ipad._lifecycle import Stop, Timer
 from ipad.client import BlockingClient
+from ipad.client._blocking import LATE_PACKETS, _Connection
+from ipad.daemon.lifecycle import Stop, Timer
+from ipad.protocol import wire as p
 from tests.daemon_process import (
     TEST_MODULES,
     WAIT,
@@ -304,10 +304,10 @@ def test_the_path_finder_never_looks_in_a_signed_module_directory(tmp_path: Path
 #: The race won on purpose: a meta path finder right after the verified one plants the file.
 RACE_WON = """
 import hashlib, os, sys
-from ipad import _verified_import
+from ipad.worker import verified_import
 root = {root!r}
 data = open(os.path.join(root, "pkg", "__init__.py"), "rb").read()
-_verified_import.install(root, {{"pkg/__init__.py": hashlib.sha256(data).hexdigest()}})
+verified_import.install(root, {{"pkg/__init__.py": hashlib.sha256(data).hexdigest()}})
 sys.path.insert(0, root)
 
 class Planter:

@@ -1,7 +1,7 @@
 """Red team of the jail and the seccomp filter: what an attacker who read the filter tries next.
 
 A native worker (tests/native/bypass_worker.c), spawned through the jail,
-tries to get past ipad/_seccomp.py: the same system calls through the x32
+tries to get past ipad/worker/seccomp.py: the same system calls through the x32
 and i386 ABIs, high bits in the 32-bit command words of ``ioctl``, ``fcntl``
 and ``clone``, O_ASYNC hidden among other flags, F_SETOWN_EX to a process
 group, io_uring, a pidfd from CLONE_PIDFD, and the calls that reach into
@@ -25,8 +25,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ipad import _protocol as p
-from ipad._client_backlog import Backlog, RawModuleEvent
+from ipad.client._backlog import Backlog, RawModuleEvent
+from ipad.protocol import wire as p
 from tests.daemon_process import DaemonProcess, alive, open_fds, wait_until
 from tests.test_e2e_hostile_sandbox import (
     GCC,

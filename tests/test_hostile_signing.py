@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from ipad._signing import generate_key, sign
 from ipad.client import BlockingClient, ModuleError
+from ipad.config.signing import generate_key, sign
 from tests.daemon_process import REPO, TEST_MODULES, DaemonProcess, wait_until
 from tests.privileges import NOBODY, as_user, needs_setpriv, user_install
 
@@ -264,13 +264,15 @@ def test_the_worker_host_refuses_unsigned_code_without_a_daemon(tmp_path: Path) 
     (signed.package / "signed.py").write_text("raise SystemExit('module code ran')\n")
     script = f"""
 import json, sys
-from ipad import _signing, _manifest, _verified_import
+from ipad.config import signing as _signing
+from ipad.config import manifest as _manifest
+from ipad.worker import verified_import
 from pathlib import Path
 manifest = Path({str(signed.manifest)!r})
 document = json.loads(_signing.signature_path(manifest).read_text())
 try:
-    _verified_import.install(str(manifest.parent), document["files"])
-except _verified_import.CodeRefused as exc:
+    verified_import.install(str(manifest.parent), document["files"])
+except verified_import.CodeRefused as exc:
     print(exc.refused_code)
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -325,15 +327,16 @@ def test_code_imported_before_verification_is_refused(tmp_path: Path) -> None:
     signed = Signed(tmp_path)
     script = f"""
 import json, sys
-from ipad import _signing, _verified_import
+from ipad.config import signing as _signing
+from ipad.worker import verified_import
 from pathlib import Path
 manifest = Path({str(signed.manifest)!r})
 sys.path.insert(0, str(manifest.parent))
 import ipad_test_modules.signed_late
 document = json.loads(_signing.signature_path(manifest).read_text())
 try:
-    _verified_import.install(str(manifest.parent), document["files"])
-except _verified_import.CodeRefused as exc:
+    verified_import.install(str(manifest.parent), document["files"])
+except verified_import.CodeRefused as exc:
     print(exc.refused_code)
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,

@@ -1,4 +1,4 @@
-"""The jail (ipad/_jail.py) and the launcher's side of it, with real processes and no daemon.
+"""The jail (ipad/worker/jail.py) and the launcher's side of it, with real processes and no daemon.
 
 The launcher spawns the jail, reads the worker's pid from it and adopts the
 worker only if it is a child of ours that nobody holds; a jail that exits
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from ipad import _protocol as p
-from ipad._children import Children
-from ipad._launcher import Launcher
-from ipad._reactor import Reactor, Timers
-from ipad._worker import WorkerProcess
+from ipad.daemon.children import Children
+from ipad.daemon.launcher import Launcher
+from ipad.daemon.reactor import Reactor, Timers
+from ipad.daemon.worker_process import WorkerProcess
+from ipad.protocol import wire as p
 from tests.daemon_process import alive, children_of, zombie_children
 
 pytestmark = [
@@ -32,8 +32,8 @@ pytestmark = [
 #: A jail that does what the test says instead of starting a worker.
 FAKE_JAIL = """
 import socket, sys, time
-from ipad import _protocol as p
-from ipad._fdpass import send_packet
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import send_packet
 control = socket.socket(fileno=3)
 mode = sys.argv[1]
 if mode == "lie":
@@ -43,7 +43,7 @@ elif mode == "garbage":
 elif mode == "hang":
     time.sleep(60)
 elif mode == "orphan":  # a clone it dies before naming
-    from ipad._forkserver import fork_sibling
+    from ipad.worker.forkserver import fork_sibling
     if fork_sibling() == 0:
         time.sleep(60)
 """
@@ -110,7 +110,7 @@ async def test_the_jail_starts_the_worker_as_pid_1_and_a_child_of_ours(launcher:
 
 async def test_sigterm_ends_a_python_worker_that_is_pid_1(launcher: Launcher) -> None:
     """The first process of a namespace ignores a signal it has no handler for: the worker host installs one for SIGTERM."""
-    argv = [sys.executable, "-I", "-m", "ipad._worker_host"]
+    argv = [sys.executable, "-I", "-m", "ipad.worker.host"]
     worker = await launcher.launch("t", argv, {}, lambda _: None, spec())
     await trio.sleep(0.5)  # past its start-up, where the handler is installed
     worker.signal(signal.SIGTERM)

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from ipad._cgroup import remove_tree
-from ipad._config import LogFormat, LogLevel
-from ipad._journal import JournalLogger, journal_message
-from ipad._logging import configure_logging
+from ipad.config.model import LogFormat, LogLevel
+from ipad.daemon.cgroup import remove_tree
+from ipad.daemon.journal import JournalLogger, journal_message
+from ipad.daemon.log_setup import configure_logging
 from tests.daemon_process import TEST_MODULES, WAIT, DaemonProcess, write_config
 from tests.journal_reader import JOURNALCTL, JournalReader
 
@@ -110,7 +110,7 @@ def test_a_record_keeps_every_field(journald: Journald) -> None:
         "PRIORITY": "3", "SYSLOG_IDENTIFIER": "ipad", "IPAD_EVENT": "worker.exited",
         "MODULE": "awb", "WORKER_PID": "4242", "PROXY_ID": "7", "SIGNAL": "SIGKILL",
     }  # fmt: skip
-    assert entry["CODE_FILE"] == "test_journald.py"
+    assert entry["CODE_FILE"] == "tests/test_journald.py"  # from the checkout, like ipad/…
     assert entry["CODE_FUNC"] == "test_a_record_keeps_every_field"
     assert entry["CODE_LINE"] == str(line)
     assert entry["_TRANSPORT"] == "journal"
@@ -188,7 +188,10 @@ def test_a_daemon_logging_to_journald(
         os.kill(pid, signal.SIGKILL)
         crash = journald.reader.wait_for("IPAD_EVENT=worker.exited", f"WORKER_PID={pid}", *mine)
         assert (crash["MODULE"], crash["SIGNAL"], crash["PRIORITY"]) == ("faulty", "SIGKILL", "3")
-        assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("_lifecycle.py", "_exit_reason")
+        assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == (
+            "ipad/daemon/lifecycle.py",
+            "_exit_reason",
+        )
         journald.reader.wait_for("IPAD_EVENT=worker.ready", "MODULE=faulty", *mine,
                                  where=lambda e: e["WORKER_PID"] != str(pid))  # fmt: skip
         assert daemon.stop() == 0

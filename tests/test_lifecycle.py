@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ipad._backoff import RestartTracker
-from ipad._config import RestartMode, RestartPolicy
-from ipad._duration import Duration
-from ipad._lifecycle import (
+from ipad.config.duration import Duration
+from ipad.config.model import RestartMode, RestartPolicy
+from ipad.daemon.backoff import RestartTracker
+from ipad.daemon.lifecycle import (
     TABLE,
     AllowStandby,
     CancelLaunch,
@@ -52,7 +52,7 @@ from ipad._lifecycle import (
     Unwatch,
     Watch,
 )
-from ipad._states import WORKER_TRANSITIONS, WorkerState
+from ipad.daemon.states import WORKER_TRANSITIONS, WorkerState
 
 KILLED = ExitStatus(signal=9)
 CLEAN = ExitStatus(code=0)

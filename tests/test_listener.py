@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ipad._listener import UnsafeDirectory, bind_listener, check_inherited, directory_problems
+from ipad.daemon.listener import UnsafeDirectory, bind_listener, check_inherited, directory_problems
 from tests.daemon_process import REPO
 from tests.privileges import NOBODY, needs_setpriv
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import structlog
 
-from ipad._config import LogFormat, LogLevel
-from ipad._journal import (
+from ipad.config.model import LogFormat, LogLevel
+from ipad.daemon.journal import (
     JournalLogger,
     encode_field,
     field_name,
     journal_message,
     stderr_is_journal,
 )
-from ipad._logging import configure_logging
+from ipad.daemon.log_setup import configure_logging
 
 
 def parse_journal(datagram: bytes) -> dict[str, str]:
@@ -134,7 +134,7 @@ def test_journal_logger_sends_datagrams(journal_socket: tuple[socket.socket, str
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            __import__("ipad._logging", fromlist=["render_journal"]).render_journal,
+            __import__("ipad.daemon.log_setup", fromlist=["render_journal"]).render_journal,
         ],
         logger_factory=lambda *_: logger,
     )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ipad._manifest import Manifest, ModuleSource, PipelineSupport, load_manifest
-from ipad._problems import ManifestError, Problem
+from ipad.config.manifest import Manifest, ModuleSource, PipelineSupport, load_manifest
+from ipad.config.problems import ManifestError, Problem
 
 from .helpers_fs import make_dir, write_file, write_manifest
 

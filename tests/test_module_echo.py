@@ -17,9 +17,9 @@ import msgspec
 import pytest
 from ipa_modules.echo import Checksum, Echo, EchoReply
 
-from ipad._manifest import load_manifest
-from ipad._paths import install_module_dir
-from ipad._tuning import find_tuning_file
+from ipad.config.manifest import load_manifest
+from ipad.config.paths import install_module_dir
+from ipad.config.tuning import find_tuning_file
 from ipad.ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup
 from tests.buffers import write_memfd
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ipad._paths import client_socket_path, default_socket_path, install_dir, socket_path
+from ipad.config.paths import client_socket_path, default_socket_path, install_dir, socket_path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipad import _protocol as p
+from ipad.protocol import wire as p
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 U64 = st.integers(0, p.MAX_REQUEST_ID)

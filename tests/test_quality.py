@@ -65,7 +65,7 @@ def test_import_contracts() -> None:
 def test_starting_a_worker_imports_no_trio() -> None:
     """What a worker, the fork server and the jail import at start, checked in a fresh interpreter."""
     code = (
-        "import sys, ipad._worker_host, ipad._forkserver, ipad._jail; "
+        "import sys, ipad.worker.host, ipad.worker.forkserver, ipad.worker.jail; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'trio', 'structlog', 'attrs', 'cattrs'} or m in {'threading', 'pathlib'}); "
         "print(bad)"

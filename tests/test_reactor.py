@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from ipad import _cgroup
-from ipad._children import Children, child_pidfd
-from ipad._reactor import Reactor, Timers
-from ipad._worker import WorkerProcess
+from ipad.daemon import cgroup as _cgroup
+from ipad.daemon.children import Children, child_pidfd
+from ipad.daemon.reactor import Reactor, Timers
+from ipad.daemon.worker_process import WorkerProcess
 from tests.daemon_process import alive
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ipad._proxy_isolated import IsolatedProcess, is_python_script
-from ipad._registry import REGISTRY, DuplicateProxyKind, ProxyKind, ProxyRegistry
+from ipad.config.kind_isolated import IsolatedProcess, is_python_script
+from ipad.config.proxy_kinds import REGISTRY, DuplicateProxyKind, ProxyKind, ProxyRegistry
 
 
 class _Plain(ProxyKind):
@@ -76,7 +76,7 @@ def _write_plugin(root: Path, dist: str, entries: str, code: str) -> None:
 
 PLUGIN_CODE = """
 from pathlib import Path
-from ipad._registry import ProxyKind
+from ipad.config.proxy_kinds import ProxyKind
 
 class Jail(ProxyKind):
     def worker_argv(self, executable: Path) -> list[str]:

@@ -10,9 +10,9 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from ipad._rate_limit import RateLimit
-from ipad._reactor import Reactor, Timers
-from ipad._relay import RELAY_PAUSE, LineBuffer, OutputRelay, parse_line
+from ipad.daemon.reactor import Reactor, Timers
+from ipad.daemon.relay import RELAY_PAUSE, LineBuffer, OutputRelay, parse_line
+from ipad.protocol.rate_limit import RateLimit
 
 
 def test_lines_are_cut_at_newlines_and_partials_wait() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ipad._paths import install_dir
-from ipad._resolve import WORKER_PATH_ENV, Attempt, WorkerNotFound, resolve_worker
+from ipad.config.paths import install_dir
+from ipad.config.resolve import WORKER_PATH_ENV, Attempt, WorkerNotFound, resolve_worker
 
 from .helpers_fs import make_dir, write_executable
 from .privileges import NOBODY, needs_setpriv, with_ids
@@ -294,7 +294,7 @@ import json, os, sys
 from pathlib import Path
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-from ipad._resolve import WorkerNotFound, resolve_worker
+from ipad.config.resolve import WorkerNotFound, resolve_worker
 try:
     found = str(resolve_worker("ipad-worker", install=Path(sys.argv[1])))
     attempts = []

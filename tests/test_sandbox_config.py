@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ipad import _seccomp
-from ipad._config_loader import parse_config
-from ipad._problems import ConfigError
+from ipad.config.loader import parse_config
+from ipad.config.problems import ConfigError
+from ipad.worker import seccomp as _seccomp
 from tests.daemon_process import REPO, DaemonProcess, write_config
 from tests.privileges import as_user
 from tests.test_e2e_unprivileged import nobody_dir
@@ -28,7 +28,7 @@ __all__ = ["nobody_dir"]  # a fixture, used by name
 #: Runs ``sys.argv[1:]`` with unshare(2) failing with EPERM, as a kernel without namespaces would.
 NO_UNSHARE = textwrap.dedent("""
     import ctypes, os, struct, sys
-    from ipad import _seccomp as s
+    from ipad.worker import seccomp as s
     nr = s.SYSCALLS[s.machine()]["unshare"]
     code = [(0x20, 0, 0, 0), (0x15, 0, 1, nr), (0x06, 0, 0, s.RET_ERRNO | 1), (0x06, 0, 0, s.RET_ALLOW)]
     libc = ctypes.CDLL(None, use_errno=True)

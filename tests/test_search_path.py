@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from ipad._search_path import (
+from ipad.config.search_path import (
     check_plain_name,
     dirs_from_env,
     is_plain_name,

@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from ipad import _seccomp as s
+from ipad.worker import seccomp as s
 
 ARCHES = sorted(s.SYSCALLS)
 

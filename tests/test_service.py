@@ -11,11 +11,11 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from ipad._config import RestartMode
-from ipad._events import EventBus
-from ipad._service import ModuleHealth, ServiceNotifier, module_health, status_line
-from ipad._states import WorkerState
-from ipad._systemd import Notifier
+from ipad.config.model import RestartMode
+from ipad.daemon.events import EventBus
+from ipad.daemon.service import ModuleHealth, ServiceNotifier, module_health, status_line
+from ipad.daemon.states import WorkerState
+from ipad.daemon.systemd import Notifier
 
 H = ModuleHealth
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ipad._check import check_config
-from ipad._manifest import ModuleSource, load_manifest
-from ipad._problems import ConfigError
-from ipad._signing import SignatureError, generate_key, load_public_key, sign, verify
+from ipad.config.check import check_config
+from ipad.config.manifest import ModuleSource, load_manifest
+from ipad.config.problems import ConfigError
+from ipad.config.signing import SignatureError, generate_key, load_public_key, sign, verify
 from tests.daemon_process import REPO, TEST_MODULES
 
 
@@ -124,7 +124,7 @@ def test_ipadctl_sign_and_verify(module: Path, keys: tuple[Path, Path]) -> None:
     """`ipadctl sign` signs a directory, `ipadctl verify` checks it; tampering exits 1."""
 
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ipad._cli_ctl", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "ipad.cli.ctl", *args], capture_output=True,
                               text=True, timeout=30, check=False, cwd=REPO)  # fmt: skip
 
     signed = ctl("sign", str(module.parent), "--key", str(keys[0]))

@@ -25,8 +25,8 @@ import pytest
 import trio
 
 from ipad import client as ipc
-from ipad._client import LocalEvent
 from ipad.client import BlockingClient
+from ipad.client._trio import LocalEvent
 from tests.daemon_process import REPO, TEST_MODULES, WAIT, wait_until
 from tests.journal_reader import Entry
 from tests.privileges import root_subtrees
@@ -325,7 +325,7 @@ def test_a_killed_worker_is_restarted_and_its_story_is_in_the_journal(service: S
         assert proxy.call("get", timeout=WAIT) == 0
     assert (crash["MODULE"], crash["SIGNAL"], crash["PRIORITY"]) == ("faulty", "SIGKILL", "3")
     assert crash["SYSLOG_IDENTIFIER"] == "ipad"
-    assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("_lifecycle.py", "_exit_reason")
+    assert (crash["CODE_FILE"], crash["CODE_FUNC"]) == ("ipad/daemon/lifecycle.py", "_exit_reason")
     assert int(crash["CODE_LINE"]) > 0
     relayed = service.wait_entry("IPAD_EVENT=worker.stderr", f"WORKER_PID={pid}", since=since)
     assert (relayed["MODULE"], relayed["TEXT"], relayed["PRIORITY"]) == (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ipad._systemd import (
+from ipad.daemon.systemd import (
     ActivationError,
     ListenFd,
     Notifier,
@@ -89,7 +89,7 @@ def test_take_listen_fds_unsets_the_variables_even_when_not_ours() -> None:
 #: Run in a child whose fd 3 is the passed socket: report what ipad makes of it.
 CHILD = """
 import json, os, socket, sys
-from ipad._systemd import ActivationError, listening_socket, socket_name, take_listen_fds
+from ipad.daemon.systemd import ActivationError, listening_socket, socket_name, take_listen_fds
 try:
     sock = listening_socket(take_listen_fds())
 except ActivationError as exc:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ipad._paths import install_tuning_dir
-from ipad._tuning import (
+from ipad.config.paths import install_tuning_dir
+from ipad.config.tuning import (
     CONFIG_PATH_ENV,
     UNCALIBRATED,
     TuningFileNotFound,

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from ipad._config import DEFAULT_ADMIN_GROUP
-from ipad._paths import SYSTEM_SOCKET
+from ipad.config.model import DEFAULT_ADMIN_GROUP
+from ipad.config.paths import SYSTEM_SOCKET
 from tests.daemon_process import REPO
 
 UNITS = REPO / "systemd"

@@ -1,5 +1,5 @@
 /* A native worker that tries to get past the seccomp filter the way an attacker who read
- * ipad/_seccomp.py would: other ABIs (x32, i386 int 0x80), high bits in 32-bit arguments,
+ * ipad/worker/seccomp.py would: other ABIs (x32, i386 int 0x80), high bits in 32-bit arguments,
  * O_ASYNC hidden among other flags, F_SETOWN_EX to a process group, and the system calls
  * the filter may have missed. Each attempt runs in a child; it says on stderr (relayed into
  * the daemon's log) what each got: "ok", an errno name, or the signal that ended the child.

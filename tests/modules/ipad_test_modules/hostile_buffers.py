@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ipad import _protocol as p
 from ipad.ipa import Buffer, IPAModule, setup
+from ipad.protocol import wire as p
 
 __version__ = "1.0.0"
 

@@ -12,13 +12,13 @@ import os
 import socket
 import sys
 
-from ipad import _protocol as p
-from ipad._fdpass import rights
 from ipad.ipa import IPAModule
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import rights
 
 __version__ = "1.0.0"
 
-#: The worker's control socket (ipad/_worker_host.py).
+#: The worker's control socket (ipad/worker/host.py).
 CONTROL_FD = 3
 
 

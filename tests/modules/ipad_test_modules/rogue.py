@@ -17,16 +17,16 @@ import socket
 import threading
 import time
 
-from ipad import _protocol as p
-from ipad._worker_host import WorkerHost
 from ipad.ipa import IPAModule, ModuleContext
+from ipad.protocol import wire as p
+from ipad.worker.host import WorkerHost
 
 __version__ = "1.0.0"
 
 #: Processes that flood a channel at once (``flood_hidden``).
 FLOODERS = 3
 
-#: A standby's heartbeat pace, or slower (ipad/_supervisor.py STANDBY_BEAT).
+#: A standby's heartbeat pace, or slower (ipad/daemon/supervisor.py STANDBY_BEAT).
 STANDBY_PACE = 3600.0
 
 

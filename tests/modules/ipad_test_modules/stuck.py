@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from ipad._worker_host import WorkerHost
 from ipad.ipa import IPAModule, ModuleContext
+from ipad.worker.host import WorkerHost
 
 __version__ = "1.0.0"
 

@@ -1,0 +1,1 @@
+"""The command lines: ``ipad`` (the daemon and --check-config) and ``ipadctl``."""

@@ -1,0 +1,327 @@
+"""The ``ipadctl`` admin command: inspect the daemon, call modules, follow events.
+
+It uses the blocking client, so it starts without importing trio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ipad._version import __version__
+from ipad.client._blocking import BlockingClient
+from ipad.config.paths import client_socket_path
+from ipad.protocol.errors import IpadError
+
+#: Exit status when the daemon answered with an error or could not be reached.
+EXIT_FAILED = 1
+#: Exit status for a usage error (argparse's own).
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """The command's arguments cannot be used; the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The admin command line; common options come before the operation."""
+    parser = argparse.ArgumentParser(
+        prog="ipadctl",
+        description="Inspect and control a running ipad daemon.",
+    )
+    parser.add_argument("--version", action="version", version=f"ipadctl {__version__}")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="daemon socket (default: $IPAD_SOCKET, else the per-user or system default)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("status", help="the daemon's and every module's state")
+    commands.add_parser("modules", help="discovered modules and their manifests")
+    call = commands.add_parser("call", help="request a proxy, call one method, print the result")
+    call.add_argument("module")
+    call.add_argument("method")
+    call.add_argument("args", nargs="?", default="{}", help="arguments as a JSON object")
+    call.add_argument(
+        "--fd",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="pass FILE, opened read-only, as the Buffer argument NAME (repeatable)",
+    )
+    restart = commands.add_parser(
+        "restart", help="restart a module's worker now, ending any backoff or cooldown"
+    )
+    restart.add_argument("module")
+    commands.add_parser("reload", help="re-read the configuration (like SIGHUP)")
+    commands.add_parser("stop", help="stop the daemon gracefully")
+    events = commands.add_parser("events", help="recent events; --follow for new ones too")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    sign = commands.add_parser("sign", help="sign the modules of a directory (no daemon needed)")
+    sign.add_argument("path", type=Path, help="a module directory, or one manifest")
+    sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    verify = commands.add_parser("verify", help="check module signatures (no daemon needed)")
+    verify.add_argument("path", type=Path, help="a module directory, or one manifest")
+    keys = verify.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--trusted-key", type=Path, action="append", help="public key (repeatable)")
+    keys.add_argument("--config", type=Path, help="use the trusted keys of this configuration")
+    keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing modules")
+    keygen.add_argument("private", type=Path, help="private key file to create (mode 0600)")
+    keygen.add_argument("public", type=Path, help="public key file to create")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ipadctl``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    if args.command in _OFFLINE:
+        return _OFFLINE[args.command](args)
+    return _online(args)
+
+
+def _connect(args: argparse.Namespace) -> BlockingClient | None:
+    """Connect, or say why not with the socket actually tried (the default, $IPAD_SOCKET)."""
+    path = args.socket or client_socket_path()
+    try:
+        return BlockingClient(path, name="ipadctl")
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        _fail(args, "unreachable", f"no daemon at {path}: {exc.strerror}")
+    except PermissionError as exc:
+        # The socket's group and mode are the first gate (docs/security.md).
+        _fail(args, "permission_denied", f"may not connect to {path}: {exc.strerror}")
+    except IpadError as exc:
+        _fail(args, exc.code, exc.message, exc.details)
+    return None
+
+
+def _online(args: argparse.Namespace) -> int:
+    """Run a command that talks to the daemon."""
+    client = _connect(args)
+    if client is None:
+        return EXIT_FAILED
+    try:
+        with client:
+            return int(_COMMANDS[args.command](client, args))
+    except IpadError as exc:
+        _fail(args, exc.code, exc.message, exc.details)
+        for problem in exc.details.get("problems", []) if not args.json else []:
+            print(problem, file=sys.stderr)
+    except UsageError as exc:
+        _fail(args, "usage", str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader (say, `| head`) left: stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return EXIT_FAILED
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None) -> None:
+    if args.json:
+        error = {"code": code, "message": message, "details": details or {}}
+        print(json.dumps({"error": error}))
+    else:
+        print(f"ipadctl: {message}", file=sys.stderr)
+        if details and "traceback" in details:
+            print(details["traceback"], file=sys.stderr)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=True))
+
+
+def _status(client: BlockingClient, args: argparse.Namespace) -> int:
+    reply = client.status()
+    if args.json:
+        _print_json({"daemon": reply.daemon, "modules": reply.modules})
+        return 0
+    d = reply.daemon
+    print(
+        f"ipad {d['version']} pid {d['pid']}, up {d['uptime']:.1f}s, {d['clients']} client(s), "
+        f"{d['proxies']} proxy(ies), socket {d['socket']}"
+    )
+    rows: list[tuple[str, ...]] = [
+        ("MODULE", "STATE", "PID", "RESTARTS", "PROXIES", "VERSION", "REASON")
+    ]
+    for name, m in sorted(reply.modules.items()):
+        rows.append((name, m["state"], str(m["worker_pid"] or "-"), str(m["restarts"]),
+                     str(m["proxies"]), m["version"], m["reason"] or ""))  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+def _modules(client: BlockingClient, args: argparse.Namespace) -> int:
+    modules = client.modules()
+    if args.json:
+        _print_json(modules)
+        return 0
+    rows: list[tuple[str, ...]] = [("MODULE", "VERSION", "ENABLED", "PIPELINES", "MANIFEST")]
+    for name, m in sorted(modules.items()):
+        pipe = m["pipeline"]
+        handlers = ",".join(pipe["handlers"]) + f" v{pipe['min_version']}-{pipe['max_version']}"
+        rows.append((name, m["version"], "yes" if m["enabled"] else "no", handlers, m["manifest"]))
+    _print_table(rows)
+    return 0
+
+
+def _call(client: BlockingClient, args: argparse.Namespace) -> int:
+    try:
+        call_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"arguments are not JSON: {exc}") from None
+    if not isinstance(call_args, dict):
+        raise UsageError('arguments must be a JSON object, such as \'{"text": "hi"}\'')
+    fds: dict[str, int] = {}
+    try:
+        for spec in args.fd:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--fd takes NAME=FILE, not {spec!r}")
+            try:
+                fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise UsageError(f"--fd {name}: cannot open {path}: {exc.strerror}") from None
+        proxy = client.request_proxy(args.module)
+        result = proxy.call(args.method, call_args, fds, timeout=args.timeout)
+        proxy.release()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    _print_json(result) if args.json or not isinstance(result, str) else print(result)
+    return 0
+
+
+def _events(client: BlockingClient, args: argparse.Namespace) -> int:
+    client.subscribe(since=0)
+    timeout: float | None = None if args.follow else 0.2
+    while (event := client.next_event(timeout)) is not None:
+        if args.json:
+            print(json.dumps(msgspec.to_builtins(event)), flush=True)
+        else:
+            fields = " ".join(
+                f"{k}={v}"
+                for k, v in msgspec.to_builtins(event).items()
+                if v not in (None, {}) and k not in ("seq", "kind", "module")
+            )
+            print(f"{event.seq:6d} {event.kind}:{event.module} {fields}", flush=True)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
+    result = client.admin(args.command, getattr(args, "module", None), timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+    elif args.command == "restart":
+        print(f"{result['module']}: {result['state']}")
+    elif args.command == "reload":
+        for key in ("added", "removed", "changed", "code_changed", "unchanged"):
+            print(f"{key.replace('_', ' ')}: {', '.join(result.get(key, ())) or '-'}")
+    else:
+        print("stopping")
+    return 0
+
+
+def _manifests(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.toml") if not p.name.startswith("."))
+    return [path]
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from ipad.config.problems import ManifestError  # noqa: PLC0415 - offline commands only
+    from ipad.config.signing import SignatureError, sign  # noqa: PLC0415
+
+    status = 0
+    for manifest in _manifests(args.path):
+        try:
+            written = sign(manifest, args.key)
+        except (SignatureError, ManifestError, OSError) as exc:
+            print(f"ipadctl: {exc}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        document = json.loads(written.read_text())
+        print(f"{manifest.stem}: signed by {document['key']}, {len(document['files'])} files, "
+              f"{written}")  # fmt: skip
+    return status
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ipad.config.manifest import ModuleSource, load_manifest  # noqa: PLC0415 - offline commands only
+    from ipad.config.problems import ProblemsError  # noqa: PLC0415
+    from ipad.config.signing import SignatureError, load_public_key, verify  # noqa: PLC0415
+
+    try:
+        if args.config is not None:
+            from ipad.config.loader import load_config  # noqa: PLC0415
+
+            paths = list(load_config(args.config).signatures.trusted_keys)
+        else:
+            paths = list(args.trusted_key)
+        keys = [load_public_key(path) for path in paths]
+    except (SignatureError, ProblemsError, OSError) as exc:
+        print(f"ipadctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    status = 0
+    for manifest in _manifests(args.path):
+        try:
+            verified = verify(ModuleSource(load_manifest(manifest), manifest), keys)
+        except (SignatureError, ProblemsError, OSError) as exc:
+            print(f"{manifest.stem}: REFUSED: {exc}")
+            status = EXIT_FAILED
+            continue
+        print(f"{manifest.stem}: ok, signed by {verified.key_id}, {len(verified.files)} files")
+    return status
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ipad.config.signing import generate_key  # noqa: PLC0415 - offline commands only
+
+    try:
+        ident = generate_key(args.private, args.public)
+    except OSError as exc:
+        print(f"ipadctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{ident}: private key {args.private}, public key {args.public}")
+    return 0
+
+
+#: Commands that need no daemon.
+_OFFLINE = {"sign": _sign, "verify": _verify, "keygen": _keygen}
+
+_COMMANDS = {
+    "status": _status,
+    "modules": _modules,
+    "call": _call,
+    "events": _events,
+    "restart": _admin,
+    "reload": _admin,
+    "stop": _admin,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

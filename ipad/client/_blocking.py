@@ -1,0 +1,758 @@
+"""The blocking client, for programs without an event loop and for ipadctl.
+
+It imports no trio, so a command-line call starts fast. One thread at a time
+may use a client and its proxies. Events that arrive while a reply is awaited
+are queued and returned by ``next_event``.
+
+Without a task of its own, a proxy recovers on the next call instead of in the
+background: it asks for a new channel (REOPEN_PROXY) and waits for the answer
+on the daemon's socket, with poll(2) and the call's deadline. A grant that
+comes after the caller gave up is kept for the next call, never thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import math
+import select
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ipad.client._backlog import EVENT_BACKLOG, RAW_EVENTS, Backlog, RawModuleEvent
+from ipad.client._buffers import FdArg
+from ipad.client._core import (
+    CLIENT_VERSIONS,
+    Backoff,
+    Bounds,
+    M,
+    ProxyInfo,
+    SetupLog,
+    build_call,
+    closed_error,
+    expect,
+    not_sent,
+    proxy_news,
+    unavailable_details,
+)
+from ipad.config.paths import client_socket_path
+from ipad.protocol import wire as p
+from ipad.protocol.errors import (
+    CallNotSent,
+    Disconnected,
+    IpadError,
+    TimedOut,
+    UnknownProxy,
+    WorkerCrashed,
+)
+from ipad.protocol.fdpass import recv_packet, rights
+
+__all__ = ["EVENT_BACKLOG", "BlockingClient", "BlockingProxy"]
+
+#: Packets a wait still takes once its deadline has passed, if they are ready: a grant
+#: behind a burst of events is used, but a peer that keeps the socket full (a worker
+#: flooding its channel) cannot stretch the wait for ever.
+LATE_PACKETS = 128
+
+
+class _Connection:
+    """A blocking SEQPACKET connection: request ids, replies kept on request, an event backlog.
+
+    Every wait is a poll(2) bounded by one deadline for the whole request, so
+    packets that keep coming (events) cannot stretch it.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        allowed: frozenset[p.MsgType],
+        what: str,
+        on_event: Callable[[p.Message], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.allowed = allowed
+        self.what = what
+        self.on_event = on_event
+        self.ids = itertools.count(1)
+        #: Events not read yet, bounded in count and bytes (ipad/client/_backlog.py).
+        self.backlog = Backlog()
+        self.closed_reason: str | None = None
+        #: Requests whose reply is put aside when it comes while another is awaited (a grant
+        #: the caller gave up on): request id -> the reply once it came.
+        self.kept: dict[int, p.Frame | None] = {}
+
+    def request(
+        self, message: p.Message, fds: list[int] | None = None, deadline: float | None = None
+    ) -> p.Frame:
+        """Send and wait for the reply with the same id, queueing whatever comes between."""
+        return self.reply(self.send(message, fds, deadline), deadline)
+
+    def send(
+        self, message: p.Message, fds: list[int] | None = None, deadline: float | None = None
+    ) -> int:
+        """Send a request; its id. A connection already gone never took it (CallNotSent)."""
+        if self.closed_reason is not None:
+            raise self._not_sent()
+        request_id = next(self.ids)
+        packet = p.encode(message, request_id, len(fds or ()))
+        flags = 0 if deadline is None else socket.MSG_DONTWAIT  # without one, block as ever
+        while True:
+            try:
+                self.sock.sendmsg([packet], rights(fds or ()), flags)
+            except BlockingIOError:
+                self._ready(select.POLLOUT, deadline)  # the peer reads slowly: wait for room
+            except OSError as exc:
+                self._drain()
+                self.closed_reason = self.closed_reason or f"{self.what} is gone: {exc.strerror}"
+                raise self._not_sent() from None
+            else:
+                return request_id
+
+    def reply(self, request_id: int, deadline: float | None) -> p.Frame:
+        """The reply to ``request_id``; replies to kept requests that come first are put aside.
+
+        Past the deadline up to ``LATE_PACKETS`` that are ready are still taken:
+        then the wait ends, however much more keeps coming.
+        """
+        late = 0
+        while True:
+            frame = self.kept.get(request_id)
+            if frame is not None:
+                del self.kept[request_id]
+                return frame
+            if self.closed_reason is not None:
+                self.kept.pop(request_id, None)
+                raise self._gone()
+            if late >= LATE_PACKETS:
+                raise TimedOut(f"no answer from the {self.what} in time")
+            try:
+                frame = self._receive(deadline)
+            except (WorkerCrashed, Disconnected):
+                self.kept.pop(request_id, None)
+                raise
+            late += deadline is not None and time.monotonic() >= deadline
+            if frame is None:
+                continue
+            if frame.request_id == request_id:
+                self.kept.pop(request_id, None)
+                return frame
+            self._put_aside(frame)
+
+    def keep(self, request_id: int) -> None:
+        """Put the reply to ``request_id`` aside if it comes while something else is awaited."""
+        self.kept[request_id] = None
+
+    def forget(self, request_id: int) -> None:
+        """No longer keep the reply to ``request_id``; one already put aside is closed."""
+        frame = self.kept.pop(request_id, None)
+        if frame is not None:
+            frame.close_fds()
+
+    def _put_aside(self, frame: p.Frame) -> None:
+        if frame.request_id in self.kept and self.kept[frame.request_id] is None:
+            self.kept[frame.request_id] = frame
+        else:
+            frame.close_fds()  # a late reply to an abandoned request: dropped, never misdelivered
+
+    def next_event(self, timeout: float | None) -> p.Message | None:
+        """The oldest queued or next arriving event; None if none came within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        late = 0
+        while True:
+            while not self.backlog:
+                if self.closed_reason is not None:
+                    raise self._gone()
+                if late >= LATE_PACKETS:
+                    return None  # past the deadline: a flood does not stretch it
+                try:
+                    frame = self._receive(deadline)
+                except TimedOut:
+                    return None
+                late += deadline is not None and time.monotonic() >= deadline
+                if frame is not None:
+                    self._put_aside(frame)
+            event: p.Message | None = self.backlog.pop()
+            if event is not None:  # None: a module event that could not be decoded (lost)
+                return event
+
+    def _ready(self, events: int, deadline: float | None) -> None:
+        """Wait until the socket is ready for ``events``; TimedOut once ``deadline`` passed.
+
+        What is ready at the deadline is still taken: a grant already there is used.
+        """
+        poller = select.poll()
+        poller.register(self.sock, events)
+        while True:
+            if deadline is None:
+                wait_ms = None
+            else:
+                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if poller.poll(wait_ms):
+                return
+            if wait_ms == 0:
+                raise TimedOut(f"no answer from the {self.what} in time")
+
+    def _drain(self) -> None:
+        """Read what the peer sent before it closed: its GOODBYE says why."""
+        try:
+            while self.closed_reason is None:
+                frame = self._receive(time.monotonic())
+                if frame is not None:
+                    self._put_aside(frame)
+        except (IpadError, OSError):
+            pass
+
+    def _receive(self, deadline: float | None) -> p.Frame | None:
+        """The next packet: a reply is returned; an event is queued and a goodbye noted (None)."""
+        if deadline is not None:  # without one, the blocking receive waits as long as it takes
+            self._ready(select.POLLIN, deadline)
+        try:
+            received = recv_packet(self.sock)
+            if received is not None:
+                frame = p.decode(*received, allowed=self.allowed, decoders=RAW_EVENTS)
+        except p.ProtocolError as exc:
+            self.closed_reason = f"{self.what} broke the protocol: {exc.reason}"
+            raise self._gone() from None
+        except MemoryError:
+            # What the peer sent decodes to more than this process can hold: this connection
+            # ends with that reason (a proxy reopens its channel, which closes this one); the
+            # client and its other proxies carry on.
+            self.closed_reason = f"the client ran out of memory decoding what the {self.what} sent"
+            raise self._gone() from None
+        except OSError as exc:
+            if exc.errno == errno.ECONNRESET and self.what == "daemon":
+                # The daemon closed with our packets unread: the kernel reports that first,
+                # then what the daemon sent before (a GOODBYE with its reason), then the end.
+                return self._receive(deadline)
+            self.closed_reason = f"{self.what} is gone: {exc.strerror}"
+            if exc.errno == errno.ECONNRESET and self.what != "daemon":
+                # The worker died with packets unread: it processes them in order, so
+                # the newest request, the one this blocking connection waits for, never ran.
+                raise self._not_sent() from None
+            raise self._gone() from None
+        if received is None:
+            self.closed_reason = self.closed_reason or f"{self.what} closed the connection"
+            raise self._gone()
+        message = frame.message
+        if isinstance(message, p.Event | RawModuleEvent):
+            self.backlog.put(message)
+            if self.on_event is not None:
+                self.on_event(message)
+            return None
+        if isinstance(message, p.Goodbye):
+            self.closed_reason = message.reason
+            return None
+        return frame
+
+    def _gone(self) -> IpadError:
+        if self.what == "daemon":
+            return Disconnected(self.closed_reason or "disconnected")
+        return WorkerCrashed(self.closed_reason or "worker is gone")
+
+    def _not_sent(self) -> IpadError:
+        gone = self._gone()
+        return CallNotSent(gone.message) if isinstance(gone, WorkerCrashed) else gone
+
+    def close(self) -> None:
+        """Close the socket and whatever replies were put aside."""
+        for request_id in list(self.kept):
+            self.forget(request_id)
+        self.closed_reason = self.closed_reason or "closed by this client"
+        self.sock.close()
+
+
+class _Failed(Exception):
+    """One recovery attempt failed; ``error`` is what a caller is told.
+
+    ``final``: no later attempt can succeed (the daemon closed the proxy, or
+    its connection is gone without ``reconnect``), so ``wait`` waits no more.
+    """
+
+    def __init__(self, error: IpadError, *, final: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.final = final
+
+
+class _Replay:
+    """A granted channel whose setup calls are being replayed, kept across calls until done."""
+
+    def __init__(self, proxy: BlockingProxy, frame: p.Frame) -> None:
+        self.granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise IpadError("PROXY_GRANTED came without its channel")
+        channel = socket.socket(fileno=frame.fds[0])
+        self.conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{proxy.module} worker")
+        self.calls = list(proxy.setup_log.calls)
+        self.sent: list[int] = []
+        self.answered = 0
+
+    def finish(self, until: float | None) -> None:
+        """Send the setup calls not yet sent, all before any reply (pipelined), and collect them."""
+        while len(self.sent) < len(self.calls):
+            call = self.calls[len(self.sent)]
+            message, fd_list = build_call(call.method, call.args, dict(call.fds))
+            self.sent.append(self.conn.send(message, fd_list, until))
+        while self.answered < len(self.sent):
+            expect(self.conn.reply(self.sent[self.answered], until), p.Result)
+            self.answered += 1
+
+
+class BlockingProxy:
+    """A handle on one module instance.
+
+    A call on a proxy whose worker died brings it back first (new channel,
+    setup calls replayed), within the call's ``timeout`` (the whole call) and
+    ``wait`` (the recovery) if given; without ``wait``, one attempt is made
+    and its failure is the call's, with the daemon's reason. A call in flight
+    when the worker died fails with WorkerCrashed: it may have run.
+    """
+
+    def __init__(
+        self,
+        client: BlockingClient,
+        info: ProxyInfo,
+        channel: socket.socket,
+        pipeline: str | None = None,
+        pipeline_version: int | None = None,
+    ) -> None:
+        self.client = client
+        #: What the proxy was requested for, to request it again from a restarted daemon.
+        self.pipeline = pipeline
+        self.pipeline_version = pipeline_version
+        self.info = info
+        self.proxy_id = info.proxy_id
+        self.module = info.module
+        self.setup_log = SetupLog(info)
+        self.recoveries = 0
+        #: "valid", "invalid" (a recovery is due) or "closed" (released, or closed by the daemon).
+        self.state = "valid"
+        self.reason: str | None = None
+        self._conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{info.module} worker")
+        #: The daemon connection the proxy id belongs to; another one needs REQUEST_PROXY.
+        self._daemon_conn = client._conn
+        #: REOPEN_PROXY (or REQUEST_PROXY after a reconnection) sent, its reply kept.
+        self._asked: tuple[_Connection, int] | None = None
+        self._replay: _Replay | None = None
+        #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
+        self._backoff = Backoff()
+        #: Why the last attempt failed, told to a caller that comes before the next one may.
+        self._failure: IpadError | None = None
+
+    @property
+    def valid(self) -> bool:
+        """True while the channel to the worker works, as far as the client knows."""
+        return self.state == "valid" and self._conn.closed_reason is None
+
+    def call(
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
+        timeout: float | None = None,
+        *,
+        wait: float | None = None,
+    ) -> Any:
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
+
+        ``timeout`` bounds the whole call (TimedOut), recovery and replay
+        included; without it, the module's ``call_timeout`` does (from the
+        grant). ``wait`` is how long a dead proxy's recovery is waited for,
+        through failed attempts (CallNotSent when it runs out). A reply that
+        comes after the call gave up is dropped; the proxy stays usable.
+        """
+        if timeout is None:
+            timeout = self.info.call_timeout
+        bounds = Bounds.of(time.monotonic(), timeout, wait)
+        message, fd_list = build_call(method, args, fds)
+        while True:
+            if not self.valid:
+                self._recover(bounds)
+            conn = self._conn
+            try:
+                request_id = conn.send(message, fd_list, bounds.deadline)
+            except CallNotSent:
+                self._lost(conn)
+                continue  # nothing ran: sent again once the proxy is back, within the bounds
+            except TimedOut:
+                raise TimedOut(f"{self.module} did not take the call within {timeout:g}s",
+                               {"sent": False}) from None  # fmt: skip
+            try:
+                frame = conn.reply(request_id, bounds.deadline)
+            except CallNotSent:
+                self._lost(conn)
+                continue
+            except WorkerCrashed:
+                self._lost(conn)
+                self._ask_now()  # the next call finds the new channel ready, or sooner
+                raise
+            except TimedOut:
+                raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
+                               {"sent": True}) from None  # fmt: skip
+            value = expect(frame, p.Result).value
+            self.setup_log.record(method, args, fds)
+            return value
+
+    def recover(self, timeout: float) -> None:
+        """Bring the proxy back now (reopen, replay) within ``timeout`` seconds; raise why not.
+
+        What is raised is the daemon's own error (UnknownProxy for a proxy it
+        closed, ModuleUnavailable, Disconnected), not a call's CallNotSent.
+        """
+        if self.state == "closed":
+            raise UnknownProxy(f"proxy {self.proxy_id} was closed: {self.reason}")
+        try:
+            self._recover(Bounds.of(time.monotonic(), timeout, timeout))
+        except CallNotSent as exc:
+            cause = exc.__cause__
+            raise cause if isinstance(cause, IpadError) else exc from None
+
+    def _recover(self, bounds: Bounds) -> None:
+        """Make the proxy valid within ``bounds``: one attempt, or attempts until ``wait`` ends."""
+        while not self.valid:
+            if self.state == "closed":
+                raise closed_error(self.module, self.reason)
+            try:
+                self._pace(bounds.until)
+                self._attempt(bounds.until)
+            except TimedOut:
+                raise bounds.expired(time.monotonic(), self.module, self.reason) from None
+            except _Failed as failed:
+                self._failure = failed.error
+                if bounds.wait is None or failed.final:
+                    raise failed.error from failed.error.__cause__
+
+    def _pace(self, until: float | None) -> None:
+        """After a refusal, the backoff's delay before asking again; the last failure if too late.
+
+        A refusal is an answer, not news to wait for on a socket; and however
+        many calls come, the daemon is asked on one schedule.
+        """
+        if self._asked is not None or self._replay is not None or self._failure is None:
+            return  # an attempt is under way, or none failed
+        now = time.monotonic()
+        delay = self._backoff.wait(now)
+        if until is not None and now + delay >= until:
+            raise _Failed(self._failure)
+        time.sleep(delay)
+
+    def _attempt(self, until: float | None) -> None:
+        """One recovery: a grant (asked once, kept across calls), then the replay on it."""
+        if self._replay is None:
+            frame = self._grant(until)
+            try:
+                self._replay = _Replay(self, frame)
+            except UnknownProxy as exc:
+                self._close(f"the daemon closed it: {exc.message}")
+                raise _Failed(not_sent(self.module, exc), final=True) from None
+            except IpadError as exc:
+                self._backoff.failed(time.monotonic())
+                raise _Failed(not_sent(self.module, self._explained(exc), self.reason)) from None
+        replay = self._replay
+        try:
+            replay.finish(until)
+        except TimedOut:
+            raise  # the replay goes on at the next call, on the same channel
+        except IpadError as exc:
+            replay.conn.close()
+            self._replay = None
+            if not isinstance(exc, WorkerCrashed):
+                self._backoff.failed(time.monotonic())
+            raise _Failed(not_sent(self.module, f"replaying its setup failed: {exc.message}",
+                                   self.reason)) from None  # fmt: skip
+        self._replay = None
+        self._adopt(replay)
+
+    def _grant(self, until: float | None) -> p.Frame:
+        """The daemon's answer to REOPEN_PROXY, or REQUEST_PROXY on a daemon connected anew.
+
+        The request is sent once and its reply kept: a caller that gives up
+        leaves it for the next, which waits on the same request.
+        """
+        client = self.client
+        retried = False  # a connection found lost is made again once, and asked anew
+        while True:
+            try:
+                if self._asked is None:
+                    conn = client._live(until)
+                    if conn is self._daemon_conn:
+                        message: p.Message = p.ReopenProxy(self.proxy_id)
+                    else:
+                        message = p.RequestProxy(self.module, self.pipeline, self.pipeline_version)
+                    request_id = conn.send(message, deadline=until)
+                    conn.keep(request_id)
+                    self._asked = (conn, request_id)
+                conn, request_id = self._asked
+                frame = conn.reply(request_id, until)
+            except Disconnected as exc:
+                self._asked = None
+                if not client.reconnect or retried:
+                    raise self._disconnected(exc) from None
+                retried = True
+                continue
+            self._asked = None
+            return frame
+
+    def _disconnected(self, exc: Disconnected) -> _Failed:
+        """The daemon connection is gone: for good without ``reconnect``, else until it is back."""
+        if not self.client.reconnect:
+            return _Failed(Disconnected(exc.message), final=True)
+        return _Failed(not_sent(self.module, exc, self.reason))
+
+    def _ask_now(self) -> None:
+        """Ask for a new channel without waiting: the daemon answers once a new worker runs."""
+        conn = self.client._conn
+        if self._asked is not None or conn is not self._daemon_conn or conn.closed_reason:
+            return
+        try:
+            request_id = conn.send(p.ReopenProxy(self.proxy_id), deadline=time.monotonic())
+        except IpadError:
+            return  # the daemon is gone or slow: the next call asks again
+        conn.keep(request_id)
+        self._asked = (conn, request_id)
+
+    def _adopt(self, replay: _Replay) -> None:
+        """Switch to the replayed channel and tell the daemon (its answer is not awaited)."""
+        client, granted = self.client, replay.granted
+        self._conn.close()
+        self._conn, self.info = replay.conn, ProxyInfo.from_granted(granted)
+        if granted.proxy_id != self.proxy_id or self._daemon_conn is not client._conn:
+            client.proxies.pop(self.proxy_id, None)  # requested anew from a restarted daemon
+            self.proxy_id = granted.proxy_id
+            client.proxies[self.proxy_id] = self
+            self._daemon_conn = client._conn
+        self.state = "valid"
+        self.reason = "fallback" if granted.served_by else "recovered"
+        self.recoveries += 1
+        self._backoff.reset()
+        self._failure = None
+        ready = p.ProxyReady(self.proxy_id, len(replay.calls))
+        # The daemon marks the proxy valid for everyone; its answer changes nothing here.
+        with contextlib.suppress(IpadError):
+            client._conn.send(ready, deadline=time.monotonic())
+
+    def _explained(self, exc: IpadError) -> IpadError:
+        """A reopen's error, with the module's state from its last event if the daemon gave none."""
+        if "state" not in exc.details:
+            exc.details.update(unavailable_details(self.client.module_events.get(self.module)))
+        return exc
+
+    def _lost(self, conn: _Connection) -> None:
+        if conn is self._conn and self.state == "valid":
+            self.state, self.reason = "invalid", conn.closed_reason
+
+    def _on_event(self, event: p.Event) -> None:
+        news = proxy_news(event, self.info.seq)
+        if news is not None and self.state != "closed":
+            self.state, self.reason = news
+
+    def _close(self, reason: str) -> None:
+        self.state = "closed"
+        self.reason = reason
+
+    @property
+    def events_lost(self) -> int:
+        """Module events lost on the current channel (past its bounds, or undecodable)."""
+        return self._conn.backlog.dropped
+
+    def next_event(self, timeout: float | None = None) -> p.ModuleEvent | None:
+        """The next event the module instance sent, or None after ``timeout`` seconds."""
+        event = self._conn.next_event(timeout)
+        assert event is None or isinstance(event, p.ModuleEvent)  # noqa: S101 - channel sends only these
+        return event
+
+    def release(self) -> None:
+        """Give the instance back (a proxy the daemon already closed is simply forgotten)."""
+        self.client.proxies.pop(self.proxy_id, None)
+        self._discard()
+        try:
+            if self._daemon_conn is self.client._conn:
+                self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        except (UnknownProxy, Disconnected):
+            pass  # its channel broke, its instance was closed, or its daemon is gone: it is gone
+        finally:
+            self._close("released")
+
+    def _discard(self) -> None:
+        """Close the channels and drop what a recovery under way holds."""
+        if self._asked is not None:
+            self._asked[0].forget(self._asked[1])
+            self._asked = None
+        if self._replay is not None:
+            self._replay.conn.close()
+            self._replay = None
+        self._conn.close()
+        self.setup_log.close()
+
+
+class BlockingClient:
+    """A blocking connection to the daemon."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        name: str = "",
+        subscribe: bool = False,
+        reconnect: bool = False,
+    ) -> None:
+        self.path = str(path) if path is not None else str(client_socket_path())
+        self.name = name
+        self.subscribed = subscribe
+        #: Whether a lost daemon connection is made again (on the next request or call).
+        self.reconnect = reconnect
+        self.proxies: dict[int, BlockingProxy] = {}
+        #: The last event about each module (with ``subscribe``): why it does not serve.
+        self.module_events: dict[str, p.Event] = {}
+        #: Paces reconnections, however many calls find the daemon gone.
+        self._backoff = Backoff()
+        self._conn, self.welcome = self._connect(None)
+        self._backoff.up(time.monotonic())
+
+    def _connect(self, deadline: float | None) -> tuple[_Connection, p.Welcome]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                sock.connect(self.path)
+            except OSError as exc:  # connect(2) names no file: say which socket it was
+                raise type(exc)(exc.errno, exc.strerror, self.path) from None
+            conn = _Connection(sock, p.FROM_DAEMON, "daemon", self._on_event)
+            hello = p.Hello(CLIENT_VERSIONS, self.name)
+            welcome = expect(conn.request(hello, deadline=deadline), p.Welcome)
+            if self.subscribed:
+                expect(conn.request(p.Subscribe(None), deadline=deadline), p.Subscribed)
+        except BaseException:
+            sock.close()
+            raise
+        return conn, welcome
+
+    def _on_event(self, event: p.Message) -> None:
+        """Note what a daemon event says about a module or one of our proxies."""
+        if not isinstance(event, p.Event):
+            return
+        if event.kind == "module" and event.state is not None:
+            self.module_events[event.module] = event
+        proxy = self.proxies.get(event.proxy_id) if event.proxy_id is not None else None
+        if proxy is not None and proxy._daemon_conn is self._conn:
+            proxy._on_event(event)
+
+    def _live(self, deadline: float | None) -> _Connection:
+        """The daemon connection, made again first if it was lost and ``reconnect`` allows."""
+        if self._conn.closed_reason is None:
+            return self._conn
+        if not self.reconnect:
+            raise Disconnected(self._conn.closed_reason)
+        self.reconnect_now(deadline)
+        return self._conn
+
+    def reconnect_now(self, deadline: float | None = None) -> None:
+        """Connect to the daemon again, when the backoff allows; Disconnected if refused.
+
+        However many calls find the daemon gone, attempts follow one schedule
+        (at once, then 10 ms doubling to 1 s, with jitter); a call whose
+        deadline comes before the next attempt fails at once, saying when.
+        """
+        backoff = self._backoff
+        now = time.monotonic()
+        self.module_events.clear()  # about the daemon that is gone
+        backoff.down(now)
+        delay = backoff.wait(now)
+        if deadline is not None and now + delay > deadline:
+            raise Disconnected(f"cannot reach the daemon at {self.path} now; "
+                               f"next attempt in {delay:.3f}s")  # fmt: skip
+        time.sleep(delay)  # the backoff's own delay: nothing to wait for on a socket
+        try:
+            conn, welcome = self._connect(deadline)
+        except (OSError, IpadError) as exc:
+            backoff.failed(time.monotonic())
+            why = exc.message if isinstance(exc, IpadError) else exc.strerror
+            raise Disconnected(f"cannot reach the daemon at {self.path}: {why}") from None
+        backoff.up(time.monotonic())
+        self._conn.close()
+        self._conn, self.welcome = conn, welcome
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(self, message: p.Message, reply: type[M], timeout: float | None = None) -> M:
+        """Send a request to the daemon; return its reply of type ``reply``.
+
+        With ``reconnect``, a connection found lost is made again (when the
+        backoff allows) and the request sent on the new one.
+        """
+        return expect(self._frame(message, timeout), reply)
+
+    def _frame(self, message: p.Message, timeout: float | None = None) -> p.Frame:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            try:
+                return self._live(deadline).request(message, deadline=deadline)
+            except Disconnected:
+                if not self.reconnect:
+                    raise
+                return self._live(deadline).request(message, deadline=deadline)
+        except TimedOut:
+            raise TimedOut(f"the daemon did not answer {message.TYPE.name} within {timeout:g}s",
+                           {"sent": True}) from None  # fmt: skip
+
+    def subscribe(self, since: int | None = None) -> p.Subscribed:
+        """Receive events from now on, after the kept ones later than ``since`` if given."""
+        return self.request(p.Subscribe(since), p.Subscribed)
+
+    @property
+    def events_lost(self) -> int:
+        """Daemon events lost on this connection past the backlog's bounds."""
+        return self._conn.backlog.dropped
+
+    def next_event(self, timeout: float | None = None) -> p.Event | None:
+        """The next daemon event, or None after ``timeout`` seconds."""
+        event = self._conn.next_event(timeout)
+        assert event is None or isinstance(event, p.Event)  # noqa: S101 - daemon sends only these
+        return event
+
+    def status(self) -> p.StatusReply:
+        """The daemon's and every module's state."""
+        reply: p.StatusReply = self.request(p.Status(), p.StatusReply)
+        return reply
+
+    def admin(self, command: str, module: str | None = None, timeout: float | None = None) -> Any:
+        """An operator's command: ``restart`` (a module), ``reload`` or ``stop``."""
+        reply: p.AdminDone = self.request(p.Admin(command, module), p.AdminDone, timeout)
+        return reply.result
+
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Every discovered module and its manifest."""
+        reply: p.Modules = self.request(p.ListModules(), p.Modules)
+        return reply.modules
+
+    def request_proxy(
+        self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
+    ) -> BlockingProxy:
+        """A proxy to a new instance of ``module``."""
+        frame = self._frame(p.RequestProxy(module, pipeline, pipeline_version))
+        granted: p.ProxyGranted = expect(frame, p.ProxyGranted)
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise IpadError("PROXY_GRANTED came without its channel")
+        channel = socket.socket(fileno=frame.fds[0])
+        proxy = BlockingProxy(
+            self, ProxyInfo.from_granted(granted), channel, pipeline, pipeline_version
+        )
+        self.proxies[proxy.proxy_id] = proxy
+        return proxy
+
+    def close(self) -> None:
+        """Close every proxy channel and the connection."""
+        for proxy in list(self.proxies.values()):
+            proxy._discard()
+            proxy._close("client closed")
+        self.proxies.clear()
+        self._conn.close()

@@ -1,0 +1,284 @@
+"""What the trio and the blocking client share, sans I/O: messages, recovery rules, backoff.
+
+Both clients make the same decisions (when to try again, what a failed
+reopen means, what the caller is told and within which deadline) from the
+helpers here; each only carries them out, with trio or with poll(2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+from ipad.client._buffers import FdArg, Output, fd_of, protect_all
+from ipad.protocol import wire as p
+from ipad.protocol.errors import CallNotSent, IpadError, TimedOut, UnknownProxy, error_from_reply
+
+#: Protocol versions this client library speaks, newest first.
+CLIENT_VERSIONS = (p.PROTOCOL_VERSION,)
+
+#: Trying again (connecting to the daemon, or a reopen it refused): at once the first time,
+#: then after RECONNECT_INITIAL, doubling up to RECONNECT_MAX.
+RECONNECT_INITIAL = 0.01
+RECONNECT_MAX = 1.0
+#: Fraction of each delay added at random, so clients do not return in step.
+RECONNECT_JITTER = 0.2
+#: A connection that lasted this long was a success: after its loss, the first attempt is at once.
+RECONNECT_STABLE = RECONNECT_MAX
+
+
+@attrs.frozen
+class ProxyInfo:
+    """What the daemon told us about a granted proxy."""
+
+    proxy_id: int
+    module: str
+    module_version: str
+    worker_pid: int
+    methods: tuple[str, ...]
+    setup_methods: frozenset[str]
+    #: method -> the setup method calling it cancels (``stop`` -> ``start``).
+    undoes: dict[str, str]
+    seq: int
+    #: The module serving this proxy for now, when a fallback stands in; else "".
+    served_by: str = ""
+    #: Every call's deadline when the caller gives no ``timeout`` (None: the daemon gave none).
+    call_timeout: float | None = None
+
+    @classmethod
+    def from_granted(cls, granted: p.ProxyGranted) -> ProxyInfo:
+        """Read a PROXY_GRANTED reply."""
+        return cls(
+            proxy_id=granted.proxy_id,
+            module=granted.module,
+            module_version=granted.module_version,
+            worker_pid=granted.worker_pid,
+            methods=tuple(m.name for m in granted.methods),
+            setup_methods=frozenset(m.name for m in granted.methods if m.setup),
+            undoes={m.name: m.undoes for m in granted.methods if m.undoes},
+            seq=granted.seq,
+            served_by=granted.served_by,
+            call_timeout=granted.call_timeout if granted.call_timeout > 0 else None,
+        )
+
+
+@attrs.frozen
+class SetupCall:
+    """A setup call to replay on a new instance; ``fds`` are our own duplicates."""
+
+    method: str
+    args: dict[str, Any]
+    fds: tuple[tuple[str, FdArg], ...]
+
+
+class SetupLog:
+    """The setup calls a proxy made, in order, to bring a new instance to the same state.
+
+    A setup method called again replaces its earlier call (the module keeps the
+    latest configuration); a method that undoes one (``stop``) removes it.
+    Passed descriptors are duplicated, since the caller may close its own.
+    """
+
+    def __init__(self, info: ProxyInfo) -> None:
+        self.info = info
+        self.calls: list[SetupCall] = []
+
+    def record(
+        self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
+    ) -> None:
+        """Note a successful call, if it changes what a new instance must replay."""
+        undone = self.info.undoes.get(method)
+        if undone is not None:
+            self._drop(undone)
+        if method in self.info.setup_methods:
+            self._drop(method)
+            dups = tuple((name, _dup(value)) for name, value in (fds or {}).items())
+            self.calls.append(SetupCall(method, dict(args or {}), dups))
+
+    def _drop(self, method: str) -> None:
+        for call in [c for c in self.calls if c.method == method]:
+            self.calls.remove(call)
+            for _, value in call.fds:
+                os.close(fd_of(value))
+
+    def close(self) -> None:
+        """Close the duplicated descriptors."""
+        for call in self.calls:
+            for _, value in call.fds:
+                os.close(fd_of(value))
+        self.calls.clear()
+
+
+def _dup(value: FdArg) -> FdArg:
+    """A duplicate for the replay, an Output still an Output; the memfd (and its seals) shared."""
+    return Output(os.dup(value.fd)) if isinstance(value, Output) else os.dup(value)
+
+
+def build_call(
+    method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
+) -> tuple[p.Call, list[int]]:
+    """A CALL and the descriptors to pass with it, in the order ``fd_args`` names them.
+
+    Each descriptor is sealed first (ipad/client/_buffers.py): one that cannot be is
+    refused with BadArguments, and nothing is sent.
+    """
+    fd_list = protect_all(fds)
+    call = p.Call(method, dict(args or {}), tuple(fds or ()))
+    return call, fd_list
+
+
+M = TypeVar("M", bound=p.Message)
+
+
+def expect(frame: p.Frame, kind: type[M]) -> M:
+    """The reply's message if it is a ``kind``; raise the error it carries otherwise."""
+    message = frame.message
+    if isinstance(message, kind):
+        return message
+    frame.close_fds()
+    if isinstance(message, p.Error):
+        raise error_from_reply(message)
+    raise IpadError(f"expected {kind.TYPE.name}, got {message.TYPE.name}")
+
+
+class Backoff:
+    """One schedule of attempts, however many callers notice a failure: at once, then ever later.
+
+    Each thing that is retried (a client's connection, a proxy's reopen) has
+    one, so a daemon that refuses sees one attempt per delay, never one per
+    caller or per task. Pure: the caller passes the time.
+    """
+
+    def __init__(self, rand: Callable[[], float] = random.random) -> None:
+        self._rand = rand
+        #: Consecutive failures; the next delay is RECONNECT_INITIAL * 2**(failures - 1).
+        self.failures = 0
+        #: When the next attempt may be made.
+        self.next_at = -math.inf
+        self._up_since: float | None = None
+
+    def failed(self, now: float) -> float:
+        """An attempt failed at ``now``: the delay before the next, which ``next_at`` holds."""
+        base = min(RECONNECT_INITIAL * 2.0**self.failures, RECONNECT_MAX)
+        delay = base * (1 + RECONNECT_JITTER * self._rand())
+        self.failures += 1
+        self.next_at = now + delay
+        return delay
+
+    def reset(self) -> None:
+        """It worked: the next attempt, if one is ever needed, is at once."""
+        self.failures = 0
+        self.next_at = -math.inf
+
+    def up(self, now: float) -> None:
+        """A connection was made at ``now``; whether that was a success its loss will tell."""
+        self._up_since = now
+
+    def down(self, now: float) -> None:
+        """The connection made last was lost: after a short life it counts as a failure.
+
+        A daemon that accepts and at once drops each connection must see the
+        backoff too, not an attempt as fast as the client can make them.
+        """
+        if self._up_since is None:
+            return
+        lasted = now - self._up_since
+        self._up_since = None
+        if lasted >= RECONNECT_STABLE:
+            self.reset()
+        else:
+            self.failed(now)
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next attempt may be made (0: now)."""
+        return max(0.0, self.next_at - now)
+
+
+@attrs.frozen
+class Bounds:
+    """A call's limits as times on one clock.
+
+    ``deadline`` (from ``timeout``) holds for the whole call, recovery and
+    replay included; ``recovery`` (from ``wait``) only for waiting until the
+    proxy is valid again. Either may be None: no such limit.
+    """
+
+    deadline: float | None
+    recovery: float | None
+    timeout: float | None
+    wait: float | None
+
+    @classmethod
+    def of(cls, now: float, timeout: float | None, wait: float | None) -> Bounds:
+        """The limits of a call made at ``now``."""
+        deadline = None if timeout is None else now + timeout
+        recovery = None if wait is None else now + wait
+        return cls(deadline, recovery, timeout, wait)
+
+    @property
+    def until(self) -> float | None:
+        """How long the proxy's recovery may be waited for: the earlier limit."""
+        limits = [t for t in (self.deadline, self.recovery) if t is not None]
+        return min(limits) if limits else None
+
+    def expired(self, now: float, module: str, why: str | None) -> IpadError:
+        """The error for a recovery not done by ``until``: the caller's timeout, or ``wait``."""
+        because = f": {why}" if why else ""
+        if self.deadline is not None and now >= self.deadline:
+            message = f"{module} did not recover within the call's timeout of {self.timeout:g}s"
+            return TimedOut(message + because, {"sent": False})
+        return CallNotSent(f"{module} did not recover within {self.wait:g}s{because}")
+
+
+def proxy_news(event: p.Event, seq: int) -> tuple[str, str | None] | None:
+    """The state and reason a daemon event gives a proxy whose grant came at ``seq``.
+
+    None when it says nothing the client acts on: an event from before the
+    grant is about a channel the proxy no longer uses, and "valid" is the
+    client's to decide, once its replay is done.
+    """
+    if event.state is None or event.seq <= seq or event.state == "valid":
+        return None
+    return event.state, event.reason
+
+
+def unavailable_details(module_event: p.Event | None) -> dict[str, Any]:
+    """What a module event says about why a module does not serve: state and reason."""
+    if module_event is None or module_event.state is None:
+        return {}
+    details: dict[str, Any] = {"state": module_event.state}
+    if module_event.reason:
+        details["reason"] = module_event.reason
+    return details
+
+
+def not_sent(module: str, failure: IpadError | str, lost: str | None = None) -> CallNotSent:
+    """Why a call was not sent: its proxy could not be brought back, and what the daemon said.
+
+    ``lost`` is why the proxy turned invalid, when the daemon said so; a
+    cooldown says when the daemon tries the module again.
+    """
+    if isinstance(failure, str):
+        failure = IpadError(failure)
+    details = dict(failure.details)
+    message = failure.message
+    interval = details.get("cooldown_interval")
+    if details.get("state") == "cooldown" and isinstance(interval, int | float):
+        message += f"; the daemon tries it again every {interval:g}s"
+    if lost and lost not in message:
+        message += f" (proxy invalid: {lost})"
+    if isinstance(failure, UnknownProxy):
+        details["closed"] = True
+    error = CallNotSent(f"{module} proxy could not be reopened: {message}", details)
+    error.__cause__ = failure
+    return error
+
+
+def closed_error(module: str, reason: str | None) -> CallNotSent:
+    """A call on a proxy the daemon closed (released, access revoked): it will not come back."""
+    return CallNotSent(f"{module} proxy is closed: {reason or 'closed'}", {"closed": True})

@@ -1,0 +1,395 @@
+"""A proxy as the trio client holds it: a channel straight to one module instance."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ipad.client._backlog import RawModuleEvent
+from ipad.client._buffers import FdArg
+from ipad.client._core import (
+    Backoff,
+    Bounds,
+    ProxyInfo,
+    SetupLog,
+    build_call,
+    closed_error,
+    expect,
+    proxy_news,
+)
+from ipad.client._events import EventQueue
+from ipad.protocol import wire as p
+from ipad.protocol.errors import (
+    CallNotSent,
+    Disconnected,
+    IpadError,
+    TimedOut,
+    UnknownProxy,
+    WorkerCrashed,
+)
+from ipad.transport.seqpacket import PacketSocket, Pending, Requests, _Slot
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ipad.client._trio import Client
+
+
+#: Given-up requests remembered per channel, so their late replies are dropped without a word.
+GIVEN_UP_KEPT = 1024
+
+
+class ChannelRequests(Requests):
+    """A proxy channel's requests, knowing which one was sent last.
+
+    A worker that dies with packets unread makes the channel end with
+    ECONNRESET. It reads requests in order, so the newest one then never
+    ran: that call is sent again once the proxy is back, like one never sent.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.newest: int | None = None
+        #: The channel ended with ECONNRESET: the newest request was never read.
+        self.reset = False
+        #: Requests whose caller gave up before the reply (in order, the oldest first).
+        self.given_up: dict[int, None] = {}
+
+    async def send(
+        self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
+    ) -> Pending:
+        """Send as Requests does, noting the id as the newest."""
+        pending = await super().send(conn, message, fds)
+        self.newest = pending[0]
+        return pending
+
+    async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
+        """Wait as Requests does; a call given up (deadline, cancel) has its late reply dropped."""
+        try:
+            return await super().reply(request_id, slot)
+        except BaseException:
+            if not slot.done.is_set():  # its reply may still come: expected, not news
+                self.given_up[request_id] = None
+                if len(self.given_up) > GIVEN_UP_KEPT:
+                    del self.given_up[next(iter(self.given_up))]
+            raise
+
+    def _drop(self, frame: p.Frame) -> None:
+        if frame.request_id in self.given_up:
+            del self.given_up[frame.request_id]
+            frame.close_fds()
+            return
+        super()._drop(frame)
+
+    def never_ran(self, request_id: int) -> bool:
+        """Whether ``request_id`` was surely not read by the worker before the channel ended."""
+        return self.reset and request_id == self.newest
+
+
+class Proxy:
+    """A handle on one module instance, valid while its worker lives.
+
+    When the worker dies, calls in flight fail at once with WorkerCrashed and
+    the proxy turns invalid. Once the module runs again, the proxy gets a new
+    channel by itself, replays its setup calls in order and turns valid again
+    (a ``recovered`` event): code that called ``init``/``configure``/``start``
+    before the crash needs no change to carry on. A call made meanwhile waits
+    for that recovery.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        info: ProxyInfo,
+        channel: PacketSocket,
+        pipeline: str | None = None,
+        pipeline_version: int | None = None,
+    ) -> None:
+        self.client = client
+        #: What the proxy was requested for, to request it again after a reconnection.
+        self.pipeline = pipeline
+        self.pipeline_version = pipeline_version
+        self.info = info
+        self.proxy_id = info.proxy_id
+        self.module = info.module
+        self.channel = channel
+        self.requests = ChannelRequests(f"proxy:{info.proxy_id}")
+        self.state = "valid"
+        self.reason: str | None = None
+        self.module_events = EventQueue()
+        self.setup_log = SetupLog(info)
+        self.recoveries = 0
+        self._closed = False
+        self._gone: str | None = None
+        self._recovering = False
+        #: Set, and replaced, at each outcome of the recovery: valid again, or an attempt failed.
+        self._outcome = trio.Event()
+        #: Why the last attempt failed (None once valid): what a waiting call is told.
+        self._failure: IpadError | None = None
+        #: Set by a call that wants an attempt now rather than at the recovery's next retry.
+        self._poke = trio.Event()
+        #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
+        self.backoff = Backoff()
+
+    @property
+    def valid(self) -> bool:
+        """True while the worker is alive and the instance is initialised."""
+        return self.state == "valid"
+
+    async def call(
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        fds: Mapping[str, FdArg] | None = None,
+        *,
+        wait: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
+
+        On an invalid proxy the call waits for the recovery under way: if its
+        attempt fails, the call fails with CallNotSent saying why, or with
+        ``wait``, waits on through failures for up to that many seconds.
+        ``timeout`` bounds the whole call, recovery included (TimedOut); without
+        it, the module's ``call_timeout`` does (from the grant). A surrounding
+        cancel scope works as ever. A crash of the worker during the call fails
+        it at once with WorkerCrashed. A reply that comes after the call gave
+        up is dropped; the proxy stays usable. A buffer that cannot be sealed
+        (ipad/client/_buffers.py) fails the call with BadArguments before anything else.
+        """
+        call = build_call(method, args, fds)  # sealed and encoded once, whatever the retries
+        if timeout is None:
+            timeout = self.info.call_timeout
+        bounds = Bounds.of(trio.current_time(), timeout, wait)
+        sent: list[bool] = []
+        if bounds.deadline is None:  # no cancel scope of ours on the common path
+            return await self._call(bounds, sent, call, method, args, fds)
+        with trio.move_on_at(bounds.deadline):
+            return await self._call(bounds, sent, call, method, args, fds)
+        if sent:
+            raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
+                           {"sent": True})  # fmt: skip
+        if self.valid:  # the channel had no room for the call in time
+            raise TimedOut(f"{self.module}.{method} was not sent within {timeout:g}s",
+                           {"sent": False})  # fmt: skip
+        raise bounds.expired(trio.current_time(), self.module, self._why())
+
+    async def _call(
+        self,
+        bounds: Bounds,
+        sent: list[bool],
+        call: tuple[p.Call, list[int]],
+        method: str,
+        args: Mapping[str, Any] | None,
+        fds: Mapping[str, FdArg] | None,
+    ) -> Any:
+        """The call, once the proxy is valid; ``sent`` gets True once it reached the worker.
+
+        ``call`` is what build_call made of ``method``, ``args`` and ``fds``; those
+        are kept for the setup log once it succeeded.
+        """
+        while True:
+            await self._until_valid(bounds)
+            channel, requests = self.channel, self.requests
+            try:
+                pending = await self._send_call(channel, requests, *call)
+            except CallNotSent:
+                if channel is self.channel:
+                    self._lost("worker closed the channel")  # known before its reader saw it
+                continue  # nothing ran: sent again once recovered, within the bounds
+            sent.append(True)
+            try:
+                frame = await requests.reply(*pending)
+            except WorkerCrashed:
+                if not requests.never_ran(pending[0]):
+                    raise  # it may have run: never sent again
+                sent.clear()
+                continue  # the worker died with it unread: sent again once recovered
+            value = expect(frame, p.Result).value
+            self.setup_log.record(method, args, fds)
+            return value
+
+    async def _until_valid(self, bounds: Bounds) -> None:
+        """Return once valid; raise why not once an attempt failed, or ``wait`` ran out."""
+        while not self.valid:
+            if self._gone is not None:
+                raise Disconnected(self._gone)
+            if self._closed or self.state == "closed":
+                raise closed_error(self.module, self.reason)
+            outcome, before = self._outcome, self._failure
+            self.client.poke(self)
+            with trio.move_on_at(math.inf if bounds.recovery is None else bounds.recovery):
+                await outcome.wait()
+            self._check_outcome(bounds, before)
+
+    def _check_outcome(self, bounds: Bounds, before: IpadError | None) -> None:
+        """After an outcome (or ``wait``'s end): raise unless valid, or ``wait`` waits on.
+
+        Only a failure newer than ``before`` counts: an older one is about an earlier attempt.
+        """
+        if self.valid:
+            return
+        if bounds.recovery is not None and trio.current_time() >= bounds.recovery:
+            raise bounds.expired(trio.current_time(), self.module, self._why())
+        failure = self._failure
+        if failure is None or failure is before:
+            return
+        if bounds.wait is None or failure.details.get("closed"):
+            # Each caller its own exception: a shared one would pile up their tracebacks.
+            raise type(failure)(failure.message, dict(failure.details)) from failure.__cause__
+
+    def _why(self) -> str | None:
+        """The reason a caller is told: the last attempt's failure, else why the proxy was lost."""
+        return self._failure.message if self._failure is not None else self.reason
+
+    def _signal(self) -> None:
+        """An outcome: wake every call waiting for the recovery."""
+        outcome, self._outcome = self._outcome, trio.Event()
+        outcome.set()
+
+    def _failed(self, error: IpadError) -> None:
+        """A recovery attempt failed: the calls waiting for it fail with ``error``."""
+        self._failure = error
+        self._signal()
+
+    async def _send_call(
+        self,
+        channel: PacketSocket,
+        requests: ChannelRequests,
+        message: p.Call,
+        fd_list: Sequence[int],
+    ) -> Pending:
+        """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
+        try:
+            return await requests.send(channel, message, fd_list)
+        except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
+            raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
+
+    async def read_channel(self, channel: PacketSocket, requests: ChannelRequests) -> None:
+        """Deliver replies and module events until the worker closes the channel."""
+        reason = "worker closed the channel"
+        try:
+            while True:
+                try:
+                    frame = await channel.receive()
+                except p.ProtocolError as exc:
+                    reason = f"worker broke the protocol: {exc.reason}"
+                    break
+                except ConnectionResetError:
+                    requests.reset = True
+                    reason = "worker died with calls unread"
+                    break
+                except (OSError, trio.ClosedResourceError):
+                    break
+                if frame is None:
+                    break
+                if isinstance(frame.message, RawModuleEvent):
+                    self.module_events.put(frame.message)  # decoded when read
+                else:
+                    requests.deliver(frame)
+        except MemoryError:
+            # What the worker sent decodes to more than this process can hold (or there is no
+            # room to keep it): the proxy loses its channel and recovers; the client carries on.
+            reason = "the client ran out of memory decoding what the worker sent"
+        finally:
+            requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
+            if channel is self.channel:
+                self._lost(reason)
+
+    def _lost(self, reason: str, *, recover: bool = True) -> None:
+        """The current channel is gone: invalid until recovered (one recovery at a time).
+
+        ``recover=False`` when the daemon connection is what was lost: the
+        reconnection brings the proxy back instead.
+        """
+        if self._closed:
+            return
+        if self.valid:
+            self.state = "invalid"
+            self.reason = reason
+        if recover:
+            self.client.poke(self)
+
+    def _on_event(self, event: p.Event) -> None:
+        news = proxy_news(event, self.info.seq)
+        if news is None or self.state == "closed":
+            return
+        self.state, self.reason = news
+        if self.state == "closed":
+            self._signal()
+
+    def _disconnected(self, reason: str) -> None:
+        """The daemon connection is gone: no recovery will come, so wake callers waiting for one."""
+        self._gone = reason
+        self._signal()
+
+    async def _recovered(
+        self, channel: PacketSocket, requests: ChannelRequests, info: ProxyInfo
+    ) -> int:
+        """Replay the setup calls on a new channel and switch to it; return how many.
+
+        The proxy is valid once the replay is done: the daemon is told
+        (PROXY_READY) without waiting for its answer, which changes nothing here.
+        """
+        self.client.nursery.start_soon(self.read_channel, channel, requests)
+        # Pipelined: the worker runs calls in arrival order, so sending every setup call
+        # before collecting the replies keeps the order and saves a round trip each.
+        sent = [
+            await self._send_call(
+                channel, requests, *build_call(call.method, call.args, dict(call.fds))
+            )
+            for call in list(self.setup_log.calls)
+        ]
+        for request_id, slot in sent:
+            expect(await requests.reply(request_id, slot), p.Result)
+        old = self.channel
+        self.channel, self.requests, self.info = channel, requests, info
+        old.close()
+        replayed = len(self.setup_log.calls)
+        await self._tell_ready(replayed)
+        self.state = "valid"
+        self.reason = "fallback" if info.served_by else "recovered"
+        self.recoveries += 1
+        self._failure = None
+        self.backoff.reset()
+        self._signal()
+        return replayed
+
+    async def _tell_ready(self, replayed: int) -> None:
+        """Send PROXY_READY: the daemon marks the proxy valid and tells everyone.
+
+        Its answer changes nothing here, so it is collected in the background.
+        """
+        client, conn = self.client, self.client.conn
+        if conn is None:
+            return
+        try:
+            sent = await client.requests.send(conn, p.ProxyReady(self.proxy_id, replayed))
+        except (OSError, trio.ClosedResourceError, IpadError):
+            return  # the daemon is gone; the proxy's channel still works
+        client.nursery.start_soon(self._ready_answered, sent)
+
+    async def _ready_answered(self, sent: Pending) -> None:
+        with contextlib.suppress(IpadError):  # closed meanwhile: its own event says so
+            expect(await self.client.requests.reply(*sent), p.ProxyStateReply)
+
+    async def release(self) -> None:
+        """Give the instance back; the proxy cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.state = "closed"
+        self.client.proxies.pop(self.proxy_id, None)
+        self.client.reattaching.discard(self)
+        try:
+            await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+        except (UnknownProxy, Disconnected):
+            pass  # its channel broke, its instance was closed, or its daemon is gone: it is gone
+        finally:
+            self.channel.close()
+            self.setup_log.close()
+            self._signal()  # wake waiters: they see the proxy closed

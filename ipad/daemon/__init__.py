@@ -1,0 +1,1 @@
+"""Runs in the daemon (trio): supervision, launching, the client server, systemd and journald."""

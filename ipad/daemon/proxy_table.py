@@ -1,0 +1,96 @@
+"""The daemon's table of proxies: who holds which module instance, and whether it is valid."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from ipad.daemon.events import EventBus
+from ipad.daemon.states import ProxyState, advance_proxy
+
+
+@attrs.define
+class ProxyRecord:
+    """One proxy: a client's handle on one module instance."""
+
+    proxy_id: int
+    module: str
+    client_id: int
+    state: ProxyState = ProxyState.PENDING
+    reason: str | None = None
+    instance_id: int | None = None
+    worker_pid: int | None = None
+    #: The module whose worker holds the instance: ``module``, or its fallback.
+    served_by: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.served_by:
+            self.served_by = self.module
+
+
+class ProxyTable:
+    """Every live proxy; each state change goes through the state table and out as an event."""
+
+    def __init__(self, events: EventBus) -> None:
+        self.events = events
+        self._ids = itertools.count(1)
+        self._proxies: dict[int, ProxyRecord] = {}
+
+    def __iter__(self) -> Iterator[ProxyRecord]:
+        return iter(list(self._proxies.values()))
+
+    def __len__(self) -> int:
+        return len(self._proxies)
+
+    def get(self, proxy_id: int) -> ProxyRecord | None:
+        """The proxy with that id, if it is still open."""
+        return self._proxies.get(proxy_id)
+
+    def create(self, module: str, client_id: int) -> ProxyRecord:
+        """A new pending proxy."""
+        record = ProxyRecord(proxy_id=next(self._ids), module=module, client_id=client_id)
+        self._proxies[record.proxy_id] = record
+        return record
+
+    def set_state(
+        self,
+        record: ProxyRecord,
+        state: ProxyState,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> int:
+        """Move a proxy to ``state`` and publish it; return the event's sequence number."""
+        record.state = advance_proxy(record.state, state)
+        record.reason = reason
+        if state is ProxyState.CLOSED:
+            self._proxies.pop(record.proxy_id, None)
+        event = self.events.publish(
+            "proxy",
+            record.module,
+            proxy_id=record.proxy_id,
+            state=state.value,
+            reason=reason,
+            worker_pid=record.worker_pid,
+            details=details,
+        )
+        return event.seq
+
+    def close(self, record: ProxyRecord, reason: str) -> None:
+        """Close a proxy unless it is closed already (a release and its channel's end may race)."""
+        if record.state is not ProxyState.CLOSED:
+            self.set_state(record, ProxyState.CLOSED, reason)
+
+    def of_module(self, module: str) -> list[ProxyRecord]:
+        """The open proxies whose instance lives in ``module``'s worker (fallbacks included)."""
+        return [r for r in self._proxies.values() if r.served_by == module]
+
+    def of_fallback(self, module: str) -> list[ProxyRecord]:
+        """The open proxies to ``module`` that its fallback serves for now."""
+        return [r for r in self._proxies.values() if r.module == module and r.served_by != module]
+
+    def of_client(self, client_id: int) -> list[ProxyRecord]:
+        """The open proxies one client holds."""
+        return [r for r in self._proxies.values() if r.client_id == client_id]

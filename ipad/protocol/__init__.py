@@ -1,0 +1,1 @@
+"""The wire protocol, sans I/O: messages, fd passing, errors. Every process; no trio."""

@@ -1,0 +1,1 @@
+"""Trio I/O on SEQPACKET sockets, shared by the daemon and the trio client."""

@@ -1,0 +1,1 @@
+"""Runs inside a worker or the fork server: no trio, no threads, no pathlib, fast start."""
