@@ -42,7 +42,7 @@ from ipad.daemon.launcher import Launcher
 from ipad.daemon.listener import open_listener
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Reactor, Timers
-from ipad.daemon.server import AdminError, Daemon, serve_clients
+from ipad.daemon.server import AdminError, ClientServer, serve_clients
 from ipad.daemon.service import ServiceNotifier, module_health, status_line
 from ipad.daemon.spawn import StartedProcess
 from ipad.daemon.states import ProxyState, WorkerState
@@ -353,7 +353,7 @@ class DaemonRuntime:
         #: Cancelled by a stop that comes while the modules first start.
         self._starting: trio.CancelScope | None = None
         self.admin_queue = AdminQueue(self._admin_operation)
-        self.daemon = Daemon(
+        self.clients = ClientServer(
             self.supervisors,
             self.proxies,
             self.events,
@@ -362,8 +362,8 @@ class DaemonRuntime:
             controller=self,
             extra_status=self._status,
         )
-        self.daemon.limits = checked.config.clients
-        self.daemon.policy = checked.access.policy
+        self.clients.limits = checked.config.clients
+        self.clients.policy = checked.access.policy
         for group in checked.access.missing_defaults:
             log.info("access.default_group_missing", group=group,
                      reason="no such group: it grants nothing (access.admin_groups)")  # fmt: skip
@@ -507,7 +507,7 @@ class DaemonRuntime:
     ) -> None:
         try:
             with scope:
-                await serve_clients(listener, self.daemon, task_status=task_status)
+                await serve_clients(listener, self.clients, task_status=task_status)
         finally:
             self._clients_done.set()
 
@@ -521,7 +521,7 @@ class DaemonRuntime:
             # A reload under way completes its RELOADING=1 with READY=1 before STOPPING=1.
             await self.admin_queue.close("the daemon is stopping", STOP_MARGIN)
             await self.service.stopping(self.summary())
-            sessions = list(self.daemon.sessions)
+            sessions = list(self.clients.sessions)
             async with trio.open_nursery() as nursery:
                 for session in sessions:
                     nursery.start_soon(session.say_goodbye, "daemon stopping")
@@ -665,7 +665,7 @@ class DaemonRuntime:
                              "the old configuration keeps running") from None  # fmt: skip
         predecessors = self._switch(plan)
         # From here on the new configuration is in force.
-        await self.daemon.revoke_denied()
+        await self.clients.revoke_denied()
         try:
             await self._update_forkserver(new, plan.changed, old)
         except Exception:
@@ -687,8 +687,8 @@ class DaemonRuntime:
         if self.relog is not None:
             self.relog(plan.new.config.daemon)
         # New connections and requests are judged by the new policy and limits from now on.
-        self.daemon.limits = plan.new.config.clients
-        self.daemon.policy = plan.new.access.policy
+        self.clients.limits = plan.new.config.clients
+        self.clients.policy = plan.new.access.policy
         self.checked = plan.new
         predecessors: dict[str, ModuleSupervisor] = {}
         for name, why in [*((n, REMOVED) for n in plan.removed),

@@ -74,7 +74,7 @@ class Controller(Protocol):
         ...
 
 
-class Daemon:
+class ClientServer:
     """What sessions need from the daemon: modules, proxies, events, and facts for status."""
 
     def __init__(
@@ -141,8 +141,8 @@ class Session:
 
     _ids = itertools.count(1)
 
-    def __init__(self, daemon: Daemon, conn: PacketSocket, peer: Peer) -> None:
-        self.daemon = daemon
+    def __init__(self, server: ClientServer, conn: PacketSocket, peer: Peer) -> None:
+        self.server = server
         self.conn = conn
         self.client_id = next(self._ids)
         self.peer = peer
@@ -166,7 +166,7 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._release_all()
                 if self.subscription is not None:
-                    self.daemon.events.unsubscribe(self.subscription)
+                    self.server.events.unsubscribe(self.subscription)
                 self.conn.discard_unread(DISCARD_UNREAD)
                 self.conn.close()
             suppressed = self.abuse_log.flush()
@@ -175,7 +175,7 @@ class Session:
 
     async def _serve(self, nursery: trio.Nursery) -> str:
         first: p.Frame | None = None
-        hello_timeout = self.daemon.limits.hello_timeout
+        hello_timeout = self.server.limits.hello_timeout
         with trio.move_on_after(hello_timeout.seconds) as hello_wait:
             try:
                 first = await self.conn.receive()
@@ -230,7 +230,7 @@ class Session:
             if frame.fds:
                 frame.close_fds()
                 return await self._goodbye(f"{message.TYPE.name} cannot carry file descriptors")
-            limit = self.daemon.limits.max_pending_requests
+            limit = self.server.limits.max_pending_requests
             if self.pending >= limit:
                 # Answered here, in order: a client that floods requests and reads no
                 # replies stops being read once its socket is full, and costs no more.
@@ -264,7 +264,7 @@ class Session:
         elif isinstance(message, p.Status):
             await self._reply(frame, self._status())
         elif isinstance(message, p.ListModules):
-            await self._reply(frame, fit_entries(p.Modules, self.daemon.modules_info()))
+            await self._reply(frame, fit_entries(p.Modules, self.server.modules_info()))
         elif isinstance(message, p.ReopenProxy):
             await self._reopen_proxy(frame, message)
         elif isinstance(message, p.ProxyReady):
@@ -305,7 +305,7 @@ class Session:
 
     async def _deny(self, frame: p.Frame, action: str, rule: Rule, **fields: Any) -> None:
         """Refuse a request the access policy does not allow, saying who may."""
-        who = self.daemon.policy.who(rule)
+        who = self.server.policy.who(rule)
         peer = self.peer
         self._abuse("access.denied", action=action, peer_gid=peer.gid,
                     peer_groups=sorted(peer.groups)[:32], allowed=who, **fields)  # fmt: skip
@@ -321,18 +321,18 @@ class Session:
     # --- proxies ---------------------------------------------------------------
 
     async def _request_proxy(self, frame: p.Frame, message: p.RequestProxy) -> None:
-        supervisor = self.daemon.supervisors.get(message.module)
+        supervisor = self.server.supervisors.get(message.module)
         if supervisor is None:
-            known = ", ".join(sorted(self.daemon.supervisors)) or "none"
+            known = ", ".join(sorted(self.server.supervisors)) or "none"
             await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
                               f"no module {message.module!r}; modules: {known}")  # fmt: skip
             return
-        policy = self.daemon.policy
+        policy = self.server.policy
         if not policy.may_use(self.peer, message.module):
             rule = policy.module_rule(message.module)
             await self._deny(frame, f"use module {message.module!r}", rule, module=message.module)
             return
-        support = supervisor.plan.source.manifest.pipeline
+        support = supervisor.pipelines
         if message.pipeline is not None:
             version = message.pipeline_version
             if version is None:
@@ -348,25 +348,25 @@ class Session:
                 )  # fmt: skip
                 return
         if not supervisor.settled:  # its first start (the daemon's, or a reload's) under way
-            await self.daemon.events.wait_until(
-                lambda: supervisor.settled, supervisor.policy.start_timeout.seconds
+            await self.server.events.wait_until(
+                lambda: supervisor.settled, supervisor.start_timeout
             )
-        limit = self.daemon.limits.max_proxies_per_client
-        if len(self.daemon.proxies.of_client(self.client_id)) >= limit:
+        limit = self.server.limits.max_proxies_per_client
+        if len(self.server.proxies.of_client(self.client_id)) >= limit:
             await self._limit_exceeded(frame, "max_proxies_per_client", limit,
                                        "this connection holds as many proxies as "
                                        "clients.max_proxies_per_client allows")  # fmt: skip
             return
         serving = self._serving(message.module) or supervisor
         # No await since the count: two requests at once cannot both take the last place.
-        record = self.daemon.proxies.create(message.module, self.client_id)
+        record = self.server.proxies.create(message.module, self.client_id)
         channel = await self._attach(frame, record, serving, new=True)
         if channel is None:
             return
         if serving is supervisor:
-            seq = self.daemon.proxies.set_state(record, ProxyState.VALID)
+            seq = self.server.proxies.set_state(record, ProxyState.VALID)
         else:
-            seq = self.daemon.proxies.set_state(
+            seq = self.server.proxies.set_state(
                 record, ProxyState.VALID, "fallback", {"served_by": serving.name}
             )
         await self._grant(frame, record, serving, seq, channel)
@@ -378,10 +378,10 @@ class Session:
 
         The module itself, or, while it is in cooldown, its fallback if that runs.
         """
-        supervisor = self.daemon.supervisors.get(module)
+        supervisor = self.server.supervisors.get(module)
         if supervisor is None or supervisor.state is not WorkerState.COOLDOWN:
             return supervisor
-        fallback = self.daemon.supervisors.get(supervisor.fallback or "")
+        fallback = self.server.supervisors.get(supervisor.fallback or "")
         if fallback is not None and fallback.state is WorkerState.RUNNING:
             return fallback
         return supervisor
@@ -392,14 +392,14 @@ class Session:
         Its state and reason (the worker's signal or exit status), in cooldown
         how often it is tried again, and the fallback and that one's state.
         """
-        supervisor = self.daemon.supervisors.get(module)
+        supervisor = self.server.supervisors.get(module)
         if supervisor is None:
             return {}
         details: dict[str, Any] = {"state": supervisor.state.value, "reason": supervisor.reason}
         if supervisor.state is WorkerState.COOLDOWN:
-            details["cooldown_interval"] = supervisor.policy.cooldown_interval.seconds
+            details["cooldown_interval"] = supervisor.cooldown_interval
         if supervisor.fallback:
-            fallback = self.daemon.supervisors.get(supervisor.fallback)
+            fallback = self.server.supervisors.get(supervisor.fallback)
             details["fallback"] = supervisor.fallback
             details["fallback_state"] = fallback.state.value if fallback else None
         return details
@@ -415,12 +415,12 @@ class Session:
             state=record.state.value,
             seq=seq,
             served_by="" if serving.name == record.module else serving.name,
-            call_timeout=serving.policy.call_timeout.seconds,
+            call_timeout=serving.call_timeout,
         )
 
     async def _own_proxy(self, frame: p.Frame, proxy_id: int) -> ProxyRecord | None:
         """The proxy ``proxy_id`` if this client holds it; else None, after an error reply."""
-        record = self.daemon.proxies.get(proxy_id)
+        record = self.server.proxies.get(proxy_id)
         if record is not None and record.client_id == self.client_id:
             return record
         await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
@@ -440,7 +440,7 @@ class Session:
             instance_id, channel = await serving.open_instance()
         except (ModuleUnavailable, WorkerCrashed) as exc:
             if new:
-                self.daemon.proxies.close(record, str(exc))
+                self.server.proxies.close(record, str(exc))
             details = self._unavailable(record.module)
             state = f" ({details['state']})" if "state" in details else ""
             await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
@@ -448,7 +448,7 @@ class Session:
             return None
         record.instance_id = instance_id
         record.served_by = serving.name
-        record.worker_pid = serving.worker.pid if serving.worker else None
+        record.worker_pid = serving.worker_pid
         return channel
 
     async def _grant(
@@ -475,7 +475,7 @@ class Session:
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
             return
-        policy = self.daemon.policy
+        policy = self.server.policy
         if not policy.may_use(self.peer, record.module):  # a reload may have taken it away
             rule = policy.module_rule(record.module)
             await self._deny(frame, f"use module {record.module!r}", rule, module=record.module)
@@ -486,13 +486,12 @@ class Session:
             serving = self._serving(record.module)
             if record.state is ProxyState.CLOSED or serving is None:
                 return True
-            worker = serving.worker
-            running = serving.state is WorkerState.RUNNING and worker is not None
-            return running and worker is not None and worker.pid != lost
+            running = serving.running_pid
+            return running is not None and running != lost
 
-        supervisor = self.daemon.supervisors.get(record.module)
+        supervisor = self.server.supervisors.get(record.module)
         if supervisor is not None:
-            await self.daemon.events.wait_until(answerable, supervisor.policy.start_timeout.seconds)
+            await self.server.events.wait_until(answerable, supervisor.start_timeout)
         if record.state is ProxyState.CLOSED:
             await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
                               f"proxy {record.proxy_id} was closed: {record.reason}")  # fmt: skip
@@ -504,34 +503,33 @@ class Session:
             return
         channel = await self._attach(frame, record, serving, new=False)
         if channel is not None:
-            await self._grant(frame, record, serving, self.daemon.events.last_seq, channel)
+            await self._grant(frame, record, serving, self.server.events.last_seq, channel)
 
     async def _proxy_ready(self, frame: p.Frame, message: p.ProxyReady) -> None:
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
             return
-        seq = self.daemon.events.last_seq
-        serving = self.daemon.supervisors.get(record.served_by)
-        worker = serving.worker if serving is not None else None
+        seq = self.server.events.last_seq
+        serving = self.server.supervisors.get(record.served_by)
         # Its worker may have died since the grant: then it stays invalid (its client
         # recovers again), never valid on a dead worker.
-        alive = (serving is not None and serving.state is WorkerState.RUNNING
-                 and worker is not None and worker.pid == record.worker_pid)  # fmt: skip
+        running = serving.running_pid if serving is not None else None
+        alive = running is not None and running == record.worker_pid
         if record.state is ProxyState.INVALID and alive:
             fallback = record.served_by != record.module
             details: dict[str, Any] = {"replayed": message.replayed}
             if fallback:
                 details["served_by"] = record.served_by
             reason = "fallback" if fallback else "recovered"
-            seq = self.daemon.proxies.set_state(record, ProxyState.VALID, reason, details)
+            seq = self.server.proxies.set_state(record, ProxyState.VALID, reason, details)
         await self._reply(frame, p.ProxyStateReply(record.proxy_id, record.state.value, seq))
 
     async def _admin(self, frame: p.Frame, message: p.Admin) -> None:
-        controller = self.daemon.controller
+        controller = self.server.controller
         if controller is None:
             await self._error(frame, p.ErrorCode.UNKNOWN_COMMAND, "no admin operations here")
             return
-        policy = self.daemon.policy
+        policy = self.server.policy
         if not policy.may_admin(self.peer):
             action = f"use the admin operation {message.command!r}"
             await self._deny(frame, action, policy.admin, command=message.command)
@@ -553,16 +551,16 @@ class Session:
 
     async def release(self, proxy_id: int, reason: str = "released") -> None:
         """Close one of this client's proxies, and its instance in the worker."""
-        record = self.daemon.proxies.get(proxy_id)
+        record = self.server.proxies.get(proxy_id)
         if record is None:
             return
-        supervisor = self.daemon.supervisors.get(record.served_by)
-        self.daemon.proxies.close(record, reason)
+        supervisor = self.server.supervisors.get(record.served_by)
+        self.server.proxies.close(record, reason)
         if supervisor is not None and record.instance_id is not None:
             await supervisor.close_instance(record.instance_id)
 
     async def _release_all(self) -> None:
-        for record in self.daemon.proxies.of_client(self.client_id):
+        for record in self.server.proxies.of_client(self.client_id):
             await self.release(record.proxy_id)
 
     async def _error(
@@ -574,12 +572,12 @@ class Session:
     # --- events and status ------------------------------------------------------
 
     async def _subscribe(self, frame: p.Frame, message: p.Subscribe) -> None:
-        events = self.daemon.events
+        events = self.server.events
         if self.subscription is not None:
             await self._reply(frame, p.Subscribed(events.last_seq))
             return
         # Subscribe and copy the history with no await between: no event is missed or doubled.
-        self.subscription = sub = events.subscribe(self.daemon.limits.event_queue)
+        self.subscription = sub = events.subscribe(self.server.limits.event_queue)
         past = events.since(message.since) if message.since is not None else []
         with sub.cut_off:  # cancelled by the bus the moment the queue overflows
             await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
@@ -621,7 +619,7 @@ class Session:
 
     def _status(self) -> p.Message:
         """STATUS_REPLY, degraded per module if all of it would not fit one packet."""
-        d = self.daemon
+        d = self.server
         daemon = {
             "pid": os.getpid(),
             "version": __version__,
@@ -639,7 +637,7 @@ class Session:
 
 async def serve_clients(
     listener: socket.socket,
-    daemon: Daemon,
+    server: ClientServer,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -678,22 +676,22 @@ async def serve_clients(
                             wmem_max_at_least=MIN_WMEM_MAX,
                             reason="the kernel caps the send buffer (net.core.wmem_max) below "
                             "one largest message: replies that large will fail")  # fmt: skip
-            refusal = daemon.refusal(peer)
+            refusal = server.refusal(peer)
             if refusal is not None:
-                _refuse(daemon, raw, peer, refusal)
+                _refuse(server, raw, peer, refusal)
                 continue
-            packets = PacketSocket(raw, p.FROM_CLIENT, daemon.limits.max_message_size)
-            session = Session(daemon, packets, peer)
+            packets = PacketSocket(raw, p.FROM_CLIENT, server.limits.max_message_size)
+            session = Session(server, packets, peer)
             # Counted now, not when its task starts: a burst of connections cannot slip past.
-            daemon.sessions.add(session)
-            daemon.connections[peer.uid] += 1
-            nursery.start_soon(_run_session, daemon, session)
+            server.sessions.add(session)
+            server.connections[peer.uid] += 1
+            nursery.start_soon(_run_session, server, session)
 
 
-def _refuse(daemon: Daemon, sock: socket.socket, peer: Peer, reason: str) -> None:
+def _refuse(server: ClientServer, sock: socket.socket, peer: Peer, reason: str) -> None:
     """Tell a connection past a limit why, without waiting on it, and close it."""
-    daemon.refused += 1
-    allowed, ended = daemon.refusal_log.allow(trio.current_time())
+    server.refused += 1
+    allowed, ended = server.refusal_log.allow(trio.current_time())
     if allowed:
         log.warning("client.refused", peer_pid=peer.pid, peer_uid=peer.uid, reason=reason,
                     **({"suppressed": ended} if ended else {}))  # fmt: skip
@@ -704,14 +702,14 @@ def _refuse(daemon: Daemon, sock: socket.socket, peer: Peer, reason: str) -> Non
                 break
 
 
-async def _run_session(daemon: Daemon, session: Session) -> None:
+async def _run_session(server: ClientServer, session: Session) -> None:
     try:
         await session.run()
     except Exception:
         # A bug met by one client must not stop the daemon serving all the others.
         session.log.exception("client.session_failed")
     finally:
-        daemon.sessions.discard(session)
-        daemon.connections[session.peer.uid] -= 1
-        if not daemon.connections[session.peer.uid]:
-            del daemon.connections[session.peer.uid]
+        server.sessions.discard(session)
+        server.connections[session.peer.uid] -= 1
+        if not server.connections[session.peer.uid]:
+            del server.connections[session.peer.uid]

@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from ipad.config.check import ModulePlan
+from ipad.config.manifest import PipelineSupport
 from ipad.config.model import RestartPolicy
 from ipad.config.proxy_kinds import ProxyKind
 from ipad.daemon import memory_cgroup
@@ -221,6 +222,37 @@ class ModuleSupervisor:
     def worker(self) -> WorkerProcess | None:
         """The active worker: starting, running or being ended."""
         return self.machine.active
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The active worker's pid, if there is one."""
+        worker = self.machine.active
+        return worker.pid if worker is not None else None
+
+    @property
+    def running_pid(self) -> int | None:
+        """The pid of the worker serving now: None unless the module is running."""
+        return self.worker_pid if self.state is WorkerState.RUNNING else None
+
+    @property
+    def pipelines(self) -> PipelineSupport:
+        """Which pipelines and versions the module's manifest says it serves."""
+        return self.plan.source.manifest.pipeline
+
+    @property
+    def start_timeout(self) -> float:
+        """How long a start may take, in seconds: also how long a client waits for one."""
+        return self.policy.start_timeout.seconds
+
+    @property
+    def call_timeout(self) -> float:
+        """Every call's deadline (seconds) unless the caller gives one: PROXY_GRANTED says it."""
+        return self.policy.call_timeout.seconds
+
+    @property
+    def cooldown_interval(self) -> float:
+        """How long a module that failed too often waits before it is tried again, in seconds."""
+        return self.policy.cooldown_interval.seconds
 
     @property
     def ready(self) -> p.Ready | None:

@@ -118,7 +118,7 @@ def _become_worker(
     control: int,
     output: int,
     env: dict[str, str],
-    daemon: Daemon,
+    daemon: DaemonWatch,
     sandbox: p.SandboxSpec | None = None,
     outer_ids: tuple[int, int] = (0, 0),
 ) -> None:
@@ -168,7 +168,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-class Daemon:
+class DaemonWatch:
     """The fork server's parent, which every worker it forks must not outlive.
 
     A worker in a PID namespace of its own cannot compare getppid() with the
@@ -192,7 +192,7 @@ class Daemon:
             os._exit(1)
 
 
-def serve(server: socket.socket, daemon: Daemon) -> int:
+def serve(server: socket.socket, daemon: DaemonWatch) -> int:
     """Fork a worker for every SPAWN until the daemon says SHUTDOWN or goes away."""
     while True:
         try:
@@ -269,7 +269,7 @@ def main(parent: int | None) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     warm_sandbox()  # forks find the C library's functions and the seccomp filter looked up
     gc.freeze()
-    return serve(socket.socket(fileno=CONTROL_FD), Daemon(parent or os.getppid()))
+    return serve(socket.socket(fileno=CONTROL_FD), DaemonWatch(parent or os.getppid()))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from ipad.protocol.wire import SandboxSpec
 from ipad.worker.sandbox import CLONE_NEWUSER, SandboxError, apply, clone_flags, close_other_fds
 
 if TYPE_CHECKING:
-    from ipad.worker.forkserver import Daemon
+    from ipad.worker.forkserver import DaemonWatch
 
 #: Exit status when the sandbox cannot be built (the reason goes to stderr, relayed).
 EXIT_SANDBOX_FAILED = 4
@@ -70,13 +70,13 @@ def main(argv: list[str]) -> int:
     close_other_fds(EXTRA_FD + 1 if cgroup_fd is not None else EXTRA_FD)
     if not spec.pid_namespace:
         return _exec_in_place(spec, worker)
-    from ipad.worker.forkserver import Daemon  # noqa: PLC0415 - the jail's alone, not the daemon's
+    from ipad.worker.forkserver import DaemonWatch  # noqa: PLC0415 - the jail's alone, not the daemon's
 
     daemon_pid = _parent_pid(worker) or os.getppid()
     # The worker's parent is the daemon, outside its namespace: there getppid() says 0.
     if PARENT_PID in worker:
         worker[worker.index(PARENT_PID) + 1] = "0"
-    return _clone_worker(spec, worker, Daemon(daemon_pid), cgroup_fd)
+    return _clone_worker(spec, worker, DaemonWatch(daemon_pid), cgroup_fd)
 
 
 def _parent_pid(worker: list[str]) -> int | None:
@@ -98,7 +98,7 @@ def _exec_in_place(spec: SandboxSpec, worker: list[str]) -> int:  # noqa: RET503
 
 
 def _clone_worker(
-    spec: SandboxSpec, worker: list[str], daemon: Daemon, cgroup_fd: int | None
+    spec: SandboxSpec, worker: list[str], daemon: DaemonWatch, cgroup_fd: int | None
 ) -> int:
     """Clone the worker into its namespaces (and cgroup), tell the daemon its pid, let it go."""
     from ipad.worker.forkserver import fork_sibling_into  # noqa: PLC0415 - the jail's alone, not the daemon's
@@ -132,7 +132,7 @@ def _become_worker(
     spec: SandboxSpec,
     worker: list[str],
     jail: socket.socket,
-    daemon: Daemon,
+    daemon: DaemonWatch,
     outer_ids: tuple[int, int],
     namespaces: int,
 ) -> None:
