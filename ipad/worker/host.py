@@ -156,7 +156,7 @@ class LoadedModule:
         self.cls: type[IPAModule] = cls
         self.name = load.module
         self.version = str(getattr(sys.modules[module_name], "__version__", "0"))
-        with open(load.tuning, encoding="utf-8") as file:  # noqa: PTH123 - no pathlib: see _sandbox._write
+        with open(load.tuning, encoding="utf-8") as file:  # noqa: PTH123 - no pathlib: see sandbox._write
             self.tuning = tomllib.loads(file.read())
         # One probe instance checks the tuning now: a bad tuning file fails the start,
         # with the module's own message, instead of every proxy request later.
@@ -290,7 +290,7 @@ class WorkerHost:
             self.loaded = LoadedModule(load)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, then we exit
             log("worker.load_failed", module=load.module, error=repr(exc))
-            refused = getattr(exc, "refused_code", None)  # _verified_import.CodeRefused
+            refused = getattr(exc, "refused_code", None)  # verified_import.CodeRefused
             text = (f"code refused: {refused}" if refused is not None
                     else f"cannot load {load.entry_point}: {exc!r}")  # fmt: skip
             details = {"traceback": _short_traceback(exc)}
