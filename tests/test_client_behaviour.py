@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ipad import client as ipc
 from ipad.client._backlog import EVENT_BACKLOG
-from tests.daemon_process import WAIT, DaemonProcess, wait_until, write_config
+from tests.daemon_process import WAIT, wait_until, write_config
 from tests.test_client_recovery import Connect, Start, connect, proxies_held
 
 __all__ = ["connect"]  # the fixture, used by every test here
@@ -23,18 +24,19 @@ pytestmark = pytest.mark.timeout(120)
 ECHO = "[modules.echo]\n"
 
 
-def echo_daemon(start_daemon: Start, tmp_path: Path) -> DaemonProcess:
-    """A daemon serving the echo module."""
-    return start_daemon(write_config(tmp_path, modules=ECHO))
+def echo_proxy(start_daemon: Start, tmp_path: Path, connect: Connect) -> tuple[Any, ...]:
+    """A daemon serving the echo module, a client of it and a proxy to echo, called once."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    client = connect(daemon.socket)
+    echo = client.request_proxy("echo")
+    return daemon, client, echo, client.call(echo, "pid")
 
 
 def test_call_reply_and_the_daemons_errors(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
     """A call returns the module's reply; an unknown method, module or failing call raise ipad errors."""
-    daemon = echo_daemon(start_daemon, tmp_path)
-    client = connect(daemon.socket)
-    echo = client.request_proxy("echo")
+    _daemon, client, echo, _ = echo_proxy(start_daemon, tmp_path, connect)
     assert client.call(echo, "echo", {"text": "hi"})["text"] == "hi"
     with pytest.raises(ipc.UnknownMethod):
         client.call(echo, "no_such_method")
@@ -50,10 +52,7 @@ def test_a_call_timeout_leaves_the_proxy_valid(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
     """TimedOut (sent) for a slow call; the proxy stays valid, and its late reply is dropped."""
-    daemon = echo_daemon(start_daemon, tmp_path)
-    client = connect(daemon.socket)
-    echo = client.request_proxy("echo")
-    pid = client.call(echo, "pid")
+    _daemon, client, echo, pid = echo_proxy(start_daemon, tmp_path, connect)
     with pytest.raises(ipc.TimedOut) as timed_out:
         client.call(echo, "sleep", {"seconds": 0.5}, timeout=0.1)
     assert timed_out.value.details["sent"] is True
@@ -67,10 +66,7 @@ def test_release_frees_the_instance_and_closes_the_proxy(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
     """After release the daemon holds no proxy and a call fails with CallNotSent (closed)."""
-    daemon = echo_daemon(start_daemon, tmp_path)
-    client = connect(daemon.socket)
-    echo = client.request_proxy("echo")
-    client.call(echo, "pid")
+    daemon, client, echo, _ = echo_proxy(start_daemon, tmp_path, connect)
     client.release(echo)
     assert client.attr(echo, "state") == "closed"
     wait_until(lambda: proxies_held(daemon) == 0)
@@ -83,9 +79,7 @@ def test_module_events_are_delivered_and_bounded(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
     """Events nobody reads are kept up to EVENT_BACKLOG; the older ones are dropped and counted."""
-    daemon = echo_daemon(start_daemon, tmp_path)
-    client = connect(daemon.socket)
-    echo = client.request_proxy("echo")
+    _daemon, client, echo, _ = echo_proxy(start_daemon, tmp_path, connect)
     extra = 20
     for n in range(EVENT_BACKLOG + extra):
         client.call(echo, "emit", {"name": "tick", "data": {"n": n}})
@@ -97,10 +91,7 @@ def test_a_daemon_killed_mid_call_fails_the_call_and_later_requests(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
     """SIGKILLed during a call: the call ends with an ipad error, and requests say Disconnected."""
-    daemon = echo_daemon(start_daemon, tmp_path)
-    client = connect(daemon.socket)
-    echo = client.request_proxy("echo")
-    client.call(echo, "pid")
+    daemon, client, echo, _ = echo_proxy(start_daemon, tmp_path, connect)
     daemon.expect_unclean_exit("SIGKILLed on purpose: a client's loss mid-call is tested")
     killer = threading.Timer(0.2, daemon.proc.kill)
     killer.start()
