@@ -74,6 +74,12 @@ class Driver(Protocol):
     def tasks(self) -> int:
         """How many tasks (trio) or threads (blocking) the client runs now."""
 
+    def release(self, proxy: Any) -> None:
+        """``proxy.release()``, whichever the client."""
+
+    def events_lost(self, proxy: Any) -> int:
+        """Module events the client dropped for ``proxy`` past its backlog's bounds."""
+
     def close(self) -> None:
         """Close the client, and fail the test if it cannot."""
 
@@ -114,6 +120,14 @@ class BlockingDriver:
     def tasks(self) -> int:
         """How many tasks or threads the client runs now."""
         return threading.active_count()  # it starts none: this stays the test's own count
+
+    def release(self, proxy: Any) -> None:
+        """Release ``proxy``."""
+        proxy.release()
+
+    def events_lost(self, proxy: Any) -> int:
+        """Module events dropped for ``proxy``."""
+        return int(proxy.events_lost)
 
     def close(self) -> None:
         """Close the client."""
@@ -186,6 +200,14 @@ class TrioDriver:
     def tasks(self) -> int:
         """How many tasks or threads the client runs now."""
         return int(self._sync(lambda: len(self.client.nursery.child_tasks)))
+
+    def release(self, proxy: Any) -> None:
+        """Release ``proxy``."""
+        self._in_loop(proxy.release)
+
+    def events_lost(self, proxy: Any) -> int:
+        """Module events dropped for ``proxy``."""
+        return int(self._sync(lambda: proxy.module_events.dropped))
 
     def close(self) -> None:
         """Close the client."""

@@ -31,14 +31,11 @@ from ipad.client._core import (
     Bounds,
     M,
     ProxyInfo,
-    SetupLog,
     build_call,
-    closed_error,
     expect,
     not_sent,
-    proxy_news,
-    unavailable_details,
 )
+from ipad.client._core_proxy import ProxyCore, ProxyState
 from ipad.config.paths import client_socket_path
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
@@ -288,22 +285,21 @@ class _Replay:
             raise IpadError("PROXY_GRANTED came without its channel")
         channel = socket.socket(fileno=frame.fds[0])
         self.conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{proxy.module} worker")
-        self.calls = list(proxy.setup_log.calls)
+        self.calls = proxy.replay_calls()
         self.sent: list[int] = []
         self.answered = 0
 
     def finish(self, until: float | None) -> None:
         """Send the setup calls not yet sent, all before any reply (pipelined), and collect them."""
         while len(self.sent) < len(self.calls):
-            call = self.calls[len(self.sent)]
-            message, fd_list = build_call(call.method, call.args, dict(call.fds))
+            message, fd_list = self.calls[len(self.sent)]
             self.sent.append(self.conn.send(message, fd_list, until))
         while self.answered < len(self.sent):
             expect(self.conn.reply(self.sent[self.answered], until), p.Result)
             self.answered += 1
 
 
-class BlockingProxy:
+class BlockingProxy(ProxyCore):
     """A handle on one module instance.
 
     A call on a proxy whose worker died brings it back first (new channel,
@@ -321,33 +317,19 @@ class BlockingProxy:
         pipeline: str | None = None,
         pipeline_version: int | None = None,
     ) -> None:
+        super().__init__(info, pipeline, pipeline_version)
         self.client = client
-        #: What the proxy was requested for, to request it again from a restarted daemon.
-        self.pipeline = pipeline
-        self.pipeline_version = pipeline_version
-        self.info = info
-        self.proxy_id = info.proxy_id
-        self.module = info.module
-        self.setup_log = SetupLog(info)
-        self.recoveries = 0
-        #: "valid", "invalid" (a recovery is due) or "closed" (released, or closed by the daemon).
-        self.state = "valid"
-        self.reason: str | None = None
         self._conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{info.module} worker")
         #: The daemon connection the proxy id belongs to; another one needs REQUEST_PROXY.
         self._daemon_conn = client._conn
         #: REOPEN_PROXY (or REQUEST_PROXY after a reconnection) sent, its reply kept.
         self._asked: tuple[_Connection, int] | None = None
         self._replay: _Replay | None = None
-        #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
-        self._backoff = Backoff()
-        #: Why the last attempt failed, told to a caller that comes before the next one may.
-        self._failure: IpadError | None = None
 
     @property
     def valid(self) -> bool:
         """True while the channel to the worker works, as far as the client knows."""
-        return self.state == "valid" and self._conn.closed_reason is None
+        return self.phase is ProxyState.VALID and self._conn.closed_reason is None
 
     def call(
         self,
@@ -366,9 +348,7 @@ class BlockingProxy:
         through failed attempts (CallNotSent when it runs out). A reply that
         comes after the call gave up is dropped; the proxy stays usable.
         """
-        if timeout is None:
-            timeout = self.info.call_timeout
-        bounds = Bounds.of(time.monotonic(), timeout, wait)
+        bounds = self.bounds(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
         while True:
             if not self.valid:
@@ -380,8 +360,7 @@ class BlockingProxy:
                 self._lost(conn)
                 continue  # nothing ran: sent again once the proxy is back, within the bounds
             except TimedOut:
-                raise TimedOut(f"{self.module} did not take the call within {timeout:g}s",
-                               {"sent": False}) from None  # fmt: skip
+                raise self.timed_out(method, bounds.timeout, sent=False) from None
             try:
                 frame = conn.reply(request_id, bounds.deadline)
             except CallNotSent:
@@ -392,10 +371,9 @@ class BlockingProxy:
                 self._ask_now()  # the next call finds the new channel ready, or sooner
                 raise
             except TimedOut:
-                raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
-                               {"sent": True}) from None  # fmt: skip
+                raise self.timed_out(method, bounds.timeout, sent=True) from None
             value = expect(frame, p.Result).value
-            self.setup_log.record(method, args, fds)
+            self.recorded(method, args, fds)
             return value
 
     def recover(self, timeout: float) -> None:
@@ -404,7 +382,7 @@ class BlockingProxy:
         What is raised is the daemon's own error (UnknownProxy for a proxy it
         closed, ModuleUnavailable, Disconnected), not a call's CallNotSent.
         """
-        if self.state == "closed":
+        if self.closed:
             raise UnknownProxy(f"proxy {self.proxy_id} was closed: {self.reason}")
         try:
             self._recover(Bounds.of(time.monotonic(), timeout, timeout))
@@ -415,16 +393,17 @@ class BlockingProxy:
     def _recover(self, bounds: Bounds) -> None:
         """Make the proxy valid within ``bounds``: one attempt, or attempts until ``wait`` ends."""
         while not self.valid:
-            if self.state == "closed":
-                raise closed_error(self.module, self.reason)
+            unusable = self.unusable()
+            if unusable is not None:
+                raise unusable
             try:
                 self._pace(bounds.until)
                 self._attempt(bounds.until)
             except TimedOut:
-                raise bounds.expired(time.monotonic(), self.module, self.reason) from None
+                raise bounds.expired(time.monotonic(), self.module, self.why()) from None
             except _Failed as failed:
-                self._failure = failed.error
-                if bounds.wait is None or failed.final:
+                self.failed(failed.error)
+                if failed.final or self.gives_up(bounds, failed.error):
                     raise failed.error from failed.error.__cause__
 
     def _pace(self, until: float | None) -> None:
@@ -433,12 +412,12 @@ class BlockingProxy:
         A refusal is an answer, not news to wait for on a socket; and however
         many calls come, the daemon is asked on one schedule.
         """
-        if self._asked is not None or self._replay is not None or self._failure is None:
+        if self._asked is not None or self._replay is not None or self.failure is None:
             return  # an attempt is under way, or none failed
         now = time.monotonic()
-        delay = self._backoff.wait(now)
+        delay = self.backoff.wait(now)
         if until is not None and now + delay >= until:
-            raise _Failed(self._failure)
+            raise _Failed(self.failure)
         time.sleep(delay)
 
     def _attempt(self, until: float | None) -> None:
@@ -447,12 +426,10 @@ class BlockingProxy:
             frame = self._grant(until)
             try:
                 self._replay = _Replay(self, frame)
-            except UnknownProxy as exc:
-                self._close(f"the daemon closed it: {exc.message}")
-                raise _Failed(not_sent(self.module, exc), final=True) from None
-            except IpadError as exc:
-                self._backoff.failed(time.monotonic())
-                raise _Failed(not_sent(self.module, self._explained(exc), self.reason)) from None
+            except IpadError as exc:  # closed by the daemon (for good), unavailable, denied
+                module_event = self.client.module_events.get(self.module)
+                error = self.refused(exc, time.monotonic(), module_event)
+                raise _Failed(error, final=self.closed) from None
         replay = self._replay
         try:
             replay.finish(until)
@@ -461,10 +438,7 @@ class BlockingProxy:
         except IpadError as exc:
             replay.conn.close()
             self._replay = None
-            if not isinstance(exc, WorkerCrashed):
-                self._backoff.failed(time.monotonic())
-            raise _Failed(not_sent(self.module, f"replaying its setup failed: {exc.message}",
-                                   self.reason)) from None  # fmt: skip
+            raise _Failed(self.replay_failed(exc, time.monotonic())) from None
         self._replay = None
         self._adopt(replay)
 
@@ -480,10 +454,7 @@ class BlockingProxy:
             try:
                 if self._asked is None:
                     conn = client._live(until)
-                    if conn is self._daemon_conn:
-                        message: p.Message = p.ReopenProxy(self.proxy_id)
-                    else:
-                        message = p.RequestProxy(self.module, self.pipeline, self.pipeline_version)
+                    message = self.reopen_message(same_connection=conn is self._daemon_conn)
                     request_id = conn.send(message, deadline=until)
                     conn.keep(request_id)
                     self._asked = (conn, request_id)
@@ -500,7 +471,9 @@ class BlockingProxy:
 
     def _disconnected(self, exc: Disconnected) -> _Failed:
         """The daemon connection is gone: for good without ``reconnect``, else until it is back."""
-        if not self.client.reconnect:
+        final = not self.client.reconnect
+        self.connection_lost(exc.message, final=final)
+        if final:
             return _Failed(Disconnected(exc.message), final=True)
         return _Failed(not_sent(self.module, exc, self.reason))
 
@@ -520,40 +493,22 @@ class BlockingProxy:
         """Switch to the replayed channel and tell the daemon (its answer is not awaited)."""
         client, granted = self.client, replay.granted
         self._conn.close()
-        self._conn, self.info = replay.conn, ProxyInfo.from_granted(granted)
+        self._conn = replay.conn
         if granted.proxy_id != self.proxy_id or self._daemon_conn is not client._conn:
             client.proxies.pop(self.proxy_id, None)  # requested anew from a restarted daemon
-            self.proxy_id = granted.proxy_id
-            client.proxies[self.proxy_id] = self
+            client.proxies[granted.proxy_id] = self
             self._daemon_conn = client._conn
-        self.state = "valid"
-        self.reason = "fallback" if granted.served_by else "recovered"
-        self.recoveries += 1
-        self._backoff.reset()
-        self._failure = None
-        ready = p.ProxyReady(self.proxy_id, len(replay.calls))
+        ready = self.adopted(granted)
         # The daemon marks the proxy valid for everyone; its answer changes nothing here.
         with contextlib.suppress(IpadError):
             client._conn.send(ready, deadline=time.monotonic())
 
-    def _explained(self, exc: IpadError) -> IpadError:
-        """A reopen's error, with the module's state from its last event if the daemon gave none."""
-        if "state" not in exc.details:
-            exc.details.update(unavailable_details(self.client.module_events.get(self.module)))
-        return exc
-
     def _lost(self, conn: _Connection) -> None:
-        if conn is self._conn and self.state == "valid":
-            self.state, self.reason = "invalid", conn.closed_reason
+        if conn is self._conn:
+            self.channel_lost(conn.closed_reason)
 
     def _on_event(self, event: p.Event) -> None:
-        news = proxy_news(event, self.info.seq)
-        if news is not None and self.state != "closed":
-            self.state, self.reason = news
-
-    def _close(self, reason: str) -> None:
-        self.state = "closed"
-        self.reason = reason
+        self.on_event(event)
 
     @property
     def events_lost(self) -> int:
@@ -576,7 +531,7 @@ class BlockingProxy:
         except (UnknownProxy, Disconnected):
             pass  # its channel broke, its instance was closed, or its daemon is gone: it is gone
         finally:
-            self._close("released")
+            self.closed_by("released")
 
     def _discard(self) -> None:
         """Close the channels and drop what a recovery under way holds."""
@@ -753,6 +708,6 @@ class BlockingClient:
         """Close every proxy channel and the connection."""
         for proxy in list(self.proxies.values()):
             proxy._discard()
-            proxy._close("client closed")
+            proxy.closed_by("client closed")
         self.proxies.clear()
         self._conn.close()

@@ -31,7 +31,6 @@ from ipad.client._core import (
     ProxyInfo,
     expect,
     not_sent,
-    unavailable_details,
 )
 from ipad.client._events import EVENT_BACKLOG, EVENT_BACKLOG_BYTES, EventQueue, LocalEvent
 from ipad.client._trio_proxy import ChannelRequests, Proxy
@@ -41,7 +40,6 @@ from ipad.protocol.errors import (
     Disconnected,
     IpadError,
     ModuleUnavailable,
-    UnknownProxy,
     WorkerCrashed,
 )
 from ipad.transport.seqpacket import PacketSocket, Requests, report_suppressed_drops
@@ -62,11 +60,6 @@ __all__ = [
 
 #: A recovering proxy tries again this often even without news of its module (missed events).
 RECOVERY_RETRY = 1.0
-
-#: Module states in which the daemon can answer REOPEN_PROXY: it runs, it is about to
-#: (the daemon answers once it does: starting, just exited, in backoff), or it is in
-#: cooldown and a fallback may serve it.
-REOPENABLE = frozenset({"running", "starting", "exited", "backoff", "cooldown"})
 
 #: A Unix socket's connect() fails with EAGAIN while the daemon's listen backlog is full (it
 #: is busy, or starting): tried again after this, doubling up to CONNECT_RETRY_MAX.
@@ -209,7 +202,7 @@ class Client:
 
         A proxy of a lost connection is the reconnection's to bring back.
         """
-        if proxy.valid or proxy._closed or proxy._gone is not None or proxy in self.reattaching:
+        if proxy.valid or proxy.unusable() is not None or proxy in self.reattaching:
             return
         if proxy._recovering:
             proxy._poke.set()
@@ -228,24 +221,18 @@ class Client:
         while self._recovering_on(proxy, generation):
             proxy._poke = trio.Event()  # from now on, news of its module or a caller wakes us
             news = self.module_states.get(proxy.module)
-            if news is not None and news.state not in REOPENABLE:
-                why = f"{proxy.module} is {news.state}: {news.reason or 'no reason given'}"
-                proxy._failed(not_sent(proxy.module, IpadError(why, unavailable_details(news))))
+            if proxy.not_reopenable(news) is not None:
+                proxy._signal()
                 await self._wait_news(proxy)
                 continue
             try:
-                granted, channel = await self._grant(p.ReopenProxy(proxy.proxy_id))
-            except UnknownProxy as exc:  # closed by the daemon: for good
-                proxy.state, proxy.reason = "closed", f"the daemon closed it: {exc.message}"
-                proxy._failed(not_sent(proxy.module, exc))
-                return
+                granted, channel = await self._grant(proxy.reopen_message(same_connection=True))
             except Disconnected:
                 return  # the daemon is gone: a reconnection takes over, or nothing will
-            except IpadError as exc:  # unavailable (its details say why), denied
-                if "state" not in exc.details:
-                    exc.details.update(unavailable_details(news))
-                proxy._failed(not_sent(proxy.module, exc, proxy.reason))
-                proxy.backoff.failed(trio.current_time())
+            except IpadError as exc:  # closed by the daemon (for good), unavailable, denied
+                proxy._failed(proxy.refused(exc, trio.current_time(), news))
+                if proxy.closed:
+                    return
                 await self._wait_news(proxy)
                 continue
             if not await self._adopt(proxy, granted, channel, reconnected=False):
@@ -259,23 +246,15 @@ class Client:
         self, proxy: Proxy, granted: p.ProxyGranted, channel: PacketSocket, *, reconnected: bool
     ) -> bool:
         """Replay a proxy's setup on a granted channel and switch to it; False if that failed."""
-        info = ProxyInfo.from_granted(granted)
         requests = ChannelRequests(f"proxy:{proxy.proxy_id}")
         try:
-            replayed = await proxy._recovered(channel, requests, info)
-        except WorkerCrashed as exc:
-            channel.close()
-            # Crashed again during the replay: the daemon answers the next reopen once a
-            # worker runs again, so no backoff of ours.
-            proxy._failed(not_sent(proxy.module, f"crashed again replaying its setup: {exc}"))
-            return False
+            replayed = await proxy._recovered(channel, requests, granted)
         except IpadError as exc:
             channel.close()
-            proxy.reason = f"replay failed: {exc.message}"
-            failed: dict[str, Any] = {"error": exc.message}
-            self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
-            proxy._failed(not_sent(proxy.module, proxy.reason))
-            proxy.backoff.failed(trio.current_time())
+            proxy._failed(proxy.replay_failed(exc, trio.current_time()))
+            if not isinstance(exc, WorkerCrashed):
+                failed: dict[str, Any] = {"error": exc.message}
+                self.events.put(LocalEvent("recovery_failed", proxy.module, proxy.proxy_id, failed))
             return False
         except BaseException:  # cancelled (the client closes): a channel not taken is closed
             if proxy.channel is not channel:
@@ -389,11 +368,10 @@ class Client:
 
     async def _reattach(self, proxy: Proxy, generation: int) -> None:
         """After a reconnection: request the proxy's module anew and replay its setup."""
-        while not proxy._closed and generation == self.generation:
+        while not proxy.closed and generation == self.generation:
             proxy._poke = trio.Event()
-            message = p.RequestProxy(proxy.module, proxy.pipeline, proxy.pipeline_version)
             try:
-                granted, channel = await self._grant(message)
+                granted, channel = await self._grant(proxy.reopen_message(same_connection=False))
             except Disconnected:
                 return  # lost again: the next reconnection takes over
             except IpadError as exc:  # unavailable for now, or gone from the configuration
@@ -408,7 +386,7 @@ class Client:
                 await self._wait_news(proxy)
                 continue
             self.reattaching.discard(proxy)
-            proxy.proxy_id = granted.proxy_id
+            proxy.reattached(granted.proxy_id)
             self.proxies[proxy.proxy_id] = proxy
             if not await self._adopt(proxy, granted, channel, reconnected=True):
                 # The new instance is held under the new id: recover it like any other.

@@ -11,23 +11,14 @@ import trio
 
 from ipad.client._backlog import RawModuleEvent
 from ipad.client._buffers import FdArg
-from ipad.client._core import (
-    Backoff,
-    Bounds,
-    ProxyInfo,
-    SetupLog,
-    build_call,
-    closed_error,
-    expect,
-    proxy_news,
-)
+from ipad.client._core import Bounds, ProxyInfo, build_call, expect
+from ipad.client._core_proxy import ProxyCore, ProxyState
 from ipad.client._events import EventQueue
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
     CallNotSent,
     Disconnected,
     IpadError,
-    TimedOut,
     UnknownProxy,
     WorkerCrashed,
 )
@@ -90,7 +81,7 @@ class ChannelRequests(Requests):
         return self.reset and request_id == self.newest
 
 
-class Proxy:
+class Proxy(ProxyCore):
     """A handle on one module instance, valid while its worker lives.
 
     When the worker dies, calls in flight fail at once with WorkerCrashed and
@@ -109,36 +100,21 @@ class Proxy:
         pipeline: str | None = None,
         pipeline_version: int | None = None,
     ) -> None:
+        super().__init__(info, pipeline, pipeline_version)
         self.client = client
-        #: What the proxy was requested for, to request it again after a reconnection.
-        self.pipeline = pipeline
-        self.pipeline_version = pipeline_version
-        self.info = info
-        self.proxy_id = info.proxy_id
-        self.module = info.module
         self.channel = channel
         self.requests = ChannelRequests(f"proxy:{info.proxy_id}")
-        self.state = "valid"
-        self.reason: str | None = None
         self.module_events = EventQueue()
-        self.setup_log = SetupLog(info)
-        self.recoveries = 0
-        self._closed = False
-        self._gone: str | None = None
         self._recovering = False
         #: Set, and replaced, at each outcome of the recovery: valid again, or an attempt failed.
         self._outcome = trio.Event()
-        #: Why the last attempt failed (None once valid): what a waiting call is told.
-        self._failure: IpadError | None = None
         #: Set by a call that wants an attempt now rather than at the recovery's next retry.
         self._poke = trio.Event()
-        #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
-        self.backoff = Backoff()
 
     @property
     def valid(self) -> bool:
         """True while the worker is alive and the instance is initialised."""
-        return self.state == "valid"
+        return self.phase is ProxyState.VALID
 
     async def call(
         self,
@@ -162,21 +138,15 @@ class Proxy:
         (ipad/client/_buffers.py) fails the call with BadArguments before anything else.
         """
         call = build_call(method, args, fds)  # sealed and encoded once, whatever the retries
-        if timeout is None:
-            timeout = self.info.call_timeout
-        bounds = Bounds.of(trio.current_time(), timeout, wait)
+        bounds = self.bounds(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path
             return await self._call(bounds, sent, call, method, args, fds)
         with trio.move_on_at(bounds.deadline):
             return await self._call(bounds, sent, call, method, args, fds)
-        if sent:
-            raise TimedOut(f"{self.module}.{method} did not answer within {timeout:g}s",
-                           {"sent": True})  # fmt: skip
-        if self.valid:  # the channel had no room for the call in time
-            raise TimedOut(f"{self.module}.{method} was not sent within {timeout:g}s",
-                           {"sent": False})  # fmt: skip
-        raise bounds.expired(trio.current_time(), self.module, self._why())
+        if sent or self.valid:  # sent, or the channel had no room for the call in time
+            raise self.timed_out(method, bounds.timeout, sent=bool(sent))
+        raise bounds.expired(trio.current_time(), self.module, self.why())
 
     async def _call(
         self,
@@ -210,17 +180,16 @@ class Proxy:
                 sent.clear()
                 continue  # the worker died with it unread: sent again once recovered
             value = expect(frame, p.Result).value
-            self.setup_log.record(method, args, fds)
+            self.recorded(method, args, fds)
             return value
 
     async def _until_valid(self, bounds: Bounds) -> None:
         """Return once valid; raise why not once an attempt failed, or ``wait`` ran out."""
         while not self.valid:
-            if self._gone is not None:
-                raise Disconnected(self._gone)
-            if self._closed or self.state == "closed":
-                raise closed_error(self.module, self.reason)
-            outcome, before = self._outcome, self._failure
+            unusable = self.unusable()
+            if unusable is not None:
+                raise unusable
+            outcome, before = self._outcome, self.failure
             self.client.poke(self)
             with trio.move_on_at(math.inf if bounds.recovery is None else bounds.recovery):
                 await outcome.wait()
@@ -234,17 +203,13 @@ class Proxy:
         if self.valid:
             return
         if bounds.recovery is not None and trio.current_time() >= bounds.recovery:
-            raise bounds.expired(trio.current_time(), self.module, self._why())
-        failure = self._failure
+            raise bounds.expired(trio.current_time(), self.module, self.why())
+        failure = self.failure
         if failure is None or failure is before:
             return
-        if bounds.wait is None or failure.details.get("closed"):
+        if self.gives_up(bounds, failure):
             # Each caller its own exception: a shared one would pile up their tracebacks.
             raise type(failure)(failure.message, dict(failure.details)) from failure.__cause__
-
-    def _why(self) -> str | None:
-        """The reason a caller is told: the last attempt's failure, else why the proxy was lost."""
-        return self._failure.message if self._failure is not None else self.reason
 
     def _signal(self) -> None:
         """An outcome: wake every call waiting for the recovery."""
@@ -253,7 +218,7 @@ class Proxy:
 
     def _failed(self, error: IpadError) -> None:
         """A recovery attempt failed: the calls waiting for it fail with ``error``."""
-        self._failure = error
+        self.failed(error)
         self._signal()
 
     async def _send_call(
@@ -306,60 +271,44 @@ class Proxy:
         ``recover=False`` when the daemon connection is what was lost: the
         reconnection brings the proxy back instead.
         """
-        if self._closed:
+        if self.closed:
             return
-        if self.valid:
-            self.state = "invalid"
-            self.reason = reason
         if recover:
+            self.channel_lost(reason)
             self.client.poke(self)
+        else:
+            self.connection_lost(reason, final=False)
 
     def _on_event(self, event: p.Event) -> None:
-        news = proxy_news(event, self.info.seq)
-        if news is None or self.state == "closed":
-            return
-        self.state, self.reason = news
-        if self.state == "closed":
+        if self.on_event(event):
             self._signal()
 
     def _disconnected(self, reason: str) -> None:
         """The daemon connection is gone: no recovery will come, so wake callers waiting for one."""
-        self._gone = reason
+        self.connection_lost(reason, final=True)
         self._signal()
 
     async def _recovered(
-        self, channel: PacketSocket, requests: ChannelRequests, info: ProxyInfo
+        self, channel: PacketSocket, requests: ChannelRequests, granted: p.ProxyGranted
     ) -> int:
-        """Replay the setup calls on a new channel and switch to it; return how many.
+        """Replay the setup calls on a new channel (pipelined) and switch to it; return how many.
 
         The proxy is valid once the replay is done: the daemon is told
         (PROXY_READY) without waiting for its answer, which changes nothing here.
         """
         self.client.nursery.start_soon(self.read_channel, channel, requests)
-        # Pipelined: the worker runs calls in arrival order, so sending every setup call
-        # before collecting the replies keeps the order and saves a round trip each.
-        sent = [
-            await self._send_call(
-                channel, requests, *build_call(call.method, call.args, dict(call.fds))
-            )
-            for call in list(self.setup_log.calls)
-        ]
+        sent = [await self._send_call(channel, requests, *call) for call in self.replay_calls()]
         for request_id, slot in sent:
             expect(await requests.reply(request_id, slot), p.Result)
         old = self.channel
-        self.channel, self.requests, self.info = channel, requests, info
+        self.channel, self.requests = channel, requests
         old.close()
-        replayed = len(self.setup_log.calls)
-        await self._tell_ready(replayed)
-        self.state = "valid"
-        self.reason = "fallback" if info.served_by else "recovered"
-        self.recoveries += 1
-        self._failure = None
-        self.backoff.reset()
+        ready = self.adopted(granted)
+        await self._tell_ready(ready)
         self._signal()
-        return replayed
+        return ready.replayed
 
-    async def _tell_ready(self, replayed: int) -> None:
+    async def _tell_ready(self, ready: p.ProxyReady) -> None:
         """Send PROXY_READY: the daemon marks the proxy valid and tells everyone.
 
         Its answer changes nothing here, so it is collected in the background.
@@ -368,7 +317,7 @@ class Proxy:
         if conn is None:
             return
         try:
-            sent = await client.requests.send(conn, p.ProxyReady(self.proxy_id, replayed))
+            sent = await client.requests.send(conn, ready)
         except (OSError, trio.ClosedResourceError, IpadError):
             return  # the daemon is gone; the proxy's channel still works
         client.nursery.start_soon(self._ready_answered, sent)
@@ -379,10 +328,9 @@ class Proxy:
 
     async def release(self) -> None:
         """Give the instance back; the proxy cannot be used afterwards."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
-        self.state = "closed"
+        self.closed_by("released")
         self.client.proxies.pop(self.proxy_id, None)
         self.client.reattaching.discard(self)
         try:
