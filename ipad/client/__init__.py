@@ -1,4 +1,4 @@
-"""ipad's client library: a trio API and a blocking API.
+"""ipad's client library, run in the application's process: a trio API and a blocking API.
 
     async with ipad.client.open_client() as client:
         awb = await client.request_proxy("awb")
