@@ -10,7 +10,7 @@ does not cover is refused instead of imported. Only the standard library is
 used: the worker needs neither ``cryptography`` nor any key.
 """
 
-# os.path, not pathlib: this runs in the worker host, which does not import pathlib (see sandbox.py).
+# os.path, not pathlib: this runs in the worker host, which imports no pathlib (see sandbox.py).
 # ruff: noqa: PTH100, PTH118, PTH120
 
 from __future__ import annotations
