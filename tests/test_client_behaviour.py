@@ -1,7 +1,7 @@
 """What both clients do alike on the everyday paths, one test body run against each.
 
-The drivers are those of tests/test_client_recovery.py (recovery, deadlines,
-reconnection); these tests use a real daemon and real workers.
+The drivers are in tests/client_drivers.py; these tests use a real daemon
+and real workers.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 from ipad import client as ipc
 from ipad.client._backlog import EVENT_BACKLOG
+from tests.client_drivers import Connect, Start, connect, proxies_held
 from tests.daemon_process import WAIT, wait_until, write_config
-from tests.test_client_recovery import Connect, Start, connect, proxies_held
 
 __all__ = ["connect"]  # the fixture, used by every test here
 
