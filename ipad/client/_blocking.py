@@ -484,8 +484,8 @@ class BlockingProxy(ProxyCore):
         client, granted = self.client, replay.granted
         self._conn.close()
         self._conn = replay.conn
-        if granted.proxy_id != self.proxy_id or self._daemon_conn is not client._conn:
-            client.proxies.pop(self.proxy_id, None)  # requested anew from a restarted daemon
+        if self._daemon_conn is not client._conn:  # requested anew from a restarted daemon
+            client.reattaching.discard(self)
             client.proxies[granted.proxy_id] = self
             self._daemon_conn = client._conn
         ready = self.adopted(granted)
@@ -513,7 +513,10 @@ class BlockingProxy(ProxyCore):
 
     def release(self) -> None:
         """Give the instance back (a proxy the daemon already closed is simply forgotten)."""
-        self.client.proxies.pop(self.proxy_id, None)
+        client = self.client
+        if client.proxies.get(self.proxy_id) is self:  # not another's id on a new connection
+            del client.proxies[self.proxy_id]
+        client.reattaching.discard(self)
         self._discard()
         try:
             if self._daemon_conn is self.client._conn:
@@ -552,6 +555,8 @@ class BlockingClient:
         #: Whether a lost daemon connection is made again (on the next request or call).
         self.reconnect = reconnect
         self.proxies: dict[int, BlockingProxy] = {}
+        #: Proxies of a lost connection, each back in ``proxies`` under its new id once regained.
+        self.reattaching: set[BlockingProxy] = set()
         #: The last event about each module (with ``subscribe``): why it does not serve.
         self.module_events: dict[str, p.Event] = {}
         #: Paces reconnections, however many calls find the daemon gone.
@@ -620,6 +625,9 @@ class BlockingClient:
         backoff.up(time.monotonic())
         self._conn.close()
         self._conn, self.welcome = conn, welcome
+        # The new daemon numbers proxies afresh: each comes back under a new id once regained.
+        self.reattaching |= set(self.proxies.values())
+        self.proxies = {}
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -696,8 +704,9 @@ class BlockingClient:
 
     def close(self) -> None:
         """Close every proxy channel and the connection."""
-        for proxy in list(self.proxies.values()):
+        for proxy in [*self.proxies.values(), *self.reattaching]:
             proxy._discard()
             proxy.closed_by("client closed")
         self.proxies.clear()
+        self.reattaching.clear()
         self._conn.close()
