@@ -1,7 +1,7 @@
 """What both clients do alike on the everyday paths, one test body run against each.
 
-The drivers are those of tests/test_client_recovery.py (recovery, deadlines,
-reconnection); these tests use a real daemon and real workers.
+The drivers are in tests/client_drivers.py; these tests use a real daemon
+and real workers.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ import pytest
 
 from ipad import client as ipc
 from ipad.client._backlog import EVENT_BACKLOG
-from tests.daemon_process import WAIT, wait_until, write_config
-from tests.test_client_recovery import Connect, Start, connect, proxies_held
+from tests.client_drivers import Connect, Start, connect, proxies_held
+from tests.daemon_process import TEST_MODULES, WAIT, wait_until, write_config
 
 __all__ = ["connect"]  # the fixture, used by every test here
 
 pytestmark = pytest.mark.timeout(120)
 
 ECHO = "[modules.echo]\n"
+
+#: The test module whose init(settings={"value": N}) a later get() returns.
+FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
 
 
 def echo_proxy(start_daemon: Start, tmp_path: Path, connect: Connect) -> tuple[Any, ...]:
@@ -90,7 +93,7 @@ def test_module_events_are_delivered_and_bounded(
 def test_a_daemon_killed_mid_call_fails_the_call_and_later_requests(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
-    """SIGKILLed during a call: the call ends with an ipad error, and requests say Disconnected."""
+    """SIGKILLed during a call: the call fails, and so does everything after; nothing reconnects."""
     daemon, client, echo, _ = echo_proxy(start_daemon, tmp_path, connect)
     daemon.expect_unclean_exit("SIGKILLed on purpose: a client's loss mid-call is tested")
     killer = threading.Timer(0.2, daemon.proc.kill)
@@ -101,5 +104,55 @@ def test_a_daemon_killed_mid_call_fails_the_call_and_later_requests(
     finally:
         killer.join()
     daemon.proc.wait(timeout=WAIT)
+    # Without ``reconnect`` the loss is final: the event stream ends, nothing reconnects.
+    seen = client.events_until_lost()
+    assert not any(getattr(e, "kind", None) == "reconnected" for e in seen)
+    with pytest.raises((ipc.Disconnected, ipc.WorkerCrashed)):
+        client.call(echo, "pid", wait=1)
     with pytest.raises(ipc.Disconnected):
         client.status()
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_a_client_carries_on_across_a_daemon_restart(
+    start_daemon: Start, tmp_path: Path, connect: Connect, how: str
+) -> None:
+    """With ``reconnect``, the same proxies work on a restarted daemon, their setup replayed."""
+    config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
+    first = start_daemon(config)
+    client = connect(first.socket, reconnect=True)
+    faulty = client.request_proxy("faulty")
+    client.call(faulty, "init", {"settings": {"value": 17}})
+    echo = client.request_proxy("echo")
+    old_pid = client.call(echo, "pid")
+    if how == "sigkill":
+        first.expect_unclean_exit("SIGKILLed on purpose: the client's reconnect is tested")
+        first.proc.kill()
+        first.proc.wait(timeout=WAIT)
+    else:
+        assert first.stop() == 0
+    lost = client.local_event("disconnected")  # the trio client says so; the blocking one cannot
+    assert lost is None or lost["reason"]
+    with pytest.raises(ipc.CallNotSent, match="cannot reach the daemon"):
+        client.call(echo, "pid")  # without wait: the reconnection's one attempt fails
+    assert client.attr(echo, "state") == "invalid"
+    second = start_daemon(config)
+    back = client.local_event("reconnected")
+    assert back is None or back["daemon_pid"] == second.proc.pid
+    assert client.call(echo, "pid", wait=WAIT) != old_pid
+    assert client.call(faulty, "get", wait=WAIT) == 17  # init(value=17) was replayed
+    assert client.attr(echo, "state") == "valid"
+    assert client.attr(faulty, "recoveries") == 1
+    # Each under its new id only (the new daemon numbers proxies afresh: in another
+    # order, echo's new id is faulty's old one).
+    proxies = dict(client.attr(client.client, "proxies"))
+    assert proxies == {client.attr(echo, "proxy_id"): echo, client.attr(faulty, "proxy_id"): faulty}
+    status = client.status()
+    assert status.daemon["pid"] == second.proc.pid
+    assert status.modules["faulty"]["proxies"] == 1
+    client.close()
+    # Waited for, not just counted: under load the log's reader thread may lag behind.
+    second.wait_for("proxy.granted", lambda r: r["module"] == "faulty")
+    second.wait_for("proxy.granted", lambda r: r["module"] == "echo")
+    granted = [r for r in second.events("proxy.granted") if r["module"] in ("faulty", "echo")]
+    assert len(granted) == 2  # each requested anew once

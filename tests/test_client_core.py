@@ -230,15 +230,19 @@ def test_the_grants_call_timeout_is_the_default_deadline() -> None:
 
 
 def test_events_older_than_the_grant_or_after_close_change_nothing() -> None:
-    """An event from before the grant is ignored; "closed" closes; nothing reopens a closed proxy."""
+    """An event from before the grant is ignored, a later "invalid" is not; nothing reopens a closed one."""
     core = ProxyCore(info(seq=10))
     assert not core.on_event(
         p.Event(seq=9, kind="proxy", module="awb", proxy_id=1, state="invalid")
     )
     assert core.state == "valid"
+    fresh = p.Event(seq=11, kind="proxy", module="awb", proxy_id=1, state="invalid",
+                    reason="worker exited with signal SIGKILL")  # fmt: skip
+    assert not core.on_event(fresh)
+    assert (core.state, core.reason) == ("invalid", "worker exited with signal SIGKILL")
     assert core.on_event(
-        p.Event(seq=11, kind="proxy", module="awb", proxy_id=1, state="closed", reason="revoked")
+        p.Event(seq=12, kind="proxy", module="awb", proxy_id=1, state="closed", reason="revoked")
     )
     assert (core.state, core.reason) == ("closed", "revoked")
-    core.on_event(p.Event(seq=12, kind="proxy", module="awb", proxy_id=1, state="invalid"))
+    core.on_event(p.Event(seq=13, kind="proxy", module="awb", proxy_id=1, state="invalid"))
     assert core.state == "closed"

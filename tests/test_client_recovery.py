@@ -1,24 +1,20 @@
 """Both clients recover as the README promises, shown by one set of tests run against each.
 
 Every test body drives either the trio client (run in a thread of its own) or
-the blocking client through the same small adapter, against a real daemon,
-real workers and real SIGKILLs.
+the blocking client through the same small adapter (tests/client_drivers.py),
+against a real daemon, real workers and real SIGKILLs.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import functools
 import json
 import os
 import signal
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 import trio
@@ -26,6 +22,7 @@ import trio
 from ipad import client as ipc
 from ipad.client._core import RECONNECT_INITIAL, RECONNECT_MAX
 from tests.buffers import write_memfd
+from tests.client_drivers import Connect, Start, connect, proxies_held
 from tests.daemon_process import (
     TEST_MODULES,
     WAIT,
@@ -35,9 +32,9 @@ from tests.daemon_process import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(120)
+__all__ = ["connect"]  # the fixture, used by most tests here
 
-Start = Callable[..., DaemonProcess]
+pytestmark = pytest.mark.timeout(120)
 
 FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
 
@@ -45,208 +42,9 @@ FAULTY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
 STATS = struct.pack("<4I", 12000, 10000, 7000, 100)
 
 
-class Driver(Protocol):
-    """What a test does with a client, whichever client it is."""
-
-    kind: str
-
-    def request_proxy(self, module: str, **kwargs: Any) -> Any:
-        """A proxy to ``module``."""
-
-    def call(
-        self,
-        proxy: Any,
-        method: str,
-        args: dict[str, Any] | None = None,
-        fds: dict[str, int] | None = None,
-        *,
-        timeout: float | None = None,
-        wait: float | None = None,
-    ) -> Any:
-        """``proxy.call`` with the same arguments, whichever the client."""
-
-    def status(self) -> Any:
-        """The daemon's STATUS_REPLY."""
-
-    def attr(self, proxy: Any, name: str) -> Any:
-        """An attribute of ``proxy``, read where the client runs."""
-
-    def tasks(self) -> int:
-        """How many tasks (trio) or threads (blocking) the client runs now."""
-
-    def release(self, proxy: Any) -> None:
-        """``proxy.release()``, whichever the client."""
-
-    def events_lost(self, proxy: Any) -> int:
-        """Module events the client dropped for ``proxy`` past its backlog's bounds."""
-
-    def close(self) -> None:
-        """Close the client, and fail the test if it cannot."""
-
-
-class BlockingDriver:
-    """The blocking client, called directly."""
-
-    kind = "blocking"
-
-    def __init__(self, path: Path, **kwargs: Any) -> None:
-        self.client = ipc.BlockingClient(path, **kwargs)
-
-    def request_proxy(self, module: str, **kwargs: Any) -> Any:
-        """A proxy to ``module``."""
-        return self.client.request_proxy(module, **kwargs)
-
-    def call(
-        self,
-        proxy: Any,
-        method: str,
-        args: dict[str, Any] | None = None,
-        fds: dict[str, int] | None = None,
-        *,
-        timeout: float | None = None,
-        wait: float | None = None,
-    ) -> Any:
-        """``proxy.call`` with the same arguments."""
-        return proxy.call(method, args, fds, timeout, wait=wait)
-
-    def status(self) -> Any:
-        """The daemon's STATUS_REPLY."""
-        return self.client.status()
-
-    def attr(self, proxy: Any, name: str) -> Any:
-        """An attribute of ``proxy``."""
-        return getattr(proxy, name)
-
-    def tasks(self) -> int:
-        """How many tasks or threads the client runs now."""
-        return threading.active_count()  # it starts none: this stays the test's own count
-
-    def release(self, proxy: Any) -> None:
-        """Release ``proxy``."""
-        proxy.release()
-
-    def events_lost(self, proxy: Any) -> int:
-        """Module events dropped for ``proxy``."""
-        return int(proxy.events_lost)
-
-    def close(self) -> None:
-        """Close the client."""
-        self.client.close()
-
-
-class TrioDriver:
-    """The trio client in a thread running its own event loop, called through trio.from_thread."""
-
-    kind = "trio"
-
-    def __init__(self, path: Path, **kwargs: Any) -> None:
-        ready: concurrent.futures.Future[tuple[Any, trio.lowlevel.TrioToken]] = (
-            concurrent.futures.Future()
-        )
-        self._ready = ready
-        self._stop: trio.Event | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path, kwargs), daemon=True)
-        self._thread.start()
-        self.client, self.token = ready.result(timeout=WAIT)
-
-    def _run(self, path: Path, kwargs: dict[str, Any]) -> None:
-        try:
-            trio.run(self._main, path, kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            if not self._ready.done():
-                self._ready.set_exception(exc)
-            else:
-                self.error = exc
-
-    async def _main(self, path: Path, kwargs: dict[str, Any]) -> None:
-        self._stop = trio.Event()
-        async with ipc.open_client(path, **kwargs) as client:
-            self._ready.set_result((client, trio.lowlevel.current_trio_token()))
-            await self._stop.wait()
-
-    def _in_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self.token)
-
-    def _sync(self, fn: Callable[[], Any]) -> Any:
-        return trio.from_thread.run_sync(fn, trio_token=self.token)
-
-    def request_proxy(self, module: str, **kwargs: Any) -> Any:
-        """A proxy to ``module``."""
-        return self._in_loop(self.client.request_proxy, module, **kwargs)
-
-    def call(
-        self,
-        proxy: Any,
-        method: str,
-        args: dict[str, Any] | None = None,
-        fds: dict[str, int] | None = None,
-        *,
-        timeout: float | None = None,
-        wait: float | None = None,
-    ) -> Any:
-        """``proxy.call`` with the same arguments."""
-        bounds = {k: v for k, v in (("timeout", timeout), ("wait", wait)) if v is not None}
-        return self._in_loop(proxy.call, method, args, fds, **bounds)
-
-    def status(self) -> Any:
-        """The daemon's STATUS_REPLY."""
-        return self._in_loop(self.client.status)
-
-    def attr(self, proxy: Any, name: str) -> Any:
-        """An attribute of ``proxy``."""
-        return self._sync(lambda: getattr(proxy, name))
-
-    def tasks(self) -> int:
-        """How many tasks or threads the client runs now."""
-        return int(self._sync(lambda: len(self.client.nursery.child_tasks)))
-
-    def release(self, proxy: Any) -> None:
-        """Release ``proxy``."""
-        self._in_loop(proxy.release)
-
-    def events_lost(self, proxy: Any) -> int:
-        """Module events dropped for ``proxy``."""
-        return int(self._sync(lambda: proxy.module_events.dropped))
-
-    def close(self) -> None:
-        """Close the client."""
-        if self._thread.is_alive() and self._stop is not None:
-            stop = self._stop
-            self._sync(stop.set)
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive(), "the trio client did not close"
-        if self.error is not None:
-            raise self.error
-
-
-Connect = Callable[..., Driver]
-
-
-@pytest.fixture(params=["trio", "blocking"])
-def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
-    """Open clients of one kind (each test runs once per kind); all are closed afterwards."""
-    opened: list[Driver] = []
-
-    def make(path: Path, **kwargs: Any) -> Driver:
-        cls = TrioDriver if request.param == "trio" else BlockingDriver
-        driver: Driver = cls(path, **kwargs)
-        opened.append(driver)
-        return driver
-
-    yield make
-    for driver in opened:
-        driver.close()
-
-
 def module_status(daemon: DaemonProcess, module: str) -> dict[str, Any]:
     """One module's entry of ``ipadctl --json status``."""
     return dict(json.loads(daemon.ctl("--json", "status").stdout)["modules"][module])
-
-
-def proxies_held(daemon: DaemonProcess) -> int:
-    """How many proxies the daemon holds, from ``ipadctl --json status``."""
-    return int(json.loads(daemon.ctl("--json", "status").stdout)["daemon"]["proxies"])
 
 
 def proxy_losses(daemon: DaemonProcess) -> list[dict[str, Any]]:

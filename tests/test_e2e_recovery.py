@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +22,7 @@ import trio
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
-from ipad.client._core import ProxyInfo
-from ipad.client._trio import Proxy
 from ipad.protocol import wire as p
-from ipad.transport.seqpacket import PacketSocket
 from tests.daemon_process import DaemonProcess, Record, of_module, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(90)
@@ -64,7 +60,7 @@ def test_reopen_sent_before_the_crash_is_seen_waits_for_the_new_worker(
         try:
             os.kill(old, signal.SIGKILL)
             wait_until(lambda: not Path(f"/proc/{old}/cmdline").read_bytes())
-            request_id = next(client._conn.ids)
+            request_id = client._conn.book.open().request_id
             reopen = p.encode(p.ReopenProxy(echo.proxy_id), request_id)
             client._conn.sock.send(reopen)
         finally:
@@ -132,27 +128,6 @@ def _t(record: Record) -> float:
     from datetime import datetime  # noqa: PLC0415 - only here
 
     return datetime.fromisoformat(record["timestamp"]).timestamp()
-
-
-async def test_events_older_than_the_channel_do_not_touch_the_proxy() -> None:
-    """An "invalid" event from before a proxy's current grant (by seq) leaves it valid."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    info = ProxyInfo(
-        proxy_id=7, module="echo", module_version="1", worker_pid=1, methods=(),
-        setup_methods=frozenset(), undoes={}, seq=10,
-    )  # fmt: skip
-    proxy = Proxy(client=None, info=info, channel=PacketSocket(ours, p.FROM_WORKER_CHANNEL))  # type: ignore[arg-type]
-    try:
-        stale = p.Event(seq=9, kind="proxy", module="echo", proxy_id=7, state="invalid")
-        proxy._on_event(stale)
-        assert proxy.valid
-        fresh = p.Event(seq=11, kind="proxy", module="echo", proxy_id=7, state="invalid",
-                        reason="worker exited with signal SIGKILL")  # fmt: skip
-        proxy._on_event(fresh)
-        assert (proxy.state, proxy.reason) == ("invalid", "worker exited with signal SIGKILL")
-    finally:
-        proxy.channel.close()
-        theirs.close()
 
 
 async def test_subscribed_client_reads_invalid_before_the_new_grant(

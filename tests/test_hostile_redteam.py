@@ -23,8 +23,10 @@ import pytest
 from ipad import client as ipc
 from ipad.client import BlockingClient
 from ipad.client._blocking import LATE_PACKETS, _Connection
+from ipad.client._core_requests import Match
 from ipad.daemon.lifecycle import Stop, Timer
 from ipad.protocol import wire as p
+from tests.client_drivers import BlockingDriver, TrioDriver
 from tests.daemon_process import (
     TEST_MODULES,
     WAIT,
@@ -34,7 +36,6 @@ from tests.daemon_process import (
     others_still_work,
     write_config,
 )
-from tests.test_client_recovery import BlockingDriver, TrioDriver
 from tests.test_hostile_signing import Signed, still_serving
 from tests.test_lifecycle import CLEAN, world
 
@@ -183,13 +184,15 @@ def flooded_connection(packet: bytes, limit: int) -> tuple[_Connection, socket.s
             peer.send(packet)
 
     conn = _Connection(ours, p.FROM_WORKER_CHANNEL, "worker", on_event=lambda _: refill())
-    put_aside = conn._put_aside  # a stray reply is read: the peer sends another
+    take = conn.book.take  # a stray reply is read: the peer sends another
 
-    def stray_read(frame: p.Frame) -> None:
-        refill()
-        put_aside(frame)
+    def stray_read(frame: p.Frame) -> Match:
+        match = take(frame)
+        if match is not Match.EVENT:
+            refill()
+        return match
 
-    conn._put_aside = stray_read  # type: ignore[method-assign]
+    conn.book.take = stray_read  # type: ignore[method-assign]
     peer.send(packet)
     return conn, peer, read
 
@@ -210,7 +213,7 @@ def test_a_blocking_wait_past_its_deadline_stops_reading_a_flood(wait: str, pack
         deadline = time.monotonic() + 0.2
         if wait == "reply":
             with pytest.raises(ipc.TimedOut):
-                conn.reply(7, deadline)
+                conn.reply(conn.book.open().request_id, deadline)
         else:
             assert conn.next_event(0.2) is None
         # Before the fix it read all 200,000 (seconds), and a real flood for ever.

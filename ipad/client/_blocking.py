@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import math
 import select
 import socket
@@ -23,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ipad.client._backlog import EVENT_BACKLOG, RAW_EVENTS, Backlog, RawModuleEvent
+from ipad.client._backlog import EVENT_BACKLOG, RAW_EVENTS, Backlog
 from ipad.client._buffers import FdArg
 from ipad.client._core import (
     CLIENT_VERSIONS,
@@ -36,6 +35,7 @@ from ipad.client._core import (
     not_sent,
 )
 from ipad.client._core_proxy import ProxyCore, ProxyState
+from ipad.client._core_requests import Match, RequestBook
 from ipad.config.paths import client_socket_path
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
@@ -57,10 +57,13 @@ LATE_PACKETS = 128
 
 
 class _Connection:
-    """A blocking SEQPACKET connection: request ids, replies kept on request, an event backlog.
+    """A blocking SEQPACKET connection: its RequestBook, and an event backlog.
 
-    Every wait is a poll(2) bounded by one deadline for the whole request, so
-    packets that keep coming (events) cannot stretch it.
+    What each packet answers is the book's decision (ipad/client/_core_requests.py):
+    a reply to a request not awaited now (a grant the caller gave up on) stays
+    in the book for the next caller. Every wait is a poll(2) bounded by one
+    deadline for the whole request, so packets that keep coming (events)
+    cannot stretch it.
     """
 
     def __init__(
@@ -74,13 +77,10 @@ class _Connection:
         self.allowed = allowed
         self.what = what
         self.on_event = on_event
-        self.ids = itertools.count(1)
+        self.book = RequestBook(what)
         #: Events not read yet, bounded in count and bytes (ipad/client/_backlog.py).
         self.backlog = Backlog()
         self.closed_reason: str | None = None
-        #: Requests whose reply is put aside when it comes while another is awaited (a grant
-        #: the caller gave up on): request id -> the reply once it came.
-        self.kept: dict[int, p.Frame | None] = {}
 
     def request(
         self, message: p.Message, fds: list[int] | None = None, deadline: float | None = None
@@ -94,66 +94,61 @@ class _Connection:
         """Send a request; its id. A connection already gone never took it (CallNotSent)."""
         if self.closed_reason is not None:
             raise self._not_sent()
-        request_id = next(self.ids)
+        request_id = self.book.open(deadline).request_id
         packet = p.encode(message, request_id, len(fds or ()))
         flags = 0 if deadline is None else socket.MSG_DONTWAIT  # without one, block as ever
         while True:
             try:
                 self.sock.sendmsg([packet], rights(fds or ()), flags)
             except BlockingIOError:
-                self._ready(select.POLLOUT, deadline)  # the peer reads slowly: wait for room
+                try:
+                    self._ready(select.POLLOUT, deadline)  # the peer reads slowly: wait for room
+                except TimedOut:
+                    self.book.unsent(request_id)
+                    raise
             except OSError as exc:
+                self.book.unsent(request_id)
                 self._drain()
-                self.closed_reason = self.closed_reason or f"{self.what} is gone: {exc.strerror}"
+                self._end(f"{self.what} is gone: {exc.strerror}")
                 raise self._not_sent() from None
             else:
                 return request_id
 
-    def reply(self, request_id: int, deadline: float | None) -> p.Frame:
-        """The reply to ``request_id``; replies to kept requests that come first are put aside.
+    def tell(self, message: p.Message) -> None:
+        """Send a request whose answer changes nothing: dropped when it comes."""
+        self.book.give_up(self.send(message, deadline=time.monotonic()))
 
-        Past the deadline up to ``LATE_PACKETS`` that are ready are still taken:
-        then the wait ends, however much more keeps coming.
+    def reply(self, request_id: int, deadline: float | None, *, keep: bool = False) -> p.Frame:
+        """The reply to ``request_id``; other packets that come first go where the book says.
+
+        A caller that gives up (TimedOut) gives the request up, unless ``keep``:
+        then its reply is kept for the next caller. Past the deadline up to
+        ``LATE_PACKETS`` that are ready are still taken: then the wait ends,
+        however much more keeps coming. CallNotSent if the worker died before
+        it read the request.
         """
+        self.book.wait_until(request_id, deadline)
+        try:
+            return self._await(request_id, deadline)
+        except WorkerCrashed:
+            if self.book.never_ran(request_id):
+                raise self._not_sent() from None
+            raise
+        except BaseException:
+            if not keep:
+                self.book.give_up(request_id)
+            raise
+
+    def _await(self, request_id: int, deadline: float | None) -> p.Frame:
         late = 0
         while True:
-            frame = self.kept.get(request_id)
+            frame = self.book.collect(request_id)  # the connection's end, if that came first
             if frame is not None:
-                del self.kept[request_id]
                 return frame
-            if self.closed_reason is not None:
-                self.kept.pop(request_id, None)
-                raise self._gone()
             if late >= LATE_PACKETS:
                 raise TimedOut(f"no answer from the {self.what} in time")
-            try:
-                frame = self._receive(deadline)
-            except (WorkerCrashed, Disconnected):
-                self.kept.pop(request_id, None)
-                raise
-            late += deadline is not None and time.monotonic() >= deadline
-            if frame is None:
-                continue
-            if frame.request_id == request_id:
-                self.kept.pop(request_id, None)
-                return frame
-            self._put_aside(frame)
-
-    def keep(self, request_id: int) -> None:
-        """Put the reply to ``request_id`` aside if it comes while something else is awaited."""
-        self.kept[request_id] = None
-
-    def forget(self, request_id: int) -> None:
-        """No longer keep the reply to ``request_id``; one already put aside is closed."""
-        frame = self.kept.pop(request_id, None)
-        if frame is not None:
-            frame.close_fds()
-
-    def _put_aside(self, frame: p.Frame) -> None:
-        if frame.request_id in self.kept and self.kept[frame.request_id] is None:
-            self.kept[frame.request_id] = frame
-        else:
-            frame.close_fds()  # a late reply to an abandoned request: dropped, never misdelivered
+            self._receive(deadline)
+            late += self.book.overdue(request_id, time.monotonic())
 
     def next_event(self, timeout: float | None) -> p.Message | None:
         """The oldest queued or next arriving event; None if none came within ``timeout``."""
@@ -166,12 +161,10 @@ class _Connection:
                 if late >= LATE_PACKETS:
                     return None  # past the deadline: a flood does not stretch it
                 try:
-                    frame = self._receive(deadline)
+                    self._receive(deadline)
                 except TimedOut:
                     return None
                 late += deadline is not None and time.monotonic() >= deadline
-                if frame is not None:
-                    self._put_aside(frame)
             event: p.Message | None = self.backlog.pop()
             if event is not None:  # None: a module event that could not be decoded (lost)
                 return event
@@ -195,16 +188,15 @@ class _Connection:
 
     def _drain(self) -> None:
         """Read what the peer sent before it closed: its GOODBYE says why."""
-        try:
+        with contextlib.suppress(IpadError, OSError):
             while self.closed_reason is None:
-                frame = self._receive(time.monotonic())
-                if frame is not None:
-                    self._put_aside(frame)
-        except (IpadError, OSError):
-            pass
+                self._receive(time.monotonic())
 
-    def _receive(self, deadline: float | None) -> p.Frame | None:
-        """The next packet: a reply is returned; an event is queued and a goodbye noted (None)."""
+    def _receive(self, deadline: float | None) -> None:
+        """Take the next packet: the book keeps a reply, an event is queued, a goodbye noted.
+
+        The connection's end is the book's error for every request still waiting.
+        """
         if deadline is not None:  # without one, the blocking receive waits as long as it takes
             self._ready(select.POLLIN, deadline)
         try:
@@ -212,38 +204,39 @@ class _Connection:
             if received is not None:
                 frame = p.decode(*received, allowed=self.allowed, decoders=RAW_EVENTS)
         except p.ProtocolError as exc:
-            self.closed_reason = f"{self.what} broke the protocol: {exc.reason}"
-            raise self._gone() from None
+            self._end(f"{self.what} broke the protocol: {exc.reason}")
+            return
         except MemoryError:
             # What the peer sent decodes to more than this process can hold: this connection
             # ends with that reason (a proxy reopens its channel, which closes this one); the
             # client and its other proxies carry on.
-            self.closed_reason = f"the client ran out of memory decoding what the {self.what} sent"
-            raise self._gone() from None
+            self._end(f"the client ran out of memory decoding what the {self.what} sent")
+            return
         except OSError as exc:
             if exc.errno == errno.ECONNRESET and self.what == "daemon":
                 # The daemon closed with our packets unread: the kernel reports that first,
                 # then what the daemon sent before (a GOODBYE with its reason), then the end.
-                return self._receive(deadline)
-            self.closed_reason = f"{self.what} is gone: {exc.strerror}"
-            if exc.errno == errno.ECONNRESET and self.what != "daemon":
-                # The worker died with packets unread: it processes them in order, so
-                # the newest request, the one this blocking connection waits for, never ran.
-                raise self._not_sent() from None
-            raise self._gone() from None
+                self._receive(deadline)
+                return
+            # A worker that died with packets unread never read the newest request.
+            self.book.reset = exc.errno == errno.ECONNRESET
+            self._end(f"{self.what} is gone: {exc.strerror}")
+            return
         if received is None:
-            self.closed_reason = self.closed_reason or f"{self.what} closed the connection"
-            raise self._gone()
-        message = frame.message
-        if isinstance(message, p.Event | RawModuleEvent):
+            self._end(f"{self.what} closed the connection")
+            return
+        match, message = self.book.take(frame), frame.message
+        if match is Match.EVENT:
             self.backlog.put(message)
             if self.on_event is not None:
                 self.on_event(message)
-            return None
-        if isinstance(message, p.Goodbye):
-            self.closed_reason = message.reason
-            return None
-        return frame
+        elif match is Match.GOODBYE and isinstance(message, p.Goodbye):
+            self._end(message.reason)
+
+    def _end(self, reason: str) -> None:
+        """The connection ended (the first reason given stands): every wait on it fails."""
+        self.closed_reason = self.closed_reason or reason
+        self.book.fail_all(self._gone)
 
     def _gone(self) -> IpadError:
         if self.what == "daemon":
@@ -255,10 +248,9 @@ class _Connection:
         return CallNotSent(gone.message) if isinstance(gone, WorkerCrashed) else gone
 
     def close(self) -> None:
-        """Close the socket and whatever replies were put aside."""
-        for request_id in list(self.kept):
-            self.forget(request_id)
-        self.closed_reason = self.closed_reason or "closed by this client"
+        """Close the socket and whatever replies were kept."""
+        self._end("closed by this client")
+        self.book.close()
         self.sock.close()
 
 
@@ -295,7 +287,7 @@ class _Replay:
             message, fd_list = self.calls[len(self.sent)]
             self.sent.append(self.conn.send(message, fd_list, until))
         while self.answered < len(self.sent):
-            expect(self.conn.reply(self.sent[self.answered], until), p.Result)
+            expect(self.conn.reply(self.sent[self.answered], until, keep=True), p.Result)
             self.answered += 1
 
 
@@ -456,10 +448,9 @@ class BlockingProxy(ProxyCore):
                     conn = client._live(until)
                     message = self.reopen_message(same_connection=conn is self._daemon_conn)
                     request_id = conn.send(message, deadline=until)
-                    conn.keep(request_id)
                     self._asked = (conn, request_id)
                 conn, request_id = self._asked
-                frame = conn.reply(request_id, until)
+                frame = conn.reply(request_id, until, keep=True)
             except Disconnected as exc:
                 self._asked = None
                 if not client.reconnect or retried:
@@ -486,7 +477,6 @@ class BlockingProxy(ProxyCore):
             request_id = conn.send(p.ReopenProxy(self.proxy_id), deadline=time.monotonic())
         except IpadError:
             return  # the daemon is gone or slow: the next call asks again
-        conn.keep(request_id)
         self._asked = (conn, request_id)
 
     def _adopt(self, replay: _Replay) -> None:
@@ -494,14 +484,14 @@ class BlockingProxy(ProxyCore):
         client, granted = self.client, replay.granted
         self._conn.close()
         self._conn = replay.conn
-        if granted.proxy_id != self.proxy_id or self._daemon_conn is not client._conn:
-            client.proxies.pop(self.proxy_id, None)  # requested anew from a restarted daemon
+        if self._daemon_conn is not client._conn:  # requested anew from a restarted daemon
+            client.reattaching.discard(self)
             client.proxies[granted.proxy_id] = self
             self._daemon_conn = client._conn
         ready = self.adopted(granted)
         # The daemon marks the proxy valid for everyone; its answer changes nothing here.
         with contextlib.suppress(IpadError):
-            client._conn.send(ready, deadline=time.monotonic())
+            client._conn.tell(ready)
 
     def _lost(self, conn: _Connection) -> None:
         if conn is self._conn:
@@ -523,7 +513,10 @@ class BlockingProxy(ProxyCore):
 
     def release(self) -> None:
         """Give the instance back (a proxy the daemon already closed is simply forgotten)."""
-        self.client.proxies.pop(self.proxy_id, None)
+        client = self.client
+        if client.proxies.get(self.proxy_id) is self:  # not another's id on a new connection
+            del client.proxies[self.proxy_id]
+        client.reattaching.discard(self)
         self._discard()
         try:
             if self._daemon_conn is self.client._conn:
@@ -536,7 +529,7 @@ class BlockingProxy(ProxyCore):
     def _discard(self) -> None:
         """Close the channels and drop what a recovery under way holds."""
         if self._asked is not None:
-            self._asked[0].forget(self._asked[1])
+            self._asked[0].book.give_up(self._asked[1])
             self._asked = None
         if self._replay is not None:
             self._replay.conn.close()
@@ -562,6 +555,8 @@ class BlockingClient:
         #: Whether a lost daemon connection is made again (on the next request or call).
         self.reconnect = reconnect
         self.proxies: dict[int, BlockingProxy] = {}
+        #: Proxies of a lost connection, each back in ``proxies`` under its new id once regained.
+        self.reattaching: set[BlockingProxy] = set()
         #: The last event about each module (with ``subscribe``): why it does not serve.
         self.module_events: dict[str, p.Event] = {}
         #: Paces reconnections, however many calls find the daemon gone.
@@ -630,6 +625,9 @@ class BlockingClient:
         backoff.up(time.monotonic())
         self._conn.close()
         self._conn, self.welcome = conn, welcome
+        # The new daemon numbers proxies afresh: each comes back under a new id once regained.
+        self.reattaching |= set(self.proxies.values())
+        self.proxies = {}
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -706,8 +704,9 @@ class BlockingClient:
 
     def close(self) -> None:
         """Close every proxy channel and the connection."""
-        for proxy in list(self.proxies.values()):
+        for proxy in [*self.proxies.values(), *self.reattaching]:
             proxy._discard()
             proxy.closed_by("client closed")
         self.proxies.clear()
+        self.reattaching.clear()
         self._conn.close()

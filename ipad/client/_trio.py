@@ -32,8 +32,10 @@ from ipad.client._core import (
     expect,
     not_sent,
 )
+from ipad.client._core_requests import Match
 from ipad.client._events import EVENT_BACKLOG, EVENT_BACKLOG_BYTES, EventQueue, LocalEvent
-from ipad.client._trio_proxy import ChannelRequests, Proxy
+from ipad.client._trio_proxy import Proxy
+from ipad.client._trio_requests import TrioRequests
 from ipad.config.paths import client_socket_path
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
@@ -42,7 +44,7 @@ from ipad.protocol.errors import (
     ModuleUnavailable,
     WorkerCrashed,
 )
-from ipad.transport.seqpacket import PacketSocket, Requests, report_suppressed_drops
+from ipad.transport.seqpacket import PacketSocket, report_suppressed_drops
 
 __all__ = [
     "EVENT_BACKLOG",
@@ -85,7 +87,7 @@ class Client:
         self.reconnect = reconnect
         self.nursery = nursery
         self.conn: PacketSocket | None = None
-        self.requests = Requests("daemon")
+        self.requests = TrioRequests("daemon")
         self.requests.fail_all(lambda: Disconnected("not connected yet"))
         self.proxies: dict[int, Proxy] = {}
         #: Proxies of a lost connection, each back in ``proxies`` under its new id once regained.
@@ -118,7 +120,7 @@ class Client:
         except BaseException:
             conn.close()
             raise
-        requests = Requests("daemon")
+        requests = TrioRequests("daemon")
         self.module_states.clear()
         self.nursery.start_soon(self.read_daemon, conn, requests)
         try:
@@ -143,7 +145,9 @@ class Client:
             raise Disconnected(self.goodbye or "not connected to the daemon")
         return await self._call_on(conn, self.requests, message)
 
-    async def _call_on(self, conn: PacketSocket, requests: Requests, message: p.Message) -> p.Frame:
+    async def _call_on(
+        self, conn: PacketSocket, requests: TrioRequests, message: p.Message
+    ) -> p.Frame:
         try:
             return await requests.call(conn, message)
         except (OSError, trio.ClosedResourceError) as exc:
@@ -246,7 +250,7 @@ class Client:
         self, proxy: Proxy, granted: p.ProxyGranted, channel: PacketSocket, *, reconnected: bool
     ) -> bool:
         """Replay a proxy's setup on a granted channel and switch to it; False if that failed."""
-        requests = ChannelRequests(f"proxy:{proxy.proxy_id}")
+        requests = TrioRequests(f"proxy:{proxy.proxy_id}")
         try:
             replayed = await proxy._recovered(channel, requests, granted)
         except IpadError as exc:
@@ -282,7 +286,7 @@ class Client:
 
     # --- the daemon connection ----------------------------------------------------
 
-    async def read_daemon(self, conn: PacketSocket, requests: Requests) -> None:
+    async def read_daemon(self, conn: PacketSocket, requests: TrioRequests) -> None:
         """Deliver replies and events until the daemon closes the connection."""
         goodbye: str | None = None
         try:
@@ -300,13 +304,11 @@ class Client:
                     break
                 if frame is None:
                     break
-                message = frame.message
-                if isinstance(message, p.Event):
+                match, message = requests.take(frame), frame.message
+                if match is Match.EVENT and isinstance(message, p.Event):
                     self._on_event(message)
-                elif isinstance(message, p.Goodbye):
+                elif match is Match.GOODBYE and isinstance(message, p.Goodbye):
                     goodbye = message.reason
-                else:
-                    requests.deliver(frame)
         except MemoryError:
             # Too big to decode or keep in the memory left: this connection ends, not the client.
             goodbye = "the client ran out of memory decoding what the daemon sent"

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ipad.client._backlog import RawModuleEvent
 from ipad.client._buffers import FdArg
 from ipad.client._core import Bounds, ProxyInfo, build_call, expect
 from ipad.client._core_proxy import ProxyCore, ProxyState
+from ipad.client._core_requests import Match
 from ipad.client._events import EventQueue
+from ipad.client._trio_requests import Pending, TrioRequests
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
     CallNotSent,
@@ -22,63 +23,12 @@ from ipad.protocol.errors import (
     UnknownProxy,
     WorkerCrashed,
 )
-from ipad.transport.seqpacket import PacketSocket, Pending, Requests, _Slot
+from ipad.transport.seqpacket import PacketSocket
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ipad.client._trio import Client
-
-
-#: Given-up requests remembered per channel, so their late replies are dropped without a word.
-GIVEN_UP_KEPT = 1024
-
-
-class ChannelRequests(Requests):
-    """A proxy channel's requests, knowing which one was sent last.
-
-    A worker that dies with packets unread makes the channel end with
-    ECONNRESET. It reads requests in order, so the newest one then never
-    ran: that call is sent again once the proxy is back, like one never sent.
-    """
-
-    def __init__(self, name: str = "") -> None:
-        super().__init__(name)
-        self.newest: int | None = None
-        #: The channel ended with ECONNRESET: the newest request was never read.
-        self.reset = False
-        #: Requests whose caller gave up before the reply (in order, the oldest first).
-        self.given_up: dict[int, None] = {}
-
-    async def send(
-        self, conn: PacketSocket, message: p.Message, fds: Sequence[int] = ()
-    ) -> Pending:
-        """Send as Requests does, noting the id as the newest."""
-        pending = await super().send(conn, message, fds)
-        self.newest = pending[0]
-        return pending
-
-    async def reply(self, request_id: int, slot: _Slot) -> p.Frame:
-        """Wait as Requests does; a call given up (deadline, cancel) has its late reply dropped."""
-        try:
-            return await super().reply(request_id, slot)
-        except BaseException:
-            if not slot.done.is_set():  # its reply may still come: expected, not news
-                self.given_up[request_id] = None
-                if len(self.given_up) > GIVEN_UP_KEPT:
-                    del self.given_up[next(iter(self.given_up))]
-            raise
-
-    def _drop(self, frame: p.Frame) -> None:
-        if frame.request_id in self.given_up:
-            del self.given_up[frame.request_id]
-            frame.close_fds()
-            return
-        super()._drop(frame)
-
-    def never_ran(self, request_id: int) -> bool:
-        """Whether ``request_id`` was surely not read by the worker before the channel ended."""
-        return self.reset and request_id == self.newest
 
 
 class Proxy(ProxyCore):
@@ -103,7 +53,7 @@ class Proxy(ProxyCore):
         super().__init__(info, pipeline, pipeline_version)
         self.client = client
         self.channel = channel
-        self.requests = ChannelRequests(f"proxy:{info.proxy_id}")
+        self.requests = TrioRequests(f"proxy:{info.proxy_id}")
         self.module_events = EventQueue()
         self._recovering = False
         #: Set, and replaced, at each outcome of the recovery: valid again, or an attempt failed.
@@ -173,9 +123,9 @@ class Proxy(ProxyCore):
                 continue  # nothing ran: sent again once recovered, within the bounds
             sent.append(True)
             try:
-                frame = await requests.reply(*pending)
+                frame = await requests.reply(pending)
             except WorkerCrashed:
-                if not requests.never_ran(pending[0]):
+                if not requests.book.never_ran(pending[0]):
                     raise  # it may have run: never sent again
                 sent.clear()
                 continue  # the worker died with it unread: sent again once recovered
@@ -224,7 +174,7 @@ class Proxy(ProxyCore):
     async def _send_call(
         self,
         channel: PacketSocket,
-        requests: ChannelRequests,
+        requests: TrioRequests,
         message: p.Call,
         fd_list: Sequence[int],
     ) -> Pending:
@@ -234,7 +184,7 @@ class Proxy(ProxyCore):
         except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
             raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
 
-    async def read_channel(self, channel: PacketSocket, requests: ChannelRequests) -> None:
+    async def read_channel(self, channel: PacketSocket, requests: TrioRequests) -> None:
         """Deliver replies and module events until the worker closes the channel."""
         reason = "worker closed the channel"
         try:
@@ -245,17 +195,15 @@ class Proxy(ProxyCore):
                     reason = f"worker broke the protocol: {exc.reason}"
                     break
                 except ConnectionResetError:
-                    requests.reset = True
+                    requests.book.reset = True
                     reason = "worker died with calls unread"
                     break
                 except (OSError, trio.ClosedResourceError):
                     break
                 if frame is None:
                     break
-                if isinstance(frame.message, RawModuleEvent):
+                if requests.take(frame) is Match.EVENT:
                     self.module_events.put(frame.message)  # decoded when read
-                else:
-                    requests.deliver(frame)
         except MemoryError:
             # What the worker sent decodes to more than this process can hold (or there is no
             # room to keep it): the proxy loses its channel and recovers; the client carries on.
@@ -289,7 +237,7 @@ class Proxy(ProxyCore):
         self._signal()
 
     async def _recovered(
-        self, channel: PacketSocket, requests: ChannelRequests, granted: p.ProxyGranted
+        self, channel: PacketSocket, requests: TrioRequests, granted: p.ProxyGranted
     ) -> int:
         """Replay the setup calls on a new channel (pipelined) and switch to it; return how many.
 
@@ -298,8 +246,8 @@ class Proxy(ProxyCore):
         """
         self.client.nursery.start_soon(self.read_channel, channel, requests)
         sent = [await self._send_call(channel, requests, *call) for call in self.replay_calls()]
-        for request_id, slot in sent:
-            expect(await requests.reply(request_id, slot), p.Result)
+        for pending in sent:
+            expect(await requests.reply(pending), p.Result)
         old = self.channel
         self.channel, self.requests = channel, requests
         old.close()
@@ -324,7 +272,7 @@ class Proxy(ProxyCore):
 
     async def _ready_answered(self, sent: Pending) -> None:
         with contextlib.suppress(IpadError):  # closed meanwhile: its own event says so
-            expect(await self.client.requests.reply(*sent), p.ProxyStateReply)
+            expect(await self.client.requests.reply(sent), p.ProxyStateReply)
 
     async def release(self) -> None:
         """Give the instance back; the proxy cannot be used afterwards."""
