@@ -9,9 +9,13 @@ clients have recovered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +27,16 @@ import trio
 from ipad import client as ipc
 from ipad.client import BlockingClient
 from ipad.protocol import wire as p
-from tests.daemon_process import DaemonProcess, Record, of_module, wait_until, write_config
+from ipad.transport.seqpacket import PacketSocket
+from tests.daemon_process import (
+    DaemonProcess,
+    Record,
+    fd_targets,
+    of_module,
+    open_fds,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -152,3 +165,80 @@ async def test_subscribed_client_reads_invalid_before_the_new_grant(
     ours = [(e.state, e.worker_pid) for e in daemon_events if e.proxy_id == echo.proxy_id]
     assert ("invalid", old) in ours
     assert echo.info.seq >= max(e.seq for e in daemon_events if e.proxy_id == echo.proxy_id)
+
+
+def assert_fds_back(daemon: DaemonProcess, baseline: dict[int, str]) -> None:
+    """Once the clients left and the standby settled, the daemon holds ``baseline``'s count."""
+    wait_until(lambda: status_of(daemon, "echo")["proxies"] == 0)
+    daemon.wait_standbys()
+    try:
+        wait_until(lambda: open_fds(daemon.proc.pid) == len(baseline), timeout=5)
+    except AssertionError:
+        added = sorted(set(fd_targets(daemon.proc.pid).items()) - set(baseline.items()))
+        raise AssertionError(f"fds added {added}") from None
+
+
+def test_spares_no_proxy_took_are_closed_once_their_clients_left(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A promoted standby's spares whose clients left before reopening hold no descriptor."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    daemon.wait_standbys()
+    baseline = fd_targets(daemon.proc.pid)
+    with BlockingClient(daemon.socket) as client:
+        proxies = [client.request_proxy("echo") for _ in range(3)]
+        old = proxies[0].call("pid")
+        daemon.wait_standbys()
+        standby = status_of(daemon, "echo")["standby_pid"]
+        os.kill(old, signal.SIGKILL)
+        # The standby is promoted with three spares; the client leaves without reopening.
+        wait_until(lambda: status_of(daemon, "echo")["worker_pid"] == standby)
+    assert_fds_back(daemon, baseline)
+
+
+def unread(pid: int, fd: int) -> tuple[int, int]:
+    """Bytes waiting in process ``pid``'s unix socket ``fd``, and in its peer's (from ss)."""
+    inode = str(Path(f"/proc/{pid}/fd/{fd}").readlink()).removeprefix("socket:[").rstrip("]")
+    ss = shutil.which("ss")
+    assert ss is not None, "iproute2's ss is needed to see what waits in a socket"
+    listing = subprocess.run([ss, "-xanH"], capture_output=True, text=True, check=True).stdout
+    # Each line: netid state recv-q send-q local-address local-inode peer-address peer-inode
+    queued = {fields[5]: (int(fields[2]), fields[7])
+              for line in listing.splitlines() if len(fields := line.split()) >= 8}  # fmt: skip
+    ours, peer = queued[inode]
+    return ours, queued[peer][0]
+
+
+def state_of(pid: int) -> str:
+    """A process's state letter, from /proc/<pid>/stat (after its command's parentheses)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def test_a_spare_answered_as_its_standby_dies_is_closed(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A standby's INSTANCE_OPENED read in the same pass as its death leaves no descriptor open."""
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    daemon.wait_standbys()
+    baseline = fd_targets(daemon.proc.pid)
+    standby = status_of(daemon, "echo")["standby_pid"]
+    os.kill(standby, signal.SIGSTOP)  # its OPEN_INSTANCE waits unread
+    try:
+        with BlockingClient(daemon.socket) as client:
+            client.request_proxy("echo")  # the standby is asked for a spare for it
+            wait_until(lambda: unread(standby, 3)[0] > 0)
+            # The standby answers and dies while the daemon is frozen: both wait for it.
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            try:
+                os.kill(standby, signal.SIGCONT)
+                wait_until(lambda: unread(standby, 3)[1] > 0)  # its INSTANCE_OPENED
+                os.kill(standby, signal.SIGKILL)
+                wait_until(lambda: state_of(standby) == "Z")  # dead, reaped by nobody yet
+            finally:
+                os.kill(daemon.proc.pid, signal.SIGCONT)
+            daemon.wait_for("worker.standby_exited", lambda r: r["worker_pid"] == standby)
+            daemon.wait_standbys()  # the next standby, with its own spare for the proxy
+    finally:  # not left stopped should a step fail (the daemon owns and ends it)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(standby, signal.SIGCONT)
+    assert_fds_back(daemon, baseline)

@@ -720,10 +720,31 @@ class ModuleSupervisor:
         return machine.standby if machine.standby_ready else None
 
     def _balance_spares(self) -> None:
-        """In the background, give the standby one spare instance per proxy this worker serves."""
+        """In the background, give the standby one spare instance per proxy this worker serves.
+
+        The active worker's own spares (it was the standby) are trimmed now, to
+        what its proxies still waiting for a reopen may take.
+        """
+        self._trim_active_spares()
         if self._loaded_standby() is not None and not self._balancing and self._nursery:
             self._balancing = True
             self._job(self._keep_spares)
+
+    def _trim_active_spares(self) -> None:
+        """Close the promoted worker's spares no proxy will take.
+
+        Only a proxy not on it yet (on the worker it replaced, or new) takes
+        one; a proxy whose client left before it reopened takes none, and its
+        spare's client end would stay open in the daemon while the worker runs.
+        """
+        worker = self.worker
+        if worker is None or not worker.spares or self.state is not WorkerState.RUNNING:
+            return  # one being ended has its spares closed when it is swept
+        waiting = sum(r.worker_pid != worker.pid for r in self.proxies.of_module(self.name))
+        while len(worker.spares) > waiting:
+            instance_id, client_end = worker.spares.pop()
+            client_end.close()
+            _close_on(worker, instance_id)
 
     async def _keep_spares(self) -> None:
         try:
@@ -742,11 +763,15 @@ class ModuleSupervisor:
                         log.warning("worker.spare_failed", module=self.name,
                                     worker_pid=standby.pid, error=str(exc))  # fmt: skip
                         return
+                    if standby.pidfd < 0:  # swept (closed) while its answer was on the way
+                        spare[1].close()
+                        return
                     standby.spares.append(spare)  # kept even if promoted meanwhile
                 else:
                     return
         finally:
             self._balancing = False
+            self._trim_active_spares()  # promoted meanwhile: what it opened may be surplus
 
     async def close_instance(self, instance_id: int) -> None:
         """Free an instance; a worker that is gone has freed it already. Never waits."""
