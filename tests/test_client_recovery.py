@@ -8,6 +8,7 @@ against a real daemon, real workers and real SIGKILLs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -91,7 +92,8 @@ def test_a_call_after_the_worker_died_recovers_by_default(
     """Without ``wait``, the next call reopens the proxy, replays its setup and goes through.
 
     From the second crash in a row the daemon restarts after a backoff
-    (initial_delay): the call waits for that too.
+    (initial_delay): the call waits for that too. The daemon is told of each
+    replay and publishes the proxy invalid, then valid again, every time.
     """
     config = write_config(
         tmp_path,
@@ -102,21 +104,37 @@ def test_a_call_after_the_worker_died_recovers_by_default(
     client = connect(daemon.socket)
     faulty = client.request_proxy("faulty")
     client.call(faulty, "init", {"settings": {"value": 9}})
+
+    def changes(reason: str) -> list[dict[str, Any]]:
+        records = daemon.events("proxy.state_changed")
+        return [r for r in records if r.get("reason") == reason]
+
+    def recovered_on(pid: int, record: dict[str, Any]) -> bool:
+        return record.get("reason") == "recovered" and record.get("worker_pid") == pid
+
+    killed: list[int] = []
+    served: list[int] = []
     for round_ in range(1, 4):
         pid = client.call(faulty, "pid")
         kill_and_wait(pid)
+        killed.append(pid)
         assert client.call(faulty, "get") == 9  # init(value=9) replayed on the new worker
-        assert client.call(faulty, "pid") != pid
+        served.append(client.call(faulty, "pid"))
+        assert served[-1] != pid
         assert client.attr(faulty, "recoveries") == round_
+        # The client sends PROXY_READY without waiting for its answer, and the
+        # daemon never marks a proxy valid on a dead worker: killed before the
+        # daemon read it, the worker would take this round's "recovered" with it
+        # (and the next death would find the proxy invalid already). So the next
+        # kill waits for it; the log is read in a thread and may lag, too.
+        daemon.wait_for("proxy.state_changed", functools.partial(recovered_on, served[-1]))
     assert client.attr(faulty, "valid")
     assert proxy_losses(daemon) == []
-
-    def recovered() -> list[int]:
-        changes = daemon.events("proxy.state_changed")
-        return [r["replayed"] for r in changes if r.get("reason") == "recovered"]
-
-    wait_until(lambda: len(recovered()) == 3)  # the log is read in a thread: it may lag
-    assert recovered() == [1, 1, 1]  # the daemon was told each replay (PROXY_READY)
+    invalid = changes("worker exited with signal SIGKILL")
+    assert [r["worker_pid"] for r in invalid] == killed
+    recovered = changes("recovered")
+    assert [r["worker_pid"] for r in recovered] == served
+    assert [r["replayed"] for r in recovered] == [1, 1, 1]  # the daemon was told each replay
     backoffs = [r for r in daemon.events("module.backoff") if r["module"] == "faulty"]
     assert backoffs, "no restart waited for its backoff"
 

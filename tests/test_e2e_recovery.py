@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ import trio
 from ipad import client as ipc
 from ipad.client import BlockingClient
 from ipad.protocol import wire as p
-from ipad.transport.seqpacket import PacketSocket
 from tests.daemon_process import (
     DaemonProcess,
     Record,
@@ -37,6 +35,8 @@ from tests.daemon_process import (
     wait_until,
     write_config,
 )
+from tests.raw_client import Connect as RawConnect
+from tests.raw_client import hello, receive
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -242,3 +242,71 @@ def test_a_spare_answered_as_its_standby_dies_is_closed(
         with contextlib.suppress(ProcessLookupError):
             os.kill(standby, signal.SIGCONT)
     assert_fds_back(daemon, baseline)
+
+
+def test_a_proxy_ready_read_after_the_new_worker_died_leaves_the_proxy_invalid(
+    start_daemon: Start, tmp_path: Path, raw_connect: RawConnect
+) -> None:
+    """PROXY_READY read once the reopened proxy's worker died too: PROXY_STATE invalid, no event.
+
+    A client sends PROXY_READY without waiting for its answer, so the new
+    worker may die before the daemon reads it: the proxy was never valid on
+    that worker, and the daemon does not say it was. It stays invalid, and the
+    next recovery publishes it valid. Here the daemon is made to see the death
+    first, every time (in a client's hands this ordering is a race).
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    hello(sock)
+    channels: list[int] = []  # kept open: a grant's channel closed unread closes the proxy
+    request_ids = iter(range(2, 100))
+
+    def ask(message: p.Message) -> p.Message:
+        request_id = next(request_ids)
+        sock.send(p.encode(message, request_id))
+        frame = receive(sock)
+        assert frame is not None
+        assert frame.request_id == request_id
+        channels.extend(frame.fds)
+        return frame.message
+
+    def kill_and_see(pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        daemon.wait_for(
+            "module.state_changed", lambda r: r["state"] == "exited" and r["worker_pid"] == pid
+        )
+
+    try:
+        granted = ask(p.RequestProxy("echo"))
+        assert isinstance(granted, p.ProxyGranted), granted
+        proxy_id, first = granted.proxy_id, granted.worker_pid
+        kill_and_see(first)
+        reopened = ask(p.ReopenProxy(proxy_id))
+        assert isinstance(reopened, p.ProxyGranted), reopened
+        second = reopened.worker_pid
+        assert second != first
+        assert reopened.state == "invalid"
+        kill_and_see(second)  # before the daemon reads PROXY_READY
+        late = ask(p.ProxyReady(proxy_id, 0))
+        assert isinstance(late, p.ProxyStateReply), late
+        assert late.state == "invalid"
+        reopened = ask(p.ReopenProxy(proxy_id))
+        assert isinstance(reopened, p.ProxyGranted), reopened
+        third = reopened.worker_pid
+        assert third not in (first, second)
+        ready = ask(p.ProxyReady(proxy_id, 0))
+        assert isinstance(ready, p.ProxyStateReply), ready
+        assert ready.state == "valid"
+        daemon.wait_for("proxy.state_changed", lambda r: r.get("reason") == "recovered")
+    finally:
+        p.close_fds(channels)
+    changes = [
+        (r["state"], r.get("reason"), r["worker_pid"])
+        for r in daemon.events("proxy.state_changed")
+        if r["proxy_id"] == proxy_id and r["state"] != "closed"  # closed with its channel
+    ]
+    assert changes == [
+        ("valid", None, first),
+        ("invalid", "worker exited with signal SIGKILL", first),
+        ("valid", "recovered", third),
+    ]
