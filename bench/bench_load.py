@@ -145,20 +145,43 @@ class Window:
         return now >= self.limit or (now >= self.end and tally.kills >= self.min_kills)
 
 
+@attrs.frozen
+class Callers:
+    """Each client's callers: how many, how long each call waits, and how long they go on.
+
+    ``min_kills``: the run goes on past its seconds until that many workers
+    were killed, but never past ``max_seconds``. ``call_wait``: each call's
+    ``wait`` for its proxy's recovery; ``call_timeout``: its ``timeout`` over
+    the whole call (None: the module's call_timeout, from the grant); after
+    ``call_limit`` a call counts as hung. The defaults are the benchmark's.
+    """
+
+    per_client: int = 2
+    min_kills: int = 0
+    max_seconds: float = math.inf
+    call_wait: float = CALL_WAIT
+    call_limit: float = CALL_LIMIT
+    call_timeout: float | None = None
+
+
+DEFAULT_CALLERS = Callers()
+
+
 async def caller(proxy: Proxy, name: str, window: Window, tally: Tally,
-                 wait: float = CALL_WAIT, limit_s: float = CALL_LIMIT) -> None:  # fmt: skip
+                 callers: Callers | None = None) -> None:  # fmt: skip
     """Call ``echo`` with a token of our own until the window is over; count what came back.
 
-    Each call waits up to ``wait`` for its proxy's recovery; one that takes
-    longer than ``limit_s`` in all counts as hung.
+    Each call waits for its proxy's recovery, and counts as hung, as ``callers`` says.
     """
+    callers = callers or DEFAULT_CALLERS
     seq = 0
     while not window.over(tally):
         seq += 1
         token = f"{name}.{seq}"
-        with trio.move_on_after(limit_s) as limit:
+        with trio.move_on_after(callers.call_limit) as limit:
             try:
-                reply = await proxy.call("echo", {"text": token}, wait=wait)
+                reply = await proxy.call("echo", {"text": token}, wait=callers.call_wait,
+                                         timeout=callers.call_timeout)  # fmt: skip
             except IpadError as exc:
                 if not exc.message:
                     tally.unclear.append(f"{type(exc).__name__} without a message")
@@ -168,7 +191,7 @@ async def caller(proxy: Proxy, name: str, window: Window, tally: Tally,
                 tally.unclear.append(repr(exc))
                 continue
         if limit.cancelled_caught:
-            tally.unclear.append(f"a call took longer than {limit_s:g}s")
+            tally.unclear.append(f"a call took longer than {callers.call_limit:g}s")
         elif reply == {"text": token}:
             tally.calls += 1
             tally.last_answered[name] = trio.current_time()
@@ -202,25 +225,6 @@ async def kill_workers(admin: Client, modules: list[str], interval: float, windo
                 continue  # it died by itself meanwhile
             tally.kills += 1
 
-
-@attrs.frozen
-class Callers:
-    """Each client's callers: how many, how long each call waits, and how long they go on.
-
-    ``call_wait``: each call's ``wait`` for its proxy's recovery; after
-    ``call_limit`` a call counts as hung. ``min_kills``: the run goes on past
-    its seconds until that many workers were killed, but never past
-    ``max_seconds``. The defaults are the benchmark's.
-    """
-
-    per_client: int = 2
-    min_kills: int = 0
-    max_seconds: float = math.inf
-    call_wait: float = CALL_WAIT
-    call_limit: float = CALL_LIMIT
-
-
-DEFAULT_CALLERS = Callers()
 
 Fault = Callable[[Client, Window, Tally], Awaitable[None]]
 
@@ -256,8 +260,7 @@ async def run_load(
             await go.wait()
             async with trio.open_nursery() as nursery:
                 for n in range(callers.per_client):
-                    nursery.start_soon(caller, proxy, f"{index}.{n}", window, tally,
-                                       callers.call_wait, callers.call_limit)  # fmt: skip
+                    nursery.start_soon(caller, proxy, f"{index}.{n}", window, tally, callers)
 
     async with open_client(socket, name="load-admin", subscribe=False, reconnect=True) as admin:
         async with trio.open_nursery() as nursery:
