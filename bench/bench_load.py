@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import random
 import signal
@@ -54,6 +55,8 @@ ECHO_MANIFEST = REPO / "workers" / "modules" / "echo.toml"
 CALL_LIMIT = 10.0
 #: How long a call on an invalid proxy waits for its recovery before it fails.
 CALL_WAIT = 5.0
+#: Distinct failure messages a Tally keeps (a run has a handful; this only bounds it).
+MESSAGES_KEPT = 50
 #: How long the daemon may take to start.
 START_TIMEOUT = 60.0
 
@@ -95,8 +98,10 @@ class Tally:
 
     calls: int = 0
     misrouted: int = 0
-    #: Failed calls by exception class: each one of ipad's errors, with its message.
+    #: Failed calls by exception class (each one of ipad's errors).
     failures: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    #: Failed calls by "Class: message", to tell why (as many kinds as MESSAGES_KEPT).
+    messages: collections.Counter[str] = attrs.field(factory=collections.Counter)
     #: Failures that were not ipad's errors, and calls past CALL_LIMIT: must stay empty.
     unclear: list[str] = attrs.field(factory=list)
     kills: int = 0
@@ -112,27 +117,81 @@ class Tally:
         """Calls that failed with one of ipad's errors."""
         return sum(self.failures.values())
 
+    def failed_with(self, caller: str, exc: IpadError) -> None:
+        """Count a call that failed with one of ipad's errors."""
+        kind, text = type(exc).__name__, f"{type(exc).__name__}: {exc}"
+        self.failures[kind] += 1
+        self.last_failure[caller] = (trio.current_time(), text)
+        if text in self.messages or len(self.messages) < MESSAGES_KEPT:
+            self.messages[text] += 1
 
-async def caller(proxy: Proxy, name: str, deadline: float, tally: Tally) -> None:
-    """Call ``echo`` with a token of our own until ``deadline``; count what came back."""
+
+@attrs.define
+class Window:
+    """When a run ends: at ``end``, or later once ``min_kills`` workers were killed.
+
+    A busy machine gives the killer fewer turns than the seconds promise; a
+    test that needs so many kills gets them by running longer, but never past
+    ``limit``.
+    """
+
+    end: float
+    min_kills: int = 0
+    limit: float = math.inf
+
+    def over(self, tally: Tally) -> bool:
+        """Whether the callers (and the killer) stop now."""
+        now = trio.current_time()
+        return now >= self.limit or (now >= self.end and tally.kills >= self.min_kills)
+
+
+@attrs.frozen
+class Callers:
+    """Each client's callers: how many, how long each call waits, and how long they go on.
+
+    ``min_kills``: the run goes on past its seconds until that many workers
+    were killed, but never past ``max_seconds``. ``call_wait``: each call's
+    ``wait`` for its proxy's recovery; ``call_timeout``: its ``timeout`` over
+    the whole call (None: the module's call_timeout, from the grant); after
+    ``call_limit`` a call counts as hung. The defaults are the benchmark's.
+    """
+
+    per_client: int = 2
+    min_kills: int = 0
+    max_seconds: float = math.inf
+    call_wait: float = CALL_WAIT
+    call_limit: float = CALL_LIMIT
+    call_timeout: float | None = None
+
+
+DEFAULT_CALLERS = Callers()
+
+
+async def caller(proxy: Proxy, name: str, window: Window, tally: Tally,
+                 callers: Callers | None = None) -> None:  # fmt: skip
+    """Call ``echo`` with a token of our own until the window is over; count what came back.
+
+    Each call waits for its proxy's recovery, and counts as hung, as ``callers`` says.
+    """
+    callers = callers or DEFAULT_CALLERS
     seq = 0
-    while trio.current_time() < deadline:
+    while not window.over(tally):
         seq += 1
         token = f"{name}.{seq}"
-        with trio.move_on_after(CALL_LIMIT) as limit:
+        with trio.move_on_after(callers.call_limit) as limit:
             try:
-                reply = await proxy.call("echo", {"text": token}, wait=CALL_WAIT)
+                reply = await proxy.call("echo", {"text": token}, wait=callers.call_wait,
+                                         timeout=callers.call_timeout)  # fmt: skip
             except IpadError as exc:
                 if not exc.message:
                     tally.unclear.append(f"{type(exc).__name__} without a message")
-                tally.failures[type(exc).__name__] += 1
-                tally.last_failure[name] = (trio.current_time(), f"{type(exc).__name__}: {exc}")
+                tally.failed_with(name, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - counted: the scenario asserts there are none
                 tally.unclear.append(repr(exc))
                 continue
         if limit.cancelled_caught:
-            tally.unclear.append(f"a call took longer than {CALL_LIMIT:g}s")
+            tally.unclear.append(f"a call took longer than {callers.call_limit:g}s")
         elif reply == {"text": token}:
             tally.calls += 1
             tally.last_answered[name] = trio.current_time()
@@ -148,14 +207,14 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def kill_workers(admin: Client, modules: list[str], interval: float, deadline: float,
+async def kill_workers(admin: Client, modules: list[str], interval: float, window: Window,
                        tally: Tally, daemon_pid: int) -> None:  # fmt: skip
-    """SIGKILL a random module's worker every ``interval`` seconds or so, until ``deadline``."""
+    """SIGKILL a random module's worker every ``interval`` seconds or so, until the window ends."""
     rng = random.Random(9)  # noqa: S311 - which worker dies next need not be secret
     while True:
         await trio.sleep(interval * rng.uniform(0.5, 1.5))
         tally.peak_rss_kib = max(tally.peak_rss_kib, rss_kib(daemon_pid))
-        if trio.current_time() >= deadline:
+        if window.over(tally):
             return
         status = await admin.status()
         pid = status.modules[rng.choice(modules)]["worker_pid"]
@@ -167,7 +226,7 @@ async def kill_workers(admin: Client, modules: list[str], interval: float, deadl
             tally.kills += 1
 
 
-Fault = Callable[[Client, float, Tally], Awaitable[None]]
+Fault = Callable[[Client, Window, Tally], Awaitable[None]]
 
 
 async def run_load(
@@ -177,19 +236,22 @@ async def run_load(
     clients: int,
     seconds: float,
     modules: int = 4,
-    callers: int = 2,
     kill_interval: float | None = 0.5,
+    callers: Callers = DEFAULT_CALLERS,
     fault: Fault | None = None,
 ) -> Tally:
     """The scenario: connect every client, get its proxy, then call for ``seconds`` under faults.
 
-    ``fault`` replaces the worker killer (it gets an admin client, the deadline and the tally).
+    ``callers`` says how many call on each client, how long each call waits,
+    and how long the run may go on past ``seconds``. ``fault`` replaces the
+    worker killer (it gets an admin client, the run's Window, which it may
+    extend, and the tally).
     """
     names = module_names(modules)
     tally = Tally()
     ready = trio.Semaphore(0)
     go = trio.Event()
-    timing: dict[str, float] = {}
+    window = Window(math.inf)
 
     async def one_client(index: int) -> None:
         async with open_client(socket, name=f"load-{index}", reconnect=True) as client:
@@ -197,8 +259,8 @@ async def run_load(
             ready.release()
             await go.wait()
             async with trio.open_nursery() as nursery:
-                for n in range(callers):
-                    nursery.start_soon(caller, proxy, f"{index}.{n}", timing["deadline"], tally)
+                for n in range(callers.per_client):
+                    nursery.start_soon(caller, proxy, f"{index}.{n}", window, tally, callers)
 
     async with open_client(socket, name="load-admin", subscribe=False, reconnect=True) as admin:
         async with trio.open_nursery() as nursery:
@@ -207,13 +269,14 @@ async def run_load(
             for _ in range(clients):
                 await ready.acquire()
             started = trio.current_time()
-            timing["deadline"] = started + seconds
+            window.end, window.min_kills = started + seconds, callers.min_kills
+            window.limit = started + max(seconds, callers.max_seconds)
             go.set()
             if fault is not None:
-                nursery.start_soon(fault, admin, timing["deadline"], tally)
+                nursery.start_soon(fault, admin, window, tally)
             elif kill_interval is not None:
                 nursery.start_soon(kill_workers, admin, names, kill_interval,
-                                   timing["deadline"], tally, daemon_pid)  # fmt: skip
+                                   window, tally, daemon_pid)  # fmt: skip
         tally.seconds = trio.current_time() - started
     return tally
 
@@ -224,7 +287,7 @@ async def single_client_rate(socket: Path, seconds: float) -> float:
     async with open_client(socket, name="load-limit", subscribe=False) as client:
         proxy = await client.request_proxy("echo")
         started = trio.current_time()
-        await caller(proxy, "limit", started + seconds, tally)
+        await caller(proxy, "limit", Window(started + seconds), tally)
         elapsed = trio.current_time() - started
     return tally.calls / elapsed
 
@@ -273,7 +336,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         limit = trio.run(single_client_rate, socket, args.limit_seconds)
         tally = trio.run(lambda: run_load(socket, proc.pid, clients=args.clients,
                                           seconds=args.seconds, modules=args.modules,
-                                          callers=args.callers,
+                                          callers=Callers(args.callers),
                                           kill_interval=args.kill_interval))  # fmt: skip
         trio.run(settle, socket)
         rss_after = rss_kib(proc.pid)
@@ -287,7 +350,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return {
         "calls": tally.calls, "seconds": tally.seconds, "calls_per_s": tally.calls / tally.seconds,
         "failed": tally.failed, "failures": dict(tally.failures), "misrouted": tally.misrouted,
-        "unclear": tally.unclear, "kills": tally.kills,
+        "unclear": tally.unclear, "kills": tally.kills, "messages": dict(tally.messages),
         "limit_calls_per_s": limit,
         "daemon_rss_kib": {"before": rss_before, "peak": tally.peak_rss_kib, "after": rss_after},
     }  # fmt: skip

@@ -532,3 +532,79 @@ async def test_trio_client_left_while_a_call_waits_for_the_recovery(
     assert [type(e) for e in outcome] == [trio.Cancelled]
     daemon.wait_for("client.disconnected", lambda r: r["reason"] == "client closed the connection")
     wait_until(lambda: proxies_held(daemon) == 0)
+
+
+# --- 5. every channel the trio client receives is closed, whatever overtakes its grant ------
+
+
+class HeldGrant:
+    """Holds a reopen's grant in the trio client between its arrival and its adoption.
+
+    On a busy machine the grant's reply and the client's close (or the
+    proxy's release) can come in one scheduler pass: the recovery then carries
+    on after them. This opens that window on purpose, and keeps the channel
+    to check it was closed.
+    """
+
+    def __init__(self, client: ipc.Client) -> None:
+        self.grant = client._grant
+        self.channels: list[Any] = []
+        self.arrived = trio.Event()
+        self.go = trio.Event()
+        client._grant = self._held  # type: ignore[method-assign]
+
+    async def _held(self, message: Any) -> Any:
+        granted = await self.grant(message)
+        self.channels.append(granted[1])
+        self.arrived.set()
+        with trio.CancelScope(shield=True):  # what overtakes it must not cancel it
+            await self.go.wait()
+        return granted
+
+
+async def test_a_channel_granted_as_the_trio_client_closes_is_closed(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A reopen's channel that arrives as the client closes is closed with it, not left open."""
+    daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"))
+    with trio.fail_after(WAIT):
+        async with ipc.open_client(daemon.socket) as client:
+            echo = await client.request_proxy("echo")
+            held = HeldGrant(client)
+            await trio.to_thread.run_sync(kill_and_wait, await echo.call("pid"))
+            await held.arrived.wait()
+            client.nursery.start_soon(_release_after_close, client, held)
+    [channel] = held.channels
+    assert channel.raw.fileno() == -1
+    assert echo.state != "valid"
+
+
+async def _release_after_close(client: ipc.Client, held: HeldGrant) -> None:
+    """Let the held grant go once the client has closed (its nursery is cancelled by then)."""
+    with trio.CancelScope(shield=True):
+        while not client._closing:
+            await trio.sleep(0.001)
+    held.go.set()
+
+
+async def test_a_channel_granted_as_its_proxy_is_released_is_closed(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A reopen's grant that arrives after its proxy was released is closed; the client lives on."""
+    daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"))
+    with trio.fail_after(WAIT):
+        async with ipc.open_client(daemon.socket) as client:
+            echo = await client.request_proxy("echo")
+            held = HeldGrant(client)
+            await trio.to_thread.run_sync(kill_and_wait, await echo.call("pid"))
+            await held.arrived.wait()
+            await echo.release()
+            held.go.set()
+            [channel] = held.channels
+            with trio.fail_after(WAIT):
+                while channel.raw.fileno() != -1:
+                    await trio.sleep(0.01)
+            assert echo.state == "closed"
+            other = await client.request_proxy("echo")
+            assert (await other.call("echo", {"text": "on"}))["text"] == "on"
+    wait_until(lambda: proxies_held(daemon) == 0)

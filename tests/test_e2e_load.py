@@ -3,10 +3,19 @@
 The scenario is bench/bench_load.py's, shorter: every call carries a token of
 its own that the echo module sends back, so a reply that reaches any caller
 but the one that sent it is counted as misrouted.
+
+These tests prove routing and recovery, not speed (bench/ measures that), so
+they do not end or fail by the clock of a busy machine: they run on until
+they have seen the faults they need, and each call waits for its proxy's
+recovery far longer than the benchmark's 5 s. On a 2-core machine shared with
+other work, the 200 subscribed clients in this one process read every
+daemon event each (some 10 000 frames per killed worker), and a reopen's
+grant, queued behind them, was seen read more than 5 s after the daemon sent it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -14,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from bench_load import Tally, module_names, run_load, write_config
+from bench_load import Callers, Tally, Window, module_names, run_load, write_config
 
 from ipad.client._trio import Client
 from ipad.protocol.errors import Disconnected
@@ -23,6 +32,23 @@ from tests.daemon_process import DaemonProcess, fd_targets, open_fds, wait_until
 pytestmark = pytest.mark.timeout(240)
 
 Start = Callable[..., DaemonProcess]
+
+#: Workers the load test kills: it calls on past its 3 s until this many died (a killer on a
+#: busy machine gets fewer turns than the seconds promise), for at most KILLS_WITHIN seconds.
+KILLS = 5
+KILLS_WITHIN = 60.0
+#: How long a call waits for its proxy's recovery (``wait``, and ``timeout``, which otherwise
+#: is the module's call_timeout of 10 s), and after how long it counts as hung: longer than any
+#: recovery or restart of a busy machine (the restart alone was seen to take 12 s), so that a
+#: CallNotSent, a TimedOut or a hung call means a recovery that stalled, not a slow one.
+CALL_WAIT = 60.0
+CALL_LIMIT = 90.0
+KILL_CALLERS = Callers(2, KILLS, KILLS_WITHIN, CALL_WAIT, CALL_LIMIT, CALL_WAIT)
+#: The restart test's callers go on (until every proxy is back) for at most 90 s.
+RESTART_CALLERS = Callers(2, 0, 90.0, CALL_WAIT, CALL_LIMIT, CALL_WAIT)
+#: After every proxy is back on the restarted daemon, the callers go on this long, so that
+#: each has a call answered there.
+AFTER_BACK = 1.0
 
 #: Clear errors a call may fail with: in flight when its worker died (it may have run, so it
 #: is not sent again), or, across a daemon restart, while the connection was being made again.
@@ -58,6 +84,8 @@ def report(what: str, tally: Tally, extra: str = "") -> None:
     print(f"\n{what}: {tally.calls} calls in {tally.seconds:.1f}s "
           f"({tally.calls / tally.seconds:.0f}/s), failed {dict(tally.failures)}, misrouted "
           f"{tally.misrouted}, unclear {len(tally.unclear)}, kills {tally.kills}{extra}")  # fmt: skip
+    for text, count in tally.messages.most_common():
+        print(f"  {count:5d} x {text}")
 
 
 async def test_200_clients_while_workers_are_killed_at_random(
@@ -72,11 +100,11 @@ async def test_200_clients_while_workers_are_killed_at_random(
     baseline = open_fds(daemon.proc.pid)
     before = fd_targets(daemon.proc.pid)
     tally = await run_load(daemon.socket, daemon.proc.pid, clients=200, seconds=3.0,
-                           kill_interval=0.3)  # fmt: skip
+                           kill_interval=0.3, callers=KILL_CALLERS)  # fmt: skip
     with capsys.disabled():
         report("load", tally)
     assert_every_reply_went_to_its_caller(tally)
-    assert tally.kills >= 4
+    assert tally.kills >= KILLS
     assert tally.failed < tally.calls / 10
     assert len(tally.last_answered) == 400  # every client's every caller was answered
     # The clients have left: their proxies and module instances are released.
@@ -110,9 +138,12 @@ async def test_clients_carry_on_across_a_daemon_restart_under_load(
     env = first.env
     restarted: dict[str, float] = {}
 
-    async def restart_daemon(admin: Client, deadline: float, tally: Tally) -> None:
+    async def restart_daemon(admin: Client, window: Window, tally: Tally) -> None:
+        # The callers go on until every proxy is back, however long a busy machine takes.
+        planned, window.end = window.end, math.inf
         await trio.sleep(1.0)
         first.expect_unclean_exit("SIGKILLed on purpose: the clients' recovery is tested")
+        restarted["killed"] = trio.current_time()
         os.kill(first.proc.pid, signal.SIGKILL)
         await trio.to_thread.run_sync(first.proc.wait)
         second = await trio.to_thread.run_sync(lambda: start_daemon(config, env=env))
@@ -123,13 +154,15 @@ async def test_clients_carry_on_across_a_daemon_restart_under_load(
             while await proxies_held(admin) < 200:
                 await trio.sleep(0.05)
         restarted["all_back"] = trio.current_time()
-        assert restarted["all_back"] < deadline, "the clients took the whole run to come back"
+        window.end = max(planned, restarted["all_back"] + AFTER_BACK)
 
     tally = await run_load(first.socket, first.proc.pid, clients=200, seconds=6.0,
-                           fault=restart_daemon)  # fmt: skip
+                           callers=RESTART_CALLERS, fault=restart_daemon)  # fmt: skip
     with capsys.disabled():
+        start = restarted["at"] - restarted["killed"]
         back = restarted["all_back"] - restarted["at"]
-        report("restart", tally, f", all 200 proxies back {back:.2f}s after the new daemon started")
+        report("restart", tally, f", the new daemon served {start:.2f}s after the kill, all 200 "
+               f"proxies back {back:.2f}s after that")  # fmt: skip
     assert_every_reply_went_to_its_caller(tally)
     # Each of the 400 callers had a call answered by the new daemon's workers.
     assert len(tally.last_answered) == 400

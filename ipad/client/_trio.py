@@ -183,8 +183,8 @@ class Client:
         """A proxy to a new instance of ``module``."""
         granted, channel = await self._grant(p.RequestProxy(module, pipeline, pipeline_version))
         proxy = Proxy(self, ProxyInfo.from_granted(granted), channel, pipeline, pipeline_version)
+        proxy.start_reader(channel, proxy.requests)
         self.proxies[proxy.proxy_id] = proxy
-        self.nursery.start_soon(proxy.read_channel, channel, proxy.requests)
         return proxy
 
     async def _grant(self, message: p.Message) -> tuple[p.ProxyGranted, PacketSocket]:
@@ -239,7 +239,8 @@ class Client:
                     return
                 await self._wait_news(proxy)
                 continue
-            if not await self._adopt(proxy, granted, channel, reconnected=False):
+            adopted = await self._adopt(proxy, granted, channel, reconnected=False)
+            if not adopted and not proxy.closed:
                 await self._wait_news(proxy)
 
     def _recovering_on(self, proxy: Proxy, generation: int) -> bool:
@@ -264,6 +265,8 @@ class Client:
             if proxy.channel is not channel:
                 channel.close()
             raise
+        if replayed is None:  # closed while the grant was on its way: the channel is closed
+            return False
         done: dict[str, Any] = {"replayed": replayed, "worker_pid": granted.worker_pid}
         kind = "fallback" if granted.served_by else "recovered"
         if granted.served_by:

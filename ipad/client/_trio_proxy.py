@@ -184,8 +184,21 @@ class Proxy(ProxyCore):
         except (OSError, trio.ClosedResourceError, WorkerCrashed) as exc:
             raise CallNotSent(f"{self.module} channel is closed: {exc}") from None
 
+    def start_reader(self, channel: PacketSocket, requests: TrioRequests) -> None:
+        """Hand a channel just granted to its reader task, which owns it from now on.
+
+        Whatever happens next (the client closes, the proxy is released, a
+        recovery is cancelled or fails) the channel is closed: at the latest
+        when its reader ends, which a cancelled nursery makes it do at once.
+        """
+        try:
+            self.client.nursery.start_soon(self.read_channel, channel, requests)
+        except BaseException:
+            channel.close()
+            raise
+
     async def read_channel(self, channel: PacketSocket, requests: TrioRequests) -> None:
-        """Deliver replies and module events until the worker closes the channel."""
+        """Deliver replies and module events until the channel ends; then close it."""
         reason = "worker closed the channel"
         try:
             while True:
@@ -210,6 +223,7 @@ class Proxy(ProxyCore):
             reason = "the client ran out of memory decoding what the worker sent"
         finally:
             requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
+            channel.close()
             if channel is self.channel:
                 self._lost(reason)
 
@@ -238,16 +252,21 @@ class Proxy(ProxyCore):
 
     async def _recovered(
         self, channel: PacketSocket, requests: TrioRequests, granted: p.ProxyGranted
-    ) -> int:
+    ) -> int | None:
         """Replay the setup calls on a new channel (pipelined) and switch to it; return how many.
 
         The proxy is valid once the replay is done: the daemon is told
         (PROXY_READY) without waiting for its answer, which changes nothing here.
+        None, and the channel closed, if the proxy was closed (released, or by
+        the daemon) while the grant was on its way.
         """
-        self.client.nursery.start_soon(self.read_channel, channel, requests)
+        self.start_reader(channel, requests)
         sent = [await self._send_call(channel, requests, *call) for call in self.replay_calls()]
         for pending in sent:
             expect(await requests.reply(pending), p.Result)
+        if self.closed:
+            channel.close()
+            return None
         old = self.channel
         self.channel, self.requests = channel, requests
         old.close()
