@@ -608,3 +608,106 @@ async def test_a_channel_granted_as_its_proxy_is_released_is_closed(
             other = await client.request_proxy("echo")
             assert (await other.call("echo", {"text": "on"}))["text"] == "on"
     wait_until(lambda: proxies_held(daemon) == 0)
+
+
+class HeldRequest:
+    """Holds the trio client's REQUEST_PROXY for one module until ``go``: that proxy stays away.
+
+    After a reconnection the proxies come back in whatever order their requests
+    run; holding one back lets the test give its old id to another on the new
+    daemon (which numbers proxies afresh) and release it before it is back.
+    """
+
+    def __init__(self, client: ipc.Client, module: str) -> None:
+        self.grant = client._grant
+        self.module = module
+        self.waiting = trio.Event()
+        self.go = trio.Event()
+        self.granted = trio.Event()
+        client._grant = self._held  # type: ignore[method-assign]
+
+    async def _held(self, message: Any) -> Any:
+        if getattr(message, "module", None) != self.module or self.granted.is_set():
+            return await self.grant(message)
+        self.waiting.set()
+        await self.go.wait()
+        try:
+            return await self.grant(message)
+        finally:
+            self.granted.set()
+
+
+async def test_a_proxy_released_before_a_reconnection_brought_it_back_releases_only_itself(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Released while not yet back on a restarted daemon, a proxy frees nothing of another's.
+
+    Its old id is another proxy's new one there: no RELEASE_PROXY goes out with
+    it, and the grant its request gets afterwards is given back at once.
+    """
+    config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
+    first = start_daemon(config)
+    with trio.fail_after(2 * WAIT):
+        async with ipc.open_client(first.socket, reconnect=True) as client:
+            faulty = await client.request_proxy("faulty")
+            echo = await client.request_proxy("echo")
+            old_id = faulty.proxy_id
+            held = HeldRequest(client, "faulty")
+            first.expect_unclean_exit(
+                "SIGKILLed on purpose: a release across a reconnect is tested"
+            )
+            first.proc.kill()
+            await trio.to_thread.run_sync(functools.partial(first.proc.wait, timeout=WAIT))
+            second = await trio.to_thread.run_sync(start_daemon, config)
+            await held.waiting.wait()
+            assert (await echo.call("echo", {"text": "back"}, wait=WAIT))["text"] == "back"
+            assert echo.proxy_id == old_id  # the new daemon gave echo faulty's old number
+            await faulty.release()
+            held.go.set()
+            await held.granted.wait()
+            assert (await echo.call("echo", {"text": "still"}))["text"] == "still"
+            assert echo.state == "valid"
+            assert client.proxies == {echo.proxy_id: echo}
+            while (await client.status()).daemon["proxies"] != 1:  # the late grant given back
+                await trio.sleep(0.01)
+            assert faulty.state == "closed"
+            assert (await client.status()).daemon["pid"] == second.proc.pid
+    wait_until(lambda: proxies_held(second) == 0)
+    second.wait_for("proxy.state_changed", lambda r: r.get("state") == "closed")  # the log lags
+    closed = [r for r in second.events("proxy.state_changed") if r.get("state") == "closed"]
+    assert next((r["module"], r["reason"]) for r in closed) == ("faulty", "released")
+
+
+def test_a_blocking_proxy_released_before_it_is_back_releases_only_itself(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """The blocking client's side of the same: a proxy not yet back sends no RELEASE_PROXY.
+
+    It brings a proxy back at its next call, so one never called since the
+    restart keeps the old daemon's id, which the test lets another take.
+    """
+    config = write_config(tmp_path, FAULTY, modules="[modules.echo]\n[modules.faulty]\n")
+    first = start_daemon(config)
+    client = ipc.BlockingClient(first.socket, reconnect=True)
+    try:
+        faulty = client.request_proxy("faulty")
+        echo = client.request_proxy("echo")
+        old_id = faulty.proxy_id
+        first.expect_unclean_exit("SIGKILLed on purpose: a release across a reconnect is tested")
+        first.proc.kill()
+        first.proc.wait(timeout=WAIT)
+        second = start_daemon(config)
+        assert echo.call("echo", {"text": "back"}, wait=WAIT)["text"] == "back"
+        assert echo.proxy_id == old_id  # the new daemon gave echo faulty's old number
+        faulty.release()
+        assert echo.call("echo", {"text": "still"})["text"] == "still"
+        assert echo.state == "valid"
+        assert client.proxies == {echo.proxy_id: echo}
+        assert client.status().daemon["proxies"] == 1
+        assert faulty.state == "closed"
+    finally:
+        client.close()
+    wait_until(lambda: proxies_held(second) == 0)
+    second.wait_for("proxy.state_changed", lambda r: r.get("state") == "closed")  # the log lags
+    closed = [r for r in second.events("proxy.state_changed") if r.get("state") == "closed"]
+    assert [r["module"] for r in closed] == ["echo"]  # at the close only

@@ -12,6 +12,7 @@ requested anew and its setup calls replayed, under the same Proxy object.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from ipad.client._core import (
     expect,
     not_sent,
 )
+from ipad.client._core_proxy import ProxyState
 from ipad.client._core_requests import Match
 from ipad.client._events import EVENT_BACKLOG, EVENT_BACKLOG_BYTES, EventQueue, LocalEvent
 from ipad.client._trio_proxy import Proxy
@@ -181,8 +183,10 @@ class Client:
         self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
     ) -> Proxy:
         """A proxy to a new instance of ``module``."""
+        conn = self.conn
         granted, channel = await self._grant(p.RequestProxy(module, pipeline, pipeline_version))
         proxy = Proxy(self, ProxyInfo.from_granted(granted), channel, pipeline, pipeline_version)
+        proxy.granted_on = conn
         proxy.start_reader(channel, proxy.requests)
         self.proxies[proxy.proxy_id] = proxy
         return proxy
@@ -375,6 +379,7 @@ class Client:
         """After a reconnection: request the proxy's module anew and replay its setup."""
         while not proxy.closed and generation == self.generation:
             proxy._poke = trio.Event()
+            conn = self.conn
             try:
                 granted, channel = await self._grant(proxy.reopen_message(same_connection=False))
             except Disconnected:
@@ -390,13 +395,27 @@ class Client:
                     proxy.backoff.failed(trio.current_time())
                 await self._wait_news(proxy)
                 continue
+            if proxy.phase is ProxyState.CLOSED:  # released while its request was on its way
+                try:  # its grant is given back before the channel closes: freed as released
+                    await self._give_back(conn, granted.proxy_id)
+                finally:
+                    channel.close()
+                return
             self.reattaching.discard(proxy)
             proxy.reattached(granted.proxy_id)
+            proxy.granted_on = conn
             self.proxies[proxy.proxy_id] = proxy
             if not await self._adopt(proxy, granted, channel, reconnected=True):
                 # The new instance is held under the new id: recover it like any other.
                 proxy._lost("replay failed after reconnecting")
             return
+
+    async def _give_back(self, conn: PacketSocket | None, proxy_id: int) -> None:
+        """Release a grant nobody wants, if the connection that granted it is still ours."""
+        if conn is None or conn is not self.conn:
+            return  # that daemon connection is gone, and the grant with it
+        with contextlib.suppress(IpadError):  # gone meanwhile: nothing is held any more
+            await self.request(p.ReleaseProxy(proxy_id), p.Released)
 
     def _on_event(self, event: p.Event) -> None:
         if event.kind == "module" and event.state is not None:

@@ -53,6 +53,8 @@ class Proxy(ProxyCore):
         super().__init__(info, pipeline, pipeline_version)
         self.client = client
         self.channel = channel
+        #: The daemon connection that granted ``proxy_id``: the only one where it names this proxy.
+        self.granted_on = client.conn
         self.requests = TrioRequests(f"proxy:{info.proxy_id}")
         self.module_events = EventQueue()
         self._recovering = False
@@ -297,11 +299,16 @@ class Proxy(ProxyCore):
         """Give the instance back; the proxy cannot be used afterwards."""
         if self.closed:
             return
+        client = self.client
         self.closed_by("released")
-        self.client.proxies.pop(self.proxy_id, None)
-        self.client.reattaching.discard(self)
+        if client.proxies.get(self.proxy_id) is self:  # not another's id on a new connection
+            del client.proxies[self.proxy_id]
+        client.reattaching.discard(self)
         try:
-            await self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
+            # Not yet back on a new connection, its id is the old daemon's: there it may
+            # name another proxy. A grant that comes for it later is given back at once.
+            if self.granted_on is not None and self.granted_on is client.conn:
+                await client.request(p.ReleaseProxy(self.proxy_id), p.Released)
         except (UnknownProxy, Disconnected):
             pass  # its channel broke, its instance was closed, or its daemon is gone: it is gone
         finally:
