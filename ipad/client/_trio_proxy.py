@@ -202,12 +202,17 @@ class Proxy(ProxyCore):
     async def read_channel(self, channel: PacketSocket, requests: TrioRequests) -> None:
         """Deliver replies and module events until the channel ends; then close it."""
         reason = "worker closed the channel"
+        #: The worker may still serve (it sent what this client could not take): the channel
+        #: stays open until the recovery's new one replaces it. Closing it tells the worker,
+        #: and through it the daemon, that the client left: the proxy would be closed.
+        keep = False
         try:
             while True:
                 try:
                     frame = await channel.receive()
                 except p.ProtocolError as exc:
                     reason = f"worker broke the protocol: {exc.reason}"
+                    keep = True
                     break
                 except ConnectionResetError:
                     requests.book.reset = True
@@ -223,10 +228,13 @@ class Proxy(ProxyCore):
             # What the worker sent decodes to more than this process can hold (or there is no
             # room to keep it): the proxy loses its channel and recovers; the client carries on.
             reason = "the client ran out of memory decoding what the worker sent"
+            keep = True
         finally:
             requests.fail_all(lambda: WorkerCrashed(f"{self.module}: {reason}"))
-            channel.close()
-            if channel is self.channel:
+            current = channel is self.channel
+            if not (keep and current and not self.closed):
+                channel.close()
+            if current:
                 self._lost(reason)
 
     def _lost(self, reason: str, *, recover: bool = True) -> None:
