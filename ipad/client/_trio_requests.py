@@ -6,14 +6,13 @@ this only sends on a PacketSocket and wakes the task waiting for a reply.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import trio
 
 from ipad.client._core_requests import Match, RequestBook
 from ipad.protocol import wire as p
-from ipad.transport.seqpacket import DROPPED_WARNINGS, PacketSocket, log
+from ipad.transport.seqpacket import PacketSocket, warn_dropped
 
 #: A request sent: its id and the event set once its reply (or the connection's end) is known.
 Pending = tuple[int, trio.Event]
@@ -65,13 +64,7 @@ class TrioRequests:
         """What ``frame`` is (a reply wakes its caller); strays are logged, rate-limited."""
         match = self.book.take(frame)
         if match is Match.UNKNOWN:
-            # A peer can send replies to ids never used as fast as it likes: a warning for
-            # each would be its to multiply. The count of those not logged comes with the next.
-            logged, suppressed = DROPPED_WARNINGS.allow(time.monotonic())
-            if logged:
-                log.warning("reply.dropped", connection=self.book.name, request_id=frame.request_id,
-                            message=frame.message.TYPE.name,
-                            **({"suppressed": suppressed} if suppressed else {}))  # fmt: skip
+            warn_dropped(self.book.name, frame)
         return match
 
     def fail_all(self, error: Callable[[], Exception]) -> None:

@@ -31,6 +31,19 @@ DROPPED_INTERVAL = 10.0
 DROPPED_WARNINGS = RateLimit(DROPPED_INTERVAL, DROPPED_BURST)
 
 
+def warn_dropped(connection: str, frame: p.Frame) -> None:
+    """Log a reply nobody waits for, within the process's rate limit.
+
+    A peer can send replies to ids never used as fast as it likes: a warning for
+    each would be its to multiply. The count of those not logged comes with the next.
+    """
+    logged, suppressed = DROPPED_WARNINGS.allow(time.monotonic())
+    if logged:
+        log.warning("reply.dropped", connection=connection, request_id=frame.request_id,
+                    message=frame.message.TYPE.name,
+                    **({"suppressed": suppressed} if suppressed else {}))  # fmt: skip
+
+
 def report_suppressed_drops() -> None:
     """Log how many ``reply.dropped`` warnings were suppressed and not reported yet."""
     count = DROPPED_WARNINGS.flush()
@@ -302,17 +315,7 @@ class Requests:
         if self.on_dropped is not None:
             self.on_dropped(frame)
         frame.close_fds()
-        # A peer can send replies to ids never used as fast as it likes: a warning for each
-        # would be its to multiply. The count of those not logged comes with the next one.
-        logged, suppressed = DROPPED_WARNINGS.allow(time.monotonic())
-        if logged:
-            log.warning(
-                "reply.dropped",
-                connection=self.name,
-                request_id=frame.request_id,
-                message=frame.message.TYPE.name,
-                **({"suppressed": suppressed} if suppressed else {}),
-            )
+        warn_dropped(self.name, frame)
 
     def fail_all(self, error: Callable[[], Exception]) -> None:
         """The connection is gone: every caller fails at once, and so does every later call.
