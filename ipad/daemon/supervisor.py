@@ -549,12 +549,12 @@ class ModuleSupervisor:
             worker = await self.launcher.launch(
                 self.name, argv, self.env, self._on_notice, self.plan.sandbox,
                 on_started=started, on_exit=self._exited,
-                timeout=self.policy.start_timeout.seconds,
+                timeout=self.start_timeout,
             )  # fmt: skip
         except OSError as exc:
             return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)
         self._loading[worker] = None  # its exit, if it comes now, waits for this answer
-        with self.timers.move_on_after(self.policy.start_timeout.seconds):
+        with self.timers.move_on_after(self.start_timeout):
             try:
                 frame = await worker.load(self._load_message(standby=standby))
             except WorkerCrashed:
@@ -675,7 +675,7 @@ class ModuleSupervisor:
                 running = self.state is WorkerState.RUNNING and self.worker is not lost
                 return running or self.machine.stopping
 
-            await self.events.wait_until(replaced, self.policy.start_timeout.seconds)
+            await self.events.wait_until(replaced, self.start_timeout)
             worker = self.worker
             if worker is None or worker is lost or self.state is not WorkerState.RUNNING:
                 raise
@@ -692,7 +692,7 @@ class ModuleSupervisor:
         client_end, worker_end = sized_socketpair()  # calls and results up to MAX_PACKET
         frame: p.Frame | None = None
         try:
-            with self.timers.move_on_after(self.policy.start_timeout.seconds):
+            with self.timers.move_on_after(self.start_timeout):
                 try:
                     frame = await worker.request(p.OpenInstance(instance_id), [worker_end.fileno()])
                 finally:
@@ -742,9 +742,7 @@ class ModuleSupervisor:
             return  # one being ended has its spares closed when it is swept
         waiting = sum(r.worker_pid != worker.pid for r in self.proxies.of_module(self.name))
         while len(worker.spares) > waiting:
-            instance_id, client_end = worker.spares.pop()
-            client_end.close()
-            _close_on(worker, instance_id)
+            _drop_spare(worker)
 
     async def _keep_spares(self) -> None:
         try:
@@ -753,9 +751,7 @@ class ModuleSupervisor:
                 # closed before it gets one: its client left) needs no twin yet.
                 wanted = sum(r.instance_id is not None for r in self.proxies.of_module(self.name))
                 if len(standby.spares) > wanted:
-                    instance_id, client_end = standby.spares.pop()
-                    client_end.close()
-                    _close_on(standby, instance_id)
+                    _drop_spare(standby)
                 elif len(standby.spares) < wanted:
                     try:
                         spare = await self._open_on(standby)
@@ -780,6 +776,13 @@ class ModuleSupervisor:
         if worker is None or self.state is not WorkerState.RUNNING:
             return
         _close_on(worker, instance_id)
+
+
+def _drop_spare(worker: WorkerProcess) -> None:
+    """Close the newest of ``worker``'s spare instances: its client end here, the instance there."""
+    instance_id, client_end = worker.spares.pop()
+    client_end.close()
+    _close_on(worker, instance_id)
 
 
 def _close_on(worker: WorkerProcess, instance_id: int) -> None:
