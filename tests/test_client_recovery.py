@@ -562,6 +562,15 @@ class HeldGrant:
         return granted
 
 
+async def echo_with_its_reopen_held(client: ipc.Client) -> tuple[ipc.Proxy, HeldGrant]:
+    """An echo proxy whose worker was killed, the grant of its reopen held as it arrives."""
+    echo = await client.request_proxy("echo")
+    held = HeldGrant(client)
+    await trio.to_thread.run_sync(kill_and_wait, await echo.call("pid"))
+    await held.arrived.wait()
+    return echo, held
+
+
 async def test_a_channel_granted_as_the_trio_client_closes_is_closed(
     start_daemon: Start, tmp_path: Path
 ) -> None:
@@ -569,10 +578,7 @@ async def test_a_channel_granted_as_the_trio_client_closes_is_closed(
     daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"))
     with trio.fail_after(WAIT):
         async with ipc.open_client(daemon.socket) as client:
-            echo = await client.request_proxy("echo")
-            held = HeldGrant(client)
-            await trio.to_thread.run_sync(kill_and_wait, await echo.call("pid"))
-            await held.arrived.wait()
+            echo, held = await echo_with_its_reopen_held(client)
             client.nursery.start_soon(_release_after_close, client, held)
     [channel] = held.channels
     assert channel.raw.fileno() == -1
@@ -581,7 +587,7 @@ async def test_a_channel_granted_as_the_trio_client_closes_is_closed(
 
 async def _release_after_close(client: ipc.Client, held: HeldGrant) -> None:
     """Let the held grant go once the client has closed (its nursery is cancelled by then)."""
-    with trio.CancelScope(shield=True):
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + WAIT):  # bounded all the same
         while not client._closing:
             await trio.sleep(0.001)
     held.go.set()
@@ -594,10 +600,7 @@ async def test_a_channel_granted_as_its_proxy_is_released_is_closed(
     daemon = start_daemon(write_config(tmp_path, modules="[modules.echo]\n"))
     with trio.fail_after(WAIT):
         async with ipc.open_client(daemon.socket) as client:
-            echo = await client.request_proxy("echo")
-            held = HeldGrant(client)
-            await trio.to_thread.run_sync(kill_and_wait, await echo.call("pid"))
-            await held.arrived.wait()
+            echo, held = await echo_with_its_reopen_held(client)
             await echo.release()
             held.go.set()
             [channel] = held.channels
