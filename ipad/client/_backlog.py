@@ -32,7 +32,7 @@ EVENT_BACKLOG_BYTES = 4 * p.MAX_PAYLOAD
 EVENT_OVERHEAD = 256
 
 
-class RawModuleEvent(p.Message, frozen=True, forbid_unknown_fields=True):
+class RawModuleEvent(p.Message, frozen=True):
     """A MODULE_EVENT as received: its data still msgpack, decoded when the event is read."""
 
     TYPE = p.MsgType.MODULE_EVENT

@@ -16,6 +16,11 @@ Header, little-endian:
     id       u64  request id; a reply carries its request's id, 0 = no reply expected
     length   u32  payload bytes that follow
 
+Within the major version (the header's ``version``) messages only ever gain
+optional fields, so every receiver ignores fields it does not know: an older
+peer keeps working with a newer one. The fork server's messages are the
+exception (docs/protocol.md, "Compatibility and versions").
+
 Received descriptors belong to the receiver: ``decode`` closes them on any
 error, and a Frame's owner hands them on or closes them (``Frame.close_fds``).
 """
@@ -92,8 +97,8 @@ class MsgType(enum.IntEnum):
     MODULE_EVENT = 50
 
 
-class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Base of all messages; ``TYPE`` is the header's type."""
+class Message(msgspec.Struct, frozen=True):
+    """Base of all messages; ``TYPE`` is the header's type. Unknown fields are ignored."""
 
     TYPE: ClassVar[MsgType]
 
@@ -101,7 +106,7 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # --- client <-> daemon -------------------------------------------------------
 
 
-class Hello(Message, frozen=True, forbid_unknown_fields=True):
+class Hello(Message, frozen=True):
     """First message of a client; ``versions`` are the protocol versions it speaks."""
 
     TYPE = MsgType.HELLO
@@ -109,7 +114,7 @@ class Hello(Message, frozen=True, forbid_unknown_fields=True):
     client: str = ""
 
 
-class Welcome(Message, frozen=True, forbid_unknown_fields=True):
+class Welcome(Message, frozen=True):
     """The daemon accepts a client and says which version they will speak."""
 
     TYPE = MsgType.WELCOME
@@ -118,7 +123,7 @@ class Welcome(Message, frozen=True, forbid_unknown_fields=True):
     pid: int
 
 
-class RequestProxy(Message, frozen=True, forbid_unknown_fields=True):
+class RequestProxy(Message, frozen=True):
     """Ask for a proxy to a module, optionally for a pipeline handler at a version."""
 
     TYPE = MsgType.REQUEST_PROXY
@@ -127,7 +132,7 @@ class RequestProxy(Message, frozen=True, forbid_unknown_fields=True):
     pipeline_version: int | None = None
 
 
-class MethodSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class MethodSpec(msgspec.Struct, frozen=True):
     """A module method as the worker announced it: replayed after a restart if ``setup``."""
 
     name: str
@@ -136,7 +141,7 @@ class MethodSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     undoes: str | None = None
 
 
-class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
+class ProxyGranted(Message, frozen=True):
     """A proxy; its channel to the worker instance comes as the one passed fd."""
 
     TYPE = MsgType.PROXY_GRANTED
@@ -154,28 +159,28 @@ class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
     call_timeout: float = 0.0
 
 
-class ReleaseProxy(Message, frozen=True, forbid_unknown_fields=True):
+class ReleaseProxy(Message, frozen=True):
     """The client is done with a proxy; its instance is freed."""
 
     TYPE = MsgType.RELEASE_PROXY
     proxy_id: int
 
 
-class Released(Message, frozen=True, forbid_unknown_fields=True):
+class Released(Message, frozen=True):
     """Reply to ReleaseProxy."""
 
     TYPE = MsgType.RELEASED
     proxy_id: int
 
 
-class Subscribe(Message, frozen=True, forbid_unknown_fields=True):
+class Subscribe(Message, frozen=True):
     """Ask for events from now on; with ``since``, first those after it the daemon still has."""
 
     TYPE = MsgType.SUBSCRIBE
     since: int | None = None
 
 
-class Subscribed(Message, frozen=True, forbid_unknown_fields=True):
+class Subscribed(Message, frozen=True):
     """Reply to Subscribe; ``replayed`` past events follow it, then new ones after ``seq``."""
 
     TYPE = MsgType.SUBSCRIBED
@@ -183,7 +188,7 @@ class Subscribed(Message, frozen=True, forbid_unknown_fields=True):
     replayed: int = 0
 
 
-class Event(Message, frozen=True, forbid_unknown_fields=True):
+class Event(Message, frozen=True):
     """Something changed; ``seq`` increases by one for every event the daemon makes."""
 
     TYPE = MsgType.EVENT
@@ -197,13 +202,13 @@ class Event(Message, frozen=True, forbid_unknown_fields=True):
     details: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class Status(Message, frozen=True, forbid_unknown_fields=True):
+class Status(Message, frozen=True):
     """Ask for the daemon's and every module's state."""
 
     TYPE = MsgType.STATUS
 
 
-class StatusReply(Message, frozen=True, forbid_unknown_fields=True):
+class StatusReply(Message, frozen=True):
     """The daemon's state; ``modules`` maps a module name to its state fields."""
 
     TYPE = MsgType.STATUS_REPLY
@@ -211,20 +216,20 @@ class StatusReply(Message, frozen=True, forbid_unknown_fields=True):
     modules: dict[str, dict[str, Any]]
 
 
-class ListModules(Message, frozen=True, forbid_unknown_fields=True):
+class ListModules(Message, frozen=True):
     """Ask for the discovered modules and their manifests."""
 
     TYPE = MsgType.LIST_MODULES
 
 
-class Modules(Message, frozen=True, forbid_unknown_fields=True):
+class Modules(Message, frozen=True):
     """Reply to ListModules."""
 
     TYPE = MsgType.MODULES
     modules: dict[str, dict[str, Any]]
 
 
-class Admin(Message, frozen=True, forbid_unknown_fields=True):
+class Admin(Message, frozen=True):
     """An operator's command: ``restart`` a module, ``reload`` the configuration, ``stop``."""
 
     TYPE = MsgType.ADMIN
@@ -232,21 +237,21 @@ class Admin(Message, frozen=True, forbid_unknown_fields=True):
     module: str | None = None
 
 
-class AdminDone(Message, frozen=True, forbid_unknown_fields=True):
+class AdminDone(Message, frozen=True):
     """Reply to Admin: what was done."""
 
     TYPE = MsgType.ADMIN_DONE
     result: dict[str, Any]
 
 
-class ReopenProxy(Message, frozen=True, forbid_unknown_fields=True):
+class ReopenProxy(Message, frozen=True):
     """After its worker was restarted, a new channel for an invalid proxy (reply: PROXY_GRANTED)."""
 
     TYPE = MsgType.REOPEN_PROXY
     proxy_id: int
 
 
-class ProxyReady(Message, frozen=True, forbid_unknown_fields=True):
+class ProxyReady(Message, frozen=True):
     """The client replayed a reopened proxy's setup calls: it is valid again."""
 
     TYPE = MsgType.PROXY_READY
@@ -254,7 +259,7 @@ class ProxyReady(Message, frozen=True, forbid_unknown_fields=True):
     replayed: int = 0
 
 
-class ProxyStateReply(Message, frozen=True, forbid_unknown_fields=True):
+class ProxyStateReply(Message, frozen=True):
     """Reply to ProxyReady: the proxy's state and the event that announced it."""
 
     TYPE = MsgType.PROXY_STATE
@@ -263,14 +268,14 @@ class ProxyStateReply(Message, frozen=True, forbid_unknown_fields=True):
     seq: int
 
 
-class Goodbye(Message, frozen=True, forbid_unknown_fields=True):
+class Goodbye(Message, frozen=True):
     """The sender closes the connection, and says why."""
 
     TYPE = MsgType.GOODBYE
     reason: str
 
 
-class Error(Message, frozen=True, forbid_unknown_fields=True):
+class Error(Message, frozen=True):
     """A typed error reply: ``code`` is one of ErrorCode, for programs; ``message`` for people."""
 
     TYPE = MsgType.ERROR
@@ -306,7 +311,7 @@ class ErrorCode(enum.StrEnum):
 # --- daemon <-> worker -------------------------------------------------------
 
 
-class Load(Message, frozen=True, forbid_unknown_fields=True):
+class Load(Message, frozen=True):
     """Tell a worker host which module to load, from where, with which tuning file."""
 
     TYPE = MsgType.LOAD
@@ -321,7 +326,7 @@ class Load(Message, frozen=True, forbid_unknown_fields=True):
     signed: dict[str, str] | None = None
 
 
-class Ready(Message, frozen=True, forbid_unknown_fields=True):
+class Ready(Message, frozen=True):
     """The worker loaded its module and serves."""
 
     TYPE = MsgType.READY
@@ -333,46 +338,46 @@ class Ready(Message, frozen=True, forbid_unknown_fields=True):
     beats: bool = False
 
 
-class OpenInstance(Message, frozen=True, forbid_unknown_fields=True):
+class OpenInstance(Message, frozen=True):
     """Create a module instance served on the passed channel fd."""
 
     TYPE = MsgType.OPEN_INSTANCE
     instance_id: int
 
 
-class InstanceOpened(Message, frozen=True, forbid_unknown_fields=True):
+class InstanceOpened(Message, frozen=True):
     """Reply to OpenInstance."""
 
     TYPE = MsgType.INSTANCE_OPENED
     instance_id: int
 
 
-class Ping(Message, frozen=True, forbid_unknown_fields=True):
+class Ping(Message, frozen=True):
     """Heartbeat request."""
 
     TYPE = MsgType.PING
 
 
-class Pong(Message, frozen=True, forbid_unknown_fields=True):
+class Pong(Message, frozen=True):
     """Heartbeat reply."""
 
     TYPE = MsgType.PONG
 
 
-class Shutdown(Message, frozen=True, forbid_unknown_fields=True):
+class Shutdown(Message, frozen=True):
     """Ask a worker to close its instances and exit."""
 
     TYPE = MsgType.SHUTDOWN
 
 
-class CloseInstance(Message, frozen=True, forbid_unknown_fields=True):
+class CloseInstance(Message, frozen=True):
     """Free an instance (its proxy was released) and close its channel; no reply."""
 
     TYPE = MsgType.CLOSE_INSTANCE
     instance_id: int
 
 
-class Heartbeat(Message, frozen=True, forbid_unknown_fields=True):
+class Heartbeat(Message, frozen=True):
     """Beat on the board every ``interval`` seconds from now on; no reply.
 
     A standby worker is loaded with a slow beat nobody watches; its promotion
@@ -383,7 +388,7 @@ class Heartbeat(Message, frozen=True, forbid_unknown_fields=True):
     interval: float
 
 
-class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
+class InstanceClosed(Message, frozen=True):
     """The worker closed an instance on its own (its channel ended or broke); no reply."""
 
     TYPE = MsgType.INSTANCE_CLOSED
@@ -396,6 +401,9 @@ class InstanceClosed(Message, frozen=True, forbid_unknown_fields=True):
 
 class SandboxSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How one worker is confined; the worker side applies it before any module code runs.
+
+    Strict, as every daemon <-> fork server message: both ends come from one
+    install, and a confinement setting silently ignored would weaken the jail.
 
     Built by the daemon from the ``sandboxed`` kind's settings (ipad/config/sandbox_plan.py)
     and applied in the new process by ipad/worker/sandbox.py: forked ones get it in SPAWN,
@@ -466,7 +474,7 @@ class Preload(Message, frozen=True, forbid_unknown_fields=True):
 # --- client <-> worker -------------------------------------------------------
 
 
-class Call(Message, frozen=True, forbid_unknown_fields=True):
+class Call(Message, frozen=True):
     """Call a method; the passed fds go, in order, to the parameters named in ``fd_args``."""
 
     TYPE = MsgType.CALL
@@ -475,14 +483,14 @@ class Call(Message, frozen=True, forbid_unknown_fields=True):
     fd_args: tuple[str, ...] = ()
 
 
-class Result(Message, frozen=True, forbid_unknown_fields=True):
+class Result(Message, frozen=True):
     """A method's return value."""
 
     TYPE = MsgType.RESULT
     value: Any = None
 
 
-class ModuleEvent(Message, frozen=True, forbid_unknown_fields=True):
+class ModuleEvent(Message, frozen=True):
     """An event a module instance sent to its client."""
 
     TYPE = MsgType.MODULE_EVENT
