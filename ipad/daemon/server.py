@@ -275,6 +275,18 @@ class Session:
     async def _reply(
         self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
     ) -> None:
+        """Answer ``frame``, after every event published so far (docs/protocol.md, Ordering).
+
+        The EVENT a request caused (a release's "closed", PROXY_READY's "valid")
+        is published before its reply is sent, so a client holding the reply
+        has seen the event.
+        """
+        await self._flush_events()
+        await self._send_reply(frame, message, fds)
+
+    async def _send_reply(
+        self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
+    ) -> None:
         try:
             await self.conn.send(message, frame.request_id, fds or ())
         except (OSError, trio.ClosedResourceError) as exc:
@@ -461,7 +473,6 @@ class Session:
         reads its proxy's "invalid" before the grant that makes it valid again.
         """
         with channel:
-            await self._flush_events()
             await self._reply(frame, self._granted(record, serving, seq), [channel.fileno()])
 
     async def _reopen_proxy(self, frame: p.Frame, message: p.ReopenProxy) -> None:
@@ -577,17 +588,16 @@ class Session:
             await self._reply(frame, p.Subscribed(events.last_seq))
             return
         # Subscribe and copy the history with no await between: no event is missed or doubled.
+        # The history goes ahead of the live events in the queue, and SUBSCRIBED is sent
+        # (or queued for the socket) before anything can flush it: a reply another request
+        # sends meanwhile flushes them in order, and never overtakes them.
         self.subscription = sub = events.subscribe(self.server.limits.event_queue)
         past = events.since(message.since) if message.since is not None else []
+        sub.queue.extendleft(reversed(past))
         with sub.cut_off:  # cancelled by the bus the moment the queue overflows
-            await self._reply(frame, p.Subscribed(events.last_seq, len(past)))
-            for event in past:
-                if not await self._send_event(event):
-                    return
-            while True:
+            await self._send_reply(frame, p.Subscribed(events.last_seq, len(past)))
+            while not sub.overflowed and await self._flush_events() and not sub.closed:
                 await sub.wait()
-                if sub.overflowed or not await self._flush_events() or sub.closed:
-                    break
         if sub.overflowed:
             sub.queue.clear()
             self.cut_off = (f"event queue overflow: the client does not read its events "
@@ -605,7 +615,8 @@ class Session:
         send that waits for room.
         """
         sub = self.subscription
-        while sub is not None and sub.queue:
+        # A subscriber cut off for overflow gets no more events: its session ends.
+        while sub is not None and sub.queue and not sub.overflowed:
             if not await self._send_event(sub.queue.popleft()):
                 return False
         return True
