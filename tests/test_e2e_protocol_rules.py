@@ -9,20 +9,30 @@ older one, without the optional fields).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ipad.client import BlockingClient
+from ipad.daemon.spawn import StartedProcess, start_process
 from ipad.protocol import wire as p
-from tests.daemon_process import DaemonProcess, write_config
+from ipad.protocol.fdpass import recv_packet, send_packet
+from tests.client_drivers import Connect as ConnectClient
+from tests.client_drivers import connect
+from tests.daemon_process import REPO, WAIT, DaemonProcess, write_config
+from tests.fake_daemon import NEWER_FIELDS, FakeDaemon, packet
 from tests.raw_client import Connect as RawConnect
 from tests.raw_client import hello, receive
 
 pytestmark = pytest.mark.timeout(90)
+
+__all__ = ["connect"]  # the fixture that runs a test against both clients
 
 Start = Callable[..., DaemonProcess]
 
@@ -131,3 +141,185 @@ def test_replayed_events_come_before_a_later_reply(
     if kinds.index("Subscribed") < kinds.index("StatusReply"):
         events = kinds[kinds.index("Subscribed") + 1 : kinds.index("StatusReply")]
         assert events == ["Event"] * subscribed.replayed, kinds
+
+
+# --- both clients against a daemon of another minor ----------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("revision", ["newer", "older"])
+def test_clients_work_with_a_daemon_of_another_minor(
+    connect: ConnectClient, tmp_path: Path, revision: str
+) -> None:
+    """Both clients work with a newer daemon (unknown fields, kinds, states) and an older one.
+
+    The newer one's events use a kind and a proxy state no revision defines:
+    the client takes them without acting on them (the proxy is not thought
+    broken, no REOPEN_PROXY is sent).
+    """
+    with FakeDaemon(tmp_path / "fake.sock", newer=revision == "newer") as fake:
+        driver = connect(fake.path)
+        welcome = driver.attr(driver.client, "welcome")
+        assert welcome.minor == (p.PROTOCOL_MINOR if revision == "newer" else 0)
+        proxy = driver.request_proxy("echo")
+        assert driver.call(proxy, "echo", {"text": "hi"}, timeout=WAIT) == {"text": "hi"}
+        assert driver.status().daemon["pid"] == os.getpid()  # after the fake's odd events
+        assert driver.attr(proxy, "state") == "valid"
+        assert driver.call(proxy, "echo", {"n": 2}, timeout=WAIT) == {"n": 2}
+        assert fake.calls == 2
+        assert p.MsgType.REOPEN_PROXY not in fake.received
+        driver.release(proxy)
+        driver.close()
+
+
+# --- a raw client of another minor against the real daemon and its real worker ---------
+
+
+def _frame(sock: socket.socket, request_id: int, channels: list[int]) -> p.Message:
+    """The reply to ``request_id``, skipping events; granted channels go to ``channels``."""
+    while True:
+        frame = receive(sock)
+        assert frame is not None, "the daemon closed the connection"
+        channels.extend(frame.fds)
+        if frame.request_id == request_id and not isinstance(frame.message, p.Event):
+            return frame.message
+
+
+def _call(channel: int, payload: dict[str, Any], request_id: int) -> p.Message:
+    """One CALL on a proxy's channel as a raw map; the worker's reply."""
+    with socket.socket(fileno=os.dup(channel)) as sock:
+        sock.settimeout(WAIT)
+        sock.send(packet(p.MsgType.CALL, payload, request_id))
+        while True:
+            frame = receive(sock)
+            assert frame is not None, "the worker closed the channel"
+            if frame.request_id == request_id:
+                return frame.message
+
+
+@pytest.mark.parametrize("revision", ["newer", "older"])
+def test_a_client_of_another_minor_works_with_the_real_daemon(
+    raw_connect: RawConnect, start_daemon: Start, tmp_path: Path, revision: str
+) -> None:
+    """Every client request, sent with unknown fields (newer) or without optional ones (older).
+
+    The newer client says minor 99 and is answered this daemon's minor; the
+    older says none and is answered 0. The daemon and the worker serve both.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    channels: list[int] = []
+
+    def ask(kind: p.MsgType, fields: dict[str, Any], request_id: int) -> p.Message:
+        payload = {**fields, **NEWER_FIELDS} if revision == "newer" else fields
+        sock.send(packet(kind, payload, request_id))
+        return _frame(sock, request_id, channels)
+
+    try:
+        hello = {"versions": [1], "client": "other", "minor": 99} if revision == "newer" else {
+            "versions": [1]}  # fmt: skip
+        welcome = ask(p.MsgType.HELLO, hello, 1)
+        assert isinstance(welcome, p.Welcome), welcome
+        assert welcome.minor == (p.PROTOCOL_MINOR if revision == "newer" else 0)
+        assert isinstance(ask(p.MsgType.SUBSCRIBE, {}, 2), p.Subscribed)
+        assert isinstance(ask(p.MsgType.STATUS, {}, 3), p.StatusReply)
+        assert isinstance(ask(p.MsgType.LIST_MODULES, {}, 4), p.Modules)
+        granted = ask(p.MsgType.REQUEST_PROXY, {"module": "echo"}, 5)
+        assert isinstance(granted, p.ProxyGranted), granted
+        call = {"method": "echo", "args": {"text": "hi"}}
+        if revision == "newer":
+            call.update(NEWER_FIELDS)
+        result = _call(channels[-1], call, 1)
+        assert result == p.Result({"text": "hi"}), result
+        os.kill(granted.worker_pid, signal.SIGKILL)
+        reopened = ask(p.MsgType.REOPEN_PROXY, {"proxy_id": granted.proxy_id}, 6)
+        assert isinstance(reopened, p.ProxyGranted), reopened
+        state = ask(p.MsgType.PROXY_READY, {"proxy_id": granted.proxy_id}, 7)
+        assert isinstance(state, p.ProxyStateReply), state
+        assert state.state == "valid"
+        assert _call(channels[-1], {"method": "count"}, 2) == p.Result(1)
+        done = ask(p.MsgType.ADMIN, {"command": "restart", "module": "echo"}, 8)
+        assert isinstance(done, p.AdminDone), done
+        released = ask(p.MsgType.RELEASE_PROXY, {"proxy_id": granted.proxy_id}, 9)
+        assert released == p.Released(granted.proxy_id)
+        bye = {"reason": "done", **(NEWER_FIELDS if revision == "newer" else {})}
+        sock.send(packet(p.MsgType.GOODBYE, bye))
+        gone = daemon.wait_for("client.disconnected", lambda r: "goodbye" in r["reason"])
+        assert gone["reason"] == "client said goodbye: done"
+    finally:
+        p.close_fds(channels)
+
+
+@pytest.fixture
+def worker_host() -> Iterator[StartedProcess]:
+    """A real worker host process, started as the daemon starts one (control socket on fd 3)."""
+    started = start_process([sys.executable, "-m", "ipad.worker.host"], dict(os.environ))
+    started.control.settimeout(WAIT)
+    try:
+        yield started
+    finally:
+        started.discard()  # killed and reaped if the test did not see it exit
+
+
+def _exit_status(started: StartedProcess) -> int:
+    """Wait (bounded) for the worker to exit; its status. It is reaped here."""
+    ready, _, _ = select.select([started.pidfd], [], [], WAIT)
+    assert ready, f"the worker did not exit within {WAIT}s"
+    result = os.waitid(os.P_PIDFD, started.pidfd, os.WEXITED)
+    assert result is not None
+    started.taken = True
+    os.close(started.pidfd)
+    started.control.close()
+    return result.si_status
+
+
+@pytest.mark.parametrize("revision", ["newer", "older"])
+def test_the_real_worker_host_serves_a_daemon_of_another_minor(
+    worker_host: StartedProcess, revision: str
+) -> None:
+    """LOAD, OPEN_INSTANCE, PING, CALL, CLOSE_INSTANCE and SHUTDOWN with extra or missing fields.
+
+    The newer daemon says minor 99 in LOAD and is answered the worker's minor
+    in READY; the older (no minor, no heartbeat board, no signature) gets 0,
+    and a worker that answers PING.
+    """
+    control = worker_host.control
+
+    def send(kind: p.MsgType, fields: dict[str, Any], request_id: int = 0,
+             fds: tuple[int, ...] = ()) -> None:  # fmt: skip
+        payload = {**fields, **NEWER_FIELDS} if revision == "newer" else fields
+        send_packet(control, packet(kind, payload, request_id, len(fds)), fds)
+
+    def reply(request_id: int) -> p.Message:
+        received = recv_packet(control)
+        assert received is not None, "the worker exited"
+        frame = p.decode(*received)
+        assert frame.request_id == request_id, frame
+        return frame.message
+
+    load: dict[str, Any] = {"module": "echo", "entry_point": "ipa_modules.echo:Echo",
+            "module_dir": str(REPO / "workers" / "modules"),
+            "tuning": str(REPO / "workers" / "tuning" / "echo" / "uncalibrated.toml")}  # fmt: skip
+    if revision == "newer":
+        load["minor"] = 99
+    send(p.MsgType.LOAD, load, 1)
+    ready = reply(1)
+    assert isinstance(ready, p.Ready), ready
+    assert ready.minor == (p.PROTOCOL_MINOR if revision == "newer" else 0)
+    assert not ready.beats
+    send(p.MsgType.PING, {}, 2)
+    assert reply(2) == p.Pong()
+    client_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with client_end, worker_end:
+        send(p.MsgType.OPEN_INSTANCE, {"instance_id": 1}, 3, (worker_end.fileno(),))
+        worker_end.close()
+        assert reply(3) == p.InstanceOpened(1)
+        call = {"method": "echo", "args": {"text": "hi"}}
+        if revision == "newer":
+            call.update(NEWER_FIELDS)
+        assert _call(client_end.fileno(), call, 1) == p.Result({"text": "hi"})
+        send(p.MsgType.CLOSE_INSTANCE, {"instance_id": 1})
+        client_end.settimeout(WAIT)
+        assert receive(client_end) is None  # the instance closed its channel
+    send(p.MsgType.SHUTDOWN, {})
+    assert _exit_status(worker_host) == 0

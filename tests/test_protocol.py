@@ -659,3 +659,28 @@ def test_fork_server_messages_refuse_unknown_fields(
     fds = open_fds(nfds)
     error = expect_error(packet_for(cls.TYPE, msgspec.msgpack.encode(payload), nfds=nfds), fds)
     assert "unknown field" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("theirs", "agreed"),
+    [
+        (0, 0),
+        (p.PROTOCOL_MINOR, p.PROTOCOL_MINOR),
+        (99, p.PROTOCOL_MINOR),
+        (-5, 0),
+        (2**63 - 1, p.PROTOCOL_MINOR),
+    ],
+)
+def test_the_agreed_minor_is_the_lower_of_both(theirs: int, agreed: int) -> None:
+    """Two peers speak the lower of their minors; a hostile peer's negative one counts as 0."""
+    assert p.agreed_minor(theirs) == agreed
+
+
+def test_a_worker_cannot_claim_a_minor_the_daemon_does_not_speak() -> None:
+    """The daemon stores a READY's minor only as agreed: a worker's nonsense is clamped."""
+    from ipad.daemon.bounds import bound_worker_message  # noqa: PLC0415 - the daemon's side
+
+    for claimed, stored in ((2**63 - 1, p.PROTOCOL_MINOR), (-1, 0)):
+        ready = bound_worker_message(p.Ready("m", "1", (), 9, minor=claimed))
+        assert isinstance(ready, p.Ready)
+        assert ready.minor == stored

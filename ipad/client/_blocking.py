@@ -572,7 +572,7 @@ class BlockingClient:
             except OSError as exc:  # connect(2) names no file: say which socket it was
                 raise type(exc)(exc.errno, exc.strerror, self.path) from None
             conn = _Connection(sock, p.FROM_DAEMON, "daemon", self._on_event)
-            hello = p.Hello(CLIENT_VERSIONS, self.name)
+            hello = p.Hello(CLIENT_VERSIONS, self.name, p.PROTOCOL_MINOR)
             welcome = expect(conn.request(hello, deadline=deadline), p.Welcome)
             if self.subscribed:
                 expect(conn.request(p.Subscribe(None), deadline=deadline), p.Subscribed)

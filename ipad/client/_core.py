@@ -235,14 +235,20 @@ class Bounds:
         return CallNotSent(f"{module} did not recover within {self.wait:g}s{because}")
 
 
+#: The proxy states a daemon event makes a client act on; any other is only news.
+ACTED_ON = frozenset({"invalid", "closed"})
+
+
 def proxy_news(event: p.Event, seq: int) -> tuple[str, str | None] | None:
     """The state and reason a daemon event gives a proxy whose grant came at ``seq``.
 
     None when it says nothing the client acts on: an event from before the
-    grant is about a channel the proxy no longer uses, and "valid" is the
-    client's to decide, once its replay is done.
+    grant is about a channel the proxy no longer uses, "valid" is the
+    client's to decide, once its replay is done, and a state this revision
+    does not know (a newer daemon's) is taken and ignored (docs/protocol.md,
+    Compatibility).
     """
-    if event.state is None or event.seq <= seq or event.state == "valid":
+    if event.seq <= seq or event.state not in ACTED_ON:
         return None
     return event.state, event.reason
 

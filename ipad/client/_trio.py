@@ -126,7 +126,7 @@ class Client:
         self.module_states.clear()
         self.nursery.start_soon(self.read_daemon, conn, requests)
         try:
-            hello = p.Hello(CLIENT_VERSIONS, self.name)
+            hello = p.Hello(CLIENT_VERSIONS, self.name, p.PROTOCOL_MINOR)
             welcome = expect(await self._call_on(conn, requests, hello), p.Welcome)
             if self.subscribed:
                 expect(await self._call_on(conn, requests, p.Subscribe(None)), p.Subscribed)
@@ -157,7 +157,9 @@ class Client:
 
     async def hello(self, name: str) -> p.Welcome:
         """Negotiate the protocol version."""
-        self.welcome = await self.request(p.Hello(CLIENT_VERSIONS, name), p.Welcome)
+        self.welcome = await self.request(
+            p.Hello(CLIENT_VERSIONS, name, p.PROTOCOL_MINOR), p.Welcome
+        )
         return self.welcome
 
     async def subscribe(self, since: int | None = None) -> p.Subscribed:

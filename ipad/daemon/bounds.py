@@ -69,6 +69,7 @@ def bound_worker_message(message: p.Message) -> p.Message:
             module=cap(message.module, MAX_NAME),
             version=cap(message.version, MAX_VERSION),
             methods=methods if methods != message.methods else message.methods,
+            minor=p.agreed_minor(message.minor),
         )
     if isinstance(message, p.Error):
         return p.Error(

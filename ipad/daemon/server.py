@@ -147,6 +147,8 @@ class Session:
         self.client_id = next(self._ids)
         self.peer = peer
         self.subscription: Subscription | None = None
+        #: The minor revision agreed in HELLO/WELCOME (docs/protocol.md, Compatibility).
+        self.minor = 0
         #: Requests being answered now, for ``max_pending_requests``.
         self.pending = 0
         #: Why the daemon cut the client off, when it did so from another task.
@@ -207,8 +209,10 @@ class Session:
             )
             await self._goodbye("unsupported protocol version")
             return False
-        self.log.info("client.connected", client=message.client)
-        await self._reply(frame, p.Welcome(p.PROTOCOL_VERSION, __version__, os.getpid()))
+        self.minor = p.agreed_minor(message.minor)
+        self.log.info("client.connected", client=message.client, minor=self.minor)
+        welcome = p.Welcome(p.PROTOCOL_VERSION, __version__, os.getpid(), self.minor)
+        await self._reply(frame, welcome)
         return True
 
     async def _receive_loop(self, nursery: trio.Nursery) -> str:

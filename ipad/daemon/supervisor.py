@@ -601,6 +601,7 @@ class ModuleSupervisor:
             tuning=str(self.plan.tuning),
             heartbeat_interval=max(interval, STANDBY_BEAT) if standby else interval,
             signed=dict(self.plan.signed) if self.plan.signed is not None else None,
+            minor=p.PROTOCOL_MINOR,
         )
 
     def _proxies_settled(self) -> bool:

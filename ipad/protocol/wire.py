@@ -37,7 +37,13 @@ from typing import Any, ClassVar
 import msgspec
 
 MAGIC = b"IP"
+#: The major version, the header's ``version`` byte: peers of different majors cannot talk.
 PROTOCOL_VERSION = 1
+#: The minor revision of this major that this side speaks; each revision only adds optional
+#: fields (and message types a peer must first learn the other side knows, from the minor).
+#: 0: the revision before minors were negotiated. 1: unknown fields ignored, ``minor``
+#: in HELLO/WELCOME and LOAD/READY.
+PROTOCOL_MINOR = 1
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 
@@ -112,6 +118,8 @@ class Hello(Message, frozen=True):
     TYPE = MsgType.HELLO
     versions: tuple[int, ...]
     client: str = ""
+    #: The highest minor revision of the chosen major the client speaks (absent: 0).
+    minor: int = 0
 
 
 class Welcome(Message, frozen=True):
@@ -121,6 +129,8 @@ class Welcome(Message, frozen=True):
     version: int
     daemon_version: str
     pid: int
+    #: The minor both speak from now on: the lower of HELLO's and the daemon's (absent: 0).
+    minor: int = 0
 
 
 class RequestProxy(Message, frozen=True):
@@ -324,6 +334,8 @@ class Load(Message, frozen=True):
     #: Relative path -> SHA-256 of each file of the module's verified signature: the worker
     #: imports from ``module_dir`` only these files' bytes, checked (None: not signed).
     signed: dict[str, str] | None = None
+    #: The highest minor revision the daemon speaks (absent: 0).
+    minor: int = 0
 
 
 class Ready(Message, frozen=True):
@@ -336,6 +348,8 @@ class Ready(Message, frozen=True):
     pid: int
     #: The worker beats on the board LOAD passed; False: it answers PING instead.
     beats: bool = False
+    #: The minor both speak: the lower of LOAD's and the worker's (absent: 0).
+    minor: int = 0
 
 
 class OpenInstance(Message, frozen=True):
@@ -547,6 +561,11 @@ _TYPES: dict[int, MsgType] = {kind.value: kind for kind in MsgType}
 _DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {
     kind: msgspec.msgpack.Decoder(cls) for kind, cls in MESSAGE_CLASSES.items()
 }
+
+
+def agreed_minor(theirs: int) -> int:
+    """The minor revision two peers speak: the lower of both (a peer's nonsense clamped to 0)."""
+    return max(0, min(theirs, PROTOCOL_MINOR))
 
 
 class ProtocolError(Exception):

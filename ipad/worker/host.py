@@ -305,8 +305,9 @@ class WorkerHost:
             p.MethodSpec(m.name, m.setup, m.undoes) for m in self.loaded.methods.values()
         )
         ready = p.Ready(
-            load.module, self.loaded.version, methods, os.getpid(), beats=self.beater is not None
-        )
+            load.module, self.loaded.version, methods, os.getpid(), beats=self.beater is not None,
+            minor=p.agreed_minor(load.minor),
+        )  # fmt: skip
         self._send_control(ready, request_id)
 
     def module_code(self) -> contextlib.AbstractContextManager[None]:
