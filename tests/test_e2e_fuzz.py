@@ -237,6 +237,7 @@ class Fuzzer:
                 goodbye = message.reason
             elif not isinstance(message, p.Event):
                 assert frame.request_id in ids, (frame.request_id, message)
+                assert frame.request_id != 0, ("a request with id 0 was answered", message)
                 if frame.request_id == sentinel:
                     return "answered"
 

@@ -323,3 +323,47 @@ def test_the_real_worker_host_serves_a_daemon_of_another_minor(
         assert receive(client_end) is None  # the instance closed its channel
     send(p.MsgType.SHUTDOWN, {})
     assert _exit_status(worker_host) == 0
+
+
+# --- request id 0: carried out, never answered ----------------------------------------
+
+
+def test_a_request_with_id_0_is_carried_out_and_not_answered(
+    raw_connect: RawConnect, start_daemon: Start, tmp_path: Path
+) -> None:
+    """The daemon answers no request sent with id 0, not even with an ERROR.
+
+    A REQUEST_PROXY with id 0 makes a proxy whose channel is never sent: the
+    worker sees it closed, and the daemon closes the proxy.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    hello(sock)
+    sock.send(p.encode(p.Status(), 0))
+    sock.send(p.encode(p.ReleaseProxy(999), 0))  # unknown proxy: no ERROR either
+    sock.send(p.encode(p.RequestProxy("echo"), 0))
+    sock.send(p.encode(p.Status(), 3))
+    frame = receive(sock)
+    assert frame is not None
+    assert (type(frame.message), frame.request_id) == (p.StatusReply, 3), frame
+    assert frame.fds == ()
+    daemon.wait_for("proxy.state_changed", lambda r: r["state"] == "closed")
+    sock.send(p.encode(p.Status(), 4))
+    frame = receive(sock)
+    assert frame is not None
+    assert (type(frame.message), frame.request_id) == (p.StatusReply, 4), frame
+    assert frame.message.daemon["proxies"] == 0  # type: ignore[attr-defined]
+
+
+def test_a_call_with_id_0_runs_and_is_not_answered(raw: Raw) -> None:
+    """A CALL with id 0 runs in the worker, which sends no RESULT or ERROR for it."""
+    _, granted = raw.ask(p.RequestProxy("echo"))
+    assert isinstance(granted, p.ProxyGranted), granted
+    with socket.socket(fileno=os.dup(raw.channels[-1])) as channel:
+        channel.settimeout(WAIT)
+        channel.send(p.encode(p.Call("count"), 0))
+        channel.send(p.encode(p.Call("nope"), 0))  # unknown method: no ERROR either
+        channel.send(p.encode(p.Call("count"), 5))
+        frame = receive(channel)
+        assert frame is not None
+        assert (frame.message, frame.request_id) == (p.Result(2), 5)

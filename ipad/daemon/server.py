@@ -291,6 +291,11 @@ class Session:
     async def _send_reply(
         self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
     ) -> None:
+        if frame.request_id == 0:
+            # Id 0 means "no reply expected", errors included (docs/protocol.md): the
+            # request was carried out; a channel in ``fds`` is closed unsent by its owner.
+            self.log.debug("reply.not_sent", message=message.TYPE.name, reason="request id 0")
+            return
         try:
             await self.conn.send(message, frame.request_id, fds or ())
         except (OSError, trio.ClosedResourceError) as exc:

@@ -364,7 +364,9 @@ class WorkerHost:
             self._close_instance(instance.instance_id, notify=f"channel failed: {exc.strerror}")
             return
         assert isinstance(frame.message, p.Call)  # noqa: S101 - decode allowed only CALL
-        self._reply(instance, self._call(instance, frame.message, frame.fds), frame.request_id)
+        reply = self._call(instance, frame.message, frame.fds)
+        if frame.request_id:  # id 0: run, answer nothing, errors included (docs/protocol.md)
+            self._reply(instance, reply, frame.request_id)
 
     def _call(self, instance: Instance, call: p.Call, fds: tuple[int, ...]) -> p.Message:
         assert self.loaded is not None  # noqa: S101 - instances exist only once loaded
