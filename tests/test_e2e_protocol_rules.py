@@ -226,6 +226,7 @@ def test_a_client_of_another_minor_works_with_the_real_daemon(
         assert isinstance(ask(p.MsgType.LIST_MODULES, {}, 4), p.Modules)
         granted = ask(p.MsgType.REQUEST_PROXY, {"module": "echo"}, 5)
         assert isinstance(granted, p.ProxyGranted), granted
+        assert granted.minor == p.PROTOCOL_MINOR  # what ipad's own worker host agreed
         call = {"method": "echo", "args": {"text": "hi"}}
         if revision == "newer":
             call.update(NEWER_FIELDS)

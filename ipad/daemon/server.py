@@ -437,6 +437,7 @@ class Session:
             seq=seq,
             served_by="" if serving.name == record.module else serving.name,
             call_timeout=serving.call_timeout,
+            minor=ready.minor if ready else 0,
         )
 
     async def _own_proxy(self, frame: p.Frame, proxy_id: int) -> ProxyRecord | None:

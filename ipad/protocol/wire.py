@@ -167,6 +167,9 @@ class ProxyGranted(Message, frozen=True):
     #: Seconds: the serving module's ``call_timeout``, every call's default deadline
     #: (0: none given, as from a daemon before it).
     call_timeout: float = 0.0
+    #: The minor the serving worker agreed in READY: the channel speaks the lower of it
+    #: and the client's own (absent: 0).
+    minor: int = 0
 
 
 class ReleaseProxy(Message, frozen=True):
