@@ -69,6 +69,8 @@ class MsgType(enum.IntEnum):
     REOPEN_PROXY = 18
     PROXY_READY = 19
     PROXY_STATE = 20
+    DESCRIBE = 21
+    DESCRIPTION = 22
     # any direction: the typed error reply
     ERROR = 15
     # daemon <-> worker (the control channel)
@@ -127,6 +129,19 @@ class RequestProxy(Message, frozen=True, forbid_unknown_fields=True):
     pipeline_version: int | None = None
 
 
+class ParamSpec(msgspec.Struct, frozen=True):
+    """One parameter of a described method: its JSON Schema, default, and whether a Buffer."""
+
+    name: str
+    #: JSON Schema of the annotated type; ``{}`` is anything (and every Buffer's).
+    schema: dict[str, Any] = msgspec.field(default_factory=dict)
+    required: bool = True
+    #: The default a call without it gets (meaningful when not ``required``).
+    default: Any = None
+    #: Passed as a file descriptor (``fd_args``), never in ``args``.
+    buffer: bool = False
+
+
 class MethodSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A module method as the worker announced it: replayed after a restart if ``setup``."""
 
@@ -134,6 +149,12 @@ class MethodSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     setup: bool = False
     #: The setup method a call to this one cancels (``stop`` undoes ``start``).
     undoes: str | None = None
+    #: Its parameters, in order (None: not described, by an older worker or a dropped one).
+    params: tuple[ParamSpec, ...] | None = None
+    #: JSON Schema of its result (None: not described).
+    result: dict[str, Any] | None = None
+    #: Its docstring.
+    doc: str = ""
 
 
 class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
@@ -152,6 +173,8 @@ class ProxyGranted(Message, frozen=True, forbid_unknown_fields=True):
     #: Seconds: the serving module's ``call_timeout``, every call's default deadline
     #: (0: none given, as from a daemon before it).
     call_timeout: float = 0.0
+    #: The named types (JSON Schema ``$defs``) the methods' schemas refer to.
+    types: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class ReleaseProxy(Message, frozen=True, forbid_unknown_fields=True):
@@ -263,6 +286,26 @@ class ProxyStateReply(Message, frozen=True, forbid_unknown_fields=True):
     seq: int
 
 
+class Describe(Message, frozen=True, forbid_unknown_fields=True):
+    """Ask for a module's description (its methods' parameters, results, docs) without a proxy."""
+
+    TYPE = MsgType.DESCRIBE
+    module: str
+
+
+class Description(Message, frozen=True, forbid_unknown_fields=True):
+    """Reply to Describe: what the module's last ready worker announced, bounded by the daemon."""
+
+    TYPE = MsgType.DESCRIPTION
+    module: str
+    version: str
+    methods: tuple[MethodSpec, ...]
+    #: The named types (JSON Schema ``$defs``) the methods' schemas refer to.
+    types: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Why the methods are not described ("" when they are, or why the daemon dropped it).
+    note: str = ""
+
+
 class Goodbye(Message, frozen=True, forbid_unknown_fields=True):
     """The sender closes the connection, and says why."""
 
@@ -331,6 +374,8 @@ class Ready(Message, frozen=True, forbid_unknown_fields=True):
     pid: int
     #: The worker beats on the board LOAD passed; False: it answers PING instead.
     beats: bool = False
+    #: The named types (JSON Schema ``$defs``) the methods' schemas refer to.
+    types: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class OpenInstance(Message, frozen=True, forbid_unknown_fields=True):
@@ -494,7 +539,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe, Admin,
-        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply,
+        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
         Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
@@ -505,12 +550,12 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
 FROM_CLIENT = frozenset(
     {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
      MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE, MsgType.ADMIN,
-     MsgType.REOPEN_PROXY, MsgType.PROXY_READY}
+     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE}
 )  # fmt: skip
 FROM_DAEMON = frozenset(
     {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
      MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR,
-     MsgType.ADMIN_DONE, MsgType.PROXY_STATE}
+     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN,
