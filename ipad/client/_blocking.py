@@ -340,9 +340,9 @@ class BlockingProxy(ProxyCore):
         through failed attempts (CallNotSent when it runs out). A reply that
         comes after the call gave up is dropped; the proxy stays usable.
         """
-        self.check_call(method, args, fds)  # no round trip for a call that cannot fit
         bounds = self.bounds(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
+        self.check_call(method, args, fds)  # no round trip for a call that cannot fit
         while True:
             if not self.valid:
                 self._recover(bounds)

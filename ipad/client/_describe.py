@@ -104,7 +104,7 @@ class Description:
         if spec is None:
             known = ", ".join(sorted(self.specs))
             raise UnknownMethod(f"{module} has no method {method!r}; methods: {known}",
-                                {"local": True})  # fmt: skip
+                                {"sent": False})  # fmt: skip
         params = spec.params or ()
         checks = self._checks.get(method)
         if checks is None:
@@ -116,20 +116,23 @@ class Description:
         for name, value in given.items():
             check = checks.get(name)
             if check is None:
-                what = (
-                    "a Buffer: pass it in fds" if name in passed or _is_buffer(spec, name) else ""
-                )
-                raise _bad(method, name, what or "no such parameter", spec)
+                if _is_buffer(spec, name):
+                    raise _bad(method, name, "is a Buffer: pass it in fds")
+                raise _bad(method, name, "", text=f"{method}() has no argument {name!r}")
             plain = value if type(value) in _PLAIN else _builtins(value)
             problem = check(plain, 0)
             if problem is not None:
-                raise _bad(method, name, problem, spec)
+                raise _bad(method, name, problem)
         for name in passed:
             if not _is_buffer(spec, name):
-                raise _bad(method, name, "not a Buffer parameter: pass it in args", spec)
-        for prm in params:
-            if prm.required and prm.name not in given and prm.name not in passed:
-                raise _bad(method, prm.name, "missing", spec)
+                raise _bad(method, name, "is not a Buffer: pass it in args")
+        missing = [
+            prm.name for prm in params
+            if prm.required and prm.name not in given and prm.name not in passed
+        ]  # fmt: skip
+        if missing:
+            text = f"{method}() is missing {', '.join(map(repr, missing))}"
+            raise _bad(method, missing[0], "", text=text)
 
     def _compile(self, schema: Any) -> Check:
         try:
@@ -366,9 +369,10 @@ def description_of(
     return description
 
 
-def _bad(method: str, name: str, problem: str, spec: p.MethodSpec) -> BadArguments:
-    return BadArguments(f"{method}() argument {name!r}: {problem}",
-                        {"argument": name, "local": True})  # fmt: skip
+def _bad(method: str, name: str, problem: str, text: str = "") -> BadArguments:
+    """BadArguments naming the parameter; ``details["sent"]`` False: checked before sending."""
+    return BadArguments(text or f"{method}() argument {name!r}: {problem}",
+                        {"argument": name, "sent": False})  # fmt: skip
 
 
 def _is_buffer(spec: p.MethodSpec, name: str) -> bool:

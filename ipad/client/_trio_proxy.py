@@ -89,8 +89,8 @@ class Proxy(ProxyCore):
         up is dropped; the proxy stays usable. A buffer that cannot be sealed
         (ipad/client/_buffers.py) fails the call with BadArguments before anything else.
         """
-        self.check_call(method, args, fds)  # no round trip for a call that cannot fit
         call = build_call(method, args, fds)  # sealed and encoded once, whatever the retries
+        self.check_call(method, args, fds)  # no round trip for a call that cannot fit
         bounds = self.bounds(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path

@@ -328,7 +328,13 @@ class WorkerHost:
             load.module, self.loaded.version, self.loaded.specs, os.getpid(),
             beats=self.beater is not None, types=self.loaded.types,
         )  # fmt: skip
-        self._send_control(ready, request_id)
+        try:
+            packet = p.encode(ready, request_id)
+        except ValueError:  # past the packet limit with its description: served undescribed
+            log("worker.description_dropped", module=load.module, reason="READY too large")
+            bare = tuple(p.MethodSpec(m.name, m.setup, m.undoes) for m in ready.methods)
+            packet = p.encode(msgspec.structs.replace(ready, methods=bare, types={}), request_id)
+        send_packet(self.control, packet)
 
     def module_code(self) -> contextlib.AbstractContextManager[None]:
         """Around module code (a constructor, a call, ``close``): the board says it runs.
