@@ -48,6 +48,10 @@ MAX_DESCRIPTION = 64 * 1024
 _ENCODER = msgspec.msgpack.Encoder()
 log = structlog.get_logger("ipad")
 
+#: The last description each module's worker sent that passed the bounds (``MAX_KEPT`` modules).
+_KEPT: dict[str, tuple[tuple[p.MethodSpec, ...], dict[str, Any]]] = {}
+MAX_KEPT = 1024
+
 
 def cap(text: str, limit: int) -> str:
     """``text`` if it is at most ``limit`` characters, else its start and a marked truncation."""
@@ -79,15 +83,22 @@ def bound_worker_message(message: p.Message) -> p.Message:
             )
         methods = tuple(_bound_method(m) for m in message.methods)
         types = message.types
-        problem = description_problem(methods, types)
+        module = cap(message.module, MAX_NAME)
+        # Every worker of a module says the same: judged once (a restart pays a comparison).
+        known = _KEPT.get(module)
+        same = known is not None and known == (methods, types)
+        problem = None if same else description_problem(methods, types)
+        if problem is None and not same:
+            if len(_KEPT) >= MAX_KEPT:
+                _KEPT.pop(next(iter(_KEPT)))
+            _KEPT[module] = (methods, types)
         if problem is not None:
-            log.warning("worker.description_dropped", module=cap(message.module, MAX_NAME),
-                        reason=problem)  # fmt: skip
+            log.warning("worker.description_dropped", module=module, reason=problem)
             methods = tuple(_undescribed(m) for m in methods)
             types = {}
         return msgspec.structs.replace(
             message,
-            module=cap(message.module, MAX_NAME),
+            module=module,
             version=cap(message.version, MAX_VERSION),
             methods=methods if methods != message.methods else message.methods,
             types=types,
