@@ -52,6 +52,9 @@ class Driver(Protocol):
     def status(self) -> Any:
         """The daemon's STATUS_REPLY."""
 
+    def describe(self, module: str) -> Any:
+        """The daemon's DESCRIPTION of ``module``."""
+
     def attr(self, proxy: Any, name: str) -> Any:
         """An attribute of ``proxy``, read where the client runs."""
 
@@ -102,6 +105,10 @@ class BlockingDriver:
     def status(self) -> Any:
         """The daemon's STATUS_REPLY."""
         return self.client.status()
+
+    def describe(self, module: str) -> Any:
+        """The daemon's DESCRIPTION of ``module``."""
+        return self.client.describe(module)
 
     def attr(self, proxy: Any, name: str) -> Any:
         """An attribute of ``proxy``."""
@@ -199,6 +206,10 @@ class TrioDriver:
     def status(self) -> Any:
         """The daemon's STATUS_REPLY."""
         return self._in_loop(self.client.status)
+
+    def describe(self, module: str) -> Any:
+        """The daemon's DESCRIPTION of ``module``."""
+        return self._in_loop(self.client.describe, module)
 
     def attr(self, proxy: Any, name: str) -> Any:
         """An attribute of ``proxy``."""

@@ -17,7 +17,9 @@ import msgspec
 
 from ipad._version import __version__
 from ipad.client._blocking import BlockingClient
+from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
+from ipad.protocol import wire as p
 from ipad.protocol.errors import IpadError
 
 #: Exit status when the daemon answered with an error or could not be reached.
@@ -50,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("status", help="the daemon's and every module's state")
     commands.add_parser("modules", help="discovered modules and their manifests")
+    describe = commands.add_parser(
+        "describe", help="a module's methods: parameters, result types, docs"
+    )
+    describe.add_argument("module")
+    # Also after the command (`ipadctl describe awb --json`); SUPPRESS keeps a --json given
+    # before it, which a subcommand's default would otherwise reset.
+    describe.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                          help="machine-readable output: the DESCRIPTION message")  # fmt: skip
     call = commands.add_parser("call", help="request a proxy, call one method, print the result")
     call.add_argument("module")
     call.add_argument("method")
@@ -180,6 +190,45 @@ def _modules(client: BlockingClient, args: argparse.Namespace) -> int:
         rows.append((name, m["version"], "yes" if m["enabled"] else "no", handlers, m["manifest"]))
     _print_table(rows)
     return 0
+
+
+def _describe(client: BlockingClient, args: argparse.Namespace) -> int:
+    reply = client.describe(args.module)
+    if args.json:
+        _print_json(reply)
+        return 0
+    print(f"{reply.module} {reply.version}: {len(reply.methods)} methods")
+    if reply.note:
+        print(f"({reply.note})")
+    for method in reply.methods:
+        params = ", ".join(_param_text(prm) for prm in method.params or ())
+        result = schema_text(method.result) if method.result is not None else "?"
+        marks = [m for m in ("setup" if method.setup else "",
+                             f"undoes {method.undoes}" if method.undoes else "") if m]  # fmt: skip
+        sig = f"{method.name}({params if method.params is not None else '?'}) -> {result}"
+        print(f"\n  {sig}" + (f"  [{', '.join(marks)}]" if marks else ""))
+        for line in method.doc.splitlines():
+            print(f"      {line}".rstrip())
+    if reply.types:
+        print("\ntypes:")
+    for name, schema in sorted(reply.types.items()):
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        if isinstance(props, dict):
+            required = set(schema.get("required") or ())
+            fields = ", ".join(
+                f"{key}{'' if key in required else '?'}: {schema_text(sub)}"
+                for key, sub in props.items()
+            )
+            print(f"  {name} {{{fields}}}")
+        else:
+            print(f"  {name} = {schema_text({k: v for k, v in schema.items() if k != 'title'})}")
+    return 0
+
+
+def _param_text(param: p.ParamSpec) -> str:
+    kind = "Buffer" if param.buffer else schema_text(param.schema)
+    default = "" if param.required else f" = {json.dumps(param.default)}"
+    return f"{param.name}: {kind}{default}"
 
 
 def _call(client: BlockingClient, args: argparse.Namespace) -> int:
@@ -316,6 +365,7 @@ _COMMANDS = {
     "status": _status,
     "modules": _modules,
     "call": _call,
+    "describe": _describe,
     "events": _events,
     "restart": _admin,
     "reload": _admin,

@@ -342,6 +342,7 @@ class BlockingProxy(ProxyCore):
         """
         bounds = self.bounds(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
+        self.check_call(method, args, fds)  # no round trip for a call that cannot fit
         while True:
             if not self.valid:
                 self._recover(bounds)
@@ -366,7 +367,7 @@ class BlockingProxy(ProxyCore):
                 raise self.timed_out(method, bounds.timeout, sent=True) from None
             value = expect(frame, p.Result).value
             self.recorded(method, args, fds)
-            return value
+            return self.typed(method, value)
 
     def recover(self, timeout: float) -> None:
         """Bring the proxy back now (reopen, replay) within ``timeout`` seconds; raise why not.
@@ -685,6 +686,11 @@ class BlockingClient:
         """Every discovered module and its manifest."""
         reply: p.Modules = self.request(p.ListModules(), p.Modules)
         return reply.modules
+
+    def describe(self, module: str) -> p.Description:
+        """``module``'s methods: parameters, result types, docs (as its last worker said them)."""
+        reply: p.Description = self.request(p.Describe(module), p.Description)
+        return reply
 
     def request_proxy(
         self, module: str, pipeline: str | None = None, pipeline_version: int | None = None

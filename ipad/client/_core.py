@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ipad.client._buffers import FdArg, Output, fd_of, protect_all
+from ipad.client._describe import Description, description_of
 from ipad.protocol import wire as p
 from ipad.protocol.errors import CallNotSent, IpadError, TimedOut, UnknownProxy, error_from_reply
 
@@ -49,6 +50,8 @@ class ProxyInfo:
     served_by: str = ""
     #: Every call's deadline when the caller gives no ``timeout`` (None: the daemon gave none).
     call_timeout: float | None = None
+    #: The methods' parameters, results and docs (ipad/client/_describe.py).
+    description: Description = attrs.field(factory=lambda: Description((), {}), eq=False)
 
     @classmethod
     def from_granted(cls, granted: p.ProxyGranted) -> ProxyInfo:
@@ -64,6 +67,12 @@ class ProxyInfo:
             seq=granted.seq,
             served_by=granted.served_by,
             call_timeout=granted.call_timeout if granted.call_timeout > 0 else None,
+            description=description_of(
+                granted.served_by or granted.module,
+                granted.module_version,
+                granted.methods,
+                granted.types,
+            ),
         )
 
 

@@ -165,6 +165,18 @@ class ProxyCore:
         """A call succeeded: the setup log keeps it if a new instance must replay it."""
         self.setup_log.record(method, args, fds)
 
+    # --- a call's arguments and result ---------------------------------------------
+
+    def check_call(
+        self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
+    ) -> None:
+        """Raise BadArguments (or UnknownMethod) before sending a call the description refuses."""
+        self.info.description.check(self.module, method, args, fds)
+
+    def typed(self, method: str, value: Any) -> Any:
+        """A call's result with its objects as Records, as the method's description says."""
+        return self.info.description.typed(method, value)
+
     # --- a call's limits and errors ------------------------------------------------
 
     def bounds(self, now: float, timeout: float | None, wait: float | None) -> Bounds:

@@ -181,6 +181,11 @@ class Client:
         reply: p.Modules = await self.request(p.ListModules(), p.Modules)
         return reply.modules
 
+    async def describe(self, module: str) -> p.Description:
+        """``module``'s methods: parameters, result types, docs (as its last worker said them)."""
+        reply: p.Description = await self.request(p.Describe(module), p.Description)
+        return reply
+
     async def request_proxy(
         self, module: str, pipeline: str | None = None, pipeline_version: int | None = None
     ) -> Proxy:

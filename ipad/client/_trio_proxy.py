@@ -90,6 +90,7 @@ class Proxy(ProxyCore):
         (ipad/client/_buffers.py) fails the call with BadArguments before anything else.
         """
         call = build_call(method, args, fds)  # sealed and encoded once, whatever the retries
+        self.check_call(method, args, fds)  # no round trip for a call that cannot fit
         bounds = self.bounds(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path
@@ -133,7 +134,7 @@ class Proxy(ProxyCore):
                 continue  # the worker died with it unread: sent again once recovered
             value = expect(frame, p.Result).value
             self.recorded(method, args, fds)
-            return value
+            return self.typed(method, value)
 
     async def _until_valid(self, bounds: Bounds) -> None:
         """Return once valid; raise why not once an attempt failed, or ``wait`` ran out."""

@@ -275,6 +275,8 @@ class Session:
             await self._proxy_ready(frame, message)
         elif isinstance(message, p.Admin):
             await self._admin(frame, message)
+        elif isinstance(message, p.Describe):
+            await self._describe(frame, message)
 
     async def _reply(
         self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
@@ -438,6 +440,40 @@ class Session:
             served_by="" if serving.name == record.module else serving.name,
             call_timeout=serving.call_timeout,
             minor=ready.minor if ready else 0,
+            types=ready.types if ready else {},
+        )
+
+    async def _describe(self, frame: p.Frame, message: p.Describe) -> None:
+        """A module's description, as its last ready worker announced it (bounded in READY).
+
+        Any connected client may ask, as for LIST_MODULES: it says what the
+        module's code declares, no more than the module list says of it.
+        A module that never became ready has none yet: MODULE_UNAVAILABLE.
+        """
+        supervisor = self.server.supervisors.get(message.module)
+        if supervisor is None:
+            known = ", ".join(sorted(self.server.supervisors)) or "none"
+            await self._error(frame, p.ErrorCode.UNKNOWN_MODULE,
+                              f"no module {message.module!r}; modules: {known}")  # fmt: skip
+            return
+        if not supervisor.settled:  # its first start under way: the description comes with it
+            await self.server.events.wait_until(
+                lambda: supervisor.settled, supervisor.start_timeout
+            )
+        ready = supervisor.last_ready
+        if ready is None:
+            details = self._unavailable(message.module)
+            await self._error(frame, p.ErrorCode.MODULE_UNAVAILABLE,
+                              f"{message.module} has not been ready yet: no description",
+                              details)  # fmt: skip
+            return
+        described = all(m.params is not None for m in ready.methods)
+        note = "" if described else (
+            "not described: its worker sent no description, or one the daemon dropped "
+            "for breaking a bound (the journal says which)"
+        )  # fmt: skip
+        await self._reply(
+            frame, p.Description(message.module, ready.version, ready.methods, ready.types, note)
         )
 
     async def _own_proxy(self, frame: p.Frame, proxy_id: int) -> ProxyRecord | None:

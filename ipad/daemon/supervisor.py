@@ -261,6 +261,11 @@ class ModuleSupervisor:
         return worker.ready if worker is not None else None
 
     @property
+    def last_ready(self) -> p.Ready | None:
+        """What the last worker that became ready said, even if none runs now (DESCRIBE)."""
+        return self._ready
+
+    @property
     def starts(self) -> int:
         """How many starts there were (a standby's promotion is one)."""
         return self.machine.starts

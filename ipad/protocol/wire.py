@@ -80,6 +80,8 @@ class MsgType(enum.IntEnum):
     REOPEN_PROXY = 18
     PROXY_READY = 19
     PROXY_STATE = 20
+    DESCRIBE = 21
+    DESCRIPTION = 22
     # any direction: the typed error reply
     ERROR = 15
     # daemon <-> worker (the control channel)
@@ -142,6 +144,19 @@ class RequestProxy(Message, frozen=True):
     pipeline_version: int | None = None
 
 
+class ParamSpec(msgspec.Struct, frozen=True):
+    """One parameter of a described method: its JSON Schema, default, and whether a Buffer."""
+
+    name: str
+    #: JSON Schema of the annotated type; ``{}`` is anything (and every Buffer's).
+    schema: dict[str, Any] = msgspec.field(default_factory=dict)
+    required: bool = True
+    #: The default a call without it gets (meaningful when not ``required``).
+    default: Any = None
+    #: Passed as a file descriptor (``fd_args``), never in ``args``.
+    buffer: bool = False
+
+
 class MethodSpec(msgspec.Struct, frozen=True):
     """A module method as the worker announced it: replayed after a restart if ``setup``."""
 
@@ -149,6 +164,12 @@ class MethodSpec(msgspec.Struct, frozen=True):
     setup: bool = False
     #: The setup method a call to this one cancels (``stop`` undoes ``start``).
     undoes: str | None = None
+    #: Its parameters, in order (None: not described, by an older worker or a dropped one).
+    params: tuple[ParamSpec, ...] | None = None
+    #: JSON Schema of its result (None: not described).
+    result: dict[str, Any] | None = None
+    #: Its docstring.
+    doc: str = ""
 
 
 class ProxyGranted(Message, frozen=True):
@@ -170,6 +191,8 @@ class ProxyGranted(Message, frozen=True):
     #: The minor the serving worker agreed in READY: the channel speaks the lower of it
     #: and the client's own (absent: 0).
     minor: int = 0
+    #: The named types (JSON Schema ``$defs``) the methods' schemas refer to.
+    types: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class ReleaseProxy(Message, frozen=True):
@@ -281,6 +304,26 @@ class ProxyStateReply(Message, frozen=True):
     seq: int
 
 
+class Describe(Message, frozen=True):
+    """Ask for a module's description (its methods' parameters, results, docs) without a proxy."""
+
+    TYPE = MsgType.DESCRIBE
+    module: str
+
+
+class Description(Message, frozen=True):
+    """Reply to Describe: what the module's last ready worker announced, bounded by the daemon."""
+
+    TYPE = MsgType.DESCRIPTION
+    module: str
+    version: str
+    methods: tuple[MethodSpec, ...]
+    #: The named types (JSON Schema ``$defs``) the methods' schemas refer to.
+    types: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Why the methods are not described ("" when they are, or why the daemon dropped it).
+    note: str = ""
+
+
 class Goodbye(Message, frozen=True):
     """The sender closes the connection, and says why."""
 
@@ -353,6 +396,8 @@ class Ready(Message, frozen=True):
     beats: bool = False
     #: The minor both speak: the lower of LOAD's and the worker's (absent: 0).
     minor: int = 0
+    #: The named types (JSON Schema ``$defs``) the methods' schemas refer to.
+    types: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class OpenInstance(Message, frozen=True):
@@ -519,7 +564,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe, Admin,
-        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply,
+        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
         Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
@@ -530,12 +575,12 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
 FROM_CLIENT = frozenset(
     {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
      MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE, MsgType.ADMIN,
-     MsgType.REOPEN_PROXY, MsgType.PROXY_READY}
+     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE}
 )  # fmt: skip
 FROM_DAEMON = frozenset(
     {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
      MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR,
-     MsgType.ADMIN_DONE, MsgType.PROXY_STATE}
+     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN,

@@ -30,7 +30,7 @@ from ipad.ipa import IPAModule
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
 from ipad.worker import verified_import  # noqa: F401 - imported once here, not in every signed worker
-from ipad.worker.host import WorkerHost, die_with_parent, libc, log, method_table
+from ipad.worker.host import WorkerHost, die_with_parent, libc, log, method_specs
 from ipad.worker.sandbox import CLONE_NEWUSER, SandboxError, clone_flags, close_other_fds
 from ipad.worker.sandbox import apply as apply_sandbox
 from ipad.worker.sandbox import warm as warm_sandbox
@@ -252,7 +252,7 @@ def preload(specs: Iterable[str]) -> None:
             loaded = importlib.import_module(module)
             for value in vars(loaded).values():
                 if _defined_module_class(value, module):
-                    method_table(value)
+                    method_specs(value)
         except Exception as exc:  # noqa: BLE001 - the worker's LOAD will report it properly
             log("forkserver.preload_failed", module=module, error=repr(exc))
     gc.freeze()

@@ -30,6 +30,7 @@ import msgspec
 from ipad.ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
+from ipad.worker.describe import Signature, describe
 from ipad.worker.heartbeat_board import Beater
 
 #: prctl(2) option: the signal this process gets when its parent dies.
@@ -114,6 +115,8 @@ class Method:
             for n, prm in self.signature.parameters.items()
             if n != "self" and prm.default is inspect.Parameter.empty
         )
+        #: What its description is made of (ipad/worker/describe.py).
+        self.described = Signature(function, hints, sorted(self.buffers))
 
     def bind(self, call: p.Call, fds: tuple[int, ...]) -> dict[str, Any]:
         """Convert a call's arguments to the annotated types; ValueError names what is wrong."""
@@ -162,10 +165,13 @@ class LoadedModule:
         # with the module's own message, instead of every proxy request later.
         cls(ModuleContext(self.tuning, _discard_event, instance_id=0)).close()
         self.methods = method_table(cls)
+        self.specs, self.types = method_specs(cls)
 
 
 #: Method tables by module class (see ``method_table``).
 _METHOD_TABLES: dict[type[IPAModule], dict[str, Method]] = {}
+#: READY's methods and types by module class (see ``method_specs``).
+_METHOD_SPECS: dict[type[IPAModule], tuple[tuple[p.MethodSpec, ...], dict[str, Any]]] = {}
 
 
 def method_table(cls: type[IPAModule]) -> dict[str, Method]:
@@ -182,6 +188,23 @@ def method_table(cls: type[IPAModule]) -> dict[str, Method]:
             for name, fn in callable_methods(cls).items()
         }
     return table
+
+
+def method_specs(cls: type[IPAModule]) -> tuple[tuple[p.MethodSpec, ...], dict[str, Any]]:
+    """READY's described methods and their named types, built once per class.
+
+    Generating JSON Schemas costs milliseconds: like the method table, the fork
+    server builds these for the modules it preloads.
+    """
+    specs = _METHOD_SPECS.get(cls)
+    if specs is None:
+        table = method_table(cls)
+        described, types = describe({n: m.described for n, m in table.items()})
+        methods = tuple(
+            p.MethodSpec(m.name, m.setup, m.undoes, **described[m.name]) for m in table.values()
+        )
+        specs = _METHOD_SPECS[cls] = (methods, types)
+    return specs
 
 
 class Instance:
@@ -301,14 +324,17 @@ class WorkerHost:
             self.exit_status = EXIT_LOAD_FAILED
             return
         name_process(f"ipad:{load.module}")
-        methods = tuple(
-            p.MethodSpec(m.name, m.setup, m.undoes) for m in self.loaded.methods.values()
-        )
         ready = p.Ready(
-            load.module, self.loaded.version, methods, os.getpid(), beats=self.beater is not None,
-            minor=p.agreed_minor(load.minor),
+            load.module, self.loaded.version, self.loaded.specs, os.getpid(),
+            beats=self.beater is not None, types=self.loaded.types, minor=p.agreed_minor(load.minor),
         )  # fmt: skip
-        self._send_control(ready, request_id)
+        try:
+            packet = p.encode(ready, request_id)
+        except ValueError:  # past the packet limit with its description: served undescribed
+            log("worker.description_dropped", module=load.module, reason="READY too large")
+            bare = tuple(p.MethodSpec(m.name, m.setup, m.undoes) for m in ready.methods)
+            packet = p.encode(msgspec.structs.replace(ready, methods=bare, types={}), request_id)
+        send_packet(self.control, packet)
 
     def module_code(self) -> contextlib.AbstractContextManager[None]:
         """Around module code (a constructor, a call, ``close``): the board says it runs.
