@@ -92,6 +92,11 @@ def test_a_crash_invalidates_only_the_proxy_whose_worker_it_was(
     assert entry["state"] == "running"
     assert sorted(w["worker_pid"] for w in entry["workers"]) == sorted([pid_a, pid_b])
     assert entry["standby_pid"] not in (None, pid_a, pid_b)  # the warm spare
+    table = daemon.ctl("status").stdout
+    for proxy, pid in ((a, pid_a), (b, pid_b)):
+        line = f"  proxy {client.attr(proxy, 'proxy_id')}"
+        [row] = [row for row in table.splitlines() if row.startswith(line)]
+        assert row.split()[2:4] == ["running", str(pid)]
 
     b_id = client.attr(b, "proxy_id")
     for crash in ("sigkill", "method"):
@@ -288,3 +293,22 @@ def test_a_client_crash_looping_its_worker_is_contained_to_its_proxy(
         assert invalidated(daemon, victim.proxy_id) == []
     module_states = {r["state"] for r in daemon.events("module.state_changed")}
     assert module_states <= {"starting", "running", "stopping", "stopped"}
+
+
+def test_a_hung_call_kills_only_that_proxys_worker(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """A call past call_timeout is hang detection's: that worker dies, the other proxy's runs on."""
+    restart = 'call_timeout = "300ms"'
+    daemon = start_daemon(config(tmp_path, restart=restart))
+    client = connect(daemon.socket)
+    stuck, fine = client.request_proxy("percam"), client.request_proxy("percam")
+    stuck_pid, fine_pid = client.call(stuck, "pid"), client.call(fine, "pid")
+    with pytest.raises((ipc.WorkerCrashed, ipc.TimedOut)):
+        client.call(stuck, "slow", {"seconds": 5.0}, timeout=3.0)
+    wait_gone([stuck_pid])
+    hung = [r for r in daemon.events("worker.hung") if r.get("worker_pid") == stuck_pid]
+    assert hung, "the stuck worker was not found hung"
+    assert client.call(fine, "pid") == fine_pid
+    assert invalidated(daemon, client.attr(fine, "proxy_id")) == []
+    assert client.call(stuck, "pid") not in (stuck_pid, fine_pid)  # recovered

@@ -164,6 +164,13 @@ def _status(client: BlockingClient, args: argparse.Namespace) -> int:
     for name, m in sorted(reply.modules.items()):
         rows.append((name, m["state"], str(m["worker_pid"] or "-"), str(m["restarts"]),
                      str(m["proxies"]), m["version"], m["reason"] or ""))  # fmt: skip
+        # isolation = "proxy": each proxy's own worker, under its module.
+        for w in m.get("workers", []):
+            rows.append((f"  proxy {w['proxy_id']}", w["state"], str(w["worker_pid"] or "-"),
+                         str(w["restarts"]), "", "", w["reason"] or ""))  # fmt: skip
+        more = m.get("workers_total", 0) - len(m.get("workers", []))
+        if more > 0:
+            rows.append((f"  (+{more} more)", "", "", "", "", "", ""))
     _print_table(rows)
     return 0
 
