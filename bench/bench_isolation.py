@@ -16,7 +16,8 @@ The restart policy makes every restart immediate and never a cooldown, so
 the runs measure latency, not the crash-loop policy (which would put the
 neighbour's proxy, or the shared module, into cooldown after 5 crashes).
 Frames that failed (``WorkerCrashed``: in flight when the worker died) are
-counted, not timed. Nothing is asserted.
+counted, not timed, and so are the victim's recoveries (its proxy invalidated
+by a crash and brought back). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -107,13 +108,15 @@ def victim(socket_path: str, seconds: float, crash: bool) -> dict[str, Any]:
                 delay = start + frame / FPS - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+            recoveries = proxy.recoveries
             out, _ = other.communicate(timeout=seconds + 30)
         finally:
             if other.poll() is None:
                 other.kill()
                 other.wait()
     crashes = int(out.strip() or 0)
-    return {"latencies_ms": latencies, "failed": failed, "frames": frame, "crashes": crashes}
+    return {"latencies_ms": latencies, "failed": failed, "frames": frame, "crashes": crashes,
+            "recoveries": recoveries}  # fmt: skip
 
 
 def run(isolation: str, crash: bool, seconds: float) -> dict[str, Any]:
@@ -150,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(f"victim frame p99, {name}", figures["p99_ms"], "ms", base,
                         "no crashes"))  # fmt: skip
     for name, figures in runs.items():
+        rows.append(row(f"victim frame max, {name}", figures["max_ms"], "ms"))
+    for name, figures in runs.items():
         rows.append(row(f"victim frames failed, {name}", figures["failed"], ""))
+    for name, figures in runs.items():  # its proxy invalidated and recovered
+        rows.append(row(f"victim recoveries, {name}", figures["recoveries"], ""))
     rows.append(row("neighbour crashes, proxy isolation",
                     runs["proxy isolation, neighbour crashing 1/s"]["crashes"], ""))  # fmt: skip
     print_rows(f"two cameras at {FPS:g} frames/s, {seconds:g} s each run", rows)

@@ -19,6 +19,7 @@ import pytest
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
+from ipad.config.sandbox_plan import memory_support
 from tests.client_drivers import Connect, Start, connect
 from tests.daemon_process import (
     TEST_MODULES,
@@ -312,3 +313,40 @@ def test_a_hung_call_kills_only_that_proxys_worker(
     assert client.call(fine, "pid") == fine_pid
     assert invalidated(daemon, client.attr(fine, "proxy_id")) == []
     assert client.call(stuck, "pid") not in (stuck_pid, fine_pid)  # recovered
+
+
+#: A memory limit needs a memory controller (cgroup v2 or v1) this daemon may write.
+MEMORY = memory_support().version is not None
+
+SANDBOXED = """
+[modules.probe]
+proxy = "sandboxed"
+isolation = "proxy"
+[modules.probe.sandbox]
+memory_max = "64M"
+"""
+
+
+@pytest.mark.skipif(not MEMORY, reason="needs a writable memory cgroup controller (v2 or v1)")
+def test_each_proxys_worker_has_its_own_sandbox_and_memory_limit(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Sandboxed and per proxy: each worker is confined alone; one over its memory dies alone."""
+    daemon = start_daemon(write_config(tmp_path, DIRS, modules=SANDBOXED))
+    with BlockingClient(daemon.socket) as client:
+        greedy, modest = client.request_proxy("probe"), client.request_proxy("probe")
+        inside = [proxy.call("report") for proxy in (greedy, modest)]
+        assert [r["pid"] for r in inside] == [1, 1]  # each in a PID namespace of its own
+        entry = json.loads(daemon.ctl("--json", "status").stdout)["modules"]["probe"]
+        outside = {w["proxy_id"]: w["worker_pid"] for w in entry["workers"]}
+        greedy_pid, modest_pid = outside[greedy.proxy_id], outside[modest.proxy_id]
+        assert greedy_pid != modest_pid
+        assert entry["sandbox"]["in_force"]["memory_max"] == 64 << 20
+        with pytest.raises(ipc.WorkerCrashed):
+            greedy.call("allocate", {"mib": 256}, timeout=20)
+        exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == greedy_pid)
+        assert (exited["cause"], exited["memory_max"]) == ("oom", 64 << 20)
+        assert modest.call("report")["pid"] == 1
+        assert alive(modest_pid)
+        assert invalidated(daemon, modest.proxy_id) == []
+        assert greedy.call("report")["pid"] == 1  # recovered, on a new worker

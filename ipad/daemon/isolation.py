@@ -47,6 +47,21 @@ _NOT_STARTING = (WorkerState.BACKOFF, WorkerState.COOLDOWN, WorkerState.FAILED,
                  WorkerState.STOPPED, WorkerState.STOPPING)  # fmt: skip
 
 
+def module_state(module: WorkerState, spare: WorkerState) -> WorkerState | None:
+    """A proxy-isolated module's new state when its spare's becomes ``spare``; None: unchanged.
+
+    The module is what its spare says about starting a worker: running once
+    one loaded, in backoff, cooldown or failed when none can. A spare starting
+    (or exiting on its way to a restart) while the module runs is the next
+    spare being made, or one replaced: the module still runs.
+    """
+    if spare is WorkerState.RUNNING or spare in _NOT_STARTING:
+        return spare
+    if module is WorkerState.RUNNING:
+        return None
+    return spare
+
+
 class WorkerCell(ModuleSupervisor):
     """One proxy's own worker: the module's supervision for that worker only."""
 
@@ -54,7 +69,7 @@ class WorkerCell(ModuleSupervisor):
 
     def __init__(self, owner: ProxyIsolatedSupervisor) -> None:
         super().__init__(owner.plan, owner.policy, owner.kind, owner.env, owner.shared,
-                         on_stable=owner.on_stable)  # fmt: skip
+                         on_stable=owner.cell_stable)  # fmt: skip
         self.owner = owner
         #: The proxy it serves; None while it is the module's spare.
         self.proxy_id: int | None = None
@@ -256,14 +271,21 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
                      worker_pid=change.worker.pid if change.worker else None)  # fmt: skip
         self.events.notify()
 
+    async def cell_stable(self, module: str) -> None:
+        """A worker ran ``stable_after``: fallback proxies come home, if the module runs.
+
+        In cooldown (its spare cannot start) a proxy's worker that runs on from
+        before says nothing about the module: its proxies stay on the fallback.
+        """
+        if self.on_stable is not None and self.state is WorkerState.RUNNING:
+            await self.on_stable(module)
+
     def _follow_spare(self, change: SetState[WorkerProcess]) -> None:
-        """The module's state from its spare's: a spare being replaced keeps it running."""
-        state = change.state
-        # A spare starting (or exiting) while the module ran is a replacement: still running.
-        settled = state is WorkerState.RUNNING or state in _NOT_STARTING
-        if settled or self.state is not WorkerState.RUNNING:
+        """The module's state from its spare's (``module_state``)."""
+        state = module_state(self.state, change.state)
+        if state is not None:
             self._set_module_state(state, change.reason)
-        if state is not WorkerState.STARTING:
+        if change.state is not WorkerState.STARTING:
             self._first_state.set()
 
     def _set_module_state(self, state: WorkerState, reason: str | None) -> None:
