@@ -255,45 +255,45 @@ def test_reload_to_shared_isolation_moves_proxies_onto_one_worker(
 
 
 def test_a_client_crash_looping_its_worker_is_contained_to_its_proxy(
-    start_daemon: Start, tmp_path: Path
+    start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
     """A crash loop puts one proxy in backoff, then cooldown; the module and the others go on.
 
-    The other proxy's calls succeed throughout, new proxies are granted at
+    The other client's calls succeed throughout, new proxies are granted at
     once, and the module never leaves "running".
     """
     restart = 'initial_delay = "20ms"\nmax_failures = 3\ncooldown_interval = "30s"'
     daemon = start_daemon(config(tmp_path, restart=restart))
-    with BlockingClient(daemon.socket) as victim_client, BlockingClient(daemon.socket) as bad:
-        victim = victim_client.request_proxy("percam")
-        victim.call("set_camera", {"camera": "steady"})
-        victim_pid = victim.call("pid")
-        hostile = bad.request_proxy("percam")
-        hostile_id = hostile.proxy_id
-        refused = 0
-        for _ in range(8):
-            try:
-                hostile.call("crash", timeout=2)
-            except ipc.WorkerCrashed:
-                pass
-            except (ipc.ModuleUnavailable, ipc.TimedOut):
-                refused += 1  # its own worker is in cooldown: the loop is contained
-            assert victim.call("camera") == "steady"
-        assert refused > 0
+    victim_client, bad = connect(daemon.socket), connect(daemon.socket)
+    victim = victim_client.request_proxy("percam")
+    victim_client.call(victim, "set_camera", {"camera": "steady"})
+    victim_pid = victim_client.call(victim, "pid")
+    hostile = bad.request_proxy("percam")
+    hostile_id = bad.attr(hostile, "proxy_id")
+    crashed = refused = 0
+    for _ in range(8):
+        try:
+            bad.call(hostile, "crash", timeout=2)
+        except (ipc.CallNotSent, ipc.TimedOut):
+            refused += 1  # its own worker is in cooldown: the loop is contained
+        except ipc.WorkerCrashed:
+            crashed += 1
+        assert victim_client.call(victim, "camera") == "steady"
+    assert crashed >= 3
+    assert refused > 0
 
-        def hostile_in_cooldown() -> bool:
-            cells = {w["proxy_id"]: w for w in status(daemon)["workers"]}
-            return bool(cells.get(hostile_id, {}).get("state") == "cooldown")
+    def hostile_in_cooldown() -> bool:
+        cells = {w["proxy_id"]: w for w in status(daemon)["workers"]}
+        return bool(cells.get(hostile_id, {}).get("state") == "cooldown")
 
-        wait_until(hostile_in_cooldown)
-        entry = status(daemon)
-        assert entry["state"] == "running"
-        with BlockingClient(daemon.socket) as newcomer:
-            assert newcomer.request_proxy("percam").call("camera") == ""
-        assert victim.call("pid") == victim_pid
-        assert invalidated(daemon, victim.proxy_id) == []
+    wait_until(hostile_in_cooldown)
+    assert status(daemon)["state"] == "running"
+    newcomer = connect(daemon.socket)
+    assert newcomer.call(newcomer.request_proxy("percam"), "camera") == ""
+    assert victim_client.call(victim, "pid") == victim_pid
+    assert invalidated(daemon, victim_client.attr(victim, "proxy_id")) == []
     module_states = {r["state"] for r in daemon.events("module.state_changed")}
-    assert module_states <= {"starting", "running", "stopping", "stopped"}
+    assert module_states <= {"starting", "running"}
 
 
 def test_a_hung_call_kills_only_that_proxys_worker(
@@ -350,3 +350,20 @@ def test_each_proxys_worker_has_its_own_sandbox_and_memory_limit(
         assert alive(modest_pid)
         assert invalidated(daemon, modest.proxy_id) == []
         assert greedy.call("report")["pid"] == 1  # recovered, on a new worker
+
+
+def test_workers_are_bounded_by_the_proxy_limits(start_daemon: Start, tmp_path: Path) -> None:
+    """A client asking for proxy after proxy gets limit_exceeded, not a worker, past its limit."""
+    module = '[modules.percam]\nisolation = "proxy"\n'
+    daemon = start_daemon(
+        write_config(tmp_path, f"{DIRS}[clients]\nmax_proxies_per_client = 3\n", modules=module)
+    )
+    with BlockingClient(daemon.socket) as greedy:
+        held = [greedy.request_proxy("percam") for _ in range(3)]
+        with pytest.raises(ipc.LimitExceeded):
+            greedy.request_proxy("percam")
+        wait_until(lambda: status(daemon)["standby_pid"] is not None)  # the next spare
+        entry = status(daemon)
+        assert entry["workers_total"] == len(held) == 3
+        forked = [r for r in daemon.events("worker.forked") if r.get("module") == "percam"]
+        assert len(forked) == 4  # three proxies' workers and one spare: none for the refusal
