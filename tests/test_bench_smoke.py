@@ -45,6 +45,9 @@ SCENARIOS = {
     "codec": ["codec: ipad encode()+decode()", "limit: raw SEQPACKET round trip"],
     "hostile": ["nothing: status p50", "unknown_replies: bystander call p50",
                 "hang_beating: status p50"],
+    "isolation": ["victim frame p99, proxy isolation, no crashes",
+                  "victim frame p99, proxy isolation, neighbour crashing 1/s",
+                  "victim frame p99, module isolation, neighbour crashing 1/s"],
 }  # fmt: skip
 
 

@@ -174,6 +174,16 @@ def _status(client: BlockingClient, args: argparse.Namespace) -> int:
     for name, m in sorted(reply.modules.items()):
         rows.append((name, m["state"], str(m["worker_pid"] or "-"), str(m["restarts"]),
                      str(m["proxies"]), m["version"], m["reason"] or ""))  # fmt: skip
+        # isolation = "proxy": each proxy's own worker, under its module (a status cut
+        # down to fit one packet says how many it left out instead of a list).
+        workers = m.get("workers")
+        workers = workers if isinstance(workers, list) else []
+        for w in workers:
+            rows.append((f"  proxy {w['proxy_id']}", w["state"], str(w["worker_pid"] or "-"),
+                         str(w["restarts"]), "", "", w["reason"] or ""))  # fmt: skip
+        more = m.get("workers_total", 0) - len(workers)
+        if more > 0:
+            rows.append((f"  (+{more} more)", "", "", "", "", "", ""))
     _print_table(rows)
     return 0
 

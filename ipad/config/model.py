@@ -47,6 +47,15 @@ class RestartMode(enum.Enum):
     NEVER = "never"
 
 
+class Isolation(enum.Enum):
+    """Which proxies share a worker process (a module's ``isolation``)."""
+
+    #: One worker serves every proxy of the module (with a standby): a crash ends them all.
+    MODULE = "module"
+    #: Every proxy has a worker of its own: a crash ends only that proxy's instance.
+    PROXY = "proxy"
+
+
 @attrs.frozen
 class DaemonSettings:
     """The ``[daemon]`` table."""
@@ -219,6 +228,8 @@ class ModuleSettings:
     enabled: bool = True
     #: The registered proxy kind (isolation strategy) that runs this module.
     proxy: str = "isolated"
+    #: "proxy": a worker per proxy (ipad/daemon/isolation.py); "module": one shared worker.
+    isolation: Isolation = Isolation.MODULE
     #: Worker executable name; None takes the one the manifest names.
     worker: str | None = None
     #: Tuning file name, looked up as docs/configuration.md says; None means uncalibrated.toml.

@@ -102,6 +102,15 @@ class EventBus:
             return True
         return predicate()
 
+    def notify(self) -> None:
+        """Wake every ``wait_until`` without an event: a change no client is told of.
+
+        A proxy's own worker (isolation = "proxy") starting is one: its proxy's
+        reopen waits for it, but the module's state did not change.
+        """
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop sending to ``sub`` and close its queue."""
         self._subscribers.discard(sub)

@@ -28,7 +28,7 @@ import structlog
 import trio
 
 from ipad.config.check import CheckedConfig, ModulePlan, check_config
-from ipad.config.model import DaemonSettings
+from ipad.config.model import DaemonSettings, Isolation
 from ipad.config.paths import install_dir, install_module_dir, socket_path
 from ipad.config.problems import ConfigError
 from ipad.config.proxy_kinds import REGISTRY
@@ -38,6 +38,7 @@ from ipad.daemon.cgroup import WorkerCgroups, clear_stale
 from ipad.daemon.children import Children
 from ipad.daemon.events import EventBus
 from ipad.daemon.heartbeat import Heartbeats
+from ipad.daemon.isolation import ProxyIsolatedSupervisor
 from ipad.daemon.launcher import Launcher
 from ipad.daemon.listener import open_listener
 from ipad.daemon.proxy_table import ProxyTable
@@ -403,7 +404,8 @@ class DaemonRuntime:
 
     def _supervisor(self, checked: CheckedConfig, name: str) -> ModuleSupervisor:
         settings = checked.config.modules[name]
-        return ModuleSupervisor(
+        proxy = settings.isolation is Isolation.PROXY
+        return (ProxyIsolatedSupervisor if proxy else ModuleSupervisor)(
             checked.plans[name],
             checked.config.restart_policy(name),
             REGISTRY.create(settings.proxy),
@@ -539,7 +541,7 @@ class DaemonRuntime:
             log.info("proxy.returning", proxy_id=record.proxy_id, module=module,
                      served_by=record.served_by)  # fmt: skip
             if serving is not None and record.instance_id is not None:
-                await serving.close_instance(record.instance_id)
+                await serving.close_instance(record.instance_id, record.proxy_id)
 
     # --- admin operations --------------------------------------------------------
 

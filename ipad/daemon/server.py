@@ -495,7 +495,7 @@ class Session:
         if new:
             record.served_by = serving.name  # a reopened one keeps its own until it succeeds
         try:
-            instance_id, channel = await serving.open_instance()
+            instance_id, channel = await serving.open_instance(record.proxy_id)
         except (ModuleUnavailable, WorkerCrashed) as exc:
             if new:
                 self.server.proxies.close(record, str(exc))
@@ -506,7 +506,7 @@ class Session:
             return None
         record.instance_id = instance_id
         record.served_by = serving.name
-        record.worker_pid = serving.worker_pid
+        record.worker_pid = serving.worker_pid_for(record.proxy_id)
         return channel
 
     async def _grant(
@@ -543,7 +543,7 @@ class Session:
             serving = self._serving(record.module)
             if record.state is ProxyState.CLOSED or serving is None:
                 return True
-            running = serving.running_pid
+            running = serving.running_pid_for(record.proxy_id)
             return running is not None and running != lost
 
         supervisor = self.server.supervisors.get(record.module)
@@ -570,7 +570,7 @@ class Session:
         serving = self.server.supervisors.get(record.served_by)
         # Its worker may have died since the grant: then it stays invalid (its client
         # recovers again), never valid on a dead worker.
-        running = serving.running_pid if serving is not None else None
+        running = serving.running_pid_for(record.proxy_id) if serving is not None else None
         alive = running is not None and running == record.worker_pid
         if record.state is ProxyState.INVALID and alive:
             fallback = record.served_by != record.module
@@ -614,7 +614,7 @@ class Session:
         supervisor = self.server.supervisors.get(record.served_by)
         self.server.proxies.close(record, reason)
         if supervisor is not None and record.instance_id is not None:
-            await supervisor.close_instance(record.instance_id)
+            await supervisor.close_instance(record.instance_id, record.proxy_id)
 
     async def _release_all(self) -> None:
         for record in self.server.proxies.of_client(self.client_id):

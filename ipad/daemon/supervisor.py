@@ -302,6 +302,7 @@ class ModuleSupervisor:
             "standby_instances": len(standby.spares) if standby is not None else 0,
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
+            "isolation": "module",
             "worker": str(self.plan.worker),
             "tuning": str(self.plan.tuning),
             "sandbox": self._sandbox_status(),
@@ -659,13 +660,25 @@ class ModuleSupervisor:
                     self.proxies.close(record, message.reason)
                     self._balance_spares()
 
-    async def open_instance(self) -> tuple[int, socket.socket]:
+    def running_pid_for(self, proxy_id: int) -> int | None:
+        """The pid of the worker that serves ``proxy_id`` if it runs: the module's one."""
+        del proxy_id
+        return self.running_pid
+
+    def worker_pid_for(self, proxy_id: int) -> int | None:
+        """The pid of the worker that holds ``proxy_id``'s instance: the module's one."""
+        del proxy_id
+        return self.worker_pid
+
+    async def open_instance(self, proxy_id: int | None = None) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel.
 
         An instance opened ahead of time (on a standby, now promoted) is handed
         out at once; every instance handed out gets a twin on the standby, so
         after the next crash a reopen needs no round trip to the new worker.
+        ``proxy_id`` matters only with isolation = "proxy" (ipad/daemon/isolation.py).
         """
+        del proxy_id
         worker = self.worker
         if worker is None or self.state is not WorkerState.RUNNING:
             raise ModuleUnavailable(self.reason or f"module is {self.state.value}")
@@ -775,8 +788,9 @@ class ModuleSupervisor:
             self._balancing = False
             self._trim_active_spares()  # promoted meanwhile: what it opened may be surplus
 
-    async def close_instance(self, instance_id: int) -> None:
+    async def close_instance(self, instance_id: int, proxy_id: int | None = None) -> None:
         """Free an instance; a worker that is gone has freed it already. Never waits."""
+        del proxy_id  # one worker holds every instance: the id says which
         self._balance_spares()  # its twin on the standby goes too, whatever state we are in
         worker = self.worker
         if worker is None or self.state is not WorkerState.RUNNING:
