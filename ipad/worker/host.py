@@ -326,7 +326,8 @@ class WorkerHost:
         name_process(f"ipad:{load.module}")
         ready = p.Ready(
             load.module, self.loaded.version, self.loaded.specs, os.getpid(),
-            beats=self.beater is not None, types=self.loaded.types, minor=p.agreed_minor(load.minor),
+            beats=self.beater is not None, types=self.loaded.types,
+            minor=p.agreed_minor(load.minor),
         )  # fmt: skip
         try:
             packet = p.encode(ready, request_id)
