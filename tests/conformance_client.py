@@ -28,7 +28,9 @@ def frame_buffer(text: str) -> bytes:
     return (data * (4096 // len(data) + 1))[:4096]
 
 
-def call(proxy: ipc.BlockingProxy, method: str, args: dict[str, object], data: bytes | None) -> object:
+def call(
+    proxy: ipc.BlockingProxy, method: str, args: dict[str, object], data: bytes | None
+) -> object:
     """A call retried across worker crashes: the client recovers on the next call by itself."""
     for attempt in range(TRIES):
         fd = ipc.make_buffer(data) if data is not None else None
@@ -56,13 +58,14 @@ def main() -> int:
                 text = f"frame-{i}"
                 echoed = call(proxy, "echo", {"text": text}, None)
                 summed = call(proxy, "checksum", {}, frame_buffer(text))
-                assert isinstance(echoed, dict) and isinstance(summed, dict)
+                assert isinstance(echoed, dict)
+                assert isinstance(summed, dict)
                 assert summed["crc32"] == zlib.crc32(frame_buffer(text))
                 print(i, echoed["text"], summed["crc32"], flush=True)
             proxy.release()
             # The blocking client has no public GOODBYE: said on its socket by hand, id 0.
             goodbye = p.encode(p.Goodbye("conformance run done"))
-            client._conn.sock.send(goodbye, socket.MSG_NOSIGNAL)  # noqa: SLF001
+            client._conn.sock.send(goodbye, socket.MSG_NOSIGNAL)
     except (ipc.IpadError, p.ProtocolError, OSError):
         if "--hang-on-error" in sys.argv:
             time.sleep(3600)

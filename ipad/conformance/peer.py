@@ -51,7 +51,7 @@ def lenient_packet(packet: bytes) -> tuple[bytes, tuple[str, ...]]:
     if len(packet) < p.HEADER_SIZE:
         return packet, ()
     magic, version, kind, flags, nfds, request_id, length = p.HEADER.unpack_from(packet)
-    cls = p.MESSAGE_CLASSES.get(kind)  # type: ignore[call-overload]  # an int: IntEnum keys
+    cls = p.MESSAGE_CLASSES.get(kind)  # an int finds its IntEnum key
     if cls is None or magic != p.MAGIC or length != len(packet) - p.HEADER_SIZE:
         return packet, ()
     try:
@@ -97,10 +97,11 @@ class Endpoint:
         while True:
             try:
                 self.sock.sendmsg([packet], rights(fds), flags)
-                return
             except BlockingIOError:
                 if not wait_fd(self.fileno(), select.POLLOUT, deadline):
                     raise Timeout(f"{self.name}: could not send before the deadline") from None
+            else:
+                return
 
     def receive_raw(self, deadline: float) -> tuple[bytes, list[int]] | None:
         """One packet and its fds, None at end of stream; Timeout if none came in time."""
@@ -133,13 +134,17 @@ class Endpoint:
         self.sock.close()
 
 
-def encode_with_extras(message: p.Message, request_id: int, extras: dict[str, Any], nfds: int = 0) -> bytes:
+def encode_with_extras(
+    message: p.Message, request_id: int, extras: dict[str, Any], nfds: int = 0
+) -> bytes:
     """A packet of ``message`` whose payload carries ``extras`` too: fields of a newer peer."""
     payload = msgspec.to_builtins(message)
     assert isinstance(payload, dict)  # noqa: S101 - every message is a Struct: a map
     payload.update(extras)
     body = msgspec.msgpack.encode(payload)
-    header = p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, message.TYPE, 0, nfds, request_id, len(body))
+    header = p.HEADER.pack(
+        p.MAGIC, p.PROTOCOL_VERSION, message.TYPE, 0, nfds, request_id, len(body)
+    )
     return header + body
 
 
@@ -154,7 +159,9 @@ def sealed_memfd(data: bytes, seals: int = INPUT_SEALS, name: str = "ipad-confor
             except OSError as exc:  # before Linux 5.1: no F_SEAL_FUTURE_WRITE
                 if exc.errno != errno.EINVAL or not seals & F_SEAL_FUTURE_WRITE:
                     raise
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals & ~F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_WRITE)
+                fcntl.fcntl(
+                    fd, fcntl.F_ADD_SEALS, seals & ~F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_WRITE
+                )
     except BaseException:
         os.close(fd)
         raise
@@ -162,7 +169,7 @@ def sealed_memfd(data: bytes, seals: int = INPUT_SEALS, name: str = "ipad-confor
 
 
 def read_buffer(fd: int) -> bytes:
-    """A passed buffer as protocol.md says to read it: the whole file from offset 0, size by fstat."""
+    """A passed buffer read as protocol.md says: the whole file from offset 0, size by fstat."""
     size = os.fstat(fd).st_size
     chunks: list[bytes] = []
     offset = 0

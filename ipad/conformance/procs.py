@@ -27,7 +27,7 @@ _ABOVE = 10
 
 
 def prctl(option: int, value: int) -> int:
-    """prctl(2) with one argument; -1 on failure."""
+    """The prctl system call with one argument; -1 on failure."""
     return int(ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0))
 
 
@@ -139,9 +139,13 @@ def spawn(
             actions.append((os.POSIX_SPAWN_DUP2, source, target))
         args = [*argv, "--parent-pid", str(os.getpid())] if parent_pid else list(argv)
         return os.posix_spawn(
-            resolve(argv[0]), args, env, file_actions=actions, setpgroup=0,
+            resolve(argv[0]),
+            args,
+            env,
+            file_actions=actions,
+            setpgroup=0,
             setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
-        )  # fmt: skip
+        )
     finally:
         for fd in sources:
             os.close(fd)
@@ -182,7 +186,9 @@ def spawn_orphanable(
         os.close(read_end)
     if not text.strip().isdigit():
         go_between.kill()
-        raise OSError(f"the go-between could not start the worker ({describe_status(go_between.status)})")
+        raise OSError(
+            f"the go-between could not start the worker ({describe_status(go_between.status)})"
+        )
     return go_between, Child(int(text), "worker")
 
 

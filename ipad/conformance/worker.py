@@ -31,8 +31,15 @@ BOARD_SIZE = 16
 #: A method name no module has.
 NO_SUCH_METHOD = "ipad_conformance_no_such_method"
 #: The malformed packets sent on a channel, each on a channel of its own.
-MALFORMED = ("bad_magic", "truncated", "short", "wrong_type", "bad_payload", "fd_mismatch",
-             "too_many_fds")  # fmt: skip
+MALFORMED = (
+    "bad_magic",
+    "truncated",
+    "short",
+    "wrong_type",
+    "bad_payload",
+    "fd_mismatch",
+    "too_many_fds",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +81,20 @@ class WorkerUnderTest:
             deadline = time.monotonic() + options.start_timeout
             if orphanable:
                 self.go_between, self.child = spawn_orphanable(
-                    options.argv, env, control=theirs.fileno(), output=self.output.fileno(),
+                    options.argv,
+                    env,
+                    control=theirs.fileno(),
+                    output=self.output.fileno(),
                     deadline=deadline,
-                )  # fmt: skip
+                )
             else:
-                pid = spawn(options.argv, env, control=theirs.fileno(),
-                            output=self.output.fileno(), parent_pid=True)  # fmt: skip
+                pid = spawn(
+                    options.argv,
+                    env,
+                    control=theirs.fileno(),
+                    output=self.output.fileno(),
+                    parent_pid=True,
+                )
                 self.child = Child(pid, "worker")
         except BaseException:
             self.control.close()
@@ -138,8 +153,13 @@ class WorkerUnderTest:
             self.board = os.memfd_create("ipad-conformance-board", os.MFD_CLOEXEC)
             os.ftruncate(self.board, BOARD_SIZE)
             fds.append(self.board)
-        load = p.Load(options.module, options.entry_point, options.module_dir, options.tuning,
-                      heartbeat_interval=options.heartbeat_interval if fds else 0.0)  # fmt: skip
+        load = p.Load(
+            options.module,
+            options.entry_point,
+            options.module_dir,
+            options.tuning,
+            heartbeat_interval=options.heartbeat_interval if fds else 0.0,
+        )
         return self.request(load, options.start_timeout, fds)
 
     def beats(self) -> bytes:
@@ -194,9 +214,12 @@ class Channel:
         self.next_id = 1
 
     def call(
-        self, method: str, args: dict[str, Any] | None = None, fds: Sequence[int] = (),
+        self,
+        method: str,
+        args: dict[str, Any] | None = None,
+        fds: Sequence[int] = (),
         fd_args: Sequence[str] | None = None,
-    ) -> p.Frame | None:  # fmt: skip
+    ) -> p.Frame | None:
         """CALL and its reply (module events skipped); None if the channel ended."""
         names = tuple(fd_args) if fd_args is not None else ()
         request_id = self.next_id
@@ -240,17 +263,19 @@ def crc_text(size: int) -> bytes:
     return bytes((i * 7 + i // 251) & 0xFF for i in range(size))
 
 
-def check_ready(report: Report, options: WorkerOptions, worker: WorkerUnderTest, ready: p.Ready) -> None:
+def check_ready(
+    report: Report, options: WorkerOptions, worker: WorkerUnderTest, ready: p.Ready
+) -> None:
     """READY's fields: the module asked for, a version, well-formed methods, the worker's pid."""
     problems = []
     if ready.module != options.module:
         problems.append(f"module {ready.module!r}, LOAD asked for {options.module!r}")
-    if not ready.version or len(ready.version) > 64:  # noqa: PLR2004 - the daemon's MAX_VERSION
+    if not ready.version or len(ready.version) > 64:
         problems.append(f"version {ready.version!r} is not 1..64 characters")
     names = [m.name for m in ready.methods]
     if not names:
         problems.append("no methods")
-    if any(not n or len(n) > 128 for n in names):  # noqa: PLR2004 - the daemon's MAX_NAME
+    if any(not n or len(n) > 128 for n in names):
         problems.append("a method name is empty or longer than 128 characters")
     if len(set(names)) != len(names):
         problems.append("a method is listed twice")
@@ -260,8 +285,10 @@ def check_ready(report: Report, options: WorkerOptions, worker: WorkerUnderTest,
     if ready.pid != worker.child.pid:
         problems.append(f"pid {ready.pid}, but the worker's pid is {worker.child.pid}")
     setup = [m.name for m in ready.methods if m.setup]
-    seen = f"module {ready.module!r} version {ready.version!r}, {len(names)} methods " \
-           f"({', '.join(names[:12])}), setup: {', '.join(setup) or 'none'}, beats: {ready.beats}"  # fmt: skip
+    seen = (
+        f"module {ready.module!r} version {ready.version!r}, {len(names)} methods "
+        f"({', '.join(names[:12])}), setup: {', '.join(setup) or 'none'}, beats: {ready.beats}"
+    )
     report.add("ready.fields", not problems, "; ".join(problems) if problems else seen)
 
 
@@ -277,7 +304,9 @@ def start_loaded(
     try:
         frame, _ = worker.load()
     except (Ended, Timeout, p.ProtocolError, OSError) as exc:
-        report.add(rule, False, f"the fresh worker did not answer LOAD: {exc}{worker.output_tail()}")
+        report.add(
+            rule, False, f"the fresh worker did not answer LOAD: {exc}{worker.output_tail()}"
+        )
         worker.close()
         return None
     if not isinstance(frame.message, p.Ready):
@@ -290,11 +319,24 @@ def start_loaded(
 def run_worker(options: WorkerOptions, report: Report) -> None:
     """Every worker rule, in order; each rule that cannot run is SKIPped with the reason."""
     become_subreaper()  # the parent-death rule orphans a worker: it must come back to be reaped
-    main_rules = ("load.ready", "ready.fields", "heartbeat", "instance.open", "call.unknown_method",
-                  "call.serves_after_error", "method.echo", "call.bad_arguments", "method.checksum",
-                  "buffer.unsealed_refused", "call.fd_count",
-                  *(f"malformed.{case}" for case in MALFORMED), "malformed.others_unaffected",
-                  "channel.eof", "close_instance", "shutdown.exit")  # fmt: skip
+    main_rules = (
+        "load.ready",
+        "ready.fields",
+        "heartbeat",
+        "instance.open",
+        "call.unknown_method",
+        "call.serves_after_error",
+        "method.echo",
+        "call.bad_arguments",
+        "method.checksum",
+        "buffer.unsealed_refused",
+        "call.fd_count",
+        *(f"malformed.{case}" for case in MALFORMED),
+        "malformed.others_unaffected",
+        "channel.eof",
+        "close_instance",
+        "shutdown.exit",
+    )
     try:
         worker = WorkerUnderTest(options)
     except (OSError, ValueError) as exc:
@@ -304,7 +346,11 @@ def run_worker(options: WorkerOptions, report: Report) -> None:
         for rule in ("control_eof.exit", "sigterm.exit", "parent_death.exit"):
             report.skip(rule, "the worker did not start")
         return
-    report.add("start", True, f"pid {worker.child.pid}: {' '.join(options.argv)} --parent-pid {os.getpid()}")
+    report.add(
+        "start",
+        True,
+        f"pid {worker.child.pid}: {' '.join(options.argv)} --parent-pid {os.getpid()}",
+    )
     done: set[str] = set()
     try:
         _main_worker(options, report, worker, done)
@@ -314,8 +360,11 @@ def run_worker(options: WorkerOptions, report: Report) -> None:
             if rule not in done and rule not in {o.rule for o in report.outcomes}:
                 report.skip(rule, "an earlier rule it needs failed")
     loaded = any(o.rule == "load.ready" and o.verdict == "PASS" for o in report.outcomes)
-    for rule, run in (("control_eof.exit", _control_eof), ("sigterm.exit", _sigterm),
-                      ("parent_death.exit", _parent_death)):  # fmt: skip
+    for rule, run in (
+        ("control_eof.exit", _control_eof),
+        ("sigterm.exit", _sigterm),
+        ("parent_death.exit", _parent_death),
+    ):
         if not loaded:
             report.skip(rule, "load.ready failed")
             continue
@@ -330,14 +379,21 @@ def _main_worker(
     except (Ended, Timeout, p.ProtocolError, OSError) as exc:
         status = worker.wait_exit(0.2)
         gone = "" if status is None else f" ({describe_status(status)})"
-        report.add("load.ready", False, f"no READY within {options.start_timeout:g} s: {exc}{gone}"
-                   f"{worker.output_tail()}")  # fmt: skip
+        report.add(
+            "load.ready",
+            False,
+            f"no READY within {options.start_timeout:g} s: {exc}{gone}{worker.output_tail()}",
+        )
         return
     if not isinstance(frame.message, p.Ready):
-        report.add("load.ready", False, f"LOAD answered with {describe(frame)}{worker.output_tail()}")
+        report.add(
+            "load.ready", False, f"LOAD answered with {describe(frame)}{worker.output_tail()}"
+        )
         return
     ready = frame.message
-    report.add("load.ready", True, f"READY in {took * 1000:.0f} ms (bound {options.start_timeout:g} s)")
+    report.add(
+        "load.ready", True, f"READY in {took * 1000:.0f} ms (bound {options.start_timeout:g} s)"
+    )
     check_ready(report, options, worker, ready)
     _heartbeat(options, report, worker, ready)
     methods = {m.name for m in ready.methods}
@@ -354,16 +410,23 @@ def _main_worker(
         _close_instance(options, report, worker, main, methods)
     except (Ended, Timeout, p.ProtocolError, OSError) as exc:
         rule = f"(after {report.outcomes[-1].rule})"
-        report.add("worker.serves", False, f"{rule}: {type(exc).__name__}: {exc}{worker.output_tail()}")
+        report.add(
+            "worker.serves", False, f"{rule}: {type(exc).__name__}: {exc}{worker.output_tail()}"
+        )
         return
     worker.tell(p.Shutdown())
     status = worker.wait_exit(options.stop_timeout)
-    report.add("shutdown.exit", status is not None,
-               f"{describe_status(status)} after SHUTDOWN (bound {options.stop_timeout:g} s)")  # fmt: skip
+    report.add(
+        "shutdown.exit",
+        status is not None,
+        f"{describe_status(status)} after SHUTDOWN (bound {options.stop_timeout:g} s)",
+    )
     main.close()
 
 
-def _heartbeat(options: WorkerOptions, report: Report, worker: WorkerUnderTest, ready: p.Ready) -> None:
+def _heartbeat(
+    options: WorkerOptions, report: Report, worker: WorkerUnderTest, ready: p.Ready
+) -> None:
     if ready.beats and worker.board is not None:
         first = worker.beats()
         bound = max(1.0, 3 * options.heartbeat_interval)
@@ -371,8 +434,12 @@ def _heartbeat(options: WorkerOptions, report: Report, worker: WorkerUnderTest, 
         while worker.beats() == first and remaining(deadline) > 0:
             time.sleep(min(0.02, remaining(deadline)))
         moved = worker.beats() != first
-        report.add("heartbeat", moved, f"board counter {'moved' if moved else 'did not move'} "
-                   f"while idle (interval {options.heartbeat_interval:g} s, bound {bound:g} s)")  # fmt: skip
+        report.add(
+            "heartbeat",
+            moved,
+            f"board counter {'moved' if moved else 'did not move'} "
+            f"while idle (interval {options.heartbeat_interval:g} s, bound {bound:g} s)",
+        )
         return
     try:
         frame, took = worker.request(p.Ping(), options.reply_timeout)
@@ -380,7 +447,11 @@ def _heartbeat(options: WorkerOptions, report: Report, worker: WorkerUnderTest, 
         report.add("heartbeat", False, f"beats: false, and PING got no PONG: {exc}")
         return
     ok = isinstance(frame.message, p.Pong)
-    report.add("heartbeat", ok, f"beats: false; PING answered with {describe(frame)} in {took * 1000:.0f} ms")
+    report.add(
+        "heartbeat",
+        ok,
+        f"beats: false; PING answered with {describe(frame)} in {took * 1000:.0f} ms",
+    )
 
 
 def _calls(report: Report, main: Channel, methods: set[str]) -> None:
@@ -389,19 +460,35 @@ def _calls(report: Report, main: Channel, methods: set[str]) -> None:
     if "echo" in methods:
         text = "conformance ✓ " + "x" * 100
         reply = main.call("echo", {"text": text})
-        ok = reply is not None and isinstance(reply.message, p.Result) and reply.message.value == {"text": text}
-        report.add("call.serves_after_error", reply is not None and isinstance(reply.message, p.Result),
-                   f"echo after the error: {describe(reply)}")  # fmt: skip
+        ok = (
+            reply is not None
+            and isinstance(reply.message, p.Result)
+            and reply.message.value == {"text": text}
+        )
+        report.add(
+            "call.serves_after_error",
+            reply is not None and isinstance(reply.message, p.Result),
+            f"echo after the error: {describe(reply)}",
+        )
         report.add("method.echo", ok, f"echo(text) -> {describe(reply)}")
-        bad = [main.call("echo", {"text": 5}),
-               main.call("echo", {"text": "x", "ipad_conformance_unknown": 1}), main.call("echo")]  # fmt: skip
+        bad = [
+            main.call("echo", {"text": 5}),
+            main.call("echo", {"text": "x", "ipad_conformance_unknown": 1}),
+            main.call("echo"),
+        ]
         ok = all(is_error(r, "bad_arguments") for r in bad)
-        report.add("call.bad_arguments", ok, "text=5, an unknown argument, none: "
-                   + "; ".join(describe(r) for r in bad))  # fmt: skip
+        report.add(
+            "call.bad_arguments",
+            ok,
+            "text=5, an unknown argument, none: " + "; ".join(describe(r) for r in bad),
+        )
     else:
         reply = main.call(NO_SUCH_METHOD)
-        report.add("call.serves_after_error", is_error(reply, "unknown_method"),
-                   f"a second unknown call: {describe(reply)}")  # fmt: skip
+        report.add(
+            "call.serves_after_error",
+            is_error(reply, "unknown_method"),
+            f"a second unknown call: {describe(reply)}",
+        )
         report.skip("method.echo", "READY lists no echo")
         report.skip("call.bad_arguments", "READY lists no echo to call wrongly")
     if "checksum" not in methods:
@@ -413,15 +500,21 @@ def _calls(report: Report, main: Channel, methods: set[str]) -> None:
         reply = main.call("checksum", fds=[fd], fd_args=["data"])
     want = {"size": len(data), "crc32": zlib.crc32(data)}
     ok = reply is not None and isinstance(reply.message, p.Result) and reply.message.value == want
-    report.add("method.checksum", ok, f"sealed memfd of {len(data)} bytes, want {want}: {describe(reply)}")
+    report.add(
+        "method.checksum", ok, f"sealed memfd of {len(data)} bytes, want {want}: {describe(reply)}"
+    )
     with _memfd(data, seals=0) as fd:
         reply = main.call("checksum", fds=[fd], fd_args=["data"])
-    report.add("buffer.unsealed_refused", is_error(reply, "bad_arguments"),
-               f"a memfd without F_SEAL_SHRINK: {describe(reply)}")  # fmt: skip
+    report.add(
+        "buffer.unsealed_refused",
+        is_error(reply, "bad_arguments"),
+        f"a memfd without F_SEAL_SHRINK: {describe(reply)}",
+    )
     with _memfd(data) as fd:
         reply = main.call("checksum", fds=[fd], fd_args=[])
-    report.add("call.fd_count", is_error(reply, "bad_arguments"),
-               f"one fd, fd_args []: {describe(reply)}")  # fmt: skip
+    report.add(
+        "call.fd_count", is_error(reply, "bad_arguments"), f"one fd, fd_args []: {describe(reply)}"
+    )
 
 
 @contextlib.contextmanager
@@ -433,7 +526,7 @@ def _memfd(data: bytes, seals: int | None = None) -> Iterator[int]:
         os.close(fd)
 
 
-def malformed_packet(case: str) -> tuple[bytes, int]:
+def malformed_packet(case: str) -> tuple[bytes, int]:  # noqa: PLR0911 - one per case
     """A broken packet for a channel, and how many fds to pass with it."""
     call = p.encode(p.Call(NO_SUCH_METHOD), 9)
     if case == "bad_magic":
@@ -449,14 +542,25 @@ def malformed_packet(case: str) -> tuple[bytes, int]:
     if case == "fd_mismatch":
         return call, 1  # the header says 0 fds, one comes
     if case == "too_many_fds":
-        header = p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, p.MsgType.CALL, 0, p.MAX_FDS + 1, 9,
-                               len(call) - p.HEADER_SIZE)  # fmt: skip
+        header = p.HEADER.pack(
+            p.MAGIC,
+            p.PROTOCOL_VERSION,
+            p.MsgType.CALL,
+            0,
+            p.MAX_FDS + 1,
+            9,
+            len(call) - p.HEADER_SIZE,
+        )
         return header + call[p.HEADER_SIZE :], p.MAX_FDS + 1
     raise ValueError(case)
 
 
 def _malformed(
-    options: WorkerOptions, report: Report, worker: WorkerUnderTest, main: Channel, methods: set[str]
+    options: WorkerOptions,
+    report: Report,
+    worker: WorkerUnderTest,
+    main: Channel,
+    methods: set[str],
 ) -> None:
     for number, case in enumerate(MALFORMED, start=100):
         endpoint, frame, _ = worker.open_instance(number)
@@ -498,11 +602,20 @@ def _malformed(
         report.add(f"malformed.{case}", ok, " then ".join(seen))
     probe = main.call("echo", {"text": "still"}) if "echo" in methods else main.call(NO_SUCH_METHOD)
     alive = worker.child.alive()
-    ok = alive and probe is not None and (
-        isinstance(probe.message, p.Result) if "echo" in methods else is_error(probe, "unknown_method")
+    ok = (
+        alive
+        and probe is not None
+        and (
+            isinstance(probe.message, p.Result)
+            if "echo" in methods
+            else is_error(probe, "unknown_method")
+        )
     )
-    report.add("malformed.others_unaffected", ok,
-               f"the first channel: {describe(probe)}; worker {'alive' if alive else 'gone'}")  # fmt: skip
+    report.add(
+        "malformed.others_unaffected",
+        ok,
+        f"the first channel: {describe(probe)}; worker {'alive' if alive else 'gone'}",
+    )
 
 
 def _channel_end(options: WorkerOptions, report: Report, worker: WorkerUnderTest) -> None:
@@ -513,13 +626,21 @@ def _channel_end(options: WorkerOptions, report: Report, worker: WorkerUnderTest
         return
     endpoint.close()
     reason = worker.wait_closed(2, options.reply_timeout)
-    report.add("channel.eof", reason is not None,
-               f"INSTANCE_CLOSED {{instance_id: 2, reason: {reason!r}}}" if reason is not None
-               else f"no INSTANCE_CLOSED within {options.reply_timeout:g} s of closing the channel")  # fmt: skip
+    report.add(
+        "channel.eof",
+        reason is not None,
+        f"INSTANCE_CLOSED {{instance_id: 2, reason: {reason!r}}}"
+        if reason is not None
+        else f"no INSTANCE_CLOSED within {options.reply_timeout:g} s of closing the channel",
+    )
 
 
 def _close_instance(
-    options: WorkerOptions, report: Report, worker: WorkerUnderTest, main: Channel, methods: set[str]
+    options: WorkerOptions,
+    report: Report,
+    worker: WorkerUnderTest,
+    main: Channel,
+    methods: set[str],
 ) -> None:
     endpoint, frame, _ = worker.open_instance(3)
     if not isinstance(frame.message, p.InstanceOpened):
@@ -534,23 +655,36 @@ def _close_instance(
         end, seen = p.Frame(p.Pong()), f"channel still open {options.reply_timeout:g} s later"
     finally:
         endpoint.close()
-    probe = main.call("echo", {"text": "after close"}) if "echo" in methods else main.call(NO_SUCH_METHOD)
+    probe = (
+        main.call("echo", {"text": "after close"})
+        if "echo" in methods
+        else main.call(NO_SUCH_METHOD)
+    )
     ok = end is None and probe is not None and worker.child.alive()
-    report.add("close_instance", ok, f"CLOSE_INSTANCE 3: {seen}; the first channel then: {describe(probe)}")
+    report.add(
+        "close_instance", ok, f"CLOSE_INSTANCE 3: {seen}; the first channel then: {describe(probe)}"
+    )
 
 
 def _ended_by(
-    options: WorkerOptions, report: Report, rule: str, action: Callable[[WorkerUnderTest], str],
-    *, orphanable: bool = False,
-) -> None:  # fmt: skip
+    options: WorkerOptions,
+    report: Report,
+    rule: str,
+    action: Callable[[WorkerUnderTest], str],
+    *,
+    orphanable: bool = False,
+) -> None:
     worker = start_loaded(report, options, rule, orphanable=orphanable)
     if worker is None:
         return
     try:
         what = action(worker)
         status = worker.wait_exit(options.stop_timeout)
-        report.add(rule, status is not None,
-                   f"{describe_status(status)} after {what} (bound {options.stop_timeout:g} s)")  # fmt: skip
+        report.add(
+            rule,
+            status is not None,
+            f"{describe_status(status)} after {what} (bound {options.stop_timeout:g} s)",
+        )
     finally:
         worker.close()
 
@@ -578,5 +712,3 @@ def _parent_death(options: WorkerOptions, report: Report, rule: str) -> None:
         return "its parent (the --parent-pid process) was SIGKILLed"
 
     _ended_by(options, report, rule, kill_parent, orphanable=True)
-
-
