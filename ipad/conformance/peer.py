@@ -112,7 +112,12 @@ class Endpoint:
         except OSError as exc:
             if exc.errno != errno.ECONNRESET:
                 raise
-            received = None  # the peer closed with packets of ours unread: it is gone
+            # The peer closed with packets of ours unread. Linux says so before the
+            # packets the peer sent last (a GOODBYE): read on, they and the end follow.
+            try:
+                received = recv_packet(self.sock)
+            except OSError:
+                received = None
         if received is None:
             self.ended = True
         return received
