@@ -39,7 +39,7 @@ WORKER_RULES = [
     "buffer.unsealed_refused", "call.fd_count", "malformed.bad_magic", "malformed.truncated",
     "malformed.short", "malformed.wrong_type", "malformed.bad_payload", "malformed.fd_mismatch",
     "malformed.too_many_fds", "malformed.others_unaffected", "channel.eof", "close_instance",
-    "shutdown.exit", "control_eof.exit", "sigterm.exit", "parent_death.exit",
+    "control.unsolicited", "shutdown.exit", "control_eof.exit", "sigterm.exit", "parent_death.exit",
 ]  # fmt: skip
 CLIENT_RULES = [
     "client.exit", "client.lines", "client.recovered", "client.released",

@@ -34,7 +34,14 @@ from ipad.conformance.peer import (
     remaining,
     wait_fd,
 )
-from ipad.conformance.procs import Child, describe_status, exited_cleanly, spawn
+from ipad.conformance.procs import (
+    MAX_OUTPUT,
+    Child,
+    describe_status,
+    exited_cleanly,
+    limit_output,
+    spawn,
+)
 from ipad.conformance.report import Report, bounded
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import size_send_buffer, sized_socketpair
@@ -149,6 +156,7 @@ def start_client(options: ClientOptions, sock: Path, calls: int) -> tuple[Child,
         output.close()
         raise
     os.close(output.write_end)
+    limit_output(pid, MAX_OUTPUT)
     return Child(pid, "client"), output
 
 
@@ -353,7 +361,8 @@ def _drive_real(options: ClientOptions, report: Report, daemon: Daemon, monitor:
         report.add(
             "client.exit",
             status == 0,
-            f"{describe_status(status)} (bound {options.timeout:g} s){output.stderr_tail()}",
+            f"{describe_status(status)} (bound {options.timeout:g} s)"
+            + ("" if status == 0 else output.stderr_tail()),
         )
         report.add("client.lines", *check_lines(output.lines, calls))
         _recovered(report, monitor, landed, late, first_seq)

@@ -76,8 +76,6 @@ class Endpoint:
         self.sock = sock
         self.allowed = allowed
         self.name = name
-        #: Unknown fields seen so far, per message type (reported, never an error).
-        self.unknown_fields: dict[str, set[str]] = {}
         #: Set once a receive saw end of stream (or ECONNRESET).
         self.ended = False
 
@@ -128,11 +126,8 @@ class Endpoint:
         if received is None:
             return None
         packet, fds = received
-        packet, unknown = lenient_packet(packet)
-        frame = p.decode(packet, fds, allowed=self.allowed)
-        if unknown:
-            self.unknown_fields.setdefault(frame.message.TYPE.name, set()).update(unknown)
-        return frame
+        packet, _ = lenient_packet(packet)
+        return p.decode(packet, fds, allowed=self.allowed)
 
     def close(self) -> None:
         """Close the socket (idempotent)."""

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import resource
 import select
 import shutil
 import signal
@@ -22,6 +23,8 @@ from ipad.protocol.fdpass import CONTROL_FD
 #: prctl(2) options.
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+#: Bytes a peer may write to its stdout and stderr (a file): past it, SIGXFSZ ends it.
+MAX_OUTPUT = 64 * 1024 * 1024
 #: Where the descriptors the child gets are first duplicated to, above every target number.
 _ABOVE = 10
 
@@ -95,6 +98,16 @@ class Child:
                 os.killpg(self.pid, signal.SIGKILL)  # what it forked may outlive it
         assert self.status is not None  # noqa: S101 - reaped just now
         return self.status
+
+
+def limit_output(pid: int, size: int) -> None:
+    """Let ``pid`` write at most ``size`` bytes to a file (its output goes to one): SIGXFSZ past it.
+
+    A peer's output is kept in a temporary file to show its end on a failure;
+    one that writes without end must not fill the disk.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, size))
 
 
 def describe_status(status: int | None) -> str:

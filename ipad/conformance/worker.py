@@ -21,13 +21,23 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ipad.conformance.peer import Endpoint, Timeout, remaining, sealed_memfd
-from ipad.conformance.procs import Child, become_subreaper, describe_status, spawn, spawn_orphanable
+from ipad.conformance.procs import (
+    MAX_OUTPUT,
+    Child,
+    become_subreaper,
+    describe_status,
+    limit_output,
+    spawn,
+    spawn_orphanable,
+)
 from ipad.conformance.report import Report, bounded
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import sized_socketpair
 
 #: The heartbeat board: two unsigned 64-bit counters (protocol.md, "Worker control").
 BOARD_SIZE = 16
+#: Unsolicited control messages kept for the report.
+MAX_STRAY = 8
 #: A method name no module has.
 NO_SUCH_METHOD = "ipad_conformance_no_such_method"
 #: The malformed packets sent on a channel, each on a channel of its own.
@@ -70,8 +80,10 @@ class WorkerUnderTest:
         self.board: int | None = None
         self.go_between: Child | None = None
         self.next_id = 1
-        #: INSTANCE_CLOSED seen: instance id -> reason.
+        #: INSTANCE_CLOSED seen for an instance the kit opened: instance id -> reason.
         self.closed: dict[int, str] = {}
+        #: Instances the kit opened.
+        self.opened: set[int] = set()
         #: What came that answered nothing the kit asked (type names), for the report.
         self.stray: list[str] = []
         ours, theirs = sized_socketpair()
@@ -96,6 +108,7 @@ class WorkerUnderTest:
                     parent_pid=True,
                 )
                 self.child = Child(pid, "worker")
+            limit_output(self.child.pid, MAX_OUTPUT)
         except BaseException:
             self.control.close()
             self.output.close()
@@ -123,9 +136,14 @@ class WorkerUnderTest:
     def _unsolicited(self, frame: p.Frame) -> None:
         frame.close_fds()
         message = frame.message
-        if isinstance(message, p.InstanceClosed) and frame.request_id == 0:
-            self.closed[message.instance_id] = message.reason
-        else:
+        if (
+            isinstance(message, p.InstanceClosed)
+            and message.instance_id in self.opened
+            and message.instance_id not in self.closed
+            and frame.request_id == 0
+        ):
+            self.closed[message.instance_id] = bounded(message.reason, 200)
+        elif len(self.stray) < MAX_STRAY:  # a worker may send without end: keep the first few
             self.stray.append(f"{message.TYPE.name} id={frame.request_id}")
 
     def tell(self, message: p.Message) -> None:
@@ -170,6 +188,7 @@ class WorkerUnderTest:
     def open_instance(self, instance_id: int) -> tuple[Endpoint, p.Frame, float]:
         """OPEN_INSTANCE with a new channel: our end of it, the reply and its delay."""
         ours, theirs = sized_socketpair()
+        self.opened.add(instance_id)
         try:
             frame, took = self.request(
                 p.OpenInstance(instance_id), self.options.start_timeout, [theirs.fileno()]
@@ -335,6 +354,7 @@ def run_worker(options: WorkerOptions, report: Report) -> None:
         "malformed.others_unaffected",
         "channel.eof",
         "close_instance",
+        "control.unsolicited",
         "shutdown.exit",
     )
     try:
@@ -414,6 +434,11 @@ def _main_worker(
             "worker.serves", False, f"{rule}: {type(exc).__name__}: {exc}{worker.output_tail()}"
         )
         return
+    report.add(
+        "control.unsolicited",
+        not worker.stray,
+        "none" if not worker.stray else "messages that answer nothing: " + ", ".join(worker.stray),
+    )
     worker.tell(p.Shutdown())
     status = worker.wait_exit(options.stop_timeout)
     report.add(
