@@ -141,6 +141,18 @@ def test_a_worker_deaf_to_shutdown_fails_shutdown_exit(subreaper: None) -> None:
     assert status == 1
 
 
+def test_a_worker_that_floods_and_escapes_fails_and_leaves_nothing(subreaper: None) -> None:
+    """Unsolicited control messages fail control.unsolicited; its escaped process is killed."""
+    status, rules, _ = run_kit("worker", [sys.executable, str(PEERS), "noisy"], bound=60)
+    seen = verdicts(rules)
+    assert status == 1
+    assert seen["control.unsolicited"] == "FAIL", rules
+    assert seen["kit.no_orphans"] == "FAIL", rules
+    assert seen["method.checksum"] == "PASS", rules
+    unsolicited = next(r for r in rules if r["rule"] == "control.unsolicited")
+    assert len(unsolicited["seen"]) < 1000, unsolicited
+
+
 def test_a_client_that_hangs_on_a_bad_frame_fails_client_malformed(subreaper: None) -> None:
     """A client that hangs instead of refusing a bad magic fails client.malformed within the bound."""
     status, rules, _ = run_kit(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from ipad.config.paths import install_module_dir, install_tuning_dir
+from ipad.conformance.procs import become_subreaper, kill_orphans
 from ipad.conformance.report import Report
 from ipad.conformance.worker import WorkerOptions, run_worker
 
@@ -125,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGALRM, deadline_passed)
     signal.setitimer(signal.ITIMER_REAL, args.deadline)
+    become_subreaper()  # what a peer forks and leaves comes back here, to be killed at the end
     try:
         if args.mode == "worker":
             options = WorkerOptions(
@@ -153,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        left = kill_orphans()
+    if left:
+        report.add("kit.no_orphans", False, f"processes the peer left behind, killed: {left}")
     return report.finish(args.mode)
 
 

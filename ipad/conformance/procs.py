@@ -16,8 +16,9 @@ import select
 import shutil
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
-from ipad.conformance.peer import remaining, wait_fd
+from ipad.conformance.peer import wait_fd
 from ipad.protocol.fdpass import CONTROL_FD
 
 #: prctl(2) options.
@@ -205,15 +206,27 @@ def spawn_orphanable(
     return go_between, Child(int(text), "worker")
 
 
-def reap_orphans() -> None:
-    """Reap any child that ended unowned (a subreaper's orphans)."""
-    while True:
+def kill_orphans() -> list[int]:
+    """Kill and reap every child left: orphans a peer made, which came to us, the subreaper.
+
+    A peer may fork a process that leaves its group (setsid); once the peer is
+    killed, that process is re-parented here and must not outlive the kit.
+    Returns their pids.
+    """
+    me = str(os.getpid())
+    left: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-__all__ = ["Child", "remaining"]
+            fields = (entry / "stat").read_text(errors="replace").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            left.append(int(entry.name))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+    for pid in left:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    return left

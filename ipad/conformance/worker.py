@@ -24,7 +24,6 @@ from ipad.conformance.peer import Endpoint, Timeout, remaining, sealed_memfd
 from ipad.conformance.procs import (
     MAX_OUTPUT,
     Child,
-    become_subreaper,
     describe_status,
     limit_output,
     spawn,
@@ -86,6 +85,7 @@ class WorkerUnderTest:
         self.opened: set[int] = set()
         #: What came that answered nothing the kit asked (type names), for the report.
         self.stray: list[str] = []
+        self.strays = 0
         ours, theirs = sized_socketpair()
         self.control = Endpoint(ours, p.FROM_WORKER_CONTROL, "control")
         try:
@@ -143,8 +143,15 @@ class WorkerUnderTest:
             and frame.request_id == 0
         ):
             self.closed[message.instance_id] = bounded(message.reason, 200)
-        elif len(self.stray) < MAX_STRAY:  # a worker may send without end: keep the first few
-            self.stray.append(f"{message.TYPE.name} id={frame.request_id}")
+        else:
+            self.strays += 1
+            if len(self.stray) < MAX_STRAY:  # a worker may send without end: keep the first few
+                what = (
+                    f" for instance {message.instance_id}"
+                    if isinstance(message, p.InstanceClosed)
+                    else ""
+                )
+                self.stray.append(f"{message.TYPE.name} id={frame.request_id}{what}")
 
     def tell(self, message: p.Message) -> None:
         """Send a message that expects no reply (id 0)."""
@@ -337,7 +344,6 @@ def start_loaded(
 
 def run_worker(options: WorkerOptions, report: Report) -> None:
     """Every worker rule, in order; each rule that cannot run is SKIPped with the reason."""
-    become_subreaper()  # the parent-death rule orphans a worker: it must come back to be reaped
     main_rules = (
         "load.ready",
         "ready.fields",
@@ -437,7 +443,9 @@ def _main_worker(
     report.add(
         "control.unsolicited",
         not worker.stray,
-        "none" if not worker.stray else "messages that answer nothing: " + ", ".join(worker.stray),
+        "none"
+        if not worker.stray
+        else f"{worker.strays} messages that answer nothing: {', '.join(worker.stray)}, …",
     )
     worker.tell(p.Shutdown())
     status = worker.wait_exit(options.stop_timeout)
