@@ -25,6 +25,7 @@ import pytest
 
 from ipad.protocol import wire as p
 from tests.daemon_process import REPO, children_of
+from tests.privileges import as_user, needs_setpriv, user_install
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,12 +78,13 @@ def subreaper() -> Iterator[None]:
 
 
 def run_kit(
-    mode: str, command: list[str], *options: str, bound: float
+    mode: str, command: list[str], *options: str, bound: float, prefix: tuple[str, ...] = ()
 ) -> tuple[int, list[dict[str, Any]], float]:
-    """Run the kit with --json: its exit status, its rules, and the seconds it took (within ``bound``)."""
+    """Run the kit with --json (behind ``prefix``): its exit status, rules and seconds taken."""
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "ipad.conformance", mode, "--json", *options, "--", *command],
+        [*prefix, sys.executable, "-m", "ipad.conformance", mode, "--json", *options, "--",
+         *command],
         capture_output=True, text=True, cwd=REPO, timeout=bound, check=False,
     )  # fmt: skip
     took = time.monotonic() - start
@@ -175,3 +177,22 @@ def test_the_kit_keeps_its_own_deadline(subreaper: None) -> None:
     assert status == 1
     assert verdicts(rules)["kit.deadline"] == "FAIL", rules
     assert took < 15, took
+
+
+@needs_setpriv
+def test_as_another_user_the_kit_judges_worker_and_client_alike(
+    subreaper: None, shared_dir: Path
+) -> None:
+    """As nobody (no SO_SNDBUFFORCE, a daemon of that user) every rule passes as well."""
+    install = user_install()
+    nobody = tuple(as_user())
+    host = install.prefix / "share" / "ipad" / "workers" / "ipad-worker"
+    status, rules, _ = run_kit("worker", [str(install.python), str(host)], bound=60, prefix=nobody)
+    assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == {}, rules
+    assert status == 0
+    script = shared_dir / CLIENT.name
+    script.write_text(CLIENT.read_text())
+    client = [str(install.python), str(script)]
+    status, rules, _ = run_kit("client", client, bound=150, prefix=nobody)
+    failing = {} if codec_ignores_unknown_fields() else {"client.newer_peer": "FAIL"}
+    assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == failing, rules
