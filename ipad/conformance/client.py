@@ -40,6 +40,7 @@ from ipad.conformance.procs import (
     describe_status,
     exited_cleanly,
     limit_output,
+    resolve,
     spawn,
 )
 from ipad.conformance.report import Report, bounded
@@ -760,6 +761,14 @@ def _directory() -> Iterator[Path]:
 
 def run_client(options: ClientOptions, report: Report) -> None:
     """Every client rule: the real daemon with kills, then the newer and the broken fake."""
+    try:
+        resolve(options.argv[0])
+    except ValueError as exc:
+        report.add("client.start", False, str(exc))
+        return
+    if not os.access(resolve(options.argv[0]), os.X_OK):
+        report.add("client.start", False, f"{options.argv[0]!r} is not executable")
+        return
     with _directory() as directory:
         run_real(options, report, directory)
         serve_fake(options, report, directory, newer=False)
