@@ -1,7 +1,7 @@
 """The conformance kit (python -m ipad.conformance) against ipad's own peers and broken ones.
 
-ipad's worker host and a client of the contract built on ipad's blocking
-client must pass every rule; a worker that never answers LOAD, one deaf to
+ipad's worker host and a client of the contract built on each of ipad's
+clients (blocking and trio) must pass every rule; a worker that never answers LOAD, one deaf to
 SHUTDOWN and a client that hangs on a bad frame must fail the rule they break.
 Whatever the peer does, the kit finishes within its deadline and leaves no
 process behind: the test process is made a subreaper while the kit runs, so
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(180)
 PR_SET_CHILD_SUBREAPER = 36
 PEERS = Path(__file__).with_name("conformance_peers.py")
 CLIENT = Path(__file__).with_name("conformance_client.py")
+TRIO_CLIENT = Path(__file__).with_name("conformance_client_trio.py")
 WORKER_HOST = [sys.executable, str(REPO / "workers" / "ipad-worker")]
 #: Every rule of each mode, in the order the kit reports them.
 WORKER_RULES = [
@@ -107,13 +108,14 @@ def test_ipad_worker_host_passes_every_rule(subreaper: None) -> None:
     assert status == 0
 
 
-def test_a_client_of_ipads_blocking_client_passes_every_rule(subreaper: None) -> None:
-    """The contract on ipad's blocking client recovers from every kill and passes every rule.
+@pytest.mark.parametrize("script", [CLIENT, TRIO_CLIENT], ids=["blocking", "trio"])
+def test_a_client_of_ipads_clients_passes_every_rule(subreaper: None, script: Path) -> None:
+    """The contract on each of ipad's clients recovers from every kill and passes every rule.
 
     Until ipad's codec ignores unknown fields (the proto part of issue 19), its
     clients refuse a newer daemon's WELCOME: then that one rule fails, as it should.
     """
-    status, rules, _ = run_kit("client", [sys.executable, str(CLIENT)], bound=150)
+    status, rules, _ = run_kit("client", [sys.executable, str(script)], bound=150)
     assert [r["rule"] for r in rules] == CLIENT_RULES
     failing = {} if codec_ignores_unknown_fields() else {"client.newer_peer": "FAIL"}
     assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == failing, rules
