@@ -3,6 +3,8 @@
 ``python tests/conformance_peers.py silent``: a worker that never answers LOAD.
 ``python tests/conformance_peers.py stubborn``: ipad's worker host, deaf to SHUTDOWN
 (it still exits on control EOF, SIGTERM and its parent's death).
+``python tests/conformance_peers.py mute``: ipad's worker host that answers LOAD, then never
+answers OPEN_INSTANCE.
 ``python tests/conformance_peers.py noisy``: ipad's worker host that, once loaded, floods
 its control socket with INSTANCE_CLOSED for instances nobody opened, writes
 without end on stderr, and leaves a process of its own session behind.
@@ -52,6 +54,16 @@ def noisy() -> int:
     return host.main(sys.argv[2:])
 
 
+def mute() -> int:
+    """Serve as ipad's worker host does, but take every OPEN_INSTANCE in silence."""
+
+    def open_instance(self: host.WorkerHost, message: wire.OpenInstance, frame: wire.Frame) -> None:
+        frame.close_fds()
+
+    host.WorkerHost._open_instance = open_instance  # type: ignore[method-assign]
+    return host.main(sys.argv[2:])
+
+
 def silent() -> int:
     """Hold the control socket (fd 3) and answer nothing, for far longer than any start timeout."""
     time.sleep(3600)
@@ -59,4 +71,4 @@ def silent() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit({"silent": silent, "stubborn": stubborn, "noisy": noisy}[sys.argv[1]]())
+    sys.exit({"silent": silent, "stubborn": stubborn, "noisy": noisy, "mute": mute}[sys.argv[1]]())

@@ -145,6 +145,20 @@ def test_a_worker_deaf_to_shutdown_fails_shutdown_exit(subreaper: None) -> None:
     assert status == 1
 
 
+def test_a_worker_that_stops_answering_fails_worker_serves(subreaper: None) -> None:
+    """A worker mute after READY fails worker.serves within its bound; the later rules are skipped."""
+    status, rules, took = run_kit(
+        "worker", [sys.executable, str(PEERS), "mute"], "--start-timeout", "1", bound=60
+    )
+    seen = verdicts(rules)
+    assert status == 1
+    assert seen["load.ready"] == "PASS", rules
+    assert seen["worker.serves"] == "FAIL", rules
+    assert seen["instance.open"] == "SKIP", rules
+    assert seen["sigterm.exit"] == "PASS", rules
+    assert took < 30, took
+
+
 def test_a_worker_that_floods_and_escapes_fails_and_leaves_nothing(subreaper: None) -> None:
     """Unsolicited control messages fail control.unsolicited; its escaped process is killed."""
     status, rules, _ = run_kit("worker", [sys.executable, str(PEERS), "noisy"], bound=60)

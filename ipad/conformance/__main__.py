@@ -74,9 +74,9 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--reply-timeout",
         type=float,
-        default=2.0,
+        default=5.0,
         metavar="S",
-        help="any other reply must come within it (default 2)",
+        help="any other reply must come within it (default 5)",
     )
     worker.add_argument(
         "--stop-timeout",

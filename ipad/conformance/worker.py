@@ -423,13 +423,14 @@ def _main_worker(
     check_ready(report, options, worker, ready)
     _heartbeat(options, report, worker, ready)
     methods = {m.name for m in ready.methods}
-    endpoint, frame, took = worker.open_instance(1)
-    ok = isinstance(frame.message, p.InstanceOpened) and frame.message.instance_id == 1
-    if not report.add("instance.open", ok, f"{describe(frame)} in {took * 1000:.0f} ms"):
-        endpoint.close()
-        return
-    main = Channel(endpoint, options.reply_timeout)
+    main: Channel | None = None
     try:
+        endpoint, frame, took = worker.open_instance(1)
+        main = Channel(endpoint, options.reply_timeout)
+        ok = isinstance(frame.message, p.InstanceOpened) and frame.message.instance_id == 1
+        if not report.add("instance.open", ok, f"{describe(frame)} in {took * 1000:.0f} ms"):
+            main.close()
+            return
         _calls(report, main, methods)
         _malformed(options, report, worker, main, methods)
         _channel_end(options, report, worker)
@@ -439,6 +440,8 @@ def _main_worker(
         report.add(
             "worker.serves", False, f"{rule}: {type(exc).__name__}: {exc}{worker.output_tail()}"
         )
+        if main is not None:
+            main.close()
         return
     report.add(
         "control.unsolicited",
@@ -462,7 +465,7 @@ def _heartbeat(
 ) -> None:
     if ready.beats and worker.board is not None:
         first = worker.beats()
-        bound = max(1.0, 3 * options.heartbeat_interval)
+        bound = max(2.0, 4 * options.heartbeat_interval)  # slack for a loaded machine
         deadline = time.monotonic() + bound
         while worker.beats() == first and remaining(deadline) > 0:
             time.sleep(min(0.02, remaining(deadline)))
