@@ -211,7 +211,7 @@ def kill_orphans() -> list[int]:
 
     A peer may fork a process that leaves its group (setsid); once the peer is
     killed, that process is re-parented here and must not outlive the kit.
-    Returns their pids.
+    Returns the pids of those that still ran.
     """
     me = str(os.getpid())
     left: list[int] = []
@@ -222,11 +222,13 @@ def kill_orphans() -> list[int]:
             fields = (entry / "stat").read_text(errors="replace").rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[1] == me:
-            left.append(int(entry.name))
+        if fields[1] != me:
+            continue
+        pid = int(entry.name)
+        if fields[0] != "Z":  # a zombie was killed with its group already: only reaped
+            left.append(pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
-    for pid in left:
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
     return left
