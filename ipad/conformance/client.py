@@ -20,17 +20,15 @@ import socket
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ipad.conformance.contract import check_lines
+from ipad.conformance.fake import FakeDaemon, FakeSession
 from ipad.conformance.peer import (
-    WRITE_SEALS,
     Endpoint,
     Timeout,
-    encode_with_extras,
-    read_buffer,
     remaining,
     wait_fd,
 )
@@ -45,10 +43,8 @@ from ipad.conformance.procs import (
 )
 from ipad.conformance.report import Report, bounded
 from ipad.protocol import wire as p
-from ipad.protocol.fdpass import size_send_buffer, sized_socketpair
+from ipad.protocol.fdpass import size_send_buffer
 
-#: Bytes of each frame's buffer: "frame-<i>" repeated and cut to this size.
-BUFFER_SIZE = 4096
 #: How long the daemon may take to start and run echo.
 DAEMON_START = 30.0
 #: How long the daemon may take to stop on SIGTERM.
@@ -75,32 +71,6 @@ class ClientOptions:
     calls: int
     kills: int
     timeout: float
-
-
-def frame_text(i: int) -> str:
-    """The text of frame ``i``."""
-    return f"frame-{i}"
-
-
-def frame_bytes(i: int) -> bytes:
-    """The buffer of frame ``i``: its text repeated, cut to BUFFER_SIZE bytes."""
-    text = frame_text(i).encode()
-    return (text * (BUFFER_SIZE // len(text) + 1))[:BUFFER_SIZE]
-
-
-def expected_line(i: int) -> str:
-    """The line the client must print for frame ``i``."""
-    return f"{i} {frame_text(i)} {zlib.crc32(frame_bytes(i))}"
-
-
-def check_lines(lines: list[str], count: int) -> tuple[bool, str]:
-    """Whether ``lines`` are exactly the ``count`` expected ones, and what was seen."""
-    for i, line in enumerate(lines[:count]):
-        if line != expected_line(i):
-            return False, f"line {i} is {line!r}, want {expected_line(i)!r}"
-    if len(lines) != count:
-        return False, f"{len(lines)} lines, want {count}"
-    return True, f"{count} lines, each `<i> frame-<i> <crc32>` correct, in order"
 
 
 class Output:
@@ -443,79 +413,38 @@ def _released(report: Report, monitor: Monitor) -> None:
 # --- the fake daemon -------------------------------------------------------------------
 
 
-class FakeDaemon:
-    """A listening socket the kit answers on itself, as a newer or a broken daemon."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "fake.sock"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.listener.bind(str(self.path))
-        self.listener.listen(4)
-
-    def accept(self, deadline: float) -> Endpoint | None:
-        """The client's connection, if it connects in time."""
-        if not wait_fd(self.listener.fileno(), select.POLLIN, deadline):
-            return None
-        sock, _ = self.listener.accept()
-        size_send_buffer(sock)
-        return Endpoint(sock, p.FROM_CLIENT, "client")
-
-    def close(self) -> None:
-        """Stop listening."""
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-@dataclasses.dataclass
-class Trace:
-    """What the client did against the fake daemon, in order, and what broke the contract."""
-
-    steps: list[str] = dataclasses.field(default_factory=list)
-    problems: list[str] = dataclasses.field(default_factory=list)
-    ids: set[tuple[str, int]] = dataclasses.field(default_factory=set)
-
-    def request_id(self, where: str, request_id: int, *, reply: bool = True) -> None:
-        """A request id must be new on its connection, and not 0 for a request."""
-        if reply and request_id == 0:
-            self.problems.append(f"a request with id 0 on the {where}")
-        if (where, request_id) in self.ids and request_id:
-            self.problems.append(f"request id {request_id} used twice on the {where}")
-        self.ids.add((where, request_id))
-
-
 def serve_fake(options: ClientOptions, report: Report, directory: Path, *, newer: bool) -> None:
     """Be the daemon (and the echo worker) for a short run, as this version or a newer minor.
 
-    As this version: every step of the contract is checked in order (``client.contract``).
-    As a newer minor: every message carries fields this version does not know, which
-    the client must ignore (``client.newer_peer``).
+    As this version: every step of the contract is checked in order, a crash and
+    the recovery included (``client.contract``). As a newer minor: every message
+    carries fields this version does not know, which the client must ignore
+    (``client.newer_peer``).
     """
     extras = EXTRAS if newer else {}
     fake = FakeDaemon(directory)
     client, output = start_client(options, fake.path, FAKE_CALLS)
-    trace = Trace()
     conn: Endpoint | None = None
-    channel: Endpoint | None = None
     try:
         deadline = time.monotonic() + min(options.timeout, FAKE_TIMEOUT)
         conn = fake.accept(deadline)
         if conn is None:
-            trace.problems.append("the client never connected")
+            problems, steps = ["the client never connected"], []
         else:
-            channel = _fake_session(conn, trace, deadline, extras)
+            session = FakeSession(conn, FAKE_CALLS, extras, deadline)
+            session.run()
+            problems, steps = session.trace.problems, session.trace.steps
         status = client.wait(deadline)
         output.pump()
         ok_lines, lines_seen = check_lines(output.lines, FAKE_CALLS)
-        ok = status == 0 and ok_lines and not trace.problems
+        ok = status == 0 and ok_lines and not problems
         seen = f"{describe_status(status)}; {lines_seen}"
         if newer:
-            fields = ", ".join(sorted(extras))
-            seen = f"every message with unknown fields ({fields}): {seen}"
-        if trace.problems:
-            seen += "; " + "; ".join(trace.problems)
+            seen = f"every message with unknown fields ({', '.join(sorted(extras))}): {seen}"
+        if problems:
+            seen += "; " + "; ".join(problems)
         elif not newer:
-            seen += "; " + " → ".join(trace.steps)
+            seen += "; " + " → ".join(steps)
         report.add(
             "client.newer_peer" if newer else "client.contract",
             ok,
@@ -524,171 +453,9 @@ def serve_fake(options: ClientOptions, report: Report, directory: Path, *, newer
     finally:
         client.kill()
         output.close()
-        for end in (conn, channel):
-            if end is not None:
-                end.close()
+        if conn is not None:
+            conn.close()
         fake.close()
-
-
-def _fake_session(
-    conn: Endpoint, trace: Trace, deadline: float, extras: dict[str, Any]
-) -> Endpoint | None:
-    """Answer the client until it leaves; the channel the kit served, if any."""
-    worker_end: Endpoint | None = None
-    state = {"hello": False, "subscribed": False, "calls": 0, "released": False, "goodbye": False}
-    while remaining(deadline) > 0:
-        ready = _ready([conn] + ([worker_end] if worker_end else []), deadline)
-        if conn in ready:
-            try:
-                frame = conn.receive(deadline)
-            except p.ProtocolError as exc:
-                trace.problems.append(f"a broken packet to the daemon: {exc.reason}")
-                return worker_end
-            if frame is None:
-                if not state["released"]:
-                    trace.problems.append("the connection ended without RELEASE_PROXY")
-                elif not state["goodbye"]:
-                    trace.problems.append("the connection ended without GOODBYE")
-                return worker_end
-            frame.close_fds()
-            reply = _fake_daemon_reply(frame, trace, state)
-            if isinstance(reply, p.ProxyGranted):
-                ours, theirs = sized_socketpair()
-                worker_end = Endpoint(ours, p.TO_WORKER_CHANNEL, "channel")
-                conn.send_raw(
-                    encode_with_extras(reply, frame.request_id, extras, 1),
-                    deadline,
-                    [theirs.fileno()],
-                )
-                theirs.close()
-            elif reply is not None:
-                conn.send_raw(encode_with_extras(reply, frame.request_id, extras), deadline)
-                if isinstance(reply, p.Subscribed):
-                    event = p.Event(1, "module", "another", state="running", worker_pid=1)
-                    conn.send_raw(encode_with_extras(event, 0, extras), deadline)
-        if worker_end is not None and worker_end in ready:
-            try:
-                frame = worker_end.receive(deadline)
-            except p.ProtocolError as exc:
-                trace.problems.append(f"a broken packet on the channel: {exc.reason}")
-                frame = None
-            if frame is None:
-                worker_end.close()
-                worker_end = None
-                continue
-            reply = _fake_call(frame, trace, state)
-            frame.close_fds()
-            worker_end.send_raw(encode_with_extras(reply, frame.request_id, extras), deadline)
-    trace.problems.append("the client was still connected at the deadline")
-    return worker_end
-
-
-def _ready(ends: list[Endpoint], deadline: float) -> list[Endpoint]:
-    poller = select.poll()
-    for end in ends:
-        poller.register(end.fileno(), select.POLLIN)
-    fired = {fd for fd, _ in poller.poll(max(1, int(remaining(deadline) * 1000)))}
-    return [end for end in ends if end.fileno() in fired]
-
-
-def _fake_daemon_reply(  # noqa: PLR0911 - one answer per message type
-    frame: p.Frame, trace: Trace, state: dict[str, Any]
-) -> p.Message | None:
-    message = frame.message
-    name = message.TYPE.name
-    trace.request_id("connection", frame.request_id, reply=not isinstance(message, p.Goodbye))
-    if not state["hello"] and not isinstance(message, p.Hello):
-        trace.problems.append(f"{name} before HELLO")
-    if isinstance(message, p.Hello):
-        state["hello"] = True
-        trace.steps.append("HELLO")
-        if p.PROTOCOL_VERSION not in message.versions:
-            trace.problems.append(f"HELLO versions {message.versions} lack {p.PROTOCOL_VERSION}")
-        return p.Welcome(p.PROTOCOL_VERSION, "99.0-conformance", os.getpid())
-    if isinstance(message, p.Subscribe):
-        state["subscribed"] = True
-        trace.steps.append("SUBSCRIBE")
-        return p.Subscribed(0, 0)
-    if isinstance(message, p.RequestProxy):
-        trace.steps.append(f"REQUEST_PROXY {message.module}")
-        if not state["subscribed"]:
-            trace.problems.append("REQUEST_PROXY before SUBSCRIBE")
-        if message.module != "echo":
-            trace.problems.append(f"REQUEST_PROXY for {message.module!r}, not 'echo'")
-        methods = (p.MethodSpec("checksum"), p.MethodSpec("echo"), p.MethodSpec("init", setup=True))
-        return p.ProxyGranted(1, "echo", "1.0.0", os.getpid(), methods, "valid", 1, "", 10.0)
-    if isinstance(message, p.ReleaseProxy):
-        trace.steps.append("RELEASE_PROXY")
-        state["released"] = True
-        if state["calls"] != 1 + 2 * FAKE_CALLS:
-            trace.problems.append(
-                f"RELEASE_PROXY after {state['calls']} calls, want {1 + 2 * FAKE_CALLS}"
-            )
-        return p.Released(message.proxy_id)
-    if isinstance(message, p.Goodbye):
-        trace.steps.append("GOODBYE")
-        state["goodbye"] = True
-        if not state["released"]:
-            trace.problems.append("GOODBYE before RELEASE_PROXY")
-        return None
-    trace.steps.append(name)
-    if isinstance(message, p.Status):
-        return p.StatusReply({}, {})
-    return p.Error("unknown_command", f"the fake daemon does not serve {name}")
-
-
-def _fake_call(frame: p.Frame, trace: Trace, state: dict[str, Any]) -> p.Message:
-    message = frame.message
-    assert isinstance(message, p.Call)  # noqa: S101 - the channel accepts only CALL
-    trace.request_id("channel", frame.request_id)
-    index = state["calls"]
-    state["calls"] += 1
-    if index == 0:
-        trace.steps.append(f"CALL {message.method}")
-        if message.method != "init":
-            trace.problems.append(f"the first call is {message.method!r}, not init")
-        return p.Result(None)
-    i, second = divmod(index - 1, 2)
-    want = "checksum" if second else "echo"
-    if message.method != want or i >= FAKE_CALLS:
-        trace.problems.append(f"call {index} is {message.method!r}, want {want!r} of frame {i}")
-    if message.method == "echo":
-        trace.steps.append(f"echo {message.args.get('text')!r}")
-        return p.Result({"text": message.args.get("text")})
-    if message.method == "checksum":
-        return _fake_checksum(frame, message, trace, i)
-    if message.method == "init":
-        return p.Result(None)
-    return p.Error("unknown_method", f"echo has no method {message.method!r}")
-
-
-def _fake_checksum(frame: p.Frame, message: p.Call, trace: Trace, i: int) -> p.Message:
-    if len(frame.fds) != 1 or len(message.fd_args) != 1:
-        trace.problems.append(
-            f"checksum with {len(frame.fds)} fds, fd_args {list(message.fd_args)}"
-        )
-        return p.Error("bad_arguments", "checksum takes one buffer")
-    fd = frame.fds[0]
-    seals = (
-        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        if str(Path(f"/proc/self/fd/{fd}").readlink()).startswith("/memfd:")
-        else -1
-    )
-    if seals == -1:
-        trace.problems.append(f"checksum buffer of frame {i} is not a memfd")
-    elif (
-        seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-        or not seals & WRITE_SEALS
-    ):
-        trace.problems.append(
-            f"checksum buffer of frame {i} has seals {seals:#x}, "
-            "want F_SEAL_SHRINK | F_SEAL_GROW | a write seal"
-        )
-    data = read_buffer(fd)
-    if data != frame_bytes(i):
-        trace.problems.append(f"checksum buffer of frame {i} holds other bytes ({len(data)})")
-    trace.steps.append(f"checksum ({len(data)} bytes, seals {max(seals, 0):#x})")
-    return p.Result({"size": len(data), "crc32": zlib.crc32(data)})
 
 
 def malformed_verdict(status: int | None, closed_after: float | None) -> tuple[bool, str]:
