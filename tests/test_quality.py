@@ -99,6 +99,7 @@ def lint_imports_on_a_copy(tmp_path: Path, module: str, line: str) -> str:
             "Configuration is loaded and checked",
         ),
         ("ipad.daemon.events", "import ipad.daemon.server", "No import cycles"),
+        ("ipad.conformance.worker", "import ipad.client", "The conformance kit judges peers"),
     ],
 )
 def test_a_broken_rule_is_named(tmp_path: Path, module: str, line: str, rule: str) -> None:
