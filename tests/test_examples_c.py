@@ -1,0 +1,261 @@
+"""examples/c: a C worker and a C client, written from docs/protocol.md, against real daemons.
+
+Both are built here with the system gcc (-Wall -Wextra -Werror, as examples/c/README.md
+says). The C client runs against the shipped Python echo module and against the C
+worker (a C-only camera stack) while the worker is SIGKILLed several times; the C worker
+serves ipad's own clients, both of them, as a native module. Every daemon is stopped with
+SIGTERM by the fixture, which fails the test unless it exits cleanly; every process a test
+starts is waited for with a deadline and killed if it outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ipad.client import BadArguments, UnknownMethod
+from ipad.protocol import wire as p
+from ipad.protocol.fdpass import recv_packet, send_packet
+from tests.buffers import MakeFd
+from tests.client_drivers import Connect, connect, proxies_held
+from tests.daemon_process import REPO, TEST_MODULES, WAIT, DaemonProcess, alive
+from tests.raw_client import hello, receive
+
+__all__ = ["connect"]  # the fixture: one test runs against both clients
+
+GCC = shutil.which("gcc")
+EXAMPLES = REPO / "examples" / "c"
+CFLAGS = ("-std=c11", "-O2", "-Wall", "-Wextra", "-Werror")
+PROGRAMS = {"ipad-echo-worker": "echo_worker.c", "ipad-echo-client": "echo_client.c"}
+
+#: Calls the C client makes in the kill tests: enough that three kills land mid-run.
+CALLS = 12000
+#: Lines printed when each kill is made.
+KILL_AT = (300, 2000, 4000)
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(GCC is None, reason="gcc is not installed: the C examples cannot be built"),
+]
+
+Start = Callable[..., DaemonProcess]
+
+
+@pytest.fixture(scope="module")
+def c_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both examples, built from examples/c with the system gcc into a directory of their own."""
+    directory = tmp_path_factory.mktemp("c-examples")
+    directory.chmod(0o755)  # a worker directory: not writable by group or others
+    for name, main in PROGRAMS.items():
+        built = subprocess.run(
+            [str(GCC), *CFLAGS, "-o", str(directory / name), main, "ipad_wire.c", "msgpack.c"],
+            cwd=EXAMPLES, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert built.returncode == 0, f"{name} does not build:\n{built.stderr}"
+    return directory
+
+
+def write_config(directory: Path, c_bin: Path, modules: str) -> Path:
+    """A daemon that finds examples/c's manifest and the built worker; no cooldown from kills."""
+    path = directory / "config.toml"
+    path.write_text(
+        f'[daemon]\nmodule_dirs = ["{EXAMPLES}"]\nworker_dirs = ["{c_bin}"]\n\n'
+        f"[restart]\nmax_failures = 100\n\n{modules}"
+    )
+    return path
+
+
+@pytest.fixture
+def c_env(daemon_env: dict[str, str]) -> dict[str, str]:
+    """The daemon's environment, with examples/c's tuning directory for echo_c."""
+    daemon_env["IPAD_CONFIG_PATH"] = f"{TEST_MODULES / 'tuning'}:{EXAMPLES / 'tuning'}"
+    return daemon_env
+
+
+def expected_line(i: int) -> str:
+    """What the C client must print for call ``i``: the text echoed and the buffer's CRC-32."""
+    text = f"frame-{i}"
+    data = (text.encode() * (4096 // len(text) + 1))[:4096]
+    return f"{i} {text} {zlib.crc32(data)}"
+
+
+@contextlib.contextmanager
+def c_client(
+    c_bin: Path, socket_path: Path, calls: int
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Run the C client; its stdout lines collect in the list as they come; killed if left."""
+    env = {"PATH": os.environ.get("PATH", ""), "IPAD_SOCKET": str(socket_path),
+           "IPAD_CONFORMANCE_CALLS": str(calls)}  # fmt: skip
+    proc = subprocess.Popen([str(c_bin / "ipad-echo-client")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def read() -> None:
+        for line in stdout:  # one append per line: the test watches the count grow
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=WAIT)
+        reader.join(WAIT)
+        proc.stdout.close()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def kill_worker(daemon: DaemonProcess, module: str) -> None:
+    """SIGKILL the module's worker and wait until another one serves it."""
+    pid = daemon.worker_pids()[module]
+    os.kill(pid, signal.SIGKILL)
+    daemon.wait_for("worker.ready", lambda r: r.get("module") == module and r["worker_pid"] != pid)
+
+
+@pytest.mark.parametrize("worker", ["python", "c"])
+def test_c_client_recovers_from_worker_kills(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path, worker: str
+) -> None:
+    """The C client prints all its lines right though its worker (Python or C) is killed 3 times."""
+    native = (
+        '[modules.echo]\nworker = "ipad-echo-worker"\n' if worker == "c" else "[modules.echo]\n"
+    )
+    daemon = start_daemon(write_config(tmp_path, c_bin, native), env=c_env)
+    with c_client(c_bin, daemon.socket, CALLS) as (proc, lines):
+        for mark in KILL_AT:
+            deadline = time.monotonic() + WAIT
+            while len(lines) < mark and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert proc.poll() is None, (
+                f"the client ended after {len(lines)} lines, before the kills"
+            )
+            kill_worker(daemon, "echo")
+        status = proc.wait(timeout=120)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()
+    assert status == 0, stderr
+    assert lines == [expected_line(i) for i in range(CALLS)]
+    assert stderr.count("recovered proxy") >= len(KILL_AT), stderr
+    recovered = [r for r in daemon.events("proxy.state_changed") if r.get("reason") == "recovered"]
+    assert len(recovered) >= len(KILL_AT)
+    assert all(r["replayed"] == 1 for r in recovered)  # init, replayed on each new channel
+    assert proxies_held(daemon) == 0  # released at the end
+
+
+def test_c_worker_serves_ipad_clients(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path, connect: Connect,
+    memfd: MakeFd,
+) -> None:  # fmt: skip
+    """The C worker serves both clients: echo, a buffer, refusals, and a SIGKILL recovered."""
+    daemon = start_daemon(write_config(tmp_path, c_bin, "[modules.echo_c]\n"), env=c_env)
+    client = connect(daemon.socket)
+    proxy = client.request_proxy("echo_c")
+    assert client.call(proxy, "init") is None
+    assert client.call(proxy, "echo", {"text": "héllo"}) == {"text": "héllo"}
+    data = os.urandom(100_000)
+    result = client.call(proxy, "checksum", {}, {"data": memfd(data)})
+    assert result == {"size": len(data), "crc32": zlib.crc32(data)}
+    assert client.call(proxy, "checksum", {}, {"data": memfd(b"")}) == {"size": 0, "crc32": 0}
+    with pytest.raises(UnknownMethod, match="no method 'nope'"):
+        client.call(proxy, "nope")
+    with pytest.raises(BadArguments, match="echo"):
+        client.call(proxy, "echo", {"txt": "x"})
+    with pytest.raises(BadArguments, match="echo"):
+        client.call(proxy, "echo", {"text": 5})
+    kill_worker(daemon, "echo_c")
+    assert client.call(proxy, "echo", {"text": "after"}) == {"text": "after"}
+    recovered = daemon.wait_for("proxy.state_changed", lambda r: r.get("reason") == "recovered")
+    assert recovered["replayed"] == 1  # the client replayed init, a setup call by READY
+    client.release(proxy)
+
+
+def raw_channel(sock: socket.socket, module: str) -> socket.socket:
+    """A proxy's channel, asked for by hand: a client library would seal what this test must not."""
+    hello(sock)
+    sock.send(p.encode(p.RequestProxy(module), 2))
+    while (frame := receive(sock)) is not None and frame.request_id != 2:
+        frame.close_fds()
+    assert frame is not None
+    assert isinstance(frame.message, p.ProxyGranted), frame.message
+    channel = socket.socket(fileno=frame.fds[0])
+    channel.settimeout(10)
+    return channel
+
+
+def reply(channel: socket.socket) -> p.Frame | None:
+    """The worker's next message on a channel (None at end of stream)."""
+    received = recv_packet(channel)
+    return None if received is None else p.decode(*received, allowed=p.FROM_WORKER_CHANNEL)
+
+
+def test_c_worker_refuses_what_it_must(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path,
+    raw_connect: Callable[[Path], socket.socket],
+) -> None:  # fmt: skip
+    """The C worker refuses an unsealed buffer, drops a channel sending garbage, serves on."""
+    daemon = start_daemon(write_config(tmp_path, c_bin, "[modules.echo_c]\n"), env=c_env)
+    pid = daemon.worker_pids()["echo_c"]
+    with raw_channel(raw_connect(daemon.socket), "echo_c") as channel:
+        unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(unsealed, b"x" * 4096)
+        send_packet(channel, p.encode(p.Call("checksum", {}, ("data",)), 1, nfds=1), [unsealed])
+        os.close(unsealed)
+        frame = reply(channel)
+        assert frame is not None
+        assert isinstance(frame.message, p.Error)
+        assert (frame.message.code, frame.message.details) == ("bad_arguments", {"fd_arg": "data"})
+        assert "F_SEAL_SHRINK" in frame.message.message
+        # An unknown field in a CALL is skipped: newer peers add optional ones.
+        payload = b"\x83" + b"\xa6method\xa4echo" + b"\xa4args\x81\xa4text\xa1y" + b"\xa5extra\xc3"
+        channel.send(p.HEADER.pack(p.MAGIC, 1, p.MsgType.CALL, 0, 0, 2, len(payload)) + payload)
+        frame = reply(channel)
+        assert frame is not None
+        assert frame.message == p.Result({"text": "y"})
+        channel.send(b"XX" + bytes(18))  # bad magic
+        frame = reply(channel)
+        assert frame is not None
+        assert isinstance(frame.message, p.Error)
+        assert frame.message.code == "bad_message"
+        assert reply(channel) is None  # then it closes the channel
+    daemon.wait_for("proxy.state_changed", lambda r: r.get("state") == "closed")
+    with raw_channel(raw_connect(daemon.socket), "echo_c") as channel:
+        channel.send(p.encode(p.Call("echo", {"text": "still"}), 1))
+        frame = reply(channel)
+        assert frame is not None
+        assert frame.message == p.Result({"text": "still"})
+    assert daemon.worker_pids()["echo_c"] == pid
+    assert alive(pid)
+
+
+def test_c_client_leaves_on_a_malformed_packet(c_bin: Path, tmp_path: Path) -> None:
+    """A bad magic from the daemon makes the C client exit non-zero at once: no hang, no signal."""
+    path = tmp_path / "fake.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(WAIT)
+        with c_client(c_bin, path, 3) as (proc, lines):
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(WAIT)
+                assert conn.recv(p.MAX_PACKET)[:2] == p.MAGIC  # its HELLO
+                conn.send(b"XX" + bytes(18))
+                status = proc.wait(timeout=5)
+        assert status > 0, status  # an exit status, not a signal
+        assert lines == []
