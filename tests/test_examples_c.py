@@ -259,3 +259,25 @@ def test_c_client_leaves_on_a_malformed_packet(c_bin: Path, tmp_path: Path) -> N
                 status = proc.wait(timeout=5)
         assert status > 0, status  # an exit status, not a signal
         assert lines == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root builds the sandbox here (CI runs as root)")
+def test_sandboxed_c_worker_is_pid_1_and_exits_on_sigterm(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path, connect: Connect
+) -> None:
+    """Sandboxed, the C worker runs as pid 1 of its namespace, serves, and SIGTERM ends it."""
+    sandboxed = (
+        '[sandbox]\nprocesses = 64\noptional = ["memory_max"]\n\n'
+        '[modules.echo_c]\nproxy = "sandboxed"\n'
+    )
+    daemon = start_daemon(write_config(tmp_path, c_bin, sandboxed), env=c_env)
+    pid = daemon.worker_pids()["echo_c"]
+    nspid = Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()
+    assert nspid[-1] == "1", nspid  # pid 1 in its own namespace: no default SIGTERM action
+    client = connect(daemon.socket)
+    proxy = client.request_proxy("echo_c")
+    assert client.call(proxy, "echo", {"text": "boxed"}) == {"text": "boxed"}
+    os.kill(pid, signal.SIGTERM)
+    exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == pid)
+    assert exited.get("exit_status") == 128 + signal.SIGTERM, exited
+    assert client.call(proxy, "echo", {"text": "again"}) == {"text": "again"}
