@@ -29,7 +29,15 @@ from ipad.protocol import wire as p
 from ipad.protocol.fdpass import recv_packet, send_packet
 from tests.buffers import MakeFd
 from tests.client_drivers import Connect, connect, proxies_held
-from tests.daemon_process import REPO, TEST_MODULES, WAIT, DaemonProcess, alive
+from tests.daemon_process import (
+    REPO,
+    TEST_MODULES,
+    WAIT,
+    DaemonProcess,
+    alive,
+    open_fds,
+    wait_until,
+)
 from tests.raw_client import hello, receive
 
 __all__ = ["connect"]  # the fixture: one test runs against both clients
@@ -204,13 +212,59 @@ def reply(channel: socket.socket) -> p.Frame | None:
     return None if received is None else p.decode(*received, allowed=p.FROM_WORKER_CHANNEL)
 
 
+def send_with_fds(channel: socket.socket, packet: bytes, count: int) -> None:
+    """Send ``packet`` with ``count`` fresh memfds (closed on this side at once)."""
+    fds = [os.memfd_create("garbage", os.MFD_CLOEXEC) for _ in range(count)]
+    try:
+        send_packet(channel, packet, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def call_packet(nfds: int, length_delta: int = 0, kind: int = p.MsgType.CALL) -> bytes:
+    """A CALL of echo by hand, its header saying ``nfds`` and its length off by ``length_delta``."""
+    payload = b"\x82\xa6method\xa4echo\xa4args\x81\xa4text\xa1z"
+    return p.HEADER.pack(p.MAGIC, 1, kind, 0, nfds, 9, len(payload) + length_delta) + payload
+
+
+def utf8_packet(text: bytes) -> bytes:
+    """A CALL of echo whose text is these bytes, whatever they are."""
+    payload = b"\x82\xa6method\xa4echo\xa4args\x81\xa4text" + bytes([0xA0 | len(text)]) + text
+    return p.HEADER.pack(p.MAGIC, 1, p.MsgType.CALL, 0, 0, 4, len(payload)) + payload
+
+
+#: Packets a hostile client may send on its channel, each a protocol error for the worker.
+GARBAGE: dict[str, Callable[[socket.socket], object]] = {
+    "bad magic": lambda s: s.send(b"XX" + bytes(18)),
+    "short header": lambda s: s.send(b"IP\x01"),
+    "wrong version": lambda s: s.send(
+        p.HEADER.pack(p.MAGIC, 9, p.MsgType.CALL, 0, 0, 1, 1) + b"\x80"
+    ),
+    "wrong length": lambda s: s.send(call_packet(0, length_delta=1)),
+    "not a CALL": lambda s: s.send(call_packet(0, kind=p.MsgType.HELLO)),
+    "payload not a map": lambda s: s.send(
+        p.HEADER.pack(p.MAGIC, 1, p.MsgType.CALL, 0, 0, 1, 1) + b"\x01"
+    ),
+    "truncated payload": lambda s: s.send(
+        p.HEADER.pack(p.MAGIC, 1, p.MsgType.CALL, 0, 0, 1, 13) + b"\x82\xa6method\xa4echo"
+    ),
+    "fd count disagrees": lambda s: send_with_fds(s, call_packet(0), 1),
+    "17 fds": lambda s: send_with_fds(s, call_packet(17), 17),
+    "larger than MAX_PACKET": lambda s: s.send(call_packet(0) + bytes(p.MAX_PACKET)),
+    "text not UTF-8": lambda s: s.send(utf8_packet(b"\xc3\x28")),
+    "surrogate in UTF-8": lambda s: s.send(utf8_packet(b"\xed\xa0\x80")),
+}
+
+
 def test_c_worker_refuses_what_it_must(
     start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path,
     raw_connect: Callable[[Path], socket.socket],
 ) -> None:  # fmt: skip
-    """The C worker refuses an unsealed buffer, drops a channel sending garbage, serves on."""
+    """The C worker refuses an unsealed buffer and skips an unknown field of a CALL."""
     daemon = start_daemon(write_config(tmp_path, c_bin, "[modules.echo_c]\n"), env=c_env)
     pid = daemon.worker_pids()["echo_c"]
+    fds_before = open_fds(pid)
     with raw_channel(raw_connect(daemon.socket), "echo_c") as channel:
         unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.write(unsealed, b"x" * 4096)
@@ -227,19 +281,13 @@ def test_c_worker_refuses_what_it_must(
         frame = reply(channel)
         assert frame is not None
         assert frame.message == p.Result({"text": "y"})
-        channel.send(b"XX" + bytes(18))  # bad magic
-        frame = reply(channel)
-        assert frame is not None
-        assert isinstance(frame.message, p.Error)
-        assert frame.message.code == "bad_message"
-        assert reply(channel) is None  # then it closes the channel
-    daemon.wait_for("proxy.state_changed", lambda r: r.get("state") == "closed")
     with raw_channel(raw_connect(daemon.socket), "echo_c") as channel:
         channel.send(p.encode(p.Call("echo", {"text": "still"}), 1))
         frame = reply(channel)
         assert frame is not None
         assert frame.message == p.Result({"text": "still"})
     assert daemon.worker_pids()["echo_c"] == pid
+    wait_until(lambda: open_fds(pid) <= fds_before)  # the buffer, and each channel once it ended
     assert alive(pid)
 
 
@@ -281,3 +329,35 @@ def test_sandboxed_c_worker_is_pid_1_and_exits_on_sigterm(
     exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == pid)
     assert exited.get("exit_status") == 128 + signal.SIGTERM, exited
     assert client.call(proxy, "echo", {"text": "again"}) == {"text": "again"}
+
+
+@pytest.mark.parametrize("worker", ["python", "c"])
+def test_worker_drops_a_channel_that_sends_garbage(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path, worker: str,
+    raw_connect: Callable[[Path], socket.socket],
+) -> None:  # fmt: skip
+    """Each malformed packet on a channel gets ERROR bad_message and its end; the worker serves on.
+
+    The same expectations hold for ipad's worker host and the C worker: they are the page's.
+    """
+    native = (
+        '[modules.echo]\nworker = "ipad-echo-worker"\n' if worker == "c" else "[modules.echo]\n"
+    )
+    daemon = start_daemon(write_config(tmp_path, c_bin, native), env=c_env)
+    pid = daemon.worker_pids()["echo"]
+    fds_before = open_fds(pid)
+    for name, send in GARBAGE.items():
+        with raw_channel(raw_connect(daemon.socket), "echo") as channel:
+            send(channel)
+            frame = reply(channel)
+            assert frame is not None, name
+            assert isinstance(frame.message, p.Error), (name, frame.message)
+            assert frame.message.code == "bad_message", (name, frame.message)
+            assert reply(channel) is None, name  # then it closes the channel
+    with raw_channel(raw_connect(daemon.socket), "echo") as channel:
+        channel.send(p.encode(p.Call("echo", {"text": "still"}), 1))
+        frame = reply(channel)
+        assert frame is not None
+        assert frame.message == p.Result({"text": "still"})
+    assert daemon.worker_pids()["echo"] == pid
+    wait_until(lambda: open_fds(pid) <= fds_before)  # what came with garbage is closed

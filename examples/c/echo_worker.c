@@ -126,6 +126,34 @@ static int channel_error(instance *inst, uint64_t id, const char *code, const ch
 
 /* --- the module's methods --------------------------------------------------------------- */
 
+/* Whether s is UTF-8, as every string on the wire must be: echo must not hand a client back
+ * bytes its decoder refuses. No overlong forms, surrogates or code points past U+10FFFF. */
+static int utf8_ok(const unsigned char *s, uint32_t len) {
+    uint32_t i = 0;
+    while (i < len) {
+        unsigned char c = s[i];
+        uint32_t need, cp;
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if (c >= 0xc2 && c <= 0xdf) need = 1, cp = c & 0x1f;
+        else if (c >= 0xe0 && c <= 0xef) need = 2, cp = c & 0x0f;
+        else if (c >= 0xf0 && c <= 0xf4) need = 3, cp = c & 0x07;
+        else return 0;
+        if (len - i <= need) return 0;
+        for (uint32_t k = 1; k <= need; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3f);
+        }
+        if ((need == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+            (need == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+            return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
 typedef struct {
     const char *method;
     uint32_t method_len;
@@ -171,7 +199,11 @@ static int decode_call(const ipad_frame *frame, call *c) {
             mp_skip(&r);
         }
     }
-    return r.error || c->method == NULL || r.p != r.end ? -1 : 0;
+    if (r.error || c->method == NULL || r.p != r.end) return -1;
+    /* Strings are UTF-8 on the wire; one that is not makes the packet malformed. */
+    if (!utf8_ok((const unsigned char *)c->method, c->method_len)) return -1;
+    if (c->text != NULL && !utf8_ok((const unsigned char *)c->text, c->text_len)) return -1;
+    return 0;
 }
 
 static void run_call(instance *inst, const ipad_frame *frame, const call *c) {
