@@ -10,8 +10,10 @@ starts is waited for with a deadline and killed if it outlives it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from ipad.client import BadArguments, UnknownMethod
@@ -361,3 +364,135 @@ def test_worker_drops_a_channel_that_sends_garbage(
         assert frame.message == p.Result({"text": "still"})
     assert daemon.worker_pids()["echo"] == pid
     wait_until(lambda: open_fds(pid) <= fds_before)  # what came with garbage is closed
+
+
+@contextlib.contextmanager
+def bare_worker(c_bin: Path) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """The C worker run as the daemon runs it (control socket on fd 3, --parent-pid), no daemon."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(10)
+    child = theirs.fileno()
+    argv = [str(c_bin / "ipad-echo-worker"), "--parent-pid", str(os.getpid())]
+    # The socket goes to fd 3 between fork and exec; close_fds=False, or it would be closed
+    # again (Python's own descriptors are not inheritable: nothing else leaks).
+    proc = subprocess.Popen(argv, preexec_fn=lambda: os.dup2(child, 3), close_fds=False,  # noqa: PLW1509
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    theirs.close()
+    try:
+        yield proc, ours
+    finally:
+        ours.close()  # the control socket's end: the worker exits
+        try:
+            proc.wait(timeout=WAIT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=WAIT)
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+
+def control(
+    sock: socket.socket, message: p.Message, request_id: int, fds: tuple[int, ...] = (),
+    closed: list[p.InstanceClosed] | None = None,
+) -> p.Frame:  # fmt: skip
+    """Send a control request and return the worker's reply; INSTANCE_CLOSEDs go to ``closed``."""
+    send_packet(sock, p.encode(message, request_id, nfds=len(fds)), fds)
+    while True:
+        received = recv_packet(sock)
+        assert received is not None, "the worker closed its control socket"
+        frame = p.decode(*received, allowed=p.FROM_WORKER_CONTROL)
+        if isinstance(frame.message, p.InstanceClosed) and closed is not None:
+            closed.append(frame.message)
+            continue
+        assert frame.request_id == request_id, frame
+        return frame
+
+
+def test_c_worker_survives_mutated_calls(c_bin: Path) -> None:
+    """Thousands of CALLs with random bytes flipped never crash the C worker or leak a descriptor."""
+    rng = random.Random(19)  # noqa: S311 - reproducible mutations, not secrets
+    # A CALL with an unknown field the worker must skip (msgspec itself would forbid it).
+    payload = msgspec.msgpack.encode(
+        {
+            "method": "echo",
+            "args": {"text": "fuzz"},
+            "fd_args": [],
+            "x": [1, 2.5, None, {"k": b"v"}],
+        }
+    )
+    good = p.HEADER.pack(p.MAGIC, 1, p.MsgType.CALL, 0, 0, 1, len(payload)) + payload
+    with bare_worker(c_bin) as (proc, ctl):
+        load = p.Load("echo_c", "", "/nowhere", "/nowhere/uncalibrated.toml")
+        ready = control(ctl, load, 1).message
+        assert isinstance(ready, p.Ready), ready
+        assert [m.name for m in ready.methods] == ["checksum", "echo", "init"]
+        fds_before = open_fds(proc.pid)
+        closed: list[p.InstanceClosed] = []
+        seen: collections.Counter[str] = collections.Counter()
+        for instance_id in range(1, 41):
+            mine, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with mine, worker_end:
+                fds = (worker_end.fileno(),)
+                opened = control(ctl, p.OpenInstance(instance_id), 1 + instance_id, fds, closed)
+                assert isinstance(opened.message, p.InstanceOpened), opened.message
+                worker_end.close()
+                mine.settimeout(10)
+                for _ in range(100):
+                    packet = bytearray(good)
+                    for _ in range(rng.randint(1, 4)):
+                        packet[rng.randrange(p.HEADER_SIZE, len(packet))] = rng.randrange(256)
+                    mine.send(bytes(packet))
+                    received = recv_packet(mine)
+                    assert received is not None, "the channel ended without a word"
+                    message = p.decode(*received, allowed=p.FROM_WORKER_CHANNEL).message
+                    assert isinstance(message, (p.Result, p.Error)), (instance_id, message)
+                    seen[message.code if isinstance(message, p.Error) else "result"] += 1
+                    if isinstance(message, p.Error) and message.code == "bad_message":
+                        assert recv_packet(mine) is None  # a malformed CALL ends its channel
+                        break
+        # Every channel's end is reported, and nothing of them stays open in the worker.
+        wait_until(lambda: open_fds(proc.pid) <= fds_before)
+        assert proc.poll() is None, "the worker died"
+        assert control(ctl, p.Ping(), 999, closed=closed).message == p.Pong()
+        assert sorted(c.instance_id for c in closed) == list(range(1, 41))
+        # The mutations reached every outcome: results, refusals, broken packets.
+        assert {"result", "bad_arguments", "unknown_method", "bad_message"} <= set(seen), seen
+    assert proc.returncode == 0  # its control socket ended: a clean exit
+
+
+def test_c_client_survives_mutated_replies(c_bin: Path, tmp_path: Path) -> None:
+    """Mutated WELCOMEs and grants from a fake daemon end the C client with a status, not a signal."""
+    rng = random.Random(19)  # noqa: S311 - reproducible mutations, not secrets
+    welcome = p.encode(p.Welcome(1, "9.9", 1), 1)
+    granted = p.encode(
+        p.ProxyGranted(7, "echo", "1.0.0", 2, (p.MethodSpec("init", True),), "valid", 3), 3, nfds=1
+    )
+    path = tmp_path / "fake.sock"
+    statuses: collections.Counter[int] = collections.Counter()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(WAIT)
+        for round_ in range(150):
+            target = welcome if round_ % 2 else granted
+            packet = bytearray(target)
+            for _ in range(rng.randint(1, 4)):
+                packet[rng.randrange(p.HEADER_SIZE, len(packet))] = rng.randrange(256)
+            with c_client(c_bin, path, 1) as (proc, _), server.accept()[0] as conn:
+                conn.settimeout(WAIT)
+                with contextlib.suppress(OSError):  # the client may leave at any point
+                    conn.recv(p.MAX_PACKET)  # HELLO
+                    if target is granted:
+                        conn.send(welcome)
+                        conn.recv(p.MAX_PACKET)  # SUBSCRIBE
+                        conn.send(p.encode(p.Subscribed(0), 2))
+                        conn.recv(p.MAX_PACKET)  # REQUEST_PROXY
+                        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                        with a, b:
+                            send_packet(conn, bytes(packet), [a.fileno()])
+                    else:
+                        conn.send(bytes(packet))
+                    conn.shutdown(socket.SHUT_RDWR)
+                statuses[proc.wait(timeout=10)] += 1
+    assert set(statuses) <= {1, 2}, statuses  # refused or broken: never a signal, never "done"
