@@ -496,3 +496,24 @@ def test_c_client_survives_mutated_replies(c_bin: Path, tmp_path: Path) -> None:
                     conn.shutdown(socket.SHUT_RDWR)
                 statuses[proc.wait(timeout=10)] += 1
     assert set(statuses) <= {1, 2}, statuses  # refused or broken: never a signal, never "done"
+
+
+def test_c_worker_beats_on_its_board(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path, connect: Connect
+) -> None:
+    """Idle, then between calls, the C worker beats on its board faster than a short timeout."""
+    fast = (
+        '[modules.echo_c]\n[modules.echo_c.restart]\nheartbeat_interval = "50ms"\n'
+        'heartbeat_timeout = "300ms"\n'
+    )
+    daemon = start_daemon(write_config(tmp_path, c_bin, fast), env=c_env)
+    pid = daemon.worker_pids()["echo_c"]
+    client = connect(daemon.socket)
+    proxy = client.request_proxy("echo_c")
+    deadline = time.monotonic() + 1.5  # five timeouts, idle and calling in turn
+    while time.monotonic() < deadline:
+        assert client.call(proxy, "echo", {"text": "beat"}) == {"text": "beat"}
+        time.sleep(0.35)  # longer than the timeout: only beats keep it alive
+    assert daemon.events("worker.hung") == []
+    assert daemon.worker_pids()["echo_c"] == pid
+    assert alive(pid)
