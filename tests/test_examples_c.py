@@ -375,7 +375,8 @@ def bare_worker(c_bin: Path) -> Iterator[tuple[subprocess.Popen[bytes], socket.s
     argv = [str(c_bin / "ipad-echo-worker"), "--parent-pid", str(os.getpid())]
     # The socket goes to fd 3 between fork and exec; close_fds=False, or it would be closed
     # again (Python's own descriptors are not inheritable: nothing else leaks).
-    proc = subprocess.Popen(argv, preexec_fn=lambda: os.dup2(child, 3), close_fds=False,  # noqa: PLW1509
+    to_fd_3 = lambda: os.dup2(child, 3)  # noqa: E731
+    proc = subprocess.Popen(argv, preexec_fn=to_fd_3, close_fds=False,  # noqa: PLW1509
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     theirs.close()
     try:
@@ -410,7 +411,7 @@ def control(
 
 
 def test_c_worker_survives_mutated_calls(c_bin: Path) -> None:
-    """Thousands of CALLs with random bytes flipped never crash the C worker or leak a descriptor."""
+    """CALLs with random bytes flipped never crash the C worker or leak a descriptor."""
     rng = random.Random(19)  # noqa: S311 - reproducible mutations, not secrets
     # A CALL with an unknown field the worker must skip (msgspec itself would forbid it).
     payload = msgspec.msgpack.encode(
@@ -462,7 +463,7 @@ def test_c_worker_survives_mutated_calls(c_bin: Path) -> None:
 
 
 def test_c_client_survives_mutated_replies(c_bin: Path, tmp_path: Path) -> None:
-    """Mutated WELCOMEs and grants from a fake daemon end the C client with a status, not a signal."""
+    """Mutated WELCOMEs and grants from a fake daemon end the C client by status, not signal."""
     rng = random.Random(19)  # noqa: S311 - reproducible mutations, not secrets
     welcome = p.encode(p.Welcome(1, "9.9", 1), 1)
     granted = p.encode(
@@ -517,3 +518,63 @@ def test_c_worker_beats_on_its_board(
     assert daemon.events("worker.hung") == []
     assert daemon.worker_pids()["echo_c"] == pid
     assert alive(pid)
+
+
+def by_hand(kind: p.MsgType, fields: dict[str, object], request_id: int, nfds: int = 0) -> bytes:
+    """A message with any fields, unknown ones included, as a newer peer may send it."""
+    payload = msgspec.msgpack.encode(fields)
+    return p.HEADER.pack(p.MAGIC, 1, kind, 0, nfds, request_id, len(payload)) + payload
+
+
+def assert_refused(message: p.Message, code: str) -> None:
+    """``message`` is an ERROR with ``code``."""
+    assert isinstance(message, p.Error), message
+    assert message.code == code, message
+
+
+def test_bare_c_worker_follows_worker_control(c_bin: Path) -> None:
+    """LOAD with a board, unknown fields, refusals, CLOSE_INSTANCE, PING, SHUTDOWN, per the page."""
+    with bare_worker(c_bin) as (proc, ctl):
+        board = os.memfd_create("board", os.MFD_CLOEXEC)
+        os.ftruncate(board, 16)
+        load = {"module": "echo_c", "entry_point": "", "module_dir": "/x", "tuning": "/x/t.toml",
+                "heartbeat_interval": 0.05, "future_field": {"a": [1]}}  # fmt: skip
+        send_packet(ctl, by_hand(p.MsgType.LOAD, load, 1, nfds=1), [board])
+        received = recv_packet(ctl)
+        assert received is not None
+        ready = p.decode(*received, allowed=p.FROM_WORKER_CONTROL).message
+        assert isinstance(ready, p.Ready)
+        assert (ready.module, ready.version, ready.beats) == ("echo_c", "1.0.0", True)
+        methods = [(m.name, m.setup) for m in ready.methods]
+        assert methods == [("checksum", False), ("echo", False), ("init", True)]
+        beats = int.from_bytes(os.pread(board, 8, 0), "little")
+        time.sleep(0.2)  # idle: four intervals
+        assert int.from_bytes(os.pread(board, 8, 0), "little") >= beats + 3
+        assert int.from_bytes(os.pread(board, 8, 8), "little") % 2 == 0  # no call runs
+        os.close(board)
+        assert_refused(
+            control(ctl, p.Load("echo_c", "", "/x", "/x/t.toml"), 2).message, "bad_message"
+        )
+        assert_refused(control(ctl, p.OpenInstance(1), 3).message, "bad_message")  # no fd
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with mine, theirs:
+            opened = by_hand(p.MsgType.OPEN_INSTANCE, {"instance_id": 1, "later": "x"}, 4, nfds=1)
+            send_packet(ctl, opened, [theirs.fileno()])
+            received = recv_packet(ctl)
+            assert received is not None
+            assert p.decode(*received, allowed=p.FROM_WORKER_CONTROL).message == p.InstanceOpened(1)
+            theirs.close()
+            twice = control(ctl, p.OpenInstance(1), 5, (mine.fileno(),)).message
+            assert_refused(twice, "bad_message")  # an id already open
+            mine.settimeout(10)
+            mine.send(p.encode(p.Call("echo", {"text": "one"}), 1))
+            assert reply(mine) is not None
+            ctl.send(by_hand(p.MsgType.CLOSE_INSTANCE, {"instance_id": 1, "why": "new"}, 0))
+            assert reply(mine) is None
+        ctl.send(by_hand(p.MsgType.PING, {"newer": True}, 6))
+        received = recv_packet(ctl)
+        assert received is not None
+        # PONG comes next: an instance the daemon closed is not reported back (no INSTANCE_CLOSED).
+        assert p.decode(*received, allowed=p.FROM_WORKER_CONTROL) == p.Frame(p.Pong(), 6)
+        ctl.send(p.encode(p.Shutdown()))
+        assert proc.wait(timeout=5) == 0
