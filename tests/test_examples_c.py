@@ -578,3 +578,26 @@ def test_bare_c_worker_follows_worker_control(c_bin: Path) -> None:
         assert p.decode(*received, allowed=p.FROM_WORKER_CONTROL) == p.Frame(p.Pong(), 6)
         ctl.send(p.encode(p.Shutdown()))
         assert proc.wait(timeout=5) == 0
+
+
+def test_bare_c_worker_refuses_a_65th_instance(c_bin: Path) -> None:
+    """The C worker holds 64 instances, refuses a 65th (module_error); SHUTDOWN ends them all."""
+    with bare_worker(c_bin) as (proc, ctl):
+        assert isinstance(control(ctl, p.Load("echo_c", "", "/x", "/x/t.toml"), 1).message, p.Ready)
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(65)]
+        try:
+            for n, (_, theirs) in enumerate(pairs[:64], start=10):
+                opened = control(ctl, p.OpenInstance(n), n, (theirs.fileno(),))
+                assert opened.message == p.InstanceOpened(n)
+                theirs.close()  # the worker's copy is the only one left
+            full = control(ctl, p.OpenInstance(99), 99, (pairs[64][1].fileno(),)).message
+            assert_refused(full, "module_error")
+            ctl.send(p.encode(p.Shutdown()))
+            assert proc.wait(timeout=5) == 0
+            for mine, _ in pairs[:64]:
+                mine.settimeout(10)
+                assert reply(mine) is None  # its instances went with it
+        finally:
+            for pair in pairs:
+                for end in pair:
+                    end.close()

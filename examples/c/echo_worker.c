@@ -447,8 +447,12 @@ static int on_control(void) {
                 inst = &instances[i];
                 break;
             }
-        if (!loaded || frame.nfds != 1 || id < 0 || inst == NULL) {
+        if (!loaded || frame.nfds != 1 || id < 0 || find((uint64_t)id) != NULL) {
             control_error(frame.id, "bad_message", "cannot open that instance now");
+            break;
+        }
+        if (inst == NULL) { /* the constructor's failure, as the page puts it */
+            control_error(frame.id, "module_error", "too many instances (64) in this worker");
             break;
         }
         inst->id = (uint64_t)id;
