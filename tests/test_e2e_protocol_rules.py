@@ -25,10 +25,10 @@ from ipad.protocol import wire as p
 from ipad.protocol.fdpass import recv_packet, send_packet
 from tests.client_drivers import Connect as ConnectClient
 from tests.client_drivers import connect
-from tests.daemon_process import REPO, WAIT, DaemonProcess, write_config
+from tests.daemon_process import REPO, WAIT, DaemonProcess, others_still_work, write_config
 from tests.fake_daemon import NEWER_FIELDS, FakeDaemon, packet
 from tests.raw_client import Connect as RawConnect
-from tests.raw_client import hello, receive
+from tests.raw_client import goodbye_reason, hello, receive
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -368,3 +368,29 @@ def test_a_call_with_id_0_runs_and_is_not_answered(raw: Raw) -> None:
         frame = receive(channel)
         assert frame is not None
         assert (frame.message, frame.request_id) == (p.Result(2), 5)
+
+
+def test_unknown_fields_from_a_hostile_client_are_bounded(
+    raw_connect: RawConnect, start_daemon: Start, tmp_path: Path
+) -> None:
+    """Unknown fields are skipped, not trusted: a large one is dropped, an absurdly deep one refused.
+
+    A client may fill its whole message with a field the daemon does not know
+    (answered, nothing kept); one nested 10 000 deep is a protocol error for
+    that client alone, and the daemon serves everyone else.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    big = raw_connect(daemon.socket)
+    hello(big)
+    filler = {"zz_filler": "x" * 60_000, "zz_many": list(range(500))}
+    big.send(packet(p.MsgType.STATUS, filler, 2))
+    frame = receive(big)
+    assert frame is not None
+    assert (type(frame.message), frame.request_id) == (p.StatusReply, 2)
+    deep = raw_connect(daemon.socket)
+    hello(deep)
+    body = b"\x81\xa7zz_deep" + b"\x91" * 10_000 + b"\xc0"
+    header = p.HEADER.pack(p.MAGIC, 1, p.MsgType.STATUS, 0, 0, 2, len(body))
+    deep.send(header + body)
+    assert goodbye_reason(deep).startswith("protocol error: bad STATUS payload")
+    others_still_work(daemon)
