@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,12 +50,29 @@ def sleepy_env(daemon_env: dict[str, str], directory: Path) -> dict[str, str]:
     return {**daemon_env, "IPAD_SLEEPY_TUNING_FILE": str(tuning)}
 
 
+#: ipadctl processes ``ctl`` started in the running test; ``reap_ctls`` ends them after it.
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_ctls() -> Iterator[None]:
+    """Kill and reap any ipadctl a test left running (an assertion failed before its wait)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.returncode is None:  # never waited for by the test
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 def ctl(daemon: DaemonProcess, *args: str) -> subprocess.Popen[str]:
     """Run ipadctl against ``daemon`` and leave it running (the test may kill it)."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "ipad.cli.ctl", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env,
     )  # fmt: skip
+    _STARTED.append(proc)
+    return proc
 
 
 def state_of(daemon: DaemonProcess, module: str) -> dict[str, object]:
