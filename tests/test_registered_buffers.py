@@ -367,3 +367,59 @@ def _closed(proxy: Any) -> bool:
     except ipc.IpadError:
         return True
     return proxy._conn.closed_reason is not None
+
+
+def test_registered_buffers_in_a_sandboxed_worker(
+    start_daemon: Start, tmp_path: Path, fds: list[int]
+) -> None:
+    """Under seccomp and namespaces: registration, the dma-buf sync, a restart's re-registration."""
+    modules = '[modules.registered]\nproxy = "sandboxed"\n'
+    config = write_config(tmp_path, f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+                          modules=modules)  # fmt: skip
+    daemon = start_daemon(config)
+    with ipc.BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("registered")
+        frame, view = filled(fds)
+        out = make_buffer(SIZE)
+        fds.append(out)
+        fcntl.fcntl(out, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        proxy.map_buffers({1: frame, 2: DmaBuf(out, writable=True)})
+        syncs = proxy.call("fill", {"byte": 5}, fds={"out": Registered(2)}, timeout=10)
+        assert [s[1] for s in syncs] == ["ENOTTY", "ENOTTY"]  # the ioctl got past seccomp
+        old = proxy.info.worker_pid
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call("crash", timeout=10)
+        proxy.call("pid", timeout=WAIT, wait=WAIT)  # recovered: registered again, replayed
+        assert proxy.info.worker_pid != old
+        digest = proxy.call("digest", fds={"frame": Registered(1)}, timeout=10)
+        assert digest["sha"] == sha(PATTERN)
+        assert proxy.call("fill", {"byte": 6}, fds={"out": Registered(2)}, timeout=10)
+        with mmap.mmap(out, SIZE, prot=mmap.PROT_READ) as written:
+            assert written[:] == bytes([6]) * SIZE
+        view.close()
+    daemon.stop_cleanly().check()
+
+
+def test_a_client_cannot_truncate_what_it_registered(
+    start_daemon: Start, tmp_path: Path, fds: list[int]
+) -> None:
+    """The seals a registration needs stop the client itself from shrinking the buffer later."""
+    daemon = serving(start_daemon, tmp_path)
+    with ipc.BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("registered")
+        frame = make_buffer(PATTERN)
+        params = make_buffer(SIZE)
+        fds.extend([frame, params])
+        proxy.map_buffers({1: frame, 2: Output(params)})
+        for fd in (frame, params):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)  # a hostile client after registering: refused by the seal
+            again = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+            try:
+                with pytest.raises(PermissionError):
+                    os.ftruncate(again, 4096)
+            finally:
+                os.close(again)
+        assert proxy.call("digest", fds={"frame": Registered(1)}, timeout=10)["size"] == SIZE
+        proxy.call("fill", {"byte": 1}, fds={"out": Registered(2)}, timeout=10)
+    daemon.stop_cleanly().check()
