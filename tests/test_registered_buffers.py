@@ -423,3 +423,27 @@ def test_a_client_cannot_truncate_what_it_registered(
         assert proxy.call("digest", fds={"frame": Registered(1)}, timeout=10)["size"] == SIZE
         proxy.call("fill", {"byte": 1}, fds={"out": Registered(2)}, timeout=10)
     daemon.stop_cleanly().check()
+
+
+def test_the_clients_duplicates_are_closed_with_the_proxy(
+    start_daemon: Start, tmp_path: Path, connect: Connect, fds: list[int]
+) -> None:
+    """The descriptors kept to register again are closed by unmap and by release: none leak."""
+    client = connect(serving(start_daemon, tmp_path).socket)
+    frame, view = filled(fds)
+    view.close()
+    params = make_buffer(16)
+    fds.append(params)
+    proxy = client.request_proxy("registered")
+    client.call(proxy, "pid")
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))  # noqa: PTH208 - a count
+
+    baseline = open_fds()
+    client.map_buffers(proxy, {1: frame, 2: Output(params), 3: frame})
+    assert open_fds() == baseline + 3
+    client.unmap_buffers(proxy, [1])
+    assert open_fds() == baseline + 2
+    client.release(proxy)
+    assert open_fds() == baseline - 1  # the duplicates, and the proxy's channel
