@@ -17,7 +17,9 @@ Next to them, the limits, measured in the same run:
 - CRC-32 in-process: the same work with no process boundary at all;
 - bare SEQPACKET round trip: one byte there and back, no work.
 
-Ratios are frames/s of the limit over frames/s of the row (1.0: as fast as
+The variants take turns, ROUNDS rounds of frames/ROUNDS frames each, and
+each figure is the median of its rounds. Ratios are frames/s of the limit
+over frames/s of the row (1.0: as fast as
 the limit); "saved per frame" is what registration saves over passing.
 
 Run: python bench/bench_registered.py [--frames N]  (writes bench/results/registered.json)
@@ -25,12 +27,15 @@ Run: python bench/bench_registered.py [--frames N]  (writes bench/results/regist
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
 import socket
+import statistics
 import sys
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from _common import (
@@ -49,6 +54,8 @@ from bench_buffers import BUFFER_BYTES, POOL, buffer_pool, frames_per_s
 from ipad.client import BlockingClient, Registered
 
 CONFIG = "[modules.echo]\n"
+#: Rounds in which the variants take turns; each variant's figure is its median.
+ROUNDS = 5
 
 
 def _serve_kept(sock: socket.socket, pool: list[int]) -> None:
@@ -58,52 +65,60 @@ def _serve_kept(sock: socket.socket, pool: list[int]) -> None:
         sock.send(b"r")
 
 
-def raw_kept_fps(pool: list[int], frames: int) -> float:
+Frame = Callable[[int], object]
+
+
+def raw_kept(stack: contextlib.ExitStack, pool: list[int]) -> Frame:
     """The limit of a registered call: name the buffer, CRC-32 its kept mapping, answer."""
-    with forked_peer(functools.partial(_serve_kept, pool=pool)) as sock:
-        index = {fd: bytes([i]) for i, fd in enumerate(pool)}
+    sock = stack.enter_context(forked_peer(functools.partial(_serve_kept, pool=pool)))
+    index = {fd: bytes([i]) for i, fd in enumerate(pool)}
 
-        def frame(fd: int) -> None:
-            sock.send(index[fd])
-            sock.recv(16)
+    def frame(fd: int) -> None:
+        sock.send(index[fd])
+        sock.recv(16)
 
-        return frames_per_s(frame, pool, frames)
+    return frame
 
 
-def bare_fps(pool: list[int], frames: int) -> float:
+def bare_round_trip(stack: contextlib.ExitStack) -> Frame:
     """A bare SEQPACKET round trip, one byte each way."""
-    with forked_peer(echo_back) as sock:
+    sock = stack.enter_context(forked_peer(echo_back))
 
-        def frame(_fd: int) -> None:
-            sock.send(b"x")
-            sock.recv(16)
+    def frame(_fd: int) -> None:
+        sock.send(b"x")
+        sock.recv(16)
 
-        return frames_per_s(frame, pool, frames)
+    return frame
 
 
-def in_process_fps(pool: list[int], frames: int) -> float:
+def in_process(pool: list[int]) -> Frame:
     """CRC-32 of a kept mapping, in this process."""
     maps = {fd: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for fd in pool}
-    return frames_per_s(lambda fd: zlib.crc32(maps[fd]), pool, frames)
+    return lambda fd: zlib.crc32(maps[fd])
 
 
-def ipad_fps(path: str, pool: list[int], frames: int, *, registered: bool) -> float:
+def through_ipad(client: BlockingClient, pool: list[int], *, registered: bool) -> Frame:
     """``echo.checksum`` through a blocking proxy, the buffer registered or passed per call."""
-    with BlockingClient(path, name="bench_registered") as client:
-        proxy = client.request_proxy("echo")
-        if registered:
-            proxy.map_buffers(dict(enumerate(pool)))
-            ids = {fd: Registered(i) for i, fd in enumerate(pool)}
+    proxy = client.request_proxy("echo")
+    if registered:
+        proxy.map_buffers(dict(enumerate(pool)))
+        ids = {fd: Registered(i) for i, fd in enumerate(pool)}
+        return lambda fd: proxy.call("checksum", fds={"data": ids[fd]})
+    return lambda fd: proxy.call("checksum", fds={"data": fd})
 
-            def frame(fd: int) -> None:
-                proxy.call("checksum", fds={"data": ids[fd]})
 
-        else:
+def interleaved(variants: dict[str, Frame], pool: list[int], frames: int) -> dict[str, float]:
+    """Frames/s of each variant: the median of ROUNDS rounds, the variants taking turns.
 
-            def frame(fd: int) -> None:
-                proxy.call("checksum", fds={"data": fd})
-
-        return frames_per_s(frame, pool, frames)
+    Taking turns puts every variant in the same minutes of a machine whose
+    speed moves from one minute to the next, so their ratios mean something.
+    """
+    per_round = max(len(pool), frames // ROUNDS)
+    seen: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(ROUNDS):
+        for name, frame in variants.items():
+            seen[name].append(frames_per_s(frame, pool, per_round))
+    return {name: statistics.median(values) for name, values in seen.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,17 +131,19 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = buffer_pool(BUFFER_BYTES)
     try:
-        fps: dict[str, float] = {
-            "limit: bare SEQPACKET round trip": bare_fps(pool, frames),
-            "limit: raw round trip + CRC-32 of a kept mapping": raw_kept_fps(pool, frames),
-            "limit: CRC-32 in-process (no process boundary)": in_process_fps(pool, frames),
-        }
-        with running_daemon(CONFIG) as daemon:
-            path = str(daemon.socket)
-            fps["ipad: registered, echo.checksum"] = ipad_fps(path, pool, frames, registered=True)
-            fps["ipad: passed per call, echo.checksum"] = ipad_fps(
-                path, pool, frames, registered=False
-            )
+        with contextlib.ExitStack() as stack:
+            daemon = stack.enter_context(running_daemon(CONFIG))
+            client = stack.enter_context(BlockingClient(daemon.socket, name="bench_registered"))
+            variants = {
+                "ipad: registered, echo.checksum": through_ipad(client, pool, registered=True),
+                "ipad: passed per call, echo.checksum": through_ipad(
+                    client, pool, registered=False
+                ),
+                "limit: raw round trip + CRC-32 of a kept mapping": raw_kept(stack, pool),
+                "limit: CRC-32 in-process (no process boundary)": in_process(pool),
+                "limit: bare SEQPACKET round trip": bare_round_trip(stack),
+            }
+            fps = interleaved(variants, pool, frames)
     finally:
         for fd in pool:
             os.close(fd)
@@ -150,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(row("ipad: registered, added per frame over the limit", 1e6 / reg - 1e6 / kept,
                     "us"))  # fmt: skip
     print_rows(f"1 MiB buffer, registered vs per call (frames/s; ratio = limit fps / this fps), "
-               f"{frames} frames, pool of {POOL}", rows)  # fmt: skip
+               f"median of {ROUNDS} rounds, {frames} frames, pool of {POOL}", rows)  # fmt: skip
     data: dict[str, Any] = {"quick": args.quick, "buffer_bytes": BUFFER_BYTES, "pool": POOL,
-                            "frames": frames, "fps": fps}  # fmt: skip
+                            "frames": frames, "rounds": ROUNDS, "fps": fps}  # fmt: skip
     write_results(args.results, "registered", data, rows)
     return 0
 
