@@ -248,27 +248,44 @@ def test_a_dmabuf_marker_does_not_get_past_the_workers_checks(
 def test_a_module_holding_a_view_past_unmap_harms_only_itself(
     start_daemon: Start, tmp_path: Path, connect: Connect, fds: list[int]
 ) -> None:
-    """Unmap succeeds, the kept view (and only it) keeps the mapping; the worker serves on."""
+    """Unmap takes the client's pages from a view the module kept (zeros now); the worker serves on."""
     client = connect(serving(start_daemon, tmp_path).socket)
     proxy = client.request_proxy("registered")
     frame, view = filled(fds)
     before = client.call(proxy, "fds")
     client.map_buffers(proxy, {1: frame})
-    # The host's descriptor and the one Python's mmap keeps for the mapping.
-    assert client.call(proxy, "fds") == before + 2
+    assert client.call(proxy, "fds") == before + 1  # one descriptor per registered buffer
     assert client.call(proxy, "hold", fds={"frame": Registered(1)}) == sha(PATTERN)
     client.unmap_buffers(proxy, [1])
-    # The module's own view keeps its mapping (a mapping cannot be taken from under Python
-    # code without crashing it), and with it the mapping's descriptor; the host's is closed.
-    assert client.call(proxy, "fds") == before + 1
-    assert client.call(proxy, "read_held") == [sha(PATTERN)]
+    assert client.call(proxy, "fds") == before
+    view[0:4] = b"LATE"  # the client's next frame: the kept view must not see it
+    assert client.call(proxy, "read_held") == [sha(bytes(SIZE))]  # zero pages, no fault
     client.map_buffers(proxy, {1: frame})
-    assert client.call(proxy, "digest", fds={"frame": Registered(1)})["sha"] == sha(PATTERN)
+    assert client.call(proxy, "digest", fds={"frame": Registered(1)})["sha"] == sha(view[:])
     client.unmap_buffers(proxy, [1])
     assert client.call(proxy, "drop_held") == 1
-    assert client.call(proxy, "fds") == before  # the view gone, its mapping went with it
+    assert client.call(proxy, "fds") == before
     client.release(proxy)
     view.close()
+
+
+def test_a_writable_view_kept_past_unmap_no_longer_reaches_the_output(
+    start_daemon: Start, tmp_path: Path, connect: Connect, fds: list[int]
+) -> None:
+    """Writes through an output's view kept past unmap land in the worker's own zero pages."""
+    client = connect(serving(start_daemon, tmp_path).socket)
+    proxy = client.request_proxy("registered")
+    params = make_buffer(SIZE)
+    fds.append(params)
+    client.map_buffers(proxy, {2: Output(params)})
+    assert client.call(proxy, "hold_writable", fds={"out": Registered(2)}) == SIZE
+    assert client.call(proxy, "write_held", {"byte": 1}) == 1  # still registered: reaches it
+    with mmap.mmap(params, SIZE, prot=mmap.PROT_READ) as out:
+        assert out[:] == bytes([1]) * SIZE
+        client.unmap_buffers(proxy, [2])
+        assert client.call(proxy, "write_held", {"byte": 2}) == 1  # no fault in the worker
+        assert out[:] == bytes([1]) * SIZE  # and nothing reached the client
+    assert client.call(proxy, "drop_held") == 1
 
 
 def test_the_worker_bounds_what_a_raw_client_registers(
@@ -333,8 +350,7 @@ def test_the_worker_bounds_what_a_raw_client_registers(
         after = raw(p.Call("fds"), [])
         assert isinstance(with_buffers, p.Result)
         assert isinstance(after, p.Result)
-        # Every registered descriptor closed, and the one Python's mmap keeps for each.
-        assert after.value == with_buffers.value - 2 * 64
+        assert after.value == with_buffers.value - 64  # every registered descriptor closed
         assert after == before  # and the refused registrations left none behind
         assert client.request_proxy("echo").call("count", timeout=10) == 1
     daemon.stop_cleanly().check()

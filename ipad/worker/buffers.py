@@ -25,6 +25,7 @@ import fcntl
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
@@ -58,12 +59,22 @@ DMA_BUF_MAGIC = 0x444D4142
 #: Tries of a sync the kernel interrupted (EINTR, EAGAIN), as libcamera does.
 SYNC_TRIES = 8
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_mmap = _LIBC.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long]  # fmt: skip
+_munmap = _LIBC.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MAP_FAILED = ctypes.c_void_p(-1).value
+#: mmap(2): place the mapping exactly at the address given, replacing what was there.
+MAP_FIXED = 0x10
+
 
 def filesystem_magic(fd: int) -> int:
     """fstatfs(2)'s ``f_type`` of a descriptor: which filesystem its file is on."""
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, buf) != 0:
+    if _LIBC.fstatfs(fd, buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
@@ -87,6 +98,10 @@ class RegisteredBuffer(Buffer):
         #: The last DMA_BUF_IOCTL_SYNC calls: (flags, "ok" or the errno's name); for diagnosis.
         self.syncs: collections.deque[tuple[int, str]] = collections.deque(maxlen=8)
         self._length = 0
+        #: The mapping, made with mmap(2) itself: Python's mmap would hold a second descriptor
+        #: per buffer, and could not take the pages from a view the module kept.
+        self._address = 0
+        self._pages: ctypes.Array[ctypes.c_char] | None = None
 
     def open(self) -> None:
         """Check the descriptor and map it; BufferRefused says why it is not safe."""
@@ -101,13 +116,15 @@ class RegisteredBuffer(Buffer):
         if length > MAX_REGISTERED_BYTES:
             self._refuse(f"its {length} bytes exceed {MAX_REGISTERED_BYTES} per instance")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-        try:
-            self._map = mmap.mmap(self.fd, length, prot=prot, flags=mmap.MAP_SHARED)
-        except PermissionError:
-            why = "sealed against writes" if self.writable else "not readable"
-            self._refuse(f"it is {why}, so it cannot be a {self.kind} buffer")
-        except (OSError, ValueError) as exc:
-            self._refuse(f"it cannot be mapped: {exc}")
+        address = _mmap(None, length, prot, mmap.MAP_SHARED, self.fd, 0)
+        if address in (None, MAP_FAILED):
+            code = ctypes.get_errno()
+            if code in (errno.EPERM, errno.EACCES):
+                why = "sealed against writes" if self.writable else "not readable"
+                self._refuse(f"it is {why}, so it cannot be a {self.kind} buffer")
+            self._refuse(f"it cannot be mapped: {os.strerror(code)}")
+        self._address = address
+        self._pages = (ctypes.c_char * length).from_address(address)
         self._length = length
         self._writable = self.writable
 
@@ -118,11 +135,11 @@ class RegisteredBuffer(Buffer):
 
     def map(self, *, writable: bool = False) -> memoryview:
         """A view of the mapping made at registration, writable only for an output."""
-        if self._map is None:
+        if self._pages is None:
             self._refuse("it was unmapped")
         if writable and not self.writable:
             self._refuse(f"it was registered as {self.kind!r}, not writable")
-        view = memoryview(self._map)
+        view = memoryview(self._pages).cast("B")
         return view if writable else view.toreadonly()
 
     @contextlib.contextmanager
@@ -165,14 +182,25 @@ class RegisteredBuffer(Buffer):
         """Nothing: a registered buffer outlives the call; UNMAP_BUFFERS releases it."""
 
     def release(self) -> bool:
-        """Unmap and close; False if the module holds a view (the mapping lives on with it)."""
+        """Unmap and close; False if the module still held a view of it.
+
+        A view the module kept must not fault (that would kill the worker, and
+        every instance it serves) nor keep seeing the client's buffer: its
+        pages are replaced by private zero pages, which stay reserved for as
+        long as the worker lives. Otherwise the range is simply unmapped.
+        """
         held = False
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                held = True  # unmapped when the module drops its last view
-            self._map = None
+        if self._pages is not None:
+            # Our attribute and getrefcount's argument; every view adds one, through its buffer.
+            held = sys.getrefcount(self._pages) > 2
+            if held:
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED
+                prot = mmap.PROT_READ | mmap.PROT_WRITE
+                if _mmap(self._address, self._length, prot, flags, -1, 0) != self._address:
+                    os.abort()  # the client's pages would stay in reach: never carry on
+            elif _munmap(self._address, self._length) != 0:
+                os.abort()
+            self._pages = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -66,6 +66,17 @@ class Registered(IPAModule):
         Registered.held.append(frame.map())
         return hashlib.sha256(Registered.held[-1]).hexdigest()
 
+    def hold_writable(self, out: Buffer) -> int:
+        """Keep a writable view of an output past this call, and past its unmap."""
+        Registered.held.append(out.map(writable=True))
+        return len(Registered.held[-1])
+
+    def write_held(self, byte: int) -> int:
+        """Write ``byte`` over every kept view; how many there were."""
+        for view in Registered.held:
+            view[:] = bytes([byte]) * len(view)
+        return len(Registered.held)
+
     def read_held(self) -> list[str]:
         """The SHA-256 of each view kept by ``hold``: the mapping lives as long as the view."""
         return [hashlib.sha256(view).hexdigest() for view in Registered.held]
