@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ipad import client as ipc
@@ -463,3 +464,15 @@ def test_the_clients_duplicates_are_closed_with_the_proxy(
     assert open_fds() == baseline + 2
     client.release(proxy)
     assert open_fds() == baseline - 1  # the duplicates, and the proxy's channel
+
+
+def test_a_call_without_registered_buffers_is_encoded_as_before() -> None:
+    """``buffer_args`` goes on the wire only when used, so older workers still decode every call."""
+    from ipad.client._core import build_call  # noqa: PLC0415 - the clients' own encoder
+
+    plain, _ = build_call("process", {"frame": 1}, None)
+    assert msgspec.msgpack.decode(p.encode(plain)[p.HEADER_SIZE :]) == {
+        "method": "process", "args": {"frame": 1}, "fd_args": []}  # fmt: skip
+    named, fd_list = build_call("process", None, {"stats": Registered(3)})
+    assert fd_list == []
+    assert msgspec.msgpack.decode(p.encode(named)[p.HEADER_SIZE :])["buffer_args"] == {"stats": 3}
