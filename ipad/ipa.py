@@ -88,7 +88,12 @@ class BufferRefused(ValueError):
 
 
 class Buffer:
-    """A file descriptor passed with a call, mapped on demand and closed after the call."""
+    """A file descriptor passed with a call, mapped on demand and closed after the call.
+
+    A buffer the client registered (MAP_BUFFERS) is a subclass instead, mapped
+    once and kept until unmapped (ipad/worker/buffers.py); ``cpu_access``
+    works with both.
+    """
 
     def __init__(self, fd: int, name: str = "buffer") -> None:
         self.fd = fd
