@@ -334,7 +334,7 @@ class BlockingProxy(ProxyCore):
         *,
         wait: float | None = None,
     ) -> Any:
-        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors (or Registered ids).
 
         ``timeout`` bounds the whole call (TimedOut), recovery and replay
         included; without it, the module's ``call_timeout`` does (from the

@@ -77,7 +77,7 @@ class Proxy(ProxyCore):
         wait: float | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors (or Registered ids).
 
         On an invalid proxy the call waits for the recovery under way: if its
         attempt fails, the call fails with CallNotSent saying why, or with
