@@ -11,6 +11,8 @@ import hashlib
 import mmap
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -476,3 +478,44 @@ def test_a_call_without_registered_buffers_is_encoded_as_before() -> None:
     named, fd_list = build_call("process", None, {"stats": Registered(3)})
     assert fd_list == []
     assert msgspec.msgpack.decode(p.encode(named)[p.HEADER_SIZE :])["buffer_args"] == {"stats": 3}
+
+
+#: A client that registers 64 buffers, says so, and waits to be killed.
+KILLED_CLIENT = """
+import sys, time
+from ipad.client import BlockingClient, make_buffer
+client = BlockingClient(sys.argv[1])
+proxy = client.request_proxy("registered")
+fd = make_buffer(4096)
+for start in range(0, 64, 16):
+    proxy.map_buffers(dict.fromkeys(range(start, start + 16), fd))
+print(proxy.call("fds"), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_client_killed_with_buffers_registered_leaves_nothing_in_the_worker(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """SIGKILL a client holding 64 registered buffers: the shared worker closes every one."""
+    daemon = serving(start_daemon, tmp_path)
+    with ipc.BlockingClient(daemon.socket) as client:
+        neighbour = client.request_proxy("registered")
+        before = neighbour.call("fds", timeout=10)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_CLIENT, str(daemon.socket)],
+            stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # bounded: the test's timeout, and the client's sleep
+            assert int(line) == before + 1 + 64  # its channel and its buffers, in the same worker
+        finally:
+            proc.kill()
+            proc.wait(WAIT)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        wait_until(lambda: neighbour.call("fds", timeout=10) == before, WAIT)
+        assert neighbour.call("pid", timeout=10) > 0
+    daemon.stop_cleanly().check()
