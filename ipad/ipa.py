@@ -11,7 +11,11 @@ Large data travels as file descriptors: a parameter annotated ``Buffer``
 receives a memfd the client passed with the call, mapped read-only (or
 writable, for a buffer the client passed as an output). Only a memfd sealed
 against shrinking is mapped: a client that truncated a mapped buffer would
-kill the worker, and every other client it serves, with SIGBUS.
+kill the worker, and every other client it serves, with SIGBUS. A buffer the
+client registered once (MAP_BUFFERS, as libcamera's ``mapBuffers``) comes as
+the same Buffer at every call, mapped once (ipad/worker/buffers.py); code that
+reads or fills a buffer through ``cpu_access`` works with both, and with
+dma-bufs, whose CPU access it brackets with ``DMA_BUF_IOCTL_SYNC``.
 
 This module is imported inside workers: it uses only the standard library, so
 a worker starts in tens of milliseconds.
@@ -24,7 +28,7 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,7 +88,12 @@ class BufferRefused(ValueError):
 
 
 class Buffer:
-    """A file descriptor passed with a call, mapped on demand and closed after the call."""
+    """A file descriptor passed with a call, mapped on demand and closed after the call.
+
+    A buffer the client registered (MAP_BUFFERS) is a subclass instead, mapped
+    once and kept until unmapped (ipad/worker/buffers.py); ``cpu_access``
+    works with both.
+    """
 
     def __init__(self, fd: int, name: str = "buffer") -> None:
         self.fd = fd
@@ -121,6 +130,15 @@ class Buffer:
         elif writable and not self._writable:
             self._refuse("it was mapped read-only first")
         return memoryview(self._map)
+
+    @contextlib.contextmanager
+    def cpu_access(self, *, write: bool = False) -> Iterator[memoryview]:
+        """The buffer's bytes for the CPU, writable if ``write`` (outputs only).
+
+        For a memfd this is ``map``; a registered dma-buf also brackets the
+        access with ``DMA_BUF_IOCTL_SYNC`` start and end, as the kernel asks.
+        """
+        yield self.map(writable=write)
 
     def _check(self) -> None:
         try:

@@ -42,7 +42,7 @@ class Driver(Protocol):
         proxy: Any,
         method: str,
         args: dict[str, Any] | None = None,
-        fds: dict[str, int] | None = None,
+        fds: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
         wait: float | None = None,
@@ -54,6 +54,12 @@ class Driver(Protocol):
 
     def describe(self, module: str) -> Any:
         """The daemon's DESCRIPTION of ``module``."""
+
+    def map_buffers(self, proxy: Any, buffers: dict[int, Any], **bounds: float) -> None:
+        """``proxy.map_buffers``, whichever the client."""
+
+    def unmap_buffers(self, proxy: Any, ids: list[int], **bounds: float) -> None:
+        """``proxy.unmap_buffers``, whichever the client."""
 
     def attr(self, proxy: Any, name: str) -> Any:
         """An attribute of ``proxy``, read where the client runs."""
@@ -94,13 +100,21 @@ class BlockingDriver:
         proxy: Any,
         method: str,
         args: dict[str, Any] | None = None,
-        fds: dict[str, int] | None = None,
+        fds: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
         wait: float | None = None,
     ) -> Any:
         """``proxy.call`` with the same arguments."""
         return proxy.call(method, args, fds, timeout, wait=wait)
+
+    def map_buffers(self, proxy: Any, buffers: dict[int, Any], **bounds: float) -> None:
+        """``proxy.map_buffers``."""
+        proxy.map_buffers(buffers, **bounds)
+
+    def unmap_buffers(self, proxy: Any, ids: list[int], **bounds: float) -> None:
+        """``proxy.unmap_buffers``."""
+        proxy.unmap_buffers(ids, **bounds)
 
     def status(self) -> Any:
         """The daemon's STATUS_REPLY."""
@@ -194,7 +208,7 @@ class TrioDriver:
         proxy: Any,
         method: str,
         args: dict[str, Any] | None = None,
-        fds: dict[str, int] | None = None,
+        fds: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
         wait: float | None = None,
@@ -202,6 +216,14 @@ class TrioDriver:
         """``proxy.call`` with the same arguments."""
         bounds = {k: v for k, v in (("timeout", timeout), ("wait", wait)) if v is not None}
         return self._in_loop(proxy.call, method, args, fds, **bounds)
+
+    def map_buffers(self, proxy: Any, buffers: dict[int, Any], **bounds: float) -> None:
+        """``proxy.map_buffers``."""
+        self._in_loop(proxy.map_buffers, buffers, **bounds)
+
+    def unmap_buffers(self, proxy: Any, ids: list[int], **bounds: float) -> None:
+        """``proxy.unmap_buffers``."""
+        self._in_loop(proxy.unmap_buffers, ids, **bounds)
 
     def status(self) -> Any:
         """The daemon's STATUS_REPLY."""

@@ -59,6 +59,10 @@ def default_text(field: mi.Field) -> str:
     """A field's default in the page's notation, or ``required``."""
     if field.required:
         return "required"
+    if field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT:
+        # An UNSET default (left out of the encoding when unset): the page names the
+        # value a receiver uses, the empty one of the field's type.
+        return "{}" if "{" in type_name(field.type) else "[]"
     value = field.default if field.default is not msgspec.NODEFAULT else field.default_factory()
     if isinstance(value, bool) or value is None:
         return LITERALS[value]

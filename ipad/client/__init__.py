@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ipad.client._blocking import BlockingClient, BlockingProxy
-from ipad.client._buffers import Output, make_buffer
+from ipad.client._buffers import DmaBuf, Output, Registered, make_buffer
 from ipad.client._core import ProxyInfo
 from ipad.protocol.errors import (
     BadArguments,
@@ -49,6 +49,7 @@ __all__ = [
     "CallNotSent",
     "Client",
     "Disconnected",
+    "DmaBuf",
     "IpadError",
     "LimitExceeded",
     "ModuleError",
@@ -58,6 +59,7 @@ __all__ = [
     "PipelineMismatch",
     "Proxy",
     "ProxyInfo",
+    "Registered",
     "TimedOut",
     "UnknownMethod",
     "UnknownModule",

@@ -18,13 +18,14 @@ import math
 import select
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ipad.client._backlog import EVENT_BACKLOG, RAW_EVENTS, Backlog
-from ipad.client._buffers import FdArg
+from ipad.client._buffers import BufferArg, FdArg
 from ipad.client._core import (
+    CHANNEL_REPLIES,
     CLIENT_VERSIONS,
     Backoff,
     Bounds,
@@ -277,7 +278,7 @@ class _Replay:
             raise IpadError("PROXY_GRANTED came without its channel")
         channel = socket.socket(fileno=frame.fds[0])
         self.conn = _Connection(channel, p.FROM_WORKER_CHANNEL, f"{proxy.module} worker")
-        self.calls = proxy.replay_calls()
+        self.calls = proxy.replay()
         self.sent: list[int] = []
         self.answered = 0
 
@@ -287,7 +288,8 @@ class _Replay:
             message, fd_list = self.calls[len(self.sent)]
             self.sent.append(self.conn.send(message, fd_list, until))
         while self.answered < len(self.sent):
-            expect(self.conn.reply(self.sent[self.answered], until, keep=True), p.Result)
+            reply = CHANNEL_REPLIES[type(self.calls[self.answered][0])]
+            expect(self.conn.reply(self.sent[self.answered], until, keep=True), reply)
             self.answered += 1
 
 
@@ -332,7 +334,7 @@ class BlockingProxy(ProxyCore):
         *,
         wait: float | None = None,
     ) -> Any:
-        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors (or Registered ids).
 
         ``timeout`` bounds the whole call (TimedOut), recovery and replay
         included; without it, the module's ``call_timeout`` does (from the
@@ -340,9 +342,43 @@ class BlockingProxy(ProxyCore):
         through failed attempts (CallNotSent when it runs out). A reply that
         comes after the call gave up is dropped; the proxy stays usable.
         """
-        bounds = self.bounds(time.monotonic(), timeout, wait)
         message, fd_list = build_call(method, args, fds)
         self.check_call(method, args, fds)  # no round trip for a call that cannot fit
+        return self._request(message, fd_list, method, fds, timeout, wait)
+
+    def map_buffers(
+        self,
+        buffers: Mapping[int, BufferArg],
+        timeout: float | None = None,
+        *,
+        wait: float | None = None,
+    ) -> None:
+        """Register up to MAX_FDS buffers by id, kept mapped by the worker until unmapped.
+
+        As the trio client's ``map_buffers``: memfds (inputs), ``Output(fd)``,
+        ``DmaBuf(fd)``; all or none; registered again after a worker restart,
+        before the setup calls are replayed. Calls name them with ``Registered(id)``.
+        """
+        message, fd_list = self.map_request(buffers)
+        self._request(message, fd_list, "map_buffers", dict(buffers), timeout, wait)
+
+    def unmap_buffers(
+        self, ids: Iterable[int], timeout: float | None = None, *, wait: float | None = None
+    ) -> None:
+        """Unregister buffers: the worker unmaps them and closes its descriptors."""
+        self._request(self.unmap_request(ids), [], "unmap_buffers", None, timeout, wait)
+
+    def _request(
+        self,
+        message: p.Message,
+        fd_list: list[int],
+        method: str,
+        given: Any,
+        timeout: float | None,
+        wait: float | None,
+    ) -> Any:
+        """Send a channel request within its bounds; what ``answered`` makes of the reply."""
+        bounds = self.bounds(time.monotonic(), timeout, wait)
         while True:
             if not self.valid:
                 self._recover(bounds)
@@ -365,9 +401,7 @@ class BlockingProxy(ProxyCore):
                 raise
             except TimedOut:
                 raise self.timed_out(method, bounds.timeout, sent=True) from None
-            value = expect(frame, p.Result).value
-            self.recorded(method, args, fds)
-            return self.typed(method, value)
+            return self.answered(message, frame, given)
 
     def recover(self, timeout: float) -> None:
         """Bring the proxy back now (reopen, replay) within ``timeout`` seconds; raise why not.

@@ -54,8 +54,32 @@ class Output:
     fd: int
 
 
+@attrs.frozen
+class DmaBuf:
+    """A dma-buf to register (``proxy.map_buffers({3: DmaBuf(fd)})``), passed as it is.
+
+    A dma-buf cannot be resized by its importer, so it needs no seal (and
+    takes none). The module may write it only if ``writable``; give a module
+    read-only access with a descriptor opened read-only, since its exporter,
+    not a seal, decides what a mapping of it may do. Registration only: a
+    call's ``fds`` refuses it.
+    """
+
+    fd: int
+    writable: bool = False
+
+
+@attrs.frozen
+class Registered:
+    """A registered buffer named in a call: ``fds={"frame": Registered(3)}``."""
+
+    id: int
+
+
 #: What a call's ``fds`` maps each Buffer parameter to.
-FdArg = int | Output
+FdArg = int | Output | Registered
+#: What ``map_buffers`` takes for each id: an input memfd, an Output, or a DmaBuf.
+BufferArg = int | Output | DmaBuf
 
 
 def make_buffer(data: bytes | int = 0, name: str = "ipad-buffer") -> int:
@@ -78,9 +102,18 @@ def make_buffer(data: bytes | int = 0, name: str = "ipad-buffer") -> int:
     return fd
 
 
-def fd_of(value: FdArg) -> int:
-    """The descriptor behind a ``fds`` value."""
-    return value.fd if isinstance(value, Output) else value
+def fd_of(value: FdArg | DmaBuf) -> int:
+    """The descriptor behind a ``fds`` value (-1 for a Registered one: it passes none)."""
+    if isinstance(value, Registered):
+        return -1
+    return value.fd if isinstance(value, Output | DmaBuf) else value
+
+
+def kind_of(value: BufferArg) -> str:
+    """The wire's kind of a buffer to register (wire.BufferSpec)."""
+    if isinstance(value, DmaBuf):
+        return "dmabuf_output" if value.writable else "dmabuf"
+    return "output" if isinstance(value, Output) else "input"
 
 
 def protect(key: str, value: FdArg) -> int:
@@ -90,6 +123,12 @@ def protect(key: str, value: FdArg) -> int:
     memfd made without MFD_ALLOW_SEALING, one opened read-only that lacks its
     seals (adding seals needs write access), or an output sealed against writes.
     """
+    if isinstance(value, Registered | DmaBuf):
+        raise BadArguments(
+            f"buffer {key!r}: {value!r} is not a descriptor to pass with a call "
+            "(register a DmaBuf with map_buffers, then name it with Registered)",
+            {"fd_arg": key, "sent": False},
+        )
     output = isinstance(value, Output)
     fd = fd_of(value)
     if isinstance(fd, bool) or not isinstance(fd, int):
@@ -130,8 +169,8 @@ def protect(key: str, value: FdArg) -> int:
 
 
 def protect_all(fds: Mapping[str, FdArg] | None) -> list[int]:
-    """Protect every buffer of a call; the descriptors in order."""
-    return [protect(key, value) for key, value in (fds or {}).items()]
+    """Protect every buffer of a call passed with it (not Registered ones); the descriptors."""
+    return [protect(k, v) for k, v in (fds or {}).items() if not isinstance(v, Registered)]
 
 
 def _refused(key: str, fd: int, why: str) -> BadArguments:

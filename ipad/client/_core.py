@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 import attrs
 
-from ipad.client._buffers import FdArg, Output, fd_of, protect_all
+from ipad.client._buffers import FdArg, Output, Registered, fd_of, protect_all
 from ipad.client._describe import Description, description_of
+from ipad.client._registry import BufferRegistry
 from ipad.protocol import wire as p
 from ipad.protocol.errors import CallNotSent, IpadError, TimedOut, UnknownProxy, error_from_reply
 
@@ -96,6 +97,8 @@ class SetupLog:
     def __init__(self, info: ProxyInfo) -> None:
         self.info = info
         self.calls: list[SetupCall] = []
+        #: The buffers registered with the instance: registered again before the replay.
+        self.buffers = BufferRegistry()
 
     def record(
         self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
@@ -112,19 +115,30 @@ class SetupLog:
     def _drop(self, method: str) -> None:
         for call in [c for c in self.calls if c.method == method]:
             self.calls.remove(call)
-            for _, value in call.fds:
-                os.close(fd_of(value))
+            _close(call.fds)
+
+    def in_use(self) -> set[int]:
+        """The registered buffer ids the recorded setup calls name."""
+        return {v.id for c in self.calls for _, v in c.fds if isinstance(v, Registered)}
 
     def close(self) -> None:
         """Close the duplicated descriptors."""
         for call in self.calls:
-            for _, value in call.fds:
-                os.close(fd_of(value))
+            _close(call.fds)
         self.calls.clear()
+        self.buffers.close()
+
+
+def _close(fds: tuple[tuple[str, FdArg], ...]) -> None:
+    for _, value in fds:
+        if not isinstance(value, Registered):
+            os.close(fd_of(value))
 
 
 def _dup(value: FdArg) -> FdArg:
     """A duplicate for the replay, an Output still an Output; the memfd (and its seals) shared."""
+    if isinstance(value, Registered):
+        return value  # no descriptor: the registration is replayed first
     return Output(os.dup(value.fd)) if isinstance(value, Output) else os.dup(value)
 
 
@@ -137,11 +151,21 @@ def build_call(
     refused with BadArguments, and nothing is sent.
     """
     fd_list = protect_all(fds)
-    call = p.Call(method, dict(args or {}), tuple(fds or ()))
-    return call, fd_list
+    passed = tuple(k for k, v in (fds or {}).items() if not isinstance(v, Registered))
+    named = {k: v.id for k, v in (fds or {}).items() if isinstance(v, Registered)}
+    if named:
+        return p.Call(method, dict(args or {}), passed, named), fd_list
+    return p.Call(method, dict(args or {}), passed), fd_list
 
 
 M = TypeVar("M", bound=p.Message)
+
+#: The reply each request on a channel gets when it succeeds.
+CHANNEL_REPLIES: dict[type[p.Message], type[p.Message]] = {
+    p.Call: p.Result,
+    p.MapBuffers: p.BuffersMapped,
+    p.UnmapBuffers: p.BuffersUnmapped,
+}
 
 
 def expect(frame: p.Frame, kind: type[M]) -> M:

@@ -11,17 +11,19 @@ daemon, every move between states is in one table and an illegal one raises.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ipad.client._buffers import FdArg
+from ipad.client._buffers import BufferArg, FdArg
 from ipad.client._core import (
+    CHANNEL_REPLIES,
     Backoff,
     Bounds,
     ProxyInfo,
     SetupLog,
     build_call,
     closed_error,
+    expect,
     not_sent,
     proxy_news,
     unavailable_details,
@@ -177,6 +179,30 @@ class ProxyCore:
         """A call's result with its objects as Records, as the method's description says."""
         return self.info.description.typed(method, value)
 
+    def map_request(self, buffers: Mapping[int, BufferArg]) -> tuple[p.MapBuffers, list[int]]:
+        """MAP_BUFFERS for ``buffers`` and its sealed descriptors (BadArguments: nothing sent)."""
+        return self.setup_log.buffers.map_message(buffers)
+
+    def unmap_request(self, ids: Iterable[int]) -> p.UnmapBuffers:
+        """UNMAP_BUFFERS for ``ids`` (BadArguments for one unknown or named by a setup call)."""
+        return self.setup_log.buffers.unmap_message(ids, self.setup_log.in_use())
+
+    def answered(self, message: p.Message, frame: p.Frame, given: Any) -> Any:
+        """What a channel request's reply means: a call's value, or None for (un)registration.
+
+        A setup call is recorded, registered buffers kept: ``given`` is what the caller passed.
+        """
+        if isinstance(message, p.Call):
+            value = expect(frame, p.Result).value
+            self.recorded(message.method, message.args, given)
+            return self.typed(message.method, value)
+        expect(frame, CHANNEL_REPLIES[type(message)])
+        if isinstance(message, p.MapBuffers):
+            self.setup_log.buffers.mapped(given)
+        elif isinstance(message, p.UnmapBuffers):
+            self.setup_log.buffers.unmapped(message.ids)
+        return None
+
     # --- a call's limits and errors ------------------------------------------------
 
     def bounds(self, now: float, timeout: float | None, wait: float | None) -> Bounds:
@@ -254,6 +280,17 @@ class ProxyCore:
         and saves a round trip each.
         """
         return [build_call(c.method, c.args, dict(c.fds)) for c in self.setup_log.calls]
+
+    def replay(self) -> list[tuple[p.Message, list[int]]]:
+        """What to send on a new channel, pipelined: the registered buffers, then replay_calls.
+
+        Buffers first (MAP_BUFFERS), since setup calls may name them. Each
+        message's reply is CHANNEL_REPLIES of its type.
+        """
+        replay: list[tuple[p.Message, list[int]]] = []
+        replay.extend(self.setup_log.buffers.replay())
+        replay.extend(self.replay_calls())
+        return replay
 
     def replay_failed(self, exc: IpadError, now: float) -> IpadError:
         """Replaying on a granted channel failed: the failure to tell.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ipad.client._buffers import FdArg
-from ipad.client._core import Bounds, ProxyInfo, build_call, expect
+from ipad.client._buffers import BufferArg, FdArg
+from ipad.client._core import CHANNEL_REPLIES, Bounds, ProxyInfo, build_call, expect
 from ipad.client._core_proxy import ProxyCore, ProxyState
 from ipad.client._core_requests import Match
 from ipad.client._events import EventQueue
@@ -77,7 +77,7 @@ class Proxy(ProxyCore):
         wait: float | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Call ``method``; ``fds`` maps Buffer parameters to descriptors.
+        """Call ``method``; ``fds`` maps Buffer parameters to descriptors (or Registered ids).
 
         On an invalid proxy the call waits for the recovery under way: if its
         attempt fails, the call fails with CallNotSent saying why, or with
@@ -91,12 +91,47 @@ class Proxy(ProxyCore):
         """
         call = build_call(method, args, fds)  # sealed and encoded once, whatever the retries
         self.check_call(method, args, fds)  # no round trip for a call that cannot fit
+        return await self._request(call, method, fds, timeout, wait)
+
+    async def map_buffers(
+        self,
+        buffers: Mapping[int, BufferArg],
+        *,
+        wait: float | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Register up to MAX_FDS buffers by id, kept mapped by the worker until unmapped.
+
+        Values are memfds (inputs, sealed as a call's), ``Output(fd)`` or
+        ``DmaBuf(fd)``; calls name them with ``fds={"param": Registered(id)}``.
+        All are registered or none (BadArguments naming the id). After a worker
+        restart they are registered again before the setup calls are replayed.
+        ``wait`` and ``timeout`` as for ``call``.
+        """
+        request = self.map_request(buffers)
+        await self._request(request, "map_buffers", dict(buffers), timeout, wait)
+
+    async def unmap_buffers(
+        self, ids: Iterable[int], *, wait: float | None = None, timeout: float | None = None
+    ) -> None:
+        """Unregister buffers: the worker unmaps them and closes its descriptors."""
+        await self._request((self.unmap_request(ids), []), "unmap_buffers", None, timeout, wait)
+
+    async def _request(
+        self,
+        call: tuple[p.Message, list[int]],
+        method: str,
+        given: Any,
+        timeout: float | None,
+        wait: float | None,
+    ) -> Any:
+        """Send a channel request within the call's bounds; what ``answered`` makes of it."""
         bounds = self.bounds(trio.current_time(), timeout, wait)
         sent: list[bool] = []
         if bounds.deadline is None:  # no cancel scope of ours on the common path
-            return await self._call(bounds, sent, call, method, args, fds)
+            return await self._call(bounds, sent, call, given)
         with trio.move_on_at(bounds.deadline):
-            return await self._call(bounds, sent, call, method, args, fds)
+            return await self._call(bounds, sent, call, given)
         if sent or self.valid:  # sent, or the channel had no room for the call in time
             raise self.timed_out(method, bounds.timeout, sent=bool(sent))
         raise bounds.expired(trio.current_time(), self.module, self.why())
@@ -105,15 +140,13 @@ class Proxy(ProxyCore):
         self,
         bounds: Bounds,
         sent: list[bool],
-        call: tuple[p.Call, list[int]],
-        method: str,
-        args: Mapping[str, Any] | None,
-        fds: Mapping[str, FdArg] | None,
+        call: tuple[p.Message, list[int]],
+        given: Any,
     ) -> Any:
         """The call, once the proxy is valid; ``sent`` gets True once it reached the worker.
 
-        ``call`` is what build_call made of ``method``, ``args`` and ``fds``; those
-        are kept for the setup log once it succeeded.
+        ``call`` is what build_call (or map_request) made of what the caller
+        ``given``, which the setup log keeps once it succeeded.
         """
         while True:
             await self._until_valid(bounds)
@@ -132,9 +165,7 @@ class Proxy(ProxyCore):
                     raise  # it may have run: never sent again
                 sent.clear()
                 continue  # the worker died with it unread: sent again once recovered
-            value = expect(frame, p.Result).value
-            self.recorded(method, args, fds)
-            return self.typed(method, value)
+            return self.answered(call[0], frame, given)
 
     async def _until_valid(self, bounds: Bounds) -> None:
         """Return once valid; raise why not once an attempt failed, or ``wait`` ran out."""
@@ -178,7 +209,7 @@ class Proxy(ProxyCore):
         self,
         channel: PacketSocket,
         requests: TrioRequests,
-        message: p.Call,
+        message: p.Message,
         fd_list: Sequence[int],
     ) -> Pending:
         """Send a CALL without waiting; a closed channel is the worker gone (CallNotSent)."""
@@ -272,9 +303,10 @@ class Proxy(ProxyCore):
         the daemon) while the grant was on its way.
         """
         self.start_reader(channel, requests)
-        sent = [await self._send_call(channel, requests, *call) for call in self.replay_calls()]
-        for pending in sent:
-            expect(await requests.reply(pending), p.Result)
+        calls = self.replay()
+        sent = [await self._send_call(channel, requests, *call) for call in calls]
+        for (message, _), pending in zip(calls, sent, strict=True):
+            expect(await requests.reply(pending), CHANNEL_REPLIES[type(message)])
         if self.closed:
             channel.close()
             return None

@@ -49,6 +49,10 @@ HEADER_SIZE = HEADER.size
 
 #: Descriptors one message may carry; SCM_RIGHTS allows 253, a call needs a handful.
 MAX_FDS = 16
+#: Buffers one module instance may have registered at once (MAP_BUFFERS).
+MAX_REGISTERED_BUFFERS = 64
+#: Registered buffer ids are a C ``unsigned int``, as libcamera's.
+MAX_BUFFER_ID = 2**32 - 1
 #: Payload bytes one message may carry; bulk data goes in memfds, not in messages.
 MAX_PAYLOAD = 256 * 1024
 #: The receive buffer that holds any valid packet; a larger one is seen by MSG_TRUNC.
@@ -103,6 +107,10 @@ class MsgType(enum.IntEnum):
     CALL = 48
     RESULT = 49
     MODULE_EVENT = 50
+    MAP_BUFFERS = 51
+    BUFFERS_MAPPED = 52
+    UNMAP_BUFFERS = 53
+    BUFFERS_UNMAPPED = 54
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -543,6 +551,8 @@ class Call(Message, frozen=True):
     method: str
     args: dict[str, Any] = msgspec.field(default_factory=dict)
     fd_args: tuple[str, ...] = ()
+    #: Buffer parameter -> id of a buffer registered with MAP_BUFFERS (left out when empty).
+    buffer_args: dict[str, int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Result(Message, frozen=True):
@@ -560,6 +570,43 @@ class ModuleEvent(Message, frozen=True):
     data: Any = None
 
 
+class BufferSpec(msgspec.Struct, frozen=True):
+    """One buffer of MAP_BUFFERS: the client's id for it and how the module may use it."""
+
+    id: int
+    #: ``input`` (read-only memfd), ``output`` (writable memfd), ``dmabuf`` (read-only
+    #: dma-buf), ``dmabuf_output`` (writable dma-buf).
+    kind: str = "input"
+
+
+class MapBuffers(Message, frozen=True):
+    """Register buffers with the instance, kept mapped until unmapped; the fds in order."""
+
+    TYPE = MsgType.MAP_BUFFERS
+    buffers: tuple[BufferSpec, ...]
+
+
+class BuffersMapped(Message, frozen=True):
+    """Reply to MapBuffers: every buffer was registered (none is, on ERROR)."""
+
+    TYPE = MsgType.BUFFERS_MAPPED
+    ids: tuple[int, ...]
+
+
+class UnmapBuffers(Message, frozen=True):
+    """Unregister buffers: the worker unmaps them and closes its descriptors."""
+
+    TYPE = MsgType.UNMAP_BUFFERS
+    ids: tuple[int, ...]
+
+
+class BuffersUnmapped(Message, frozen=True):
+    """Reply to UnmapBuffers."""
+
+    TYPE = MsgType.BUFFERS_UNMAPPED
+    ids: tuple[int, ...]
+
+
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -568,6 +615,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
         Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
+        MapBuffers, BuffersMapped, UnmapBuffers, BuffersUnmapped,
     )
 }  # fmt: skip
 
@@ -591,8 +639,11 @@ FROM_WORKER_CONTROL = frozenset(
 )  # fmt: skip
 TO_FORKSERVER = frozenset({MsgType.SPAWN, MsgType.PRELOAD, MsgType.SHUTDOWN})
 FROM_FORKSERVER = frozenset({MsgType.SPAWNED, MsgType.ERROR})
-TO_WORKER_CHANNEL = frozenset({MsgType.CALL})
-FROM_WORKER_CHANNEL = frozenset({MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_EVENT})
+TO_WORKER_CHANNEL = frozenset({MsgType.CALL, MsgType.MAP_BUFFERS, MsgType.UNMAP_BUFFERS})
+FROM_WORKER_CHANNEL = frozenset(
+    {MsgType.RESULT, MsgType.ERROR, MsgType.MODULE_EVENT, MsgType.BUFFERS_MAPPED,
+     MsgType.BUFFERS_UNMAPPED}
+)  # fmt: skip
 
 #: Messages that may carry descriptors, and how many at most.
 FD_LIMITS: dict[MsgType, int] = {
@@ -601,6 +652,7 @@ FD_LIMITS: dict[MsgType, int] = {
     MsgType.OPEN_INSTANCE: 1,
     MsgType.SPAWN: 3,
     MsgType.CALL: MAX_FDS,
+    MsgType.MAP_BUFFERS: MAX_FDS,
 }
 
 _ENCODER = msgspec.msgpack.Encoder()

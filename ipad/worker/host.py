@@ -30,6 +30,7 @@ import msgspec
 from ipad.ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
+from ipad.worker.buffers import InstanceBuffers, RegisteredBuffer
 from ipad.worker.describe import Signature, describe
 from ipad.worker.heartbeat_board import Beater
 
@@ -118,8 +119,13 @@ class Method:
         #: What its description is made of (ipad/worker/describe.py).
         self.described = Signature(function, hints, sorted(self.buffers))
 
-    def bind(self, call: p.Call, fds: tuple[int, ...]) -> dict[str, Any]:
-        """Convert a call's arguments to the annotated types; ValueError names what is wrong."""
+    def bind(
+        self, call: p.Call, fds: tuple[int, ...], registered: InstanceBuffers | None = None
+    ) -> dict[str, Any]:
+        """Convert a call's arguments to the annotated types; ValueError names what is wrong.
+
+        ``buffer_args`` name buffers ``registered`` with the instance (MAP_BUFFERS).
+        """
         if len(call.fd_args) != len(fds):
             raise ValueError(f"{len(fds)} fds for {len(call.fd_args)} fd arguments")
         kwargs: dict[str, Any] = {}
@@ -135,6 +141,16 @@ class Method:
             if name not in self.buffers:
                 raise ValueError(f"{self.name}() argument {name!r} is not a Buffer")
             kwargs[name] = Buffer(fd, name)
+        for name, buffer_id in (call.buffer_args or {}).items():
+            if name not in self.buffers or name in kwargs:
+                what = "passed twice" if name in kwargs else "not a Buffer"
+                raise ValueError(f"{self.name}() argument {name!r} is {what}")
+            buffer = registered.get(buffer_id) if registered is not None else None
+            if buffer is None:
+                raise ValueError(f"{self.name}() argument {name!r}: buffer id {buffer_id!r} "
+                                 "is not registered")  # fmt: skip
+            buffer.name, buffer.refused = name, None
+            kwargs[name] = buffer
         missing = [n for n in self.required if n not in kwargs]
         if missing:
             raise ValueError(f"{self.name}() is missing {', '.join(map(repr, missing))}")
@@ -214,6 +230,8 @@ class Instance:
         self.instance_id = instance_id
         self.sock = sock
         self.module = module
+        #: The buffers its client registered (MAP_BUFFERS), mapped until unmapped.
+        self.buffers = InstanceBuffers()
 
 
 class WorkerHost:
@@ -390,8 +408,14 @@ class WorkerHost:
         except OSError as exc:
             self._close_instance(instance.instance_id, notify=f"channel failed: {exc.strerror}")
             return
-        assert isinstance(frame.message, p.Call)  # noqa: S101 - decode allowed only CALL
-        reply = self._call(instance, frame.message, frame.fds)
+        message = frame.message
+        if isinstance(message, p.MapBuffers):
+            reply: p.Message = instance.buffers.map(message, frame.fds)
+        elif isinstance(message, p.UnmapBuffers):
+            reply = instance.buffers.unmap(message)
+        else:
+            assert isinstance(message, p.Call)  # noqa: S101 - decode allowed nothing else
+            reply = self._call(instance, message, frame.fds)
         if frame.request_id:  # id 0: run, answer nothing, errors included (docs/protocol.md)
             self._reply(instance, reply, frame.request_id)
 
@@ -404,7 +428,7 @@ class WorkerHost:
             message = f"{self.loaded.name} has no method {call.method!r}; methods: {known}"
             return p.Error(p.ErrorCode.UNKNOWN_METHOD, message)
         try:
-            kwargs = method.bind(call, fds)
+            kwargs = method.bind(call, fds, instance.buffers)
         except (ValueError, msgspec.ValidationError) as exc:
             p.close_fds(fds)
             return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
@@ -423,8 +447,10 @@ class WorkerHost:
         # A buffer refused for mapping is the caller's error, even if the module caught it.
         for buffer in buffers:
             if buffer.refused is not None:
-                details = {"fd_arg": buffer.name}
-                return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(buffer.refused), details)
+                named: dict[str, Any] = {"fd_arg": buffer.name}
+                if isinstance(buffer, RegisteredBuffer):
+                    named["buffer_id"] = buffer.id
+                return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(buffer.refused), named)
         return reply
 
     def _reply(self, instance: Instance, message: p.Message, request_id: int) -> None:
@@ -462,6 +488,7 @@ class WorkerHost:
                     instance.module.close()
                 except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
                     log("worker.close_failed", instance=instance_id, error=repr(exc))
+        instance.buffers.close()  # after the module's close, which may still use them
 
 
 def _discard_event(name: str, data: object) -> None:
