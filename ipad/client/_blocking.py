@@ -32,6 +32,7 @@ from ipad.client._core import (
     M,
     ProxyInfo,
     build_call,
+    check_describe,
     expect,
     not_sent,
 )
@@ -723,6 +724,7 @@ class BlockingClient:
 
     def describe(self, module: str) -> p.Description:
         """``module``'s methods: parameters, result types, docs (as its last worker said them)."""
+        check_describe(self.welcome)
         reply: p.Description = self.request(p.Describe(module), p.Description)
         return reply
 

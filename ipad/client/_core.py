@@ -19,7 +19,14 @@ from ipad.client._buffers import FdArg, Output, Registered, fd_of, protect_all
 from ipad.client._describe import Description, description_of
 from ipad.client._registry import BufferRegistry
 from ipad.protocol import wire as p
-from ipad.protocol.errors import CallNotSent, IpadError, TimedOut, UnknownProxy, error_from_reply
+from ipad.protocol.errors import (
+    CallNotSent,
+    IpadError,
+    TimedOut,
+    UnknownProxy,
+    UnsupportedVersion,
+    error_from_reply,
+)
 
 #: Protocol versions this client library speaks, newest first.
 CLIENT_VERSIONS = (p.PROTOCOL_VERSION,)
@@ -32,6 +39,16 @@ RECONNECT_MAX = 1.0
 RECONNECT_JITTER = 0.2
 #: A connection that lasted this long was a success: after its loss, the first attempt is at once.
 RECONNECT_STABLE = RECONNECT_MAX
+
+
+def check_describe(welcome: p.Welcome | None) -> None:
+    """Raise UnsupportedVersion, nothing sent, if the daemon agreed a minor before DESCRIBE."""
+    minor = welcome.minor if welcome is not None else 0
+    if minor < p.MINOR_DESCRIBE:
+        raise UnsupportedVersion(
+            f"the daemon speaks protocol minor {minor}: DESCRIBE needs minor {p.MINOR_DESCRIBE}",
+            {"minor": minor, "needed": p.MINOR_DESCRIBE},
+        )
 
 
 @attrs.frozen
@@ -53,6 +70,8 @@ class ProxyInfo:
     call_timeout: float | None = None
     #: The methods' parameters, results and docs (ipad/client/_describe.py).
     description: Description = attrs.field(factory=lambda: Description((), {}), eq=False)
+    #: The minor revision the proxy's channel speaks: ours and the serving worker's, the lower.
+    minor: int = 0
 
     @classmethod
     def from_granted(cls, granted: p.ProxyGranted) -> ProxyInfo:
@@ -74,6 +93,7 @@ class ProxyInfo:
                 granted.methods,
                 granted.types,
             ),
+            minor=p.agreed_minor(granted.minor),
         )
 
 

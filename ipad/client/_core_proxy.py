@@ -34,6 +34,7 @@ from ipad.protocol.errors import (
     IpadError,
     TimedOut,
     UnknownProxy,
+    UnsupportedVersion,
     WorkerCrashed,
 )
 
@@ -180,7 +181,18 @@ class ProxyCore:
         return self.info.description.typed(method, value)
 
     def map_request(self, buffers: Mapping[int, BufferArg]) -> tuple[p.MapBuffers, list[int]]:
-        """MAP_BUFFERS for ``buffers`` and its sealed descriptors (BadArguments: nothing sent)."""
+        """MAP_BUFFERS for ``buffers`` and its sealed descriptors (BadArguments: nothing sent).
+
+        UnsupportedVersion, nothing sent, if the serving worker is of a minor before
+        registered buffers (a native worker of minor 0 or 1, say): it would take
+        MAP_BUFFERS for a protocol error and close the channel.
+        """
+        if self.info.minor < p.MINOR_REGISTERED_BUFFERS:
+            raise UnsupportedVersion(
+                f"{self.module}'s worker speaks protocol minor {self.info.minor}: registering "
+                f"buffers needs minor {p.MINOR_REGISTERED_BUFFERS}; pass them with each call",
+                {"minor": self.info.minor, "needed": p.MINOR_REGISTERED_BUFFERS},
+            )
         return self.setup_log.buffers.map_message(buffers)
 
     def unmap_request(self, ids: Iterable[int]) -> p.UnmapBuffers:

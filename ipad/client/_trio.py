@@ -30,6 +30,7 @@ from ipad.client._core import (
     Backoff,
     M,
     ProxyInfo,
+    check_describe,
     expect,
     not_sent,
 )
@@ -183,6 +184,7 @@ class Client:
 
     async def describe(self, module: str) -> p.Description:
         """``module``'s methods: parameters, result types, docs (as its last worker said them)."""
+        check_describe(self.welcome)
         reply: p.Description = await self.request(p.Describe(module), p.Description)
         return reply
 

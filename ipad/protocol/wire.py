@@ -42,8 +42,14 @@ PROTOCOL_VERSION = 1
 #: The minor revision of this major that this side speaks; each revision only adds optional
 #: fields (and message types a peer must first learn the other side knows, from the minor).
 #: 0: the revision before minors were negotiated. 1: unknown fields ignored, ``minor``
-#: in HELLO/WELCOME and LOAD/READY.
-PROTOCOL_MINOR = 1
+#: in HELLO/WELCOME and LOAD/READY. 2: module descriptions (MethodSpec ``params``,
+#: ``result``, ``doc``; ``types``; DESCRIBE/DESCRIPTION) and registered buffers
+#: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``).
+PROTOCOL_MINOR = 2
+#: The minor that brought DESCRIBE: a client sends it only to a daemon that agreed to it.
+MINOR_DESCRIBE = 2
+#: The minor that brought MAP_BUFFERS and CALL's ``buffer_args``, on a proxy's channel.
+MINOR_REGISTERED_BUFFERS = 2
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 
