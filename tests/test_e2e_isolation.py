@@ -232,26 +232,28 @@ def test_restart_restarts_every_worker_and_each_proxy_recovers(
     assert [client.call(p, "camera") for p in proxies] == ["cam0", "cam1"]
 
 
-def test_reload_to_shared_isolation_moves_proxies_onto_one_worker(
-    start_daemon: Start, tmp_path: Path
+@pytest.mark.parametrize(("before", "after"), [("proxy", "module"), ("module", "proxy")])
+def test_a_reload_that_changes_isolation_moves_the_proxies(
+    start_daemon: Start, tmp_path: Path, before: str, after: str
 ) -> None:
-    """A reload that changes ``isolation`` restarts the module; proxies recover on the new mode."""
-    path = config(tmp_path)
+    """A reload that changes ``isolation`` restarts the module; proxies recover in the new mode."""
+    path = config(tmp_path, before)
     daemon = start_daemon(path)
+    workers = {"proxy": 2, "module": 1}
     with BlockingClient(daemon.socket) as client:
         proxies = [client.request_proxy("percam") for _ in range(2)]
         for index, proxy in enumerate(proxies):
             proxy.call("set_camera", {"camera": f"cam{index}"})
         old = {proxy.call("pid") for proxy in proxies}
-        assert len(old) == 2
-        path.write_text(config(tmp_path, "module").read_text())
+        assert len(old) == workers[before]
+        path.write_text(config(tmp_path, after).read_text())
         daemon.ctl("reload")
         wait_gone(old)
         new = {proxy.call("pid") for proxy in proxies}
-        assert len(new) == 1
+        assert len(new) == workers[after]
         assert new.isdisjoint(old)
         assert [p.call("camera") for p in proxies] == ["cam0", "cam1"]
-        assert status(daemon)["isolation"] == "module"
+        assert status(daemon)["isolation"] == after
 
 
 def test_a_client_crash_looping_its_worker_is_contained_to_its_proxy(
