@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,47 @@ def test_workers_are_bounded_by_the_proxy_limits(start_daemon: Start, tmp_path: 
         assert entry["workers_total"] == len(held) == 3
         forked = [r for r in daemon.events("worker.forked") if r.get("module") == "percam"]
         assert len(forked) == 4  # three proxies' workers and one spare: none for the refusal
+
+
+def test_stop_is_clean_with_one_worker_in_backoff_and_one_in_a_call(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """SIGTERM while one proxy's worker waits out a backoff and another runs a slow call."""
+    daemon = start_daemon(config(tmp_path, restart='initial_delay = "5s"'))
+    crashing = BlockingClient(daemon.socket, reconnect=False)
+    busy = BlockingClient(daemon.socket, reconnect=False)
+    try:
+        loser = crashing.request_proxy("percam")
+        worker = busy.request_proxy("percam")
+        for _ in range(2):  # the first restart is immediate, the second waits 5 s
+            with pytest.raises(ipc.WorkerCrashed):
+                loser.call("crash", timeout=10)
+        loser_id = loser.proxy_id
+        wait_until(
+            lambda: (
+                {w["proxy_id"]: w["state"] for w in status(daemon)["workers"]}.get(loser_id)
+                == "backoff"
+            )
+        )
+        outcome: list[BaseException | object] = []
+
+        def slow_call() -> None:
+            try:
+                outcome.append(worker.call("slow", {"seconds": 5.0}, timeout=10))
+            except ipc.IpadError as exc:
+                outcome.append(exc)
+
+        pid = worker.call("pid")
+        slow = threading.Thread(target=slow_call, daemon=True)
+        slow.start()
+        time.sleep(0.3)  # the CALL is in the worker by then (a round trip takes < 1 ms)
+        report = daemon.stop_cleanly("sigterm")
+        report.check()
+        slow.join(10)
+        assert not slow.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ipc.IpadError), outcome  # ended by the stop, not finished
+        assert not alive(pid)
+    finally:
+        crashing.close()
+        busy.close()
