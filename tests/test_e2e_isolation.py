@@ -294,6 +294,9 @@ def test_a_client_crash_looping_its_worker_is_contained_to_its_proxy(
 
     wait_until(hostile_in_cooldown)
     assert status(daemon)["state"] == "running"
+    cooldowns = daemon.events("module.cooldown")  # logged by the proxy's worker, naming it
+    assert cooldowns
+    assert {r.get("proxy_id") for r in cooldowns} == {hostile_id}
     newcomer = connect(daemon.socket)
     assert newcomer.call(newcomer.request_proxy("percam"), "camera") == ""
     assert victim_client.call(victim, "pid") == victim_pid
