@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ def test_calls_on_two_proxies_run_in_parallel_only_with_a_worker_each(
 def test_releasing_a_proxy_ends_its_worker_and_leaves_nothing_behind(
     start_daemon: Start, tmp_path: Path
 ) -> None:
-    """A released proxy's worker is reaped and the daemon holds no more descriptors than before."""
+    """A released proxy's worker is reaped, crashed or not; the daemon's descriptors are as before."""
     daemon = start_daemon(config(tmp_path))
     with BlockingClient(daemon.socket) as client:
         first = client.request_proxy("percam")
@@ -166,9 +167,12 @@ def test_releasing_a_proxy_ends_its_worker_and_leaves_nothing_behind(
         wait_until(lambda: status(daemon)["standby_pid"] is not None)
         baseline = open_fds(daemon.proc.pid)
         pids = []
-        for _ in range(5):
+        for round_ in range(6):
             proxy = client.request_proxy("percam")
             pids.append(proxy.call("pid"))
+            if round_ % 2:  # every other one crashes first and recovers on a new worker
+                kill_and_wait(pids[-1])
+                pids.append(proxy.call("pid"))
             proxy.release()
         wait_gone(pids)
         wait_until(lambda: status(daemon)["workers_ending"] == 0)
@@ -232,26 +236,28 @@ def test_restart_restarts_every_worker_and_each_proxy_recovers(
     assert [client.call(p, "camera") for p in proxies] == ["cam0", "cam1"]
 
 
-def test_reload_to_shared_isolation_moves_proxies_onto_one_worker(
-    start_daemon: Start, tmp_path: Path
+@pytest.mark.parametrize(("before", "after"), [("proxy", "module"), ("module", "proxy")])
+def test_a_reload_that_changes_isolation_moves_the_proxies(
+    start_daemon: Start, tmp_path: Path, before: str, after: str
 ) -> None:
-    """A reload that changes ``isolation`` restarts the module; proxies recover on the new mode."""
-    path = config(tmp_path)
+    """A reload that changes ``isolation`` restarts the module; proxies recover in the new mode."""
+    path = config(tmp_path, before)
     daemon = start_daemon(path)
+    workers = {"proxy": 2, "module": 1}
     with BlockingClient(daemon.socket) as client:
         proxies = [client.request_proxy("percam") for _ in range(2)]
         for index, proxy in enumerate(proxies):
             proxy.call("set_camera", {"camera": f"cam{index}"})
         old = {proxy.call("pid") for proxy in proxies}
-        assert len(old) == 2
-        path.write_text(config(tmp_path, "module").read_text())
+        assert len(old) == workers[before]
+        path.write_text(config(tmp_path, after).read_text())
         daemon.ctl("reload")
         wait_gone(old)
         new = {proxy.call("pid") for proxy in proxies}
-        assert len(new) == 1
+        assert len(new) == workers[after]
         assert new.isdisjoint(old)
         assert [p.call("camera") for p in proxies] == ["cam0", "cam1"]
-        assert status(daemon)["isolation"] == "module"
+        assert status(daemon)["isolation"] == after
 
 
 def test_a_client_crash_looping_its_worker_is_contained_to_its_proxy(
@@ -288,6 +294,9 @@ def test_a_client_crash_looping_its_worker_is_contained_to_its_proxy(
 
     wait_until(hostile_in_cooldown)
     assert status(daemon)["state"] == "running"
+    cooldowns = daemon.events("module.cooldown")  # logged by the proxy's worker, naming it
+    assert cooldowns
+    assert {r.get("proxy_id") for r in cooldowns} == {hostile_id}
     newcomer = connect(daemon.socket)
     assert newcomer.call(newcomer.request_proxy("percam"), "camera") == ""
     assert victim_client.call(victim, "pid") == victim_pid
@@ -367,3 +376,47 @@ def test_workers_are_bounded_by_the_proxy_limits(start_daemon: Start, tmp_path: 
         assert entry["workers_total"] == len(held) == 3
         forked = [r for r in daemon.events("worker.forked") if r.get("module") == "percam"]
         assert len(forked) == 4  # three proxies' workers and one spare: none for the refusal
+
+
+def test_stop_is_clean_with_one_worker_in_backoff_and_one_in_a_call(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """SIGTERM while one proxy's worker waits out a backoff and another runs a slow call."""
+    daemon = start_daemon(config(tmp_path, restart='initial_delay = "5s"'))
+    crashing = BlockingClient(daemon.socket, reconnect=False)
+    busy = BlockingClient(daemon.socket, reconnect=False)
+    try:
+        loser = crashing.request_proxy("percam")
+        worker = busy.request_proxy("percam")
+        for _ in range(2):  # the first restart is immediate, the second waits 5 s
+            with pytest.raises(ipc.WorkerCrashed):
+                loser.call("crash", timeout=10)
+        loser_id = loser.proxy_id
+        wait_until(
+            lambda: (
+                {w["proxy_id"]: w["state"] for w in status(daemon)["workers"]}.get(loser_id)
+                == "backoff"
+            )
+        )
+        outcome: list[BaseException | object] = []
+
+        def slow_call() -> None:
+            try:
+                outcome.append(worker.call("slow", {"seconds": 5.0}, timeout=10))
+            except ipc.IpadError as exc:
+                outcome.append(exc)
+
+        pid = worker.call("pid")
+        slow = threading.Thread(target=slow_call, daemon=True)
+        slow.start()
+        time.sleep(0.3)  # the CALL is in the worker by then (a round trip takes < 1 ms)
+        report = daemon.stop_cleanly("sigterm")
+        report.check()
+        slow.join(10)
+        assert not slow.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ipc.IpadError), outcome  # ended by the stop, not finished
+        assert not alive(pid)
+    finally:
+        crashing.close()
+        busy.close()

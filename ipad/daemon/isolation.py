@@ -22,13 +22,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
+import attrs
 import structlog
 import trio
 
 from ipad.config.check import ModulePlan
 from ipad.config.model import RestartPolicy
 from ipad.config.proxy_kinds import ProxyKind
-from ipad.daemon.lifecycle import SetState
+from ipad.daemon.lifecycle import Effect, Log, SetState
 from ipad.daemon.states import ProxyState, WorkerState
 from ipad.daemon.supervisor import ModuleSupervisor, ModuleUnavailable, Shared
 from ipad.daemon.worker_process import KILL_WAIT, WorkerProcess
@@ -73,6 +74,12 @@ class WorkerCell(ModuleSupervisor):
         self.owner = owner
         #: The proxy it serves; None while it is the module's spare.
         self.proxy_id: int | None = None
+
+    def _carry_out(self, effect: Effect) -> None:
+        """As a module's, but its log records name the proxy (``module.cooldown`` is one's)."""
+        if isinstance(effect, Log) and self.proxy_id is not None:
+            effect = attrs.evolve(effect, fields={**effect.fields, "proxy_id": self.proxy_id})
+        super()._carry_out(effect)
 
     def _publish(self, change: SetState[WorkerProcess]) -> None:
         """Kept from the clients: the module's state is the owner's to publish."""
