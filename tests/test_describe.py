@@ -26,6 +26,7 @@ from ipad.client._describe import Description, Record
 from ipad.daemon.bounds import MAX_DESCRIPTION, MAX_DOC, MAX_PARAMS, bound_worker_message
 from ipad.ipa import Buffer, IPAModule
 from ipad.protocol import wire as p
+from ipad.worker import host
 from ipad.worker.host import method_specs
 from tests.client_drivers import Connect, Start, connect
 from tests.daemon_process import REPO, TEST_MODULES, write_config
@@ -57,7 +58,7 @@ def described(cls: type[IPAModule]) -> tuple[dict[str, p.MethodSpec], dict[str, 
 
 
 def test_shipped_modules_describe_parameters_results_buffers_and_docs() -> None:
-    """The awb and agc modules announce typed params (SensorInfo, not a loose mapping), buffers, results."""
+    """The awb and agc modules announce typed params (SensorInfo), buffers, results, docs."""
     awb, types = described(GrayWorldAwb)
     (sensor,) = awb["configure"].params or ()
     assert sensor.name == "sensor_info"
@@ -137,6 +138,28 @@ def test_enums_optional_mappings_structs_attrs_and_undescribable_types() -> None
     assert params["raw"].schema == {}
     assert methods["varied"].result is not None
     assert methods["varied"].result["prefixItems"] == [{"type": "integer"}, {"type": "string"}]
+
+
+def test_a_class_that_cannot_be_described_is_served_undescribed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Describing fails for whatever reason: READY lists the methods bare, and the load goes on."""
+
+    class Unlucky(IPAModule):
+        """A module whose description fails."""
+
+        def ping(self) -> str:
+            """Answer."""
+            return "pong"
+
+    def fail(signatures: object) -> None:
+        raise RuntimeError("no description today")
+
+    monkeypatch.setattr(host, "describe", fail)
+    methods, types = method_specs(Unlucky)
+    assert {m.name: m.params for m in methods}["ping"] is None
+    assert types == {}
+    assert "ping" in host.method_table(Unlucky)
 
 
 # --- the daemon's bounds ----------------------------------------------------------------
