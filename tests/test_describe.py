@@ -8,11 +8,14 @@ attack the description with modules that describe themselves badly
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import enum
 import json
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -269,6 +272,29 @@ def test_attrs_instances_pass_as_arguments() -> None:
 
     info = SensorInfo("imx219", 640, 480, SensorLimits(1, 2, 1.0, 2.0))
     awb_description().check("awb", "configure", {"sensor_info": info}, None)
+
+
+class Timed(IPAModule):
+    """Parameters msgspec describes as strings but msgpack carries as themselves."""
+
+    def at(
+        self, when: datetime.datetime, ident: uuid.UUID, price: decimal.Decimal,
+        log: dict[str, datetime.datetime] | None = None,
+    ) -> None:  # fmt: skip
+        """Nothing."""
+
+
+def test_datetimes_uuids_and_decimals_pass_where_the_schema_says_string() -> None:
+    """The client is never stricter than the worker: such objects pass; a number does not."""
+    methods, types = method_specs(Timed)
+    timed = Description(methods, types)
+    args = {"when": datetime.datetime.now(datetime.UTC), "ident": uuid.uuid4(),
+            "price": decimal.Decimal("1.5")}  # fmt: skip
+    timed.check("timed", "at", args, None)
+    timed.check("timed", "at", {**args, "log": {"start": args["when"]}}, None)  # nested too
+    timed.check("timed", "at", {k: str(v) for k, v in args.items()}, None)
+    with pytest.raises(ipc.BadArguments, match="argument 'when': expected a string, got int"):
+        timed.check("timed", "at", {**args, "when": 5}, None)
 
 
 def test_results_are_records_with_attribute_and_dict_access() -> None:

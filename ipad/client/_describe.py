@@ -18,9 +18,12 @@ Imports no trio: the blocking client uses it.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import keyword
 import math
 import operator
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +51,12 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "object": (dict, Mapping),
 }
 _PLAIN = (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict)
+#: Values msgspec describes as strings (datetime is ``{"type": "string"}``, without a format)
+#: but msgpack carries as themselves: accepted where a string is, the worker has the last word.
+_STRING_LIKE = (
+    datetime.datetime, datetime.date, datetime.time, datetime.timedelta, uuid.UUID,
+    decimal.Decimal,
+)  # fmt: skip
 
 
 class Record(dict[str, Any]):
@@ -416,6 +425,8 @@ def _type_check(kinds: tuple[str, ...], binary: bool) -> Check:
     accepted = tuple(t for k in kinds for t in _JSON_TYPES[k])
     if binary:
         accepted += (bytes, bytearray, memoryview)
+    if "string" in kinds:
+        accepted += _STRING_LIKE
     wanted = " or ".join(
         {"null": "null", "boolean": "a boolean", "integer": "an integer", "number": "a number",
          "string": "a string", "array": "an array", "object": "an object"}[k]
