@@ -267,11 +267,14 @@ def test_arguments_are_checked_against_the_schema_naming_the_parameter() -> None
 
 
 def test_attrs_instances_pass_as_arguments() -> None:
-    """An attrs instance of the described type is checked as msgpack will carry it."""
+    """An attrs instance of the described type, nested in a dict too, is checked as sent."""
     from ipa_modules.types import SensorInfo, SensorLimits  # noqa: PLC0415 - the shipped types
 
-    info = SensorInfo("imx219", 640, 480, SensorLimits(1, 2, 1.0, 2.0))
+    limits = SensorLimits(1, 2, 1.0, 2.0)
+    info = SensorInfo("imx219", 640, 480, limits)
     awb_description().check("awb", "configure", {"sensor_info": info}, None)
+    nested = {"model": "imx219", "width": 640, "height": 480, "limits": limits}
+    awb_description().check("awb", "configure", {"sensor_info": nested}, None)
 
 
 class Timed(IPAModule):
