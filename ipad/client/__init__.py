@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ipad.client._blocking import BlockingClient, BlockingProxy
 from ipad.client._buffers import Output, make_buffer
 from ipad.client._core import ProxyInfo
+from ipad.client._describe import Record
 from ipad.protocol.errors import (
     BadArguments,
     BadMessage,
@@ -58,6 +59,7 @@ __all__ = [
     "PipelineMismatch",
     "Proxy",
     "ProxyInfo",
+    "Record",
     "TimedOut",
     "UnknownMethod",
     "UnknownModule",
