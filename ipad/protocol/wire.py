@@ -286,14 +286,14 @@ class ProxyStateReply(Message, frozen=True, forbid_unknown_fields=True):
     seq: int
 
 
-class Describe(Message, frozen=True, forbid_unknown_fields=True):
+class Describe(Message, frozen=True):
     """Ask for a module's description (its methods' parameters, results, docs) without a proxy."""
 
     TYPE = MsgType.DESCRIBE
     module: str
 
 
-class Description(Message, frozen=True, forbid_unknown_fields=True):
+class Description(Message, frozen=True):
     """Reply to Describe: what the module's last ready worker announced, bounded by the daemon."""
 
     TYPE = MsgType.DESCRIPTION
