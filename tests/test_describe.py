@@ -8,11 +8,14 @@ attack the description with modules that describe themselves badly
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import enum
 import json
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from ipad.client._describe import Description, Record
 from ipad.daemon.bounds import MAX_DESCRIPTION, MAX_DOC, MAX_PARAMS, bound_worker_message
 from ipad.ipa import Buffer, IPAModule
 from ipad.protocol import wire as p
+from ipad.worker import host
 from ipad.worker.host import method_specs
 from tests.client_drivers import Connect, Start, connect
 from tests.daemon_process import REPO, TEST_MODULES, write_config
@@ -57,7 +61,7 @@ def described(cls: type[IPAModule]) -> tuple[dict[str, p.MethodSpec], dict[str, 
 
 
 def test_shipped_modules_describe_parameters_results_buffers_and_docs() -> None:
-    """The awb and agc modules announce typed params (SensorInfo, not a loose mapping), buffers, results."""
+    """The awb and agc modules announce typed params (SensorInfo), buffers, results, docs."""
     awb, types = described(GrayWorldAwb)
     (sensor,) = awb["configure"].params or ()
     assert sensor.name == "sensor_info"
@@ -137,6 +141,28 @@ def test_enums_optional_mappings_structs_attrs_and_undescribable_types() -> None
     assert params["raw"].schema == {}
     assert methods["varied"].result is not None
     assert methods["varied"].result["prefixItems"] == [{"type": "integer"}, {"type": "string"}]
+
+
+def test_a_class_that_cannot_be_described_is_served_undescribed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Describing fails for whatever reason: READY lists the methods bare, and the load goes on."""
+
+    class Unlucky(IPAModule):
+        """A module whose description fails."""
+
+        def ping(self) -> str:
+            """Answer."""
+            return "pong"
+
+    def fail(signatures: object) -> None:
+        raise RuntimeError("no description today")
+
+    monkeypatch.setattr(host, "describe", fail)
+    methods, types = method_specs(Unlucky)
+    assert {m.name: m.params for m in methods}["ping"] is None
+    assert types == {}
+    assert "ping" in host.method_table(Unlucky)
 
 
 # --- the daemon's bounds ----------------------------------------------------------------
@@ -241,11 +267,37 @@ def test_arguments_are_checked_against_the_schema_naming_the_parameter() -> None
 
 
 def test_attrs_instances_pass_as_arguments() -> None:
-    """An attrs instance of the described type is checked as msgpack will carry it."""
+    """An attrs instance of the described type, nested in a dict too, is checked as sent."""
     from ipa_modules.types import SensorInfo, SensorLimits  # noqa: PLC0415 - the shipped types
 
-    info = SensorInfo("imx219", 640, 480, SensorLimits(1, 2, 1.0, 2.0))
+    limits = SensorLimits(1, 2, 1.0, 2.0)
+    info = SensorInfo("imx219", 640, 480, limits)
     awb_description().check("awb", "configure", {"sensor_info": info}, None)
+    nested = {"model": "imx219", "width": 640, "height": 480, "limits": limits}
+    awb_description().check("awb", "configure", {"sensor_info": nested}, None)
+
+
+class Timed(IPAModule):
+    """Parameters msgspec describes as strings but msgpack carries as themselves."""
+
+    def at(
+        self, when: datetime.datetime, ident: uuid.UUID, price: decimal.Decimal,
+        log: dict[str, datetime.datetime] | None = None,
+    ) -> None:  # fmt: skip
+        """Nothing."""
+
+
+def test_datetimes_uuids_and_decimals_pass_where_the_schema_says_string() -> None:
+    """The client is never stricter than the worker: such objects pass; a number does not."""
+    methods, types = method_specs(Timed)
+    timed = Description(methods, types)
+    args = {"when": datetime.datetime.now(datetime.UTC), "ident": uuid.uuid4(),
+            "price": decimal.Decimal("1.5")}  # fmt: skip
+    timed.check("timed", "at", args, None)
+    timed.check("timed", "at", {**args, "log": {"start": args["when"]}}, None)  # nested too
+    timed.check("timed", "at", {k: str(v) for k, v in args.items()}, None)
+    with pytest.raises(ipc.BadArguments, match="argument 'when': expected a string, got int"):
+        timed.check("timed", "at", {**args, "when": 5}, None)
 
 
 def test_results_are_records_with_attribute_and_dict_access() -> None:

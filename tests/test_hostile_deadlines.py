@@ -193,11 +193,13 @@ def test_a_worker_that_stops_reading_its_channel(
     try:
         deaf, fine = client.request_proxy("stuck"), client.request_proxy("stuck")
         client.call(deaf, "stop_reading")
-        pad = {"pad": "x" * 60_000}  # a few of these fill the channel's socket buffer
+        # A few of these fill the channel's socket buffer. A call the description allows
+        # (the client refuses an unknown argument before sending); the worker never reads it.
+        pad = {"seconds": 0.0, "mark": "x" * 60_000}
         outcomes = []
         for _ in range(10):
             with pytest.raises(ipc.TimedOut) as raised:
-                client.call(deaf, "ping", pad, timeout=0.3)
+                client.call(deaf, "block_beating", pad, timeout=0.3)
             outcomes.append(raised.value.details["sent"])
             if not outcomes[-1]:
                 break

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ipad.client._blocking import BlockingClient, BlockingProxy
 from ipad.client._buffers import DmaBuf, Output, Registered, make_buffer
 from ipad.client._core import ProxyInfo
+from ipad.client._describe import Record
 from ipad.protocol.errors import (
     BadArguments,
     BadMessage,
@@ -59,6 +60,7 @@ __all__ = [
     "PipelineMismatch",
     "Proxy",
     "ProxyInfo",
+    "Record",
     "Registered",
     "TimedOut",
     "UnknownMethod",

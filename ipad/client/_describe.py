@@ -18,9 +18,12 @@ Imports no trio: the blocking client uses it.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import keyword
 import math
 import operator
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,7 +50,14 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "array": (list, tuple),
     "object": (dict, Mapping),
 }
-_PLAIN = (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict)
+#: Argument values checked as they are; any other (containers too) first as msgpack carries it.
+_SCALAR = (type(None), bool, int, float, str, bytes, bytearray)
+#: Values msgspec describes as strings (datetime is ``{"type": "string"}``, without a format)
+#: but msgpack carries as themselves: accepted where a string is, the worker has the last word.
+_STRING_LIKE = (
+    datetime.datetime, datetime.date, datetime.time, datetime.timedelta, uuid.UUID,
+    decimal.Decimal,
+)  # fmt: skip
 
 
 class Record(dict[str, Any]):
@@ -119,7 +129,7 @@ class Description:
                 if _is_buffer(spec, name):
                     raise _bad(method, name, "is a Buffer: pass it in fds")
                 raise _bad(method, name, "", text=f"{method}() has no argument {name!r}")
-            plain = value if type(value) in _PLAIN else _builtins(value)
+            plain = value if type(value) in _SCALAR else _builtins(value)
             problem = check(plain, 0)
             if problem is not None:
                 raise _bad(method, name, problem)
@@ -380,9 +390,14 @@ def _is_buffer(spec: p.MethodSpec, name: str) -> bool:
 
 
 def _builtins(value: Any) -> Any:
-    """An argument as msgpack will carry it (attrs classes, Structs, enums as plain values)."""
+    """An argument as msgpack will carry it: attrs classes, Structs, enums (nested too) as plain.
+
+    Values msgpack carries as themselves (bytes, datetimes...) stay as they are.
+    """
     try:
-        return msgspec.to_builtins(value, builtin_types=(bytes, bytearray, memoryview))
+        return msgspec.to_builtins(
+            value, builtin_types=(bytes, bytearray, memoryview, *_STRING_LIKE)
+        )
     except (TypeError, ValueError):
         return value  # the encoder will say what is wrong with it
 
@@ -416,6 +431,8 @@ def _type_check(kinds: tuple[str, ...], binary: bool) -> Check:
     accepted = tuple(t for k in kinds for t in _JSON_TYPES[k])
     if binary:
         accepted += (bytes, bytearray, memoryview)
+    if "string" in kinds:
+        accepted += _STRING_LIKE
     wanted = " or ".join(
         {"null": "null", "boolean": "a boolean", "integer": "an integer", "number": "a number",
          "string": "a string", "array": "an array", "object": "an object"}[k]

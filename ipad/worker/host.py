@@ -210,14 +210,20 @@ def method_specs(cls: type[IPAModule]) -> tuple[tuple[p.MethodSpec, ...], dict[s
     """READY's described methods and their named types, built once per class.
 
     Generating JSON Schemas costs milliseconds: like the method table, the fork
-    server builds these for the modules it preloads.
+    server builds these for the modules it preloads. A class whose annotations
+    cannot be described at all is served undescribed (names only), as before.
     """
     specs = _METHOD_SPECS.get(cls)
     if specs is None:
         table = method_table(cls)
-        described, types = describe({n: m.described for n, m in table.items()})
+        try:
+            described, types = describe({n: m.described for n, m in table.items()})
+        except Exception as exc:  # noqa: BLE001 - a description is optional, never fatal
+            log("worker.description_failed", module_class=cls.__qualname__, error=repr(exc))
+            described, types = {}, {}
         methods = tuple(
-            p.MethodSpec(m.name, m.setup, m.undoes, **described[m.name]) for m in table.values()
+            p.MethodSpec(m.name, m.setup, m.undoes, **described.get(m.name, {}))
+            for m in table.values()
         )
         specs = _METHOD_SPECS[cls] = (methods, types)
     return specs
