@@ -112,9 +112,12 @@ def verdicts(rules: list[dict[str, Any]]) -> dict[str, str]:
     return {rule["rule"]: rule["verdict"] for rule in rules}
 
 
-def test_ipad_worker_host_passes_every_rule(subreaper: None) -> None:
-    """The worker host of ipad itself, with the echo module, keeps every worker rule: all PASS, exit 0."""
-    status, rules, _ = run_kit("worker", WORKER_HOST, bound=60)
+@pytest.mark.parametrize("interval", ["0.25", "0"], ids=["board", "ping"])
+def test_ipad_worker_host_passes_every_rule(subreaper: None, interval: str) -> None:
+    """The worker host with echo keeps every worker rule, beating on a board or answering PING."""
+    status, rules, _ = run_kit("worker", WORKER_HOST, "--heartbeat-interval", interval, bound=60)
+    heartbeat = next(r for r in rules if r["rule"] == "heartbeat")
+    assert ("PING" in heartbeat["seen"]) == (interval == "0"), heartbeat
     assert [r["rule"] for r in rules] == WORKER_RULES
     assert not_passed(rules) == {}, explain(rules)
     assert status == 0
