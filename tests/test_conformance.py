@@ -199,6 +199,16 @@ def test_a_client_that_hangs_on_a_bad_frame_fails_client_malformed(subreaper: No
     assert "hangs" in malformed["seen"] or "neither exited" in malformed["seen"], malformed
 
 
+def test_a_client_that_gives_up_on_a_crashed_call_fails_client_contract(subreaper: None) -> None:
+    """A client that does not make a call its worker died under again breaks the contract."""
+    status, rules, _ = run_kit("client", [sys.executable, str(CLIENT), "--no-retry"], bound=150)
+    contract = next(r for r in rules if r["rule"] == "client.contract")
+    assert contract["verdict"] == "FAIL", explain(rules)
+    assert "exit status 1" in contract["seen"], contract
+    assert verdicts(rules)["client.malformed"] == "PASS", explain(rules)
+    assert status == 1
+
+
 def test_the_kit_keeps_its_own_deadline(subreaper: None) -> None:
     """Past --deadline the kit stops, fails the run and reaps what it started, whatever the peer."""
     status, rules, took = run_kit(
