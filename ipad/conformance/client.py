@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import select
 import signal
@@ -74,11 +73,21 @@ class ClientOptions:
 
 
 class Output:
-    """A client's stdout read line by line as it comes; its stderr kept in a file."""
+    """A client's stdout read line by line as it comes; its stderr kept in a file.
+
+    Its stdout is a stream socket whose send buffer is the smallest the kernel
+    allows, not a pipe: a client can then be only a line or two ahead of what
+    the kit has read (a pipe would let it print 64 KiB, every line of a fast
+    run, before the kit is scheduled), so a kill due after line k lands
+    while the client still has calls to make, however loaded the machine.
+    """
 
     def __init__(self) -> None:
-        self.read_end, self.write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        fcntl.fcntl(self.write_end, fcntl.F_SETFL, 0)  # the client's end blocks, as stdout does
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # raised to the minimum
+        ours.shutdown(socket.SHUT_WR)
+        ours.setblocking(False)
+        self.read_end, self.write_end = ours.detach(), theirs.detach()
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.lines: list[str] = []
         self.partial = b""
@@ -431,7 +440,9 @@ def serve_fake(options: ClientOptions, report: Report, directory: Path, *, newer
         if conn is None:
             problems, steps = ["the client never connected"], []
         else:
-            session = FakeSession(conn, FAKE_CALLS, extras, deadline)
+            session = FakeSession(
+                conn, FAKE_CALLS, extras, deadline, (output.read_end, output.pump)
+            )
             session.run()
             problems, steps = session.trace.problems, session.trace.steps
         status = client.wait(deadline)
