@@ -4,8 +4,10 @@ Real daemon: a private daemon (its own socket, a temporary configuration
 enabling the shipped ``echo`` module) serves the client, and the kit kills the
 echo worker several times while the client runs; the client must recover and
 print every line (the contract: docs/conformance.md). Fake daemon: the kit
-itself answers, once as a newer peer (unknown fields everywhere), once with a
-broken packet, which the client must refuse promptly.
+itself answers, as this version (checking every step of the contract, a
+crash of its worker included: ipad/conformance/fake.py), as a newer minor
+(unknown fields everywhere), and with a broken packet, which the client must
+refuse promptly.
 """
 
 from __future__ import annotations
@@ -117,10 +119,11 @@ class Output:
         return f"; its stderr ends: {bounded(text, 300)}" if text else ""
 
     def close(self) -> None:
-        """Close both pipe ends and the stderr file."""
+        """Close our ends of its stdout and the stderr file (once: numbers are reused)."""
         for fd in (self.read_end, self.write_end):
-            with contextlib.suppress(OSError):
+            if fd >= 0:
                 os.close(fd)
+        self.read_end = self.write_end = -1
         self.stderr.close()
 
 
@@ -135,7 +138,8 @@ def start_client(options: ClientOptions, sock: Path, calls: int) -> tuple[Child,
     except BaseException:
         output.close()
         raise
-    os.close(output.write_end)
+    os.close(output.write_end)  # the client's copy is its own now
+    output.write_end = -1
     limit_output(pid, MAX_OUTPUT)
     return Child(pid, "client"), output
 

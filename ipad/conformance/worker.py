@@ -228,6 +228,7 @@ class WorkerUnderTest:
             self.go_between.kill()
         if self.board is not None:
             os.close(self.board)
+            self.board = None  # closed once: its number may be reused
         self.output.close()
 
 
