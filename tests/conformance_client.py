@@ -1,8 +1,9 @@
 """The conformance kit's client contract (docs/conformance.md), with ipad's blocking client.
 
 Run by tests/test_conformance.py under ``python -m ipad.conformance client``.
-With ``--hang-on-error`` it stands for a broken client: instead of failing
-when the daemon sends something it cannot read, it hangs.
+Two flags make it a broken client: with ``--hang-on-error``, instead of
+failing when the daemon sends something it cannot read, it hangs; with
+``--no-retry``, a call that fails because its worker died is not made again.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def call(
             return proxy.call(method, args, {"data": fd} if fd is not None else None,
                               timeout=CALL_TIMEOUT)  # fmt: skip
         except ipc.WorkerCrashed:
-            if attempt == TRIES - 1:
+            if attempt == TRIES - 1 or "--no-retry" in sys.argv:
                 raise
         finally:
             if fd is not None:

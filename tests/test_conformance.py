@@ -95,16 +95,31 @@ def run_kit(
     return result.returncode, document["rules"], took
 
 
+def not_passed(rules: list[dict[str, Any]]) -> dict[str, str]:
+    """Rule name -> verdict, of the rules that did not pass."""
+    return {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"}
+
+
+def explain(rules: list[dict[str, Any]]) -> str:
+    """The rules that did not pass, one a line with what the kit saw: a failure's message."""
+    return "\n".join(
+        f"{r['verdict']} {r['rule']}: {r['seen']}" for r in rules if r["verdict"] != "PASS"
+    )
+
+
 def verdicts(rules: list[dict[str, Any]]) -> dict[str, str]:
     """Rule name -> PASS, FAIL or SKIP."""
     return {rule["rule"]: rule["verdict"] for rule in rules}
 
 
-def test_ipad_worker_host_passes_every_rule(subreaper: None) -> None:
-    """The worker host of ipad itself, with the echo module, keeps every worker rule: all PASS, exit 0."""
-    status, rules, _ = run_kit("worker", WORKER_HOST, bound=60)
+@pytest.mark.parametrize("interval", ["0.25", "0"], ids=["board", "ping"])
+def test_ipad_worker_host_passes_every_rule(subreaper: None, interval: str) -> None:
+    """The worker host with echo keeps every worker rule, beating on a board or answering PING."""
+    status, rules, _ = run_kit("worker", WORKER_HOST, "--heartbeat-interval", interval, bound=60)
+    heartbeat = next(r for r in rules if r["rule"] == "heartbeat")
+    assert ("PING" in heartbeat["seen"]) == (interval == "0"), heartbeat
     assert [r["rule"] for r in rules] == WORKER_RULES
-    assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == {}, rules
+    assert not_passed(rules) == {}, explain(rules)
     assert status == 0
 
 
@@ -118,7 +133,7 @@ def test_a_client_of_ipads_clients_passes_every_rule(subreaper: None, script: Pa
     status, rules, _ = run_kit("client", [sys.executable, str(script)], bound=150)
     assert [r["rule"] for r in rules] == CLIENT_RULES
     failing = {} if codec_ignores_unknown_fields() else {"client.newer_peer": "FAIL"}
-    assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == failing, rules
+    assert not_passed(rules) == failing, explain(rules)
     assert status == (1 if failing else 0)
 
 
@@ -184,6 +199,16 @@ def test_a_client_that_hangs_on_a_bad_frame_fails_client_malformed(subreaper: No
     assert "hangs" in malformed["seen"] or "neither exited" in malformed["seen"], malformed
 
 
+def test_a_client_that_gives_up_on_a_crashed_call_fails_client_contract(subreaper: None) -> None:
+    """A client that does not make a call its worker died under again breaks the contract."""
+    status, rules, _ = run_kit("client", [sys.executable, str(CLIENT), "--no-retry"], bound=150)
+    contract = next(r for r in rules if r["rule"] == "client.contract")
+    assert contract["verdict"] == "FAIL", explain(rules)
+    assert "exit status 1" in contract["seen"], contract
+    assert verdicts(rules)["client.malformed"] == "PASS", explain(rules)
+    assert status == 1
+
+
 def test_the_kit_keeps_its_own_deadline(subreaper: None) -> None:
     """Past --deadline the kit stops, fails the run and reaps what it started, whatever the peer."""
     status, rules, took = run_kit(
@@ -204,11 +229,11 @@ def test_as_another_user_the_kit_judges_worker_and_client_alike(
     nobody = tuple(as_user())
     host = install.prefix / "share" / "ipad" / "workers" / "ipad-worker"
     status, rules, _ = run_kit("worker", [str(install.python), str(host)], bound=60, prefix=nobody)
-    assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == {}, rules
+    assert not_passed(rules) == {}, explain(rules)
     assert status == 0
     script = shared_dir / CLIENT.name
     script.write_text(CLIENT.read_text())
     client = [str(install.python), str(script)]
     status, rules, _ = run_kit("client", client, bound=150, prefix=nobody)
     failing = {} if codec_ignores_unknown_fields() else {"client.newer_peer": "FAIL"}
-    assert {r["rule"]: r["verdict"] for r in rules if r["verdict"] != "PASS"} == failing, rules
+    assert not_passed(rules) == failing, explain(rules)

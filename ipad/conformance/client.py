@@ -4,15 +4,16 @@ Real daemon: a private daemon (its own socket, a temporary configuration
 enabling the shipped ``echo`` module) serves the client, and the kit kills the
 echo worker several times while the client runs; the client must recover and
 print every line (the contract: docs/conformance.md). Fake daemon: the kit
-itself answers, once as a newer peer (unknown fields everywhere), once with a
-broken packet, which the client must refuse promptly.
+itself answers, as this version (checking every step of the contract, a
+crash of its worker included: ipad/conformance/fake.py), as a newer minor
+(unknown fields everywhere), and with a broken packet, which the client must
+refuse promptly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import select
 import signal
@@ -74,11 +75,21 @@ class ClientOptions:
 
 
 class Output:
-    """A client's stdout read line by line as it comes; its stderr kept in a file."""
+    """A client's stdout read line by line as it comes; its stderr kept in a file.
+
+    Its stdout is a stream socket whose send buffer is the smallest the kernel
+    allows, not a pipe: a client can then be only a line or two ahead of what
+    the kit has read (a pipe would let it print 64 KiB, every line of a fast
+    run, before the kit is scheduled), so a kill due after line k lands
+    while the client still has calls to make, however loaded the machine.
+    """
 
     def __init__(self) -> None:
-        self.read_end, self.write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        fcntl.fcntl(self.write_end, fcntl.F_SETFL, 0)  # the client's end blocks, as stdout does
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # raised to the minimum
+        ours.shutdown(socket.SHUT_WR)
+        ours.setblocking(False)
+        self.read_end, self.write_end = ours.detach(), theirs.detach()
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.lines: list[str] = []
         self.partial = b""
@@ -108,10 +119,11 @@ class Output:
         return f"; its stderr ends: {bounded(text, 300)}" if text else ""
 
     def close(self) -> None:
-        """Close both pipe ends and the stderr file."""
+        """Close our ends of its stdout and the stderr file (once: numbers are reused)."""
         for fd in (self.read_end, self.write_end):
-            with contextlib.suppress(OSError):
+            if fd >= 0:
                 os.close(fd)
+        self.read_end = self.write_end = -1
         self.stderr.close()
 
 
@@ -126,7 +138,8 @@ def start_client(options: ClientOptions, sock: Path, calls: int) -> tuple[Child,
     except BaseException:
         output.close()
         raise
-    os.close(output.write_end)
+    os.close(output.write_end)  # the client's copy is its own now
+    output.write_end = -1
     limit_output(pid, MAX_OUTPUT)
     return Child(pid, "client"), output
 
@@ -431,7 +444,9 @@ def serve_fake(options: ClientOptions, report: Report, directory: Path, *, newer
         if conn is None:
             problems, steps = ["the client never connected"], []
         else:
-            session = FakeSession(conn, FAKE_CALLS, extras, deadline)
+            session = FakeSession(
+                conn, FAKE_CALLS, extras, deadline, (output.read_end, output.pump)
+            )
             session.run()
             problems, steps = session.trace.problems, session.trace.steps
         status = client.wait(deadline)

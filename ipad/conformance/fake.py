@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,17 @@ class Trace:
 class FakeSession:
     """One client's connection to the fake daemon, and the channels it grants."""
 
-    def __init__(self, conn: Endpoint, calls: int, extras: dict[str, Any], deadline: float) -> None:
+    def __init__(
+        self,
+        conn: Endpoint,
+        calls: int,
+        extras: dict[str, Any],
+        deadline: float,
+        output: tuple[int, Callable[[], None]] | None = None,
+    ) -> None:
         self.conn = conn
+        #: The client's stdout and what takes its lines: read as they come, or it blocks.
+        self.output = output
         self.calls = calls
         self.extras = extras
         self.deadline = deadline
@@ -129,12 +139,21 @@ class FakeSession:
                 poller = select.poll()
                 for end in ends:
                     poller.register(end.fileno(), select.POLLIN)
+                if self.output is not None:
+                    poller.register(self.output[0], select.POLLIN)
                 fired = {fd for fd, _ in poller.poll(max(1, int(remaining(self.deadline) * 1000)))}
+                if self.output is not None and self.output[0] in fired:
+                    self.output[1]()
                 if self.conn.fileno() in fired and not self._from_client():
                     self._judge()
                     return
                 if self.channel is not None and self.channel.fileno() in fired:
-                    self._from_channel()
+                    try:
+                        self._from_channel()
+                    except OSError as exc:  # its connection ended as the fake told it something
+                        self.trace.problem(f"the client left ({exc.strerror})")
+                        self._judge()
+                        return
             self.trace.problem("the client was still connected at the deadline")
         finally:
             if self.channel is not None:
@@ -150,7 +169,11 @@ class FakeSession:
         if frame is None:
             return False
         frame.close_fds()
-        self._answer(frame)
+        try:
+            self._answer(frame)
+        except OSError as exc:  # EPIPE, ECONNRESET: it left while the daemon answered
+            self.trace.problem(f"the client left with a request unanswered ({exc.strerror})")
+            return False
         return True
 
     def _judge(self) -> None:
@@ -275,7 +298,11 @@ class FakeSession:
             frame.close_fds()
         if reply is not None and self.channel is not None:
             packet = encode_with_extras(reply, frame.request_id, self.extras)
-            self.channel.send_raw(packet, self.deadline)
+            try:
+                self.channel.send_raw(packet, self.deadline)
+            except OSError:  # it closed the channel with its call in flight: its end
+                self.channel.close()
+                self.channel = None
 
     def _call(self, frame: p.Frame) -> p.Message | None:
         message = frame.message

@@ -228,6 +228,7 @@ class WorkerUnderTest:
             self.go_between.kill()
         if self.board is not None:
             os.close(self.board)
+            self.board = None  # closed once: its number may be reused
         self.output.close()
 
 
@@ -377,13 +378,12 @@ def run_worker(options: WorkerOptions, report: Report) -> None:
         True,
         f"pid {worker.child.pid}: {' '.join(options.argv)} --parent-pid {os.getpid()}",
     )
-    done: set[str] = set()
     try:
-        _main_worker(options, report, worker, done)
+        _main_worker(options, report, worker)
     finally:
         worker.close()
         for rule in main_rules:
-            if rule not in done and rule not in {o.rule for o in report.outcomes}:
+            if rule not in {o.rule for o in report.outcomes}:
                 report.skip(rule, "an earlier rule it needs failed")
     loaded = any(o.rule == "load.ready" and o.verdict == "PASS" for o in report.outcomes)
     for rule, run in (
@@ -397,9 +397,7 @@ def run_worker(options: WorkerOptions, report: Report) -> None:
         run(options, report, rule)
 
 
-def _main_worker(
-    options: WorkerOptions, report: Report, worker: WorkerUnderTest, done: set[str]
-) -> None:
+def _main_worker(options: WorkerOptions, report: Report, worker: WorkerUnderTest) -> None:
     try:
         frame, took = worker.load()
     except (Ended, Timeout, p.ProtocolError, OSError) as exc:
