@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ipad.client import BlockingClient
+from ipad.client import BlockingClient, UnsupportedVersion, make_buffer
 from ipad.daemon.spawn import StartedProcess, start_process
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import recv_packet, send_packet
@@ -168,6 +168,36 @@ def test_clients_work_with_a_daemon_of_another_minor(
         assert driver.call(proxy, "echo", {"n": 2}, timeout=WAIT) == {"n": 2}
         assert fake.calls == 2
         assert p.MsgType.REOPEN_PROXY not in fake.received
+        driver.release(proxy)
+        driver.close()
+
+
+@pytest.mark.timeout(60)
+def test_clients_send_minor_2_requests_only_to_peers_that_agreed_to_them(
+    connect: ConnectClient, tmp_path: Path
+) -> None:
+    """Before minor 2 there is no DESCRIBE and no MAP_BUFFERS: the clients refuse, sending nothing.
+
+    A minor-0 daemon (and its worker) would take either for a protocol error and
+    drop the connection or the channel; the client says why instead, and both
+    stay usable.
+    """
+    with FakeDaemon(tmp_path / "fake.sock", newer=False) as fake:
+        driver = connect(fake.path)
+        with pytest.raises(UnsupportedVersion, match="DESCRIBE needs minor 2") as refused:
+            driver.describe("echo")
+        assert refused.value.details == {"minor": 0, "needed": 2}
+        proxy = driver.request_proxy("echo")
+        fd = make_buffer(b"frame" * 10)
+        try:
+            with pytest.raises(UnsupportedVersion, match="registering buffers needs minor 2"):
+                driver.map_buffers(proxy, {1: fd}, timeout=WAIT)
+        finally:
+            os.close(fd)
+        assert driver.call(proxy, "echo", {"text": "still"}, timeout=WAIT) == {"text": "still"}
+        assert driver.status().daemon["pid"] == os.getpid()
+        assert p.MsgType.DESCRIBE not in fake.received
+        assert fake.calls == 1  # the channel carried the one CALL, no MAP_BUFFERS
         driver.release(proxy)
         driver.close()
 
