@@ -375,12 +375,21 @@ def _recovered(
             else "the client never printed enough lines for a kill to be due",
         )
         return
-    monitor.wait_event(lambda e: False, 0.2)  # take the events that are in
     problems = []
     for pid, invalid in landed:
         if invalid is None:
             problems.append(f"the daemon published no invalid proxy after worker {pid} was killed")
             continue
+        # On a loaded machine the event can still be on its way: wait for it, within a bound.
+        monitor.wait_event(
+            lambda e, after=invalid: (
+                e.kind == "proxy"
+                and e.proxy_id == after.proxy_id  # type: ignore[misc]
+                and e.seq > after.seq
+                and e.state == "valid"
+            ),
+            DAEMON_REPLY,
+        )
         valid = [
             e
             for e in monitor.events
@@ -390,9 +399,14 @@ def _recovered(
             and e.state == "valid"
         ]
         if not valid:
+            seen = [
+                f"{e.seq}:{e.state}({e.reason}, pid {e.worker_pid})"
+                for e in monitor.events
+                if e.kind == "proxy" and e.proxy_id == invalid.proxy_id
+            ]
             problems.append(
                 f"proxy {invalid.proxy_id} never became valid again after worker {pid} died "
-                "(no REOPEN_PROXY + PROXY_READY)"
+                f"(no REOPEN_PROXY + PROXY_READY); its events: {', '.join(seen[-12:])}"
             )
         elif valid[0].reason != "recovered" or not valid[0].details.get("replayed"):
             problems.append(
