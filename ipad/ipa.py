@@ -81,6 +81,9 @@ def is_setup(cls: type, name: str) -> bool:
 
 #: fcntl(2) seal (linux/fcntl.h): the file cannot shrink, so a mapping of it cannot fault.
 F_SEAL_SHRINK = 0x0002
+#: fcntl(2) seals against writes (linux/fcntl.h): what makes a buffer an input.
+F_SEAL_WRITE = 0x0008
+F_SEAL_FUTURE_WRITE = 0x0010
 
 
 class BufferRefused(ValueError):
@@ -118,7 +121,12 @@ class Buffer:
         under a mapping makes the next read of it a SIGBUS.
         """
         if self._map is None:
-            self._check()
+            seals = self._check()
+            if os.fstat(self.fd).st_size == 0:
+                # mmap refuses a length of 0; an empty file is an empty buffer (docs/protocol.md).
+                if writable and seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+                    self._refuse("it is sealed against writes (the client passed it as an input)")
+                return memoryview(bytearray() if writable else b"")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             try:
                 self._map = mmap.mmap(self.fd, 0, prot=prot, flags=mmap.MAP_SHARED)
@@ -140,7 +148,8 @@ class Buffer:
         """
         yield self.map(writable=write)
 
-    def _check(self) -> None:
+    def _check(self) -> int:
+        """The memfd's seals, once they are known to keep a mapping of it from faulting."""
         try:
             seals = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
         except OSError as exc:
@@ -149,6 +158,7 @@ class Buffer:
             self._refuse("it is not a memfd")
         if not seals & F_SEAL_SHRINK:
             self._refuse("the memfd is not sealed against shrinking (F_SEAL_SHRINK)")
+        return seals
 
     def _refuse(self, why: str) -> NoReturn:
         self.refused = BufferRefused(f"buffer {self.name!r} cannot be mapped: {why}")

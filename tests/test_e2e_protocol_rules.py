@@ -356,6 +356,18 @@ def test_the_real_worker_host_serves_a_daemon_of_another_minor(
     assert _exit_status(worker_host) == 0
 
 
+def test_a_broken_control_message_makes_the_worker_exit_with_a_failure(
+    worker_host: StartedProcess,
+) -> None:
+    """A control packet the worker cannot decode ends it with status 2, never 0.
+
+    A clean exit (0) is not restarted under the default ``restart = "on-failure"``:
+    a worker that exited 0 here would leave its module down for good.
+    """
+    worker_host.control.send(b"XX" + bytes(18))  # bad magic
+    assert _exit_status(worker_host) == 2
+
+
 # --- request id 0: carried out, never answered ----------------------------------------
 
 

@@ -462,6 +462,13 @@ def test_c_worker_survives_mutated_calls(c_bin: Path) -> None:
     assert proc.returncode == 0  # its control socket ended: a clean exit
 
 
+def test_c_worker_exits_with_a_failure_on_a_broken_control_message(c_bin: Path) -> None:
+    """A control packet the C worker cannot decode ends it with status 2, as the Python host."""
+    with bare_worker(c_bin) as (proc, ctl):
+        ctl.send(b"XX" + bytes(18))  # bad magic
+        assert proc.wait(timeout=WAIT) == 2
+
+
 def test_c_client_survives_mutated_replies(c_bin: Path, tmp_path: Path) -> None:
     """Mutated WELCOMEs and grants from a fake daemon end the C client by status, not signal."""
     rng = random.Random(19)  # noqa: S311 - reproducible mutations, not secrets

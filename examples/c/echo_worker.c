@@ -46,6 +46,9 @@ static char module[129];
 static volatile uint64_t *board; /* [0] beats, [1] odd while a call runs; NULL: PING/PONG */
 static size_t board_size;
 static int interval_ms = 1000;
+/* main's status: 2 after a control message we cannot read (a failure: a clean 0 would not be
+ * restarted under restart = "on-failure"). */
+static int exit_status;
 
 static void logf_(const char *what) { fprintf(stderr, "echo_c: %s\n", what); }
 
@@ -429,6 +432,7 @@ static int on_control(void) {
     if (got == IPAD_EOF || got == IPAD_OS_ERROR) return 1; /* the daemon is gone */
     if (got == IPAD_BROKEN) {
         fprintf(stderr, "echo_c: broken control message (%s): exiting\n", ipad_broken_reason);
+        exit_status = 2;
         return 1;
     }
     double number = 0;
@@ -522,5 +526,5 @@ int main(int argc, char **argv) {
     }
     for (int i = 0; i < MAX_INSTANCES; i++)
         if (instances[i].sock >= 0) close(instances[i].sock);
-    return 0;
+    return exit_status;
 }

@@ -51,6 +51,10 @@ TRACEBACK_LIMIT = 5
 #: Exit status of a worker whose module could not be loaded (not a crash to retry quickly).
 EXIT_LOAD_FAILED = 3
 
+#: Exit status after a control message this worker cannot read. Not 0: a clean exit is not
+#: restarted under the default ``restart = "on-failure"``, and this is a failure.
+EXIT_PROTOCOL_ERROR = 2
+
 
 def log(event: str, **fields: object) -> None:
     """One ``event key=value`` line on stderr; the daemon relays it with the module's name."""
@@ -294,6 +298,7 @@ class WorkerHost:
         except p.ProtocolError as exc:
             log("worker.control_protocol_error", reason=exc.reason)
             self.running = False
+            self.exit_status = EXIT_PROTOCOL_ERROR
             return
         message = frame.message
         if isinstance(message, p.Load):

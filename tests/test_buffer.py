@@ -1,0 +1,54 @@
+"""ipad.ipa.Buffer, a descriptor passed with a call: an empty file is an empty buffer.
+
+docs/protocol.md ("How a buffer is read") says a zero-length file is an empty
+buffer; mmap(2) refuses a length of 0, so ``map`` must not pass it on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from ipad.client import Output, _buffers
+from ipad.ipa import Buffer, BufferRefused
+from tests.buffers import write_memfd
+
+
+@pytest.fixture
+def buffers() -> Iterator[list[Buffer]]:
+    """Buffers a test made, closed when it ends as the worker host closes them."""
+    made: list[Buffer] = []
+    yield made
+    for buffer in made:
+        buffer.close()
+
+
+def test_an_empty_input_maps_to_an_empty_read_only_view(buffers: list[Buffer]) -> None:
+    """A sealed 0-byte input maps to a view of no bytes, read-only; writable is refused."""
+    buffers.append(Buffer(write_memfd(b""), "stats"))
+    view = buffers[-1].map()
+    assert (len(view), view.readonly) == (0, True)
+    buffers.append(Buffer(write_memfd(b""), "stats"))
+    with pytest.raises(BufferRefused, match="sealed against writes"):
+        buffers[-1].map(writable=True)
+
+
+def test_an_empty_output_maps_to_an_empty_writable_view(buffers: list[Buffer]) -> None:
+    """A 0-byte output (sealed against resizing only) maps writable, with no bytes."""
+    fd = os.memfd_create("ipad-test", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    buffers.append(Buffer(fd, "params"))
+    _buffers.protect("params", Output(fd))
+    view = buffers[-1].map(writable=True)
+    assert (len(view), view.readonly) == (0, False)
+
+
+def test_an_empty_unsealed_memfd_is_still_refused(buffers: list[Buffer]) -> None:
+    """Being empty does not skip the F_SEAL_SHRINK check: it could grow, then shrink."""
+    fd = os.memfd_create("ipad-test", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    buffers.append(Buffer(fd, "stats"))
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == 0
+    with pytest.raises(BufferRefused, match="F_SEAL_SHRINK"):
+        buffers[-1].map()
