@@ -68,11 +68,26 @@ def test_a_call_timeout_leaves_the_proxy_valid(
 def test_release_frees_the_instance_and_closes_the_proxy(
     start_daemon: Start, tmp_path: Path, connect: Connect
 ) -> None:
-    """After release the daemon holds no proxy and a call fails with CallNotSent (closed)."""
+    """After release the daemon holds no proxy and a call fails with CallNotSent (closed).
+
+    The daemon closes each for its RELEASE_PROXY ("released"), which it then
+    answers without an error: the client sends it before closing the channel
+    (else the channel's end would often close the proxy first). Several
+    proxies, so that such a race would show.
+    """
     daemon, client, echo, _ = echo_proxy(start_daemon, tmp_path, connect)
-    client.release(echo)
+    others = [client.request_proxy("echo") for _ in range(3)]
+    proxy_ids = [client.attr(proxy, "proxy_id") for proxy in [echo, *others]]
+    for proxy in [*others, echo]:
+        client.release(proxy)
     assert client.attr(echo, "state") == "closed"
     wait_until(lambda: proxies_held(daemon) == 0)
+    # ipadctl connected after the releases were answered: its end is logged after them.
+    wait_until(lambda: bool(daemon.events("client.disconnected")))
+    changes = daemon.events("proxy.state_changed")
+    ends = {r.get("proxy_id"): r.get("reason") for r in changes if r.get("state") == "closed"}
+    assert ends == dict.fromkeys(proxy_ids, "released")
+    assert daemon.events("request.failed") == []
     with pytest.raises(ipc.CallNotSent) as closed:
         client.call(echo, "pid", timeout=WAIT)
     assert closed.value.details.get("closed") is True

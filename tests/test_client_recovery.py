@@ -189,6 +189,40 @@ def test_wait_still_bounds_the_recovery(
     assert client.call(faulty, "get", wait=WAIT) == 3
 
 
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
+def test_a_replay_that_failed_is_tried_again_on_a_new_instance(
+    start_daemon: Start, tmp_path: Path, connect: Connect, isolation: str
+) -> None:
+    """A setup call that raises on replay fails the call; once it would pass, the proxy recovers.
+
+    The client closes the channel whose replay failed; the daemon keeps the
+    invalid proxy (it does not take that for the client leaving), so the next
+    reopen gets a fresh instance and the replay runs there in full: with
+    isolation per proxy, in a new worker of its own.
+    """
+    module = f'[modules.faulty]\nisolation = "{isolation}"\n'
+    daemon = start_daemon(write_config(tmp_path, FAULTY, modules=module))
+    client = connect(daemon.socket)
+    faulty = client.request_proxy("faulty")
+    marker = tmp_path / "marker"
+    assert client.call(faulty, "arm", {"marker": str(marker)}) == "armed"
+    client.call(faulty, "init", {"settings": {"value": 5}})
+    marker.touch()
+    kill_and_wait(client.call(faulty, "pid"))
+    with pytest.raises(ipc.CallNotSent, match=r"replaying its setup failed: .*marker present"):
+        client.call(faulty, "get", timeout=WAIT)
+    assert client.attr(faulty, "state") == "invalid"
+    marker.unlink()
+    assert client.call(faulty, "get", timeout=WAIT, wait=WAIT) == 5  # init replayed after arm
+    assert client.attr(faulty, "state") == "valid"
+    assert client.attr(faulty, "recoveries") == 1
+    assert proxy_losses(daemon) == []
+    closed = [r for r in daemon.events("proxy.state_changed") if r.get("state") == "closed"]
+    assert closed == []
+    client.release(faulty)
+    assert proxies_held(daemon) == 0
+
+
 # --- 2. never lost to a timeout -------------------------------------------------------
 
 

@@ -258,7 +258,7 @@ def test_a_proxy_ready_read_after_the_new_worker_died_leaves_the_proxy_invalid(
     daemon = start_daemon(write_config(tmp_path, modules=ECHO))
     sock = raw_connect(daemon.socket)
     hello(sock)
-    channels: list[int] = []  # kept open: a grant's channel closed unread closes the proxy
+    channels: list[int] = []  # kept open: closing one would close or empty its proxy
     request_ids = iter(range(2, 100))
 
     def ask(message: p.Message) -> p.Message:

@@ -548,18 +548,24 @@ class BlockingProxy(ProxyCore):
         return event
 
     def release(self) -> None:
-        """Give the instance back (a proxy the daemon already closed is simply forgotten)."""
+        """Give the instance back (a proxy the daemon already closed is simply forgotten).
+
+        RELEASE_PROXY goes before the channel is closed, as with the trio
+        client: closed first, the worker would report the instance closed,
+        the daemon close the proxy for that and answer the release with an
+        error (``request.failed`` in its log) on every release.
+        """
         client = self.client
         if client.proxies.get(self.proxy_id) is self:  # not another's id on a new connection
             del client.proxies[self.proxy_id]
         client.reattaching.discard(self)
-        self._discard()
         try:
             if self._daemon_conn is self.client._conn:
                 self.client.request(p.ReleaseProxy(self.proxy_id), p.Released)
         except (UnknownProxy, Disconnected):
             pass  # its channel broke, its instance was closed, or its daemon is gone: it is gone
         finally:
+            self._discard()
             self.closed_by("released")
 
     def _discard(self) -> None:

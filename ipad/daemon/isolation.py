@@ -101,11 +101,18 @@ class WorkerCell(ModuleSupervisor):
             self.proxies.set_state(record, ProxyState.INVALID, reason, {"isolation": "proxy"})
 
     def _on_notice(self, message: p.Message) -> None:
-        """The worker closed its instance on its own: its proxy closes (ids are per cell)."""
+        """The worker closed its instance on its own: the cell ends (ids are per cell).
+
+        Its proxy closes, unless invalid: then it stays, for a reopen to give
+        it a new worker (ProxyTable.instance_closed).
+        """
         if isinstance(message, p.InstanceClosed) and self.proxy_id is not None:
             record = self.proxies.get(self.proxy_id)
             if record is not None and record.instance_id == message.instance_id:
-                self.proxies.close(record, message.reason)
+                if not self.proxies.instance_closed(record, message.reason):
+                    log.info("proxy.instance_dropped", module=self.name,
+                             proxy_id=record.proxy_id, instance_id=message.instance_id,
+                             reason=message.reason)  # fmt: skip
                 self.owner.instance_closed(self.proxy_id, self)
 
 

@@ -83,6 +83,22 @@ class ProxyTable:
         if record.state is not ProxyState.CLOSED:
             self.set_state(record, ProxyState.CLOSED, reason)
 
+    def instance_closed(self, record: ProxyRecord, reason: str) -> bool:
+        """The worker closed ``record``'s instance (its channel ended); True if the proxy closed.
+
+        A valid proxy closes: its client left, or its module gave the instance
+        up. An invalid one stays invalid, holding no instance: its client
+        closed a channel granted by REOPEN_PROXY whose replay failed, and
+        asks again (docs/protocol.md, "Recovery after a worker restart").
+        """
+        if record.state is not ProxyState.INVALID:
+            self.close(record, reason)
+            return True
+        record.instance_id = None
+        record.worker_pid = None
+        self.events.notify()  # a REOPEN_PROXY waiting on this instance's worker can go on
+        return False
+
     def of_module(self, module: str) -> list[ProxyRecord]:
         """The open proxies whose instance lives in ``module``'s worker (fallbacks included)."""
         return [r for r in self._proxies.values() if r.served_by == module]

@@ -543,6 +543,8 @@ class Session:
             serving = self._serving(record.module)
             if record.state is ProxyState.CLOSED or serving is None:
                 return True
+            if record.instance_id is None:  # closed by a live worker (a failed replay): none lost
+                return serving.state is WorkerState.RUNNING
             running = serving.running_pid_for(record.proxy_id)
             return running is not None and running != lost
 

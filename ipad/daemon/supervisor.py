@@ -657,7 +657,10 @@ class ModuleSupervisor:
         if isinstance(message, p.InstanceClosed):
             for record in self.proxies.of_module(self.name):
                 if record.instance_id == message.instance_id:
-                    self.proxies.close(record, message.reason)
+                    if not self.proxies.instance_closed(record, message.reason):
+                        log.info("proxy.instance_dropped", module=self.name,
+                                 proxy_id=record.proxy_id, instance_id=message.instance_id,
+                                 reason=message.reason)  # fmt: skip
                     self._balance_spares()
 
     def running_pid_for(self, proxy_id: int) -> int | None:

@@ -44,6 +44,13 @@ class Faulty(IPAModule):
             raise RuntimeError("init fails on purpose")
         self.value = int((settings or {}).get("value", 0))
 
+    @setup
+    def arm(self, marker: str) -> str:
+        """Fail while ``marker`` exists: a setup call whose replay fails on demand."""
+        if Path(marker).exists():
+            raise RuntimeError("marker present")
+        return "armed"
+
     def get(self) -> int:
         """The value init() was given: shows a replay after a restart."""
         return self.value
