@@ -424,3 +424,27 @@ def test_unknown_fields_from_a_hostile_client_are_bounded(
     deep.send(header + body)
     assert goodbye_reason(deep).startswith("protocol error: bad STATUS payload")
     others_still_work(daemon)
+
+
+def test_a_goodbye_sent_with_replies_unread_is_logged_with_its_reason(
+    raw_connect: RawConnect, start_daemon: Start, tmp_path: Path
+) -> None:
+    """A client that sends GOODBYE and closes with replies unread is logged with its reason.
+
+    Linux reports such a close to the daemon as ECONNRESET before the packets the
+    client sent ahead of it; the daemon reads on to the GOODBYE, as clients do.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    hello(sock)
+    client = Raw(sock)
+    _, subscribed = client.ask(p.Subscribe())
+    assert isinstance(subscribed, p.Subscribed)
+    client.send(p.Status())
+    # The reply is in the client's socket, unread, when it says goodbye and closes.
+    readable, _, _ = select.select([sock], [], [], WAIT)
+    assert readable, f"no reply to STATUS within {WAIT}s"
+    sock.send(p.encode(p.Goodbye("leaving")))
+    sock.close()
+    gone = daemon.wait_for("client.disconnected")
+    assert gone["reason"] == "client said goodbye: leaving", gone
