@@ -436,3 +436,66 @@ def test_unknown_fields_from_a_hostile_client_are_bounded(
     deep.send(header + body)
     assert goodbye_reason(deep).startswith("protocol error: bad STATUS payload")
     others_still_work(daemon)
+
+
+def test_a_goodbye_sent_with_replies_unread_is_logged_with_its_reason(
+    raw_connect: RawConnect, start_daemon: Start, tmp_path: Path
+) -> None:
+    """A client that sends GOODBYE and closes with replies unread is logged with its reason.
+
+    Linux reports such a close to the daemon as ECONNRESET before the packets the
+    client sent ahead of it; the daemon reads on to the GOODBYE, as clients do.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    hello(sock)
+    client = Raw(sock)
+    _, subscribed = client.ask(p.Subscribe())
+    assert isinstance(subscribed, p.Subscribed)
+    client.send(p.Status())
+    # The reply is in the client's socket, unread, when it says goodbye and closes.
+    readable, _, _ = select.select([sock], [], [], WAIT)
+    assert readable, f"no reply to STATUS within {WAIT}s"
+    sock.send(p.encode(p.Goodbye("leaving")))
+    sock.close()
+    gone = daemon.wait_for("client.disconnected")
+    assert gone["reason"] == "client said goodbye: leaving", gone
+
+
+def test_reopens_of_a_proxy_on_its_live_worker_are_paced_like_restarts(
+    raw_connect: RawConnect, start_daemon: Start, tmp_path: Path
+) -> None:
+    """A reopen whose worker still runs is answered at once; the next in a row waits its delay.
+
+    With start_timeout and the restart delays far past the socket's 10 s timeout,
+    the first grant shows the daemon did not wait for another worker; the second
+    reopen is not answered until the proxy's release ends its wait.
+    """
+    restart = '[modules.echo.restart]\nstart_timeout = "300s"\ninitial_delay = "300s"\n'
+    restart += 'max_delay = "300s"\n'
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO + restart))
+    sock = raw_connect(daemon.socket)
+    hello(sock)
+    client = Raw(sock)
+    try:
+        _, granted = client.ask(p.RequestProxy("echo"))
+        assert isinstance(granted, p.ProxyGranted), granted
+        _, reopened = client.ask(p.ReopenProxy(granted.proxy_id))
+        assert isinstance(reopened, p.ProxyGranted), reopened
+        assert reopened.worker_pid == granted.worker_pid  # the same worker, which never ended
+        paced = client.send(p.ReopenProxy(granted.proxy_id))
+        readable, _, _ = select.select([sock], [], [], 1.0)
+        assert not readable, "a second reopen in a row was answered without its delay"
+        released = client.send(p.ReleaseProxy(granted.proxy_id))
+        replies: dict[int, p.Message] = {}
+        while len(replies) < 2:
+            frame = receive(sock)
+            assert frame is not None, "the daemon closed the connection"
+            client.channels.extend(frame.fds)
+            replies[frame.request_id] = frame.message
+        assert replies[released] == p.Released(granted.proxy_id), replies
+        error = replies[paced]
+        assert isinstance(error, p.Error), error
+        assert error.code == p.ErrorCode.UNKNOWN_PROXY, error
+    finally:
+        client.close()

@@ -228,6 +228,40 @@ def test_memory_exhaustion_is_an_error_on_the_proxy(daemon: DaemonProcess, kind:
     daemon.stop_cleanly().check()
 
 
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_a_reopen_after_a_refused_reply_does_not_wait_for_another_worker(
+    start_daemon: Start, tmp_path: Path, kind: str, isolation: str
+) -> None:
+    """A proxy whose reply the client could not decode reopens on its live worker at once.
+
+    Its worker never ended, so no other one is coming: with a start_timeout far
+    longer than the client's 20 s wait for the recovery, the call after it
+    succeeds only if the daemon answers the reopen without waiting for one.
+    """
+    modules = (f'[modules.hostile_buffers]\nisolation = "{isolation}"\n'
+               '[modules.hostile_buffers.restart]\nstart_timeout = "300s"\n[modules.echo]\n')  # fmt: skip
+    config = write_config(tmp_path, f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+                          modules=modules)  # fmt: skip
+    daemon = start_daemon(config)
+    report, _ = run_client(daemon, kind, "oom")
+    assert "ran out of memory" in report["big"], report
+    assert report["again"] == 10, report  # recovered within the client's 20 s wait
+    assert report["other"] == "still here"
+    records = [r for r in daemon.events("proxy.state_changed") + daemon.events("worker.exited")
+               if r["module"] == "hostile_buffers"]  # fmt: skip
+    records.sort(key=lambda r: r["timestamp"])
+    # The proxy stayed valid on its one worker until the client left; with isolation =
+    # "proxy" that worker ends then, as a released proxy's does.
+    assert [(r["event"], r.get("state")) for r in records][:2] == [
+        ("proxy.state_changed", "valid"),
+        ("proxy.state_changed", "closed"),
+    ], records
+    assert len({r["worker_pid"] for r in records}) == 1, records
+    still_serving(daemon)
+    daemon.stop_cleanly().check()
+
+
 def raw_event(name: str, data: object) -> RawModuleEvent:
     """A module event as a client's channel receives it."""
     frame = p.decode(p.encode(p.ModuleEvent(name, data)), decoders=RAW_EVENTS)

@@ -188,6 +188,11 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         cell = self._cells.get(proxy_id)
         return cell.worker_pid if cell is not None else None
 
+    def running_worker_for(self, proxy_id: int) -> WorkerProcess | None:
+        """The proxy's own worker if it runs."""
+        cell = self._cells.get(proxy_id)
+        return cell.running_worker_for(proxy_id) if cell is not None else None
+
     def status(self) -> dict[str, object]:
         """The module's state for ``ipadctl status``, with each proxy's worker."""
         spare = self._spare

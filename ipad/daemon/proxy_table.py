@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,10 @@ class ProxyRecord:
     worker_pid: int | None = None
     #: The module whose worker holds the instance: ``module``, or its fallback.
     served_by: str = ""
+    #: Reopens answered on the worker that already served it, in a row, and when the last
+    #: was: a module that breaks each new channel is paced like a crash loop, not served flat out.
+    live_reopens: int = 0
+    live_reopened_at: float = -math.inf
 
     def __attrs_post_init__(self) -> None:
         if not self.served_by:

@@ -22,7 +22,7 @@ import trio
 
 from ipad._version import __version__
 from ipad.config.access import AccessPolicy, Peer, Rule, peer_of
-from ipad.config.model import ClientLimits
+from ipad.config.model import ClientLimits, RestartPolicy
 from ipad.daemon.bounds import fit_entries
 from ipad.daemon.events import EventBus, Subscription
 from ipad.daemon.proxy_table import ProxyRecord, ProxyTable
@@ -216,12 +216,18 @@ class Session:
         return True
 
     async def _receive_loop(self, nursery: trio.Nursery) -> str:
+        reset = False
         while True:
             try:
                 frame = await self.conn.receive()
             except p.ProtocolError as exc:
                 return await self._goodbye(f"protocol error: {exc.reason}")
-            except (OSError, trio.ClosedResourceError):
+            except (OSError, trio.ClosedResourceError) as exc:
+                if isinstance(exc, ConnectionResetError) and not reset:
+                    # The client closed with our replies or events unread: Linux says so once,
+                    # ahead of the packets it sent before closing (its GOODBYE), then the end.
+                    reset = True
+                    continue
                 return "connection lost"
             if frame is None:
                 return "client closed the connection"
@@ -528,6 +534,9 @@ class Session:
         daemon has seen the worker die. So the answer waits, bounded by the
         start timeout, until a worker other than the lost one runs (a standby
         promoted, a restart) or the proxy is closed: no refusal, no retry.
+        Unless the lost worker still runs and shows no sign of ending: then the
+        channel broke on the client's side (a reply it could not decode or keep),
+        no other worker is coming, and the new instance is opened on it at once.
         """
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
@@ -549,7 +558,9 @@ class Session:
             return running is not None and running != lost
 
         supervisor = self.server.supervisors.get(record.module)
-        if supervisor is not None:
+        if supervisor is not None and self._still_serving(record):
+            await self._pace_live_reopen(record, supervisor.policy)
+        elif supervisor is not None:
             await self.server.events.wait_until(answerable, supervisor.start_timeout)
         if record.state is ProxyState.CLOSED:
             await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
@@ -563,6 +574,36 @@ class Session:
         channel = await self._attach(frame, record, serving, new=False)
         if channel is not None:
             await self._grant(frame, record, serving, self.server.events.last_seq, channel)
+
+    def _still_serving(self, record: ProxyRecord) -> bool:
+        """Whether the worker that holds ``record``'s instance runs and shows no sign of ending.
+
+        Should it be ending after all, opening the instance fails, and the open
+        waits for the worker that replaces it (ModuleSupervisor.open_instance).
+        """
+        serving = self._serving(record.module)
+        worker = serving.running_worker_for(record.proxy_id) if serving is not None else None
+        return worker is not None and worker.pid == record.worker_pid and not worker.ending()
+
+    async def _pace_live_reopen(self, record: ProxyRecord, policy: RestartPolicy) -> None:
+        """The first reopen on a live worker at once; more in a row wait as restarts would.
+
+        Answered at once each time, a module that breaks every new channel (a reply
+        the client refuses, replayed) would keep client, daemon and worker busy.
+        A proxy closed meanwhile ends the wait.
+        """
+        now = trio.current_time()
+        if now - record.live_reopened_at >= policy.stable_after.seconds:
+            record.live_reopens = 0
+        if record.live_reopens:
+            delay = policy.initial_delay.seconds * policy.multiplier ** (record.live_reopens - 1)
+
+            def closed() -> bool:
+                return record.state is ProxyState.CLOSED
+
+            await self.server.events.wait_until(closed, min(delay, policy.max_delay.seconds))
+        record.live_reopens += 1
+        record.live_reopened_at = trio.current_time()
 
     async def _proxy_ready(self, frame: p.Frame, message: p.ProxyReady) -> None:
         record = await self._own_proxy(frame, message.proxy_id)

@@ -673,6 +673,11 @@ class ModuleSupervisor:
         del proxy_id
         return self.worker_pid
 
+    def running_worker_for(self, proxy_id: int) -> WorkerProcess | None:
+        """The worker that serves ``proxy_id`` if it runs: the module's one."""
+        del proxy_id
+        return self.worker if self.state is WorkerState.RUNNING else None
+
     async def open_instance(self, proxy_id: int | None = None) -> tuple[int, socket.socket]:
         """Create a module instance; return its id and the client's end of its channel.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -241,6 +242,24 @@ class WorkerProcess:
             self.requests.deliver(frame)  # dropped: logged, told to requests.on_dropped
         else:
             frame.close_fds()
+
+    def ending(self) -> bool:
+        """Whether it has exited or hung up its control socket, by a look that does not wait.
+
+        Its fds close as it exits, before the reaper or the control reader may have
+        run: a client can see its channel end and ask the daemon before either did.
+        """
+        control = self.control.raw.fileno()
+        if (
+            self.exit_status is not None
+            or self.control_ended.is_set()
+            or min(self.pidfd, control) < 0
+        ):
+            return True
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        poller.register(control, select.POLLRDHUP)  # POLLHUP and POLLERR come regardless
+        return bool(poller.poll(0))
 
     def opened(self, instance_id: int) -> None:
         """An instance was opened on it (INSTANCE_OPENED came)."""
