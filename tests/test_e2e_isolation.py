@@ -114,8 +114,11 @@ def test_a_crash_invalidates_only_the_proxy_whose_worker_it_was(
         assert new_a not in (pid_a, pid_b)
         pid_a = new_a
         assert client.call(b, "pid") == pid_b
+    a_id = client.attr(a, "proxy_id")
+    # The log is read by a thread of its own: wait until it has reached both crashes.
+    wait_until(lambda: len(invalidated(daemon, a_id)) >= 2)
+    assert len(invalidated(daemon, a_id)) == 2
     assert invalidated(daemon, b_id) == []
-    assert len(invalidated(daemon, client.attr(a, "proxy_id"))) == 2
     assert status(daemon)["state"] == "running"
     module_events = [r for r in daemon.events("module.state_changed") if r["module"] == "percam"]
     assert [r["state"] for r in module_events if r["state"] != "running"] == ["starting"]
