@@ -148,6 +148,10 @@ def test_queued_admin_operations_are_refused_with_a_reason_when_the_daemon_stops
 ) -> None:
     """Reloads waiting their turn when the daemon stops are refused (code ``stopping``)."""
     daemon = start_daemon(sleepy_config(tmp_path, "300ms"), env=sleepy_env(daemon_env, tmp_path))
+    # The reload's new worker loads for 20 s: it is still under way when the daemon is told
+    # to stop, however long the waiting ipadctls take to start on a busy machine (a 1 s load
+    # could end first, and the next reload, with nothing left to change, succeed).
+    (tmp_path / "sleepy.toml").write_text("load_seconds = 20.0\n")
     sleepy_config(tmp_path, "400ms")
     running = ctl(daemon, "reload")
     daemon.wait_for("daemon.reloading")
