@@ -57,6 +57,9 @@ __all__ = ["EVENT_BACKLOG", "BlockingClient", "BlockingProxy"]
 #: flooding its channel) cannot stretch the wait for ever.
 LATE_PACKETS = 128
 
+#: Seconds a request whose answer changes nothing (PROXY_READY) may wait for room to be sent.
+TELL_WAIT = 5.0
+
 
 class _Connection:
     """A blocking SEQPACKET connection: its RequestBook, and an event backlog.
@@ -117,8 +120,13 @@ class _Connection:
                 return request_id
 
     def tell(self, message: p.Message) -> None:
-        """Send a request whose answer changes nothing: dropped when it comes."""
-        self.book.give_up(self.send(message, deadline=time.monotonic()))
+        """Send a request whose answer changes nothing: dropped when it comes.
+
+        It waits up to TELL_WAIT for room: sent with no wait at all, a PROXY_READY
+        met by a full socket buffer (a daemon busy for a moment) was lost, and the
+        daemon kept announcing a proxy invalid that its client used again.
+        """
+        self.book.give_up(self.send(message, deadline=time.monotonic() + TELL_WAIT))
 
     def reply(self, request_id: int, deadline: float | None, *, keep: bool = False) -> p.Frame:
         """The reply to ``request_id``; other packets that come first go where the book says.
