@@ -164,7 +164,7 @@ def test_requests_in_flight_past_the_limit(
 ) -> None:
     """While max_pending_requests are being answered, one more gets limit_exceeded at once."""
     daemon = limited(start_daemon, tmp_path, "max_pending_requests = 3\nmax_proxies_per_client = 2",
-                     '[restart]\nstart_timeout = "1s"')  # fmt: skip
+                     '[restart]\ninitial_delay = "2s"\nmax_delay = "2s"')  # fmt: skip
     sock = raw_connect(daemon.socket)
     hello(sock)
     sock.send(p.encode(p.RequestProxy("echo"), 2))
@@ -172,8 +172,12 @@ def test_requests_in_flight_past_the_limit(
     assert granted is not None
     assert isinstance(granted.message, p.ProxyGranted)
     proxy_id = granted.message.proxy_id
-    # A REOPEN_PROXY for a proxy whose worker still runs waits (up to start_timeout) for
-    # another worker: three of them keep three requests in flight.
+    # The first REOPEN_PROXY of a proxy whose worker still runs is answered at once; more
+    # in a row wait as restarts would (initial_delay): three of them keep three in flight.
+    sock.send(p.encode(p.ReopenProxy(proxy_id), 9))
+    reopened = receive(sock)
+    assert reopened is not None
+    assert (reopened.request_id, type(reopened.message)) == (9, p.ProxyGranted)
     for request_id in (10, 11, 12):
         sock.send(p.encode(p.ReopenProxy(proxy_id), request_id))
     sock.send(p.encode(p.Status(), 13))
@@ -198,6 +202,7 @@ def test_requests_in_flight_past_the_limit(
     assert again is not None
     assert (again.request_id, type(again.message)) == (14, p.StatusReply)
     granted.close_fds()
+    reopened.close_fds()
     assert daemon.events("client.limit_exceeded")[0]["limit"] == "max_pending_requests"
 
 
