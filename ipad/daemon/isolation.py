@@ -84,6 +84,7 @@ class WorkerCell(ModuleSupervisor):
     def _publish(self, change: SetState[WorkerProcess]) -> None:
         """Kept from the clients: the module's state is the owner's to publish."""
         state = change.state
+        self._note_state(state, change.reason)
         if state is WorkerState.RUNNING:
             self.running_since = trio.current_time()
         elif state is not WorkerState.STARTING:
@@ -200,7 +201,7 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         workers = [
             {"proxy_id": proxy_id, "worker_pid": cell.worker_pid, "state": cell.state.value,
              "reason": cell.reason, "restarts": max(cell.starts - 1, 0),
-             "consecutive_failures": cell.tracker.consecutive}
+             "consecutive_failures": cell.tracker.consecutive, **cell.status_times()}
             for proxy_id, cell in cells[:STATUS_WORKERS]
         ]  # fmt: skip
         return {
@@ -223,6 +224,7 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
             "workers": workers,
             "workers_total": len(cells),
             "workers_ending": len(self._ending),
+            **self.status_times(),
         }
 
     # --- the operations -------------------------------------------------------------------
@@ -310,6 +312,7 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
     def _set_module_state(self, state: WorkerState, reason: str | None) -> None:
         if (state, reason) == self._last:
             return
+        self._note_state(state, reason)
         self._last = (state, reason)
         if state is WorkerState.RUNNING:
             self.running_since = trio.current_time()

@@ -21,6 +21,7 @@ import itertools
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -103,6 +104,11 @@ STANDBY_LAUNCHES = 2 * (os.cpu_count() or 1)
 #: How long a dead worker's cgroup v1 memory cgroup may take to empty before it is left.
 MEMORY_CGROUP_WAIT = 2.0
 
+#: States a module enters because its worker failed: their reason is its last failure.
+FAILURE_STATES = frozenset(
+    {WorkerState.EXITED, WorkerState.BACKOFF, WorkerState.COOLDOWN, WorkerState.FAILED}
+)
+
 
 class ModuleUnavailable(Exception):
     """The module's worker is not running, so no instance can be opened; says why."""
@@ -148,6 +154,7 @@ class ModuleSupervisor:
         "heartbeats",
         "kind",
         "last_exit",
+        "last_failure",
         "launcher",
         "machine",
         "name",
@@ -156,6 +163,7 @@ class ModuleSupervisor:
         "proxies",
         "running_since",
         "standbys",
+        "state_since",
         "timers",
         "tracker",
     )
@@ -190,6 +198,11 @@ class ModuleSupervisor:
         #: How the last active worker ended (for systemd's status line).
         self.last_exit: ExitStatus | None = None
         self.running_since: float | None = None
+        #: The state last published and when (trio clock) it began, for its status.
+        self.state_since: tuple[WorkerState, float] | None = None
+        #: The last failure's reason and wall-clock time: kept through a recovery, so
+        #: ``ipadctl status`` can say what went wrong after the module runs again.
+        self.last_failure: tuple[str, float] | None = None
         self._instance_ids = itertools.count(1)
         self._queue: list[Event] = []
         self._handling = False
@@ -306,6 +319,7 @@ class ModuleSupervisor:
             "worker": str(self.plan.worker),
             "tuning": str(self.plan.tuning),
             "sandbox": self._sandbox_status(),
+            **self.status_times(),
         }
 
     def _sandbox_status(self) -> dict[str, object] | None:
@@ -432,9 +446,31 @@ class ModuleSupervisor:
                 self._first_state.set()
                 self._finished.set()
 
+    def _note_state(self, state: WorkerState, reason: str | None) -> None:
+        """Remember when the state began and, for a failure, why (``status_times``)."""
+        if self.state_since is None or self.state_since[0] is not state:
+            self.state_since = (state, trio.current_time())
+        if state in FAILURE_STATES and reason:
+            self.last_failure = (reason, time.time())
+
+    def status_times(self) -> dict[str, object]:
+        """Seconds in the state, uptime of the running worker, and the last failure."""
+        now = trio.current_time()
+        failure = self.last_failure
+        since = self.state_since
+        return {
+            "state_seconds": round(now - since[1], 3) if since else None,
+            "uptime": round(now - self.running_since, 3)
+            if self.running_since is not None and self.state is WorkerState.RUNNING
+            else None,
+            "last_failure_reason": failure[0] if failure else None,
+            "last_failure_at": failure[1] if failure else None,
+        }
+
     def _publish(self, change: SetState[WorkerProcess]) -> None:
         state = change.state
         worker = change.worker
+        self._note_state(state, change.reason)
         if state is WorkerState.RUNNING:
             self.running_since = trio.current_time()
         elif state is not WorkerState.STARTING:
