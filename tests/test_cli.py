@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -229,3 +231,167 @@ def test_daemon_with_invalid_config_exits_1(tmp_path: Path, daemon_env: dict[str
     assert result.stderr.splitlines() == [
         f"{path}: daemon.log_format: got 'xml' (one of 'console', 'json', 'journal')"
     ]
+
+
+def ctl_with(daemon: DaemonProcess, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ipadctl against ``daemon`` with extra environment (say, a wrong $IPAD_SOCKET)."""
+    return subprocess.run(
+        daemon.ctl_argv(*args), capture_output=True, text=True, env={**daemon.env, **env},
+        timeout=PROCESS_TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+def test_global_options_go_before_or_after_the_subcommand(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """--json, --socket and --timeout work before and after any subcommand, alone or mixed."""
+    daemon = start_daemon()
+    daemon.wait_for("daemon.started")
+    sock = str(daemon.socket)
+    wrong = {"IPAD_SOCKET": str(tmp_path / "nobody.sock")}  # only --socket can find the daemon
+    for argv in (
+        ["status", "--json", "--socket", sock],
+        ["--json", "status", "--socket", sock],
+        ["--socket", sock, "status", "--json"],
+        ["--json", "--socket", sock, "--timeout", "10", "status"],
+        ["status", "--timeout", "10", "--json", "--socket", sock],
+    ):
+        result = ctl_with(daemon, *argv, **wrong)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert json.loads(result.stdout)["modules"]["echo"]["state"] == "running", argv
+    for argv in (
+        ["call", "echo", "echo", '{"text": "hi"}', "--socket", sock, "--json"],
+        ["--json", "call", "echo", "echo", '{"text": "hi"}', "--socket", sock],
+        ["--socket", sock, "call", "--timeout", "10", "echo", "echo", '{"text": "hi"}', "--json"],
+    ):
+        result = ctl_with(daemon, *argv, **wrong)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert json.loads(result.stdout) == {"text": "hi"}, argv
+    described = ctl_with(daemon, "describe", "echo", "--socket", sock, "--json", **wrong)
+    assert json.loads(described.stdout)["module"] == "echo", described.stderr
+    modules = ctl_with(daemon, "modules", "--json", "--socket", sock, **wrong)
+    assert "echo" in json.loads(modules.stdout), modules.stderr
+    # Given nowhere, the defaults hold: $IPAD_SOCKET is used, and the output is a table.
+    table = daemon.ctl("status")
+    assert table.stdout.splitlines()[1].split()[:3] == ["MODULE", "STATE", "SINCE"]
+
+
+def subcommands() -> list[str]:
+    """Every subcommand ipadctl's parser has."""
+    from ipad.cli.ctl import build_parser  # noqa: PLC0415 - the parser under test
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+@pytest.mark.timeout(120)
+def test_every_subcommand_help_says_what_it_does_and_its_exit_status() -> None:
+    """`ipadctl SUB --help` prints, for each subcommand, a description with its exit statuses."""
+    names = subcommands()
+    assert {"status", "restart", "call", "reload", "stop", "events", "keygen"} <= set(names)
+    for name in names:
+        result = run("-m", "ipad.cli.ctl", name, "--help")
+        assert result.returncode == 0, (name, result.stderr)
+        text = " ".join(result.stdout.split())
+        assert text.startswith(f"usage: ipadctl {name}"), text
+        assert "Exit status 0" in text, (name, text)
+        for option in ("--json", "--socket", "--timeout"):
+            assert option in text, (name, option)
+
+
+def faulty_config(tmp_path: Path, env: dict[str, str], extra: str = "") -> tuple[Path, Path]:
+    """A config with echo and faulty, faulty crashing as it loads while the returned flag exists.
+
+    Faulty cools down after one failure, retried only after an hour: its state stays put.
+    """
+    flag = tmp_path / "crash"
+    tuning = tmp_path / "faulty.toml"
+    tuning.write_text(f'crash_if_exists = "{flag}"\n')
+    env["IPAD_FAULTY_TUNING_FILE"] = str(tuning)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nmodule_dirs = ["{REPO / "tests" / "modules"}"]\n'
+        "[modules.echo]\n[modules.faulty]\n" + extra + "[modules.faulty.restart]\n"
+        'max_failures = 1\ncooldown_interval = "1h"\nstandby = false\n'
+    )
+    return config, flag
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
+def test_status_of_a_module_exit_status_uptime_and_last_failure(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str], isolation: str
+) -> None:
+    """`status [MODULE]` exits 3 while one shown is down, 4 if unknown; shows uptime, last failure."""
+    config, flag = faulty_config(tmp_path, daemon_env, f'isolation = "{isolation}"\n')
+    flag.write_text("")
+    daemon = start_daemon(config)
+    daemon.wait_for("module.cooldown", lambda r: r["module"] == "faulty")
+    everything = daemon.ctl("status", check=False)
+    assert everything.returncode == 3, everything.stderr
+    echo = daemon.ctl("--json", "status", "echo", check=False)
+    assert echo.returncode == 0, echo.stderr
+    entry = json.loads(echo.stdout)["modules"]
+    assert list(entry) == ["echo"]
+    assert entry["echo"]["uptime"] >= 0
+    assert entry["echo"]["state_seconds"] >= 0
+    assert entry["echo"]["last_failure_reason"] is None
+    faulty = daemon.ctl("status", "faulty", "--json", check=False)
+    assert faulty.returncode == 3, faulty.stderr
+    down = json.loads(faulty.stdout)["modules"]["faulty"]
+    assert down["state"] == "cooldown"
+    assert down["uptime"] is None
+    assert (
+        "exit status 7" in down["last_failure_reason"]
+        or "before it was ready" in (down["last_failure_reason"])
+    )
+    assert abs(down["last_failure_at"] - time.time()) < 60
+    unknown = daemon.ctl("status", "nope", check=False)
+    assert unknown.returncode == 4
+    assert unknown.stderr.startswith("ipadctl: no module 'nope'; modules: echo, faulty")
+    unknown_json = daemon.ctl("status", "nope", "--json", check=False)
+    assert unknown_json.returncode == 4
+    assert json.loads(unknown_json.stdout)["error"]["code"] == "unknown_module"
+    # Recovered: exit 0, and the REASON column still says what went wrong, and when.
+    flag.unlink()
+    assert daemon.ctl("restart", "faulty").stdout == "faulty: running\n"
+    table = daemon.ctl("status", "faulty", check=False)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[1:3]
+    assert header.split() == ["MODULE", "STATE", "SINCE", "PID", "RESTARTS", "PROXIES",
+                              "VERSION", "REASON"]  # fmt: skip
+    assert row.split()[:2] == ["faulty", "running"]
+    assert "last failure" in row, row
+    assert "s ago: " in row, row
+    up = json.loads(daemon.ctl("--json", "status", "faulty").stdout)["modules"]["faulty"]
+    assert up["reason"] is None
+    assert up["uptime"] is not None
+    assert up["uptime"] >= 0
+    assert up["last_failure_reason"] == down["last_failure_reason"]
+
+
+@pytest.mark.timeout(90)
+def test_restart_of_a_module_that_fails_to_load_fails(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """`ipadctl restart` of a module whose load fails prints the failure and exits 1."""
+    config, flag = faulty_config(tmp_path, daemon_env)
+    daemon = start_daemon(config)
+    daemon.wait_for("daemon.started")
+    flag.write_text("")
+    result = daemon.ctl("restart", "faulty", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    state = result.stdout.strip().removeprefix("faulty: ")
+    assert state in ("exited", "backoff", "cooldown", "failed"), result.stdout
+    assert result.stderr.startswith("ipadctl: faulty did not start: "), result.stderr
+    assert "exit status 7" in result.stderr or "before it was ready" in result.stderr
+    as_json = daemon.ctl("--json", "restart", "faulty", check=False)
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["state"] != "running"
+    unknown = daemon.ctl("restart", "nope", check=False)
+    assert unknown.returncode == 4
+    assert "no module 'nope'" in unknown.stderr
+    flag.unlink()
+    assert daemon.ctl("restart", "faulty").returncode == 0

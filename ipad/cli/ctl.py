@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,41 +27,121 @@ from ipad.protocol.errors import IpadError
 EXIT_FAILED = 1
 #: Exit status for a usage error (argparse's own).
 EXIT_USAGE = 2
+#: Exit status when a module ``status`` shows is not running, as systemctl's.
+EXIT_NOT_RUNNING = 3
+#: Exit status for a module the daemon does not know, as systemctl's for no such unit.
+EXIT_NO_SUCH_MODULE = 4
 
 
 class UsageError(Exception):
     """The command's arguments cannot be used; the message says why."""
 
 
+#: What each subcommand does, prints and exits with (``ipadctl SUB --help``).
+DESCRIPTIONS = {
+    "status": (
+        "Show the daemon (pid, uptime, clients, proxies) and each module, or only MODULE: "
+        "state, seconds in it, worker pid, restarts, proxies, version, and the reason of its "
+        "state or of its last failure. Exit status 0 if every module shown is running, 3 if "
+        "one is not (starting, backoff, cooldown, failed, stopped...), 4 if MODULE is unknown, "
+        "1 if the daemon cannot be reached."
+    ),
+    "modules": (
+        "List the discovered modules with version, enabled, pipelines and manifest path. "
+        "Exit status 0, or 1 if the daemon cannot be reached."
+    ),
+    "describe": (
+        "Print a module's methods (parameters, result types, docs) and types. "
+        "Exit status 0, or 1 on an error (unknown module, daemon unreachable)."
+    ),
+    "call": (
+        "Request a proxy of MODULE, call METHOD once with ARGS (a JSON object) and print "
+        "the result (JSON unless it is a string). Exit status 0, 1 if the call or the daemon "
+        "failed, 2 if the arguments are not usable."
+    ),
+    "restart": (
+        "Restart a module's worker now, ending any backoff or cooldown, and wait for the new "
+        "start's result; prints 'MODULE: STATE'. Exit status 0 if it runs again, 1 if it did "
+        "not start (the failure is printed) or on another error, 4 if MODULE is unknown."
+    ),
+    "reload": (
+        "Re-read the configuration, as SIGHUP does, and print the modules added, removed, "
+        "changed and unchanged. Exit status 0, or 1 if the configuration was refused "
+        "(its problems are printed)."
+    ),
+    "stop": (
+        "Ask the daemon to stop gracefully; prints 'stopping'. "
+        "Exit status 0, or 1 if the daemon cannot be reached."
+    ),
+    "events": (
+        "Print the daemon's recent events, one a line; with --follow, new ones too until "
+        "interrupted. Exit status 0, or 1 if the daemon cannot be reached."
+    ),
+    "sign": (
+        "Sign each module manifest of PATH with an Ed25519 key, writing its signature file "
+        "(no daemon needed). Exit status 0, or 1 if any manifest could not be signed."
+    ),
+    "verify": (
+        "Check the signatures of the module manifests of PATH against trusted keys "
+        "(no daemon needed); prints ok or REFUSED per module. "
+        "Exit status 0, or 1 if any is refused."
+    ),
+    "keygen": (
+        "Make an Ed25519 key pair for signing modules (no daemon needed). "
+        "Exit status 0, or 1 if the files cannot be written."
+    ),
+}
+
+#: The global options' values when given nowhere (they are SUPPRESSed in the parsers, so a
+#: value given before the subcommand is not reset by the subcommand's parser).
+GLOBAL_DEFAULTS: dict[str, object] = {"socket": None, "json": False, "timeout": 30.0}
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """The options every (sub)command accepts, before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="daemon socket (default: $IPAD_SOCKET, else the per-user or system default)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="seconds to wait for an answer (default 30)",
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The admin command line; common options come before the operation."""
+    """The admin command line; the global options go before or after the subcommand."""
+    common = _global_options()
     parser = argparse.ArgumentParser(
         prog="ipadctl",
         description="Inspect and control a running ipad daemon.",
+        epilog="Exit status: 0 success, 1 failure (error reply, daemon unreachable), 2 usage, "
+        "3 a module shown by status is not running, 4 no such module.",
+        parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"ipadctl {__version__}")
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=None,
-        help="daemon socket (default: $IPAD_SOCKET, else the per-user or system default)",
-    )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)"
-    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("status", help="the daemon's and every module's state")
-    commands.add_parser("modules", help="discovered modules and their manifests")
-    describe = commands.add_parser(
-        "describe", help="a module's methods: parameters, result types, docs"
-    )
+
+    def add(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=DESCRIPTIONS[name], parents=[common]
+        )
+
+    status = add("status", "the daemon's and every module's state (exit 3: one not running)")
+    status.add_argument("module", nargs="?", help="show only this module")
+    add("modules", "discovered modules and their manifests")
+    describe = add("describe", "a module's methods: parameters, result types, docs")
     describe.add_argument("module")
-    # Also after the command (`ipadctl describe awb --json`); SUPPRESS keeps a --json given
-    # before it, which a subcommand's default would otherwise reset.
-    describe.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                          help="machine-readable output: the DESCRIPTION message")  # fmt: skip
-    call = commands.add_parser("call", help="request a proxy, call one method, print the result")
+    call = add("call", "request a proxy, call one method, print the result")
     call.add_argument("module")
     call.add_argument("method")
     call.add_argument("args", nargs="?", default="{}", help="arguments as a JSON object")
@@ -71,23 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE",
         help="pass FILE, opened read-only, as the Buffer argument NAME (repeatable)",
     )
-    restart = commands.add_parser(
-        "restart", help="restart a module's worker now, ending any backoff or cooldown"
-    )
+    restart = add("restart", "restart a module's worker now, ending any backoff or cooldown")
     restart.add_argument("module")
-    commands.add_parser("reload", help="re-read the configuration (like SIGHUP)")
-    commands.add_parser("stop", help="stop the daemon gracefully")
-    events = commands.add_parser("events", help="recent events; --follow for new ones too")
+    add("reload", "re-read the configuration (like SIGHUP)")
+    add("stop", "stop the daemon gracefully")
+    events = add("events", "recent events; --follow for new ones too")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    sign = commands.add_parser("sign", help="sign the modules of a directory (no daemon needed)")
+    sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
-    verify = commands.add_parser("verify", help="check module signatures (no daemon needed)")
+    verify = add("verify", "check module signatures (no daemon needed)")
     verify.add_argument("path", type=Path, help="a module directory, or one manifest")
     keys = verify.add_mutually_exclusive_group(required=True)
     keys.add_argument("--trusted-key", type=Path, action="append", help="public key (repeatable)")
     keys.add_argument("--config", type=Path, help="use the trusted keys of this configuration")
-    keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing modules")
+    keygen = add("keygen", "make an Ed25519 key pair for signing modules")
     keygen.add_argument("private", type=Path, help="private key file to create (mode 0600)")
     keygen.add_argument("public", type=Path, help="public key file to create")
     return parser
@@ -97,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ipadctl``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, default in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     if args.command is None:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
@@ -160,32 +242,64 @@ def _print_json(value: object) -> None:
 
 def _status(client: BlockingClient, args: argparse.Namespace) -> int:
     reply = client.status()
+    modules = reply.modules
+    if args.module is not None:
+        if args.module not in modules:
+            known = ", ".join(sorted(modules)) or "none"
+            _fail(args, "unknown_module", f"no module {args.module!r}; modules: {known}")
+            return EXIT_NO_SUCH_MODULE
+        modules = {args.module: modules[args.module]}
+    # As `systemctl status`: 3 when a unit shown is not active (an omitted entry is not shown).
+    shown = [m for name, m in modules.items() if name != OMITTED]
+    status = 0 if all(m.get("state") == "running" for m in shown) else EXIT_NOT_RUNNING
     if args.json:
-        _print_json({"daemon": reply.daemon, "modules": reply.modules})
-        return 0
+        _print_json({"daemon": reply.daemon, "modules": modules})
+        return status
     d = reply.daemon
     print(
         f"ipad {d['version']} pid {d['pid']}, up {d['uptime']:.1f}s, {d['clients']} client(s), "
         f"{d['proxies']} proxy(ies), socket {d['socket']}"
     )
     rows: list[tuple[str, ...]] = [
-        ("MODULE", "STATE", "PID", "RESTARTS", "PROXIES", "VERSION", "REASON")
+        ("MODULE", "STATE", "SINCE", "PID", "RESTARTS", "PROXIES", "VERSION", "REASON")
     ]
-    for name, m in sorted(reply.modules.items()):
-        rows.append((name, m["state"], str(m["worker_pid"] or "-"), str(m["restarts"]),
-                     str(m["proxies"]), m["version"], m["reason"] or ""))  # fmt: skip
+    for name, m in sorted(modules.items()):
+        rows.append((name, str(m.get("state", "")), _seconds(m.get("state_seconds")),
+                     str(m.get("worker_pid") or "-"), str(m.get("restarts", "")),
+                     str(m.get("proxies", "")), str(m.get("version", "")), _reason(m)))  # fmt: skip
         # isolation = "proxy": each proxy's own worker, under its module (a status cut
         # down to fit one packet says how many it left out instead of a list).
         workers = m.get("workers")
         workers = workers if isinstance(workers, list) else []
         for w in workers:
-            rows.append((f"  proxy {w['proxy_id']}", w["state"], str(w["worker_pid"] or "-"),
-                         str(w["restarts"]), "", "", w["reason"] or ""))  # fmt: skip
+            rows.append((f"  proxy {w['proxy_id']}", w["state"], _seconds(w.get("state_seconds")),
+                         str(w["worker_pid"] or "-"), str(w["restarts"]), "", "",
+                         _reason(w)))  # fmt: skip
         more = m.get("workers_total", 0) - len(workers)
         if more > 0:
-            rows.append((f"  (+{more} more)", "", "", "", "", "", ""))
+            rows.append((f"  (+{more} more)", "", "", "", "", "", "", ""))
     _print_table(rows)
-    return 0
+    return status
+
+
+#: The entry a STATUS_REPLY cut down to fit one packet counts its left-out modules in.
+OMITTED = "\u2026omitted"
+
+
+def _seconds(value: object) -> str:
+    """Seconds as the table shows them: ``12.3s``, ``-`` when unknown."""
+    return f"{value:.1f}s" if isinstance(value, int | float) else "-"
+
+
+def _reason(entry: dict[str, Any]) -> str:
+    """The state's reason; when there is none (it recovered), the last failure and its age."""
+    if entry.get("reason"):
+        return str(entry["reason"])
+    last, at = entry.get("last_failure_reason"), entry.get("last_failure_at")
+    if not last:
+        return ""
+    age = f", {max(time.time() - at, 0):.0f}s ago" if isinstance(at, int | float) else ""
+    return f"last failure{age}: {last}"
 
 
 def _modules(client: BlockingClient, args: argparse.Namespace) -> int:
@@ -291,16 +405,27 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
-    result = client.admin(args.command, getattr(args, "module", None), timeout=args.timeout)
+    try:
+        result = client.admin(args.command, getattr(args, "module", None), timeout=args.timeout)
+    except IpadError as exc:
+        if exc.code != p.ErrorCode.UNKNOWN_MODULE.value:
+            raise
+        _fail(args, exc.code, exc.message, exc.details)
+        return EXIT_NO_SUCH_MODULE
     if args.json:
         _print_json(result)
     elif args.command == "restart":
         print(f"{result['module']}: {result['state']}")
+        if result["state"] != "running":
+            why = result.get("reason") or result["state"]
+            print(f"ipadctl: {result['module']} did not start: {why}", file=sys.stderr)
     elif args.command == "reload":
         for key in ("added", "removed", "changed", "code_changed", "unchanged"):
             print(f"{key.replace('_', ' ')}: {', '.join(result.get(key, ())) or '-'}")
     else:
         print("stopping")
+    if args.command == "restart" and result.get("state") != "running":
+        return EXIT_FAILED  # as `systemctl restart` of a unit that fails to start
     return 0
 
 
