@@ -274,7 +274,7 @@ def test_global_options_go_before_or_after_the_subcommand(
     assert "echo" in json.loads(modules.stdout), modules.stderr
     # Given nowhere, the defaults hold: $IPAD_SOCKET is used, and the output is a table.
     table = daemon.ctl("status")
-    assert table.stdout.splitlines()[1].split()[:3] == ["MODULE", "STATE", "SINCE"]
+    assert table.stdout.splitlines()[1].split()[:3] == ["MODULE", "STATE", "PID"]
 
 
 def subcommands() -> list[str]:
@@ -360,8 +360,8 @@ def test_status_of_a_module_exit_status_uptime_and_last_failure(
     table = daemon.ctl("status", "faulty", check=False)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()[1:3]
-    assert header.split() == ["MODULE", "STATE", "SINCE", "PID", "RESTARTS", "PROXIES",
-                              "VERSION", "REASON"]  # fmt: skip
+    assert header.split() == ["MODULE", "STATE", "PID", "RESTARTS", "PROXIES", "VERSION",
+                              "SINCE", "REASON"]  # fmt: skip
     assert row.split()[:2] == ["faulty", "running"]
     assert "last failure" in row, row
     assert "s ago: " in row, row

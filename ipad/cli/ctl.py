@@ -261,19 +261,21 @@ def _status(client: BlockingClient, args: argparse.Namespace) -> int:
         f"{d['proxies']} proxy(ies), socket {d['socket']}"
     )
     rows: list[tuple[str, ...]] = [
-        ("MODULE", "STATE", "SINCE", "PID", "RESTARTS", "PROXIES", "VERSION", "REASON")
+        ("MODULE", "STATE", "PID", "RESTARTS", "PROXIES", "VERSION", "SINCE", "REASON")
     ]
     for name, m in sorted(modules.items()):
-        rows.append((name, str(m.get("state", "")), _seconds(m.get("state_seconds")),
-                     str(m.get("worker_pid") or "-"), str(m.get("restarts", "")),
-                     str(m.get("proxies", "")), str(m.get("version", "")), _reason(m)))  # fmt: skip
+        # New columns go before REASON: scripts that split the rows keep their indexes.
+        rows.append((name, str(m.get("state", "")), str(m.get("worker_pid") or "-"),
+                     str(m.get("restarts", "")), str(m.get("proxies", "")),
+                     str(m.get("version", "")), _seconds(m.get("state_seconds")),
+                     _reason(m)))  # fmt: skip
         # isolation = "proxy": each proxy's own worker, under its module (a status cut
         # down to fit one packet says how many it left out instead of a list).
         workers = m.get("workers")
         workers = workers if isinstance(workers, list) else []
         for w in workers:
-            rows.append((f"  proxy {w['proxy_id']}", w["state"], _seconds(w.get("state_seconds")),
-                         str(w["worker_pid"] or "-"), str(w["restarts"]), "", "",
+            rows.append((f"  proxy {w['proxy_id']}", w["state"], str(w["worker_pid"] or "-"),
+                         str(w["restarts"]), "", "", _seconds(w.get("state_seconds")),
                          _reason(w)))  # fmt: skip
         more = m.get("workers_total", 0) - len(workers)
         if more > 0:
