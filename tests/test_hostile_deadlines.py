@@ -310,6 +310,11 @@ def test_an_instance_that_opens_too_slowly(
         hung = daemon.wait_for("worker.hung", lambda r: r.get("worker_pid") == old_pid)
         assert hung["reason"] == "call_timeout"  # the constructor is module code, timed too
         flag.unlink()
+        # Wait for the replacement itself: a status read between the hang and the old
+        # worker's exit still says "running" (seen once under load, then ModuleUnavailable).
+        daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == old_pid)
+        daemon.wait_for("worker.ready", lambda r: of_module("stuck")(r)
+                        and r["worker_pid"] != old_pid)  # fmt: skip
         wait_until(lambda: client.status().modules["stuck"]["state"] == "running")
         proxy = client.request_proxy("stuck")
         assert proxy.call("pid", timeout=WAIT) != old_pid
