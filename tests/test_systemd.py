@@ -246,7 +246,9 @@ def test_the_socket_is_for_root_and_group_ipad(systemd: Service) -> None:
     # And a member's ipadctl finds the system service without being told where it is.
     ipadctl = systemd.ns.run("setpriv", "--reuid=65534", "--regid=65534", f"--groups={group[2]}",
                              "/opt/ipad/venv/bin/ipadctl", "--json", "status", check=False)  # fmt: skip
-    assert ipadctl.returncode == 0, ipadctl.stderr
+    # Answered: 0, or 3 when a module is not running (as systemctl status; a module can fail
+    # here when the checkout lives where the service's user cannot read, as in CI).
+    assert ipadctl.returncode in (0, 3), ipadctl.stderr
     assert json.loads(ipadctl.stdout)["daemon"]["socket"] == SOCKET
 
 
