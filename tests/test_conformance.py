@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,19 +65,17 @@ def subreaper() -> Iterator[None]:
 
 def run_kit(
     mode: str, command: list[str], *options: str, bound: float, prefix: tuple[str, ...] = ()
-) -> tuple[int, list[dict[str, Any]], float]:
-    """Run the kit with --json (behind ``prefix``): its exit status, rules and seconds taken."""
-    start = time.monotonic()
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run the kit with --json (behind ``prefix``), within ``bound`` seconds: status and rules."""
     result = subprocess.run(
         [*prefix, sys.executable, "-m", "ipad.conformance", mode, "--json", *options, "--",
          *command],
         capture_output=True, text=True, cwd=REPO, timeout=bound, check=False,
     )  # fmt: skip
-    took = time.monotonic() - start
     assert result.stdout, result.stderr
     document = json.loads(result.stdout)
     assert document["passed"] == (result.returncode == 0), document
-    return result.returncode, document["rules"], took
+    return result.returncode, document["rules"]
 
 
 def not_passed(rules: list[dict[str, Any]]) -> dict[str, str]:
@@ -101,7 +98,7 @@ def verdicts(rules: list[dict[str, Any]]) -> dict[str, str]:
 @pytest.mark.parametrize("interval", ["0.25", "0"], ids=["board", "ping"])
 def test_ipad_worker_host_passes_every_rule(subreaper: None, interval: str) -> None:
     """The worker host with echo keeps every worker rule, beating on a board or answering PING."""
-    status, rules, _ = run_kit("worker", WORKER_HOST, "--heartbeat-interval", interval, bound=60)
+    status, rules = run_kit("worker", WORKER_HOST, "--heartbeat-interval", interval, bound=60)
     heartbeat = next(r for r in rules if r["rule"] == "heartbeat")
     assert ("PING" in heartbeat["seen"]) == (interval == "0"), heartbeat
     assert [r["rule"] for r in rules] == WORKER_RULES
@@ -115,7 +112,7 @@ def test_a_client_of_ipads_clients_passes_every_rule(subreaper: None, script: Pa
 
     ``client.newer_peer`` included: the codec ignores the fields a newer daemon adds.
     """
-    status, rules, _ = run_kit("client", [sys.executable, str(script)], bound=150)
+    status, rules = run_kit("client", [sys.executable, str(script)], bound=150)
     assert [r["rule"] for r in rules] == CLIENT_RULES
     assert not_passed(rules) == {}, explain(rules)
     assert status == 0
@@ -123,20 +120,22 @@ def test_a_client_of_ipads_clients_passes_every_rule(subreaper: None, script: Pa
 
 def test_a_worker_that_never_answers_load_fails_load_ready(subreaper: None) -> None:
     """A worker silent after LOAD fails load.ready once the start timeout passes; the rest is skipped."""
-    status, rules, took = run_kit(
+    status, rules = run_kit(
         "worker", [sys.executable, str(PEERS), "silent"], "--start-timeout", "1", bound=60
     )
     seen = verdicts(rules)
     assert status == 1
     assert seen["start"] == "PASS"
     assert seen["load.ready"] == "FAIL"
+    # The bound it failed on is the one given, not a default (the run itself is bounded above).
+    load = next(r for r in rules if r["rule"] == "load.ready")
+    assert load["seen"].startswith("no READY within 1 s"), load
     assert {v for r, v in seen.items() if r not in {"start", "load.ready"}} == {"SKIP"}
-    assert took < 30, took
 
 
 def test_a_worker_deaf_to_shutdown_fails_shutdown_exit(subreaper: None) -> None:
     """A worker that ignores SHUTDOWN fails shutdown.exit only; the kit kills it and goes on."""
-    status, rules, _ = run_kit(
+    status, rules = run_kit(
         "worker", [sys.executable, str(PEERS), "stubborn"], "--stop-timeout", "1", bound=60
     )
     failed = [r["rule"] for r in rules if r["verdict"] != "PASS"]
@@ -146,7 +145,7 @@ def test_a_worker_deaf_to_shutdown_fails_shutdown_exit(subreaper: None) -> None:
 
 def test_a_worker_that_stops_answering_fails_worker_serves(subreaper: None) -> None:
     """A worker mute after READY fails worker.serves within its bound; the later rules are skipped."""
-    status, rules, took = run_kit(
+    status, rules = run_kit(
         "worker", [sys.executable, str(PEERS), "mute"], "--start-timeout", "1", bound=60
     )
     seen = verdicts(rules)
@@ -155,12 +154,13 @@ def test_a_worker_that_stops_answering_fails_worker_serves(subreaper: None) -> N
     assert seen["worker.serves"] == "FAIL", rules
     assert seen["instance.open"] == "SKIP", rules
     assert seen["sigterm.exit"] == "PASS", rules
-    assert took < 30, took
+    serves = next(r for r in rules if r["rule"] == "worker.serves")
+    assert "Timeout:" in serves["seen"], serves  # its reply bound ran out: no hang
 
 
 def test_a_worker_that_floods_and_escapes_fails_and_leaves_nothing(subreaper: None) -> None:
     """Unsolicited control messages fail control.unsolicited; its escaped process is killed."""
-    status, rules, _ = run_kit("worker", [sys.executable, str(PEERS), "noisy"], bound=60)
+    status, rules = run_kit("worker", [sys.executable, str(PEERS), "noisy"], bound=60)
     seen = verdicts(rules)
     assert status == 1
     assert seen["control.unsolicited"] == "FAIL", rules
@@ -172,9 +172,7 @@ def test_a_worker_that_floods_and_escapes_fails_and_leaves_nothing(subreaper: No
 
 def test_a_client_that_hangs_on_a_bad_frame_fails_client_malformed(subreaper: None) -> None:
     """A client that hangs instead of refusing a bad magic fails client.malformed within the bound."""
-    status, rules, _ = run_kit(
-        "client", [sys.executable, str(CLIENT), "--hang-on-error"], bound=150
-    )
+    status, rules = run_kit("client", [sys.executable, str(CLIENT), "--hang-on-error"], bound=150)
     seen = verdicts(rules)
     assert seen["client.malformed"] == "FAIL", rules
     assert seen["client.contract"] == "PASS", rules
@@ -185,7 +183,7 @@ def test_a_client_that_hangs_on_a_bad_frame_fails_client_malformed(subreaper: No
 
 def test_a_client_that_gives_up_on_a_crashed_call_fails_client_contract(subreaper: None) -> None:
     """A client that does not make a call its worker died under again breaks the contract."""
-    status, rules, _ = run_kit("client", [sys.executable, str(CLIENT), "--no-retry"], bound=150)
+    status, rules = run_kit("client", [sys.executable, str(CLIENT), "--no-retry"], bound=150)
     contract = next(r for r in rules if r["rule"] == "client.contract")
     assert contract["verdict"] == "FAIL", explain(rules)
     assert "exit status 1" in contract["seen"], contract
@@ -195,13 +193,16 @@ def test_a_client_that_gives_up_on_a_crashed_call_fails_client_contract(subreape
 
 def test_the_kit_keeps_its_own_deadline(subreaper: None) -> None:
     """Past --deadline the kit stops, fails the run and reaps what it started, whatever the peer."""
-    status, rules, took = run_kit(
+    status, rules = run_kit(
         "worker", [sys.executable, str(PEERS), "silent"], "--start-timeout", "60",
         "--deadline", "2", bound=30,
     )  # fmt: skip
     assert status == 1
-    assert verdicts(rules)["kit.deadline"] == "FAIL", rules
-    assert took < 15, took
+    # Cut by its own --deadline (2 s), well before the peer's 60 s start timeout: run_kit's
+    # bound of 30 s fails the test if the kit waits that out instead.
+    deadline = next(r for r in rules if r["rule"] == "kit.deadline")
+    assert deadline["verdict"] == "FAIL", rules
+    assert "--deadline 2 s" in deadline["seen"], deadline
 
 
 @needs_setpriv
@@ -212,12 +213,12 @@ def test_as_another_user_the_kit_judges_worker_and_client_alike(
     install = user_install()
     nobody = tuple(as_user())
     host = install.prefix / "share" / "ipad" / "workers" / "ipad-worker"
-    status, rules, _ = run_kit("worker", [str(install.python), str(host)], bound=60, prefix=nobody)
+    status, rules = run_kit("worker", [str(install.python), str(host)], bound=60, prefix=nobody)
     assert not_passed(rules) == {}, explain(rules)
     assert status == 0
     script = shared_dir / CLIENT.name
     script.write_text(CLIENT.read_text())
     client = [str(install.python), str(script)]
-    status, rules, _ = run_kit("client", client, bound=150, prefix=nobody)
+    status, rules = run_kit("client", client, bound=150, prefix=nobody)
     assert not_passed(rules) == {}, explain(rules)
     assert status == 0

@@ -27,7 +27,7 @@ pytestmark = [
 def test_the_c_worker_passes_every_worker_rule(subreaper: None, c_bin: Path) -> None:
     """ipad-echo-worker, loaded as its manifest says (native: no entry point), keeps every rule."""
     tuning = EXAMPLES / "tuning" / "echo_c" / "uncalibrated.toml"
-    status, rules, _ = run_kit(
+    status, rules = run_kit(
         "worker", [str(c_bin / "ipad-echo-worker")],
         "--module", "echo_c", "--entry-point", "", "--module-dir", str(EXAMPLES),
         "--tuning", str(tuning), bound=90,
@@ -39,7 +39,7 @@ def test_the_c_worker_passes_every_worker_rule(subreaper: None, c_bin: Path) -> 
 
 def test_the_c_client_passes_every_client_rule(subreaper: None, c_bin: Path) -> None:
     """ipad-echo-client recovers from the kit's worker kills, takes a newer peer, leaves on garbage."""
-    status, rules, _ = run_kit(
+    status, rules = run_kit(
         "client", [str(c_bin / "ipad-echo-client")], "--calls", "40", "--kills", "3", bound=150
     )
     assert [r["rule"] for r in rules] == CLIENT_RULES
