@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ipad.config.code_identity import code_files, entry_top
 from ipad.config.manifest import ModuleSource, load_manifest
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 SIGNATURE_SUFFIX = ".sig"
 #: The format of what is signed; a verifier refuses formats it does not know.
 FORMAT = "ipad-module-signature-1"
-#: Never part of what is signed: compiled caches change without the code changing.
-SKIPPED_DIRS = frozenset({"__pycache__"})
 
 
 class SignatureError(Exception):
@@ -61,21 +60,12 @@ def signature_path(manifest: Path) -> Path:
 
 
 def covered_files(source: ModuleSource) -> list[Path]:
-    """The manifest and the code of its entry point's top-level package (or module file)."""
-    directory = source.directory
-    files = [source.path]
-    entry = source.manifest.entry_point
-    if entry:
-        top = entry.partition(":")[0].split(".")[0]
-        package, module = directory / top, directory / f"{top}.py"
-        if package.is_dir():
-            files += sorted(
-                path for path in package.rglob("*")
-                if path.is_file() and not SKIPPED_DIRS & set(path.relative_to(directory).parts)
-            )  # fmt: skip
-        elif module.is_file():
-            files.append(module)
-    return files
+    """The manifest and the code of its entry point's top-level package (or module file).
+
+    The same files a module's code identity covers (ipad/config/code_identity.py).
+    """
+    found = code_files(source.directory, entry_top(source), limit=False)
+    return [source.path, *(path for path, _ in found)]
 
 
 def digests(directory: Path, files: Iterable[Path]) -> dict[str, str]:

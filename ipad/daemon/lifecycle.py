@@ -76,6 +76,17 @@ class Timer(enum.Enum):
     STANDBY = "standby"
 
 
+def may_promote(standby_code: str | None, disk_code: str | None) -> bool:
+    """Whether a standby that loaded ``standby_code`` runs the module's code on disk now.
+
+    Equal identities only: a standby whose code is unknown (it changed while
+    it loaded) is not promoted over a known one, and neither is one that
+    loaded code edited since. Both unknown (no identity is kept, or the code
+    is past the hashing bounds): promoted, as before identities existed.
+    """
+    return standby_code == disk_code
+
+
 class Cause(enum.Enum):
     """What the supervisor found out about an exit that the status alone does not say."""
 
@@ -126,6 +137,8 @@ class Ready(Generic[W]):
     """The worker answered LOAD with READY."""
 
     worker: W
+    #: The identity of the code it loaded (ipad/config/code_identity.py); None: unknown.
+    code_id: str | None = None
 
 
 @attrs.frozen
@@ -349,6 +362,7 @@ class Lifecycle(Generic[W]):
         "_out",
         "active",
         "active_ready",
+        "code",
         "code_refused",
         "ending",
         "finished",
@@ -358,6 +372,7 @@ class Lifecycle(Generic[W]):
         "reason",
         "standby",
         "standby_allowed",
+        "standby_code",
         "standby_failures",
         "standby_launching",
         "standby_ready",
@@ -382,6 +397,11 @@ class Lifecycle(Generic[W]):
         #: A second worker, launched ahead of time and promoted when the active one ends.
         self.standby: W | None = None
         self.standby_ready = False
+        #: The identity of the code the standby loaded (Ready.code_id), and of the module's
+        #: code on disk as the supervisor last saw it (set before each event that may start
+        #: a worker): a standby is promoted only while they agree (``may_promote``).
+        self.standby_code: str | None = None
+        self.code: str | None = None
         #: Launches in flight that have not produced a process yet.
         self.launching = False
         self.standby_launching = False
@@ -483,7 +503,14 @@ class Lifecycle(Generic[W]):
         self.active_ready = False
         self.tracker.started(self._now)
         standby = self.standby
-        if standby is not None and self.standby_ready:
+        if standby is not None and self.standby_ready and not may_promote(self.standby_code,
+                                                                          self.code):  # fmt: skip
+            # It loaded other code than the disk holds now: a fresh worker loads that.
+            self.standby, self.standby_ready = None, False
+            self._log("info", "worker.standby_stale", standby, standby_code=self.standby_code,
+                      code_id=self.code)  # fmt: skip
+            self._end(standby, Why.RETIRED, polite=True)
+        elif standby is not None and self.standby_ready:
             self.standby, self.standby_ready, self.active = None, False, standby
             self.standby_failures = 0  # its module loads: the next standby starts afresh
             self._emit(Promote(standby))
@@ -629,6 +656,7 @@ class Lifecycle(Generic[W]):
         worker = event.worker
         if worker is self.standby and not self.standby_ready:
             self.standby_ready, self.standby_ready_at = True, self._now
+            self.standby_code = event.code_id
             self._log("info", "worker.standby_ready", worker)
             self._emit(FillStandby(worker))
             return
