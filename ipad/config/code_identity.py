@@ -77,7 +77,7 @@ def code_files(
         info = _stat(single, stat.S_ISREG)
         return [(single, info)] if info is not None else []
     files = _walk(package, limit)
-    files.sort(key=lambda found: found[0])
+    files.sort(key=lambda found: str(found[0]))  # as the relative names sort
     return files
 
 
@@ -188,6 +188,20 @@ class CodeWatch:
         manifest = str(self.source.path.relative_to(directory))
         package = [part for part in parts if part[0] != manifest]
         return Identity(_digest(parts), _digest(package), stamps)
+
+
+def signed_identity(source: ModuleSource, signed: tuple[tuple[str, str], ...]) -> Identity:
+    """The identity of a signed module's code: the files its signature lists.
+
+    Its workers import only those bytes (ipad/worker/verified_import.py),
+    whatever the disk holds meanwhile. Equal to ``CodeWatch.identify``'s
+    while the disk matches the signature.
+    """
+    manifest = str(source.path.relative_to(source.directory))
+    parts = sorted(signed)
+    package = [part for part in parts if part[0] != manifest]
+    package_first = [*package, *(part for part in parts if part[0] == manifest)]
+    return Identity(_digest(package_first), _digest(package), ())
 
 
 def package_identity(directory: Path, top: str) -> str | None:

@@ -72,6 +72,7 @@ class WorkerCell(ModuleSupervisor):
         super().__init__(owner.plan, owner.policy, owner.kind, owner.env, owner.shared,
                          on_stable=owner.cell_stable)  # fmt: skip
         self.owner = owner
+        self.code = owner.code  # one identity cache for the module, not one per worker
         #: The proxy it serves; None while it is the module's spare.
         self.proxy_id: int | None = None
 
@@ -201,7 +202,8 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         workers = [
             {"proxy_id": proxy_id, "worker_pid": cell.worker_pid, "state": cell.state.value,
              "reason": cell.reason, "restarts": max(cell.starts - 1, 0),
-             "consecutive_failures": cell.tracker.consecutive, **cell.status_times()}
+             "consecutive_failures": cell.tracker.consecutive, **cell.status_times(),
+             "code_id": cell.worker.code_id if cell.worker is not None else None}
             for proxy_id, cell in cells[:STATUS_WORKERS]
         ]  # fmt: skip
         return {
@@ -215,6 +217,10 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
             "consecutive_failures": spare.tracker.consecutive if spare is not None else 0,
             "standby_pid": spare.running_pid if spare is not None else None,
             "standby_instances": 0,
+            # The spare's: the code the next proxy's worker runs.
+            "code_id": spare.worker.code_id if spare is not None and spare.worker else None,
+            "standby_code_id": None,
+            "code_error": self._code_error,
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
             "worker": str(self.plan.worker),
@@ -226,6 +232,11 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
             "workers_ending": len(self._ending),
             **self.status_times(),
         }
+
+    def code_changed(self) -> bool:
+        """Whether the code on disk is not what the spare or any proxy's worker loaded."""
+        cells = [*self._cells.values(), *([self._spare] if self._spare else [])]
+        return any(cell.code_changed() for cell in cells)
 
     # --- the operations -------------------------------------------------------------------
 
@@ -356,10 +367,19 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
     async def _take_spare(self) -> WorkerCell:
         """The running spare, for a new proxy (a new spare starts at once); waits for one."""
         deadline = trio.current_time() + self.start_timeout
+        replaced = False
         while True:
             spare = self._spare
             if self._stopping or spare is None:
                 raise ModuleUnavailable(f"module is stopping: {self._stop_why}")
+            if spare.state is WorkerState.RUNNING and not replaced and self._stale(spare):
+                # Loaded before an edit: a new proxy gets the code on disk. Once per grant:
+                # a module that rewrites its files as it loads would be replaced forever.
+                replaced = True
+                self._spare = None
+                self._retire(spare, "its code changed on disk")
+                self._new_spare()
+                continue
             if spare.state is WorkerState.RUNNING:
                 self._spare = None
                 self._new_spare()
@@ -375,6 +395,17 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
                 return self._stopping or self._spare is not spare or settled
 
             await self.events.wait_until(changed, remaining)
+
+    def _stale(self, spare: WorkerCell) -> bool:
+        """Whether the running spare loaded other code than the disk holds (stat-cheap)."""
+        identity = self.identify_code()
+        worker = spare.worker
+        loaded = worker.code_id if worker is not None else None
+        if loaded == (identity.code_id if identity is not None else None):
+            return False
+        log.info("worker.standby_stale", module=self.name, standby_code=loaded,
+                 code_id=identity.code_id if identity else None, isolation="proxy")  # fmt: skip
+        return True
 
     async def open_instance(self, proxy_id: int | None = None) -> tuple[int, socket.socket]:
         """An instance for ``proxy_id`` in its own worker: the spare's, or its cell's again."""

@@ -37,6 +37,7 @@ import msgspec
 import structlog
 import trio
 
+from ipad.config.code_identity import package_identity
 from ipad.config.memory_support import MemorySupport
 from ipad.daemon import memory_cgroup as _memory_cgroup
 from ipad.daemon.cgroup import WorkerCgroups, clear_cgroup
@@ -106,6 +107,11 @@ class Launcher:
         self.early = early
         #: ``DIR:package.module`` of shipped modules the fork server imports once for all.
         self.preloads = list(preloads)
+        #: Each preload's package identity as the running fork server imported it
+        #: (ipad/config/code_identity.py): a worker whose code is not that is spawned.
+        self.preload_codes: dict[str, str | None] = {}
+        #: Set while a renewal for code found stale runs (``renew_stale``): one at a time.
+        self._renewing = False
         #: The argv a worker must have to be forked: the Python worker host's.
         self.forkable = list(forkable) if forkable else None
         self.forkserver: WorkerProcess | None = None
@@ -174,6 +180,9 @@ class Launcher:
             started.output = None
         # A SPAWNED nobody took (late, or its caller cancelled): that worker goes.
         server.requests.on_dropped = lambda frame: self._orphaned(frame.message)
+        # Hashed before the server imports them: an edit after that reads as stale at the
+        # next launch (the worker is spawned), never the other way round.
+        self.preload_codes = {spec: _preload_identity(spec) for spec in self.preloads}
         if self.preloads:
             with contextlib.suppress(OSError, trio.ClosedResourceError):  # it died: seen below
                 await server.control.send(p.Preload(tuple(self.preloads)))
@@ -274,7 +283,29 @@ class Launcher:
         renew.set()
         await self._wait_for_server(other_than=old)
 
-    async def launch(
+    def preload_stale(self, spec: str, package_id: str | None) -> bool:
+        """Whether forking a worker of ``spec`` would give it other code than ``package_id``.
+
+        Only a module the fork server preloads can be stale; one whose identity
+        is unknown is taken as stale (spawned: it imports what the disk holds).
+        """
+        if spec not in self.preloads:
+            return False
+        return package_id is None or self.preload_codes.get(spec) != package_id
+
+    async def renew_stale(self, spec: str) -> None:
+        """Replace the fork server because ``spec``'s code changed since it preloaded it."""
+        if self._renewing:
+            return
+        self._renewing = True
+        try:
+            log.info("forkserver.renewing", reason="preloaded code changed on disk",
+                     modules=[spec])  # fmt: skip
+            await self.renew(self.preloads)
+        finally:
+            self._renewing = False
+
+    async def launch(  # noqa: PLR0913 - how to start one worker, all of it
         self,
         module: str,
         argv: Sequence[str],
@@ -285,6 +316,7 @@ class Launcher:
         on_started: OnStarted = lambda _: None,
         on_exit: OnExit | None = None,
         timeout: float = JAIL_TIMEOUT,
+        fork: bool = True,
     ) -> WorkerProcess:
         """A new worker for ``module``: forked if it runs the Python worker host, else spawned.
 
@@ -292,9 +324,12 @@ class Launcher:
         a spawned one is started by the jail, which has ``timeout`` to say its pid.
         ``on_started`` is told of the worker the moment its process exists (it
         owns it from then on, even if this is cancelled later); the reaper
-        calls ``on_exit`` once it has exited.
+        calls ``on_exit`` once it has exited. ``fork`` False: spawned even if forkable
+        (the fork server holds stale code of this module).
         """
-        while list(argv) == self.forkable and (server := await self._fork_from()) is not None:
+        while (
+            fork and list(argv) == self.forkable and (server := await self._fork_from()) is not None
+        ):
             try:
                 worker = await self._fork(server, module, env, on_notice, sandbox,
                                           on_started, on_exit)  # fmt: skip
@@ -619,3 +654,9 @@ def _pidfd_of_child(pid: int) -> int:
         if is_child(pid):
             os.kill(pid, signal.SIGKILL)
         raise
+
+
+def _preload_identity(spec: str) -> str | None:
+    """The package identity of a ``DIR:package.module`` preload (None: past the bounds)."""
+    directory, _, module = spec.partition(":")
+    return package_identity(Path(directory), module.split(".")[0])

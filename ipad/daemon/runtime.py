@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import msgspec
 import structlog
 import trio
 
@@ -173,26 +174,49 @@ class ReloadPlan:
     changed: tuple[str, ...]
     #: ``[daemon]`` keys that differ but wait for a restart of the daemon.
     fixed: tuple[str, ...]
-    #: Changed modules whose signed code differs (new digests, or signed or unsigned anew):
-    #: they restart onto the newly verified code like any changed module.
+    #: Changed modules whose code differs: signed code with new digests (or signed or
+    #: unsigned anew), or code on disk other than its workers loaded (``with_code_changed``).
+    #: They restart onto the new code like any changed module.
     code_changed: tuple[str, ...] = ()
+    #: Modules whose plan differs only in the directories their sandbox hides (another
+    #: module directory was added, removed or moved): not restarted, their next worker
+    #: starts with the new plan.
+    refreshed: tuple[str, ...] = ()
 
     @classmethod
     def between(cls, old: CheckedConfig, new: CheckedConfig) -> ReloadPlan:
         """The plan that takes the daemon from ``old`` to ``new``."""
-        changed = sorted(
+        differing = sorted(
             name
             for name in set(old.plans) & set(new.plans)
             if old.plans[name] != new.plans[name]
             or old.config.modules[name] != new.config.modules[name]
             or old.config.restart_policy(name) != new.config.restart_policy(name)
         )
+        refreshed = [
+            name for name in differing
+            if _same_but_hidden(old.plans[name], new.plans[name])
+            and old.config.modules[name] == new.config.modules[name]
+            and old.config.restart_policy(name) == new.config.restart_policy(name)
+        ]  # fmt: skip
+        changed = [name for name in differing if name not in refreshed]
         fixed = [key for key in AT_RESTART_ONLY
                  if getattr(old.config.daemon, key) != getattr(new.config.daemon, key)]  # fmt: skip
         code = [name for name in changed if old.plans[name].signed != new.plans[name].signed]
         return cls(new, tuple(sorted(set(new.plans) - set(old.plans))),
                    tuple(sorted(set(old.plans) - set(new.plans))), tuple(changed),
-                   tuple(fixed), tuple(code))  # fmt: skip
+                   tuple(fixed), tuple(code), tuple(refreshed))  # fmt: skip
+
+    def with_code_changed(self, names: Iterable[str]) -> ReloadPlan:
+        """The plan also restarting ``names`` (unchanged modules whose code changed on disk)."""
+        more = [name for name in names if name not in self.changed and name in self.new.plans]
+        if not more:
+            return self
+        return attrs.evolve(
+            self, changed=tuple(sorted({*self.changed, *more})),
+            code_changed=tuple(sorted({*self.code_changed, *more})),
+            refreshed=tuple(n for n in self.refreshed if n not in more),
+        )  # fmt: skip
 
     @property
     def starting(self) -> tuple[str, ...]:
@@ -205,6 +229,14 @@ class ReloadPlan:
         return {"added": list(self.added), "removed": list(self.removed),
                 "changed": list(self.changed), "code_changed": list(self.code_changed),
                 "unchanged": unchanged}  # fmt: skip
+
+
+def _same_but_hidden(old: ModulePlan, new: ModulePlan) -> bool:
+    """Whether two plans differ at most in the directories their sandboxes hide."""
+    if old.sandbox is None or new.sandbox is None:
+        return old == new
+    blank = msgspec.structs.replace(new.sandbox, hidden=old.sandbox.hidden)
+    return attrs.evolve(new, sandbox=blank) == old
 
 
 class _Pending:
@@ -609,7 +641,7 @@ class DaemonRuntime:
                 await self.service.ready(self.summary())  # done, or failed: the old config runs
 
     async def _update_forkserver(self, new: CheckedConfig, changed: Iterable[str],
-                                 old: CheckedConfig) -> None:  # fmt: skip
+                                 old: CheckedConfig, code: Iterable[str] = ()) -> None:  # fmt: skip
         """The fork server the new configuration needs: a first one, or one with fresh code.
 
         A start without any module the fork server can fork ran none: the reload
@@ -627,10 +659,12 @@ class DaemonRuntime:
                 self.launcher.preloads = preloads
                 await self.launcher.enable_forking(forkable)
             return
-        # Only a module found anew (its manifest or directory changed) may bring new code.
+        # Only a module found anew (its manifest or directory changed), or whose code
+        # changed on disk, may bring new code.
         found_anew = [
-            new.plans[name] for name in changed if old.plans[name].source != new.plans[name].source
-        ]
+            new.plans[name] for name in changed
+            if old.plans[name].source != new.plans[name].source or name in code
+        ]  # fmt: skip
         stale = trusted_preloads(found_anew, trusted)
         if preloads != self.launcher.preloads or stale:
             log.info("forkserver.renewing", reason="preloaded code changed" if stale
@@ -656,6 +690,13 @@ class DaemonRuntime:
             details = {"problems": problems}
             raise AdminError(p.ErrorCode.INVALID_CONFIG, message, details) from None
         plan = ReloadPlan.between(old, new)
+        unchanged = [name for name in set(old.plans) & set(new.plans)
+                     if name not in plan.changed and name in self.supervisors]  # fmt: skip
+        plan = plan.with_code_changed(
+            sorted(name for name in unchanged if self.supervisors[name].code_changed())
+        )
+        if plan.code_changed:
+            log.info("daemon.code_changed", modules=list(plan.code_changed))
         if plan.fixed:
             log.warning("daemon.reload_needs_restart", keys=[f"daemon.{k}" for k in plan.fixed],
                         reason="these take effect when the daemon restarts")  # fmt: skip
@@ -669,7 +710,7 @@ class DaemonRuntime:
         # From here on the new configuration is in force.
         await self.clients.revoke_denied()
         try:
-            await self._update_forkserver(new, plan.changed, old)
+            await self._update_forkserver(new, plan.changed, old, set(plan.code_changed))
         except Exception:
             log.exception("forkserver.update_failed")  # workers are spawned meanwhile
         assert self._supervision is not None  # noqa: S101 - set by run()
@@ -703,6 +744,8 @@ class DaemonRuntime:
             self._supervision.start_soon(self._retire, old)
         for name in plan.starting:
             self.supervisors[name] = self._supervisor(plan.new, name)
+        for name in plan.refreshed:  # only the directories its sandbox hides differ
+            self.supervisors[name].plan = plan.new.plans[name]
         return predecessors
 
     async def _retire(self, supervisor: ModuleSupervisor) -> None:

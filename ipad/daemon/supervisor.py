@@ -31,6 +31,7 @@ import structlog
 import trio
 
 from ipad.config.check import ModulePlan
+from ipad.config.code_identity import CodeTooLarge, CodeWatch, Identity, signed_identity
 from ipad.config.manifest import PipelineSupport
 from ipad.config.model import RestartPolicy
 from ipad.config.proxy_kinds import ProxyKind
@@ -137,17 +138,21 @@ class ModuleSupervisor:
 
     __slots__ = (
         "_balancing",
+        "_code_error",
         "_finished",
         "_first_state",
         "_handling",
         "_instance_ids",
+        "_last_code",
         "_launches",
         "_loading",
         "_nursery",
         "_on_stable",
+        "_preload_spec",
         "_queue",
         "_ready",
         "_timers",
+        "code",
         "env",
         "events",
         "fallback",
@@ -218,6 +223,16 @@ class ModuleSupervisor:
         self._loading: dict[WorkerProcess, Exited[WorkerProcess] | None] = {}
         #: The last READY a worker of this module sent (``_same_ready``).
         self._ready: p.Ready | None = None
+        #: The module's code on disk: its identity, hashed anew only when its files moved.
+        self.code = CodeWatch(plan.source)
+        #: The code identity of the module's last worker (launched, ready or promoted), in a
+        #: 1-tuple; None: no worker yet.
+        self._last_code: tuple[str | None] | None = None
+        #: Why the code has no identity (past the hashing bounds), once logged.
+        self._code_error: str | None = None
+        entry = plan.source.manifest.entry_point or ""
+        #: How the fork server names this module's code if it preloads it.
+        self._preload_spec = f"{plan.source.directory.resolve()}:{entry.partition(':')[0]}"
 
     # --- what the rest of the daemon reads --------------------------------------------
 
@@ -313,6 +328,7 @@ class ModuleSupervisor:
             "consecutive_failures": self.tracker.consecutive,
             "standby_pid": standby.pid if standby is not None else None,
             "standby_instances": len(standby.spares) if standby is not None else 0,
+            **self.code_status(running, standby),
             "proxies": len(self.proxies.of_module(self.name)),
             "proxy_kind": self.kind.name,
             "isolation": "module",
@@ -321,6 +337,49 @@ class ModuleSupervisor:
             "sandbox": self._sandbox_status(),
             **self.status_times(),
         }
+
+    def code_status(self, running: bool, standby: WorkerProcess | None) -> dict[str, object]:
+        """``code_id`` of the running worker and ``standby_code_id`` of the loaded standby.
+
+        None where there is no such worker, or its code is unknown (it changed
+        while it loaded, or is past the hashing bounds: ``code_error`` says).
+        """
+        worker = self.worker
+        return {
+            "code_id": worker.code_id if running and worker is not None else None,
+            "standby_code_id": standby.code_id if standby is not None else None,
+            "code_error": self._code_error,
+        }
+
+    def identify_code(self) -> Identity | None:
+        """The identity of the module's code on disk now (stat-cheap unless it changed).
+
+        None past the hashing bounds: logged once, and said in ``code_error``. A signed
+        module's is that of its signed files, the only code its workers import.
+        """
+        if self.plan.signed is not None:
+            return signed_identity(self.plan.source, self.plan.signed)
+        try:
+            identity = self.code.identify()
+        except CodeTooLarge as exc:
+            if self._code_error != str(exc):
+                log.error("module.code_too_large", module=self.name, error=str(exc),
+                          consequence="no code identity: standbys promoted unchecked")  # fmt: skip
+            self._code_error = str(exc)
+            return None
+        self._code_error = None
+        return identity
+
+    def code_changed(self) -> bool:
+        """Whether the code on disk is not what the module's worker loaded (for a reload).
+
+        The worker running, else the last one launched; a module none of whose
+        workers ever loaded has nothing to compare.
+        """
+        if self._last_code is None:
+            return False
+        identity = self.identify_code()
+        return (identity.code_id if identity is not None else None,) != self._last_code
 
     def _sandbox_status(self) -> dict[str, object] | None:
         """The measures in force for the running worker, read from /proc (None: no sandbox)."""
@@ -381,6 +440,11 @@ class ModuleSupervisor:
         Events posted while effects are being carried out (an effect that
         learns something at once) queue behind, in order.
         """
+        if isinstance(event, Start | Restart | Exited) or (
+            isinstance(event, TimerFired) and event.timer is Timer.RESTART
+        ):  # it may start a worker: promote a standby only if it loaded the code on disk
+            identity = self.identify_code()
+            self.machine.code = identity.code_id if identity is not None else None
         self._queue.append(event)
         if self._handling:
             return
@@ -411,6 +475,7 @@ class ModuleSupervisor:
                 if scope is not None:
                     scope.cancel()
             case Promote(worker=worker):
+                self._last_code = (worker.code_id,)
                 self._job(self._promote, worker)
             case Watch(worker=worker):
                 policy = self.policy
@@ -587,11 +652,22 @@ class ModuleSupervisor:
     ) -> Event | None:
         """The launch's outcome: LaunchFailed, or how LOAD went (None: the worker died in it)."""
         argv = self.kind.worker_argv(self.plan.worker)
+        identity = self.identify_code()  # before its code is imported: see _loaded_code
+        fork = not self.launcher.preload_stale(
+            self._preload_spec, identity.package_id if identity is not None else None
+        )
+        if not fork:
+            log.info("worker.preload_stale", module=self.name, standby=standby,
+                     code_id=identity.code_id if identity else None,
+                     action="spawned; the fork server is renewed")  # fmt: skip
+            self._job(self.launcher.renew_stale, self._preload_spec)
+        if not standby:
+            self._last_code = (identity.code_id if identity is not None else None,)
         try:
             worker = await self.launcher.launch(
                 self.name, argv, self.env, self._on_notice, self.plan.sandbox,
                 on_started=started, on_exit=self._exited,
-                timeout=self.start_timeout,
+                timeout=self.start_timeout, fork=fork,
             )  # fmt: skip
         except OSError as exc:
             return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)
@@ -603,11 +679,33 @@ class ModuleSupervisor:
                 return None  # its exit tells the machine
             if isinstance(frame.message, p.Ready):
                 worker.ready = self._same_ready(frame.message)
-                return Ready(worker)
+                worker.code_id = self._loaded_code(worker, identity, standby)
+                return Ready(worker, worker.code_id)
             # Code refused against its signature stays refused until a reload: no retries.
             final = isinstance(frame.message, p.Error) and "refused" in frame.message.details
             return LoadFailed(worker, _describe_error(frame.message), exiting=True, final=final)
         return LoadFailed(worker, f"not ready within {self.policy.start_timeout}")
+
+    def _loaded_code(
+        self, worker: WorkerProcess, identity: Identity | None, standby: bool
+    ) -> str | None:
+        """The identity of the code a ready worker loaded: hashed before its LOAD, if still so.
+
+        The daemon hashes the files before the launch and stats them again at
+        READY: files that moved in between (an edit during the load, a module
+        that rewrites itself) leave the worker's code unknown (None), which
+        is never promoted and reads as changed to a reload.
+        """
+        if identity is None:
+            return None
+        if self.plan.signed is None and not self.code.unchanged_since(identity):
+            log.warning("worker.code_changed_during_load", module=self.name,
+                        worker_pid=worker.pid, standby=standby,
+                        loaded_before=identity.code_id)  # fmt: skip
+            return None
+        if not standby:
+            self._last_code = (identity.code_id,)
+        return identity.code_id
 
     def _same_ready(self, ready: p.Ready) -> p.Ready:
         """A worker's READY, sharing the methods list of the last one that said the same.

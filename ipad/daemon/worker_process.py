@@ -67,6 +67,7 @@ class WorkerProcess:
         "_timers",
         "board",
         "close_drops",
+        "code_id",
         "control",
         "control_ended",
         "exit_status",
@@ -113,6 +114,8 @@ class WorkerProcess:
         self.board: int | None = None
         #: What it said when it became ready (its version, its methods).
         self.ready: p.Ready | None = None
+        #: The identity of the module code it loaded (ipad/config/code_identity.py); None: unknown.
+        self.code_id: str | None = None
         #: Set once the control socket ended (the worker closed it, broke the protocol, died).
         self.control_ended = Flag()
         self._reactor: Reactor | None = None
