@@ -84,16 +84,20 @@ class Module:
         self.config = root / "config.toml"
         self.trusted = trusted
         self.isolation = isolation
+        #: The shipped modules run sandboxed, as in the shipped config: their sandboxes hide
+        #: every other module directory, so a module_dirs change touches their plans.
+        self.sandboxed = False
         self.write_config()
 
     def write_config(self, extra_dirs: tuple[Path, ...] = ()) -> None:
         """The daemon's config: af (and its directory, plus ``extra_dirs``), echo, awb, agc."""
         dirs = ", ".join(f'"{d}"' for d in (self.dir, *extra_dirs))
         trusted = f'trusted_module_dirs = ["{self.dir}"]\n' if self.trusted else ""
+        kind = 'proxy = "sandboxed"\n' if self.sandboxed else ""
         self.config.write_text(
             f"[daemon]\nmodule_dirs = [{dirs}]\n{trusted}"
-            f'[modules.af]\nisolation = "{self.isolation}"\n'
-            "[modules.echo]\n[modules.awb]\n[modules.agc]\n"
+            f'[modules.af]\nisolation = "{self.isolation}"\n{kind}'
+            + "".join(f"[modules.{name}]\n{kind}" for name in ("echo", "awb", "agc"))
         )
 
     def env(self, daemon_env: dict[str, str]) -> dict[str, str]:
@@ -203,7 +207,10 @@ def test_a_module_dirs_change_restarts_no_module_whose_code_is_the_same(
 ) -> None:
     """Adding a module directory on reload leaves the shipped modules' and af's workers alone."""
     module = Module(tmp_path)
+    module.sandboxed = True
+    module.write_config()
     daemon = start_daemon(module.config, env=module.env(daemon_env))
+    assert status(daemon, "awb")["proxy_kind"] == "sandboxed"
     names = ("af", "echo", "awb", "agc")
     before = {name: status(daemon, name)["worker_pid"] for name in names}
     vendor = tmp_path / "vendor"
