@@ -43,13 +43,21 @@ CODE = '''\
 
 import os
 
-from ipad.ipa import IPAModule
+from ipad.ipa import IPAModule, ModuleContext
 
 VALUE = 1
 
 
 class AF(IPAModule):
-    """Says VALUE and its worker's pid."""
+    """Says VALUE, its tuning and its worker's pid."""
+
+    def __init__(self, context: ModuleContext) -> None:
+        super().__init__(context)
+        self._tuning = context.tuning
+
+    def tuning(self) -> str:
+        """The ``value`` key of its tuning file."""
+        return str(self._tuning.get("value", ""))
 
     def value(self) -> int:
         """The VALUE of the code this worker loaded."""
@@ -89,9 +97,13 @@ class Module:
         self.sandboxed = False
         self.write_config()
 
-    def write_config(self, extra_dirs: tuple[Path, ...] = ()) -> None:
+    def write_config(
+        self, extra_dirs: tuple[Path, ...] = (), tuning_dirs: tuple[Path, ...] | None = None
+    ) -> None:
         """The daemon's config: af (and its directory, plus ``extra_dirs``), echo, awb, agc."""
         dirs = ", ".join(f'"{d}"' for d in (self.dir, *extra_dirs))
+        if tuning_dirs is not None:
+            dirs += "]\ntuning_dirs = [" + ", ".join(f'"{d}"' for d in tuning_dirs)
         trusted = f'trusted_module_dirs = ["{self.dir}"]\n' if self.trusted else ""
         kind = 'proxy = "sandboxed"\n' if self.sandboxed else ""
         self.config.write_text(
@@ -273,3 +285,41 @@ def test_a_module_that_rewrites_itself_as_it_loads_is_never_promoted_stale(
         assert proxy.call("value") == 1
         assert status(daemon)["worker_pid"] != first["standby_pid"]
         assert status(daemon, "echo")["state"] == "running"
+
+
+def test_tuning_dirs_added_on_reload_restart_only_the_module_whose_tuning_changed(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """A vendor tuning directory put first in ``tuning_dirs``: af restarts onto its file, alone."""
+    module = Module(tmp_path)
+    module.sandboxed = True  # the sandbox binds the resolved tuning file, hides the others
+    first, vendor = tmp_path / "tuning1", tmp_path / "vendor"
+    for directory, value in ((first, "one"), (vendor, "two")):
+        (directory / "af").mkdir(parents=True)
+        (directory / "af" / "uncalibrated.toml").write_text(f'value = "{value}"\n')
+    module.write_config(tuning_dirs=(first,))
+    daemon = start_daemon(module.config, env=daemon_env)  # no $IPAD_AF_TUNING_FILE
+    with BlockingClient(daemon.socket) as client:
+        assert client.request_proxy("af").call("tuning") == "one"
+    assert status(daemon)["tuning"] == str(first / "af" / "uncalibrated.toml")
+    names = ("echo", "awb", "agc")
+    before = {name: status(daemon, name)["worker_pid"] for name in names}
+    module.write_config(tuning_dirs=(vendor, first))
+    result = json.loads(daemon.ctl("reload", "--json").stdout)
+    assert result["changed"] == ["af"]
+    assert result["code_changed"] == []
+    with BlockingClient(daemon.socket) as client:
+        assert client.request_proxy("af").call("tuning") == "two"
+    assert status(daemon)["tuning"] == str(vendor / "af" / "uncalibrated.toml")
+    assert {name: status(daemon, name)["worker_pid"] for name in names} == before
+    # Taken away again, and none left: the reload fails, naming every try, key and variables.
+    module.write_config(tuning_dirs=())
+    failed = daemon.ctl("reload", check=False)
+    assert failed.returncode != 0
+    said = failed.stdout + failed.stderr
+    assert "no tuning file found" in said
+    assert "[daemon] tuning_dirs" in said
+    assert "$IPAD_CONFIG_PATH" in said
+    assert "$IPAD_AF_TUNING_FILE" in said
+    with BlockingClient(daemon.socket) as client:
+        assert client.request_proxy("af").call("tuning") == "two"  # the old config runs on

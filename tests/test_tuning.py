@@ -208,10 +208,37 @@ def test_not_found_lists_every_path_tried(tmp_path: Path, dirs: tuple[Path, Path
     )
     error = info.value
     assert (error.module, error.tried) == (MODULE, expected)
-    assert str(error) == f"no tuning file found for module {MODULE!r}; tried:" + "".join(
-        f"\n  {path}" for path in expected
+    assert (
+        str(error)
+        == f"no tuning file found for module {MODULE!r}; tried:"
+        + "".join(f"\n  {path}" for path in expected)
+        + f"\n{error.hint}"
     )
+    # Where else it could be: the configuration key and both environment variables.
+    assert "[daemon] tuning_dirs" in error.hint
+    assert f"${CONFIG_PATH_ENV}" in error.hint
+    assert f"${ENV_VAR}" in error.hint
     assert isinstance(error, LookupError)
+
+
+def test_tuning_dirs_are_searched_after_the_config_path_before_the_install(
+    tmp_path: Path, dirs: tuple[Path, Path, Path]
+) -> None:
+    """``tuning_dirs`` (the configuration's) come between $IPAD_CONFIG_PATH and the install."""
+    conf1, conf2, install = dirs
+    vendor = tmp_path / "vendor"
+    _tuning(install)
+    found = _tuning(vendor)
+    environ = {CONFIG_PATH_ENV: str(conf1)}
+    assert find_tuning_file(MODULE, environ=environ, install_tuning=install, privileged=False,
+                            tuning_dirs=[vendor]) == found  # fmt: skip
+    first = _tuning(conf1)
+    assert find_tuning_file(MODULE, environ=environ, install_tuning=install, privileged=False,
+                            tuning_dirs=[vendor]) == first  # fmt: skip
+    with pytest.raises(TuningFileNotFound) as info:
+        find_tuning_file(MODULE, "x.toml", environ={}, install_tuning=conf2, privileged=False,
+                         tuning_dirs=[tmp_path / "none"])  # fmt: skip
+    assert tmp_path / "none" / MODULE / "x.toml" in info.value.tried
 
 
 def test_uncalibrated_is_searched_once_when_asked_for(dirs: tuple[Path, Path, Path]) -> None:

@@ -201,13 +201,16 @@ def _plan(
             )
         )
     try:
-        tuning = find_tuning_file(name, settings.tuning, environ=environ)
+        tuning = find_tuning_file(name, settings.tuning, environ=environ,
+                                  tuning_dirs=config.daemon.tuning_dirs)  # fmt: skip
     except TuningFileNotFound as exc:
-        tried = "; ".join(str(p) for p in exc.tried)
-        problems.append(Problem(path, f"{key}.tuning", "no tuning file found", f"tried {tried}"))
+        tried = "; ".join(str(p) for p in exc.tried) or "no path"
+        problems.append(Problem(path, f"{key}.tuning", "no tuning file found",
+                                f"tried {tried}; {exc.hint}"))  # fmt: skip
     if worker is None or tuning is None:
         return None, problems
-    tuning_dirs = (*dirs_from_env(CONFIG_PATH_ENV, environ), install_tuning_dir())
+    tuning_dirs = (*dirs_from_env(CONFIG_PATH_ENV, environ), *config.daemon.tuning_dirs,
+                   install_tuning_dir())  # fmt: skip
     search_dirs = (*discovery.searched, *tuning_dirs)
     files = ModuleFiles(source.directory, tuning, worker, search_dirs)
     sandbox = workers.registry.create(settings.proxy).plan_sandbox(

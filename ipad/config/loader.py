@@ -97,6 +97,12 @@ def _check_daemon(daemon: DaemonSettings, path: Path) -> Iterator[Problem]:
         yield Problem(
             path, "daemon.socket", f"{str(daemon.socket)!r} is relative", "an absolute path"
         )
+    # Not anchored at the config file as module_dirs are: a tuning directory is the
+    # operator's or a vendor's, never one beside the config by accident.
+    for index, directory in enumerate(daemon.tuning_dirs):
+        if not directory.is_absolute():
+            key = join_key("daemon.tuning_dirs", index)
+            yield Problem(path, key, f"{str(directory)!r} is relative", "an absolute path")
 
 
 #: The smallest message size limit that still lets every request through.

@@ -74,6 +74,9 @@ class DaemonSettings:
     #: Module directories whose code is trusted like ipad's own: the fork server imports
     #: their modules once, so forked workers start with them loaded.
     trusted_module_dirs: tuple[Path, ...] = ()
+    #: Absolute directories searched for ``<module>/<file>`` tuning files after
+    #: $IPAD_CONFIG_PATH, before the installed ones (ipad/config/tuning.py).
+    tuning_dirs: tuple[Path, ...] = ()
     #: The group the daemon gives the socket it creates (mode 0660); None keeps its own.
     socket_group: str | None = None
 

@@ -29,9 +29,16 @@ class TuningFileNotFound(LookupError):
 
     def __str__(self) -> str:
         if not self.tried:
-            return f"no tuning file found for module {self.module!r}; no path to try"
+            return f"no tuning file found for module {self.module!r}; no path to try; {self.hint}"
         lines = "".join(f"\n  {path}" for path in self.tried)
-        return f"no tuning file found for module {self.module!r}; tried:{lines}"
+        return f"no tuning file found for module {self.module!r}; tried:{lines}\n{self.hint}"
+
+    @property
+    def hint(self) -> str:
+        """Where a tuning file can be put or named: the key and the environment variables."""
+        return (f"put it in <dir>/{self.module}/ for a <dir> in the configuration's "
+                f"[daemon] tuning_dirs or in ${CONFIG_PATH_ENV}, or name it in "
+                f"${tuning_env_var(self.module)}")  # fmt: skip
 
 
 def tuning_env_var(module: str) -> str:
@@ -50,14 +57,16 @@ def find_tuning_file(
     environ: Mapping[str, str] | None = None,
     install_tuning: Path | None = None,
     privileged: bool | None = None,
+    tuning_dirs: Sequence[Path] = (),
 ) -> Path:
     """Return the tuning file ``module`` should use; raise TuningFileNotFound naming every try.
 
     $IPAD_<MODULE>_TUNING_FILE wins when it is absolute and names a regular
     file; a relative value is ignored with a warning, and so is one naming
     nothing usable. Otherwise ``<dir>/<module>/<name>`` is looked for in each
-    $IPAD_CONFIG_PATH directory, then in ``install_tuning`` (default: the
-    installed tuning files). ``name`` None means UNCALIBRATED; a named file
+    $IPAD_CONFIG_PATH directory, then in ``tuning_dirs`` (the configuration's
+    key), then in ``install_tuning`` (default: the installed
+    tuning files). ``name`` None means UNCALIBRATED; a named file
     that is nowhere falls back to UNCALIBRATED with a warning, so a camera
     still starts with a known-safe tuning. A privileged (setuid/setgid)
     process ignores both variables.
@@ -75,7 +84,7 @@ def find_tuning_file(
         log.warning("tuning.env_file_unusable", variable=tuning_env_var(module), path=str(from_env))
     env_dirs = dirs_from_env(CONFIG_PATH_ENV, environ, privileged=privileged)
     last = install_tuning_dir() if install_tuning is None else install_tuning
-    dirs = list(dict.fromkeys([*env_dirs, last]))
+    dirs = list(dict.fromkeys([*env_dirs, *tuning_dirs, last]))
     wanted = UNCALIBRATED if name is None else name
     found = _search(dirs, module, wanted, tried)
     if found is None and wanted != UNCALIBRATED:
