@@ -440,9 +440,12 @@ class ModuleSupervisor:
         Events posted while effects are being carried out (an effect that
         learns something at once) queue behind, in order.
         """
-        if isinstance(event, Start | Restart | Exited) or (
+        may_start = isinstance(event, Start | Restart | Exited) or (
             isinstance(event, TimerFired) and event.timer is Timer.RESTART
-        ):  # it may start a worker: promote a standby only if it loaded the code on disk
+        )
+        if may_start and self.machine.standby_ready:
+            # A standby may be promoted: only if it loaded the code on disk (a few stats
+            # while the files are unchanged; a launch without one hashes them itself).
             identity = self.identify_code()
             self.machine.code = identity.code_id if identity is not None else None
         self._queue.append(event)
