@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from ipad.client import BlockingClient
+from ipad.config import code_identity
 from tests.daemon_process import DaemonProcess, alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -323,3 +324,29 @@ def test_tuning_dirs_added_on_reload_restart_only_the_module_whose_tuning_change
     assert "$IPAD_AF_TUNING_FILE" in said
     with BlockingClient(daemon.socket) as client:
         assert client.request_proxy("af").call("tuning") == "two"  # the old config runs on
+
+
+def test_a_module_past_the_hashing_bounds_runs_without_an_identity(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """A huge package: one clear error, no code_id, spawned not forked, no fork-server churn."""
+    module = Module(tmp_path, trusted=True)
+    for index in range(code_identity.MAX_FILES + 1):
+        (module.dir / "af_pkg" / f"f{index}.py").write_text("")
+    daemon = start_daemon(module.config, env=module.env(daemon_env))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("af")
+        assert proxy.call("value") == 1
+        error = daemon.wait_for("module.code_too_large", lambda r: r.get("module") == "af")
+        assert f"more than {code_identity.MAX_FILES} files" in error["error"]
+        assert str(module.dir / "af_pkg") in error["error"]
+        first = status(daemon)
+        assert first["code_id"] is None
+        assert f"more than {code_identity.MAX_FILES} files" in first["code_error"]
+        daemon.ctl("restart", "af")
+        assert proxy.call("value") == 1
+        os.kill(status(daemon)["worker_pid"], signal.SIGKILL)
+        assert proxy.call("value") == 1
+        assert len(daemon.events("module.code_too_large")) == 1  # said once, not per start
+        assert daemon.events("forkserver.renewing") == []
+        assert status(daemon, "echo")["state"] == "running"

@@ -659,11 +659,12 @@ class ModuleSupervisor:
         fork = not self.launcher.preload_stale(
             self._preload_spec, identity.package_id if identity is not None else None
         )
-        if not fork:
+        if not fork and identity is not None:
             log.info("worker.preload_stale", module=self.name, standby=standby,
-                     code_id=identity.code_id if identity else None,
-                     action="spawned; the fork server is renewed")  # fmt: skip
+                     code_id=identity.code_id, action="spawned; fork server renewed")  # fmt: skip
             self._job(self.launcher.renew_stale, self._preload_spec)
+        # Past the hashing bounds (no identity): spawned, and no renewal, which could not
+        # tell its code either (renewing at each launch would be a fork-server loop).
         if not standby:
             self._last_code = (identity.code_id if identity is not None else None,)
         try:
