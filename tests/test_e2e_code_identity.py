@@ -264,6 +264,10 @@ def test_per_proxy_workers_show_their_code_and_new_proxies_get_the_edit(
         codes = {w["proxy_id"]: w["code_id"] for w in status(daemon)["workers"]}
         assert len(set(codes.values())) == 2
         assert before["code_id"] in codes.values()
+        # The old proxy's worker crashes: its restart loads the code on disk.
+        os.kill(old.call("pid"), signal.SIGKILL)
+        assert old.call("value") == 5
+        assert len({w["code_id"] for w in status(daemon)["workers"]}) == 1
 
 
 def test_a_module_that_rewrites_itself_as_it_loads_is_never_promoted_stale(
