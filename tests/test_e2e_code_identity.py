@@ -354,3 +354,19 @@ def test_a_module_past_the_hashing_bounds_runs_without_an_identity(
         assert len(daemon.events("module.code_too_large")) == 1  # said once, not per start
         assert daemon.events("forkserver.renewing") == []
         assert status(daemon, "echo")["state"] == "running"
+
+
+def test_reload_restarts_a_per_proxy_module_whose_code_changed(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """Per-proxy workers that loaded the old code: reload restarts the module, proxies recover."""
+    module = Module(tmp_path, isolation="proxy")
+    daemon = start_daemon(module.config, env=module.env(daemon_env))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("af")
+        assert proxy.call("value") == 1
+        assert json.loads(daemon.ctl("reload", "--json").stdout)["code_changed"] == []
+        module.edit(6)
+        result = json.loads(daemon.ctl("reload", "--json").stdout)
+        assert result["code_changed"] == ["af"]
+        assert proxy.call("value") == 6
