@@ -129,3 +129,23 @@ def test_a_directory_symlink_loop_is_not_followed(tmp_path: Path) -> None:
     source = module(tmp_path)
     (tmp_path / "af_pkg" / "loop").symlink_to(tmp_path / "af_pkg")
     assert CodeWatch(source).identify().code_id.startswith("sha256:")
+
+
+def test_a_file_swapped_for_a_fifo_after_its_stat_does_not_block(tmp_path: Path) -> None:
+    """Between the walk and the read a file becomes a FIFO: read as nothing, never waited on."""
+    source = module(tmp_path)
+    watch = CodeWatch(source)
+    path = tmp_path / "af_pkg" / "module.py"
+    stamps = code_identity.fingerprint(source)
+    path.unlink()
+    os.mkfifo(path)
+    identity = watch._hash(stamps)  # the stamps of the file as it was
+    assert identity.code_id.startswith("sha256:")
+    assert code_identity.fingerprint(source) != stamps  # so identify hashes again, and knows
+
+
+def test_a_file_that_grew_after_its_stat_is_read_no_further(tmp_path: Path) -> None:
+    """Reads stop one byte past the size the stat said."""
+    path = tmp_path / "grown.py"
+    path.write_bytes(b"x" * 100)
+    assert code_identity._read_bounded(path, 10) == b"x" * 11

@@ -197,7 +197,7 @@ def _file_digest(path: Path, stamp: Stamp) -> str:
     if known is not None:
         return known
     try:
-        data = path.read_bytes()
+        data = _read_bounded(path, stamp[1])
     except OSError:
         data = b""  # removed meanwhile: the fingerprint check after the hash sees it
     digest = hashlib.sha256(data).hexdigest()
@@ -205,6 +205,27 @@ def _file_digest(path: Path, stamp: Stamp) -> str:
         _DIGESTS.clear()
     _DIGESTS[key] = digest
     return digest
+
+
+def _read_bounded(path: Path, size: int) -> bytes:
+    """At most ``size`` + 1 bytes of a regular file, never blocking.
+
+    A file swapped for a FIFO or a device after its stat, or grown, is read
+    no further (the fingerprint taken after the hash then differs): a module
+    cannot make the daemon block or read without end.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        chunks: list[bytes] = []
+        left = size + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def signed_identity(source: ModuleSource, signed: tuple[tuple[str, str], ...]) -> Identity:
