@@ -233,3 +233,15 @@ def test_a_proxy_cell_killed_fast_backs_off() -> None:
         w.ready(w.launched())
     assert WorkerState.BACKOFF in w.states_named()
     assert state(w) is WorkerState.COOLDOWN
+
+
+def test_a_stable_run_served_whatever_served_after_says() -> None:
+    """With stable_after below served_after, a run of stable_after served: kills never cool down."""
+    w = world(stable_after=SERVED / 2, max_failures=1)
+    w.running()
+    for _ in range(5):
+        w.now += SERVED * 0.75  # stable, yet shorter than served_after
+        w.exit(w.m.active)  # type: ignore[arg-type]
+        assert state(w) is WorkerState.STARTING
+        w.ready(w.launched())
+    assert WorkerState.COOLDOWN not in w.states_named()

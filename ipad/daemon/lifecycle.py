@@ -525,11 +525,13 @@ class Lifecycle(Generic[W]):
         Only a death of its own counts (a crash, a signal from outside, an OOM
         kill): one the machine ended (hung, not ready) or killed for breaking
         the protocol or a seccomp filter did not serve, however long it ran.
+        A run of ``stable_after`` served, whatever ``served_after`` says.
         """
         ready_at = self.active_ready_at
+        enough = min(self.policy.served_after.seconds, self.policy.stable_after.seconds)
         return (self.active_ready and ready_at is not None and ending is None
                 and event.cause not in (Cause.SECCOMP, Cause.PROTOCOL)
-                and self._now - ready_at >= self.policy.served_after.seconds)  # fmt: skip
+                and self._now - ready_at >= enough)  # fmt: skip
 
     def _after_end(self, reason: str, failure: str | None, *, requested: bool,
                    refused: bool = False, served: bool = False) -> None:  # fmt: skip
