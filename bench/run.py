@@ -36,8 +36,8 @@ BENCH = Path(__file__).resolve().parent
 STOP_TIMEOUT = 60.0
 
 #: The order benchmarks run and appear in (any other bench_*.py comes after, by name).
-ORDER = ("restart", "call", "buffers", "registered", "scale", "storm", "load", "fanout", "codec",
-         "hostile")  # fmt: skip
+ORDER = ("restart", "camera_restarts", "call", "buffers", "registered", "scale", "storm", "load",
+         "fanout", "codec", "hostile")  # fmt: skip
 
 
 def discover() -> dict[str, Path]:

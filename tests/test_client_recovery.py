@@ -94,11 +94,14 @@ def test_a_call_after_the_worker_died_recovers_by_default(
     From the second crash in a row the daemon restarts after a backoff
     (initial_delay): the call waits for that too. The daemon is told of each
     replay and publishes the proxy invalid, then valid again, every time.
+    The policy says every crash counts and a standby waits out the backoff too
+    (the defaults would promote it at once).
     """
     config = write_config(
         tmp_path,
         FAULTY,
-        modules='[modules.faulty]\n[modules.faulty.restart]\ninitial_delay = "300ms"\n',
+        modules='[modules.faulty]\n[modules.faulty.restart]\ninitial_delay = "300ms"\n'
+        'served_after = "1h"\npromote_at_once = false\n',
     )
     daemon = start_daemon(config)
     client = connect(daemon.socket)
@@ -268,7 +271,7 @@ def test_cooldown_without_fallback_fails_the_call_saying_so(
         tmp_path,
         FAULTY,
         modules="[modules.faulty]\n[modules.faulty.restart]\nmax_failures = 1\n"
-        'cooldown_interval = "60s"\nstart_timeout = "3s"\n',
+        'cooldown_interval = "60s"\nstart_timeout = "3s"\nserved_after = "1h"\n',
     )
     daemon = start_daemon(config)
     client = connect(daemon.socket)
@@ -295,7 +298,7 @@ def test_cooldown_with_a_fallback_serves_the_call_there(
         tmp_path,
         FAULTY,
         modules='[modules.faulty]\nfallback = "steady"\n[modules.faulty.restart]\n'
-        'max_failures = 1\ncooldown_interval = "60s"\n[modules.steady]\n',
+        'max_failures = 1\ncooldown_interval = "60s"\nserved_after = "1h"\n[modules.steady]\n',
     )
     daemon = start_daemon(config)
     steady = daemon.worker_pids()["steady"]

@@ -83,6 +83,8 @@ env = ["LANG", "TZ"]
 [modules.awb.restart]
 restart = "never"
 max_delay = "2s"
+served_after = "250ms"
+promote_at_once = false
 
 [modules.agc]
 """
@@ -105,6 +107,8 @@ max_delay = "2s"
     assert policy.restart is RestartMode.NEVER
     assert policy.max_delay == Duration(2.0)
     assert policy.initial_delay == Duration(0.02)  # inherited from [restart]
+    assert (policy.served_after, policy.promote_at_once) == (Duration(0.25), False)
+    assert (config.restart.served_after, config.restart.promote_at_once) == (Duration(1.0), True)
     assert config.restart_policy("agc") == config.restart
     assert config.modules["agc"].proxy == "isolated"
 
@@ -240,6 +244,7 @@ def test_bad_durations_name_the_key(tmp_path: Path, text: str, expected: str) ->
         ("[restart]\nmultiplier = 0.5\n", "restart.multiplier: 0.5 is below 1"),
         ("[restart]\nmax_failures = 0\n", "restart.max_failures: 0 is below 1"),
         ("[restart]\nstart_timeout = '0'\n", "restart.start_timeout: must not be zero"),
+        ("[restart]\nserved_after = '0'\n", "restart.served_after: must not be zero"),
         (
             "[restart]\ninitial_delay = '1min'\nmax_delay = '1s'\n",
             "restart.initial_delay: initial_delay 1min exceeds max_delay 1s",

@@ -214,13 +214,14 @@ def test_stop_during_backoff(
     """A crash-looping module between two restarts 5 s apart, with its standby loaded or not.
 
     Killed twice once running, the module keeps the standby it prepared after
-    its promotion; crashing as it loads, it has none.
+    its promotion; crashing as it loads, it has none. The policy counts every
+    crash and has the standby wait out the backoff (the defaults promote it at once).
     """
     flag = tmp_path / "crash"
     config = stop_config(
         tmp_path,
         "[modules.faulty]\n[modules.faulty.restart]\nmax_failures = 100\n"
-        'initial_delay = "5s"\nmax_delay = "5s"\n',
+        'initial_delay = "5s"\nmax_delay = "5s"\nserved_after = "1h"\npromote_at_once = false\n',
     )
     if how == "crashing_at_load":
         flag.write_text("")
@@ -245,13 +246,15 @@ def test_stop_in_cooldown(
 ) -> None:
     """A module in cooldown, with its standby loaded (the issue: SIGTERM never finished), or not.
 
-    Killed three times once running (max_failures = 2), the module keeps the
-    standby it prepared after its last promotion; crashing as it loads, it has none.
+    Killed three times once running (max_failures = 2, every crash counted: no
+    run counts as served), the module keeps the standby it prepared after its
+    last promotion; crashing as it loads, it has none.
     """
     flag = tmp_path / "crash"
     config = stop_config(
         tmp_path,
-        '[modules.faulty]\n[modules.faulty.restart]\nmax_failures = 2\ncooldown_interval = "60s"\n',
+        '[modules.faulty]\n[modules.faulty.restart]\nmax_failures = 2\ncooldown_interval = "60s"\n'
+        'served_after = "1h"\n',
     )
     if how == "crashing_at_load":
         flag.write_text("")

@@ -65,7 +65,9 @@ def policy(**changes: Any) -> RestartPolicy:
     """A restart policy with ``changes``; durations given as seconds."""
     plain = ("multiplier", "jitter", "max_failures")
     values: dict[str, Any] = {
-        k: Duration(v) if isinstance(v, int | float) and k not in plain else v
+        k: Duration(v)
+        if isinstance(v, int | float) and k not in plain and not isinstance(v, bool)
+        else v
         for k, v in changes.items()
     }
     return attrs.evolve(RestartPolicy(), **values)

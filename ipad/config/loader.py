@@ -246,6 +246,7 @@ def _check_policy(
         "failure_window",
         "cooldown_interval",
         "call_timeout",
+        "served_after",  # zero: a worker dying as it says READY would be restarted flat out
     ):
         if getattr(policy, field).seconds == 0:
             yield from problem((field,), "must not be zero", "a positive duration")

@@ -94,6 +94,12 @@ class RestartPolicy:
     jitter: float = 0.1
     #: A worker that stays up this long has its backoff reset.
     stable_after: Duration = Duration(10.0)
+    #: A worker that said READY and then ran this long served: when it dies on its own, the
+    #: restart is immediate and the failure is not counted towards cooldown (a crash loop is
+    #: one of starts that fail, or runs shorter than this).
+    served_after: Duration = Duration(1.0)
+    #: A loaded standby is promoted at once after any failure: backoff delays new starts only.
+    promote_at_once: bool = True
     #: More failures than this within ``failure_window`` put the module in cooldown.
     max_failures: int = 5
     failure_window: Duration = Duration(60.0)
@@ -123,6 +129,8 @@ class RestartOverrides:
     multiplier: float | None = None
     jitter: float | None = None
     stable_after: Duration | None = None
+    served_after: Duration | None = None
+    promote_at_once: bool | None = None
     max_failures: int | None = None
     failure_window: Duration | None = None
     cooldown_interval: Duration | None = None

@@ -7,6 +7,10 @@ jitter), so every rule is tested without processes, clocks or sleeps.
 - Consecutive failures wait ``initial_delay * multiplier**(n-1)``, capped at
   ``max_delay``, each changed at random by up to ``jitter`` of itself.
 - A worker that stayed up for ``stable_after`` resets the count.
+- A worker that *served* (said READY, then ran ``served_after``) and died on
+  its own restarts at once and is not counted towards cooldown: a camera's
+  module killed every few seconds keeps running. Starts that fail, and runs
+  shorter than that, are the crash loops that back off and cool down.
 - More than ``max_failures`` failures within ``failure_window``: cooldown, a
   fixed ``cooldown_interval`` between attempts instead of giving up for good.
 """
@@ -68,10 +72,15 @@ class RestartTracker:
         """A worker was started (or is being started) at ``now``."""
         self.started_at = now
 
-    def ended(self, now: float, *, failed: bool, requested: bool = False) -> Decision:
+    def ended(
+        self, now: float, *, failed: bool, requested: bool = False, served: bool = False
+    ) -> Decision:
         """A worker ended at ``now``; ``failed`` unless it exited cleanly when asked or by itself.
 
         ``requested`` is a stop or restart the operator asked for: never a failure.
+        ``served``: it was ready and answering for ``served_after`` before it died;
+        its failure restarts at once and stays out of the cooldown count, unless
+        the module is in cooldown already (only ``stable_after`` ends that).
         """
         policy = self.policy
         up_for = now - self.started_at if self.started_at is not None else 0.0
@@ -87,6 +96,14 @@ class RestartTracker:
             return Decision(Action.STOP, 0.0, f"exited cleanly; restart = {policy.restart.value}")
         if policy.restart is RestartMode.NEVER:
             return Decision(Action.STOP, 0.0, "failed; restart = never")
+        return self._failed(now, served=served)
+
+    def _failed(self, now: float, *, served: bool) -> Decision:
+        """A failure to be restarted from: at once, after a backoff, or in cooldown."""
+        policy = self.policy
+        if served and not self.in_cooldown:
+            self.consecutive = 1  # as the first failure after a healthy run
+            return Decision(Action.RESTART, 0.0, "failed after serving")
         self._failures.append(now)
         window = policy.failure_window.seconds
         self._failures = [when for when in self._failures if now - when <= window]

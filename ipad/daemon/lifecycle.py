@@ -363,6 +363,7 @@ class Lifecycle(Generic[W]):
         "active",
         "active_ready",
         "code",
+        "active_ready_at",
         "code_refused",
         "ending",
         "finished",
@@ -420,6 +421,8 @@ class Lifecycle(Generic[W]):
         self.code_refused = False
         #: Whether the active worker said READY (its end then reads as a run's, not a start's).
         self.active_ready = False
+        #: When the active worker said READY (or was promoted): how long it served.
+        self.active_ready_at: float | None = None
         self.finished = False
         self.starts = 0
         self._out: list[Effect] = []
@@ -538,15 +541,31 @@ class Lifecycle(Generic[W]):
         self._emit(StartTimer(Timer.STANDBY, delay))
 
     def _running(self, worker: W) -> None:
-        self.active_ready = True
+        self.active_ready, self.active_ready_at = True, self._now
         self._set(WorkerState.RUNNING, None, worker)
         self._emit(Watch(worker), StartTimer(Timer.STABLE, self.policy.stable_after.seconds))
         self._maybe_standby()
 
+    def _served(self, event: Exited[W], ending: _Ending | None) -> bool:
+        """Whether the active worker that ended served: ready ``served_after``, then died.
+
+        Only a death of its own counts (a crash, a signal from outside, an OOM
+        kill): one the machine ended (hung, not ready) or killed for breaking
+        the protocol or a seccomp filter did not serve, however long it ran.
+        A run of ``stable_after`` served, whatever ``served_after`` says.
+        """
+        ready_at = self.active_ready_at
+        enough = min(self.policy.served_after.seconds, self.policy.stable_after.seconds)
+        return (self.active_ready and ready_at is not None and ending is None
+                and event.cause not in (Cause.SECCOMP, Cause.PROTOCOL)
+                and self._now - ready_at >= enough)  # fmt: skip
+
     def _after_end(self, reason: str, failure: str | None, *, requested: bool,
-                   refused: bool = False) -> None:  # fmt: skip
+                   refused: bool = False, served: bool = False) -> None:  # fmt: skip
         """The active worker ended (or never came): restart now, later, or not at all."""
-        decision = self.tracker.ended(self._now, failed=failure is not None, requested=requested)
+        decision = self.tracker.ended(self._now, failed=failure is not None, requested=requested,
+                                      served=served)  # fmt: skip
+        promote = self.policy.promote_at_once and self.standby is not None and self.standby_ready
         if refused and failure:  # its code was refused: the same code would be refused again
             self._set(WorkerState.FAILED, f"{reason}; not restarted (its code is refused: "
                       "sign it anew and reload, or restore it and restart the module)")  # fmt: skip
@@ -563,6 +582,10 @@ class Lifecycle(Generic[W]):
             self._log("error", "module.cooldown", reason=reason, retry_in=decision.delay,
                       failures=decision.reason)  # fmt: skip
             self._emit(StartTimer(Timer.RESTART, decision.delay))
+        elif decision.delay > 0 and promote:  # the standby started already: no start to pace
+            self._log("info", "module.backoff_skipped", delay=round(decision.delay, 4),
+                      consecutive_failures=self.tracker.consecutive, standby=True)  # fmt: skip
+            self._start()
         elif decision.delay > 0:
             self._set(WorkerState.BACKOFF, reason, delay=round(decision.delay, 4))
             self._log("info", "module.backoff", delay=round(decision.delay, 4),
@@ -706,7 +729,8 @@ class Lifecycle(Generic[W]):
                 self._set(WorkerState.STOPPING, "stopping")
             return
         self._after_end(reason, failure, requested=requested,
-                        refused=ending is not None and ending.final)  # fmt: skip
+                        refused=ending is not None and ending.final,
+                        served=self._served(event, ending))  # fmt: skip
 
     def _on_hung(self, event: Hung[W]) -> None:
         worker = event.worker
