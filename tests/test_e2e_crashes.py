@@ -1,0 +1,155 @@
+"""Crash reports with real daemons: a dead worker's stack and method in flight, kept and shown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ipad import client as ipc
+from ipad.client import BlockingClient
+from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
+
+pytestmark = pytest.mark.timeout(90)
+
+Start = Callable[..., DaemonProcess]
+
+CRASHY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
+#: A short hang: the tests need not wait the default seconds.
+QUICK_HANG = (
+    '[modules.crashy]\n[modules.crashy.restart]\nheartbeat_interval = "100ms"\n'
+    'heartbeat_timeout = "1s"\ncall_timeout = "300ms"\n'
+)
+
+
+def crashes(daemon: DaemonProcess, *args: str) -> list[dict[str, object]]:
+    """``ipadctl crashes --json`` records."""
+    reply = json.loads(daemon.ctl("crashes", "--json", *args).stdout)
+    records: list[dict[str, object]] = reply["crashes"]
+    return records
+
+
+@pytest.mark.parametrize(
+    ("method", "signal", "fault"),
+    [("segfault", "SIGSEGV", "Segmentation fault"), ("abort", "SIGABRT", "Aborted")],
+)
+def test_a_signal_death_reports_stack_and_method(
+    start_daemon: Start, tmp_path: Path, method: str, signal: str, fault: str
+) -> None:
+    """A worker killed by a signal leaves its Python stack and the call it ran: logged and kept."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        pid = proxy.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call(method)
+        # Its client still there, the proxy is named (a proxy gone by the reap is not).
+        report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    assert (report["module"], report["kind"], report["signal"]) == ("crashy", f"signal {signal}",
+                                                                      signal)  # fmt: skip
+    assert (report["method"], report["proxy_id"]) == (method, proxy.proxy_id)
+    assert f"Fatal Python error: {fault}" in report["stack"]
+    assert f"in {method}" in report["stack"]  # the module's own frame
+    # The reason the proxies turned invalid with names the method too.
+    state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "crashy"
+                            and r["state"] == "exited")  # fmt: skip
+    assert state["reason"] == f"worker exited with signal {signal} in {method}()"
+    [record] = crashes(daemon, "crashy")
+    assert {k: record[k] for k in ("worker_pid", "kind", "method", "proxy_id", "signal")} == {
+        "worker_pid": pid, "kind": f"signal {signal}", "method": method,
+        "proxy_id": proxy.proxy_id, "signal": signal,
+    }  # fmt: skip
+    assert record["stack"] == report["stack"]
+    assert isinstance(record["running_for"], float)
+    assert record["running_for"] >= 0
+    table = daemon.ctl("crashes").stdout
+    assert f"{method}()" in table
+    assert str(pid) in table
+    assert "Fatal Python error" in table
+
+
+def test_a_hung_worker_dumps_its_stack_before_the_kill(start_daemon: Start, tmp_path: Path) -> None:
+    """A call in an endless loop is killed as hung, its stack (inside the loop) dumped first."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=QUICK_HANG))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        pid = proxy.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call("spin", timeout=20)
+    report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    assert (report["kind"], report["signal"], report["method"]) == ("hung", "SIGKILL", "spin")
+    assert "in spin" in report["stack"]
+    hung = daemon.wait_for("worker.hung", lambda r: r["worker_pid"] == pid)
+    assert hung["heartbeat"] == "call"
+    state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "crashy"
+                            and r["state"] == "exited")  # fmt: skip
+    assert state["reason"].endswith("call_timeout of 300ms in spin()")
+
+
+def test_a_worker_deaf_to_the_dump_signal_is_killed_all_the_same(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Blocking SIGUSR1 costs a hung worker its stack, not its kill; the module comes back."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=QUICK_HANG))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        pid = proxy.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call("spin_deaf", timeout=20)
+    report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    assert (report["kind"], report["signal"], report["method"]) == ("hung", "SIGKILL", "spin_deaf")
+    assert report["stack"] == ""
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "crashy" and r["worker_pid"] != pid)
+
+
+def test_a_worker_that_closes_its_dump_descriptor_is_still_reported(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Without its dump descriptor the crash has no stack, but its signal and method stand."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        pid = proxy.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call("close_dump_then_segfault")
+    report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    assert (report["signal"], report["method"], report["stack"]) == (
+        "SIGSEGV",
+        "close_dump_then_segfault",
+        "",
+    )
+
+
+def test_a_scribbled_board_is_read_as_a_bounded_claim(start_daemon: Start, tmp_path: Path) -> None:
+    """Lies on the board (a huge length, escapes, a future time) come out clipped and inert."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        pid = proxy.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call("scribble_then_segfault")
+    report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    assert report["signal"] == "SIGSEGV"
+    assert report["proxy_id"] is None  # the instance it claims is no proxy's
+    for text in (report["method"], report["stack"]):
+        assert "\x1b" not in text
+        assert "\x07" not in text
+        assert "\\x1b" in text
+    assert len(report["method"]) < 1024
+    assert len(report["stack"]) < 9 * 1024
+    [record] = crashes(daemon)
+    assert record["running_for"] is None  # a "since" in the future is not believed
+    daemon.wait_for("worker.ready", lambda r: r["module"] == "crashy" and r["worker_pid"] != pid)
+
+
+def test_crashes_of_an_unknown_module_exit_4(start_daemon: Start, tmp_path: Path) -> None:
+    """``ipadctl crashes NOPE`` says there is no such module and exits 4; none yet is no error."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    result = daemon.ctl("crashes", "nope", check=False)
+    assert result.returncode == 4
+    assert "no module 'nope'" in result.stderr
+    assert daemon.ctl("crashes", "crashy").stdout.strip() == "no crashes recorded"
+    assert crashes(daemon) == []
+    daemon.wait_for("worker.ready", of_module("crashy"))
