@@ -70,15 +70,20 @@ def test_a_signal_death_reports_stack_and_method(
     assert "Fatal Python error" in table
 
 
-def test_a_hung_worker_dumps_its_stack_before_the_kill(start_daemon: Start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["isolated", "sandboxed"])
+def test_a_hung_worker_dumps_its_stack_before_the_kill(
+    start_daemon: Start, tmp_path: Path, sandboxed: bool
+) -> None:
     """A call in an endless loop is killed as hung, its stack (inside the loop) dumped first."""
-    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=QUICK_HANG))
+    modules = QUICK_HANG.replace("]\n", ']\nproxy = "sandboxed"\n', 1) if sandboxed else QUICK_HANG
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules))
     with BlockingClient(daemon.socket) as client:
         proxy = client.request_proxy("crashy")
-        pid = proxy.call("pid")
+        proxy.call("pid")
         with pytest.raises(ipc.WorkerCrashed):
             proxy.call("spin", timeout=20)
-    report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    report = daemon.wait_for("worker.crash_report", of_module("crashy"))
+    pid = report["worker_pid"]
     assert (report["kind"], report["signal"], report["method"]) == ("hung", "SIGKILL", "spin")
     assert "in spin" in report["stack"]
     hung = daemon.wait_for("worker.hung", lambda r: r["worker_pid"] == pid)
@@ -153,3 +158,33 @@ def test_crashes_of_an_unknown_module_exit_4(start_daemon: Start, tmp_path: Path
     assert daemon.ctl("crashes", "crashy").stdout.strip() == "no crashes recorded"
     assert crashes(daemon) == []
     daemon.wait_for("worker.ready", of_module("crashy"))
+
+
+#: The ways a worker is started, each with its own route for the board: forked from the
+#: fork server, spawned (no fork server), and forked into a sandbox (PID namespace, seccomp).
+STARTS = {
+    "forked": (CRASHY, "[modules.crashy]\n"),
+    "spawned": (f"{CRASHY}forkserver = false\n", "[modules.crashy]\n"),
+    "sandboxed": (CRASHY, '[modules.crashy]\nproxy = "sandboxed"\n'),
+}
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+def test_every_kind_of_worker_reports_its_stack(
+    start_daemon: Start, tmp_path: Path, start: str
+) -> None:
+    """Forked, spawned or sandboxed, a segfaulting worker's stack and method reach the report."""
+    head, modules = STARTS[start]
+    daemon = start_daemon(write_config(tmp_path, head, modules=modules))
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        pid = proxy.call("pid")
+        with pytest.raises(ipc.WorkerCrashed):
+            proxy.call("segfault")
+        report = daemon.wait_for("worker.crash_report", lambda r: r["module"] == "crashy")
+    assert (report["signal"], report["method"]) == ("SIGSEGV", "segfault")
+    assert "in segfault" in report["stack"]
+    if start == "sandboxed":
+        assert pid == 1  # its own PID namespace: the daemon still reads its board
+    if start == "spawned":
+        assert not daemon.events("forkserver.started")
