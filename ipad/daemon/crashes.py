@@ -33,6 +33,9 @@ RING_SIZE = 16
 STACK_LIMIT = 8 * 1024
 #: Characters of a reason kept in a record.
 REASON_LIMIT = 1024
+#: How long PROXY_CAUSE waits for a proxy whose channel ended to be seen invalid (a client
+#: asks as its call fails, usually before the daemon has reaped the worker).
+CAUSE_WAIT = 0.5
 #: How long a worker about to be killed as hung gets to dump its stacks on SIGUSR1.
 HUNG_DUMP_WAIT = 0.5
 #: How often the board is looked at meanwhile: a dump unchanged for one look is complete.
