@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +13,8 @@ import pytest
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
-from tests.daemon_process import TEST_MODULES, DaemonProcess, of_module, write_config
+from tests.daemon_process import REPO, TEST_MODULES, WAIT, DaemonProcess, of_module, write_config
+from tests.privileges import NOBODY, as_user, needs_setpriv
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -188,3 +192,24 @@ def test_every_kind_of_worker_reports_its_stack(
         assert pid == 1  # its own PID namespace: the daemon still reads its board
     if start == "spawned":
         assert not daemon.events("forkserver.started")
+
+
+@needs_setpriv
+def test_crash_reports_are_for_admins_only(
+    start_daemon: Start, shared_dir: Path, daemon_env: dict[str, str]
+) -> None:
+    """A client outside the admin group may not read crash reports (stacks may show data)."""
+    config = write_config(shared_dir, f"""{CRASHY}socket_group = "nogroup"
+[access]
+admin_groups = ["adm"]
+""", modules="[modules.crashy]\n")  # fmt: skip
+    env = {**daemon_env, "IPAD_SOCKET": str(shared_dir / "run" / "ipad.sock")}
+    daemon = start_daemon(config, env=env)
+    result = subprocess.run(
+        [*as_user(NOBODY, grp.getgrnam("nogroup").gr_gid, []), sys.executable, "-m",
+         "ipad.cli.ctl", "--socket", str(daemon.socket), "crashes"],
+        capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "may not use the admin operation 'crashes'" in result.stderr
+    assert daemon.ctl("crashes").returncode == 0  # root may

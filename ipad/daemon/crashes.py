@@ -60,7 +60,9 @@ def read_last_words(worker: WorkerProcess) -> LastWords | None:
     board = worker.board
     if board is None:
         return None
-    return LastWords(read_claim(board), cap(printable(read_dump(board)), STACK_LIMIT))
+    # Four bytes a character at most: what is read always fills the stack's room.
+    stack = read_dump(board, 4 * STACK_LIMIT)
+    return LastWords(read_claim(board), cap(printable(stack), STACK_LIMIT))
 
 
 def printable(text: str) -> str:
