@@ -213,3 +213,17 @@ admin_groups = ["adm"]
     assert result.returncode == 1
     assert "may not use the admin operation 'crashes'" in result.stderr
     assert daemon.ctl("crashes").returncode == 0  # root may
+
+
+def test_a_worker_that_crashes_as_it_loads_leaves_its_stack(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A segfault during LOAD (the module's own start) is a failed start with its stack."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy_load]\n"),
+                          wait=False)  # fmt: skip
+    report = daemon.wait_for("worker.crash_report", of_module("crashy_load"))
+    assert (report["kind"], report["method"]) == ("signal SIGSEGV", None)
+    assert "in __init__" in report["stack"]
+    state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "crashy_load"
+                            and r["state"] == "exited")  # fmt: skip
+    assert state["reason"].startswith("failed to start")

@@ -13,7 +13,7 @@ import signal
 import struct
 from pathlib import Path
 
-from ipad.ipa import IPAModule
+from ipad.ipa import IPAModule, ModuleContext
 
 __version__ = "1.0.0"
 
@@ -34,7 +34,12 @@ def _board_fds() -> list[int]:
 
 
 class Crashy(IPAModule):
-    """One way to die per method."""
+    """One way to die per method; with tuning ``segfault_at_load``, as it is loaded."""
+
+    def __init__(self, context: ModuleContext) -> None:
+        super().__init__(context)
+        if context.tuning.get("segfault_at_load"):
+            ctypes.string_at(0)
 
     def pid(self) -> int:
         """The worker's pid."""
