@@ -198,8 +198,13 @@ def test_memory_limit_kill_is_reported_as_oom(start_daemon: Start, tmp_path: Pat
     pid = daemon.worker_pids()["probe"]
     with BlockingClient(daemon.socket) as client:
         probe = client.request_proxy("probe")
-        with pytest.raises(ipc.WorkerCrashed):
+        with pytest.raises(ipc.WorkerCrashed) as crashed:
             probe.call("allocate", {"mib": 256}, timeout=20)
+    # The caller is told why: the daemon's cause, which names the OOM kill and the call.
+    assert crashed.value.details["cause"].startswith("oom: over its memory limit")
+    assert "in allocate()" in crashed.value.message
+    report = daemon.wait_for("worker.crash_report", lambda r: r.get("worker_pid") == pid)
+    assert (report["kind"], report["method"]) == ("oom", "allocate")
     exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == pid)
     assert (exited["cause"], exited["signal"], exited["memory_max"]) == ("oom", "SIGKILL", 64 << 20)
     state = daemon.wait_for("module.state_changed",
