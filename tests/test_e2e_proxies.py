@@ -225,7 +225,9 @@ async def test_validity_events_and_worker_crash(start_daemon: Start) -> None:
                     seen.append((event.state, event.reason))
                     if getattr(event, "kind", None) == "recovered":
                         break
-        assert ("invalid", "worker exited with signal SIGKILL") in seen, "".join(daemon.raw[-25:])
+        # The reason names the call the worker ran as it died (its board's claim).
+        invalid = ("invalid", "worker exited with signal SIGKILL in sleep()")
+        assert invalid in seen, "".join(daemon.raw[-25:])
         assert seen[-1] == ("valid", "recovered")
         assert echo.valid
         assert echo.recoveries == 1

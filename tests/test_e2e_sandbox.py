@@ -108,10 +108,11 @@ def assert_confined(report: dict[str, Any], *, uid: int) -> None:
     assert fds["1"] == fds["2"]
     assert fds["3"].startswith("socket:")
     # Above 3 only what the worker host opened itself: its epoll, its heartbeat board
-    # (the mapping keeps a descriptor of it), its instances' channels.
+    # (the mapping keeps a descriptor of it, and faulthandler writes crash stacks
+    # through another), its instances' channels.
     later = [target for fd, target in fds.items() if int(fd) > 3]
     own = ("anon_inode:[eventpoll]", "/memfd:ipad-heartbeat (deleted)")
-    assert [later.count(target) for target in own] == [1, 1], later
+    assert [later.count(target) for target in own] == [1, 2], later
     assert all(t.startswith("socket:") for t in later if t not in own), later
     writable = {m["point"] for m in report["mounts"] if "rw" in m["options"]}
     assert writable == {"/tmp", "/proc"}, writable
@@ -197,8 +198,13 @@ def test_memory_limit_kill_is_reported_as_oom(start_daemon: Start, tmp_path: Pat
     pid = daemon.worker_pids()["probe"]
     with BlockingClient(daemon.socket) as client:
         probe = client.request_proxy("probe")
-        with pytest.raises(ipc.WorkerCrashed):
+        with pytest.raises(ipc.WorkerCrashed) as crashed:
             probe.call("allocate", {"mib": 256}, timeout=20)
+    # The caller is told why: the daemon's cause, which names the OOM kill and the call.
+    assert crashed.value.details["cause"].startswith("oom: over its memory limit")
+    assert "in allocate()" in crashed.value.message
+    report = daemon.wait_for("worker.crash_report", lambda r: r.get("worker_pid") == pid)
+    assert (report["kind"], report["method"]) == ("oom", "allocate")
     exited = daemon.wait_for("worker.exited", lambda r: r.get("worker_pid") == pid)
     assert (exited["cause"], exited["signal"], exited["memory_max"]) == ("oom", "SIGKILL", 64 << 20)
     state = daemon.wait_for("module.state_changed",

@@ -177,7 +177,9 @@ def test_hung_worker_is_killed_and_restarted(start_daemon: Start, tmp_path: Path
     state = daemon.wait_for(
         "module.state_changed", lambda r: r["module"] == "faulty" and r["state"] == "exited"
     )
-    assert state["reason"] == "worker hung: its heartbeat counter did not move within 300ms"
+    assert state["reason"] == (
+        "worker hung: its heartbeat counter did not move within 300ms in hang()"
+    )
     daemon.wait_for("worker.ready", lambda r: r["module"] == "faulty" and r["worker_pid"] != pid)
     # The new worker is the promoted standby, which beat once an hour while it
     # waited: promoted, it beats at the module's interval again (HEARTBEAT), so

@@ -40,6 +40,7 @@ from ipad.daemon.lifecycle import (
     NotifyStable,
     Promote,
     Ready,
+    RecordCrash,
     Restart,
     SetState,
     Start,
@@ -95,6 +96,8 @@ class World:
         self.logs: list[Log] = []
         self.finished = 0
         self.stable = 0
+        #: Crash reports asked for: (worker, kind, reason).
+        self.crashes: list[tuple[int, str, str]] = []
 
     def feed(self, event: Event) -> list[Effect]:
         """Hand ``event`` to the machine, carry out its effects, check every published move."""
@@ -146,6 +149,9 @@ class World:
                 self.stable += 1
             case Sweep(worker=w):
                 assert w not in self.alive
+            case RecordCrash(worker=w, kind=kind, reason=reason):
+                assert w not in self.alive
+                self.crashes.append((w, kind, reason))
 
     # --- the world's side of each event ---------------------------------------------
 
@@ -417,6 +423,54 @@ def test_a_hung_worker_is_killed_and_its_end_says_so() -> None:
     assert w.ended[active] is True  # killed at once
     w.exit(active)
     assert w.invalidated[-1][1] == "worker hung: no heartbeat reply within 3s"
+
+
+def test_a_crash_in_a_call_is_recorded_and_its_reason_names_the_call() -> None:
+    """A signal death during a call: one crash report, and the reason names the method."""
+    w = world()
+    active = w.running(standby=True)
+    w.alive.discard(active)
+    w.feed(Exited(active, ExitStatus(signal=11), in_flight="process()"))
+    assert w.crashes == [(active, "signal SIGSEGV",
+                          "worker exited with signal SIGSEGV in process()")]  # fmt: skip
+    assert w.invalidated == [(active, "worker exited with signal SIGSEGV in process()")]
+
+
+def test_a_hang_is_recorded_as_hung_with_the_call_it_ran() -> None:
+    """A hung worker's report is of kind hung, its reason names the call the board claimed."""
+    w = world()
+    active = w.running()
+    w.feed(Hung(active, "call", in_flight="spin()"))
+    w.exit(active)
+    limit = w.m.policy.call_timeout
+    reason = f"worker hung: a call ran longer than its call_timeout of {limit} in spin()"
+    assert w.crashes == [(active, "hung", reason)]
+
+
+@pytest.mark.parametrize("how", ["restart", "stop", "clean"])
+def test_an_asked_for_or_clean_end_is_no_crash(how: str) -> None:
+    """Restart, stop and an exit with status 0 record no crash, whatever ran."""
+    w = world()
+    active = w.running(standby=True)
+    status = ExitStatus(code=0) if how == "clean" else KILLED
+    if how == "restart":
+        w.feed(Restart())
+    elif how == "stop":
+        w.feed(Stop())
+    w.alive.discard(active)
+    w.feed(Exited(active, status, in_flight="process()"))
+    assert w.crashes == []
+    assert "process()" not in w.invalidated[-1][1]
+
+
+def test_a_standby_that_dies_on_its_own_is_recorded() -> None:
+    """A standby's own death is a crash too: its report says it was the standby."""
+    w = world()
+    w.running(standby=True)
+    standby = w.m.standby
+    assert standby is not None
+    w.exit(standby, ExitStatus(signal=6))
+    assert w.crashes == [(standby, "signal SIGABRT", "standby exited with signal SIGABRT")]
 
 
 def test_a_load_error_ends_the_start_as_a_failure() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
+from ipad.cli import ctl_crashes
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -77,6 +78,7 @@ DESCRIPTIONS = {
         "Print the daemon's recent events, one a line; with --follow, new ones too until "
         "interrupted. Exit status 0, or 1 if the daemon cannot be reached."
     ),
+    "crashes": ctl_crashes.DESCRIPTION,
     "sign": (
         "Sign each module manifest of PATH with an Ed25519 key, writing its signature file "
         "(no daemon needed). Exit status 0, or 1 if any manifest could not be signed."
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("stop", "stop the daemon gracefully")
     events = add("events", "recent events; --follow for new ones too")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ctl_crashes.add_arguments(add("crashes", "recent worker crashes: reason, method, stack"))
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
@@ -507,6 +510,7 @@ _COMMANDS = {
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,
+    "crashes": ctl_crashes.crashes,
 }
 
 

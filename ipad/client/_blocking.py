@@ -36,7 +36,7 @@ from ipad.client._core import (
     expect,
     not_sent,
 )
-from ipad.client._core_proxy import ProxyCore, ProxyState
+from ipad.client._core_proxy import CAUSE_WAIT, ProxyCore, ProxyState
 from ipad.client._core_requests import Match, RequestBook
 from ipad.config.paths import client_socket_path
 from ipad.protocol import wire as p
@@ -404,10 +404,14 @@ class BlockingProxy(ProxyCore):
             except CallNotSent:
                 self._lost(conn)
                 continue
-            except WorkerCrashed:
+            except WorkerCrashed as exc:
                 self._lost(conn)
                 self._ask_now()  # the next call finds the new channel ready, or sooner
-                raise
+                self._await_cause(bounds.deadline)
+                error = self.crashed(exc)
+                if error is exc:
+                    raise
+                raise error from exc
             except TimedOut:
                 raise self.timed_out(method, bounds.timeout, sent=True) from None
             return self.answered(message, frame, given)
@@ -511,6 +515,31 @@ class BlockingProxy(ProxyCore):
         if final:
             return _Failed(Disconnected(exc.message), final=True)
         return _Failed(not_sent(self.module, exc, self.reason))
+
+    def _await_cause(self, deadline: float | None) -> None:
+        """Learn, within a bounded moment, why the worker died: its invalid event, or PROXY_CAUSE.
+
+        A subscribed client reads its events for the proxy's "invalid"; any other
+        asks the daemon (if it speaks PROXY_CAUSE), which answers once it knows.
+        """
+        client, conn = self.client, self._daemon_conn
+        end = time.monotonic() + CAUSE_WAIT
+        end = end if deadline is None else min(end, deadline)
+        if conn is not client._conn or self.cause is not None:
+            return
+        if not client.subscribed:
+            if client.welcome.minor < p.MINOR_PROXY_CAUSE:
+                return
+            with contextlib.suppress(IpadError, OSError):
+                reply = conn.request(p.ProxyCause(self.proxy_id), deadline=end).message
+                if isinstance(reply, p.ProxyCauseReply) and reply.state == "invalid":
+                    self.learned_cause(reply.reason)
+            return
+        while self.cause is None and conn.closed_reason is None and time.monotonic() < end:
+            try:
+                conn._receive(end)
+            except (IpadError, OSError):
+                return
 
     def _ask_now(self) -> None:
         """Ask for a new channel without waiting: the daemon answers once a new worker runs."""

@@ -30,6 +30,7 @@ from ipad.client._core import (
 )
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
+    CallNotSent,
     Disconnected,
     IpadError,
     TimedOut,
@@ -78,6 +79,11 @@ PUBLIC_STATE = {
 REOPENABLE = frozenset({"running", "starting", "exited", "backoff", "cooldown"})
 
 
+#: Seconds a call whose worker died waits for the daemon to say why (its invalid event, or
+#: PROXY_CAUSE's reply, which the daemon sends within half a second).
+CAUSE_WAIT = 0.75
+
+
 class ProxyCore:
     """A proxy's state, setup log and recovery decisions; the client subclassing it does the I/O.
 
@@ -106,6 +112,9 @@ class ProxyCore:
         self.gone: str | None = None
         #: Paces reopens the daemon refused; a crash is paced by the daemon itself.
         self.backoff = Backoff()
+        #: Why the daemon says the proxy turned invalid (a crash's signal and method, a hang,
+        #: an OOM kill...), until it is valid again: what a call its worker died under is told.
+        self.cause: str | None = None
 
     # --- the state table ---------------------------------------------------------
 
@@ -156,11 +165,35 @@ class ProxyCore:
         if news is None or self.phase in (ProxyState.CLOSED, ProxyState.LOST):
             return False
         state, reason = news
+        if state == "invalid":
+            self.cause = reason or "invalid"
         if state == "closed":
             self.closed_by(reason or "closed by the daemon")
             return True
         self.move(ProxyState.RECOVERING, reason)
         return False
+
+    def learned_cause(self, reason: str) -> None:
+        """PROXY_CAUSE's answer: the daemon's reason, as the invalid event would have said it."""
+        if reason:
+            self.cause = reason
+            if self.phase is ProxyState.RECOVERING:
+                self.reason = reason
+
+    def crashed(self, error: WorkerCrashed) -> WorkerCrashed:
+        """What a call whose worker died is told: ``error``, with the daemon's cause once known.
+
+        The channel's end says only that the worker went; the daemon's invalid
+        event says why (docs/operations.md, "Crash reports"). A client waits
+        ``CAUSE_WAIT`` at most for it.
+        """
+        cause = self.cause
+        if cause is None or isinstance(error, CallNotSent):
+            return error
+        crashed = WorkerCrashed(f"{self.module} worker died during the call: {cause}",
+                                {**error.details, "cause": cause})  # fmt: skip
+        crashed.__cause__ = error
+        return crashed
 
     def recorded(
         self, method: str, args: Mapping[str, Any] | None, fds: Mapping[str, FdArg] | None
@@ -328,6 +361,7 @@ class ProxyCore:
         self.move(ProxyState.VALID, "fallback" if granted.served_by else "recovered")
         self.recoveries += 1
         self.failure = None
+        self.cause = None
         self.gone = None
         self.backoff.reset()
         return p.ProxyReady(self.proxy_id, len(self.setup_log.calls))

@@ -11,7 +11,7 @@ import trio
 
 from ipad.client._buffers import BufferArg, FdArg
 from ipad.client._core import CHANNEL_REPLIES, Bounds, ProxyInfo, build_call, expect
-from ipad.client._core_proxy import ProxyCore, ProxyState
+from ipad.client._core_proxy import CAUSE_WAIT, ProxyCore, ProxyState
 from ipad.client._core_requests import Match
 from ipad.client._events import EventQueue
 from ipad.client._trio_requests import Pending, TrioRequests
@@ -62,6 +62,9 @@ class Proxy(ProxyCore):
         self._outcome = trio.Event()
         #: Set by a call that wants an attempt now rather than at the recovery's next retry.
         self._poke = trio.Event()
+        #: Set at each daemon event about this proxy: a call its worker died under waits for
+        #: the one that says why (``_await_cause``).
+        self._news = trio.Event()
 
     @property
     def valid(self) -> bool:
@@ -160,9 +163,13 @@ class Proxy(ProxyCore):
             sent.append(True)
             try:
                 frame = await requests.reply(pending)
-            except WorkerCrashed:
-                if not requests.book.never_ran(pending[0]):
-                    raise  # it may have run: never sent again
+            except WorkerCrashed as exc:
+                if not requests.book.never_ran(pending[0]):  # it may have run: never sent again
+                    await self._await_cause(bounds)
+                    error = self.crashed(exc)
+                    if error is exc:
+                        raise
+                    raise error from exc
                 sent.clear()
                 continue  # the worker died with it unread: sent again once recovered
             return self.answered(call[0], frame, given)
@@ -284,8 +291,35 @@ class Proxy(ProxyCore):
             self.connection_lost(reason, final=False)
 
     def _on_event(self, event: p.Event) -> None:
-        if self.on_event(event):
+        closed = self.on_event(event)
+        self._news.set()
+        if closed:
             self._signal()
+
+    async def _await_cause(self, bounds: Bounds) -> None:
+        """Learn, within a bounded moment, why the worker died: its invalid event, or PROXY_CAUSE.
+
+        A subscribed client waits for the proxy's "invalid" event; any other
+        asks the daemon (if it speaks PROXY_CAUSE), which answers once it knows.
+        """
+        client = self.client
+        end = trio.current_time() + CAUSE_WAIT
+        end = end if bounds.deadline is None else min(end, bounds.deadline)
+        with trio.move_on_at(end):
+            if not client.subscribed:
+                welcome = client.welcome
+                if welcome is None or welcome.minor < p.MINOR_PROXY_CAUSE:
+                    return
+                if client.conn is not self.granted_on:
+                    return
+                with contextlib.suppress(IpadError):
+                    reply = await client.request(p.ProxyCause(self.proxy_id), p.ProxyCauseReply)
+                    if reply.state == "invalid" and self.cause is None:
+                        self.learned_cause(reply.reason)
+                return
+            while self.cause is None and not self.closed:
+                self._news = trio.Event()
+                await self._news.wait()
 
     def _disconnected(self, reason: str) -> None:
         """The daemon connection is gone: no recovery will come, so wake callers waiting for one."""

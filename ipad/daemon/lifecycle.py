@@ -163,6 +163,8 @@ class Exited(Generic[W]):
     memory_max: int | None = None
     #: For a protocol violation: what it did.
     detail: str | None = None
+    #: The module code its heartbeat board claims ran as it died (``process()``), if any.
+    in_flight: str | None = None
 
 
 @attrs.frozen
@@ -173,6 +175,8 @@ class Hung(Generic[W]):
     #: ``board`` (its counter did not move), ``ping`` (no reply) or ``call`` (a call ran
     #: past ``call_timeout``, however its beats moved).
     heartbeat: str
+    #: The module code its heartbeat board claims runs (``process()``), if any.
+    in_flight: str | None = None
 
 
 @attrs.frozen
@@ -336,10 +340,21 @@ class Finished:
     """Stopped, every worker gone, nothing in flight: the supervisor is done."""
 
 
+@attrs.frozen
+class RecordCrash(Generic[W]):
+    """A worker failed: keep a crash report (docs/operations.md, "Crash reports")."""
+
+    worker: W
+    #: What killed it, short: ``signal SIGSEGV``, ``exit status 1``, ``hung``, ``oom``...
+    kind: str
+    #: The reason its proxies turned invalid with.
+    reason: str
+
+
 Effect = (
     SetState[Any] | Log | LaunchWorker | CancelLaunch | Promote[Any] | Watch[Any] | Unwatch[Any]
     | StopWorker[Any] | KillWorker[Any] | Invalidate[Any] | StartTimer | CancelTimer | Sweep[Any]
-    | FillStandby[Any] | NotifyStable | Finished
+    | FillStandby[Any] | NotifyStable | Finished | RecordCrash[Any]
 )  # fmt: skip
 
 
@@ -352,6 +367,15 @@ class _Ending:
     text: str = ""
     #: Not ready, and no retry can succeed (its code was refused): the module fails.
     final: bool = False
+
+
+def _crash_kind(event: Exited[Any], ending: _Ending | None) -> str:
+    """A failed worker's end in a word or two, for its crash report."""
+    if ending is not None and ending.why is Why.HUNG:
+        return "hung"
+    if event.cause is not None:
+        return event.cause.value
+    return event.status.describe()
 
 
 class Lifecycle(Generic[W]):
@@ -629,6 +653,9 @@ class Lifecycle(Generic[W]):
             reason = f"worker exited with {said}"
             if status.clean:
                 level, failed = "info", False
+        if failed and event.in_flight and not (ending is not None and ending.why is Why.HUNG):
+            fields["method"] = event.in_flight
+            reason = f"{reason} in {event.in_flight}"
         self._log(level, name, event.worker, **fields)
         return reason, reason if failed else None
 
@@ -708,6 +735,8 @@ class Lifecycle(Generic[W]):
         if worker is self.standby:
             self.standby, self.standby_ready = None, False
             if ending is None and not self.stopping:
+                self._emit(RecordCrash(worker, _crash_kind(event, None), "standby exited with "
+                                       f"{event.status.describe()}"))  # fmt: skip
                 self._standby_failed(worker)
             self._maybe_standby()
             self._finish_if_idle()
@@ -721,6 +750,8 @@ class Lifecycle(Generic[W]):
         self._emit(CancelTimer(Timer.STABLE))
         requested = ending is not None and ending.why is Why.RESTART
         reason, failure = self._exit_reason(event, ending)
+        if failure is not None:
+            self._emit(RecordCrash(worker, _crash_kind(event, ending), reason))
         self._emit(Invalidate(worker, reason))
         self._set(WorkerState.EXITED, reason, worker, **event.status.log_fields())
         if self.stopping:
@@ -739,6 +770,8 @@ class Lifecycle(Generic[W]):
         if event.heartbeat == "call":
             limit = self.policy.call_timeout
             text = f"worker hung: a call ran longer than its call_timeout of {limit}"
+            if event.in_flight:
+                text = f"{text} in {event.in_flight}"
             self._log("error", "worker.hung", worker, heartbeat="call", reason="call_timeout",
                       timeout=limit.seconds)  # fmt: skip
             self._end(worker, Why.HUNG, text, kill=True)
@@ -746,6 +779,8 @@ class Lifecycle(Generic[W]):
         silence = ("its heartbeat counter did not move" if event.heartbeat == "board"
                    else "no heartbeat reply")  # fmt: skip
         text = f"worker hung: {silence} within {self.policy.heartbeat_timeout}"
+        if event.in_flight:
+            text = f"{text} in {event.in_flight}"
         self._log("error", "worker.hung", worker, heartbeat=event.heartbeat,
                   timeout=self.policy.heartbeat_timeout.seconds)  # fmt: skip
         self._end(worker, Why.HUNG, text, kill=True)

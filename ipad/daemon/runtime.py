@@ -37,6 +37,7 @@ from ipad.config.resolve import WorkerNotFound, resolve_worker
 from ipad.config.sandbox_plan import memory_support
 from ipad.daemon.cgroup import WorkerCgroups, clear_stale
 from ipad.daemon.children import Children
+from ipad.daemon.crashes import crashes_reply
 from ipad.daemon.events import EventBus
 from ipad.daemon.heartbeat import Heartbeats
 from ipad.daemon.isolation import ProxyIsolatedSupervisor
@@ -582,10 +583,20 @@ class DaemonRuntime:
         if command == "stop":
             self.request_stop(requested_by="admin")
             return {"stopping": True}
+        if command == "crashes":
+            return self.crashes(module)
         if command not in ("restart", "reload"):
             raise AdminError(p.ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}",
-                             {"commands": ["restart", "reload", "stop"]})  # fmt: skip
+                             {"commands": ["restart", "reload", "stop", "crashes"]})  # fmt: skip
         return await self.admin_queue.submit(command, module)
+
+    def crashes(self, module: str | None) -> dict[str, Any]:
+        """Recent crash reports of ``module``, or of every module (ipad/daemon/crashes.py)."""
+        if module is not None and module not in self.supervisors:
+            known = ", ".join(sorted(self.supervisors)) or "none"
+            raise AdminError(p.ErrorCode.UNKNOWN_MODULE, f"no module {module!r}; modules: {known}")
+        names = [module] if module is not None else list(self.supervisors)
+        return crashes_reply({name: self.supervisors[name].crashes for name in names})
 
     def request_stop(self, **by: str) -> None:
         """Stop the daemon; ``by`` says who asked (``signal=`` or ``requested_by=``)."""

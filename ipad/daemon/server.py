@@ -24,6 +24,7 @@ from ipad._version import __version__
 from ipad.config.access import AccessPolicy, Peer, Rule, peer_of
 from ipad.config.model import ClientLimits, RestartPolicy
 from ipad.daemon.bounds import fit_entries
+from ipad.daemon.crashes import CAUSE_WAIT
 from ipad.daemon.events import EventBus, Subscription
 from ipad.daemon.proxy_table import ProxyRecord, ProxyTable
 from ipad.daemon.states import ProxyState, WorkerState
@@ -283,6 +284,8 @@ class Session:
             await self._admin(frame, message)
         elif isinstance(message, p.Describe):
             await self._describe(frame, message)
+        elif isinstance(message, p.ProxyCause):
+            await self._proxy_cause(frame, message)
 
     async def _reply(
         self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
@@ -526,6 +529,21 @@ class Session:
         """
         with channel:
             await self._reply(frame, self._granted(record, serving, seq), [channel.fileno()])
+
+    async def _proxy_cause(self, frame: p.Frame, message: p.ProxyCause) -> None:
+        """Why a proxy is not valid: the reason its invalid event gave (a signal, a hang...).
+
+        The client asks the moment its call's channel ends, usually before the
+        daemon has reaped the worker: the answer waits, at most ``CAUSE_WAIT``,
+        for the proxy to leave "valid" (docs/operations.md, "Crash reports").
+        """
+        record = await self._own_proxy(frame, message.proxy_id)
+        if record is None:
+            return
+        await self.server.events.wait_until(lambda: record.state is not ProxyState.VALID,
+                                            CAUSE_WAIT)  # fmt: skip
+        reply = p.ProxyCauseReply(record.proxy_id, record.state.value, record.reason or "")
+        await self._reply(frame, reply)
 
     async def _reopen_proxy(self, frame: p.Frame, message: p.ReopenProxy) -> None:
         """A new instance for a proxy whose channel broke; it stays invalid until ready.

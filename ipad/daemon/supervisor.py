@@ -38,6 +38,13 @@ from ipad.config.proxy_kinds import ProxyKind
 from ipad.daemon import memory_cgroup
 from ipad.daemon.backoff import RestartTracker
 from ipad.daemon.cgroup import clear_cgroup
+from ipad.daemon.crashes import (
+    CrashRing,
+    LastWords,
+    crash_record,
+    dump_before_kill,
+    read_last_words,
+)
 from ipad.daemon.heartbeat import Heartbeats
 from ipad.daemon.launcher import Launcher
 from ipad.daemon.lifecycle import (
@@ -63,6 +70,7 @@ from ipad.daemon.lifecycle import (
     NotifyStable,
     Promote,
     Ready,
+    RecordCrash,
     Restart,
     SetState,
     Start,
@@ -105,6 +113,9 @@ STANDBY_LAUNCHES = 2 * (os.cpu_count() or 1)
 #: How long a dead worker's cgroup v1 memory cgroup may take to empty before it is left.
 MEMORY_CGROUP_WAIT = 2.0
 
+#: Exited workers whose board contents wait for their crash to be recorded (or not).
+LAST_WORDS_KEPT = 4
+
 #: States a module enters because its worker failed: their reason is its last failure.
 FAILURE_STATES = frozenset(
     {WorkerState.EXITED, WorkerState.BACKOFF, WorkerState.COOLDOWN, WorkerState.FAILED}
@@ -144,6 +155,7 @@ class ModuleSupervisor:
         "_handling",
         "_instance_ids",
         "_last_code",
+        "_last_words",
         "_launches",
         "_loading",
         "_nursery",
@@ -153,6 +165,7 @@ class ModuleSupervisor:
         "_ready",
         "_timers",
         "code",
+        "crashes",
         "env",
         "events",
         "fallback",
@@ -233,6 +246,11 @@ class ModuleSupervisor:
         entry = plan.source.manifest.entry_point or ""
         #: How the fork server names this module's code if it preloads it.
         self._preload_spec = f"{plan.source.directory.resolve()}:{entry.partition(':')[0]}"
+        #: Recent crash reports (ipad/daemon/crashes.py), for ``ipadctl crashes``; made at
+        #: the first crash (most modules never crash, and an empty ring costs 0.6 KiB).
+        self.crashes: CrashRing | None = None
+        #: What exited workers left on their boards, until their crash is recorded (a few).
+        self._last_words: dict[WorkerProcess, LastWords | None] | None = None
 
     # --- what the rest of the daemon reads --------------------------------------------
 
@@ -508,6 +526,8 @@ class ModuleSupervisor:
             case NotifyStable():
                 if self._on_stable is not None:
                     self._job(self._on_stable, self.name)
+            case RecordCrash(worker=worker, kind=kind, reason=reason):
+                self._record_crash(worker, kind, reason)
             case Finished():
                 for timer in list(self._timers):
                     self._cancel_timer(timer)
@@ -579,8 +599,36 @@ class ModuleSupervisor:
             handle.cancel()
 
     def _hung(self, worker: WorkerProcess, how: str) -> None:
-        """No beat or PONG for ``heartbeat_timeout``, or a call past ``call_timeout``: killed."""
-        self.post(Hung(worker, how))
+        """No beat or PONG for ``heartbeat_timeout``, or a call past ``call_timeout``: killed.
+
+        Its stacks are asked for first (SIGUSR1, a bounded wait: ipad/daemon/crashes.py).
+        """
+        self._job(self._dump_then_hung, worker, how)
+
+    async def _dump_then_hung(self, worker: WorkerProcess, how: str) -> None:
+        try:
+            await dump_before_kill(worker)
+        finally:
+            words = read_last_words(worker)
+            self.post(Hung(worker, how, words.in_flight if words is not None else None))
+
+    def _record_crash(self, worker: WorkerProcess, kind: str, reason: str) -> None:
+        """Keep and log a crash report of ``worker`` (docs/operations.md, "Crash reports")."""
+        words = self._last_words.pop(worker, None) if self._last_words is not None else None
+        claim = words.claim if words is not None else None
+        proxy_id = None
+        if claim is not None:
+            for record in self.proxies.of_module(self.name):
+                if record.instance_id == claim.instance_id and record.worker_pid == worker.pid:
+                    proxy_id = record.proxy_id
+                    break
+        crash = crash_record(self.name, worker, kind, reason, words, proxy_id)
+        if self.crashes is None:
+            self.crashes = CrashRing()
+        self.crashes.add(crash)
+        log.error("worker.crash_report", module=self.name, worker_pid=crash.worker_pid,
+                  kind=crash.kind, exit_status=crash.exit_status, signal=crash.signal,
+                  method=crash.method, proxy_id=crash.proxy_id, stack=crash.stack)  # fmt: skip
 
     def _exited(self, worker: WorkerProcess) -> None:
         """The reaper reaped a worker of ours: tell the machine how it ended.
@@ -602,7 +650,14 @@ class ModuleSupervisor:
             memory_max = worker.sandbox.memory_max if worker.sandbox else None
         if worker is self.machine.active:
             self.last_exit = status
-        exited = Exited(worker, status, cause, memory_max, worker.violation)
+        words = read_last_words(worker) if not status.clean else None
+        if words is not None:
+            kept = self._last_words = self._last_words or {}
+            kept[worker] = words
+            while len(kept) > LAST_WORDS_KEPT:  # exits that were no crash: the oldest go
+                del kept[next(iter(kept))]
+        in_flight = words.in_flight if words is not None else None
+        exited = Exited(worker, status, cause, memory_max, worker.violation, in_flight)
         if worker in self._loading:
             self._loading[worker] = exited  # posted by its launch job, after the LOAD's answer
             return

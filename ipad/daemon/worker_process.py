@@ -163,19 +163,18 @@ class WorkerProcess:
         return await self.requests.call(self.control, message, fds)
 
     async def load(self, load: p.Load) -> p.Frame:
-        """Send LOAD with a heartbeat board of its own, kept if READY says it beats on it."""
+        """Send LOAD with a heartbeat board of its own, kept if READY says it beats on it.
+
+        Held from the start: a worker that dies during LOAD (a module that crashes
+        as it is imported) leaves its stacks on it too (ipad/daemon/crashes.py);
+        ``close`` closes it with the rest.
+        """
         board = new_board() if load.heartbeat_interval > 0 else None
-        try:
-            frame = await self.request(load, () if board is None else (board,))
-        except BaseException:
-            if board is not None:
-                os.close(board)
-            raise
-        if board is not None:
-            if isinstance(frame.message, p.Ready) and frame.message.beats:
-                self.board = board
-            else:
-                os.close(board)
+        self.board = board
+        frame = await self.request(load, () if board is None else (board,))
+        if board is not None and not (isinstance(frame.message, p.Ready) and frame.message.beats):
+            self.board = None
+            os.close(board)
         return frame
 
     def watch_control(self, reactor: Reactor, timers: Timers) -> None:

@@ -44,12 +44,15 @@ PROTOCOL_VERSION = 1
 #: 0: the revision before minors were negotiated. 1: unknown fields ignored, ``minor``
 #: in HELLO/WELCOME and LOAD/READY. 2: module descriptions (MethodSpec ``params``,
 #: ``result``, ``doc``; ``types``; DESCRIBE/DESCRIPTION) and registered buffers
-#: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``).
-PROTOCOL_MINOR = 2
+#: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``). 3: issue 20's additions
+#: (PROXY_CAUSE/PROXY_CAUSE_REPLY among them).
+PROTOCOL_MINOR = 3
 #: The minor that brought DESCRIBE: a client sends it only to a daemon that agreed to it.
 MINOR_DESCRIBE = 2
 #: The minor that brought MAP_BUFFERS and CALL's ``buffer_args``, on a proxy's channel.
 MINOR_REGISTERED_BUFFERS = 2
+#: The minor that brought PROXY_CAUSE: a client asks it only of a daemon that agreed to it.
+MINOR_PROXY_CAUSE = 3
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 
@@ -92,6 +95,8 @@ class MsgType(enum.IntEnum):
     PROXY_STATE = 20
     DESCRIBE = 21
     DESCRIPTION = 22
+    PROXY_CAUSE = 25
+    PROXY_CAUSE_REPLY = 26
     # any direction: the typed error reply
     ERROR = 15
     # daemon <-> worker (the control channel)
@@ -336,6 +341,22 @@ class Description(Message, frozen=True):
     types: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Why the methods are not described ("" when they are, or why the daemon dropped it).
     note: str = ""
+
+
+class ProxyCause(Message, frozen=True):
+    """Why is the proxy not valid? Asked when a call's worker died (reply: PROXY_CAUSE_REPLY)."""
+
+    TYPE = MsgType.PROXY_CAUSE
+    proxy_id: int
+
+
+class ProxyCauseReply(Message, frozen=True):
+    """Reply to ProxyCause: the proxy's state and the reason the daemon gave it ("" if none)."""
+
+    TYPE = MsgType.PROXY_CAUSE_REPLY
+    proxy_id: int
+    state: str
+    reason: str = ""
 
 
 class Goodbye(Message, frozen=True):
@@ -622,6 +643,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
         Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
         MapBuffers, BuffersMapped, UnmapBuffers, BuffersUnmapped,
+        ProxyCause, ProxyCauseReply,
     )
 }  # fmt: skip
 
@@ -629,12 +651,12 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
 FROM_CLIENT = frozenset(
     {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
      MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE, MsgType.ADMIN,
-     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE}
+     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE, MsgType.PROXY_CAUSE}
 )  # fmt: skip
 FROM_DAEMON = frozenset(
     {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
      MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR,
-     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION}
+     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION, MsgType.PROXY_CAUSE_REPLY}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN,

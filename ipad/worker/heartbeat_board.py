@@ -21,18 +21,47 @@ One board per worker: workers never share memory with one another. The
 daemon reads with pread and never maps a board, so a worker that truncates
 its memfd cannot fault the daemon (the read returns nothing, which reads
 as no beat). This module imports nothing of trio: the worker side uses it.
+
+The board also outlives its worker, which makes it the crash report's
+channel (docs/operations.md, "Crash reports"). After the counters the worker
+keeps a *claim*: the module code it runs (method, instance, since when), one
+``pack_into`` per call, no system call. From ``DUMP_OFFSET`` on, Python's
+faulthandler writes the stacks on a fatal signal, and on SIGUSR1 when the
+daemon is about to kill it as hung. The memfd is sealed against growth, so
+what a worker writes there is bounded; the daemon reads it with pread once
+the worker is dead (or about to be), and treats it as the worker's claim:
+clipped, decoded leniently, never trusted. A board of just the counters
+(the conformance kit, a native worker) carries neither.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import struct
 import sys
+import time
 
 #: The board's size: two unsigned 64-bit counters, beats and module code entered or left.
 BOARD_SIZE = 16
 #: Where the beat counter ends: the rest is the call counter.
 BEAT_SIZE = 8
+
+#: After the counters, the claim: flags, since (CLOCK_MONOTONIC ns), instance id, text length.
+CLAIM_HEADER = struct.Struct("<IQQH")
+#: The claim's text (the method's name) starts here and ends by ``CLAIM_END``.
+CLAIM_TEXT = BOARD_SIZE + CLAIM_HEADER.size
+CLAIM_END = 256
+#: Claim flag: faulthandler dumps the stacks here on SIGUSR1 (the daemon may ask before a kill).
+DUMPS_ON_SIGUSR1 = 1
+#: Where faulthandler's stack dumps start, and how much of them the board holds.
+DUMP_OFFSET = 4096
+DUMP_SIZE = 64 * 1024
+#: The whole memfd: its size is sealed, so no worker writes past it.
+FILE_SIZE = DUMP_OFFSET + DUMP_SIZE
+#: A claimed ``since`` older than this (or in the future) is not believed.
+MAX_CLAIM_AGE_NS = 30 * 86400 * 10**9
 
 #: The longest wait a worker's loop takes between beats (epoll's timeout must fit an int of ms).
 MAX_BEAT_WAIT = 86400.0
@@ -40,9 +69,10 @@ MAX_BEAT_WAIT = 86400.0
 
 def new_board() -> int:
     """A fresh board (a memfd holding a zero counter), for one worker's LOAD."""
-    fd = os.memfd_create("ipad-heartbeat", os.MFD_CLOEXEC)
+    fd = os.memfd_create("ipad-heartbeat", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, BOARD_SIZE)
+        os.ftruncate(fd, FILE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
     except BaseException:
         os.close(fd)
         raise
@@ -65,12 +95,69 @@ def call_running(board: bytes) -> bytes | None:
     return calls
 
 
+class Claim:
+    """What a dead worker's board claims ran when it died: read from the worker, so not trusted."""
+
+    def __init__(self, method: str, instance_id: int, age: float | None) -> None:
+        self.method = method
+        self.instance_id = instance_id
+        #: Seconds the method had run when the board was read (None: the claim was not believable).
+        self.age = age
+
+
+def read_claim(fd: int) -> Claim | None:
+    """The module code a worker's board says runs now; None if none runs or none is claimed.
+
+    Only a board whose call counter is odd (module code runs) has a claim worth
+    reading. Every field is checked: a text cut at its room and decoded
+    leniently, a ``since`` out of range dropped.
+    """
+    try:
+        data = os.pread(fd, CLAIM_END, 0)
+    except OSError:
+        return None
+    if len(data) < CLAIM_END or call_running(data) is None:
+        return None
+    _, since, instance_id, length = CLAIM_HEADER.unpack_from(data, BOARD_SIZE)
+    text = data[CLAIM_TEXT : CLAIM_TEXT + min(length, CLAIM_END - CLAIM_TEXT)]
+    method = text.decode("utf-8", "replace")
+    if not method.isprintable() or not method:
+        method = repr(method)[1:-1] or "?"
+    age_ns = time.monotonic_ns() - since
+    age = age_ns / 1e9 if 0 <= age_ns <= MAX_CLAIM_AGE_NS else None
+    return Claim(method, instance_id, age)
+
+
+def dumps_on_sigusr1(fd: int) -> bool:
+    """Whether the worker says SIGUSR1 makes it dump its stacks (else SIGUSR1 may kill it)."""
+    try:
+        data = os.pread(fd, CLAIM_TEXT, 0)
+    except OSError:
+        return False
+    return len(data) == CLAIM_TEXT and bool(
+        CLAIM_HEADER.unpack_from(data, BOARD_SIZE)[0] & DUMPS_ON_SIGUSR1
+    )
+
+
+def read_dump(fd: int, limit: int = DUMP_SIZE) -> str:
+    """The stacks faulthandler wrote on the board, up to ``limit`` bytes, as text ('' if none)."""
+    try:
+        data = os.pread(fd, min(limit, DUMP_SIZE), DUMP_OFFSET)
+    except OSError:
+        return ""
+    end = data.find(b"\0")
+    return data[: end if end >= 0 else len(data)].decode("utf-8", "replace").rstrip()
+
+
 class Beater:
     """The worker's side: bump the counter on every turn of its event loop."""
 
     def __init__(self, fd: int, interval: float) -> None:
-        self._map = mmap.mmap(fd, BOARD_SIZE)
-        self._counter = memoryview(self._map).cast("Q")
+        #: A board with room for a claim and a dump (see the module's docstring).
+        self.full = os.fstat(fd).st_size >= FILE_SIZE
+        self._map = mmap.mmap(fd, CLAIM_END if self.full else BOARD_SIZE)
+        self._counter = memoryview(self._map)[:BOARD_SIZE].cast("Q")
+        self._flags = 0
         #: Module code entered and left: odd while it runs.
         self.calls = 0
         #: How long the loop may wait for anything before it must beat again.
@@ -80,6 +167,28 @@ class Beater:
     def pace(self, interval: float) -> None:
         """Beat at least every ``interval`` seconds from now on (HEARTBEAT changes it)."""
         self.wait = min(interval, MAX_BEAT_WAIT)
+
+    def claim(self, label: bytes, instance_id: int) -> None:
+        """Say which module code runs next (``label``: its name, already cut to the room)."""
+        if self.full:
+            CLAIM_HEADER.pack_into(
+                self._map, BOARD_SIZE, self._flags, time.monotonic_ns(), instance_id, len(label)
+            )
+            self._map[CLAIM_TEXT : CLAIM_TEXT + len(label)] = label
+
+    def dump_to(self, fd: int) -> int | None:
+        """A descriptor at the board's dump area for faulthandler (None: no room on this board).
+
+        SIGUSR1 dumps too, as the flag on the board now says: the daemon asks
+        so before it kills the worker as hung.
+        """
+        if not self.full:
+            return None
+        dump = os.dup(fd)
+        os.lseek(dump, DUMP_OFFSET, os.SEEK_SET)
+        self._flags |= DUMPS_ON_SIGUSR1
+        CLAIM_HEADER.pack_into(self._map, BOARD_SIZE, self._flags, 0, 0, 0)
+        return dump
 
     def beat(self) -> None:
         """One beat: the loop is turning."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import functools
 import inspect
 import os
@@ -32,7 +33,7 @@ from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
 from ipad.worker.buffers import InstanceBuffers, RegisteredBuffer
 from ipad.worker.describe import Signature, describe
-from ipad.worker.heartbeat_board import Beater
+from ipad.worker.heartbeat_board import CLAIM_END, CLAIM_TEXT, Beater
 
 #: prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
@@ -122,6 +123,8 @@ class Method:
         )
         #: What its description is made of (ipad/worker/describe.py).
         self.described = Signature(function, hints, sorted(self.buffers))
+        #: Its name as the heartbeat board's claim carries it while it runs.
+        self.label = claim_label(name)
 
     def bind(
         self, call: p.Call, fds: tuple[int, ...], registered: InstanceBuffers | None = None
@@ -159,6 +162,16 @@ class Method:
         if missing:
             raise ValueError(f"{self.name}() is missing {', '.join(map(repr, missing))}")
         return kwargs
+
+
+def claim_label(name: str) -> bytes:
+    """``name`` encoded and cut to the room a board's claim has for it."""
+    return name.encode("utf-8", "replace")[: CLAIM_END - CLAIM_TEXT]
+
+
+#: The claims of module code that is not a call.
+CONSTRUCTOR_LABEL = claim_label("__init__")
+CLOSE_LABEL = claim_label("close")
 
 
 class LoadedModule:
@@ -324,6 +337,7 @@ class WorkerHost:
         try:
             if board is not None and load.heartbeat_interval > 0 and self.loaded is None:
                 self.beater = Beater(board, load.heartbeat_interval)
+                enable_crash_dumps(self.beater, board)
         except (OSError, ValueError) as exc:  # not a board we can map: answer PINGs instead
             log("worker.heartbeat_board_unusable", module=load.module, error=repr(exc))
         finally:
@@ -386,6 +400,8 @@ class WorkerHost:
             self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
             message.instance_id,
         )  # fmt: skip
+        if self.beater is not None:
+            self.beater.claim(CONSTRUCTOR_LABEL, message.instance_id)
         try:
             with self.module_code():
                 instance.module = self.loaded.cls(context)
@@ -444,6 +460,8 @@ class WorkerHost:
             p.close_fds(fds)
             return p.Error(p.ErrorCode.BAD_ARGUMENTS, str(exc))
         buffers = [arg for arg in kwargs.values() if isinstance(arg, Buffer)]
+        if self.beater is not None:
+            self.beater.claim(method.label, instance.instance_id)
         try:
             with self.module_code():
                 try:
@@ -494,12 +512,28 @@ class WorkerHost:
         self.epoll.unregister(instance.sock)
         instance.sock.close()
         if instance.module is not None:
+            if self.beater is not None:
+                self.beater.claim(CLOSE_LABEL, instance_id)
             with self.module_code():
                 try:
                     instance.module.close()
                 except Exception as exc:  # noqa: BLE001 - a failing close must not kill the worker
                     log("worker.close_failed", instance=instance_id, error=repr(exc))
         instance.buffers.close()  # after the module's close, which may still use them
+
+
+def enable_crash_dumps(beater: Beater, board: int) -> None:
+    """Have faulthandler write the stacks on the board: at a fatal signal, and on SIGUSR1.
+
+    Before any module code runs, so a crash at import is reported too. The
+    board is the one descriptor the daemon reads after the death, whether
+    this worker was spawned or forked (ipad/worker/heartbeat_board.py).
+    """
+    dump = beater.dump_to(board)
+    if dump is None:
+        return
+    faulthandler.enable(file=dump, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True, chain=False)
 
 
 def _discard_event(name: str, data: object) -> None:

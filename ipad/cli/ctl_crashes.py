@@ -1,0 +1,90 @@
+"""``ipadctl crashes [MODULE] [-n N]``: the daemon's recent crash reports (ADMIN ``crashes``).
+
+The reports hold the Python stacks of crashed workers, which may show data the
+module handled: the daemon gives them only to admin clients (docs/operations.md,
+"Crash reports").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ipad.client._blocking import BlockingClient
+from ipad.protocol import wire as p
+from ipad.protocol.errors import IpadError
+
+DESCRIPTION = (
+    "Show the recent crash reports of every module, or only MODULE's, oldest first: time, "
+    "worker pid, what ended it (a signal, an exit status, hung, oom, protocol), the method "
+    "in flight and its proxy, then each one's reason and Python stack. Admin clients only. "
+    "Exit status 0, 4 if MODULE is unknown, 1 on another error."
+)
+
+#: Records shown unless -n says otherwise.
+DEFAULT_COUNT = 10
+#: Exit status for an unknown module (as ipadctl's EXIT_NO_SUCH_MODULE).
+EXIT_NO_SUCH_MODULE = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's own arguments."""
+    parser.add_argument("module", nargs="?", help="show only this module's crashes")
+    parser.add_argument(
+        "-n", "--lines", type=int, default=DEFAULT_COUNT, metavar="N",
+        help=f"show the newest N crashes (default {DEFAULT_COUNT})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-stack", action="store_true", help="the table only, without reasons and stacks"
+    )
+
+
+def crashes(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Print the crash reports; exit 4 for an unknown module."""
+    try:
+        result = client.admin("crashes", args.module, timeout=args.timeout)
+    except IpadError as exc:
+        if exc.code != p.ErrorCode.UNKNOWN_MODULE.value:
+            raise
+        if args.json:
+            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
+        else:
+            print(f"ipadctl: {exc.message}", file=sys.stderr)
+        return EXIT_NO_SUCH_MODULE
+    records: list[dict[str, Any]] = list(result.get("crashes", []))
+    records = records[-args.lines :] if args.lines > 0 else []
+    if args.json:
+        print(json.dumps({**result, "crashes": records}, indent=2, sort_keys=True))
+        return 0
+    if not records:
+        print("no crashes recorded")
+        return 0
+    rows = [["TIME", "MODULE", "PID", "KIND", "METHOD", "PROXY", "RAN"]]
+    rows += [_row(record) for record in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if not args.no_stack:
+        for record in records:
+            print(f"\n{_when(record['time'])} {record['module']} pid {record['worker_pid']}: "
+                  f"{record['reason']}")  # fmt: skip
+            print(record["stack"] or "(no Python stack: a native worker, or none was written)")
+    return 0
+
+
+def _row(record: dict[str, Any]) -> list[str]:
+    method = record.get("method")
+    proxy = record.get("proxy_id")
+    ran = record.get("running_for")
+    return [
+        _when(record["time"]), str(record["module"]), str(record["worker_pid"]),
+        str(record["kind"]), f"{method}()" if method else "-",
+        str(proxy) if proxy is not None else "-", f"{ran:.3f}s" if ran is not None else "-",
+    ]  # fmt: skip
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))

@@ -1,0 +1,90 @@
+"""A call whose worker died says why, in both clients and in ``ipadctl call``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ipad import client as ipc
+from tests.client_drivers import Connect, connect
+from tests.daemon_process import TEST_MODULES, DaemonProcess, write_config
+
+__all__ = ["connect"]  # the fixture: each behaviour test runs with both clients
+
+pytestmark = pytest.mark.timeout(90)
+
+Start = Callable[..., DaemonProcess]
+
+CRASHY = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
+QUICK_HANG = (
+    '[modules.crashy]\n[modules.crashy.restart]\nheartbeat_interval = "100ms"\n'
+    'heartbeat_timeout = "1s"\ncall_timeout = "300ms"\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "cause"),
+    [
+        ("segfault", "worker exited with signal SIGSEGV in segfault()"),
+        ("abort", "worker exited with signal SIGABRT in abort()"),
+        ("spin", "worker hung: a call ran longer than its call_timeout of 300ms in spin()"),
+    ],
+)
+def test_a_call_its_worker_died_under_says_why(
+    start_daemon: Start, tmp_path: Path, connect: Connect, method: str, cause: str
+) -> None:
+    """The error names the signal or the hang and the method, as the daemon saw them."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=QUICK_HANG))
+    driver = connect(daemon.socket)
+    proxy = driver.request_proxy("crashy")
+    with pytest.raises(ipc.WorkerCrashed) as caught:
+        driver.call(proxy, method, timeout=20)
+    assert not isinstance(caught.value, ipc.CallNotSent)
+    assert caught.value.message == f"crashy worker died during the call: {cause}"
+    assert caught.value.details["cause"] == cause
+    # The proxy recovers as before: the next call runs on the new worker.
+    assert isinstance(driver.call(proxy, "pid", timeout=20), int)
+
+
+@pytest.mark.parametrize("subscribe", [True, False], ids=["events", "asked"])
+def test_the_cause_comes_by_event_or_by_asking(
+    start_daemon: Start, tmp_path: Path, connect: Connect, subscribe: bool
+) -> None:
+    """A client that reads events takes the cause from them; one that does not asks PROXY_CAUSE."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    driver = connect(daemon.socket, subscribe=subscribe)
+    proxy = driver.request_proxy("crashy")
+    with pytest.raises(ipc.WorkerCrashed) as caught:
+        driver.call(proxy, "segfault", timeout=20)
+    assert caught.value.details["cause"] == "worker exited with signal SIGSEGV in segfault()"
+
+
+def test_in_cooldown_the_error_says_cooldown(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """Once crashes put the module in cooldown, a call says so first, then the crash behind it."""
+    modules = "[modules.crashy]\n[modules.crashy.restart]\nmax_failures = 1\nstandby = false\n"
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules))
+    driver = connect(daemon.socket)
+    proxy = driver.request_proxy("crashy")
+    for _ in range(2):
+        with pytest.raises(ipc.WorkerCrashed) as caught:
+            driver.call(proxy, "segfault", timeout=20)
+        assert "signal SIGSEGV in segfault()" in caught.value.message
+    with pytest.raises(ipc.CallNotSent) as refused:
+        driver.call(proxy, "pid", timeout=20)
+    message = refused.value.message
+    assert "crashy is unavailable (cooldown)" in message
+    assert message.index("cooldown") < message.index("SIGSEGV")
+    assert refused.value.details["state"] == "cooldown"
+    assert "closed the connection" not in message  # the daemon's cause, not the channel's end
+
+
+def test_ipadctl_call_prints_the_cause(start_daemon: Start, tmp_path: Path) -> None:
+    """``ipadctl call`` of a method that kills its worker prints the signal and the method."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    result = daemon.ctl("call", "crashy", "segfault", check=False)
+    assert result.returncode == 1
+    assert "signal SIGSEGV in segfault()" in result.stderr
