@@ -43,7 +43,7 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def received(sock: socket.socket) -> list[p.ModuleLog]:
     """Every MODULE_LOG waiting on the daemon's end."""
-    records = []
+    records: list[p.ModuleLog] = []
     while True:
         try:
             packet = sock.recv(p.MAX_PACKET)

@@ -58,8 +58,11 @@ def field_key(key: str) -> str:
 def daemon_log_level() -> str:
     """The lowest level the daemon's log keeps now: workers send no module record below it."""
     logger = structlog.get_logger("ipad").bind()
+    enabled = getattr(logger, "is_enabled_for", None)
+    if enabled is None:  # not a filtering logger: everything is kept
+        return ""
     for name in b.LEVELS:
-        if logger.is_enabled_for(b.LEVEL_NUMBERS[name]):
+        if enabled(b.LEVEL_NUMBERS[name]):
             return name
     return "critical"
 

@@ -174,7 +174,7 @@ class Method:
 class LoadedModule:
     """The module class a worker serves and its method table."""
 
-    def __init__(self, load: p.Load, log: ModuleLog | None = None) -> None:
+    def __init__(self, load: p.Load, sender: LogSender | None = None) -> None:
         if load.signed is not None:
             # Before any of its code runs: only the bytes the daemon's check signed are run.
             from ipad.worker.verified_import import install  # noqa: PLC0415 - signed modules only
@@ -184,6 +184,8 @@ class LoadedModule:
             sys.path.insert(0, load.module_dir)
         module_name, _, class_name = load.entry_point.partition(":")
         cls = getattr(import_module(module_name), class_name)
+        if sender is not None:
+            sender.bridge()  # its import brought logging: the probe instance's records go too
         if not (isinstance(cls, type) and issubclass(cls, IPAModule)):
             raise TypeError(f"{load.entry_point} is not an ipad.ipa.IPAModule subclass")
         self.cls: type[IPAModule] = cls
@@ -193,6 +195,7 @@ class LoadedModule:
             self.tuning = tomllib.loads(file.read())
         # One probe instance checks the tuning now: a bad tuning file fails the start,
         # with the module's own message, instead of every proxy request later.
+        log = ModuleLog(sender.sink(0)) if sender is not None else None
         cls(ModuleContext(self.tuning, _discard_event, instance_id=0, log=log)).close()
         self.methods = method_table(cls)
         self.specs, self.types = method_specs(cls)
@@ -298,6 +301,7 @@ class WorkerHost:
                 self.modlog.tick()
         for instance_id in list(self.instances):
             self._close_instance(instance_id, notify=None)
+        self.modlog.tick(final=True)  # what it dropped, before it goes
         return self.exit_status
 
     # --- control channel ---------------------------------------------------
@@ -354,7 +358,7 @@ class WorkerHost:
             return
         self.modlog.configure(load)
         try:
-            self.loaded = LoadedModule(load, ModuleLog(self.modlog.sink(0)))
+            self.loaded = LoadedModule(load, self.modlog)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, then we exit
             log("worker.load_failed", module=load.module, error=repr(exc))
             refused = getattr(exc, "refused_code", None)  # verified_import.CodeRefused
@@ -368,7 +372,6 @@ class WorkerHost:
             self.exit_status = EXIT_LOAD_FAILED
             return
         name_process(f"ipad:{load.module}")
-        self.modlog.bridge()
         ready = p.Ready(
             load.module, self.loaded.version, self.loaded.specs, os.getpid(),
             beats=self.beater is not None, types=self.loaded.types,
@@ -402,6 +405,7 @@ class WorkerHost:
             self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
             message.instance_id, ModuleLog(self.modlog.sink(message.instance_id)),
         )  # fmt: skip
+        self.modlog.instance_id = message.instance_id  # its logging records name it
         try:
             with self.module_code():
                 instance.module = self.loaded.cls(context)
@@ -412,8 +416,11 @@ class WorkerHost:
                 f"{self.loaded.name} instance failed: {exc!r}",
                 {"traceback": _short_traceback(exc)},
             )
+            self.modlog.exception(message.instance_id, "__init__", exc, _short_traceback(exc))
             self._send_control(error, frame.request_id)
             return
+        finally:
+            self.modlog.instance_id = 0
         self.instances[message.instance_id] = instance
         self.epoll.register(sock, select.EPOLLIN)
         self.handlers[sock.fileno()] = instance

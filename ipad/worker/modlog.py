@@ -101,9 +101,9 @@ class LogSender:
         )  # fmt: skip
         self._send(record, self.exceptions)
 
-    def tick(self) -> None:
-        """Report records dropped LOG_INTERVAL ago if no record carried the count since."""
-        if self.pending and self.clock() >= self._report_at:
+    def tick(self, *, final: bool = False) -> None:
+        """Report records dropped LOG_INTERVAL ago (or any, if ``final``) not reported yet."""
+        if self.pending and (final or self.clock() >= self._report_at):
             with self._lock:
                 count, self.pending = self.pending, 0
             if count and not self._write(p.ModuleLog("warning", "", suppressed=count)):

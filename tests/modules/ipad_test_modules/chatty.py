@@ -12,7 +12,9 @@ import signal
 import socket
 from typing import Any
 
-from ipad.ipa import IPAModule
+import msgspec
+
+from ipad.ipa import IPAModule, ModuleContext
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD
 
@@ -23,6 +25,11 @@ logger = logging.getLogger("chatty.lib")
 
 class Chatty(IPAModule):
     """Every way a module's words reach the daemon's log."""
+
+    def __init__(self, context: ModuleContext) -> None:
+        super().__init__(context)
+        context.log.info("chatty.created", number=context.instance_id)
+        logger.info("chatty.created by logging")
 
     def log(self, level: str, event: str, fields: dict[str, Any] | None = None) -> None:
         """One record through ``context.log`` at ``level``."""
@@ -46,6 +53,13 @@ class Chatty(IPAModule):
         """print() a line without flushing, then die of SIGSEGV."""
         print(text)
         os.kill(os.getpid(), signal.SIGSEGV)
+
+    def raw_malformed(self) -> None:
+        """Write a MODULE_LOG whose field is a map, which the protocol does not allow."""
+        payload = msgspec.msgpack.encode({"level": "info", "text": "x", "fields": {"a": {"b": 1}}})
+        header = p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, p.MsgType.MODULE_LOG, 0, 0, 0,
+                               len(payload))  # fmt: skip
+        os.write(CONTROL_FD, header + payload)
 
     def raw_log(self, count: int, text_size: int = 10, fields: int = 0) -> int:
         """Write ``count`` MODULE_LOG packets to the control socket itself; how many went."""
