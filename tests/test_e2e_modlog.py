@@ -236,3 +236,32 @@ def test_a_printed_line_survives_a_segfault(
     assert exited.get("signal") == "SIGSEGV", exited
     line = daemon.wait_for("worker.stderr", lambda r: r.get("text") == "last words")
     assert line["worker_pid"] == pid
+
+
+@pytest.mark.parametrize("forkserver", [True, False], ids=["forked", "spawned"])
+def test_a_sandboxed_worker_per_proxy_logs_and_prints_the_same(
+    start_daemon: Start, tmp_path: Path, forkserver: bool
+) -> None:
+    """Sandboxed, one worker per proxy: records name that proxy; print() survives a SIGSEGV."""
+    daemon_conf = (f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
+                   f"forkserver = {str(forkserver).lower()}\n"
+                   '[sandbox]\noptional = ["memory_max"]\n')  # fmt: skip
+    modules = '[modules.chatty]\nproxy = "sandboxed"\nisolation = "proxy"\n[modules.echo]\n'
+    daemon = start_daemon(write_config(tmp_path, daemon_conf, modules=modules))
+    with BlockingClient(daemon.socket) as client:
+        first, second = client.request_proxy("chatty"), client.request_proxy("chatty")
+        for proxy in (first, second):
+            proxy.call("log", {"level": "warning", "event": f"from.{proxy.proxy_id}"}, timeout=WAIT)
+        with pytest.raises(ModuleError):
+            second.call("divide", {"value": 0}, timeout=WAIT)
+        with pytest.raises(IpadError):
+            first.call("print_then_crash", {"text": "sandboxed last words"}, timeout=WAIT)
+        for proxy in (first, second):
+            record = daemon.wait_for("module.log", text_is(f"from.{proxy.proxy_id}"))
+            assert (record["proxy_id"], record["level"]) == (proxy.proxy_id, "warning")
+            assert record["worker_pid"] == proxy.info.worker_pid
+        raised = daemon.wait_for("module.exception", of_module("chatty"))
+        assert (raised["proxy_id"], raised["method"]) == (second.proxy_id, "divide")
+        line = daemon.wait_for("worker.stderr", lambda r: r.get("text") == "sandboxed last words")
+        assert line["worker_pid"] == first.info.worker_pid
+    others_still_work(daemon)
