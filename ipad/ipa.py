@@ -176,15 +176,81 @@ class Buffer:
             self.fd = -1
 
 
+#: Where a ModuleLog's records go: (level, event, fields, traceback).
+LogSink = Callable[[str, str, dict[str, object], str], None]
+
+
+def _python_logging_sink(level: str, event: str, fields: dict[str, object], tb: str) -> None:
+    """Outside a worker (a module built in-process): records go to Python's ``logging``.
+
+    Logger ``ipad.module``, at the record's level, so pytest's ``caplog`` sees them.
+    """
+    import logging  # noqa: PLC0415 - only outside a worker: logging imports threading
+
+    text = " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
+    logging.getLogger("ipad.module").log(logging.getLevelName(level.upper()), "%s%s", text,
+                                         f"\n{tb}" if tb else "")  # fmt: skip
+
+
+class ModuleLog:
+    """A module's log: records with a level, an event name and fields, for the daemon's log.
+
+    In a worker each record reaches the daemon's log (and journald) at its
+    level, with the module's name, the worker's pid and the instance's proxy
+    (docs/modules.md, "Logging"); outside one, Python's ``logging``. Records
+    are bounded (text, fields, rate): a module cannot flood the daemon's log.
+    """
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: LogSink | None = None) -> None:
+        self._sink = sink or _python_logging_sink
+
+    def debug(self, event: str, /, **fields: object) -> None:
+        """A record at level debug (dropped unless the daemon logs at debug)."""
+        self._sink("debug", event, fields, "")
+
+    def info(self, event: str, /, **fields: object) -> None:
+        """A record at level info."""
+        self._sink("info", event, fields, "")
+
+    def warning(self, event: str, /, **fields: object) -> None:
+        """A record at level warning."""
+        self._sink("warning", event, fields, "")
+
+    def error(self, event: str, /, **fields: object) -> None:
+        """A record at level error."""
+        self._sink("error", event, fields, "")
+
+    def critical(self, event: str, /, **fields: object) -> None:
+        """A record at level critical."""
+        self._sink("critical", event, fields, "")
+
+    def exception(self, event: str, /, **fields: object) -> None:
+        """A record at level error with the traceback of the exception being handled."""
+        import sys  # noqa: PLC0415 - cheap; keeps this module's imports minimal
+        import traceback  # noqa: PLC0415
+
+        exc = sys.exc_info()[1]
+        tb = "".join(traceback.format_exception(exc)).rstrip() if exc is not None else ""
+        self._sink("error", event, fields, tb)
+
+
 class ModuleContext:
-    """What the host gives an instance: its tuning data and a way to send events."""
+    """What the host gives an instance: its tuning data, a way to send events, a log."""
 
     def __init__(
-        self, tuning: Mapping[str, Any], emit: Callable[[str, object], None], instance_id: int
+        self,
+        tuning: Mapping[str, Any],
+        emit: Callable[[str, object], None],
+        instance_id: int,
+        log: ModuleLog | None = None,
     ) -> None:
         self.tuning = tuning
         self.instance_id = instance_id
         self._emit = emit
+        #: Records with levels for the daemon's log: ``self.context.log.warning("event", k=v)``.
+        self.log = log if log is not None else ModuleLog()
 
     def emit(self, name: str, data: object = None) -> None:
         """Send an event (for example new sensor controls) to this instance's client."""

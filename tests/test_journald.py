@@ -200,3 +200,42 @@ def test_a_daemon_logging_to_journald(
         daemon.kill()
         for cgroup in cgroups:  # a daemon killed above could not remove its own
             remove_tree(Path(cgroup))
+
+
+def test_module_records_reach_journald_with_their_fields(
+    journald: Journald, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """A module's records: MODULE=, WORKER_PID=, PRIORITY= at their level, its own fields too."""
+    config = write_config(tmp_path, f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]',
+                          modules="[modules.chatty]\n")  # fmt: skip
+    prefix = ["nsenter", "-t", str(journald.pid), "-m"]
+    daemon = DaemonProcess(config, daemon_env, prefix, args=["--log-format", "journal"])
+    cgroups: list[str] = []
+    try:
+        mine = [f"_PID={daemon.proc.pid}"]
+        journald.reader.wait_for("IPAD_EVENT=daemon.started", *mine)
+        cgroups = [e["CGROUP"] for e in journald.reader.entries("IPAD_EVENT=cgroup.ready", *mine)]
+        ready = journald.reader.wait_for("IPAD_EVENT=worker.ready", "MODULE=chatty", *mine)
+        pid = ready["WORKER_PID"]
+        args = '{"level": "warning", "event": "gain.clamped", "fields": {"gain": 3.5}}'
+        daemon.ctl("call", "chatty", "log", args)
+        daemon.ctl("call", "chatty", "std_log", '{"level": "error", "message": "lib failed"}')
+        daemon.ctl("call", "chatty", "divide", '{"value": 0}', check=False)
+        warning = journald.reader.wait_for("IPAD_EVENT=module.log", "TEXT=gain.clamped", *mine)
+        assert (warning["MODULE"], warning["WORKER_PID"], warning["PRIORITY"]) == (
+            "chatty", pid, "4",
+        )  # fmt: skip
+        assert (warning["GAIN"], warning["METHOD"]) == ("3.5", "log")
+        assert warning["SYSLOG_IDENTIFIER"] == "ipad"
+        error = journald.reader.wait_for("IPAD_EVENT=module.log", "TEXT=lib failed", *mine)
+        assert (error["PRIORITY"], error["LOGGER"], error["MODULE"]) == ("3", "chatty.lib",
+                                                                         "chatty")  # fmt: skip
+        raised = journald.reader.wait_for("IPAD_EVENT=module.exception", "MODULE=chatty", *mine)
+        assert (raised["PRIORITY"], raised["METHOD"]) == ("3", "divide")
+        assert raised["EXCEPTION_TYPE"] == "ZeroDivisionError"
+        assert "return 1 / value" in raised["TRACEBACK"]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        for cgroup in cgroups:
+            remove_tree(Path(cgroup))

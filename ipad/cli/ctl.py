@@ -214,7 +214,7 @@ def _online(args: argparse.Namespace) -> int:
         with client:
             return int(_COMMANDS[args.command](client, args))
     except IpadError as exc:
-        _fail(args, exc.code, exc.message, exc.details)
+        _fail(args, exc.code, str(exc), exc.details)  # str: a module error says where
         for problem in exc.details.get("problems", []) if not args.json else []:
             print(problem, file=sys.stderr)
     except UsageError as exc:

@@ -102,6 +102,11 @@ class WorkerCell(ModuleSupervisor):
         if record.worker_pid == worker.pid or record.state is ProxyState.PENDING:
             self.proxies.set_state(record, ProxyState.INVALID, reason, {"isolation": "proxy"})
 
+    def _proxy_of_instance(self, instance_id: int) -> int | None:
+        """The cell's proxy: its worker serves no other."""
+        del instance_id
+        return self.proxy_id
+
     def _on_notice(self, message: p.Message) -> None:
         """The worker closed its instance on its own: the cell ends (ids are per cell).
 

@@ -84,6 +84,7 @@ from ipad.daemon.lifecycle import (
     Watch,
 )
 from ipad.daemon.log_setup import CALLSITE
+from ipad.daemon.modlog import daemon_log_level
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Flag, TimerHandle, Timers
 from ipad.daemon.sandbox_status import measures
@@ -731,6 +732,7 @@ class ModuleSupervisor:
         except OSError as exc:
             return LaunchFailed(f"cannot start {argv[0]}: {exc.strerror or exc}", standby)
         self._loading[worker] = None  # its exit, if it comes now, waits for this answer
+        worker.proxy_of = self._proxy_of_instance
         with self.timers.move_on_after(self.start_timeout):
             try:
                 frame = await worker.load(self._load_message(standby=standby))
@@ -801,6 +803,7 @@ class ModuleSupervisor:
             heartbeat_interval=max(interval, STANDBY_BEAT) if standby else interval,
             signed=dict(self.plan.signed) if self.plan.signed is not None else None,
             minor=p.PROTOCOL_MINOR,
+            log_level=daemon_log_level(),
         )
 
     def _proxies_settled(self) -> bool:
@@ -855,6 +858,13 @@ class ModuleSupervisor:
                                  proxy_id=record.proxy_id, instance_id=message.instance_id,
                                  reason=message.reason)  # fmt: skip
                     self._balance_spares()
+
+    def _proxy_of_instance(self, instance_id: int) -> int | None:
+        """The proxy whose instance this is, for a module log record (bounded by the log's rate)."""
+        for record in self.proxies.of_module(self.name):
+            if record.instance_id == instance_id:
+                return record.proxy_id
+        return None
 
     def running_pid_for(self, proxy_id: int) -> int | None:
         """The pid of the worker that serves ``proxy_id`` if it runs: the module's one."""

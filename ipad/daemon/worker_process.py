@@ -19,6 +19,7 @@ import trio
 
 from ipad.daemon.bounds import MAX_TEXT, bound_worker_message, cap
 from ipad.daemon.lifecycle import ExitStatus
+from ipad.daemon.modlog import ModuleLogGate
 from ipad.daemon.reactor import Flag, Reactor, TimerHandle, Timers
 from ipad.daemon.spawn import StartedProcess, start_process
 from ipad.protocol import wire as p
@@ -72,10 +73,12 @@ class WorkerProcess:
         "control_ended",
         "exit_status",
         "instances",
+        "log_gate",
         "module",
         "on_notice",
         "pid",
         "pidfd",
+        "proxy_of",
         "ready",
         "requests",
         "sandbox",
@@ -131,6 +134,10 @@ class WorkerProcess:
         self._closing: dict[int, float] = {}
         #: CLOSE_INSTANCEs its full control socket did not take (logged at each power of two).
         self.close_drops = 0
+        #: Its module's MODULE_LOG records, bounded and limited (made at the first one).
+        self.log_gate: ModuleLogGate | None = None
+        #: The proxy an instance of it serves, for its log records (set by its supervisor).
+        self.proxy_of: Callable[[int], int | None] | None = None
 
     # A cgroup path is kept as text: a Path object with its parts costs about 0.6 KiB, and
     # a daemon holds two per module for as long as it runs.
@@ -230,7 +237,9 @@ class WorkerProcess:
         if message is not frame.message:
             frame = p.Frame(message, frame.request_id, frame.fds)
         if frame.request_id == 0:
-            if isinstance(message, p.InstanceClosed) and self._closed(message.instance_id):
+            if isinstance(message, p.ModuleLog):
+                self._module_log(message)
+            elif isinstance(message, p.InstanceClosed) and self._closed(message.instance_id):
                 self.on_notice(message)
             else:  # one-way, and about nothing it holds: counted, not looked up
                 self._unsolicited(f"a {message.TYPE.name} about nothing it holds")
@@ -244,6 +253,15 @@ class WorkerProcess:
             self.requests.deliver(frame)  # dropped: logged, told to requests.on_dropped
         else:
             frame.close_fds()
+
+    def _module_log(self, record: p.ModuleLog) -> None:
+        """A record of its module's log: logged within the bounds, or the worker killed."""
+        gate = self.log_gate
+        if gate is None:
+            gate = self.log_gate = ModuleLogGate(self.module, self.pid, self.proxy_of)
+        violation = gate.receive(record, trio.current_time())
+        if violation is not None:
+            self.violated(violation)
 
     def ending(self) -> bool:
         """Whether it has exited or hung up its control socket, by a look that does not wait.
@@ -322,6 +340,8 @@ class WorkerProcess:
         if self.control_ended.is_set():
             return
         self.control_ended.set()
+        if self.log_gate is not None:
+            self.log_gate.flush()
         if self._reactor is not None:
             self._reactor.remove(self.control.raw.fileno())
         self.requests.fail_all(lambda: WorkerCrashed(f"{self.module} worker went away"))

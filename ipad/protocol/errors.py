@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ipad.protocol import wire as p
@@ -49,9 +50,35 @@ class BadArguments(IpadError):
 
 
 class ModuleError(IpadError):
-    """The module method raised; ``details['traceback']`` has the worker's short traceback."""
+    """The module method raised; ``details['traceback']`` has the worker's short traceback.
+
+    Its text says where: ``division by zero (ZeroDivisionError at awb.py:42 in process)``,
+    from ``details['exception']`` and ``details['where']`` (or the traceback's last frame).
+    """
 
     code = p.ErrorCode.MODULE_ERROR.value
+
+    def __str__(self) -> str:
+        details = self.details if isinstance(self.details, dict) else {}
+        kind = details.get("exception")
+        where = details.get("where") or _last_frame(details.get("traceback"))
+        said = [str(part) for part in (kind, where) if isinstance(part, str) and part]
+        return f"{self.message} ({' at '.join(said)})" if said else self.message
+
+
+#: A traceback line naming a frame: ``  File "/path/awb.py", line 42, in process``.
+_FRAME = re.compile(r'^\s*File "(?:.*/)?([^"/]+)", line (\d+), in (\S+)', re.MULTILINE)
+
+
+def _last_frame(traceback: object) -> str:
+    """``awb.py:42 in process`` from a formatted traceback's innermost frame, or ""."""
+    if not isinstance(traceback, str):
+        return ""
+    frames = _FRAME.findall(traceback[-8192:])
+    if not frames:
+        return ""
+    name, line, function = frames[-1]
+    return f"{name}:{line} in {function}"
 
 
 class ModuleUnavailable(IpadError):

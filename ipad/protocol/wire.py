@@ -45,7 +45,7 @@ PROTOCOL_VERSION = 1
 #: in HELLO/WELCOME and LOAD/READY. 2: module descriptions (MethodSpec ``params``,
 #: ``result``, ``doc``; ``types``; DESCRIBE/DESCRIPTION) and registered buffers
 #: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``). 3: issue 20's additions
-#: (PROXY_CAUSE/PROXY_CAUSE_REPLY among them).
+#: (PROXY_CAUSE/PROXY_CAUSE_REPLY, MODULE_LOG among them).
 PROTOCOL_MINOR = 3
 #: The minor that brought DESCRIBE: a client sends it only to a daemon that agreed to it.
 MINOR_DESCRIBE = 2
@@ -53,6 +53,8 @@ MINOR_DESCRIBE = 2
 MINOR_REGISTERED_BUFFERS = 2
 #: The minor that brought PROXY_CAUSE: a client asks it only of a daemon that agreed to it.
 MINOR_PROXY_CAUSE = 3
+#: The minor that brought MODULE_LOG: a worker sends it only to a daemon whose LOAD agreed to it.
+MINOR_MODULE_LOG = 3
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 
@@ -110,6 +112,7 @@ class MsgType(enum.IntEnum):
     CLOSE_INSTANCE = 39
     INSTANCE_CLOSED = 40
     HEARTBEAT = 41
+    MODULE_LOG = 42
     # daemon <-> fork server
     SPAWN = 56
     SPAWNED = 57
@@ -417,6 +420,8 @@ class Load(Message, frozen=True):
     signed: dict[str, str] | None = None
     #: The highest minor revision the daemon speaks (absent: 0).
     minor: int = 0
+    #: The daemon's log level: the worker sends no MODULE_LOG below it ("": every level).
+    log_level: str = ""
 
 
 class Ready(Message, frozen=True):
@@ -491,6 +496,30 @@ class InstanceClosed(Message, frozen=True):
     TYPE = MsgType.INSTANCE_CLOSED
     instance_id: int
     reason: str
+
+
+class ModuleLog(Message, frozen=True):
+    """A log record of the module (or an exception it raised), worker to daemon; no reply."""
+
+    TYPE = MsgType.MODULE_LOG
+    #: ``debug``, ``info``, ``warning``, ``error`` or ``critical`` (others are logged as info).
+    level: str
+    #: The module's event name, or its ``logging`` message.
+    text: str
+    #: The record's fields, scalars only (docs/protocol.md bounds them).
+    fields: dict[str, str | int | float | bool | None] = msgspec.field(default_factory=dict)
+    #: ``log``: a record the module wrote; ``exception``: a call that raised, by the host.
+    kind: str = "log"
+    #: The instance whose code wrote it (0: none, as at load).
+    instance_id: int = 0
+    #: The method in flight when it was written ("" outside a call).
+    method: str = ""
+    #: The ``logging`` logger's name ("" for ``context.log``).
+    logger: str = ""
+    #: A traceback (an exception report's, or one ``log.exception`` attached).
+    traceback: str = ""
+    #: Records the worker dropped before this one (its own rate limit).
+    suppressed: int = 0
 
 
 # --- daemon <-> fork server ----------------------------------------------------
@@ -641,7 +670,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
         AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
-        Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
+        Heartbeat, ModuleLog, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
         MapBuffers, BuffersMapped, UnmapBuffers, BuffersUnmapped,
         ProxyCause, ProxyCauseReply,
     )
@@ -663,7 +692,8 @@ TO_WORKER_CONTROL = frozenset(
      MsgType.HEARTBEAT}
 )  # fmt: skip
 FROM_WORKER_CONTROL = frozenset(
-    {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.INSTANCE_CLOSED, MsgType.PONG, MsgType.ERROR}
+    {MsgType.READY, MsgType.INSTANCE_OPENED, MsgType.INSTANCE_CLOSED, MsgType.PONG, MsgType.ERROR,
+     MsgType.MODULE_LOG}
 )  # fmt: skip
 TO_FORKSERVER = frozenset({MsgType.SPAWN, MsgType.PRELOAD, MsgType.SHUTDOWN})
 FROM_FORKSERVER = frozenset({MsgType.SPAWNED, MsgType.ERROR})

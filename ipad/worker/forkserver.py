@@ -30,7 +30,14 @@ from ipad.ipa import IPAModule
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
 from ipad.worker import verified_import  # noqa: F401 - imported once here, not in every signed worker
-from ipad.worker.host import WorkerHost, die_with_parent, libc, log, method_specs
+from ipad.worker.host import (
+    WorkerHost,
+    die_with_parent,
+    libc,
+    line_buffered_output,
+    log,
+    method_specs,
+)
 from ipad.worker.sandbox import CLONE_NEWUSER, SandboxError, clone_flags, close_other_fds
 from ipad.worker.sandbox import apply as apply_sandbox
 from ipad.worker.sandbox import warm as warm_sandbox
@@ -137,6 +144,7 @@ def _become_worker(
         os.dup2(output, 2)
         os.close(control)
         os.close(output)
+        line_buffered_output()
         os.setpgid(0, 0)  # lead a process group of its own, as a spawned worker does
         os.environ.clear()
         os.environ.update(env)

@@ -14,6 +14,7 @@ import ctypes
 import faulthandler
 import functools
 import inspect
+import io
 import os
 import select
 import signal
@@ -28,12 +29,22 @@ from typing import Any
 
 import msgspec
 
-from ipad.ipa import Buffer, IPAModule, ModuleContext, callable_methods, is_setup, undone_by
+from ipad.ipa import (
+    Buffer,
+    IPAModule,
+    ModuleContext,
+    ModuleLog,
+    callable_methods,
+    is_setup,
+    undone_by,
+)
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
 from ipad.worker.buffers import InstanceBuffers, RegisteredBuffer
 from ipad.worker.describe import Signature, describe
 from ipad.worker.heartbeat_board import CLAIM_END, CLAIM_TEXT, Beater
+from ipad.worker.heartbeat_board import Beater
+from ipad.worker.modlog import LogSender
 
 #: prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
@@ -177,7 +188,7 @@ CLOSE_LABEL = claim_label("close")
 class LoadedModule:
     """The module class a worker serves and its method table."""
 
-    def __init__(self, load: p.Load) -> None:
+    def __init__(self, load: p.Load, sender: LogSender | None = None) -> None:
         if load.signed is not None:
             # Before any of its code runs: only the bytes the daemon's check signed are run.
             from ipad.worker.verified_import import install  # noqa: PLC0415 - signed modules only
@@ -187,6 +198,8 @@ class LoadedModule:
             sys.path.insert(0, load.module_dir)
         module_name, _, class_name = load.entry_point.partition(":")
         cls = getattr(import_module(module_name), class_name)
+        if sender is not None:
+            sender.bridge()  # its import brought logging: the probe instance's records go too
         if not (isinstance(cls, type) and issubclass(cls, IPAModule)):
             raise TypeError(f"{load.entry_point} is not an ipad.ipa.IPAModule subclass")
         self.cls: type[IPAModule] = cls
@@ -196,7 +209,8 @@ class LoadedModule:
             self.tuning = tomllib.loads(file.read())
         # One probe instance checks the tuning now: a bad tuning file fails the start,
         # with the module's own message, instead of every proxy request later.
-        cls(ModuleContext(self.tuning, _discard_event, instance_id=0)).close()
+        log = ModuleLog(sender.sink(0)) if sender is not None else None
+        cls(ModuleContext(self.tuning, _discard_event, instance_id=0, log=log)).close()
         self.methods = method_table(cls)
         self.specs, self.types = method_specs(cls)
 
@@ -275,6 +289,8 @@ class WorkerHost:
         self.exit_status = 0
         #: Bumps the heartbeat board LOAD passed (ipad/worker/heartbeat_board.py); None: PING.
         self.beater: Beater | None = None
+        #: The module's log records and exceptions, to the daemon (ipad/worker/modlog.py).
+        self.modlog = LogSender(control)
 
     def serve(self) -> int:
         """Run until the daemon says SHUTDOWN or goes away; return the exit status."""
@@ -295,8 +311,11 @@ class WorkerHost:
                     self._on_control()
                 else:
                     self._on_channel(instance)
+            if self.modlog.pending:  # records dropped a while ago, and none has said so since
+                self.modlog.tick()
         for instance_id in list(self.instances):
             self._close_instance(instance_id, notify=None)
+        self.modlog.tick(final=True)  # what it dropped, before it goes
         return self.exit_status
 
     # --- control channel ---------------------------------------------------
@@ -352,8 +371,9 @@ class WorkerHost:
             self.running = False
             self.exit_status = EXIT_LOAD_FAILED
             return
+        self.modlog.configure(load)
         try:
-            self.loaded = LoadedModule(load)
+            self.loaded = LoadedModule(load, self.modlog)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, then we exit
             log("worker.load_failed", module=load.module, error=repr(exc))
             refused = getattr(exc, "refused_code", None)  # verified_import.CodeRefused
@@ -398,10 +418,11 @@ class WorkerHost:
         instance = Instance(message.instance_id, sock, None)
         context = ModuleContext(
             self.loaded.tuning, lambda name, data: self._emit(instance, name, data),
-            message.instance_id,
+            message.instance_id, ModuleLog(self.modlog.sink(message.instance_id)),
         )  # fmt: skip
         if self.beater is not None:
             self.beater.claim(CONSTRUCTOR_LABEL, message.instance_id)
+        self.modlog.instance_id = message.instance_id  # its logging records name it
         try:
             with self.module_code():
                 instance.module = self.loaded.cls(context)
@@ -412,8 +433,11 @@ class WorkerHost:
                 f"{self.loaded.name} instance failed: {exc!r}",
                 {"traceback": _short_traceback(exc)},
             )
+            self.modlog.exception(message.instance_id, "__init__", exc, _short_traceback(exc))
             self._send_control(error, frame.request_id)
             return
+        finally:
+            self.modlog.instance_id = 0
         self.instances[message.instance_id] = instance
         self.epoll.register(sock, select.EPOLLIN)
         self.handlers[sock.fileno()] = instance
@@ -462,6 +486,8 @@ class WorkerHost:
         buffers = [arg for arg in kwargs.values() if isinstance(arg, Buffer)]
         if self.beater is not None:
             self.beater.claim(method.label, instance.instance_id)
+        modlog = self.modlog
+        modlog.instance_id, modlog.method = instance.instance_id, call.method
         try:
             with self.module_code():
                 try:
@@ -469,8 +495,15 @@ class WorkerHost:
                     reply: p.Message = p.Result(msgspec.to_builtins(value))
                 except Exception as exc:  # noqa: BLE001 - the module's bug: the caller's error
                     details = {"exception": type(exc).__name__, "traceback": _short_traceback(exc)}
+                    where = _raised_at(exc)
+                    if where:
+                        details["where"] = where
                     reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+                    modlog.exception(instance.instance_id, call.method, exc, details["traceback"])
         finally:
+            modlog.instance_id, modlog.method = 0, ""
+            if not modlog.bridged:
+                modlog.bridge()  # logging imported by this call: from the next record on
             for buffer in buffers:
                 buffer.close()
         # A buffer refused for mapping is the caller's error, even if the module caught it.
@@ -544,6 +577,38 @@ def _short_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc, limit=-TRACEBACK_LIMIT)).rstrip()
 
 
+def _raised_at(exc: BaseException) -> str:
+    """``file:line in function`` where ``exc`` was raised (its innermost frame), or ""."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rpartition('/')[2]}:{tb.tb_lineno} in {code.co_name}"
+
+
+def line_buffered_output() -> None:
+    """Make stdout line-buffered and stderr unbuffered, as PYTHONUNBUFFERED would.
+
+    A worker's output is a pipe: Python buffers it in blocks, so ``print()``
+    lines would reach the daemon's log only at exit, and never after a
+    SIGSEGV. ``python -I`` (the fork server, jailed workers) ignores
+    PYTHONUNBUFFERED, so the worker runtime sets this up itself.
+    """
+    stdout = sys.stdout
+    if isinstance(stdout, io.TextIOWrapper):
+        stdout.reconfigure(line_buffering=True)
+    stderr = sys.stderr
+    if stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            stderr.flush()
+        raw = io.FileIO(2, "w", closefd=False)
+        encoding = getattr(stderr, "encoding", None) or "utf-8"
+        sys.stderr = io.TextIOWrapper(raw, encoding=encoding, errors="backslashreplace",
+                                      line_buffering=True, write_through=True)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ipad-worker`` executable."""
     args = sys.argv[1:] if argv is None else argv
@@ -557,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         undumpable_after_exec()
     die_with_parent(parent)
+    line_buffered_output()
     control = socket.socket(fileno=CONTROL_FD)
     return WorkerHost(control).serve()
 
