@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
+from ipad.cli import ctl_events
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -52,12 +53,13 @@ DESCRIPTIONS = {
     ),
     "describe": (
         "Print a module's methods (parameters, result types, docs) and types. "
-        "Exit status 0, or 1 on an error (unknown module, daemon unreachable)."
+        "Exit status 0, 4 if MODULE is unknown, or 1 on another error (no description yet, "
+        "daemon unreachable)."
     ),
     "call": (
         "Request a proxy of MODULE, call METHOD once with ARGS (a JSON object) and print "
         "the result (JSON unless it is a string). Exit status 0, 1 if the call or the daemon "
-        "failed, 2 if the arguments are not usable."
+        "failed, 2 if the arguments are not usable, 4 if MODULE is unknown."
     ),
     "restart": (
         "Restart a module's worker now, ending any backoff or cooldown, and wait for the new "
@@ -74,8 +76,11 @@ DESCRIPTIONS = {
         "Exit status 0, or 1 if the daemon cannot be reached."
     ),
     "events": (
-        "Print the daemon's recent events, one a line; with --follow, new ones too until "
-        "interrupted. Exit status 0, or 1 if the daemon cannot be reached."
+        "Print the daemon's last N kept events (default 10), or only MODULE's, one a line: "
+        "local time (ISO 8601), seq, kind:module and the other fields (--json: one JSON "
+        "object a line, `time` in seconds since the epoch); with --follow, new ones too until "
+        "interrupted. Exit status 0 (also when ^C or SIGTERM ends --follow), 1 if the daemon "
+        "cannot be reached or goes away, 4 if MODULE is unknown."
     ),
     "sign": (
         "Sign each module manifest of PATH with an Ed25519 key, writing its signature file "
@@ -156,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("module")
     add("reload", "re-read the configuration (like SIGHUP)")
     add("stop", "stop the daemon gracefully")
-    events = add("events", "recent events; --follow for new ones too")
-    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ctl_events.add_arguments(add("events", "recent events; --follow for new ones too"), "events")
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
@@ -214,6 +218,8 @@ def _online(args: argparse.Namespace) -> int:
         _fail(args, exc.code, exc.message, exc.details)
         for problem in exc.details.get("problems", []) if not args.json else []:
             print(problem, file=sys.stderr)
+        if exc.code == p.ErrorCode.UNKNOWN_MODULE.value:  # describe, call...: as status does
+            return EXIT_NO_SUCH_MODULE
     except UsageError as exc:
         _fail(args, "usage", str(exc))
         return EXIT_USAGE
@@ -384,22 +390,6 @@ def _call(client: BlockingClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _events(client: BlockingClient, args: argparse.Namespace) -> int:
-    client.subscribe(since=0)
-    timeout: float | None = None if args.follow else 0.2
-    while (event := client.next_event(timeout)) is not None:
-        if args.json:
-            print(json.dumps(msgspec.to_builtins(event)), flush=True)
-        else:
-            fields = " ".join(
-                f"{k}={v}"
-                for k, v in msgspec.to_builtins(event).items()
-                if v not in (None, {}) and k not in ("seq", "kind", "module")
-            )
-            print(f"{event.seq:6d} {event.kind}:{event.module} {fields}", flush=True)
-    return 0
-
-
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -503,7 +493,7 @@ _COMMANDS = {
     "modules": _modules,
     "call": _call,
     "describe": _describe,
-    "events": _events,
+    "events": ctl_events.events,
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,

@@ -45,11 +45,13 @@ PROTOCOL_VERSION = 1
 #: in HELLO/WELCOME and LOAD/READY. 2: module descriptions (MethodSpec ``params``,
 #: ``result``, ``doc``; ``types``; DESCRIBE/DESCRIPTION) and registered buffers
 #: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``).
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 #: The minor that brought DESCRIBE: a client sends it only to a daemon that agreed to it.
 MINOR_DESCRIBE = 2
 #: The minor that brought MAP_BUFFERS and CALL's ``buffer_args``, on a proxy's channel.
 MINOR_REGISTERED_BUFFERS = 2
+#: The minor that brought EVENT's ``time`` and LOGS/LOG_RECORDS (``ipadctl events``, ``logs``).
+MINOR_CTL_LOGS = 3
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 
@@ -250,6 +252,8 @@ class Event(Message, frozen=True):
     reason: str | None = None
     worker_pid: int | None = None
     details: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: When the daemon made it: wall-clock seconds since the epoch (absent from older daemons).
+    time: float | None = None
 
 
 class Status(Message, frozen=True):
