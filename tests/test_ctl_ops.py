@@ -135,3 +135,51 @@ def test_describe_and_call_of_an_unknown_module_exit_4(start_daemon: Start, tmp_
     assert json.loads(called.stdout)["error"]["code"] == "unknown_module"
     wrong_method = daemon.ctl("call", "echo", "no_such_method", check=False)
     assert wrong_method.returncode == 1, wrong_method.stderr
+
+
+def session(daemon: DaemonProcess, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ipadctl session ARGS`` with ``stdin`` as its input."""
+    return subprocess.run(
+        daemon.ctl_argv("session", *args), input=stdin, capture_output=True, text=True,
+        env=daemon.env, timeout=WAIT, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_session_runs_every_line_on_one_proxy(start_daemon: Start, tmp_path: Path) -> None:
+    """`session MODULE` calls each stdin line on one proxy; a failure stops it unless -k."""
+    daemon = start_daemon(write_config(tmp_path))
+    script = 'count\n# a comment\n\ncount {}\n  echo {"text": "hi"}\nlabel\ncount\n'
+    result = session(daemon, script, "echo")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # count goes up on the one instance: every line ran on the same proxy.
+    assert [lines[0], lines[1], lines[2], lines[4]] == ["1", "2", '{"text": "hi"}', "3"]
+    as_json = session(daemon, 'echo {"text": "x"}\nlabel\n', "echo", "--json")
+    label = json.loads(daemon.ctl("--json", "call", "echo", "label").stdout)
+    assert [json.loads(line) for line in as_json.stdout.splitlines()] == [{"text": "x"}, label]
+    # The awb pipeline of the issue: init, configure, in order, on one proxy.
+    awb = session(daemon, "init {}\nconfigure {}\n", "awb", "--json")
+    assert awb.returncode == 0, awb.stderr
+    assert awb.stdout.splitlines() == ["null", "null"]
+    failing = 'count\nfail {"message": "boom"}\ncount\n'
+    stopped = session(daemon, failing, "echo")
+    assert stopped.returncode == 1
+    assert stopped.stdout.splitlines() == ["1"]
+    assert stopped.stderr.startswith("ipadctl: line 2: fail: "), stopped.stderr
+    assert "boom" in stopped.stderr
+    going = session(daemon, failing + "nonsense {\n", "echo", "--keep-going", "--json")
+    assert going.returncode == 1
+    out = [json.loads(line) for line in going.stdout.splitlines()]
+    assert out[0] == 1
+    assert out[1]["error"]["message"].startswith("line 2: fail: ")
+    assert out[2] == 2
+    assert out[3]["error"]["code"] == "usage"
+    unreadable = session(daemon, "count [1]\ncount\n", "echo")
+    assert unreadable.returncode == 2
+    assert unreadable.stdout == ""
+    assert "line 1: count: arguments must be a JSON object" in unreadable.stderr
+    unknown = session(daemon, "count\n", "nope")
+    assert unknown.returncode == 4, unknown.stderr
+    status = json.loads(daemon.ctl("--json", "status").stdout)
+    assert status["daemon"]["proxies"] == 0  # every session's proxy was released

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
-from ipad.cli import ctl_events
+from ipad.cli import ctl_events, ctl_session
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -81,6 +81,14 @@ DESCRIPTIONS = {
         "object a line, `time` in seconds since the epoch); with --follow, new ones too until "
         "interrupted. Exit status 0 (also when ^C or SIGTERM ends --follow), 1 if the daemon "
         "cannot be reached or goes away, 4 if MODULE is unknown."
+    ),
+    "session": (
+        "Request one proxy of MODULE and run the calls read from stdin on it, one a line: "
+        "'METHOD JSON-OBJECT' (the object may be left out: {}); lines starting with # and "
+        "blank lines are skipped. Prints one result a line (--json: each as one JSON line; "
+        'an error as {"error": ...}). A failing call prints its error and ends the '
+        "session, unless --keep-going. Exit status 0 if every call succeeded, 1 if a call "
+        "failed, 2 if a line is not 'METHOD JSON-OBJECT', 4 if MODULE is unknown."
     ),
     "sign": (
         "Sign each module manifest of PATH with an Ed25519 key, writing its signature file "
@@ -161,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("module")
     add("reload", "re-read the configuration (like SIGHUP)")
     add("stop", "stop the daemon gracefully")
+    ctl_session.add_arguments(add("session", "run calls read from stdin on one proxy"))
     ctl_events.add_arguments(add("events", "recent events; --follow for new ones too"), "events")
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
@@ -218,8 +227,8 @@ def _online(args: argparse.Namespace) -> int:
         _fail(args, exc.code, exc.message, exc.details)
         for problem in exc.details.get("problems", []) if not args.json else []:
             print(problem, file=sys.stderr)
-        if exc.code == p.ErrorCode.UNKNOWN_MODULE.value:  # describe, call...: as status does
-            return EXIT_NO_SUCH_MODULE
+        unknown = exc.code == p.ErrorCode.UNKNOWN_MODULE.value  # describe, call...: as status
+        return EXIT_NO_SUCH_MODULE if unknown else EXIT_FAILED
     except UsageError as exc:
         _fail(args, "usage", str(exc))
         return EXIT_USAGE
@@ -229,7 +238,6 @@ def _online(args: argparse.Namespace) -> int:
         # The reader (say, `| head`) left: stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return EXIT_FAILED
 
 
 def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None) -> None:
@@ -494,6 +502,7 @@ _COMMANDS = {
     "call": _call,
     "describe": _describe,
     "events": ctl_events.events,
+    "session": ctl_session.session,
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,
