@@ -10,11 +10,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ipad import client as ipc
 from ipad.cli import ctl, ctl_io
-from tests.daemon_process import WAIT, DaemonProcess, wait_until, write_config
+from tests.client_drivers import Connect, connect
+from tests.daemon_process import TEST_MODULES, WAIT, DaemonProcess, alive, wait_until, write_config
+
+__all__ = ["connect"]  # the fixture
 
 Start = Callable[..., DaemonProcess]
 
@@ -183,3 +188,98 @@ def test_session_runs_every_line_on_one_proxy(start_daemon: Start, tmp_path: Pat
     assert unknown.returncode == 4, unknown.stderr
     status = json.loads(daemon.ctl("--json", "status").stdout)
     assert status["daemon"]["proxies"] == 0  # every session's proxy was released
+
+
+def module_status(daemon: DaemonProcess, module: str) -> dict[str, Any]:
+    """``ipadctl --json status MODULE``'s entry for it."""
+    entry: dict[str, Any] = json.loads(daemon.ctl("--json", "status", module).stdout)["modules"][
+        module
+    ]
+    return entry
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
+def test_stop_and_start_a_module(
+    start_daemon: Start, tmp_path: Path, connect: Connect, isolation: str
+) -> None:
+    """`stop MODULE` ends its workers for good (invalid proxies, no restart, reload too); `start` recovers them."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[modules.echo]\nisolation = "{isolation}"\n[modules.awb]\n')
+    daemon = start_daemon(config)
+    client = connect(daemon.socket)
+    echo = client.request_proxy("echo")
+    pid = client.call(echo, "pid")
+    stopped = daemon.ctl("stop", "echo")
+    assert stopped.stdout == "echo: stopped\n", stopped.stderr
+    wait_until(lambda: not alive(pid))
+    status = daemon.ctl("--json", "status", "echo", check=False)
+    assert status.returncode == 3
+    entry = json.loads(status.stdout)["modules"]["echo"]
+    assert (entry["state"], entry["reason"], entry["worker_pid"]) == (
+        "stopped", "stopped by operator", None)  # fmt: skip
+    assert daemon.ctl("status", "awb").returncode == 0  # the others run on
+    with pytest.raises(ipc.IpadError, match="stopped by operator"):
+        client.call(echo, "echo", {"text": "while stopped"})
+    with pytest.raises(ipc.IpadError, match="stopped by operator"):
+        client.request_proxy("echo")
+    assert not client.attr(echo, "valid")
+    time.sleep(0.5)  # a restart would have come by now
+    assert module_status(daemon, "echo")["state"] == "stopped"
+    assert daemon.ctl("stop", "echo").stdout == "echo: stopped\n"  # again: nothing to do
+    # A reload keeps it stopped, whether it changed or not.
+    assert daemon.ctl("reload").returncode == 0
+    config.write_text(config.read_text() + "[modules.echo.restart]\nmax_failures = 7\n")
+    reloaded = json.loads(daemon.ctl("--json", "reload").stdout)
+    assert reloaded["changed"] == ["echo"]
+    assert module_status(daemon, "echo")["state"] == "stopped"
+    assert module_status(daemon, "echo")["reason"] == "stopped by operator"
+    started = daemon.ctl("start", "echo")
+    assert started.stdout == "echo: running\n", started.stderr
+    assert client.call(echo, "echo", {"text": "back"}, wait=WAIT)["text"] == "back"
+    assert client.attr(echo, "valid")
+    assert client.call(echo, "pid") != pid
+    assert daemon.ctl("start", "echo").stdout == "echo: running\n"  # running: left as it is
+    as_json = daemon.ctl("--json", "stop", "echo")
+    assert json.loads(as_json.stdout) == {"module": "echo", "state": "stopped",
+                                          "reason": "stopped by operator"}  # fmt: skip
+    assert daemon.ctl("restart", "echo").stdout == "echo: running\n"  # restart starts it too
+    for command in ("stop", "start"):
+        unknown = daemon.ctl(command, "nope", check=False)
+        assert unknown.returncode == 4, unknown.stderr
+        assert unknown.stderr.startswith("ipadctl: no module 'nope'; modules: awb, echo")
+    daemon.ctl("stop", "echo")  # the daemon's own stop, with a module stopped, is clean
+
+
+@pytest.mark.timeout(150)
+def test_stop_and_start_in_cooldown_and_while_starting(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """`stop MODULE` ends a cooldown or a start under way; `start` exits 1 if it fails to load."""
+    flag = tmp_path / "crash"
+    flag.write_text("")
+    tuning = tmp_path / "faulty.toml"
+    tuning.write_text(f'crash_if_exists = "{flag}"\n')
+    daemon_env["IPAD_FAULTY_TUNING_FILE"] = str(tuning)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n[modules.faulty]\n[modules.slow]\n'
+        '[modules.faulty.restart]\nmax_failures = 1\ncooldown_interval = "1h"\n'
+        '[modules.slow.restart]\nstart_timeout = "30s"\nstop_timeout = "1s"\n'
+    )
+    daemon = start_daemon(config, wait=False)
+    daemon.wait_for("module.cooldown", lambda r: r["module"] == "faulty")
+    assert daemon.ctl("stop", "faulty").stdout == "faulty: stopped\n"
+    assert module_status(daemon, "faulty")["reason"] == "stopped by operator"
+    failing = daemon.ctl("start", "faulty", check=False)
+    assert failing.returncode == 1, failing.stdout
+    assert failing.stderr.startswith("ipadctl: faulty did not start: "), failing.stderr
+    flag.unlink()
+    assert daemon.ctl("start", "faulty").stdout == "faulty: running\n"
+    assert module_status(daemon, "slow")["state"] == "starting"
+    assert daemon.ctl("stop", "slow").stdout == "slow: stopped\n"
+    assert module_status(daemon, "slow")["worker_pid"] is None
+    waited = daemon.ctl("--timeout", "2", "start", "slow", check=False)  # it loads for 60 s
+    assert waited.returncode == 1, waited.stdout
+    assert module_status(daemon, "slow")["state"] == "starting"
+    assert daemon.ctl("stop", "slow").stdout == "slow: stopped\n"  # at once: not queued

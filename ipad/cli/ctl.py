@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
-from ipad.cli import ctl_events, ctl_session
+from ipad.cli import ctl_events, ctl_module, ctl_session
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -72,8 +72,19 @@ DESCRIPTIONS = {
         "(its problems are printed)."
     ),
     "stop": (
-        "Ask the daemon to stop gracefully; prints 'stopping'. "
-        "Exit status 0, or 1 if the daemon cannot be reached."
+        "Without MODULE, ask the daemon to stop gracefully; prints 'stopping'. With MODULE, "
+        "stop that module's workers until 'ipadctl start MODULE' (or restart): it shows as "
+        "stopped, 'stopped by operator', its proxies turn invalid with that reason and calls "
+        "on them fail at once; a reload keeps it stopped, a daemon restart starts it. Prints "
+        "'MODULE: STATE' once its workers are gone. Exit status 0, 1 if it did not stop or "
+        "the daemon cannot be reached, 4 if MODULE is unknown."
+    ),
+    "start": (
+        "Start a module stopped with 'ipadctl stop MODULE' (its proxies recover by "
+        "themselves), or one waiting out a backoff or cooldown, and wait for the start's "
+        "result; prints 'MODULE: STATE'. A running module is left as it is. Exit status 0 if "
+        "it runs, 1 if it did not start (the failure is printed) or on another error, 4 if "
+        "MODULE is unknown."
     ),
     "events": (
         "Print the daemon's last N kept events (default 10), or only MODULE's, one a line: "
@@ -168,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     restart = add("restart", "restart a module's worker now, ending any backoff or cooldown")
     restart.add_argument("module")
     add("reload", "re-read the configuration (like SIGHUP)")
-    add("stop", "stop the daemon gracefully")
+    stop = add("stop", "stop the daemon gracefully, or only MODULE's workers")
+    stop.add_argument("module", nargs="?", help="stop only this module (until started again)")
+    start = add("start", "start a module stopped with 'stop MODULE'")
+    start.add_argument("module")
     ctl_session.add_arguments(add("session", "run calls read from stdin on one proxy"))
     ctl_events.add_arguments(add("events", "recent events; --follow for new ones too"), "events")
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
@@ -405,6 +419,8 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
+    if args.command == "start" or (args.command == "stop" and args.module is not None):
+        return ctl_module.module_command(client, args)
     try:
         result = client.admin(args.command, getattr(args, "module", None), timeout=args.timeout)
     except IpadError as exc:
@@ -506,6 +522,7 @@ _COMMANDS = {
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,
+    "start": _admin,
 }
 
 

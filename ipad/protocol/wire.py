@@ -284,7 +284,7 @@ class Modules(Message, frozen=True):
 
 
 class Admin(Message, frozen=True):
-    """An operator's command: ``restart`` a module, ``reload`` the configuration, ``stop``."""
+    """An operator's command: ``restart``, ``stop`` or ``start`` a module, ``reload``, ``stop``."""
 
     TYPE = MsgType.ADMIN
     command: str
