@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import datetime
+import grp
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ipad import client as ipc
 from ipad.cli import ctl, ctl_io
+from ipad.client import BlockingClient
+from ipad.daemon.log_ring import FIELD_CHARS, FIELDS, LogRing, log_reply
+from ipad.protocol import wire as p
 from tests.client_drivers import Connect, connect
-from tests.daemon_process import TEST_MODULES, WAIT, DaemonProcess, alive, wait_until, write_config
+from tests.daemon_process import (
+    REPO,
+    TEST_MODULES,
+    WAIT,
+    DaemonProcess,
+    alive,
+    wait_until,
+    write_config,
+)
+from tests.privileges import NOBODY, as_user, needs_setpriv
 
 __all__ = ["connect"]  # the fixture
 
@@ -283,3 +298,108 @@ def test_stop_and_start_in_cooldown_and_while_starting(
     assert waited.returncode == 1, waited.stdout
     assert module_status(daemon, "slow")["state"] == "starting"
     assert daemon.ctl("stop", "slow").stdout == "slow: stopped\n"  # at once: not queued
+
+
+# --- logs ---------------------------------------------------------------------------------
+
+
+def test_the_ring_keeps_the_last_records_clipped_and_pages_with_a_cursor() -> None:
+    """The ring is bounded, clips fields, filters by module and pages forward from a cursor."""
+    ring = LogRing(size=50)
+    for n in range(80):
+        ring.keep({"event": "e", "level": "info", "module": "a" if n % 2 else "b", "n": n,
+                   "timestamp": "x", "filename": "f.py"})  # fmt: skip
+    assert len(ring.records) == 50
+    assert ring.records[0]["n"] == 30
+    assert "timestamp" not in ring.records[0]
+    assert "filename" not in ring.records[0]
+    last, cursor, more = ring.query(None, 3, None)
+    assert [r["n"] for r in last] == [77, 78, 79]
+    assert (cursor, more) == (80, False)
+    odd, cursor, more = ring.query("a", 4, None)
+    assert [r["n"] for r in odd] == [73, 75, 77, 79]
+    page, cursor, more = ring.query("b", 2, 60)
+    assert [r["n"] for r in page] == [60, 62]
+    assert more
+    page, cursor, more = ring.query("b", 100, cursor)
+    assert [r["n"] for r in page] == list(range(64, 80, 2))
+    assert not more
+    assert ring.query(None, 5, ring.seq) == ([], ring.seq, False)
+    assert ring.query(None, 0, None)[0] == []
+    ring.keep({"event": "big", "text": "x" * 10_000, "exc_info": ValueError("boom"),
+               **{f"f{i}": i for i in range(100)}})  # fmt: skip
+    big = ring.records[-1]
+    assert len(big["text"]) == FIELD_CHARS
+    assert big["exception"].startswith("ValueError: boom")
+    assert len(big) <= FIELDS + 2
+    # Records far larger than one reply: a reply is cut to fit, and says more follow.
+    for _ in range(50):
+        ring.keep({f"f{i}": "y" * 600 for i in range(40)})
+    full, cursor, more = ring.query(None, 50, None)
+    assert 0 < len(full) < 50
+    assert more
+    assert len(msgspec.msgpack.encode(log_reply(p.Logs(lines=50), ring))) < p.MAX_PAYLOAD
+
+
+@pytest.mark.timeout(120)
+def test_logs_from_the_ring_with_module_n_and_follow(start_daemon: Start, tmp_path: Path) -> None:
+    """`logs [MODULE] [-n N] [--follow]` outside systemd: the daemon's own recent records."""
+    daemon = start_daemon(write_config(tmp_path))
+    records = [json.loads(x) for x in daemon.ctl("--json", "logs", "-n", "5").stdout.splitlines()]
+    assert len(records) == 5
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+    assert all({"time", "level", "event"} <= set(r) for r in records)
+    assert daemon.ctl("restart", "echo").returncode == 0
+    echo = [json.loads(x) for x in daemon.ctl("logs", "echo", "--json", "-n", "all")
+            .stdout.splitlines()]  # fmt: skip
+    assert {r["module"] for r in echo} == {"echo"}
+    assert "module.restart_asked" in [r["event"] for r in echo]
+    assert "worker.ready" in [r["event"] for r in echo]
+    table = daemon.ctl("logs", "echo", "-n", "2").stdout.splitlines()
+    assert len(table) == 2
+    stamp, level, event = table[-1].split()[:3]
+    assert datetime.datetime.fromisoformat(stamp).utcoffset() is not None
+    assert (level, event) == (echo[-1]["level"], echo[-1]["event"])
+    assert daemon.ctl("logs", "nope", check=False).returncode == 4
+    # Hostile: a client's name of 60 000 characters is logged, but kept clipped.
+    huge = "h" * 60_000
+    with BlockingClient(daemon.socket, name=huge):
+        pass
+    named = [json.loads(x) for x in daemon.ctl("--json", "logs", "-n", "all").stdout.splitlines()
+             if '"client.connected"' in x]  # fmt: skip
+    assert any(r["client"] == "h" * (FIELD_CHARS - 1) + "\u2026" for r in named)
+    follower = Follower(daemon, "logs", "echo", "--follow", "-n", "0", "--json")
+    time.sleep(1.0)  # its first look at the ring is done: what follows is new
+    assert daemon.ctl("restart", "echo").returncode == 0
+    follower.wait_line(lambda line: json.loads(line)["event"] == "worker.ready")
+    assert {json.loads(line)["module"] for line in follower.lines} == {"echo"}
+    status, stderr = follower.end(signal.SIGINT)
+    assert status == 0, stderr
+
+
+@needs_setpriv
+@pytest.mark.timeout(120)
+def test_only_admins_may_read_the_logs(
+    start_daemon: Start, shared_dir: Path, daemon_env: dict[str, str]
+) -> None:
+    """LOGS is an admin operation: a user outside the admin groups is refused, saying who may."""
+    config = write_config(shared_dir, '[daemon]\nsocket_group = "nogroup"\n'
+                          '[access]\nadmin_groups = ["adm"]\n')  # fmt: skip
+    env = {**daemon_env, "IPAD_SOCKET": str(shared_dir / "run" / "ipad.sock")}
+    daemon = start_daemon(config, env=env)
+    nogroup, adm = grp.getgrnam("nogroup").gr_gid, grp.getgrnam("adm").gr_gid
+    script = (
+        "import sys\nfrom ipad.client import BlockingClient, IpadError\n"
+        "from ipad.protocol import wire as p\n"
+        "with BlockingClient(sys.argv[1]) as c:\n"
+        "    try:\n        print(len(c.request(p.Logs(lines=3), p.LogRecords).records))\n"
+        "    except IpadError as exc:\n        print(exc.code, exc.message)\n"
+    )
+    for groups, expected in (([], "permission_denied"), ([adm], "3")):
+        child = subprocess.run(
+            [*as_user(NOBODY, nogroup, groups), sys.executable, "-c", script, str(daemon.socket)],
+            capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
+        )  # fmt: skip
+        assert child.returncode == 0, child.stderr
+        assert child.stdout.startswith(expected), child.stdout
+    assert "read the daemon's logs" in daemon.events("access.denied")[-1]["action"]

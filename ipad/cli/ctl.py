@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
-from ipad.cli import ctl_events, ctl_module, ctl_session
+from ipad.cli import ctl_events, ctl_logs, ctl_module, ctl_session
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -92,6 +92,16 @@ DESCRIPTIONS = {
         "object a line, `time` in seconds since the epoch); with --follow, new ones too until "
         "interrupted. Exit status 0 (also when ^C or SIGTERM ends --follow), 1 if the daemon "
         "cannot be reached or goes away, 4 if MODULE is unknown."
+    ),
+    "logs": (
+        "Print the daemon's last N log records (default 10), or only those about MODULE; "
+        "with --follow, new ones too until interrupted. Under systemd (the daemon logs to "
+        "journald) this runs journalctl on the daemon's invocation (and MODULE=), whose exit "
+        "status it returns; elsewhere, or with --ring, the records come from the daemon's "
+        "in-memory ring of the last 1000 (fields clipped), one a line: local time, level, "
+        "event, fields (--json: JSON lines). Admins only. Exit status 0 (also when ^C or "
+        "SIGTERM ends --follow), 1 if refused, unreachable or the daemon goes away, 4 if "
+        "MODULE is unknown."
     ),
     "session": (
         "Request one proxy of MODULE and run the calls read from stdin on it, one a line: "
@@ -185,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("module")
     ctl_session.add_arguments(add("session", "run calls read from stdin on one proxy"))
     ctl_events.add_arguments(add("events", "recent events; --follow for new ones too"), "events")
+    logs = add("logs", "the daemon's recent log records; --follow for new ones too")
+    ctl_events.add_arguments(logs, "log records")
+    ctl_logs.add_arguments(logs)
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
@@ -519,6 +532,7 @@ _COMMANDS = {
     "describe": _describe,
     "events": ctl_events.events,
     "session": ctl_session.session,
+    "logs": ctl_logs.logs,
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,

@@ -94,6 +94,8 @@ class MsgType(enum.IntEnum):
     PROXY_STATE = 20
     DESCRIBE = 21
     DESCRIPTION = 22
+    LOGS = 23
+    LOG_RECORDS = 24
     # any direction: the typed error reply
     ERROR = 15
     # daemon <-> worker (the control channel)
@@ -320,6 +322,32 @@ class ProxyStateReply(Message, frozen=True):
     proxy_id: int
     state: str
     seq: int
+
+
+class Logs(Message, frozen=True):
+    """Ask for the daemon's recent log records from its ring (``ipadctl logs``); admin only."""
+
+    TYPE = MsgType.LOGS
+    #: Only records whose ``module`` field is this one.
+    module: str | None = None
+    #: At most this many records; without ``after``, the last ones (a reply may hold fewer).
+    lines: int = 10
+    #: Records after this cursor (a LOG_RECORDS ``cursor``), oldest first.
+    after: int | None = None
+
+
+class LogRecords(Message, frozen=True):
+    """Reply to Logs: records oldest first, where the next LOGS goes on, where the journal is."""
+
+    TYPE = MsgType.LOG_RECORDS
+    records: tuple[dict[str, Any], ...]
+    #: The ``after`` of the next LOGS: the last record's ``seq``, else the ring's newest.
+    cursor: int
+    #: More matching records follow the cursor already (the reply was full).
+    more: bool = False
+    #: The daemon's records go to journald: ``journalctl`` with ``journal_match`` has them all.
+    journal: bool = False
+    journal_match: tuple[str, ...] = ()
 
 
 class Describe(Message, frozen=True):
@@ -621,7 +649,8 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe, Admin,
-        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description,
+        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description, Logs,
+        LogRecords,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
         Heartbeat, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
@@ -633,12 +662,12 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
 FROM_CLIENT = frozenset(
     {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
      MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE, MsgType.ADMIN,
-     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE}
+     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE, MsgType.LOGS}
 )  # fmt: skip
 FROM_DAEMON = frozenset(
     {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
      MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR,
-     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION}
+     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION, MsgType.LOG_RECORDS}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN,
