@@ -275,6 +275,11 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         """Stopped by the operator, and not started since."""
         return self._halted
 
+    def halt_settled(self) -> bool:
+        """Stopped by the operator, and every proxy's worker and the spare's gone."""
+        cells = [*self._cells.values(), *([self._spare] if self._spare else [])]
+        return self._halted and all(cell.halt_settled() for cell in cells)
+
     def request_stop(self, why: str = "stopped") -> None:
         """Stop for good: every cell ends; finished once every worker is reaped."""
         if self._stopping:

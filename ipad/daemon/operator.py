@@ -50,7 +50,7 @@ async def stop_module(
     supervisor.halt()
 
     def stopped() -> bool:
-        return supervisor.state is WorkerState.STOPPED or supervisor.stop_requested()
+        return supervisor.halt_settled() or supervisor.stop_requested()
 
     await events.wait_until(stopped, supervisor.policy.stop_timeout.seconds + 2 * KILL_WAIT)
     return _result(supervisor)

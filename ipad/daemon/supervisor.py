@@ -373,6 +373,10 @@ class ModuleSupervisor:
         """Stopped by the operator, and not started since."""
         return self.machine.halted
 
+    def halt_settled(self) -> bool:
+        """Stopped by the operator and every worker of it gone."""
+        return self.machine.halted and not self.machine.halting
+
     async def stop(self, why: str = "stopped") -> None:
         """Stop for good and wait until every worker of the module is gone.
 
