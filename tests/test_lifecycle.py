@@ -606,6 +606,19 @@ def test_restart_starts_a_halted_module_and_stop_finishes_it() -> None:
     assert state(w) is WorkerState.STOPPED
 
 
+def test_a_halt_and_resume_before_the_start_leave_the_start_to_start() -> None:
+    """Halted and resumed before its supervisor began (a reload's window): Start starts it once."""
+    w = world()
+    w.feed(Halt())
+    assert (state(w), w.m.reason) == (WorkerState.STOPPED, HALT_REASON)
+    w.feed(Resume())
+    assert not any(w.launching.values())  # nothing launched before the supervisor runs
+    w.feed(Start())
+    assert w.launching[False]
+    w.ready(w.launched())
+    assert state(w) is WorkerState.RUNNING
+
+
 def test_resume_of_a_module_in_cooldown_starts_it_now() -> None:
     """`start` of a module waiting out a cooldown or backoff starts it at once."""
     w = _reach("cooldown")

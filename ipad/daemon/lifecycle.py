@@ -362,6 +362,7 @@ class Lifecycle(Generic[W]):
         "_out",
         "active",
         "active_ready",
+        "begun",
         "code_refused",
         "ending",
         "finished",
@@ -421,6 +422,8 @@ class Lifecycle(Generic[W]):
         #: A Halt's workers are still ending: once they are gone it is stopped (or, resumed
         #: meanwhile, starts).
         self.halting = False
+        #: Start came (the supervisor runs): before it, a Resume only lifts the halt.
+        self.begun = False
         self.starts = 0
         self._out: list[Effect] = []
 
@@ -619,6 +622,7 @@ class Lifecycle(Generic[W]):
     # --- the answers, by event --------------------------------------------------------
 
     def _on_start(self, _: Start) -> None:
+        self.begun = True
         if not self.stopping and not self.halted:  # a supervisor runs once: stopped is for good
             self._start()
 
@@ -851,7 +855,7 @@ class Lifecycle(Generic[W]):
         self.tracker.reset()
         self.code_refused = False
         self.standby_failures = 0
-        if not self.halting:
+        if not self.halting and self.begun:  # not begun: its Start starts it
             self._start()
 
     def _on_allow_standby(self, _: AllowStandby) -> None:
