@@ -17,6 +17,7 @@ from ipad.config.duration import Duration
 from ipad.config.model import RestartMode, RestartPolicy
 from ipad.daemon.backoff import RestartTracker
 from ipad.daemon.lifecycle import (
+    HALT_REASON,
     TABLE,
     AllowStandby,
     CancelLaunch,
@@ -28,6 +29,7 @@ from ipad.daemon.lifecycle import (
     ExitStatus,
     FillStandby,
     Finished,
+    Halt,
     Hung,
     Invalidate,
     KillWorker,
@@ -42,6 +44,7 @@ from ipad.daemon.lifecycle import (
     Ready,
     RecordCrash,
     Restart,
+    Resume,
     SetState,
     Start,
     StartTimer,
@@ -59,7 +62,7 @@ KILLED = ExitStatus(signal=9)
 CLEAN = ExitStatus(code=0)
 
 EVENT_KINDS = [Start, Launched, LaunchFailed, Ready, LoadFailed, Exited, Hung, TimerFired,
-               Restart, Stop, AllowStandby]  # fmt: skip
+               Restart, Stop, AllowStandby, Halt, Resume]  # fmt: skip
 
 
 def policy(**changes: Any) -> RestartPolicy:
@@ -118,6 +121,7 @@ class World:
         match effect:
             case LaunchWorker(standby=standby):
                 assert not self.m.stop_why, "launched while stopping"
+                assert not self.m.halted, "launched while stopped by the operator"
                 assert not self.launching.get(standby), "two launches of one kind at once"
                 self.launching[standby] = True
             case CancelLaunch():
@@ -250,7 +254,7 @@ def world(**changes: Any) -> World:
 
 
 #: How to reach each state from a new machine (``standby``: with a loaded standby too).
-def _reach(where: str) -> World:  # noqa: PLR0912 - one arm per state
+def _reach(where: str) -> World:  # noqa: PLR0912, PLR0915 - one arm per state
     """A new machine brought to the state named ``where``."""
     w = world(max_failures=2, restart=RestartMode.ON_FAILURE)
     match where:
@@ -296,12 +300,23 @@ def _reach(where: str) -> World:  # noqa: PLR0912 - one arm per state
             w.running()
             w.feed(Stop())
             w.drain()
+        case "halting":
+            w.running(standby=True)
+            w.feed(Halt())
+        case "halted":
+            w.running(standby=True)
+            w.feed(Halt())
+            w.drain()
+        case "resuming":
+            w.running(standby=True)
+            w.feed(Halt())
+            w.feed(Resume())
     return w
 
 
 STATES = ["stopped", "starting-launching", "starting-loading", "running",
           "running-standby-loading", "running-standby", "exited", "backoff", "cooldown",
-          "failed", "stopping", "stopped-finished"]  # fmt: skip
+          "failed", "stopping", "stopped-finished", "halting", "halted", "resuming"]  # fmt: skip
 
 
 def _events_for(w: World) -> list[tuple[str, Callable[[], object]]]:
@@ -312,6 +327,8 @@ def _events_for(w: World) -> list[tuple[str, Callable[[], object]]]:
         ("restart", lambda: w.feed(Restart())),
         ("stop", lambda: w.feed(Stop("stopped"))),
         ("allow-standby", lambda: w.feed(AllowStandby())),
+        ("halt", lambda: w.feed(Halt())),
+        ("resume", lambda: w.feed(Resume())),
         ("timer-restart", lambda: w.fire(Timer.RESTART)),
         ("timer-stable", lambda: w.fire(Timer.STABLE)),
     ]
@@ -564,6 +581,108 @@ def test_stable_runs_notify_once_per_run() -> None:
     assert w.logged("module.stable")
 
 
+@pytest.mark.parametrize("where", STATES)
+def test_halt_then_resume_in_every_state_ends_running_or_stopped(where: str) -> None:
+    """From each state, a halt stops every worker (STOPPED, no launch); a resume runs it again.
+
+    Unless it was stopping for good: then it stays stopped and finishes.
+    """
+    w = _reach(where)
+    stopping = w.m.stopping
+    w.feed(Halt())
+    w.drain()
+    assert not w.alive
+    assert state(w) is WorkerState.STOPPED, where
+    assert not any(w.launching.values())
+    assert Timer.RESTART not in w.timers
+    if not stopping:
+        assert w.m.reason == HALT_REASON
+        assert w.m.halted
+    w.feed(TimerFired(Timer.RESTART))  # a stale timer starts nothing
+    w.feed(Start())
+    assert not any(w.launching.values())
+    w.feed(Resume())
+    if stopping:  # stopping for good: nothing starts again
+        assert not any(w.launching.values())
+        return
+    assert state(w) is WorkerState.STARTING  # halted before its Start too: the resume starts it
+    w.ready(w.launched())
+    assert state(w) is WorkerState.RUNNING
+    w.feed(Stop())
+    w.drain()
+    assert finished(w) == 1
+
+
+def test_halt_invalidates_with_the_operators_reason_and_does_not_restart() -> None:
+    """A halted module's proxies read "stopped by operator"; the exit counts as no failure."""
+    w = world(restart=RestartMode.ALWAYS)
+    active = w.running(standby=True)
+    w.feed(Halt())
+    assert state(w) is WorkerState.STOPPING
+    w.exit(active, ExitStatus(signal=15))
+    assert w.invalidated == [(active, "module awb stopped by operator (signal SIGTERM)")]
+    assert state(w) is WorkerState.STOPPING  # its standby still to go
+    w.drain()
+    assert w.states[-1] == (WorkerState.STOPPED, HALT_REASON)
+    assert not any(w.launching.values())
+    assert w.m.tracker.consecutive == 0
+    assert w.logged("module.stop_requested")
+
+
+def test_resume_while_the_halt_still_ends_workers_starts_once_they_are_gone() -> None:
+    """Started again before its workers ended, the module starts the moment the last one goes."""
+    w = world()
+    active = w.running(standby=True)
+    standby = w.m.standby
+    w.feed(Halt())
+    w.feed(Resume())
+    assert not any(w.launching.values())  # no second worker beside the ending one
+    w.exit(active)
+    assert not any(w.launching.values())
+    assert standby is not None
+    w.exit(standby, CLEAN)
+    assert state(w) is WorkerState.STARTING
+    assert w.launching[False]
+    assert WorkerState.STOPPED not in w.states_named()[-3:]
+
+
+def test_restart_starts_a_halted_module_and_stop_finishes_it() -> None:
+    """`restart` of a halted module starts it (as systemctl's); a daemon stop finishes a halt."""
+    w = world()
+    w.running()
+    w.feed(Halt())
+    w.drain()
+    w.feed(Restart())
+    assert state(w) is WorkerState.STARTING
+    w.ready(w.launched())
+    w.feed(Halt())
+    w.feed(Stop())  # the daemon stops while the halt ends the worker
+    w.drain()
+    assert finished(w) == 1
+    assert state(w) is WorkerState.STOPPED
+
+
+def test_a_halt_and_resume_before_the_start_leave_the_start_to_start() -> None:
+    """Halted and resumed before its supervisor began (a reload's window): Start starts it once."""
+    w = world()
+    w.feed(Halt())
+    assert (state(w), w.m.reason) == (WorkerState.STOPPED, HALT_REASON)
+    w.feed(Resume())
+    assert not any(w.launching.values())  # nothing launched before the supervisor runs
+    w.feed(Start())
+    assert w.launching[False]
+    w.ready(w.launched())
+    assert state(w) is WorkerState.RUNNING
+
+
+def test_resume_of_a_module_in_cooldown_starts_it_now() -> None:
+    """`start` of a module waiting out a cooldown or backoff starts it at once."""
+    w = _reach("cooldown")
+    w.feed(Resume())
+    assert state(w) is WorkerState.STARTING
+    assert Timer.RESTART not in w.timers
+
+
 # --- random interleavings -----------------------------------------------------------------
 
 
@@ -625,6 +744,16 @@ class LifecycleModel(RuleBasedStateMachine):
         self.w.feed(Restart())
 
     @rule()
+    def operator_halts(self) -> None:
+        """``ipadctl stop MODULE``."""
+        self.w.feed(Halt())
+
+    @rule()
+    def operator_resumes(self) -> None:
+        """``ipadctl start MODULE``."""
+        self.w.feed(Resume())
+
+    @rule()
     def standbys_allowed(self) -> None:
         """The daemon allows standbys."""
         self.w.feed(AllowStandby())
@@ -651,8 +780,11 @@ class LifecycleModel(RuleBasedStateMachine):
             assert m.active in self.w.watched or m.active in m.ending
         if m.state in (WorkerState.BACKOFF, WorkerState.COOLDOWN):
             assert Timer.RESTART in self.w.timers
-        if m.stop_why is not None:
+        if m.stop_why is not None or m.halted:
             assert all(worker in self.w.ended for worker in self.w.alive)
+        if m.halted and not m.halting and not m.stopping:
+            assert m.state is WorkerState.STOPPED
+            assert not self.w.alive
         assert self.w.finished <= 1
 
     def teardown(self) -> None:

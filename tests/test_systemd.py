@@ -460,3 +460,28 @@ def test_admin_operations_are_for_group_ipad_admin(service: Service) -> None:
     code, output = ipadctl(f"{ipad},{admin}", "restart", "echo")
     assert code == 0, output
     assert service.is_active() == "active"
+
+
+def test_ipadctl_logs_reads_the_journal_and_stop_start_work_under_systemd(
+    service: Service,
+) -> None:
+    """`ipadctl logs MODULE` runs journalctl on the daemon's invocation; --ring reads its ring."""
+    since = time.time()
+    ipadctl = "/opt/ipad/venv/bin/ipadctl"
+    assert service.ns.run(ipadctl, "stop", "echo").stdout == "echo: stopped\n"
+    assert service.ns.run(ipadctl, "status", "echo", check=False).returncode == 3
+    assert service.ns.run(ipadctl, "start", "echo").stdout == "echo: running\n"
+    service.wait_entry("IPAD_EVENT=module.start_asked", "MODULE=echo", since=since)
+    result = service.ns.run(ipadctl, "--json", "logs", "echo", "-n", "all")
+    entries = [json.loads(line) for line in result.stdout.splitlines()]
+    invocation = service.ns.show(UNIT, "InvocationID")
+    assert {e["MODULE"] for e in entries} == {"echo"}
+    assert {e["_SYSTEMD_INVOCATION_ID"] for e in entries} == {invocation}
+    events = [e["IPAD_EVENT"] for e in entries]
+    assert events.index("module.stop_asked") < events.index("module.start_asked")
+    three = service.ns.run(ipadctl, "--json", "logs", "echo", "-n", "3").stdout.splitlines()
+    assert [json.loads(line)["__CURSOR"] for line in three] == [e["__CURSOR"] for e in entries[-3:]]
+    ring = service.ns.run(ipadctl, "--json", "logs", "echo", "--ring", "-n", "all")
+    records = [json.loads(line) for line in ring.stdout.splitlines()]
+    assert {r["module"] for r in records} == {"echo"}
+    assert "module.start_asked" in [r["event"] for r in records]

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
-from ipad.cli import ctl_crashes
+from ipad.cli import ctl_crashes, ctl_events, ctl_logs, ctl_module, ctl_session
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -53,12 +53,13 @@ DESCRIPTIONS = {
     ),
     "describe": (
         "Print a module's methods (parameters, result types, docs) and types. "
-        "Exit status 0, or 1 on an error (unknown module, daemon unreachable)."
+        "Exit status 0, 4 if MODULE is unknown, or 1 on another error (no description yet, "
+        "daemon unreachable)."
     ),
     "call": (
         "Request a proxy of MODULE, call METHOD once with ARGS (a JSON object) and print "
         "the result (JSON unless it is a string). Exit status 0, 1 if the call or the daemon "
-        "failed, 2 if the arguments are not usable."
+        "failed, 2 if the arguments are not usable, 4 if MODULE is unknown."
     ),
     "restart": (
         "Restart a module's worker now, ending any backoff or cooldown, and wait for the new "
@@ -71,12 +72,44 @@ DESCRIPTIONS = {
         "(its problems are printed)."
     ),
     "stop": (
-        "Ask the daemon to stop gracefully; prints 'stopping'. "
-        "Exit status 0, or 1 if the daemon cannot be reached."
+        "Without MODULE, ask the daemon to stop gracefully; prints 'stopping'. With MODULE, "
+        "stop that module's workers until 'ipadctl start MODULE' (or restart): it shows as "
+        "stopped, 'stopped by operator', its proxies turn invalid with that reason and calls "
+        "on them fail at once; a reload keeps it stopped, a daemon restart starts it. Prints "
+        "'MODULE: STATE' once its workers are gone. Exit status 0, 1 if it did not stop or "
+        "the daemon cannot be reached, 4 if MODULE is unknown."
+    ),
+    "start": (
+        "Start a module stopped with 'ipadctl stop MODULE' (its proxies recover by "
+        "themselves), or one waiting out a backoff or cooldown, and wait for the start's "
+        "result; prints 'MODULE: STATE'. A running module is left as it is. Exit status 0 if "
+        "it runs, 1 if it did not start (the failure is printed) or on another error, 4 if "
+        "MODULE is unknown."
     ),
     "events": (
-        "Print the daemon's recent events, one a line; with --follow, new ones too until "
-        "interrupted. Exit status 0, or 1 if the daemon cannot be reached."
+        "Print the daemon's last N kept events (default 10), or only MODULE's, one a line: "
+        "local time (ISO 8601), seq, kind:module and the other fields (--json: one JSON "
+        "object a line, `time` in seconds since the epoch); with --follow, new ones too until "
+        "interrupted. Exit status 0 (also when ^C or SIGTERM ends --follow), 1 if the daemon "
+        "cannot be reached or goes away, 4 if MODULE is unknown."
+    ),
+    "logs": (
+        "Print the daemon's last N log records (default 10), or only those about MODULE; "
+        "with --follow, new ones too until interrupted. Under systemd (the daemon logs to "
+        "journald) this runs journalctl on the daemon's invocation (and MODULE=), whose exit "
+        "status it returns; elsewhere, or with --ring, the records come from the daemon's "
+        "in-memory ring of the last 1000 (fields clipped), one a line: local time, level, "
+        "event, fields (--json: JSON lines). Admins only. Exit status 0 (also when ^C or "
+        "SIGTERM ends --follow), 1 if refused, unreachable or the daemon goes away, 4 if "
+        "MODULE is unknown."
+    ),
+    "session": (
+        "Request one proxy of MODULE and run the calls read from stdin on it, one a line: "
+        "'METHOD JSON-OBJECT' (the object may be left out: {}); lines starting with # and "
+        "blank lines are skipped. Prints one result a line (--json: each as one JSON line; "
+        'an error as {"error": ...}). A failing call prints its error and ends the '
+        "session, unless --keep-going. Exit status 0 if every call succeeded, 1 if a call "
+        "failed, 2 if a line is not 'METHOD JSON-OBJECT', 4 if MODULE is unknown."
     ),
     "crashes": ctl_crashes.DESCRIPTION,
     "sign": (
@@ -157,9 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     restart = add("restart", "restart a module's worker now, ending any backoff or cooldown")
     restart.add_argument("module")
     add("reload", "re-read the configuration (like SIGHUP)")
-    add("stop", "stop the daemon gracefully")
-    events = add("events", "recent events; --follow for new ones too")
-    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    stop = add("stop", "stop the daemon gracefully, or only MODULE's workers")
+    stop.add_argument("module", nargs="?", help="stop only this module (until started again)")
+    start = add("start", "start a module stopped with 'stop MODULE'")
+    start.add_argument("module")
+    ctl_session.add_arguments(add("session", "run calls read from stdin on one proxy"))
+    ctl_events.add_arguments(add("events", "recent events; --follow for new ones too"), "events")
+    logs = add("logs", "the daemon's recent log records; --follow for new ones too")
+    ctl_events.add_arguments(logs, "log records")
+    ctl_logs.add_arguments(logs)
     ctl_crashes.add_arguments(add("crashes", "recent worker crashes: reason, method, stack"))
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
@@ -217,6 +256,8 @@ def _online(args: argparse.Namespace) -> int:
         _fail(args, exc.code, str(exc), exc.details)  # str: a module error says where
         for problem in exc.details.get("problems", []) if not args.json else []:
             print(problem, file=sys.stderr)
+        unknown = exc.code == p.ErrorCode.UNKNOWN_MODULE.value  # describe, call...: as status
+        return EXIT_NO_SUCH_MODULE if unknown else EXIT_FAILED
     except UsageError as exc:
         _fail(args, "usage", str(exc))
         return EXIT_USAGE
@@ -226,7 +267,6 @@ def _online(args: argparse.Namespace) -> int:
         # The reader (say, `| head`) left: stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return EXIT_FAILED
 
 
 def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None) -> None:
@@ -387,22 +427,6 @@ def _call(client: BlockingClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _events(client: BlockingClient, args: argparse.Namespace) -> int:
-    client.subscribe(since=0)
-    timeout: float | None = None if args.follow else 0.2
-    while (event := client.next_event(timeout)) is not None:
-        if args.json:
-            print(json.dumps(msgspec.to_builtins(event)), flush=True)
-        else:
-            fields = " ".join(
-                f"{k}={v}"
-                for k, v in msgspec.to_builtins(event).items()
-                if v not in (None, {}) and k not in ("seq", "kind", "module")
-            )
-            print(f"{event.seq:6d} {event.kind}:{event.module} {fields}", flush=True)
-    return 0
-
-
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -410,6 +434,8 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
+    if args.command == "start" or (args.command == "stop" and args.module is not None):
+        return ctl_module.module_command(client, args)
     try:
         result = client.admin(args.command, getattr(args, "module", None), timeout=args.timeout)
     except IpadError as exc:
@@ -506,11 +532,14 @@ _COMMANDS = {
     "modules": _modules,
     "call": _call,
     "describe": _describe,
-    "events": _events,
+    "events": ctl_events.events,
+    "session": ctl_session.session,
+    "logs": ctl_logs.logs,
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,
     "crashes": ctl_crashes.crashes,
+    "start": _admin,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -138,6 +139,7 @@ class EventBus:
             reason=reason,
             worker_pid=worker_pid,
             details=details or {},
+            time=time.time(),
         )
         fields = {"proxy_id": proxy_id, "state": state, "reason": reason, "worker_pid": worker_pid}
         log.info(

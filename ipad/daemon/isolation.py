@@ -29,7 +29,7 @@ import trio
 from ipad.config.check import ModulePlan
 from ipad.config.model import RestartPolicy
 from ipad.config.proxy_kinds import ProxyKind
-from ipad.daemon.lifecycle import Effect, Log, SetState
+from ipad.daemon.lifecycle import HALT_REASON, Effect, Log, SetState
 from ipad.daemon.states import ProxyState, WorkerState
 from ipad.daemon.supervisor import ModuleSupervisor, ModuleUnavailable, Shared
 from ipad.daemon.worker_process import KILL_WAIT, WorkerProcess
@@ -126,8 +126,8 @@ class WorkerCell(ModuleSupervisor):
 class ProxyIsolatedSupervisor(ModuleSupervisor):
     """A module whose every proxy has a worker of its own, plus one loaded spare."""
 
-    __slots__ = ("_cells", "_ending", "_last", "_restarts", "_spare", "_starts_seen",
-                 "_stop_why", "_stopping", "on_stable", "shared")  # fmt: skip
+    __slots__ = ("_cells", "_ending", "_halted", "_last", "_restarts", "_spare",
+                 "_starts_seen", "_stop_why", "_stopping", "on_stable", "shared")  # fmt: skip
 
     def __init__(
         self,
@@ -149,6 +149,8 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         self._spare: WorkerCell | None = None
         self._stopping = False
         self._stop_why = "stopped"
+        #: Stopped by the operator (``ipadctl stop MODULE``) until started again.
+        self._halted = False
         #: The module's published state and reason.
         self._last: tuple[WorkerState, str | None] = (WorkerState.STOPPED, None)
         self._starts_seen = 0
@@ -250,7 +252,10 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         self._nursery = nursery
         if self._stopping:
             return
-        self._set_module_state(WorkerState.STARTING, None)
+        if self._halted:  # a reload replaced a module the operator had stopped: it stays so
+            self._set_module_state(WorkerState.STOPPED, HALT_REASON)
+        else:
+            self._set_module_state(WorkerState.STARTING, None)
         self._new_spare()
 
     def allow_standby(self) -> None:
@@ -260,8 +265,36 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         """``ipadctl restart``: every worker of the module restarts, ending any backoff."""
         if self._stopping:
             return
+        self._halted = False  # a halted one starts (each cell's Restart resumes it)
         for cell in [*self._cells.values(), *([self._spare] if self._spare else [])]:
             cell.restart()
+
+    def halt(self) -> None:
+        """``ipadctl stop MODULE``: every proxy's worker and the spare end; none starts."""
+        if self._stopping or self._halted:
+            return
+        self._halted = True
+        for cell in [*self._cells.values(), *([self._spare] if self._spare else [])]:
+            cell.halt()
+        self._first_state.set()
+
+    def resume(self) -> None:
+        """``ipadctl start MODULE``: the spare and every proxy's worker start again."""
+        if self._stopping:
+            return
+        self._halted = False
+        for cell in [*self._cells.values(), *([self._spare] if self._spare else [])]:
+            cell.resume()
+
+    @property
+    def halted(self) -> bool:
+        """Stopped by the operator, and not started since."""
+        return self._halted
+
+    def halt_settled(self) -> bool:
+        """Stopped by the operator, and every proxy's worker and the spare's gone."""
+        cells = [*self._cells.values(), *([self._spare] if self._spare else [])]
+        return self._halted and all(cell.halt_settled() for cell in cells)
 
     def request_stop(self, why: str = "stopped") -> None:
         """Stop for good: every cell ends; finished once every worker is reaped."""
@@ -338,6 +371,8 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
     def _new_spare(self) -> None:
         assert self._nursery is not None  # noqa: S101 - set by begin()
         cell = self._spare = WorkerCell(self)
+        if self._halted:
+            cell.halt()  # before its Start: it starts on resume
         cell.begin(self._nursery)
 
     def _retire(self, cell: WorkerCell, why: str) -> None:

@@ -200,14 +200,27 @@ class Stop:
 
 
 @attrs.frozen
+class Halt:
+    """``ipadctl stop MODULE``: end its workers and start none until Resume (or Restart)."""
+
+
+@attrs.frozen
+class Resume:
+    """``ipadctl start MODULE``: start a halted module again (or at once, from a wait)."""
+
+
+@attrs.frozen
 class AllowStandby:
     """Every module has started: standbys may be prepared from now on."""
 
 
 Event = (
     Start | Launched[Any] | LaunchFailed | Ready[Any] | LoadFailed[Any] | Exited[Any] | Hung[Any]
-    | TimerFired | Restart | Stop | AllowStandby
+    | TimerFired | Restart | Stop | AllowStandby | Halt | Resume
 )  # fmt: skip
+
+#: The reason of a module the operator stopped (``ipadctl stop MODULE``), and of its proxies.
+HALT_REASON = "stopped by operator"
 
 # --- actions -------------------------------------------------------------------------
 
@@ -388,9 +401,12 @@ class Lifecycle(Generic[W]):
         "active_ready",
         "code",
         "active_ready_at",
+        "begun",
         "code_refused",
         "ending",
         "finished",
+        "halted",
+        "halting",
         "launching",
         "name",
         "policy",
@@ -448,6 +464,13 @@ class Lifecycle(Generic[W]):
         #: When the active worker said READY (or was promoted): how long it served.
         self.active_ready_at: float | None = None
         self.finished = False
+        #: The operator stopped it (Halt): nothing starts until Resume or Restart.
+        self.halted = False
+        #: A Halt's workers are still ending: once they are gone it is stopped (or, resumed
+        #: meanwhile, starts).
+        self.halting = False
+        #: Start came (the supervisor runs): before it, a Resume only lifts the halt.
+        self.begun = False
         self.starts = 0
         self._out: list[Effect] = []
 
@@ -503,6 +526,17 @@ class Lifecycle(Generic[W]):
         return not (self.active is not None or self.standby is not None or self.ending
                     or self.launching or self.standby_launching)  # fmt: skip
 
+    def _settle(self) -> None:
+        """After a worker or launch is gone: finish a stop, or settle a halt, once idle."""
+        self._finish_if_idle()
+        if not self.halting or self.stopping or not self._idle():
+            return
+        self.halting = False
+        if self.halted:
+            self._set(WorkerState.STOPPED, HALT_REASON)
+        else:  # started again while its halt still ended workers
+            self._start()
+
     def _finish_if_idle(self) -> None:
         if self.stopping and not self.finished and self._idle():
             self.finished = True
@@ -514,7 +548,8 @@ class Lifecycle(Generic[W]):
 
     def _want_standby(self) -> bool:
         return (self.policy.standby and self.standby_allowed and not self.stopping
-                and not self.code_refused and not self.standby_waiting
+                and not self.halted and not self.halting and not self.code_refused
+                and not self.standby_waiting
                 and self.state is WorkerState.RUNNING and self.standby is None
                 and not self.standby_launching)  # fmt: skip
 
@@ -626,6 +661,8 @@ class Lifecycle(Generic[W]):
         name, level, failed = "worker.exited", "error", True
         if self.stopping or (ending is not None and ending.why in (Why.STOP, Why.RESTART)):
             asked = self.stop_why if self.stop_why is not None else "restarting"
+            if self.stop_why is None and ending is not None and ending.why is Why.STOP:
+                asked = ending.text or HALT_REASON
             level, failed = "info", False
             if self.active_ready:
                 reason = f"module {self.name} {asked} ({said})"
@@ -662,7 +699,8 @@ class Lifecycle(Generic[W]):
     # --- the answers, by event --------------------------------------------------------
 
     def _on_start(self, _: Start) -> None:
-        if not self.stopping:  # a supervisor runs once: stopped is for good
+        self.begun = True
+        if not self.stopping and not self.halted:  # a supervisor runs once: stopped is for good
             self._start()
 
     def _ignore(self, _: object) -> None:
@@ -672,7 +710,7 @@ class Lifecycle(Generic[W]):
         worker = event.worker
         if event.standby:
             self.standby_launching = False
-            if self.stopping or self.standby is not None:
+            if self.stopping or self.halting or self.standby is not None:
                 self.ending[worker] = _Ending(Why.RETIRED)
                 self._emit(StopWorker(worker))
             else:
@@ -680,7 +718,7 @@ class Lifecycle(Generic[W]):
             return
         self.launching = False
         if self.stopping or self.state is not WorkerState.STARTING or self.active is not None:
-            self.ending[worker] = _Ending(Why.STOP, self.stop_why or "")
+            self.ending[worker] = _Ending(Why.STOP, self.stop_why or HALT_REASON)
             self._emit(StopWorker(worker))
             return
         self.active = worker
@@ -688,13 +726,13 @@ class Lifecycle(Generic[W]):
     def _on_launch_failed(self, event: LaunchFailed) -> None:
         if event.standby:
             self.standby_launching = False
-            if not self.stopping:
+            if not self.stopping and not self.halting:
                 self._log("warning", "worker.standby_failed", error=event.reason)
-            self._finish_if_idle()
+            self._settle()
             return
         self.launching = False
-        if self.stopping:
-            self._finish_if_idle()
+        if self.stopping or self.halting:
+            self._settle()
             return
         if self.state is not WorkerState.STARTING or self.active is not None:
             return  # a launch abandoned by a restart: the new start runs already
@@ -734,15 +772,15 @@ class Lifecycle(Generic[W]):
         ending = self.ending.pop(worker, None)
         if worker is self.standby:
             self.standby, self.standby_ready = None, False
-            if ending is None and not self.stopping:
+            if ending is None and not self.stopping and not self.halting:
                 self._emit(RecordCrash(worker, _crash_kind(event, None), "standby exited with "
                                        f"{event.status.describe()}"))  # fmt: skip
                 self._standby_failed(worker)
             self._maybe_standby()
-            self._finish_if_idle()
+            self._settle()
             return
         if worker is not self.active:
-            self._finish_if_idle()  # one the machine was ending already (a retired standby)
+            self._settle()  # one the machine was ending already (a retired standby)
             return
         self.active = None
         if ending is None:
@@ -758,6 +796,11 @@ class Lifecycle(Generic[W]):
             self._finish_if_idle()
             if not self.finished:  # a standby still to go: it is still stopping
                 self._set(WorkerState.STOPPING, "stopping")
+            return
+        if self.halting:  # the operator stopped it: no restart
+            if not self._idle():  # a standby still to go
+                self._set(WorkerState.STOPPING, "stopping")
+            self._settle()
             return
         self._after_end(reason, failure, requested=requested,
                         refused=ending is not None and ending.final,
@@ -801,6 +844,11 @@ class Lifecycle(Generic[W]):
     def _on_restart(self, _: Restart) -> None:
         if self.stopping:
             return  # stopping for good: nothing starts again
+        if self.halted or self.halting:  # stopped by the operator: a restart starts it
+            self._on_resume(Resume())
+            return
+        if self.state is WorkerState.STOPPED:
+            return  # not started yet: its Start comes
         self.tracker.reset()
         self.code_refused = False  # the operator asks for another try: standbys too
         self.standby_failures, self.standby_waiting = 0, False
@@ -839,8 +887,63 @@ class Lifecycle(Generic[W]):
             self._end(standby, Why.RETIRED, polite=True)
         if self._idle():
             self._finish_if_idle()
-        else:
+        elif self.state is not WorkerState.STOPPING:  # not halting already
             self._set(WorkerState.STOPPING, "stopping")
+
+    def _on_halt(self, _: Halt) -> None:
+        """The operator stops the module: its workers end, its proxies turn invalid, none starts.
+
+        As a Stop, but not for good: Resume (or Restart) starts it again, and
+        a Stop meanwhile (the daemon stops) takes over.
+        """
+        if self.stopping or self.halted:
+            return
+        self.halted = self.halting = True
+        self._log("info", "module.stop_requested", reason=HALT_REASON)
+        self.standby_waiting = False
+        self._emit(CancelTimer(Timer.RESTART), CancelTimer(Timer.STABLE),
+                   CancelTimer(Timer.STANDBY))  # fmt: skip
+        if self.launching:
+            self._emit(CancelLaunch())
+        if self.standby_launching:
+            self._emit(CancelLaunch(standby=True))
+        running = self.state is WorkerState.RUNNING
+        if self.active is not None:
+            if self.state is WorkerState.STARTING:
+                self._emit(CancelLaunch())  # its LOAD
+            self._end(self.active, Why.STOP, HALT_REASON, polite=running)
+        if self.standby is not None:
+            standby, self.standby, self.standby_ready = self.standby, None, False
+            self._end(standby, Why.RETIRED, polite=True)
+        if not self._idle():
+            if self.state is not WorkerState.STOPPING:
+                self._set(WorkerState.STOPPING, "stopping")
+            return
+        self.halting = False
+        if self.state is WorkerState.STOPPED:  # not started yet: it will not be
+            self.reason = HALT_REASON
+        else:
+            self._set(WorkerState.STOPPED, HALT_REASON)
+
+    def _on_resume(self, _: Resume) -> None:
+        """The operator starts the module: a halted one starts; one waiting starts now.
+
+        Started while its halt still ends workers, it starts once they are gone.
+        """
+        if self.stopping or (self.halting and not self.halted):
+            return  # stopping for good; or started already, once its workers are gone
+        if not self.halted:
+            if self.state in (WorkerState.BACKOFF, WorkerState.COOLDOWN, WorkerState.FAILED,
+                              WorkerState.EXITED):  # fmt: skip
+                self._on_restart(Restart())  # as `systemctl start` of a failed unit
+            return  # running or starting already; or not started yet (its Start comes)
+        self.halted = False
+        self._log("info", "module.start_requested")
+        self.tracker.reset()
+        self.code_refused = False
+        self.standby_failures = 0
+        if not self.halting and self.begun:  # not begun: its Start starts it
+            self._start()
 
     def _on_allow_standby(self, _: AllowStandby) -> None:
         self.standby_allowed = True
@@ -863,6 +966,8 @@ _COMMON: dict[type, _Handler] = {
     Stop: Lifecycle._on_stop,
     AllowStandby: Lifecycle._on_allow_standby,
     Start: Lifecycle._ignore,
+    Halt: Lifecycle._on_halt,
+    Resume: Lifecycle._on_resume,
 }
 
 TABLE: dict[WorkerState, dict[type, _Handler]] = {state: dict(_COMMON) for state in WorkerState}
@@ -870,8 +975,13 @@ TABLE: dict[WorkerState, dict[type, _Handler]] = {state: dict(_COMMON) for state
 TABLE[WorkerState.STOPPED] = {**dict.fromkeys(_COMMON, Lifecycle._ignore),
                               Start: Lifecycle._on_start, Stop: Lifecycle._on_stop,
                               AllowStandby: Lifecycle._on_allow_standby,
+                              # Stopped by the operator: started again by Resume or Restart.
+                              Halt: Lifecycle._on_halt, Resume: Lifecycle._on_resume,
+                              Restart: Lifecycle._on_restart,
                               # A stopped module still hears of the workers it was ending.
                               Exited: Lifecycle._on_exited, Launched: Lifecycle._on_launched,
                               LaunchFailed: Lifecycle._on_launch_failed}  # fmt: skip
-# Stopping: no restart, no second stop; the ends it waits for still come in.
-TABLE[WorkerState.STOPPING] = {**_COMMON, Restart: Lifecycle._ignore, Stop: Lifecycle._ignore}
+# Stopping: the ends it waits for still come in. Stopping for good, a restart or a second
+# stop changes nothing; stopping for the operator (Halt), a Stop takes over and a Restart or
+# Resume has it start once they are in (each handler tells the two apart).
+TABLE[WorkerState.STOPPING] = dict(_COMMON)

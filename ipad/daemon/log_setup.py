@@ -17,6 +17,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from ipad.config.model import LogFormat, LogLevel
 from ipad.daemon.journal import JOURNAL_SOCKET, JournalLogger, journal_message
+from ipad.daemon.log_ring import RING
 
 #: Call-site fields; journald shows them as CODE_FILE, CODE_LINE and CODE_FUNC.
 _CALLSITE = structlog.processors.CallsiteParameterAdder(
@@ -132,8 +133,10 @@ def configure_logging(
             return journal
     else:
         factory = structlog.WriteLoggerFactory(file=out)
+    RING.journal = fmt is LogFormat.JOURNAL
     structlog.configure(
-        processors=[*shared_processors(), *renderers(fmt, out)],
+        # The ring (``ipadctl logs``) keeps a clipped copy of each record, whatever the output.
+        processors=[*shared_processors(), RING, *renderers(fmt, out)],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.value.upper()]
         ),

@@ -43,6 +43,7 @@ from ipad.daemon.heartbeat import Heartbeats
 from ipad.daemon.isolation import ProxyIsolatedSupervisor
 from ipad.daemon.launcher import Launcher
 from ipad.daemon.listener import open_listener
+from ipad.daemon.operator import start_module, stop_module
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Reactor, Timers
 from ipad.daemon.server import AdminError, ClientServer, serve_clients
@@ -580,14 +581,18 @@ class DaemonRuntime:
 
     async def admin(self, command: str, module: str | None) -> dict[str, Any]:
         """Run an operator's command (restart MODULE, reload, stop) on the daemon's behalf."""
-        if command == "stop":
+        if command == "stop" and module is None:
             self.request_stop(requested_by="admin")
             return {"stopping": True}
         if command == "crashes":
             return self.crashes(module)
+        if command == "stop":  # one module: at once, not behind a start or reload under way
+            return await stop_module(self.supervisors, self.events, module)
+        if command == "start":
+            return await start_module(self.supervisors, self.events, module)
         if command not in ("restart", "reload"):
             raise AdminError(p.ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}",
-                             {"commands": ["restart", "reload", "stop", "crashes"]})  # fmt: skip
+                             {"commands": ["restart", "reload", "stop", "start", "crashes"]})  # fmt: skip
         return await self.admin_queue.submit(command, module)
 
     def crashes(self, module: str | None) -> dict[str, Any]:
@@ -632,7 +637,7 @@ class DaemonRuntime:
             started_anew = (
                 supervisor.starts > before and supervisor.state is not WorkerState.STARTING
             )
-            return started_anew or supervisor.stop_requested()
+            return started_anew or supervisor.stop_requested() or supervisor.halted
 
         await self.events.wait_until(settled, policy.stop_timeout.seconds +
                                      policy.start_timeout.seconds)  # fmt: skip
@@ -779,6 +784,8 @@ class DaemonRuntime:
         if self.stop_requested.is_set() or self.supervisors.get(supervisor.name) is not supervisor:
             supervisor.request_stop()  # never to run: it finishes at once
             return
+        if predecessor is not None and predecessor.halted:
+            supervisor.halt()  # the operator stopped it: a reload does not start it
         assert self._supervision is not None  # noqa: S101 - set by run()
         supervisor.begin(self._supervision)
         await supervisor.wait_first_state()

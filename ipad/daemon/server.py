@@ -26,6 +26,7 @@ from ipad.config.model import ClientLimits, RestartPolicy
 from ipad.daemon.bounds import fit_entries
 from ipad.daemon.crashes import CAUSE_WAIT
 from ipad.daemon.events import EventBus, Subscription
+from ipad.daemon.log_ring import log_reply
 from ipad.daemon.proxy_table import ProxyRecord, ProxyTable
 from ipad.daemon.states import ProxyState, WorkerState
 from ipad.daemon.supervisor import ModuleSupervisor, ModuleUnavailable
@@ -286,6 +287,8 @@ class Session:
             await self._describe(frame, message)
         elif isinstance(message, p.ProxyCause):
             await self._proxy_cause(frame, message)
+        elif isinstance(message, p.Logs):
+            await self._logs(frame, message)
 
     async def _reply(
         self, frame: p.Frame, message: p.Message, fds: list[int] | None = None
@@ -659,6 +662,14 @@ class Session:
             await self._error(frame, exc.code, exc.message, exc.details)
             return
         await self._reply(frame, p.AdminDone(result))
+
+    async def _logs(self, frame: p.Frame, message: p.Logs) -> None:
+        """The ring's recent records: admins only (they name peers, paths and pids)."""
+        policy = self.server.policy
+        if not policy.may_admin(self.peer):
+            await self._deny(frame, "read the daemon's logs", policy.admin)
+            return
+        await self._reply(frame, log_reply(message))
 
     async def _release_proxy(self, frame: p.Frame, message: p.ReleaseProxy) -> None:
         record = await self._own_proxy(frame, message.proxy_id)

@@ -25,13 +25,14 @@ class ProxyState(enum.Enum):
 class WorkerState(enum.Enum):
     """A module's worker, as the supervisor runs it (the states of ipad/daemon/lifecycle.py)."""
 
-    #: Not running: not started yet, or stopped for good.
+    #: Not running: not started yet, stopped for good, or stopped by the operator until started.
     STOPPED = "stopped"
     #: A worker is being launched, or was, and its READY is awaited within the start timeout.
     STARTING = "starting"
     #: READY received: instances can be opened.
     RUNNING = "running"
-    #: Being stopped for good: its workers are asked to end, then killed after stop_timeout.
+    #: Being stopped (for good, or by the operator): its workers are asked to end, then
+    #: killed after stop_timeout.
     STOPPING = "stopping"
     #: Exited, crashed or hung; about to be restarted, or (per policy) not restarted.
     EXITED = "exited"
@@ -60,7 +61,10 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
         {WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING}
     ),
     WorkerState.RUNNING: frozenset({WorkerState.EXITED, WorkerState.STOPPING}),
-    WorkerState.STOPPING: frozenset({WorkerState.STOPPED, WorkerState.EXITED}),
+    # STARTING: an operator's start (``ipadctl start``) while its stop still ended workers.
+    WorkerState.STOPPING: frozenset(
+        {WorkerState.STOPPED, WorkerState.EXITED, WorkerState.STARTING}
+    ),
     WorkerState.EXITED: frozenset(
         {
             WorkerState.STARTING,

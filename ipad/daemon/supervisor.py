@@ -58,6 +58,7 @@ from ipad.daemon.lifecycle import (
     ExitStatus,
     FillStandby,
     Finished,
+    Halt,
     Hung,
     Invalidate,
     KillWorker,
@@ -72,6 +73,7 @@ from ipad.daemon.lifecycle import (
     Ready,
     RecordCrash,
     Restart,
+    Resume,
     SetState,
     Start,
     StartTimer,
@@ -433,6 +435,25 @@ class ModuleSupervisor:
     def request_stop(self, why: str = "stopped") -> None:
         """Stop for good; ``why`` goes into the reason its proxies turn invalid with."""
         self.post(Stop(why))
+
+    def halt(self) -> None:
+        """``ipadctl stop MODULE``: its workers end, none starts until ``resume`` or ``restart``."""
+        self.post(Halt())
+        if self.machine.halted:
+            self._first_state.set()  # stopped by the operator is where its start came to
+
+    def resume(self) -> None:
+        """``ipadctl start MODULE``: start it again (or now, from a backoff or cooldown)."""
+        self.post(Resume())
+
+    @property
+    def halted(self) -> bool:
+        """Stopped by the operator, and not started since."""
+        return self.machine.halted
+
+    def halt_settled(self) -> bool:
+        """Stopped by the operator and every worker of it gone."""
+        return self.machine.halted and not self.machine.halting
 
     async def stop(self, why: str = "stopped") -> None:
         """Stop for good and wait until every worker of the module is gone.

@@ -44,8 +44,8 @@ PROTOCOL_VERSION = 1
 #: 0: the revision before minors were negotiated. 1: unknown fields ignored, ``minor``
 #: in HELLO/WELCOME and LOAD/READY. 2: module descriptions (MethodSpec ``params``,
 #: ``result``, ``doc``; ``types``; DESCRIBE/DESCRIPTION) and registered buffers
-#: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``). 3: issue 20's additions
-#: (PROXY_CAUSE/PROXY_CAUSE_REPLY, MODULE_LOG among them).
+#: (MAP_BUFFERS ... BUFFERS_UNMAPPED, CALL ``buffer_args``). 3: operators' and module
+#: authors' additions (PROXY_CAUSE, MODULE_LOG, LOGS, EVENT ``time`` among them).
 PROTOCOL_MINOR = 3
 #: The minor that brought DESCRIBE: a client sends it only to a daemon that agreed to it.
 MINOR_DESCRIBE = 2
@@ -55,6 +55,8 @@ MINOR_REGISTERED_BUFFERS = 2
 MINOR_PROXY_CAUSE = 3
 #: The minor that brought MODULE_LOG: a worker sends it only to a daemon whose LOAD agreed to it.
 MINOR_MODULE_LOG = 3
+#: The minor that brought EVENT's ``time`` and LOGS/LOG_RECORDS (``ipadctl events``, ``logs``).
+MINOR_CTL_LOGS = 3
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 
@@ -99,6 +101,8 @@ class MsgType(enum.IntEnum):
     DESCRIPTION = 22
     PROXY_CAUSE = 25
     PROXY_CAUSE_REPLY = 26
+    LOGS = 23
+    LOG_RECORDS = 24
     # any direction: the typed error reply
     ERROR = 15
     # daemon <-> worker (the control channel)
@@ -258,6 +262,8 @@ class Event(Message, frozen=True):
     reason: str | None = None
     worker_pid: int | None = None
     details: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: When the daemon made it: wall-clock seconds since the epoch (absent from older daemons).
+    time: float | None = None
 
 
 class Status(Message, frozen=True):
@@ -288,7 +294,7 @@ class Modules(Message, frozen=True):
 
 
 class Admin(Message, frozen=True):
-    """An operator's command: ``restart`` a module, ``reload`` the configuration, ``stop``."""
+    """An operator's command: ``restart``, ``stop`` or ``start`` a module, ``reload``, ``stop``."""
 
     TYPE = MsgType.ADMIN
     command: str
@@ -324,6 +330,32 @@ class ProxyStateReply(Message, frozen=True):
     proxy_id: int
     state: str
     seq: int
+
+
+class Logs(Message, frozen=True):
+    """Ask for the daemon's recent log records from its ring (``ipadctl logs``); admin only."""
+
+    TYPE = MsgType.LOGS
+    #: Only records whose ``module`` field is this one.
+    module: str | None = None
+    #: At most this many records; without ``after``, the last ones (a reply may hold fewer).
+    lines: int = 10
+    #: Records after this cursor (a LOG_RECORDS ``cursor``), oldest first.
+    after: int | None = None
+
+
+class LogRecords(Message, frozen=True):
+    """Reply to Logs: records oldest first, where the next LOGS goes on, where the journal is."""
+
+    TYPE = MsgType.LOG_RECORDS
+    records: tuple[dict[str, Any], ...]
+    #: The ``after`` of the next LOGS: the last record's ``seq``, else the ring's newest.
+    cursor: int
+    #: More matching records follow the cursor already (the reply was full).
+    more: bool = False
+    #: The daemon's records go to journald: ``journalctl`` with ``journal_match`` has them all.
+    journal: bool = False
+    journal_match: tuple[str, ...] = ()
 
 
 class Describe(Message, frozen=True):
@@ -667,7 +699,8 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, RequestProxy, ProxyGranted, ReleaseProxy, Released, Subscribe, Admin,
-        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description,
+        AdminDone, ReopenProxy, ProxyReady, ProxyStateReply, Describe, Description, Logs,
+        LogRecords,
         Subscribed, Event, Status, StatusReply, ListModules, Modules, Goodbye, Error, Load,
         Ready, OpenInstance, InstanceOpened, Ping, Pong, Shutdown, CloseInstance, InstanceClosed,
         Heartbeat, ModuleLog, Spawn, Spawned, Preload, Call, Result, ModuleEvent,
@@ -680,12 +713,14 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
 FROM_CLIENT = frozenset(
     {MsgType.HELLO, MsgType.REQUEST_PROXY, MsgType.RELEASE_PROXY, MsgType.SUBSCRIBE,
      MsgType.STATUS, MsgType.LIST_MODULES, MsgType.GOODBYE, MsgType.ADMIN,
-     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE, MsgType.PROXY_CAUSE}
+     MsgType.REOPEN_PROXY, MsgType.PROXY_READY, MsgType.DESCRIBE, MsgType.PROXY_CAUSE,
+     MsgType.LOGS}
 )  # fmt: skip
 FROM_DAEMON = frozenset(
     {MsgType.WELCOME, MsgType.PROXY_GRANTED, MsgType.RELEASED, MsgType.SUBSCRIBED,
      MsgType.EVENT, MsgType.STATUS_REPLY, MsgType.MODULES, MsgType.GOODBYE, MsgType.ERROR,
-     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION, MsgType.PROXY_CAUSE_REPLY}
+     MsgType.ADMIN_DONE, MsgType.PROXY_STATE, MsgType.DESCRIPTION, MsgType.PROXY_CAUSE_REPLY,
+     MsgType.LOG_RECORDS}
 )  # fmt: skip
 TO_WORKER_CONTROL = frozenset(
     {MsgType.LOAD, MsgType.OPEN_INSTANCE, MsgType.CLOSE_INSTANCE, MsgType.PING, MsgType.SHUTDOWN,

@@ -1,0 +1,82 @@
+"""``ipadctl session MODULE``: a sequence of calls on one proxy, read line by line from stdin.
+
+``call`` opens a new proxy each time, so init -> configure -> process could not
+be run from the command line: here one proxy serves every line, as a
+pipeline handler's does. Each line is ``METHOD [JSON-OBJECT]``; ``#`` starts a
+comment line and blank lines are skipped. A failure stops the session (exit 1,
+or 2 for a line that cannot be read) unless ``--keep-going`` is given, as
+``make -k``: then every line runs and the exit status says whether any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TextIO
+
+from ipad.cli.ctl_io import EXIT_FAILED, EXIT_USAGE, fail, json_line
+from ipad.client._blocking import BlockingClient, BlockingProxy
+from ipad.protocol.errors import IpadError
+
+
+class LineError(Exception):
+    """A line that is not ``METHOD [JSON-OBJECT]``; the message says why."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODULE and --keep-going."""
+    parser.add_argument("module")
+    parser.add_argument(
+        "--keep-going", "-k", action="store_true",
+        help="run every line even after a failure (exit status 1 or 2 if any failed)",
+    )  # fmt: skip
+
+
+def parse_line(line: str) -> tuple[str, dict[str, object]] | None:
+    """``(method, args)`` of one line; None for a blank or comment line."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    method, _, rest = text.partition(" ")
+    rest = rest.strip()
+    try:
+        args = json.loads(rest) if rest else {}
+    except json.JSONDecodeError as exc:
+        raise LineError(f"{method}: arguments are not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise LineError(f"{method}: arguments must be a JSON object")
+    return method, args
+
+
+def session(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Run each line of stdin as a call on one proxy of MODULE; print one result a line."""
+    proxy = client.request_proxy(args.module)
+    try:
+        return _run(proxy, args, sys.stdin)
+    finally:
+        proxy.release()
+
+
+def _run(proxy: BlockingProxy, args: argparse.Namespace, lines: TextIO) -> int:
+    status = 0
+    for number, line in enumerate(lines, 1):
+        try:
+            parsed = parse_line(line)
+            if parsed is None:
+                continue
+            method, call_args = parsed
+            result = proxy.call(method, call_args, timeout=args.timeout)
+        except LineError as exc:
+            fail(args.json, "usage", f"line {number}: {exc}")
+            status = status or EXIT_USAGE
+        except IpadError as exc:
+            fail(args.json, exc.code, f"line {number}: {method}: {exc.message}", exc.details)
+            status = status or EXIT_FAILED
+        else:
+            text = result if isinstance(result, str) and not args.json else json_line(result)
+            print(text, flush=True)
+            continue
+        if not args.keep_going:
+            break
+    return status
