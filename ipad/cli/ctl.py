@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
+from ipad.cli import ctl_metrics
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -90,6 +91,7 @@ DESCRIPTIONS = {
         "Make an Ed25519 key pair for signing modules (no daemon needed). "
         "Exit status 0, or 1 if the files cannot be written."
     ),
+    "metrics": ctl_metrics.DESCRIPTION,
 }
 
 #: The global options' values when given nowhere (they are SUPPRESSed in the parsers, so a
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("stop", "stop the daemon gracefully")
     events = add("events", "recent events; --follow for new ones too")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ctl_metrics.add_parser(add)
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
@@ -507,6 +510,7 @@ _COMMANDS = {
     "restart": _admin,
     "reload": _admin,
     "stop": _admin,
+    "metrics": ctl_metrics.metrics,
 }
 
 

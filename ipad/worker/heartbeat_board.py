@@ -29,6 +29,8 @@ import mmap
 import os
 import sys
 
+from ipad.worker.call_stats import STATS_OFFSET, STATS_SIZE
+
 #: The board's size: two unsigned 64-bit counters, beats and module code entered or left.
 BOARD_SIZE = 16
 #: Where the beat counter ends: the rest is the call counter.
@@ -39,10 +41,13 @@ MAX_BEAT_WAIT = 86400.0
 
 
 def new_board() -> int:
-    """A fresh board (a memfd holding a zero counter), for one worker's LOAD."""
+    """A fresh board (a memfd holding a zero counter), for one worker's LOAD.
+
+    Its second page holds the worker's call statistics (ipad/worker/call_stats.py).
+    """
     fd = os.memfd_create("ipad-heartbeat", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, BOARD_SIZE)
+        os.ftruncate(fd, STATS_OFFSET + STATS_SIZE)
     except BaseException:
         os.close(fd)
         raise
