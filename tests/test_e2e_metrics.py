@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from ipad.client import IpadError
+from ipad.client import BlockingClient, IpadError
 from tests.client_drivers import Connect, Start, connect
 from tests.daemon_process import TEST_MODULES, WAIT, DaemonProcess, wait_until, write_config
 
@@ -127,6 +127,71 @@ def test_sigkilled_worker_counts_a_restart_and_keeps_its_calls(
     daemon.ctl("restart", "statsliar")
     assert of(metrics(daemon), "ipad_module_restarts_total", module="statsliar",
               reason="operator") == 1  # fmt: skip
+
+
+def test_a_hung_call_counts_a_hung_restart(start_daemon: Start, tmp_path: Path) -> None:
+    """A call past call_timeout: the worker is killed as hung, restarts{reason="hung"} +1."""
+    path = write_config(
+        tmp_path,
+        f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+        modules='[modules.statsliar]\n[modules.statsliar.restart]\ncall_timeout = "300ms"\n',
+    )
+    daemon = start_daemon(path)
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("statsliar")
+        pid = daemon.worker_pids()["statsliar"]
+        with pytest.raises(IpadError):
+            proxy.call("nap", {"seconds": 5.0}, timeout=3.0)
+        wait_until(lambda: daemon.worker_pids().get("statsliar") not in (None, pid))
+    found = metrics(daemon)
+    assert of(found, "ipad_module_restarts_total", module="statsliar", reason="hung") == 1
+    assert of(found, "ipad_module_restarts_total", module="statsliar", reason="signal") == 0
+    # The hung call never answered: no call is counted for it.
+    assert of(found, "ipad_module_calls_total", module="statsliar") == 0
+
+
+def test_per_proxy_workers_add_up_and_reload_keeps_totals(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Per-proxy workers' calls add up; a reload that restarts the module keeps the totals."""
+    modules = '[modules.statsliar]\nisolation = "proxy"\n'
+    path = write_config(tmp_path, f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+                        modules=modules)  # fmt: skip
+    daemon = start_daemon(path)
+    with BlockingClient(daemon.socket) as client:
+        first, second = client.request_proxy("statsliar"), client.request_proxy("statsliar")
+        for _ in range(4):
+            first.call("ping", timeout=WAIT)
+        for _ in range(6):
+            second.call("ping", timeout=WAIT)
+        second.release()  # its worker ends: its calls are read from its board as it goes
+        assert of(metrics(daemon), "ipad_module_calls_total", module="statsliar") == 10
+        # Changed settings: the reload stops this supervisor and starts a new one.
+        path.write_text(path.read_text().replace(modules, "[modules.statsliar]\n"))
+        assert "statsliar" in daemon.ctl("reload").stdout
+        fresh = client.request_proxy("statsliar")
+        fresh.call("ping", wait=WAIT, timeout=WAIT)
+    found = metrics(daemon)
+    assert of(found, "ipad_module_calls_total", module="statsliar") == 11
+    assert of(found, "ipad_module_restarts_total", module="statsliar", reason="signal") == 0
+
+
+SANDBOXED = """
+[modules.statsliar]
+proxy = "sandboxed"
+"""
+
+
+def test_a_sandboxed_worker_counts_its_calls(start_daemon: Start, tmp_path: Path) -> None:
+    """Under the sandbox (seccomp, namespaces) the worker maps and writes its statistics too."""
+    path = write_config(tmp_path, f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n',
+                        modules=SANDBOXED)  # fmt: skip
+    daemon = start_daemon(path)
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("statsliar")
+        for _ in range(3):
+            proxy.call("ping", timeout=WAIT)
+    assert of(metrics(daemon), "ipad_module_calls_total", module="statsliar") == 3
 
 
 def test_a_lying_module_cannot_corrupt_the_metrics(
