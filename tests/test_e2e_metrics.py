@@ -288,6 +288,18 @@ def test_metrics_file_reload_and_write_errors(start_daemon: Start, tmp_path: Pat
     )
 
 
+def test_ipadctl_metrics_options_and_exit_statuses(start_daemon: Start, tmp_path: Path) -> None:
+    """--json wraps the text; an unknown module exits 4 and names the known ones."""
+    daemon = start_daemon(config(tmp_path))
+    reply = json.loads(daemon.ctl("metrics", "--json").stdout)
+    assert reply["format"] == "openmetrics"
+    assert samples(reply["text"])
+    unknown = daemon.ctl("metrics", "nosuch", check=False)
+    assert unknown.returncode == 4
+    assert "no module 'nosuch'; modules: echo, statsliar" in unknown.stderr
+    assert "OpenMetrics" in daemon.ctl("metrics", "--help").stdout
+
+
 def test_metrics_file_must_be_absolute(tmp_path: Path) -> None:
     """A relative metrics_file is refused, naming the key and the file."""
     from ipad.config.loader import load_config  # noqa: PLC0415

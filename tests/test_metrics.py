@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
@@ -33,7 +34,7 @@ from ipad.daemon.metrics import (
     families,
     render,
 )
-from ipad.daemon.metrics_file import write_atomically
+from ipad.daemon.metrics_file import MetricsFile, write_atomically
 from ipad.daemon.states import WorkerState
 from ipad.worker.call_stats import SLOTS, STATS_OFFSET, STATS_SIZE, CallStats
 from ipad.worker.heartbeat_board import new_board
@@ -274,3 +275,19 @@ def test_a_failed_write_leaves_no_temporary(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError):
         write_atomically(target, "text\n")
     assert [p.name for p in tmp_path.iterdir()] == ["ipad.prom"]
+
+
+async def test_failed_writes_are_logged_rate_limited(tmp_path: Path) -> None:
+    """Every failed write is counted, one is logged per interval, none raises."""
+    missing = tmp_path / "nowhere" / "ipad.prom"
+    writer = MetricsFile(lambda: (missing, 1.0), lambda: "text\n")
+    with structlog.testing.capture_logs() as records:
+        for _ in range(5):
+            assert not await writer.write(missing)
+    assert writer.failures == 5
+    failed = [r for r in records if r["event"] == "metrics.write_failed"]
+    assert len(failed) == 1
+    assert failed[0]["path"] == str(missing)
+    missing.parent.mkdir()
+    assert await writer.write(missing)
+    assert missing.read_text() == "text\n"
