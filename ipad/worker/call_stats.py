@@ -14,6 +14,7 @@ module imports nothing of trio: the worker side uses it.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 
@@ -70,11 +71,7 @@ class CallStats:
         """
         slots = self._slots
         slots[SUM_SLOT] = (slots[SUM_SLOT] + max(nanoseconds, 0)) & _MASK
-        index = BUCKET_SLOT
-        for bound in _BOUNDS_NS:
-            if nanoseconds <= bound:
-                break
-            index += 1
+        index = BUCKET_SLOT + bisect.bisect_left(_BOUNDS_NS, nanoseconds)  # first bound >= it
         slots[index] = (slots[index] + 1) & _MASK
         if error is not None:
             slot = ERROR_SLOT + _ERROR_SLOT.get(error, len(ERROR_CODES))
