@@ -76,7 +76,8 @@ class MetricsFile:
         """Write the metrics to ``path`` now; False (logged, rate-limited) if that failed."""
         text = self.render()
         try:
-            await trio.to_thread.run_sync(write_atomically, path, text)
+            # Abandoned if cancelled: a write stuck on a dead file system never holds up a stop.
+            await trio.to_thread.run_sync(write_atomically, path, text, abandon_on_cancel=True)
         except OSError as exc:
             self.failures += 1
             self._log_failure(path, exc)
