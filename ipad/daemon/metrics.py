@@ -20,6 +20,9 @@ The text is the OpenMetrics text format (``ipadctl metrics``) or the
 Prometheus text format 0.0.4 (``daemon.metrics_file``, for node_exporter's
 textfile collector, which parses only that): the same samples; 0.0.4 names a
 counter's family with its ``_total`` suffix, has no ``# UNIT`` and no ``# EOF``.
+The text is written here, not with prometheus_client: its registry would keep a
+second copy of totals the daemon keeps anyway, and the exposition is a hundred
+lines; the tests parse every text with prometheus_client's own parsers.
 """
 
 from __future__ import annotations
