@@ -204,3 +204,22 @@ def test_ipadctl_as_a_user_without_admin(daemon: DaemonProcess) -> None:
     assert daemon.proc.poll() is None
     assert json.loads(daemon.ctl("--json", "status").stdout)["daemon"]["pid"] == daemon.proc.pid
     assert os.geteuid() == 0  # root itself may: the fixture's teardown does not need it
+
+
+def test_ipadctl_metrics_is_for_admins(daemon: DaemonProcess) -> None:
+    """`ipadctl metrics`: refused to a user outside the admin groups (counted), given to one in."""
+
+    def metrics(groups: list[int]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*as_user(NOBODY, gid("nogroup"), groups), sys.executable, "-m", "ipad.cli.ctl",
+             "--socket", str(daemon.socket), "metrics"],
+            capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
+        )  # fmt: skip
+
+    denied = metrics([])
+    assert denied.returncode == 1
+    assert "may not use the admin operation 'metrics'" in denied.stderr
+    allowed = metrics([gid("adm")])
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.endswith("# EOF\n")
+    assert 'ipad_refusals_total{reason="permission_denied"} 1\n' in allowed.stdout

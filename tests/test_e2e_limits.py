@@ -64,6 +64,8 @@ def test_a_connection_flood_past_the_limit(
         for sock in [*served, *flood]:
             sock.close()
         wait_until(lambda: good.status().daemon["clients"] == 1)
+        metrics = daemon.ctl("metrics").stdout  # counted by reason (ipad/daemon/metrics.py)
+        assert 'ipad_refusals_total{reason="max_connections"} 40\n' in metrics
         with BlockingClient(daemon.socket) as again:  # served again once others have left
             assert again.status().daemon["clients"] == 2
         wait_until(lambda: open_fds(daemon.proc.pid) == baseline, timeout=10)
@@ -157,6 +159,10 @@ def test_a_slow_reader_is_cut_off_without_holding_up_anyone(
         assert gone["reason"] == cut["reason"]
         assert busy.request_proxy("echo").call("count") == 1
         assert bystander.status().daemon["clients"] == 2
+        # Counted: the 16 it left unread and the one that did not fit, and the cut-off.
+        metrics = daemon.ctl("metrics").stdout
+        assert "ipad_event_subscribers_cut_off_total 1\n" in metrics
+        assert "ipad_events_dropped_total 17\n" in metrics
 
 
 def test_requests_in_flight_past_the_limit(

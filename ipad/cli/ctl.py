@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ipad._version import __version__
-from ipad.cli import ctl_crashes, ctl_events, ctl_logs, ctl_module, ctl_session
+from ipad.cli import ctl_crashes, ctl_events, ctl_logs, ctl_metrics, ctl_module, ctl_session
 from ipad.client._blocking import BlockingClient
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
@@ -125,6 +125,7 @@ DESCRIPTIONS = {
         "Make an Ed25519 key pair for signing modules (no daemon needed). "
         "Exit status 0, or 1 if the files cannot be written."
     ),
+    "metrics": ctl_metrics.DESCRIPTION,
 }
 
 #: The global options' values when given nowhere (they are SUPPRESSed in the parsers, so a
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_events.add_arguments(logs, "log records")
     ctl_logs.add_arguments(logs)
     ctl_crashes.add_arguments(add("crashes", "recent worker crashes: reason, method, stack"))
+    ctl_metrics.add_parser(add)
     sign = add("sign", "sign the modules of a directory (no daemon needed)")
     sign.add_argument("path", type=Path, help="a module directory, or one manifest")
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
@@ -540,6 +542,7 @@ _COMMANDS = {
     "stop": _admin,
     "crashes": ctl_crashes.crashes,
     "start": _admin,
+    "metrics": ctl_metrics.metrics,
 }
 
 

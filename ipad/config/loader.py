@@ -103,6 +103,16 @@ def _check_daemon(daemon: DaemonSettings, path: Path) -> Iterator[Problem]:
         if not directory.is_absolute():
             key = join_key("daemon.tuning_dirs", index)
             yield Problem(path, key, f"{str(directory)!r} is relative", "an absolute path")
+    if daemon.metrics_file is not None and not daemon.metrics_file.is_absolute():
+        yield Problem(path, "daemon.metrics_file", f"{str(daemon.metrics_file)!r} is relative",
+                      "an absolute path (node_exporter's textfile directory)")  # fmt: skip
+    if daemon.metrics_interval.seconds < MIN_METRICS_INTERVAL:
+        yield Problem(path, "daemon.metrics_interval", f"{daemon.metrics_interval} is too short",
+                      f"a duration of at least {MIN_METRICS_INTERVAL:g}s")  # fmt: skip
+
+
+#: The shortest ``daemon.metrics_interval``: each write reads every worker's board.
+MIN_METRICS_INTERVAL = 1.0
 
 
 #: The smallest message size limit that still lets every request through.

@@ -79,6 +79,10 @@ class DaemonSettings:
     tuning_dirs: tuple[Path, ...] = ()
     #: The group the daemon gives the socket it creates (mode 0660); None keeps its own.
     socket_group: str | None = None
+    #: A file the metrics are written to for node_exporter's textfile collector (None: none).
+    metrics_file: Path | None = None
+    #: How often ``metrics_file`` is written.
+    metrics_interval: Duration = Duration(15.0)
 
 
 @attrs.frozen

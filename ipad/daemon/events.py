@@ -79,6 +79,9 @@ class EventBus:
         self.history: collections.deque[p.Event] = collections.deque(maxlen=HISTORY)
         #: Set (and replaced) by every publish: what ``wait_until`` sleeps on.
         self._changed = trio.Event()
+        #: Events never sent to a subscriber cut off for overflow, and such subscribers (metrics).
+        self.dropped = 0
+        self.cut_off = 0
 
     def since(self, seq: int) -> list[p.Event]:
         """The kept events after ``seq``, oldest first."""
@@ -154,6 +157,8 @@ class EventBus:
         changed.set()
         for sub in list(self._subscribers):
             if not sub.put(event):
+                self.dropped += len(sub.queue) + 1  # its unsent queue and this one
+                self.cut_off += 1
                 sub.overflowed = True
                 self.unsubscribe(sub)
                 sub.cut_off.cancel()

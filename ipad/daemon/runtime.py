@@ -44,6 +44,8 @@ from ipad.daemon.isolation import ProxyIsolatedSupervisor
 from ipad.daemon.launcher import Launcher
 from ipad.daemon.listener import open_listener
 from ipad.daemon.operator import start_module, stop_module
+from ipad.daemon.metrics import DaemonFacts, families, render
+from ipad.daemon.metrics_file import MetricsFile
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Reactor, Timers
 from ipad.daemon.server import AdminError, ClientServer, serve_clients
@@ -57,6 +59,9 @@ from ipad.protocol import wire as p
 
 log = structlog.get_logger("ipad")
 
+
+#: Room left in an ADMIN_DONE for what wraps the metrics text.
+METRICS_REPLY_MARGIN = 1024
 
 #: ``[daemon]`` keys a reload cannot apply: the socket is bound, the fork server chosen.
 AT_RESTART_ONLY = ("socket", "socket_group", "forkserver")
@@ -399,6 +404,9 @@ class DaemonRuntime:
         )
         self.clients.limits = checked.config.clients
         self.clients.policy = checked.access.policy
+        #: ``daemon.metrics_file``'s writer, which reads the settings in force at each write.
+        self.metrics_file = MetricsFile(self._metrics_settings,
+                                        lambda: self.metrics_text(openmetrics=False))  # fmt: skip
         for group in checked.access.missing_defaults:
             log.info("access.default_group_missing", group=group,
                      reason="no such group: it grants nothing (access.admin_groups)")  # fmt: skip
@@ -426,6 +434,30 @@ class DaemonRuntime:
             "workers_spawned": self.launcher.spawns,
             "cgroup": str(self.cgroups.base) if self.cgroups else None,
         }
+
+    def metrics_text(self, *, openmetrics: bool = True, module: str | None = None) -> str:
+        """Every metric (or the daemon's and one module's) as text (ipad/daemon/metrics.py)."""
+        supervisors = self.supervisors if module is None else {module: self.supervisors[module]}
+        facts = DaemonFacts(len(self.clients.sessions), self.clients.refusals,
+                            self.events.dropped, self.events.cut_off)  # fmt: skip
+        found = families(supervisors, self.shared.metrics, facts, trio.current_time())
+        return render(found, openmetrics=openmetrics)
+
+    def _metrics_settings(self) -> tuple[Path | None, float]:
+        daemon = self.checked.config.daemon
+        return daemon.metrics_file, daemon.metrics_interval.seconds
+
+    def _metrics_reply(self, module: str | None) -> dict[str, Any]:
+        """ADMIN ``metrics``: the OpenMetrics text, if it fits one reply."""
+        if module is not None and module not in self.supervisors:
+            known = ", ".join(sorted(self.supervisors)) or "none"
+            raise AdminError(p.ErrorCode.UNKNOWN_MODULE, f"no module {module!r}; modules: {known}")
+        text = self.metrics_text(module=module)
+        if len(text.encode()) > p.MAX_PAYLOAD - METRICS_REPLY_MARGIN:
+            raise AdminError(p.ErrorCode.LIMIT_EXCEEDED,
+                             "the metrics do not fit one reply: name a module, or read "
+                             "daemon.metrics_file", {"bytes": len(text.encode())})  # fmt: skip
+        return {"format": "openmetrics", "text": text}
 
     def summary(self) -> str:
         """The module and proxy counts systemd shows as the service's status."""
@@ -502,6 +534,7 @@ class DaemonRuntime:
                 if not self.stop_requested.is_set():
                     await supervision.start(self.admin_queue.run)
                     await self._started(task_status)
+                    supervision.start_soon(self.metrics_file.run)  # every module in it
                     await self.stop_requested.wait()
                 await self._shutdown(clients)
                 supervision.cancel_scope.cancel()
@@ -586,13 +619,15 @@ class DaemonRuntime:
             return {"stopping": True}
         if command == "crashes":
             return self.crashes(module)
+        if command == "metrics":  # read-only: not queued behind a reload
+            return self._metrics_reply(module)
         if command == "stop":  # one module: at once, not behind a start or reload under way
             return await stop_module(self.supervisors, self.events, module)
         if command == "start":
             return await start_module(self.supervisors, self.events, module)
         if command not in ("restart", "reload"):
             raise AdminError(p.ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}",
-                             {"commands": ["restart", "reload", "stop", "start", "crashes"]})  # fmt: skip
+                             {"commands": ["restart", "reload", "stop", "start", "crashes", "metrics"]})  # fmt: skip
         return await self.admin_queue.submit(command, module)
 
     def crashes(self, module: str | None) -> dict[str, Any]:
@@ -749,6 +784,7 @@ class DaemonRuntime:
         self.clients.limits = plan.new.config.clients
         self.clients.policy = plan.new.access.policy
         self.checked = plan.new
+        self.metrics_file.reconfigure()
         predecessors: dict[str, ModuleSupervisor] = {}
         for name, why in [*((n, REMOVED) for n in plan.removed),
                           *((n, CHANGED) for n in plan.changed)]:  # fmt: skip

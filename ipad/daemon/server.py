@@ -27,6 +27,7 @@ from ipad.daemon.bounds import fit_entries
 from ipad.daemon.crashes import CAUSE_WAIT
 from ipad.daemon.events import EventBus, Subscription
 from ipad.daemon.log_ring import log_reply
+from ipad.daemon.metrics import refusal_reason
 from ipad.daemon.proxy_table import ProxyRecord, ProxyTable
 from ipad.daemon.states import ProxyState, WorkerState
 from ipad.daemon.supervisor import ModuleSupervisor, ModuleUnavailable
@@ -106,6 +107,8 @@ class ClientServer:
         self.connections: collections.Counter[int] = collections.Counter()
         #: Connections refused for a limit since the start, and their log's rate limit.
         self.refused = 0
+        #: Refusals of connections and requests by reason, for metrics (ipad/daemon/metrics.py).
+        self.refusals: collections.Counter[str] = collections.Counter()
         self.refusal_log = RateLimit(ABUSE_LOG_INTERVAL, ABUSE_LOG_BURST)
 
     async def revoke_denied(self) -> None:
@@ -342,6 +345,7 @@ class Session:
         """Refuse a request the access policy does not allow, saying who may."""
         who = self.server.policy.who(rule)
         peer = self.peer
+        self.server.refusals["permission_denied"] += 1
         self._abuse("access.denied", action=action, peer_gid=peer.gid,
                     peer_groups=sorted(peer.groups)[:32], allowed=who, **fields)  # fmt: skip
         message = f"permission denied: uid {peer.uid} may not {action} (allowed: {who})"
@@ -349,6 +353,7 @@ class Session:
         await self._reply(frame, p.Error(p.ErrorCode.PERMISSION_DENIED, message, details))
 
     async def _limit_exceeded(self, frame: p.Frame, limit: str, value: int, message: str) -> None:
+        self.server.refusals[refusal_reason(limit)] += 1
         self._abuse("client.limit_exceeded", limit=limit, value=value)
         await self._reply(frame, p.Error(p.ErrorCode.LIMIT_EXCEEDED, f"{message} ({value})",
                                          {"limit": limit, "value": value}))  # fmt: skip
@@ -820,6 +825,8 @@ async def serve_clients(
 def _refuse(server: ClientServer, sock: socket.socket, peer: Peer, reason: str) -> None:
     """Tell a connection past a limit why, without waiting on it, and close it."""
     server.refused += 1
+    per_user = "(clients.max_connections_per_user)" in reason
+    server.refusals["max_connections_per_user" if per_user else "max_connections"] += 1
     allowed, ended = server.refusal_log.allow(trio.current_time())
     if allowed:
         log.warning("client.refused", peer_pid=peer.pid, peer_uid=peer.uid, reason=reason,

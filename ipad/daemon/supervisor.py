@@ -87,6 +87,7 @@ from ipad.daemon.lifecycle import (
 )
 from ipad.daemon.log_setup import CALLSITE
 from ipad.daemon.modlog import daemon_log_level
+from ipad.daemon.metrics import MetricsRegistry, restart_reason
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Flag, TimerHandle, Timers
 from ipad.daemon.sandbox_status import measures
@@ -145,6 +146,8 @@ class Shared:
     standbys: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(STANDBY_LAUNCHES)
     )
+    #: Every module's metrics, kept across supervisors (ipad/daemon/metrics.py).
+    metrics: MetricsRegistry = attrs.field(factory=MetricsRegistry)
 
 
 class ModuleSupervisor:
@@ -153,6 +156,7 @@ class ModuleSupervisor:
     __slots__ = (
         "_balancing",
         "_code_error",
+        "_down_since",
         "_finished",
         "_first_state",
         "_handling",
@@ -178,6 +182,7 @@ class ModuleSupervisor:
         "last_failure",
         "launcher",
         "machine",
+        "metrics",
         "name",
         "plan",
         "policy",
@@ -254,6 +259,9 @@ class ModuleSupervisor:
         self.crashes: CrashRing | None = None
         #: What exited workers left on their boards, until their crash is recorded (a few).
         self._last_words: dict[WorkerProcess, LastWords | None] | None = None
+        self.metrics = shared.metrics.module(plan.name)
+        #: When the worker last ended for a restart, until one runs again (its recovery time).
+        self._down_since: float | None = None
 
     # --- what the rest of the daemon reads --------------------------------------------
 
@@ -495,14 +503,28 @@ class ModuleSupervisor:
         try:
             while self._queue:
                 current = self._queue.pop(0)
+                self._count_restart(current)
                 for effect in self.machine.handle(current, trio.current_time()):
                     self._carry_out(effect)
         finally:
             self._handling = False
 
+    def _count_restart(self, event: Event) -> None:
+        """Count a restart by reason, and when the module went down (ipad/daemon/metrics.py)."""
+        if isinstance(event, Stop):
+            self._down_since = None
+        reason = restart_reason(self.machine, event)
+        if reason is not None:
+            self.metrics.restarts[reason] += 1
+            if self._down_since is None:
+                self._down_since = trio.current_time()
+
     def _carry_out(self, effect: Effect) -> None:  # noqa: PLR0912 - one arm per action
         match effect:
             case SetState():
+                if effect.state is WorkerState.RUNNING and self._down_since is not None:
+                    self.metrics.recovered(trio.current_time() - self._down_since)
+                    self._down_since = None
                 self._publish(effect)
             case Log(level=level, event=event, fields=fields, worker=worker, origin=origin):
                 extra: dict[str, object] = {CALLSITE: origin}
@@ -521,6 +543,7 @@ class ModuleSupervisor:
                 self._last_code = (worker.code_id,)
                 self._job(self._promote, worker)
             case Watch(worker=worker):
+                self.metrics.track(worker, trio.current_time())
                 policy = self.policy
                 self.heartbeats.watch(worker, policy.heartbeat_interval.seconds,
                                       policy.heartbeat_timeout.seconds, self._hung,
@@ -846,6 +869,7 @@ class ModuleSupervisor:
         have recovered (at most ``STANDBY_DEFER`` later): in the same scheduler
         pass as their new channels it would hold them up.
         """
+        self.metrics.retire(worker, trio.current_time())  # before its board is closed
         worker.close()
         v1_memory = worker.memory_cgroup if worker.memory_cgroup != worker.cgroup else None
         cgroup, worker.cgroup = worker.cgroup, None

@@ -25,7 +25,8 @@ as no beat). This module imports nothing of trio: the worker side uses it.
 The board also outlives its worker, which makes it the crash report's
 channel (docs/operations.md, "Crash reports"). After the counters the worker
 keeps a *claim*: the module code it runs (method, instance, since when), one
-``pack_into`` per call, no system call. From ``DUMP_OFFSET`` on, Python's
+``pack_into`` per call, no system call. The second page holds the worker's
+call statistics (ipad/worker/call_stats.py). From ``DUMP_OFFSET`` on, Python's
 faulthandler writes the stacks on a fatal signal, and on SIGUSR1 when the
 daemon is about to kill it as hung. The memfd is sealed against growth, so
 what a worker writes there is bounded; the daemon reads it with pread once
@@ -43,6 +44,8 @@ import struct
 import sys
 import time
 
+from ipad.worker.call_stats import STATS_OFFSET, STATS_SIZE
+
 #: The board's size: two unsigned 64-bit counters, beats and module code entered or left.
 BOARD_SIZE = 16
 #: Where the beat counter ends: the rest is the call counter.
@@ -56,8 +59,9 @@ CLAIM_END = 256
 #: Claim flag: faulthandler dumps the stacks here on SIGUSR1 (the daemon may ask before a kill).
 DUMPS_ON_SIGUSR1 = 1
 #: Where faulthandler's stack dumps start, and how much of them the board holds.
-DUMP_OFFSET = 4096
+DUMP_OFFSET = STATS_OFFSET + mmap.PAGESIZE  # after the call statistics' page (call_stats.py)
 DUMP_SIZE = 64 * 1024
+assert STATS_SIZE <= mmap.PAGESIZE, "the call statistics outgrew their page"
 #: The whole memfd: its size is sealed, so no worker writes past it.
 FILE_SIZE = DUMP_OFFSET + DUMP_SIZE
 #: A claimed ``since`` older than this (or in the future) is not believed.

@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import tomllib
 import traceback
 import typing
@@ -41,6 +42,7 @@ from ipad.ipa import (
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import CONTROL_FD, recv_packet, send_packet
 from ipad.worker.buffers import InstanceBuffers, RegisteredBuffer
+from ipad.worker.call_stats import CallStats
 from ipad.worker.describe import Signature, describe
 from ipad.worker.heartbeat_board import CLAIM_END, CLAIM_TEXT, Beater
 from ipad.worker.heartbeat_board import Beater
@@ -291,6 +293,8 @@ class WorkerHost:
         self.beater: Beater | None = None
         #: The module's log records and exceptions, to the daemon (ipad/worker/modlog.py).
         self.modlog = LogSender(control)
+        #: Counts calls, latency and errors on the board's second page (ipad/worker/call_stats.py).
+        self.stats: CallStats | None = None
 
     def serve(self) -> int:
         """Run until the daemon says SHUTDOWN or goes away; return the exit status."""
@@ -357,6 +361,7 @@ class WorkerHost:
             if board is not None and load.heartbeat_interval > 0 and self.loaded is None:
                 self.beater = Beater(board, load.heartbeat_interval)
                 enable_crash_dumps(self.beater, board)
+                self.stats = CallStats.attach(board)
         except (OSError, ValueError) as exc:  # not a board we can map: answer PINGs instead
             log("worker.heartbeat_board_unusable", module=load.module, error=repr(exc))
         finally:
@@ -466,7 +471,11 @@ class WorkerHost:
             reply = instance.buffers.unmap(message)
         else:
             assert isinstance(message, p.Call)  # noqa: S101 - decode allowed nothing else
+            started = time.monotonic_ns()
             reply = self._call(instance, message, frame.fds)
+            if self.stats is not None:
+                code = reply.code if isinstance(reply, p.Error) else None
+                self.stats.record(time.monotonic_ns() - started, code)
         if frame.request_id:  # id 0: run, answer nothing, errors included (docs/protocol.md)
             self._reply(instance, reply, frame.request_id)
 
