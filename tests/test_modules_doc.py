@@ -16,10 +16,14 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import attrs
 import pytest
+
+from ipad.client import BlockingClient, make_buffer
+from tests.daemon_process import DaemonProcess, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "modules.md"
@@ -146,3 +150,33 @@ def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
     )  # fmt: skip
     assert re.search(r"\b\d+ passed\b", output), output
     assert not re.search(r"\b(failed|error|skipped)\b", output.splitlines()[-1]), output
+
+
+def test_the_tutorial_module_runs_sandboxed_under_a_real_daemon(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess], daemon_env: dict[str, str]
+) -> None:
+    """The af module, as docs/modules.md ships it, is served by a daemon in a sandbox."""
+    project = tmp_path / "project"
+    project.mkdir()
+    write_project(project, blocks(DOC.read_text()))
+    for path in [tmp_path, *project.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the sandboxed worker is nobody
+    modules = project / "af"
+    config = write_config(
+        tmp_path,
+        f'[daemon]\nmodule_dirs = ["{modules}"]\n',
+        modules='[modules.af]\nproxy = "sandboxed"\ntuning = "uncalibrated.toml"\n',
+    )
+    env = {**daemon_env, "IPAD_CONFIG_PATH": str(modules / "tuning")}
+    daemon = start_daemon(config, env=env)
+    daemon.wait_for("worker.ready", lambda r: r.get("module") == "af")
+    with BlockingClient(daemon.socket) as client:
+        af = client.request_proxy("af")
+        assert af.info.module_version == "0.1.0"
+        af.call("configure", {"lens": {"min_position": 0, "max_position": 1000}})
+        fd = make_buffer(bytes([0, 255] * 16))
+        try:
+            result = af.call("process_stats", {"frame": 1}, fds={"stats": fd})
+        finally:
+            os.close(fd)
+        assert (result.lens_position, result.converged) == (64, False)
