@@ -15,6 +15,7 @@ from ipad.client import (
     BadArguments,
     ModuleError,
     Record,
+    Registered,
     TimedOut,
     UnknownMethod,
     WorkerCrashed,
@@ -100,6 +101,19 @@ def test_buffers_pass_as_a_client_passes_them(tmp_path: Path) -> None:
         with plain.open("rb") as file, pytest.raises(BadArguments, match="not a memfd") as refused:
             inst.call("checksum", data=file)
         assert refused.value.details["fd_arg"] == "data"
+
+
+def test_registered_buffers_are_mapped_once_and_named_by_id() -> None:
+    """map_buffers/unmap_buffers as a client's: a call names the buffer with Registered(id)."""
+    with ModuleHarness(ECHO) as harness:
+        inst = harness.open()
+        inst.map_buffers({3: b"abcd"})
+        assert inst.call("checksum", data=Registered(3)).size == 4
+        with pytest.raises(BadArguments, match="already registered"):
+            inst.map_buffers({3: b"again"})
+        inst.unmap_buffers([3])
+        with pytest.raises(BadArguments, match="not registered"):
+            inst.call("checksum", data=Registered(3))
 
 
 def test_the_tuning_file_is_found_in_tuning_dirs_and_read(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 from ipad.client._buffers import FdArg, Output, Registered, make_buffer
 from ipad.client._core import build_call
 from ipad.client._describe import Description
+from ipad.client._registry import BufferRegistry
 from ipad.config.manifest import Manifest, load_manifest
 from ipad.config.tuning import CONFIG_PATH_ENV, find_tuning_file
 from ipad.protocol import wire as p
@@ -307,6 +308,8 @@ class ModuleInstance:
         #: Why the worker host closed the instance on its own, if it did.
         self.closed_reason: str | None = None
         self._ids = itertools.count(1)
+        #: The buffers registered with ``map_buffers``, kept as the client keeps them.
+        self._registry = BufferRegistry()
 
     @property
     def events(self) -> list[tuple[str, Any]]:
@@ -318,10 +321,10 @@ class ModuleInstance:
         """Call ``method`` as a client does; its result, or the client's IpadError.
 
         A Buffer parameter takes a descriptor (sealed first, as clients seal it;
-        ``Output(fd)`` for one the module writes), bytes (put into a fresh sealed
-        memfd), or an open file object.
+        ``Output(fd)`` for one the module writes, ``Registered(id)`` for one
+        registered with ``map_buffers``), bytes (put into a fresh sealed memfd),
+        or an open file object.
         """
-        channel = self._channel()
         harness = self.harness
         buffers = _buffer_params(harness, method)
         plain = {k: v for k, v in args.items() if k not in buffers}
@@ -330,16 +333,53 @@ class ModuleInstance:
             fds = {k: _fd_arg(v, made) for k, v in args.items() if k in buffers}
             harness.description.check(harness.name, method, plain, fds)
             message, fd_list = build_call(method, plain, fds)
-            request_id = next(self._ids)
-            try:
-                send_packet(channel, p.encode(message, request_id, len(fd_list)), fd_list)
-            except OSError:
-                raise harness._crashed() from None
+            request_id = self._send(message, fd_list)
         finally:
             p.close_fds(made)
+        reply = self._reply(request_id, method, p.Result)
+        assert isinstance(reply, p.Result)  # noqa: S101 - _reply checked it
+        return harness.description.typed(method, reply.value)
+
+    def map_buffers(self, buffers: Mapping[int, BufferValue]) -> None:
+        """Register buffers by id (MAP_BUFFERS), as a client's ``map_buffers`` does.
+
+        Each value is what a Buffer argument takes (or ``ipad.client.DmaBuf``);
+        calls then name one with ``Registered(id)``.
+        """
+        made: list[int] = []
+        try:
+            given = {i: _fd_arg(v, made) for i, v in buffers.items()}
+            message, fd_list = self._registry.map_message(given)  # type: ignore[arg-type]
+            request_id = self._send(message, fd_list)
+            self._reply(request_id, "map_buffers", p.BuffersMapped)
+            self._registry.mapped(given)  # type: ignore[arg-type]
+        finally:
+            p.close_fds(made)
+
+    def unmap_buffers(self, ids: Iterable[int]) -> None:
+        """Unregister buffers (UNMAP_BUFFERS): the worker unmaps them and closes its copies."""
+        wanted = list(ids)
+        request_id = self._send(self._registry.unmap_message(wanted, ()), [])
+        self._reply(request_id, "unmap_buffers", p.BuffersUnmapped)
+        self._registry.unmapped(wanted)
+
+    def _send(self, message: p.Message, fd_list: list[int]) -> int:
+        """Send a channel request with its descriptors (which stay ours); its request id."""
+        channel = self._channel()
+        request_id = next(self._ids)
+        try:
+            send_packet(channel, p.encode(message, request_id, len(fd_list)), fd_list)
+        except OSError:
+            raise self.harness._crashed() from None
+        return request_id
+
+    def _reply(self, request_id: int, what: str, expected: type[p.Message]) -> p.Message:
+        """The reply to ``request_id``, events before it kept; its error raised as a client's."""
+        harness = self.harness
+        channel = self._channel()
         deadline = time.monotonic() + harness.timeout
         while True:
-            frame = harness._receive(channel, p.FROM_WORKER_CHANNEL, deadline, method)
+            frame = harness._receive(channel, p.FROM_WORKER_CHANNEL, deadline, what)
             if frame is None:
                 if harness._failure is not None:
                     raise harness._crashed()
@@ -352,9 +392,9 @@ class ModuleInstance:
             elif frame.request_id == request_id:
                 if isinstance(reply, p.Error):
                     raise error_from_reply(reply)
-                if not isinstance(reply, p.Result):
-                    raise IpadError(f"expected RESULT, got {reply.TYPE.name}")
-                return harness.description.typed(method, reply.value)
+                if not isinstance(reply, expected):
+                    raise IpadError(f"expected {expected.TYPE.name}, got {reply.TYPE.name}")
+                return reply
 
     def _channel(self) -> socket.socket:
         if self.channel is None:
@@ -407,6 +447,7 @@ class ModuleInstance:
             self._drain()
             self.channel.close()
             self.channel = None
+        self._registry.close()
 
     def __enter__(self) -> ModuleInstance:
         return self
