@@ -28,6 +28,7 @@ under a real daemon (docs/modules.md, "Testing under a real daemon").
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import os
 import socket
@@ -147,6 +148,7 @@ class ModuleHarness:
             raise RuntimeError("the harness is already started")
         self._saved_path = list(sys.path)
         self._saved_modules = set(sys.modules)
+        importlib.invalidate_caches()  # files written since an import are seen, as by a worker
         ours, theirs = sized_socketpair()
         self._control = ours
         self._host = WorkerHost(theirs)
@@ -266,7 +268,7 @@ class ModuleHarness:
         return instance
 
     def close(self) -> None:
-        """Close every instance, SHUTDOWN the host; sys.path and sys.modules as they were."""
+        """Close every instance, SHUTDOWN the host; sys.path as it was, the module unimported."""
         for instance in list(self._instances.values()):
             instance.close()
         if self._control is not None:
@@ -286,10 +288,14 @@ class ModuleHarness:
             self._host.epoll.close()
         self._host = None
         # The module's code goes with the harness, as it goes with its worker: the next
-        # harness imports it afresh (a test that edits it sees the edit).
+        # harness imports it afresh (a test that edits it sees the edit). Only what was
+        # imported from its directory: a dependency such as numpy cannot be imported twice.
         sys.path[:] = self._saved_path
+        own = str(self.module_dir) + os.sep
         for name in set(sys.modules) - self._saved_modules:
-            sys.modules.pop(name, None)
+            origin = getattr(sys.modules.get(name), "__file__", None) or ""
+            if origin.startswith(own):
+                sys.modules.pop(name, None)
         if stuck:
             raise TimedOut(f"{self.name}: the worker host did not stop within {self.timeout:g} s "
                            "(a call that never returns?)")  # fmt: skip
