@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ipa_modules.awb import pack_zones
 
 from ipad.client import (
     BadArguments,
+    Disconnected,
     ModuleError,
     Record,
     Registered,
@@ -260,3 +262,42 @@ def test_a_new_harness_runs_the_module_as_edited(tmp_path: Path) -> None:
         write_file(tmp_path / "mods" / "ipa_edited.py", code.format(value))
         with ModuleHarness(manifest, tuning_dirs=[tmp_path / "tuning"]) as harness:
             assert harness.open().call("value") == value
+
+
+FLOOD = """
+import threading
+
+from ipad.ipa import IPAModule
+
+
+class Flood(IPAModule):
+    def burst(self, count: int) -> int:
+        for n in range(count):
+            self.context.emit("e", n)
+        return count
+
+    def later(self) -> None:
+        threading.Thread(target=self.context.emit, args=("late", 1), daemon=True).start()
+"""
+
+
+def test_events_after_a_call_and_a_flood_of_events(tmp_path: Path) -> None:
+    """An event sent after the call returned is seen; a flood closes the instance, saying why."""
+    manifest = write_file(tmp_path / "mods" / "flood.toml", _manifest("flood", "ipa_flood:Flood"))
+    write_file(tmp_path / "mods" / "ipa_flood.py", FLOOD)
+    write_file(tmp_path / "tuning" / "flood" / "uncalibrated.toml", "")
+    with ModuleHarness(manifest, tuning_dirs=[tmp_path / "tuning"]) as harness:
+        late = harness.open()
+        late.call("later")
+        deadline = time.monotonic() + 10
+        while not late.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert late.events == [("late", 1)]
+        # A worker drops a client that does not keep up with its events (its channel is
+        # full): the harness, which reads them as a client does, is told so.
+        flooded = harness.open()
+        with pytest.raises(Disconnected, match="client does not read its channel"):
+            flooded.call("burst", count=20_000)
+        with pytest.raises(Disconnected, match="client does not read its channel"):
+            flooded.call("later")
+        assert late.call("later") is None  # the other instance is unharmed

@@ -234,7 +234,7 @@ class ModuleHarness:
         return None if received is None else p.decode(*received, allowed=allowed)
 
     def _closed_by_worker(self, closed: p.InstanceClosed) -> None:
-        instance = self._instances.pop(closed.instance_id, None)
+        instance = self._instances.get(closed.instance_id)  # closed (its socket too) with us
         if instance is not None:
             instance.closed_reason = closed.reason
 
@@ -376,7 +376,10 @@ class ModuleInstance:
         try:
             send_packet(channel, p.encode(message, request_id, len(fd_list)), fd_list)
         except OSError:
-            raise self.harness._crashed() from None
+            if self.harness._failure is not None:
+                raise self.harness._crashed() from None
+            raise Disconnected(f"{self.harness.name}: the instance's channel closed"
+                               f" ({self._why_closed()})") from None  # fmt: skip
         return request_id
 
     def _reply(self, request_id: int, what: str, expected: type[p.Message]) -> p.Message:
