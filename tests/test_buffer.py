@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -51,4 +52,24 @@ def test_an_empty_unsealed_memfd_is_still_refused(buffers: list[Buffer]) -> None
     buffers.append(Buffer(fd, "stats"))
     assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == 0
     with pytest.raises(BufferRefused, match="F_SEAL_SHRINK"):
+        buffers[-1].map()
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs", "devnull"])
+def test_an_empty_file_that_is_not_a_memfd_is_refused_clearly(
+    where: str, tmp_path: Path, buffers: list[Buffer]
+) -> None:
+    """An empty regular file (on disk or tmpfs) or a device is BufferRefused, never OSError."""
+    if where == "devnull":
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        base = Path("/dev/shm") if where == "tmpfs" else tmp_path
+        if not base.is_dir():
+            pytest.skip("no /dev/shm here")
+        path = base / f"ipad-empty-{os.getpid()}"
+        path.write_bytes(b"")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        path.unlink()
+    buffers.append(Buffer(fd, "stats"))
+    with pytest.raises(BufferRefused, match="buffer 'stats' cannot be mapped"):
         buffers[-1].map()

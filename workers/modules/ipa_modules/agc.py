@@ -44,8 +44,9 @@ from collections.abc import Sequence
 
 import attrs
 
-from ipa_modules.types import Number, SensorInfo, SensorLimits, read_tuning
+from ipa_modules.types import SensorInfo, SensorLimits
 from ipad.ipa import Buffer, IPAModule, ModuleContext, setup
+from ipad.tuning import Number, read_tuning
 
 #: Size of one histogram bin count: a little-endian uint32.
 BIN_SIZE = 4

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 
 import attrs
 
-from ipa_modules.types import Number, SensorInfo, TuningError, positive_finite, read_tuning
+from ipa_modules.types import SensorInfo, positive_finite
 from ipad.ipa import Buffer, IPAModule, ModuleContext, setup
+from ipad.tuning import Number, TuningError, read_tuning
 
 #: One zone record: r_sum, g_sum, b_sum, pixel_count as little-endian uint32.
 ZONE = struct.Struct("<4I")

@@ -26,8 +26,8 @@ from typing import Any
 
 import attrs
 
-from ipa_modules.types import Text, read_tuning
 from ipad.ipa import Buffer, IPAModule, ModuleContext
+from ipad.tuning import Text, read_tuning
 
 #: The longest ``sleep`` accepted, in seconds.
 MAX_SLEEP = 60.0
