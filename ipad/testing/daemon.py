@@ -242,6 +242,7 @@ class Daemon:
         DaemonStartError, with the daemon's reason and last log lines, if it
         exits, a module's first start fails, or ``start_timeout`` passes.
         """
+        __tracebackhide__ = True  # pytest: the error says it all, not this code
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ipad", "--config", str(self.config),
@@ -260,6 +261,7 @@ class Daemon:
         return self
 
     def _wait_started(self) -> None:
+        __tracebackhide__ = True
         deadline = time.monotonic() + self.start_timeout
         waiting = set(self.modules)
         started = False
@@ -328,6 +330,14 @@ class Daemon:
             stat = _stat(pid)
             if stat is not None:
                 self._started[pid] = stat[1]
+
+    def started_processes(self) -> dict[int, int]:
+        """The processes the daemon's log says it started (workers, fork server): pid -> start time.
+
+        The start time is field 22 of /proc/PID/stat, so a pid used again is told apart.
+        """
+        self._read()
+        return dict(self._started)
 
     def records(self, event: str | None = None) -> list[Record]:
         """Every log record so far (only those named ``event``, if given)."""
@@ -412,6 +422,7 @@ class Daemon:
         log, nothing it started left alive, its cgroups gone. Everything is
         cleaned up before the error is raised.
         """
+        __tracebackhide__ = True
         if self.stopped:
             return
         self.stopped = True
@@ -437,16 +448,19 @@ class Daemon:
         if status is not None:
             if self.killed_on_purpose:
                 return []
-            return [f"it died during the test ({_exit_text(status)})"]
+            return [f"it died during the test or its stop ({_exit_text(status)})"]
         before = _descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         try:
             status = proc.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
             return [f"it had not exited {self.stop_timeout} s after SIGTERM (killed)"]
+        if status < 0 and status != -signal.SIGTERM:
+            # Killed, by someone else, before or while it stopped: the rest follows from it.
+            return [f"it died during the test or its stop ({_exit_text(status)})"]
         problems = []
         if status != 0:
-            problems.append(f"it exited with {_exit_text(status)}, not 0")
+            problems.append(f"it ended with {_exit_text(status)}, not exit status 0")
         if not self.records("daemon.stopped"):
             problems.append("no daemon.stopped in its log")
         left = [f"{pid} ({_comm(pid)})" for pid, start in {**before, **self._started}.items()

@@ -119,10 +119,12 @@ def ipad_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     started: list[Daemon] = []
 
     def start(**options: Any) -> Daemon:
+        __tracebackhide__ = True  # a start failure's message says it all
         options.setdefault("log_dir", tmp_path_factory.mktemp("ipad-daemon"))
         daemon = prepare_daemon(**options)
+        daemon.start()  # cleans up after itself if it fails
         started.append(daemon)
-        return daemon.start()
+        return daemon
 
     yield start
     failures = []
@@ -161,6 +163,7 @@ class ModuleUnderTest:
 @pytest.fixture
 def ipad_module(ipad_daemon: Callable[..., Daemon], ipad_project: IpadProject) -> ModuleUnderTest:
     """The project's module(s) running under a real, private daemon, sandboxed."""
+    __tracebackhide__ = True
     if not ipad_project.modules:
         raise DaemonError(f"no module manifest found in {ipad_project.module_dirs or 'the rootdir'}"
                           ": set the ini option ipad_module_dirs")  # fmt: skip
