@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,57 @@ def test_help_describes_it(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "module package with __version__" in " ".join(out.split())
     assert "2 if NAME is not a valid module name" in " ".join(out.split())
+
+
+#: A fenced block right after ``<!-- file: PATH -->`` is a file of the tutorial project "af".
+FILE_BLOCK = re.compile(r"<!-- file: (?P<path>\S+) -->\n```\w*\n(?P<body>.*?)```", re.S)
+#: A python block without that line is a standalone snippet.
+SNIPPET = re.compile(r"(?<!-->\n)```python\n(?P<body>.*?)```", re.S)
+OURS = ("## Testing under a real daemon", "## Starting from a template")
+
+
+def our_sections() -> str:
+    """The sections of docs/modules.md this part wrote (the rest is tested by its own test)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "modules.md").read_text()
+    sections = re.split(r"(?m)^(?=## )", text)
+    return "".join(s for s in sections if s.startswith(OURS))
+
+
+def test_docs_examples_run_against_a_generated_project(tmp_path: Path) -> None:
+    """The daemon-test file and the snippets of these docs sections pass, on `new-module af`."""
+    project = tmp_path / "project"
+    assert generate("af", project).returncode == 0
+    text = our_sections()
+    files = {m["path"]: m["body"] for m in FILE_BLOCK.finditer(text)}
+    assert list(files) == ["tests/test_af_daemon.py"]
+    (project / "tests" / "test_af_daemon.py").write_text(files["tests/test_af_daemon.py"])
+    snippets = [m["body"] for m in SNIPPET.finditer(text)]
+    assert len(snippets) == 1
+    (project / "tests" / "test_snippet.py").write_text(
+        "def test_snippet() -> None:\n" + textwrap.indent(snippets[0], "    ")
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=60",
+         "tests/test_af_daemon.py", "tests/test_snippet.py"],
+        cwd=project, env=clean_env(), capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 passed" in run.stdout
+
+
+def test_generated_code_type_checks_and_lints(tmp_path: Path) -> None:
+    """The module and its daemon test pass mypy --strict and ruff's default rules, as generated."""
+    project = tmp_path / "project"
+    assert generate("my-af", project).returncode == 0
+    code = ["my-af/ipa_my_af", "tests/test_my_af_daemon.py"]
+    mypy = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *code],
+        cwd=project, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert mypy.returncode == 0, mypy.stdout + mypy.stderr
+    for command in (["check", "--isolated"], ["format", "--isolated", "--check"]):
+        ruff = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "."],
+            cwd=project, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert ruff.returncode == 0, ruff.stdout + ruff.stderr
