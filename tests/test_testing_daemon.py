@@ -34,6 +34,7 @@ from ipad.testing.daemon import (
 )
 from tests import conftest
 from tests.daemon_process import TEST_MODULES
+from tests.privileges import NOBODY, as_user, needs_setpriv, user_install
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -335,3 +336,34 @@ def test_generated_config_is_valid(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     with pytest.raises(ValueError, match="invalid module name 'a/b'"):
         write_config(tmp_path / "bad.toml", module_dirs=[], modules={"a/b": {}})
+
+
+#: run_daemon as another user: the probe module's report and what the daemon started.
+AS_NOBODY = """
+import json, sys
+from ipad.testing.daemon import run_daemon
+
+modules = sys.argv[1]
+with run_daemon(module_dirs=[modules], modules=["probe"], tuning_dirs=[modules + "/tuning"]) as d:
+    report = d.proxy("probe").call("report")
+    status = d.status()["modules"]["probe"]
+    started = d.started_processes()
+print(json.dumps({"uid": report["uid"], "pid": report["pid"], "state": status["state"],
+                  "kind": status["proxy_kind"], "started": started}))
+"""
+
+
+@needs_setpriv
+def test_run_daemon_as_an_unprivileged_user() -> None:
+    """As nobody, the same generated configuration runs a sandboxed module and stops cleanly."""
+    install = user_install()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAD_")}
+    result = subprocess.run(
+        [*as_user(), sys.executable, "-c", AS_NOBODY, str(install.test_modules)],
+        env=env, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = json.loads(result.stdout)
+    assert (out["uid"], out["state"], out["kind"]) == (NOBODY, "running", "sandboxed")
+    assert out["pid"] == 1  # its own PID namespace: the sandbox is in force, not skipped
+    assert all(_start_time(int(pid)) != start for pid, start in out["started"].items())
