@@ -9,6 +9,7 @@ the inner test did (pass, fail, kill or freeze the daemon).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -367,3 +368,32 @@ def test_run_daemon_as_an_unprivileged_user() -> None:
     assert (out["uid"], out["state"], out["kind"]) == (NOBODY, "running", "sandboxed")
     assert out["pid"] == 1  # its own PID namespace: the sandbox is in force, not skipped
     assert all(_start_time(int(pid)) != start for pid, start in out["started"].items())
+
+
+def processes_named(name: str) -> list[int]:
+    """The live processes whose comm is ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == name and _start_time(int(entry.name)):
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("proxy", ["isolated", "sandboxed"])
+def test_escaped_grandchild_is_reaped_after_the_daemon_is_killed(proxy: str) -> None:
+    """A module's grandchild that left its group and session is gone after a SIGKILLed daemon."""
+    marker = f"ipt-esc-{os.getpid() % 100000}"
+    daemon = prepare_daemon(module_dirs=[TEST_MODULES], modules=["hostile"], proxy=proxy,
+                            tuning_dirs=[TEST_MODULES / "tuning"]).start()  # fmt: skip
+    try:
+        escapee = daemon.proxy("hostile").call("escape", {"marker": marker})
+        assert escapee > 0
+        assert processes_named(marker), "the module's grandchild did not start"
+        os.kill(daemon.pid, signal.SIGKILL)
+        with pytest.raises(DaemonStopError, match="killed by SIGKILL"):
+            daemon.stop()
+    finally:
+        daemon.cleanup()
+    assert processes_named(marker) == []
