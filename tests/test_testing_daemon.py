@@ -13,10 +13,12 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,8 @@ import json, os
 def record(daemon):
     """Append the daemon's pid, cgroups and started processes to $$IPAD_TEST_RECORD."""
     cgroups = [r["cgroup"] for r in daemon.records("cgroup.ready")]
-    entry = {"pid": daemon.pid, "started": daemon.started_processes(), "cgroups": cgroups}
+    entry = {"pid": daemon.pid, "started": daemon.started_processes(), "cgroups": cgroups,
+             "runtime_dir": str(daemon.runtime_dir), "test": os.environ["PYTEST_CURRENT_TEST"]}
     with open(os.environ["IPAD_TEST_RECORD"], "a") as out:
         out.write(json.dumps(entry) + "\\n")
 '''
@@ -130,6 +133,8 @@ def assert_nothing_left(entries: list[dict[str, Any]]) -> None:
             assert _start_time(int(pid)) != start, f"process {pid} of daemon {entry['pid']} left"
         for cgroup in entry["cgroups"]:
             assert not Path(cgroup).exists(), f"cgroup {cgroup} left"
+        if "pytest_dies" not in entry["test"]:
+            assert not Path(entry["runtime_dir"]).exists(), "runtime directory left"
 
 
 def outcome(result: subprocess.CompletedProcess[str]) -> str:
@@ -397,3 +402,27 @@ def test_escaped_grandchild_is_reaped_after_the_daemon_is_killed(proxy: str) -> 
     finally:
         daemon.cleanup()
     assert processes_named(marker) == []
+
+
+def test_daemon_stops_when_the_test_process_dies(tmp_path: Path) -> None:
+    """A pytest SIGKILLed mid-test (no teardown at all): its daemon stops by itself, and all of it."""
+    project = make_project(tmp_path, """
+        import os, signal
+        from record import record
+
+        def test_pytest_dies(ipad_module):
+            record(ipad_module.daemon)
+            ipad_module.proxy().call("position", {"distance": 1})
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)  # fmt: skip
+    result = run_inner(project)
+    assert result.returncode == -signal.SIGKILL, outcome(result)
+    [entry] = recorded(project)
+    deadline = time.monotonic() + 30
+    while _start_time(entry["pid"]) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_nothing_left([entry])
+    # Nobody was left to remove it; the daemon removed its socket when it stopped.
+    runtime_dir = Path(entry["runtime_dir"])
+    assert not (runtime_dir / "ipad.sock").exists()
+    shutil.rmtree(runtime_dir)

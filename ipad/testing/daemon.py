@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -77,6 +78,18 @@ _DROPPED_PREFIXES = ("IPAD_", "LISTEN_", "WATCHDOG_")
 _DROPPED = frozenset({"NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID"})
 
 Record = dict[str, Any]
+
+#: Run before the daemon (then exec'd into it, which keeps the setting): SIGTERM when the
+#: test process dies without its teardown (SIGKILLed, os._exit), so the daemon stops
+#: cleanly by itself rather than outlive the tests. argv: the test's pid, the command.
+STOP_WITH_PARENT = """
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the test process is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 class DaemonError(AssertionError):
@@ -243,10 +256,15 @@ class Daemon:
         exits, a module's first start fails, or ``start_timeout`` passes.
         """
         __tracebackhide__ = True  # pytest: the error says it all, not this code
+        command = [sys.executable, "-m", "ipad", "--config", str(self.config),
+                   "--log-format", "json", "--log-level", "debug"]  # fmt: skip
+        if threading.current_thread() is threading.main_thread():
+            # The parent-death signal follows the thread that started the daemon: only
+            # the main thread lives as long as the test process.
+            command = [sys.executable, "-c", STOP_WITH_PARENT, str(os.getpid()), *command]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ipad", "--config", str(self.config),
-                 "--log-format", "json", "--log-level", "debug"],
+                command,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
                 cwd=self.runtime_dir,
                 # A group of its own: a ^C in the test's terminal goes to pytest only,
