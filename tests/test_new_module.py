@@ -146,8 +146,13 @@ def test_docs_examples_run_against_a_generated_project(tmp_path: Path) -> None:
     assert generate("af", project).returncode == 0
     text = our_sections()
     files = {m["path"]: m["body"] for m in FILE_BLOCK.finditer(text)}
-    assert list(files) == ["tests/test_af_daemon.py"]
-    (project / "tests" / "test_af_daemon.py").write_text(files["tests/test_af_daemon.py"])
+    assert sorted(files) == ["pytest.ini", "tests/test_af_daemon.py"]
+    for path, body in files.items():
+        (project / path).write_text(body)
+    # pytest.ini names the key af is signed with, as in the tutorial's "Signing".
+    for args in (["keygen", "vendor.pem", "vendor.pub"], ["sign", "af", "--key", "vendor.pem"]):
+        subprocess.run([sys.executable, "-m", "ipad.cli.ctl", *args], cwd=project, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
     snippets = [m["body"] for m in SNIPPET.finditer(text)]
     assert len(snippets) == 1
     (project / "tests" / "test_snippet.py").write_text(

@@ -426,3 +426,23 @@ def test_daemon_stops_when_the_test_process_dies(tmp_path: Path) -> None:
     runtime_dir = Path(entry["runtime_dir"])
     assert not (runtime_dir / "ipad.sock").exists()
     shutil.rmtree(runtime_dir)
+
+
+def test_signed_module_needs_its_key(tmp_path: Path) -> None:
+    """A signed module's daemon refuses it without the key, with a hint; ipad_trusted_keys fixes it."""
+    project = make_project(tmp_path, """
+        def test_position(ipad_module):
+            assert ipad_module.proxy().call("position", {"distance": 2}) == 5.0
+    """)  # fmt: skip
+    for args in (["keygen", "vendor.pem", "vendor.pub"], ["sign", "af", "--key", "vendor.pem"]):
+        subprocess.run([sys.executable, "-m", "ipad.cli.ctl", *args], cwd=project, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+    assert (project / "af" / "af.toml.sig").exists()
+    refused = run_inner(project)
+    assert refused.returncode == 1, outcome(refused)
+    assert "which is not a trusted key" in refused.stdout
+    assert "ini option ipad_trusted_keys" in refused.stdout
+    (project / "pytest.ini").write_text("[pytest]\nipad_trusted_keys = vendor.pub\n")
+    result = run_inner(project)
+    assert result.returncode == 0, outcome(result)
+    assert "1 passed" in result.stdout

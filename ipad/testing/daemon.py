@@ -134,6 +134,7 @@ def write_config(
     modules: Mapping[str, Mapping[str, Any]],
     proxy: str = "sandboxed",
     strict_sandbox: bool = False,
+    trusted_keys: Sequence[str | os.PathLike[str]] = (),
     extra: str = "",
 ) -> Path:
     """Write a daemon configuration running ``modules`` found in ``module_dirs``.
@@ -142,7 +143,9 @@ def write_config(
     runs modules, unless its own table says otherwise). Unless ``strict_sandbox``,
     every sandbox measure a host may lack is optional, so the same tests run as
     root and as a user without user namespaces; a measure left out is logged
-    (``sandbox.measure_unavailable``). ``extra`` is TOML put before the modules.
+    (``sandbox.measure_unavailable``). ``trusted_keys`` are the public keys of
+    signed modules (a signature that exists is checked: docs/security.md).
+    ``extra`` is TOML put before the modules.
     """
     for name in modules:
         if not MODULE_NAME.fullmatch(name):
@@ -152,6 +155,9 @@ def write_config(
     lines = ["[daemon]", f"module_dirs = {_toml(dirs, 'module_dirs')}", ""]
     if not strict_sandbox:
         lines += ["[sandbox]", f"optional = {_toml(list(HOST_DEPENDENT_MEASURES), 'optional')}"]
+    if trusted_keys:
+        keys = [str(Path(k).resolve()) for k in trusted_keys]
+        lines += ["", "[signatures]", f"trusted_keys = {_toml(keys, 'trusted_keys')}"]
     lines += ["", extra, ""]
     for name, table in modules.items():
         lines.append(f"[modules.{name}]")
@@ -294,6 +300,7 @@ class Daemon:
                     raise DaemonStartError(
                         f"module {module} did not start: {record.get('reason')}\n"
                         + self.log_tail(module=module)
+                        + self._hint()
                     )
                 elif event == "daemon.start_failed":
                     raise DaemonStartError(
@@ -307,6 +314,7 @@ class Daemon:
                 raise DaemonStartError(
                     f"the ipad daemon exited during its start ({_exit_text(status)})\n"
                     + self.log_tail()
+                    + self._hint()
                 )
             if time.monotonic() > deadline:
                 what = "the daemon" if not started else "module(s) " + ", ".join(sorted(waiting))
@@ -314,6 +322,16 @@ class Daemon:
                     f"{what} not started within {self.start_timeout} s\n" + self.log_tail()
                 )
             time.sleep(POLL)
+
+    def _hint(self) -> str:
+        """What to do about a start failure whose cause the test's options can fix, if any."""
+        text = json.dumps(self._records)
+        if "(signature)" in text or "not a trusted key" in text:
+            return (
+                "\n  hint: a signed module (a .sig beside its manifest) is checked against "
+                "trusted keys: pass trusted_keys=[...] (pytest: ini option ipad_trusted_keys)"
+            )
+        return ""
 
     # --- the log ------------------------------------------------------------------------
 
@@ -572,6 +590,7 @@ def prepare_daemon(  # noqa: PLR0913 - keyword-only options, each with a default
     tuning_dirs: Sequence[str | os.PathLike[str]] = (),
     proxy: str = "sandboxed",
     strict_sandbox: bool = False,
+    trusted_keys: Sequence[str | os.PathLike[str]] = (),
     extra_config: str = "",
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
@@ -584,7 +603,7 @@ def prepare_daemon(  # noqa: PLR0913 - keyword-only options, each with a default
     runtime_dir = Path(tempfile.mkdtemp(prefix="ipad-test-"))
     config = write_config(runtime_dir / "config.toml", module_dirs=module_dirs,
                           modules=tables, proxy=proxy, strict_sandbox=strict_sandbox,
-                          extra=extra_config)  # fmt: skip
+                          trusted_keys=trusted_keys, extra=extra_config)  # fmt: skip
     log_path = (log_dir or runtime_dir) / "ipad-daemon.log"
     enabled = [name for name, table in tables.items() if table.get("enabled", True)]
     return Daemon(config, runtime_dir=runtime_dir, log_path=log_path,
@@ -600,6 +619,7 @@ def run_daemon(  # noqa: PLR0913 - keyword-only options, each with a default
     tuning_dirs: Sequence[str | os.PathLike[str]] = (),
     proxy: str = "sandboxed",
     strict_sandbox: bool = False,
+    trusted_keys: Sequence[str | os.PathLike[str]] = (),
     extra_config: str = "",
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
@@ -611,14 +631,16 @@ def run_daemon(  # noqa: PLR0913 - keyword-only options, each with a default
     ``modules`` names the modules to run, or maps each to its
     ``[modules.<name>]`` table (``{"af": {"tuning": "imx219.toml"}}``);
     ``module_dirs`` are searched for their manifests, ``tuning_dirs`` for
-    ``<module>/<file>`` tuning files (as ``$IPAD_CONFIG_PATH``). ``env`` adds
+    ``<module>/<file>`` tuning files (as ``$IPAD_CONFIG_PATH``); ``trusted_keys``
+    are the public keys that signed modules are checked against. ``env`` adds
     variables to the daemon's environment; ``extra_config`` is more TOML
     (``[restart]``, say). The daemon's JSON log is written to ``log_dir``
     (default: its runtime directory, removed at the end).
     """
     daemon = prepare_daemon(module_dirs=module_dirs, modules=modules, tuning_dirs=tuning_dirs,
-                            proxy=proxy, strict_sandbox=strict_sandbox, extra_config=extra_config,
-                            env=env, log_dir=log_dir, start_timeout=start_timeout,
+                            proxy=proxy, strict_sandbox=strict_sandbox,
+                            trusted_keys=trusted_keys, extra_config=extra_config, env=env,
+                            log_dir=log_dir, start_timeout=start_timeout,
                             stop_timeout=stop_timeout)  # fmt: skip
     with daemon:
         daemon.start()

@@ -14,7 +14,8 @@ the test errors at teardown; whatever happened, nothing it started is left.
 Where the project's modules are is found by itself (a directory holding a
 manifest: the rootdir or one directly under it; ``tuning/`` beside them) or
 set with the ini options ``ipad_module_dirs``, ``ipad_tuning_dirs`` and
-``ipad_modules``. docs/modules.md, "Testing under a real daemon", has an example.
+``ipad_modules``; ``ipad_trusted_keys`` names the keys of signed modules.
+docs/modules.md, "Testing under a real daemon", has an example.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "tuning/ in each module directory and in the rootdir, where it exists)",
     )
     parser.addini(
+        "ipad_trusted_keys",
+        type="paths",
+        default=[],
+        help="ipad: public keys the project's signed modules are checked against",
+    )
+    parser.addini(
         "ipad_modules",
         type="args",
         default=[],
@@ -64,6 +71,8 @@ class IpadProject:
     module_dirs: list[Path]
     tuning_dirs: list[Path]
     modules: list[str]
+    #: Public keys that signed modules are checked against (ini option ipad_trusted_keys).
+    trusted_keys: list[Path] = field(default_factory=list)
 
 
 def _manifests(directory: Path) -> list[str]:
@@ -84,6 +93,7 @@ def find_project(
     module_dirs: list[Path] | None = None,
     tuning_dirs: list[Path] | None = None,
     modules: list[str] | None = None,
+    trusted_keys: list[Path] | None = None,
 ) -> IpadProject:
     """The project at ``root``: the given directories and modules, else what is found there."""
     if not module_dirs:
@@ -94,7 +104,9 @@ def find_project(
                        if (d / "tuning").is_dir()]  # fmt: skip
     if not modules:
         modules = [name for d in module_dirs for name in _manifests(d)]
-    return IpadProject(list(module_dirs), list(tuning_dirs), list(modules))
+    return IpadProject(
+        list(module_dirs), list(tuning_dirs), list(modules), list(trusted_keys or [])
+    )
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +117,7 @@ def ipad_project(pytestconfig: pytest.Config) -> IpadProject:
         pytestconfig.getini("ipad_module_dirs"),
         pytestconfig.getini("ipad_tuning_dirs"),
         pytestconfig.getini("ipad_modules"),
+        pytestconfig.getini("ipad_trusted_keys"),
     )
 
 
@@ -171,5 +184,6 @@ def ipad_module(ipad_daemon: Callable[..., Daemon], ipad_project: IpadProject) -
         module_dirs=ipad_project.module_dirs,
         modules=ipad_project.modules,
         tuning_dirs=ipad_project.tuning_dirs,
+        trusted_keys=ipad_project.trusted_keys,
     )
     return ModuleUnderTest(daemon, ipad_project.modules)
