@@ -126,6 +126,12 @@ DESCRIPTIONS = {
         "Exit status 0, or 1 if the files cannot be written."
     ),
     "metrics": ctl_metrics.DESCRIPTION,
+    "new-module": (
+        "Write a new module project into DIR (no daemon needed): a manifest, a module "
+        "package with __version__, its tuning file, and tests in-process and under a real "
+        "daemon (docs/modules.md). Exit status 0, 1 if DIR is not empty or cannot be "
+        "written, 2 if NAME is not a valid module name."
+    ),
 }
 
 #: The global options' values when given nowhere (they are SUPPRESSed in the parsers, so a
@@ -213,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = add("keygen", "make an Ed25519 key pair for signing modules")
     keygen.add_argument("private", type=Path, help="private key file to create (mode 0600)")
     keygen.add_argument("public", type=Path, help="public key file to create")
+    new_module = add("new-module", "write a new module project with passing tests")
+    new_module.add_argument("name", help="module name: letters, digits, '_', '-'")
+    new_module.add_argument("directory", type=Path, help="new or empty directory to write")
     return parser
 
 
@@ -526,8 +535,14 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_module(args: argparse.Namespace) -> int:
+    from ipad.cli.new_module import run  # noqa: PLC0415 - offline commands only
+
+    return run(args)
+
+
 #: Commands that need no daemon.
-_OFFLINE = {"sign": _sign, "verify": _verify, "keygen": _keygen}
+_OFFLINE = {"sign": _sign, "verify": _verify, "keygen": _keygen, "new-module": _new_module}
 
 _COMMANDS = {
     "status": _status,
