@@ -37,7 +37,7 @@ from ipad.daemon.metrics import (
 from ipad.daemon.metrics_file import MetricsFile, write_atomically
 from ipad.daemon.states import WorkerState
 from ipad.worker.call_stats import SLOTS, STATS_OFFSET, STATS_SIZE, CallStats
-from ipad.worker.heartbeat_board import new_board
+from ipad.worker.heartbeat_board import CLAIM_END, DUMP_OFFSET, DUMP_SIZE, FILE_SIZE, new_board
 
 
 class Worker:
@@ -103,6 +103,13 @@ def test_honest_calls_are_counted_by_bucket_and_code(worker: Worker) -> None:
     assert sum(metrics.errors) == 2
     metrics.retire(_any(worker), 11.0)
     assert metrics.calls == 3  # kept after the worker is gone
+
+
+def test_the_statistics_page_lies_between_the_claim_and_the_crash_stacks() -> None:
+    """The board's layout: counters and claim, then the statistics' page, then the stacks."""
+    assert CLAIM_END <= STATS_OFFSET
+    assert STATS_OFFSET + STATS_SIZE <= DUMP_OFFSET
+    assert DUMP_OFFSET + DUMP_SIZE == FILE_SIZE
 
 
 def test_a_board_too_small_for_statistics_is_not_mapped() -> None:

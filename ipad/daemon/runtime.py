@@ -43,9 +43,9 @@ from ipad.daemon.heartbeat import Heartbeats
 from ipad.daemon.isolation import ProxyIsolatedSupervisor
 from ipad.daemon.launcher import Launcher
 from ipad.daemon.listener import open_listener
-from ipad.daemon.operator import start_module, stop_module
 from ipad.daemon.metrics import DaemonFacts, families, render
 from ipad.daemon.metrics_file import MetricsFile
+from ipad.daemon.operator import start_module, stop_module
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Reactor, Timers
 from ipad.daemon.server import AdminError, ClientServer, serve_clients
@@ -627,7 +627,8 @@ class DaemonRuntime:
             return await start_module(self.supervisors, self.events, module)
         if command not in ("restart", "reload"):
             raise AdminError(p.ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}",
-                             {"commands": ["restart", "reload", "stop", "start", "crashes", "metrics"]})  # fmt: skip
+                             {"commands": ["restart", "reload", "stop", "start", "crashes",
+                                           "metrics"]})  # fmt: skip
         return await self.admin_queue.submit(command, module)
 
     def crashes(self, module: str | None) -> dict[str, Any]:

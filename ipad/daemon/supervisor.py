@@ -86,8 +86,8 @@ from ipad.daemon.lifecycle import (
     Watch,
 )
 from ipad.daemon.log_setup import CALLSITE
-from ipad.daemon.modlog import daemon_log_level
 from ipad.daemon.metrics import MetricsRegistry, restart_reason
+from ipad.daemon.modlog import daemon_log_level
 from ipad.daemon.proxy_table import ProxyTable
 from ipad.daemon.reactor import Flag, TimerHandle, Timers
 from ipad.daemon.sandbox_status import measures
@@ -519,12 +519,16 @@ class ModuleSupervisor:
             if self._down_since is None:
                 self._down_since = trio.current_time()
 
+    def _note_recovery(self, state: WorkerState) -> None:
+        """Running again after a restart: the metrics' crash-to-running time."""
+        if state is WorkerState.RUNNING and self._down_since is not None:
+            self.metrics.recovered(trio.current_time() - self._down_since)
+            self._down_since = None
+
     def _carry_out(self, effect: Effect) -> None:  # noqa: PLR0912 - one arm per action
         match effect:
             case SetState():
-                if effect.state is WorkerState.RUNNING and self._down_since is not None:
-                    self.metrics.recovered(trio.current_time() - self._down_since)
-                    self._down_since = None
+                self._note_recovery(effect.state)
                 self._publish(effect)
             case Log(level=level, event=event, fields=fields, worker=worker, origin=origin):
                 extra: dict[str, object] = {CALLSITE: origin}

@@ -44,7 +44,7 @@ import struct
 import sys
 import time
 
-from ipad.worker.call_stats import STATS_OFFSET, STATS_SIZE
+from ipad.worker.call_stats import STATS_OFFSET
 
 #: The board's size: two unsigned 64-bit counters, beats and module code entered or left.
 BOARD_SIZE = 16
@@ -61,7 +61,6 @@ DUMPS_ON_SIGUSR1 = 1
 #: Where faulthandler's stack dumps start, and how much of them the board holds.
 DUMP_OFFSET = STATS_OFFSET + mmap.PAGESIZE  # after the call statistics' page (call_stats.py)
 DUMP_SIZE = 64 * 1024
-assert STATS_SIZE <= mmap.PAGESIZE, "the call statistics outgrew their page"
 #: The whole memfd: its size is sealed, so no worker writes past it.
 FILE_SIZE = DUMP_OFFSET + DUMP_SIZE
 #: A claimed ``since`` older than this (or in the future) is not believed.

@@ -45,7 +45,6 @@ from ipad.worker.buffers import InstanceBuffers, RegisteredBuffer
 from ipad.worker.call_stats import CallStats
 from ipad.worker.describe import Signature, describe
 from ipad.worker.heartbeat_board import CLAIM_END, CLAIM_TEXT, Beater
-from ipad.worker.heartbeat_board import Beater
 from ipad.worker.modlog import LogSender
 
 #: prctl(2) option: the signal this process gets when its parent dies.
