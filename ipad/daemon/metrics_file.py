@@ -65,10 +65,10 @@ class MetricsFile:
     async def run(self) -> None:
         """Write the file every interval, for ever (cancel to stop)."""
         while True:
+            self._changed = trio.Event()  # before the write: a reload during it is not missed
             path, interval = self.settings()
             if path is not None:
                 await self.write(path)
-            self._changed = trio.Event()
             with trio.move_on_after(interval):
                 await self._changed.wait()
 
