@@ -446,3 +446,14 @@ def test_signed_module_needs_its_key(tmp_path: Path) -> None:
     result = run_inner(project)
     assert result.returncode == 0, outcome(result)
     assert "1 passed" in result.stdout
+
+
+def test_loading_the_plugin_stays_light() -> None:
+    """Loading the plugin, which pytest does in every session, imports no trio, client or daemon code."""
+    heavy = ("trio", "structlog", "ipad.client", "ipad.daemon", "ipad.testing.daemon")
+    code = (
+        f"import sys, ipad.testing.pytest_plugin; print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"
