@@ -301,6 +301,14 @@ def test_environment_cannot_steer_the_daemon(
         daemon.stop()
 
 
+def test_daemon_never_started_leaves_no_runtime_directory() -> None:
+    """A daemon prepared but never started is stopped without error, its directory removed."""
+    daemon = prepare_daemon(module_dirs=[], modules=["echo"])
+    assert daemon.config.exists()
+    daemon.stop()
+    assert not daemon.runtime_dir.exists()
+
+
 def test_start_failure_of_the_daemon_names_the_problem(tmp_path: Path) -> None:
     """A configuration the daemon refuses is a DaemonStartError with its message, nothing left."""
     with pytest.raises(DaemonStartError, match="unknown proxy kind 'jail'"):  # noqa: SIM117
