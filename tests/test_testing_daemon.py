@@ -301,6 +301,14 @@ def test_environment_cannot_steer_the_daemon(
         daemon.stop()
 
 
+def test_daemon_never_started_leaves_no_runtime_directory() -> None:
+    """A daemon prepared but never started is stopped without error, its directory removed."""
+    daemon = prepare_daemon(module_dirs=[], modules=["echo"])
+    assert daemon.config.exists()
+    daemon.stop()
+    assert not daemon.runtime_dir.exists()
+
+
 def test_start_failure_of_the_daemon_names_the_problem(tmp_path: Path) -> None:
     """A configuration the daemon refuses is a DaemonStartError with its message, nothing left."""
     with pytest.raises(DaemonStartError, match="unknown proxy kind 'jail'"):  # noqa: SIM117
@@ -446,3 +454,14 @@ def test_signed_module_needs_its_key(tmp_path: Path) -> None:
     result = run_inner(project)
     assert result.returncode == 0, outcome(result)
     assert "1 passed" in result.stdout
+
+
+def test_loading_the_plugin_stays_light() -> None:
+    """Loading the plugin, which pytest does in every session, imports no trio, client or daemon code."""
+    heavy = ("trio", "structlog", "ipad.client", "ipad.daemon", "ipad.testing.daemon")
+    code = (
+        f"import sys, ipad.testing.pytest_plugin; print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"

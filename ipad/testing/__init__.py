@@ -1,28 +1,53 @@
 """Testing IPA modules: in-process with ``ModuleHarness``, or under a real daemon.
 
-Installed with ipad, for module authors' tests (docs/modules.md, "Testing a
-module" and "Testing under a real daemon"). ``ModuleHarness`` runs a module
-in-process as the worker host does; ``ipad.testing.daemon.run_daemon`` runs a
-private daemon for a ``with`` block, and the pytest plugin
-``ipad.testing.pytest_plugin``, installed with ipad, gives the fixtures
-``ipad_daemon``, ``ipad_module`` and ``ipad_project``.
+``ModuleHarness`` runs a module in-process as the worker host does
+(docs/modules.md, "Testing a module"); ``ipad.testing.daemon.run_daemon`` runs a private daemon for a ``with`` block;
+the pytest plugin ``ipad.testing.pytest_plugin``, installed with ipad, gives
+the fixtures ``ipad_daemon``, ``ipad_module`` and ``ipad_project``
+(docs/modules.md, "Testing under a real daemon").
+
+Names are imported on first use (PEP 562): pytest loads the plugin, and so
+this package, in every session of an environment where ipad is installed,
+and should not pay for the client, the configuration code and trio there.
 """
 
-from ipad.testing.daemon import (
-    Daemon,
-    DaemonError,
-    DaemonStartError,
-    DaemonStopError,
-    run_daemon,
-)
-from ipad.testing.harness import ModuleHarness, ModuleInstance
+from __future__ import annotations
 
-__all__ = [
-    "Daemon",
-    "DaemonError",
-    "DaemonStartError",
-    "DaemonStopError",
-    "ModuleHarness",
-    "ModuleInstance",
-    "run_daemon",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ipad.testing.daemon import (
+        Daemon,
+        DaemonError,
+        DaemonStartError,
+        DaemonStopError,
+        run_daemon,
+    )
+    from ipad.testing.harness import ModuleHarness, ModuleInstance
+
+#: Public name -> the module (under ipad.testing.) that defines it.
+_EXPORTS: dict[str, str] = {
+    "Daemon": "daemon",
+    "DaemonError": "daemon",
+    "DaemonStartError": "daemon",
+    "DaemonStopError": "daemon",
+    "run_daemon": "daemon",
+    "ModuleHarness": "harness",
+    "ModuleInstance": "harness",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ipad.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ipad.testing.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

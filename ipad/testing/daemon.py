@@ -524,7 +524,8 @@ class Daemon:
                 client.close()
         self._clients.clear()
         proc = self.proc
-        if proc is None:
+        if proc is None:  # prepared, never started
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
             return
         if proc.poll() is None:
             proc.kill()

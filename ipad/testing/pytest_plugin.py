@@ -24,12 +24,16 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ipad.client import BlockingProxy
-from ipad.testing.daemon import Daemon, DaemonError, prepare_daemon
+if TYPE_CHECKING:
+    from ipad.client import BlockingProxy
+    from ipad.testing.daemon import Daemon
+
+# pytest loads this plugin in every session where ipad is installed: the daemon code
+# (the client, the configuration, trio) is imported by the fixtures that use it.
 
 __all__ = ["IpadProject", "ModuleUnderTest", "find_project"]
 
@@ -129,6 +133,8 @@ def ipad_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     stopped with SIGTERM after the test; one that does not stop cleanly makes
     the test error, after everything it started is killed and reaped.
     """
+    from ipad.testing.daemon import DaemonError, prepare_daemon  # noqa: PLC0415 - see above
+
     started: list[Daemon] = []
 
     def start(**options: Any) -> Daemon:
@@ -164,6 +170,8 @@ class ModuleUnderTest:
     def name(self) -> str:
         """The module's name (the project must have one module, or set ``ipad_modules``)."""
         if len(self.modules) != 1:
+            from ipad.testing.daemon import DaemonError  # noqa: PLC0415 - see above
+
             raise DaemonError(f"the project runs {len(self.modules)} modules "
                               f"({', '.join(self.modules)}): name one")  # fmt: skip
         return self.modules[0]
@@ -178,6 +186,8 @@ def ipad_module(ipad_daemon: Callable[..., Daemon], ipad_project: IpadProject) -
     """The project's module(s) running under a real, private daemon, sandboxed."""
     __tracebackhide__ = True
     if not ipad_project.modules:
+        from ipad.testing.daemon import DaemonError  # noqa: PLC0415 - see above
+
         raise DaemonError(f"no module manifest found in {ipad_project.module_dirs or 'the rootdir'}"
                           ": set the ini option ipad_module_dirs")  # fmt: skip
     daemon = ipad_daemon(
