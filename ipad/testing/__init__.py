@@ -1,10 +1,11 @@
 """Testing IPA modules: in-process with ``ModuleHarness``, or under a real daemon.
 
 ``ModuleHarness`` runs a module in-process as the worker host does
-(docs/modules.md, "Testing a module"); ``ipad.testing.daemon.run_daemon`` runs a private daemon for a ``with`` block;
-the pytest plugin ``ipad.testing.pytest_plugin``, installed with ipad, gives
-the fixtures ``ipad_daemon``, ``ipad_module`` and ``ipad_project``
-(docs/modules.md, "Testing under a real daemon").
+(docs/modules.md, "Testing a module"); ``ipad.testing.daemon.run_daemon`` runs
+a private daemon for a ``with`` block; the pytest plugin
+``ipad.testing.pytest_plugin``, installed with ipad, gives the fixtures
+``ipad_daemon``, ``ipad_module`` and ``ipad_project`` (docs/modules.md,
+"Testing under a real daemon").
 
 Names are imported on first use (PEP 562): pytest loads the plugin, and so
 this package, in every session of an environment where ipad is installed,
