@@ -18,14 +18,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ipad.testing.daemon import (
-        Daemon,
-        DaemonError,
-        DaemonStartError,
-        DaemonStopError,
-        run_daemon,
-    )
-    from ipad.testing.harness import ModuleHarness, ModuleInstance
+    # "X as X": the names are exported for mypy's strict no-implicit-reexport.
+    from ipad.testing.daemon import Daemon as Daemon
+    from ipad.testing.daemon import DaemonError as DaemonError
+    from ipad.testing.daemon import DaemonStartError as DaemonStartError
+    from ipad.testing.daemon import DaemonStopError as DaemonStopError
+    from ipad.testing.daemon import run_daemon as run_daemon
+    from ipad.testing.harness import ModuleHarness as ModuleHarness
+    from ipad.testing.harness import ModuleInstance as ModuleInstance
 
 #: Public name -> the module (under ipad.testing.) that defines it.
 _EXPORTS: dict[str, str] = {
