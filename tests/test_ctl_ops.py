@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,16 @@ def test_session_runs_every_line_on_one_proxy(start_daemon: Start, tmp_path: Pat
     assert out[1]["error"]["message"].startswith("line 2: fail: ")
     assert out[2] == 2
     assert out[3]["error"]["code"] == "usage"
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"frame" * 1000)
+    buffers = session(daemon, f"checksum data=@{data}\nchecksum {{}} data=@{data}\n", "echo",
+                      "--json")  # fmt: skip
+    assert buffers.returncode == 0, buffers.stderr
+    expected = {"size": 5000, "crc32": zlib.crc32(b"frame" * 1000)}
+    assert [json.loads(line) for line in buffers.stdout.splitlines()] == [expected, expected]
+    missing = session(daemon, f"checksum data=@{tmp_path / 'none'}\n", "echo")
+    assert missing.returncode == 2
+    assert "cannot open" in missing.stderr
     unreadable = session(daemon, "count [1]\ncount\n", "echo")
     assert unreadable.returncode == 2
     assert unreadable.stdout == ""

@@ -105,7 +105,8 @@ DESCRIPTIONS = {
     ),
     "session": (
         "Request one proxy of MODULE and run the calls read from stdin on it, one a line: "
-        "'METHOD JSON-OBJECT' (the object may be left out: {}); lines starting with # and "
+        "'METHOD JSON-OBJECT NAME=@FILE...' (the object may be left out: {}; each NAME=@FILE "
+        "passes FILE's bytes as the Buffer argument NAME); lines starting with # and "
         "blank lines are skipped. Prints one result a line (--json: each as one JSON line; "
         'an error as {"error": ...}). A failing call prints its error and ends the '
         "session, unless --keep-going. Exit status 0 if every call succeeded, 1 if a call "
