@@ -156,6 +156,11 @@ def test_describe_and_call_of_an_unknown_module_exit_4(start_daemon: Start, tmp_
     assert json.loads(called.stdout)["error"]["code"] == "unknown_module"
     wrong_method = daemon.ctl("call", "echo", "no_such_method", check=False)
     assert wrong_method.returncode == 1, wrong_method.stderr
+    # --fd with a plain file: its bytes reach the module (the client takes only memfds).
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"abc" * 100)
+    summed = daemon.ctl("--json", "call", "echo", "checksum", "--fd", f"data={data}")
+    assert json.loads(summed.stdout) == {"size": 300, "crc32": zlib.crc32(b"abc" * 100)}
 
 
 def session(daemon: DaemonProcess, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
