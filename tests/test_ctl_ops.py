@@ -341,6 +341,10 @@ def test_the_ring_keeps_the_last_records_clipped_and_pages_with_a_cursor() -> No
     assert [r["n"] for r in page] == list(range(64, 80, 2))
     assert not more
     assert ring.query(None, 5, ring.seq) == ([], ring.seq, False)
+    # A hostile LOGS: absurd counts and cursors give at most the ring, never an error.
+    assert len(ring.query(None, 2**62, -(2**62))[0]) == 50
+    assert ring.query(None, -(2**62), None)[0] == []
+    assert ring.query("x" * 100_000, 10, 2**62)[0] == []
     assert ring.query(None, 0, None)[0] == []
     ring.keep({"event": "big", "text": "x" * 10_000, "exc_info": ValueError("boom"),
                **{f"f{i}": i for i in range(100)}})  # fmt: skip
