@@ -399,10 +399,10 @@ def test_logs_from_the_ring_with_module_n_and_follow(start_daemon: Start, tmp_pa
 
 @needs_setpriv
 @pytest.mark.timeout(120)
-def test_only_admins_may_read_the_logs(
+def test_only_admins_may_read_the_logs_and_stop_or_start_modules(
     start_daemon: Start, shared_dir: Path, daemon_env: dict[str, str]
 ) -> None:
-    """LOGS is an admin operation: a user outside the admin groups is refused, saying who may."""
+    """LOGS and ADMIN stop/start MODULE are for admins: others are refused, saying who may."""
     config = write_config(shared_dir, '[daemon]\nsocket_group = "nogroup"\n'
                           '[access]\nadmin_groups = ["adm"]\n')  # fmt: skip
     env = {**daemon_env, "IPAD_SOCKET": str(shared_dir / "run" / "ipad.sock")}
@@ -414,15 +414,23 @@ def test_only_admins_may_read_the_logs(
         "with BlockingClient(sys.argv[1]) as c:\n"
         "    try:\n        print(len(c.request(p.Logs(lines=3), p.LogRecords).records))\n"
         "    except IpadError as exc:\n        print(exc.code, exc.message)\n"
+        "    for command in ('stop', 'start'):\n"
+        "        try:\n            print(c.admin(command, 'echo')['state'])\n"
+        "        except IpadError as exc:\n            print(exc.code)\n"
     )
-    for groups, expected in (([], "permission_denied"), ([adm], "3")):
+    for groups, expected in (
+        ([], ["permission_denied", "permission_denied", "permission_denied"]),
+        ([adm], ["3", "stopped", "running"]),
+    ):
         child = subprocess.run(
             [*as_user(NOBODY, nogroup, groups), sys.executable, "-c", script, str(daemon.socket)],
             capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
         )  # fmt: skip
         assert child.returncode == 0, child.stderr
-        assert child.stdout.startswith(expected), child.stdout
-    assert "read the daemon's logs" in daemon.events("access.denied")[-1]["action"]
+        assert [line.split()[0] for line in child.stdout.splitlines()] == expected, child.stdout
+    denials = [r["action"] for r in daemon.events("access.denied")]
+    assert denials == ["read the daemon's logs", "use the admin operation 'stop'",
+                       "use the admin operation 'start'"]  # fmt: skip
 
 
 @pytest.mark.timeout(120)
