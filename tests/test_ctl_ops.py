@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,11 @@ def test_describe_and_call_of_an_unknown_module_exit_4(start_daemon: Start, tmp_
     assert json.loads(called.stdout)["error"]["code"] == "unknown_module"
     wrong_method = daemon.ctl("call", "echo", "no_such_method", check=False)
     assert wrong_method.returncode == 1, wrong_method.stderr
+    # --fd with a plain file: its bytes reach the module (the client takes only memfds).
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"abc" * 100)
+    summed = daemon.ctl("--json", "call", "echo", "checksum", "--fd", f"data={data}")
+    assert json.loads(summed.stdout) == {"size": 300, "crc32": zlib.crc32(b"abc" * 100)}
 
 
 def session(daemon: DaemonProcess, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -195,6 +201,16 @@ def test_session_runs_every_line_on_one_proxy(start_daemon: Start, tmp_path: Pat
     assert out[1]["error"]["message"].startswith("line 2: fail: ")
     assert out[2] == 2
     assert out[3]["error"]["code"] == "usage"
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"frame" * 1000)
+    buffers = session(daemon, f"checksum data=@{data}\nchecksum {{}} data=@{data}\n", "echo",
+                      "--json")  # fmt: skip
+    assert buffers.returncode == 0, buffers.stderr
+    expected = {"size": 5000, "crc32": zlib.crc32(b"frame" * 1000)}
+    assert [json.loads(line) for line in buffers.stdout.splitlines()] == [expected, expected]
+    missing = session(daemon, f"checksum data=@{tmp_path / 'none'}\n", "echo")
+    assert missing.returncode == 2
+    assert "cannot open" in missing.stderr
     unreadable = session(daemon, "count [1]\ncount\n", "echo")
     assert unreadable.returncode == 2
     assert unreadable.stdout == ""
@@ -325,6 +341,10 @@ def test_the_ring_keeps_the_last_records_clipped_and_pages_with_a_cursor() -> No
     assert [r["n"] for r in page] == list(range(64, 80, 2))
     assert not more
     assert ring.query(None, 5, ring.seq) == ([], ring.seq, False)
+    # A hostile LOGS: absurd counts and cursors give at most the ring, never an error.
+    assert len(ring.query(None, 2**62, -(2**62))[0]) == 50
+    assert ring.query(None, -(2**62), None)[0] == []
+    assert ring.query("x" * 100_000, 10, 2**62)[0] == []
     assert ring.query(None, 0, None)[0] == []
     ring.keep({"event": "big", "text": "x" * 10_000, "exc_info": ValueError("boom"),
                **{f"f{i}": i for i in range(100)}})  # fmt: skip
@@ -379,10 +399,10 @@ def test_logs_from_the_ring_with_module_n_and_follow(start_daemon: Start, tmp_pa
 
 @needs_setpriv
 @pytest.mark.timeout(120)
-def test_only_admins_may_read_the_logs(
+def test_only_admins_may_read_the_logs_and_stop_or_start_modules(
     start_daemon: Start, shared_dir: Path, daemon_env: dict[str, str]
 ) -> None:
-    """LOGS is an admin operation: a user outside the admin groups is refused, saying who may."""
+    """LOGS and ADMIN stop/start MODULE are for admins: others are refused, saying who may."""
     config = write_config(shared_dir, '[daemon]\nsocket_group = "nogroup"\n'
                           '[access]\nadmin_groups = ["adm"]\n')  # fmt: skip
     env = {**daemon_env, "IPAD_SOCKET": str(shared_dir / "run" / "ipad.sock")}
@@ -394,15 +414,23 @@ def test_only_admins_may_read_the_logs(
         "with BlockingClient(sys.argv[1]) as c:\n"
         "    try:\n        print(len(c.request(p.Logs(lines=3), p.LogRecords).records))\n"
         "    except IpadError as exc:\n        print(exc.code, exc.message)\n"
+        "    for command in ('stop', 'start'):\n"
+        "        try:\n            print(c.admin(command, 'echo')['state'])\n"
+        "        except IpadError as exc:\n            print(exc.code)\n"
     )
-    for groups, expected in (([], "permission_denied"), ([adm], "3")):
+    for groups, expected in (
+        ([], ["permission_denied", "permission_denied", "permission_denied"]),
+        ([adm], ["3", "stopped", "running"]),
+    ):
         child = subprocess.run(
             [*as_user(NOBODY, nogroup, groups), sys.executable, "-c", script, str(daemon.socket)],
             capture_output=True, text=True, cwd=REPO, env=daemon.env, timeout=WAIT, check=False,
         )  # fmt: skip
         assert child.returncode == 0, child.stderr
-        assert child.stdout.startswith(expected), child.stdout
-    assert "read the daemon's logs" in daemon.events("access.denied")[-1]["action"]
+        assert [line.split()[0] for line in child.stdout.splitlines()] == expected, child.stdout
+    denials = [r["action"] for r in daemon.events("access.denied")]
+    assert denials == ["read the daemon's logs", "use the admin operation 'stop'",
+                       "use the admin operation 'start'"]  # fmt: skip
 
 
 @pytest.mark.timeout(120)

@@ -19,6 +19,7 @@ import msgspec
 from ipad._version import __version__
 from ipad.cli import ctl_crashes, ctl_events, ctl_logs, ctl_metrics, ctl_module, ctl_session
 from ipad.client._blocking import BlockingClient
+from ipad.client._buffers import make_buffer
 from ipad.client._describe import schema_text
 from ipad.config.paths import client_socket_path
 from ipad.protocol import wire as p
@@ -105,7 +106,8 @@ DESCRIPTIONS = {
     ),
     "session": (
         "Request one proxy of MODULE and run the calls read from stdin on it, one a line: "
-        "'METHOD JSON-OBJECT' (the object may be left out: {}); lines starting with # and "
+        "'METHOD JSON-OBJECT NAME=@FILE...' (the object may be left out: {}; each NAME=@FILE "
+        "passes FILE's bytes as the Buffer argument NAME); lines starting with # and "
         "blank lines are skipped. Prints one result a line (--json: each as one JSON line; "
         'an error as {"error": ...}). A failing call prints its error and ends the '
         "session, unless --keep-going. Exit status 0 if every call succeeded, 1 if a call "
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=FILE",
-        help="pass FILE, opened read-only, as the Buffer argument NAME (repeatable)",
+        help="pass FILE's bytes (copied into a memfd) as the Buffer argument NAME (repeatable)",
     )
     restart = add("restart", "restart a module's worker now, ending any backoff or cooldown")
     restart.add_argument("module")
@@ -424,8 +426,8 @@ def _call(client: BlockingClient, args: argparse.Namespace) -> int:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise UsageError(f"--fd takes NAME=FILE, not {spec!r}")
-            try:
-                fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:  # its bytes in a memfd: Buffer arguments take nothing else
+                fds[name] = make_buffer(Path(path).read_bytes())
             except OSError as exc:
                 raise UsageError(f"--fd {name}: cannot open {path}: {exc.strerror}") from None
         proxy = client.request_proxy(args.module)
