@@ -440,7 +440,7 @@ class ModuleSupervisor:
         Events posted while effects are being carried out (an effect that
         learns something at once) queue behind, in order.
         """
-        may_start = isinstance(event, Start | Restart | Exited) or (
+        may_start = isinstance(event, Start | Restart | Exited | LaunchFailed) or (
             isinstance(event, TimerFired) and event.timer is Timer.RESTART
         )
         if may_start and self.machine.standby_ready:
