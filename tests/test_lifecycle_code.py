@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from ipad.daemon.lifecycle import AllowStandby, Ready, Restart, StopWorker, may_promote
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import rule
+
+from ipad.daemon.backoff import RestartTracker
+from ipad.daemon.lifecycle import (
+    AllowStandby,
+    Effect,
+    Lifecycle,
+    Promote,
+    Ready,
+    Restart,
+    Start,
+    StopWorker,
+    may_promote,
+)
 from ipad.daemon.states import WorkerState
-from tests.test_lifecycle import CLEAN, World, state, world
+from tests.test_lifecycle import CLEAN, LifecycleModel, World, policy, state, world
 
 
 def _with_standby(code: str | None) -> tuple[World, int]:
@@ -79,3 +94,51 @@ def test_a_standby_whose_code_changed_while_it_loaded_is_never_promoted() -> Non
     w.exit(active)
     assert w.m.active is None
     assert w.launching[False]
+
+
+CODES = st.sampled_from(["sha256:a", "sha256:b", None])
+
+
+class CodeWorld(World):
+    """A world that checks each promotion against the code on disk at that moment."""
+
+    def __init__(self, machine: Lifecycle[int]) -> None:
+        super().__init__(machine)
+        self.promoted: list[int] = []
+
+    def apply(self, effect: Effect) -> None:
+        """As World's; a promoted standby must have loaded the code on disk now."""
+        if isinstance(effect, Promote):
+            assert may_promote(self.m.standby_code, self.m.code), (self.m.standby_code, self.m.code)
+            self.promoted.append(effect.worker)
+        super().apply(effect)
+
+
+class CodeLifecycleModel(LifecycleModel):
+    """The random model, with code edited at any time and workers loading any code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        rules = policy(max_failures=3, initial_delay=0.01, cooldown_interval=1.0, stable_after=2.0)
+        self.w = CodeWorld(Lifecycle("awb", rules, RestartTracker(rules, rand=lambda: 0.5)))
+        self.w.feed(Start())
+
+    @rule(code=CODES)
+    def code_edited(self, code: str | None) -> None:
+        """The module's files change (the supervisor tells the machine before a start)."""
+        self.w.m.code = code
+
+    @rule(data=st.data(), code=CODES)
+    def load_answers_with_code(self, data: st.DataObject, code: str | None) -> None:
+        """A loading worker says READY, having loaded ``code``."""
+        if self.w.loading:
+            worker = data.draw(st.sampled_from(sorted(self.w.loading)))
+            del self.w.loading[worker]
+            self.w.feed(Ready(worker, code_id=code))
+
+
+TestCodeLifecycleModel = CodeLifecycleModel.TestCase
+TestCodeLifecycleModel.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip

@@ -488,7 +488,7 @@ class ModuleSupervisor:
         Events posted while effects are being carried out (an effect that
         learns something at once) queue behind, in order.
         """
-        may_start = isinstance(event, Start | Restart | Exited) or (
+        may_start = isinstance(event, Start | Restart | Exited | LaunchFailed) or (
             isinstance(event, TimerFired) and event.timer is Timer.RESTART
         )
         if may_start and self.machine.standby_ready:
@@ -805,16 +805,19 @@ class ModuleSupervisor:
         that rewrites itself) leave the worker's code unknown (None), which
         is never promoted and reads as changed to a reload.
         """
-        if identity is None:
-            return None
-        if self.plan.signed is None and not self.code.unchanged_since(identity):
+        code = identity.code_id if identity is not None else None
+        if (
+            identity is not None
+            and self.plan.signed is None
+            and not self.code.unchanged_since(identity)
+        ):
             log.warning("worker.code_changed_during_load", module=self.name,
                         worker_pid=worker.pid, standby=standby,
                         loaded_before=identity.code_id)  # fmt: skip
-            return None
+            code = None
         if not standby:
-            self._last_code = (identity.code_id,)
-        return identity.code_id
+            self._last_code = (code,)
+        return code
 
     def _same_ready(self, ready: p.Ready) -> p.Ready:
         """A worker's READY, sharing the methods list of the last one that said the same.
