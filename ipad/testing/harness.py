@@ -46,7 +46,7 @@ from ipad.client._core import build_call
 from ipad.client._describe import Description
 from ipad.client._registry import BufferRegistry
 from ipad.config.manifest import Manifest, load_manifest
-from ipad.config.tuning import CONFIG_PATH_ENV, find_tuning_file
+from ipad.config.tuning import find_tuning_file
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
     Disconnected,
@@ -74,11 +74,11 @@ class ModuleHarness:
     ``manifest`` is the module's ``<name>.toml``; its directory is the module
     directory, put on ``sys.path`` as the worker does. ``tuning`` is the tuning
     file's name (as ``[modules.<name>] tuning``), looked for as
-    ``<dir>/<module>/<tuning>`` in each of ``tuning_dirs`` and then in the
-    installed tuning files. ``environ`` is the environment the search reads
-    (``IPAD_<MODULE>_TUNING_FILE``, ``IPAD_CONFIG_PATH``, searched after
-    ``tuning_dirs``); by default none, so a test finds the same file on every
-    machine.
+    ``<dir>/<module>/<tuning>`` in each of ``tuning_dirs`` (as the daemon's
+    ``[daemon] tuning_dirs``) and then in the installed tuning files.
+    ``environ`` is the environment the search reads (``IPAD_<MODULE>_TUNING_FILE``,
+    and ``IPAD_CONFIG_PATH``, searched before ``tuning_dirs`` as the daemon
+    does); by default none, so a test finds the same file on every machine.
     """
 
     def __init__(
@@ -97,12 +97,13 @@ class ModuleHarness:
             raise ValueError(f"{path}: no entry_point; a native module cannot run in-process")
         self.module_dir = path.parent
         self.timeout = timeout
-        env = dict(environ or {})
-        dirs = [str(Path(d).resolve()) for d in tuning_dirs]
-        env[CONFIG_PATH_ENV] = ":".join([*dirs, env.get(CONFIG_PATH_ENV, "")]).strip(":")
         #: The tuning file the worker host reads (TuningFileNotFound lists every path tried).
         self.tuning_file: Path = find_tuning_file(
-            self.manifest.name, tuning, environ=env, privileged=False
+            self.manifest.name,
+            tuning,
+            environ=dict(environ or {}),
+            privileged=False,
+            tuning_dirs=[Path(d).resolve() for d in tuning_dirs],
         )
         #: READY: the module's ``version`` (its ``__version__``, "0" without), methods, types.
         self.ready: p.Ready | None = None
