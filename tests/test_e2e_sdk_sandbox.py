@@ -88,6 +88,8 @@ MODULES = """
 proxy = "sandboxed"
 [modules.vendorbad]
 proxy = "sandboxed"
+[modules.vendorbad.restart]
+restart = "never"    # failed, with its reason, rather than starting again and again
 [modules.echo]
 """
 
@@ -123,6 +125,8 @@ def test_a_sandboxed_third_party_module_uses_the_public_tuning_helpers(
     env = {**daemon_env, "IPAD_CONFIG_PATH": f"{tuning}:{daemon_env['IPAD_CONFIG_PATH']}"}
     daemon = start_daemon(config, env=env)
     daemon.wait_for("worker.ready", lambda r: r.get("module") == "vendor")
+    # Asked while its start still loads, vendorbad would answer "starting".
+    daemon.wait_for("worker.start_failed", lambda r: r.get("module") == "vendorbad")
     with BlockingClient(daemon.socket) as client:
         vendor = client.request_proxy("vendor")
         assert vendor.call("settings") == {"speed": 0.25, "steps": 7}
