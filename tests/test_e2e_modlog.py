@@ -130,6 +130,24 @@ def test_an_exception_is_logged_with_method_and_traceback(
     assert "ZeroDivisionError: division by zero" in failed.stderr.splitlines()[-1]
 
 
+def test_an_exception_that_cannot_be_printed_is_still_an_error_reply(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """An exception whose str() raises: the client gets module_error, the worker lives on."""
+    daemon = start_daemon(chatty_config(tmp_path))
+    pid = daemon.worker_pids()["chatty"]
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("chatty")
+        with pytest.raises(ModuleError) as caught:
+            proxy.call("unprintable", timeout=WAIT)
+        assert proxy.call("divide", {"value": 2}, timeout=WAIT) == 0.5
+    assert caught.value.details["exception"] == "Unprintable"
+    record = daemon.wait_for("module.exception", of_module("chatty"))
+    assert (record["exception_type"], record["text"]) == ("Unprintable", "Unprintable")
+    assert daemon.worker_pids()["chatty"] == pid
+    assert not daemon.events("worker.exited")
+
+
 def test_a_huge_record_is_clipped(start_daemon: Start, tmp_path: Path) -> None:
     """Text, field values and the number of fields are cut to the documented bounds."""
     daemon = start_daemon(chatty_config(tmp_path))

@@ -479,7 +479,7 @@ class WorkerHost:
                     where = _raised_at(exc)
                     if where:
                         details["where"] = where
-                    reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+                    reply = p.Error(p.ErrorCode.MODULE_ERROR, _said(exc), details)
                     modlog.exception(instance.instance_id, call.method, exc, details["traceback"])
         finally:
             modlog.instance_id, modlog.method = 0, ""
@@ -540,6 +540,21 @@ def _discard_event(name: str, data: object) -> None:
 
 def _short_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc, limit=-TRACEBACK_LIMIT)).rstrip()
+
+
+def _said(exc: BaseException) -> str:
+    """What an exception says: its str(), else its repr(), else its type's name.
+
+    A module's exception whose ``__str__`` raises must fail its call, not the worker.
+    """
+    for show in (str, repr):
+        try:
+            text = show(exc)
+        except Exception:  # noqa: BLE001, S112 - the module's __str__/__repr__ failed: try the next
+            continue
+        if text:
+            return text
+    return type(exc).__name__
 
 
 def _raised_at(exc: BaseException) -> str:

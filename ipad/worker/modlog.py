@@ -93,9 +93,14 @@ class LogSender:
 
     def exception(self, instance_id: int, method: str, exc: BaseException, tb: str) -> None:
         """Report a call that raised (its client gets the ERROR reply as before)."""
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        name = type(exc).__name__
+        try:
+            said = str(exc)
+        except Exception:  # noqa: BLE001 - a module's __str__ may fail; the report must not
+            said = ""
+        text = f"{name}: {said}" if said else name
         record = p.ModuleLog(
-            "error", b.clip(text, b.MAX_LOG_TEXT), {"exception": type(exc).__name__},
+            "error", b.clip(text, b.MAX_LOG_TEXT), {"exception": b.clip(name, b.MAX_LOG_NAME)},
             kind="exception", instance_id=instance_id, method=b.clip(method, b.MAX_LOG_NAME),
             traceback=b.clip_end(tb, b.MAX_LOG_TRACEBACK),
         )  # fmt: skip
