@@ -17,6 +17,7 @@ import pytest
 from ipad.client import BlockingClient
 from ipad.protocol import modlog as b
 from ipad.protocol.errors import IpadError, ModuleError
+from tests.client_drivers import Connect, connect
 from tests.daemon_process import (
     TEST_MODULES,
     WAIT,
@@ -28,6 +29,7 @@ from tests.daemon_process import (
 )
 
 pytestmark = pytest.mark.timeout(90)
+__all__ = ["connect"]  # a fixture
 
 Start = Callable[..., DaemonProcess]
 
@@ -128,6 +130,18 @@ def test_an_exception_is_logged_with_method_and_traceback(
     assert failed.returncode != 0
     assert "(ZeroDivisionError at chatty.py:" in failed.stderr
     assert "ZeroDivisionError: division by zero" in failed.stderr.splitlines()[-1]
+
+
+def test_both_clients_say_where_a_module_raised(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """Trio and blocking clients alike: the ModuleError's text names type, file:line, function."""
+    daemon = start_daemon(chatty_config(tmp_path))
+    client = connect(daemon.socket)
+    proxy = client.request_proxy("chatty")
+    with pytest.raises(ModuleError, match=r"^division by zero \(ZeroDivisionError at chatty\.py:"
+                       r"\d+ in divide\)$"):  # fmt: skip
+        client.call(proxy, "divide", {"value": 0}, timeout=WAIT)
 
 
 def test_an_exception_that_cannot_be_printed_is_still_an_error_reply(
