@@ -12,8 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+import trio
+import trio.testing
 
 from ipad.daemon.modlog import ModuleLogGate, field_key
+from ipad.daemon.reactor import Timers
 from ipad.ipa import ModuleContext, ModuleLog
 from ipad.protocol import modlog as b
 from ipad.protocol import wire as p
@@ -191,6 +194,25 @@ def test_the_gate_logs_at_the_records_level_and_kills_a_flood() -> None:
         gate.flush()
     assert logs[0]["event"] == "module.log_suppressed"
     assert (logs[0]["suppressed"], logs[0]["by"]) == (b.DAEMON_LOG_FLOOD + 1, "daemon")
+
+
+async def test_the_gate_reports_its_drops_when_the_interval_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With the daemon's timers, the drop count is logged at the interval's end, unasked."""
+    timers = Timers()
+    gate = ModuleLogGate("cam", 42, timers=timers)
+    record = p.ModuleLog("info", "r")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(b.DAEMON_LOG_BURST + 5):
+                assert gate.receive(record, trio.current_time()) is None
+            await trio.sleep(b.LOG_INTERVAL + 1)
+        nursery.cancel_scope.cancel()
+    (report,) = [r for r in logs if r["event"] == "module.log_suppressed"]
+    assert (report["suppressed"], report["by"], report["worker_pid"]) == (5, "daemon", 42)
+    assert gate.timer is None
 
 
 def test_an_unknown_level_is_info_and_an_empty_report_logs_only_the_count() -> None:
