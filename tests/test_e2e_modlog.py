@@ -8,6 +8,7 @@ packets to its control socket itself past every bound.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,14 @@ def test_both_clients_say_where_a_module_raised(
     daemon = start_daemon(chatty_config(tmp_path))
     client = connect(daemon.socket)
     proxy = client.request_proxy("chatty")
-    with pytest.raises(ModuleError, match=r"^division by zero \(ZeroDivisionError at chatty\.py:"
-                       r"\d+ in divide\)$"):  # fmt: skip
+    with pytest.raises(ModuleError) as caught:
         client.call(proxy, "divide", {"value": 0}, timeout=WAIT)
+    assert re.fullmatch(r"division by zero \(ZeroDivisionError at chatty\.py:\d+ in divide\)",
+                        str(caught.value))  # fmt: skip
+    (note,) = caught.value.__notes__
+    assert note.endswith(
+        "return 1 / value\n           ~~^~~~~~~\nZeroDivisionError: division by zero"
+    )
 
 
 def test_an_exception_that_cannot_be_printed_is_still_an_error_reply(

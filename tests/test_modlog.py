@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -262,4 +263,6 @@ def test_a_module_error_says_where_from_an_older_workers_traceback() -> None:
     )
     error = ModuleError("division by zero", {"exception": "ZeroDivisionError", "traceback": tb})
     assert str(error) == "division by zero (ZeroDivisionError at awb.py:42 in process)"
+    printed = "".join(traceback.format_exception(error))
+    assert 'File "/mods/awb.py", line 42, in process' in printed  # uncaught, it shows
     assert str(ModuleError("plain")) == "plain"
