@@ -145,9 +145,8 @@ def test_both_clients_say_where_a_module_raised(
     assert re.fullmatch(r"division by zero \(ZeroDivisionError at chatty\.py:\d+ in divide\)",
                         str(caught.value))  # fmt: skip
     (note,) = caught.value.__notes__
-    assert note.endswith(
-        "return 1 / value\n           ~~^~~~~~~\nZeroDivisionError: division by zero"
-    )
+    assert "return 1 / value" in note
+    assert note.endswith("ZeroDivisionError: division by zero")
 
 
 def test_an_exception_that_cannot_be_printed_is_still_an_error_reply(
