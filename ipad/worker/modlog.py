@@ -53,7 +53,8 @@ class LogSender:
         self.instance_id = 0
         self.method = ""
         self._report_at = 0.0
-        self._lock = _thread.allocate_lock()
+        # Reentrant: a module's signal handler may log while the main thread is in here.
+        self._lock = _thread.RLock()
         self.bridged = False
 
     def configure(self, load: p.Load) -> None:
