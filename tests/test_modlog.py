@@ -94,10 +94,12 @@ def test_the_worker_limits_itself_and_reports_what_it_dropped(
     assert len(received(theirs)) == b.LOG_BURST
     sender.tick()  # the interval is not over: nothing yet
     assert received(theirs) == []
+    assert sender.wait() == b.LOG_INTERVAL  # how long a worker without beats may sleep
     clock.now += b.LOG_INTERVAL
     sender.tick()
     (report,) = received(theirs)
     assert (report.text, report.suppressed, report.level) == ("", 30, "warning")
+    assert sender.wait() == -1
     # A count not yet reported rides on the next record instead.
     for _ in range(b.LOG_BURST + 5):
         sender.log("info", "again", {})

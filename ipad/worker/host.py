@@ -287,8 +287,8 @@ class WorkerHost:
                 # heartbeat interval: a module call that never returns stops both.
                 beater.beat()
                 events = self.epoll.poll(beater.wait)
-            else:
-                events = self.epoll.poll()
+            else:  # no beats to keep: wake only for what comes, or to report dropped records
+                events = self.epoll.poll(self.modlog.wait())
             for fd, _ in events:
                 if fd not in self.handlers:
                     continue  # an instance closed earlier in this batch

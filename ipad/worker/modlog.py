@@ -107,6 +107,12 @@ class LogSender:
         )  # fmt: skip
         self._send(record, self.exceptions)
 
+    def wait(self) -> float:
+        """Seconds until dropped records are due to be reported (-1: none are)."""
+        if not self.pending:
+            return -1
+        return max(0.0, self._report_at - self.clock())
+
     def tick(self, *, final: bool = False) -> None:
         """Report records dropped LOG_INTERVAL ago (or any, if ``final``) not reported yet."""
         if self.pending and (final or self.clock() >= self._report_at):
