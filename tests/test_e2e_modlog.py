@@ -8,6 +8,7 @@ packets to its control socket itself past every bound.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from ipad.client import BlockingClient
 from ipad.protocol import modlog as b
 from ipad.protocol.errors import IpadError, ModuleError
+from tests.client_drivers import Connect, connect
 from tests.daemon_process import (
     TEST_MODULES,
     WAIT,
@@ -28,6 +30,7 @@ from tests.daemon_process import (
 )
 
 pytestmark = pytest.mark.timeout(90)
+__all__ = ["connect"]  # a fixture
 
 Start = Callable[..., DaemonProcess]
 
@@ -128,6 +131,40 @@ def test_an_exception_is_logged_with_method_and_traceback(
     assert failed.returncode != 0
     assert "(ZeroDivisionError at chatty.py:" in failed.stderr
     assert "ZeroDivisionError: division by zero" in failed.stderr.splitlines()[-1]
+
+
+def test_both_clients_say_where_a_module_raised(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """Trio and blocking clients alike: the ModuleError's text names type, file:line, function."""
+    daemon = start_daemon(chatty_config(tmp_path))
+    client = connect(daemon.socket)
+    proxy = client.request_proxy("chatty")
+    with pytest.raises(ModuleError) as caught:
+        client.call(proxy, "divide", {"value": 0}, timeout=WAIT)
+    assert re.fullmatch(r"division by zero \(ZeroDivisionError at chatty\.py:\d+ in divide\)",
+                        str(caught.value))  # fmt: skip
+    (note,) = caught.value.__notes__
+    assert "return 1 / value" in note
+    assert note.endswith("ZeroDivisionError: division by zero")
+
+
+def test_an_exception_that_cannot_be_printed_is_still_an_error_reply(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """An exception whose str() raises: the client gets module_error, the worker lives on."""
+    daemon = start_daemon(chatty_config(tmp_path))
+    pid = daemon.worker_pids()["chatty"]
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("chatty")
+        with pytest.raises(ModuleError) as caught:
+            proxy.call("unprintable", timeout=WAIT)
+        assert proxy.call("divide", {"value": 2}, timeout=WAIT) == 0.5
+    assert caught.value.details["exception"] == "Unprintable"
+    record = daemon.wait_for("module.exception", of_module("chatty"))
+    assert (record["exception_type"], record["text"]) == ("Unprintable", "Unprintable")
+    assert daemon.worker_pids()["chatty"] == pid
+    assert not daemon.events("worker.exited")
 
 
 def test_a_huge_record_is_clipped(start_daemon: Start, tmp_path: Path) -> None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import traceback
 from collections.abc import Iterator
 
 import pytest
 import structlog
+import trio
+import trio.testing
 
 from ipad.daemon.modlog import ModuleLogGate, field_key
+from ipad.daemon.reactor import Timers
 from ipad.ipa import ModuleContext, ModuleLog
 from ipad.protocol import modlog as b
 from ipad.protocol import wire as p
@@ -90,10 +94,12 @@ def test_the_worker_limits_itself_and_reports_what_it_dropped(
     assert len(received(theirs)) == b.LOG_BURST
     sender.tick()  # the interval is not over: nothing yet
     assert received(theirs) == []
+    assert sender.wait() == b.LOG_INTERVAL  # how long a worker without beats may sleep
     clock.now += b.LOG_INTERVAL
     sender.tick()
     (report,) = received(theirs)
     assert (report.text, report.suppressed, report.level) == ("", 30, "warning")
+    assert sender.wait() == -1
     # A count not yet reported rides on the next record instead.
     for _ in range(b.LOG_BURST + 5):
         sender.log("info", "again", {})
@@ -193,6 +199,25 @@ def test_the_gate_logs_at_the_records_level_and_kills_a_flood() -> None:
     assert (logs[0]["suppressed"], logs[0]["by"]) == (b.DAEMON_LOG_FLOOD + 1, "daemon")
 
 
+async def test_the_gate_reports_its_drops_when_the_interval_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With the daemon's timers, the drop count is logged at the interval's end, unasked."""
+    timers = Timers()
+    gate = ModuleLogGate("cam", 42, timers=timers)
+    record = p.ModuleLog("info", "r")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(b.DAEMON_LOG_BURST + 5):
+                assert gate.receive(record, trio.current_time()) is None
+            await trio.sleep(b.LOG_INTERVAL + 1)
+        nursery.cancel_scope.cancel()
+    (report,) = [r for r in logs if r["event"] == "module.log_suppressed"]
+    assert (report["suppressed"], report["by"], report["worker_pid"]) == (5, "daemon", 42)
+    assert gate.timer is None
+
+
 def test_an_unknown_level_is_info_and_an_empty_report_logs_only_the_count() -> None:
     """A level the daemon does not know is info; a bare ``suppressed`` logs just the count."""
     gate = ModuleLogGate("cam", 42)
@@ -240,4 +265,6 @@ def test_a_module_error_says_where_from_an_older_workers_traceback() -> None:
     )
     error = ModuleError("division by zero", {"exception": "ZeroDivisionError", "traceback": tb})
     assert str(error) == "division by zero (ZeroDivisionError at awb.py:42 in process)"
+    printed = "".join(traceback.format_exception(error))
+    assert 'File "/mods/awb.py", line 42, in process' in printed  # uncaught, it shows
     assert str(ModuleError("plain")) == "plain"

@@ -18,12 +18,15 @@ protocol violation: ipad's worker host limits itself far below that.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import structlog
+import trio
 
 from ipad.daemon.journal import field_name
+from ipad.daemon.reactor import TimerHandle, Timers
 from ipad.protocol import modlog as b
 from ipad.protocol import wire as p
 from ipad.protocol.rate_limit import RateLimit
@@ -70,10 +73,14 @@ def daemon_log_level() -> str:
 class ModuleLogGate:
     """One worker's MODULE_LOG records: bounded, limited, logged; a flood is a violation."""
 
-    __slots__ = ("dropped", "limit", "module", "pid", "proxy_of")
+    __slots__ = ("dropped", "limit", "module", "pid", "proxy_of", "timer", "timers")
 
     def __init__(
-        self, module: str, pid: int, proxy_of: Callable[[int], int | None] | None = None
+        self,
+        module: str,
+        pid: int,
+        proxy_of: Callable[[int], int | None] | None = None,
+        timers: Timers | None = None,
     ) -> None:
         self.module = module
         self.pid = pid
@@ -82,15 +89,23 @@ class ModuleLogGate:
         self.limit = RateLimit(b.LOG_INTERVAL, b.DAEMON_LOG_BURST)
         #: Records dropped in the current interval (past DAEMON_LOG_FLOOD: a violation).
         self.dropped = 0
+        #: Where the drops are reported when the interval ends (None: at the next record).
+        self.timers = timers
+        self.timer: TimerHandle | None = None
 
     def receive(self, record: p.ModuleLog, now: float) -> str | None:
         """Log ``record`` if the rate allows; a reason to kill the worker if it floods."""
         allowed, ended = self.limit.allow(now)
-        if ended or (allowed and self.dropped):
+        if ended:
             self._report(ended, "daemon")
             self.dropped = 0
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
         if not allowed:
             self.dropped += 1
+            if self.timer is None and self.timers is not None:
+                self.timer = self.timers.call_at(self.limit.deadline, self._expire)
             if self.dropped > b.DAEMON_LOG_FLOOD:
                 return (f"more than {b.DAEMON_LOG_BURST + b.DAEMON_LOG_FLOOD} MODULE_LOG "
                         f"records within {b.LOG_INTERVAL:g}s")  # fmt: skip
@@ -103,7 +118,20 @@ class ModuleLogGate:
 
     def flush(self) -> None:
         """The worker is gone: log what the current interval dropped."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self._report(self.limit.flush(), "daemon")
+
+    def _expire(self) -> None:
+        """The interval with drops is over: log their count now, not at the next record."""
+        self.timer = None
+        count = self.limit.expire(trio.current_time())
+        if count:
+            self._report(count, "daemon")
+            self.dropped = 0
+        elif self.timers is not None and self.limit.deadline < math.inf:  # early: again
+            self.timer = self.timers.call_at(self.limit.deadline, self._expire)
 
     def _report(self, count: int, by: str) -> None:
         if count > 0:

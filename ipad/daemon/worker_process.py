@@ -258,7 +258,8 @@ class WorkerProcess:
         """A record of its module's log: logged within the bounds, or the worker killed."""
         gate = self.log_gate
         if gate is None:
-            gate = self.log_gate = ModuleLogGate(self.module, self.pid, self.proxy_of)
+            gate = self.log_gate = ModuleLogGate(self.module, self.pid, self.proxy_of,
+                                                 self._timers)  # fmt: skip
         violation = gate.receive(record, trio.current_time())
         if violation is not None:
             self.violated(violation)

@@ -53,10 +53,18 @@ class ModuleError(IpadError):
     """The module method raised; ``details['traceback']`` has the worker's short traceback.
 
     Its text says where: ``division by zero (ZeroDivisionError at awb.py:42 in process)``,
-    from ``details['exception']`` and ``details['where']`` (or the traceback's last frame).
+    from ``details['exception']`` and ``details['where']`` (or the traceback's last frame);
+    the traceback is its note, printed below the client's when nobody catches it.
     """
 
     code = p.ErrorCode.MODULE_ERROR.value
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        tb = self.details.get("traceback")
+        if isinstance(tb, str) and tb:
+            # Shown under the client's own traceback when nobody catches it (PEP 678).
+            self.add_note(f"The module's traceback, in its worker:\n{tb}")
 
     def __str__(self) -> str:
         details = self.details if isinstance(self.details, dict) else {}

@@ -304,8 +304,8 @@ class WorkerHost:
                 # heartbeat interval: a module call that never returns stops both.
                 beater.beat()
                 events = self.epoll.poll(beater.wait)
-            else:
-                events = self.epoll.poll()
+            else:  # no beats to keep: wake only for what comes, or to report dropped records
+                events = self.epoll.poll(self.modlog.wait())
             for fd, _ in events:
                 if fd not in self.handlers:
                     continue  # an instance closed earlier in this batch
@@ -506,7 +506,7 @@ class WorkerHost:
                     where = _raised_at(exc)
                     if where:
                         details["where"] = where
-                    reply = p.Error(p.ErrorCode.MODULE_ERROR, str(exc) or repr(exc), details)
+                    reply = p.Error(p.ErrorCode.MODULE_ERROR, _said(exc), details)
                     modlog.exception(instance.instance_id, call.method, exc, details["traceback"])
         finally:
             modlog.instance_id, modlog.method = 0, ""
@@ -583,6 +583,21 @@ def _discard_event(name: str, data: object) -> None:
 
 def _short_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc, limit=-TRACEBACK_LIMIT)).rstrip()
+
+
+def _said(exc: BaseException) -> str:
+    """What an exception says: its str(), else its repr(), else its type's name.
+
+    A module's exception whose ``__str__`` raises must fail its call, not the worker.
+    """
+    for show in (str, repr):
+        try:
+            text = show(exc)
+        except Exception:  # noqa: BLE001, S112 - the module's __str__/__repr__ failed: try the next
+            continue
+        if text:
+            return text
+    return type(exc).__name__
 
 
 def _raised_at(exc: BaseException) -> str:

@@ -53,7 +53,8 @@ class LogSender:
         self.instance_id = 0
         self.method = ""
         self._report_at = 0.0
-        self._lock = _thread.allocate_lock()
+        # Reentrant: a module's signal handler may log while the main thread is in here.
+        self._lock = _thread.RLock()
         self.bridged = False
 
     def configure(self, load: p.Load) -> None:
@@ -93,13 +94,24 @@ class LogSender:
 
     def exception(self, instance_id: int, method: str, exc: BaseException, tb: str) -> None:
         """Report a call that raised (its client gets the ERROR reply as before)."""
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        name = type(exc).__name__
+        try:
+            said = str(exc)
+        except Exception:  # noqa: BLE001 - a module's __str__ may fail; the report must not
+            said = ""
+        text = f"{name}: {said}" if said else name
         record = p.ModuleLog(
-            "error", b.clip(text, b.MAX_LOG_TEXT), {"exception": type(exc).__name__},
+            "error", b.clip(text, b.MAX_LOG_TEXT), {"exception": b.clip(name, b.MAX_LOG_NAME)},
             kind="exception", instance_id=instance_id, method=b.clip(method, b.MAX_LOG_NAME),
             traceback=b.clip_end(tb, b.MAX_LOG_TRACEBACK),
         )  # fmt: skip
         self._send(record, self.exceptions)
+
+    def wait(self) -> float:
+        """Seconds until dropped records are due to be reported (-1: none are)."""
+        if not self.pending:
+            return -1
+        return max(0.0, self._report_at - self.clock())
 
     def tick(self, *, final: bool = False) -> None:
         """Report records dropped LOG_INTERVAL ago (or any, if ``final``) not reported yet."""

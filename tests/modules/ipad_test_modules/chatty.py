@@ -23,6 +23,14 @@ __version__ = "1.0.0"
 logger = logging.getLogger("chatty.lib")
 
 
+class Unprintable(Exception):
+    """An exception that cannot be made a string."""
+
+    def __str__(self) -> str:
+        """Fail, as a hostile module's exception may."""
+        raise RuntimeError("no text for you")
+
+
 class Chatty(IPAModule):
     """Every way a module's words reach the daemon's log."""
 
@@ -48,6 +56,10 @@ class Chatty(IPAModule):
     def divide(self, value: int) -> float:
         """Divide 1 by ``value``: raises ZeroDivisionError for 0."""
         return 1 / value
+
+    def unprintable(self) -> None:
+        """Raise an exception whose str() itself raises."""
+        raise Unprintable
 
     def print_then_crash(self, text: str) -> None:
         """print() a line without flushing, then die of SIGSEGV (a real fault: pid 1 too)."""
