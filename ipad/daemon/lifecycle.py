@@ -653,6 +653,13 @@ class Lifecycle(Generic[W]):
         if worker is self.standby and not self.standby_ready:
             self.standby_ready, self.standby_ready_at = True, self._now
             self._log("info", "worker.standby_ready", worker)
+            if self.state is WorkerState.BACKOFF and self.policy.promote_at_once:
+                # Loaded while a start waits out its backoff: it is that start, now.
+                self._log("info", "module.backoff_skipped", standby=True,
+                          consecutive_failures=self.tracker.consecutive)  # fmt: skip
+                self._emit(CancelTimer(Timer.RESTART))
+                self._start()
+                return
             self._emit(FillStandby(worker))
             return
         if worker is not self.active or worker in self.ending or self.stopping:
