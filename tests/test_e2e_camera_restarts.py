@@ -10,6 +10,7 @@ defaults, still backs off and reaches cooldown.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -103,3 +104,25 @@ def test_a_killed_camera_module_is_served_after_every_kill_and_never_cools_down(
     states = [r["state"] for r in daemon.events("module.state_changed") if r["module"] == "awb"]
     assert "backoff" not in states
     assert "cooldown" not in states
+
+
+@pytest.mark.timeout(120)
+def test_a_module_dying_ms_after_every_start_still_cools_down(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A module that dies 20 ms after READY (fleeting) backs off and cools down by default.
+
+    Its deaths are runs far shorter than served_after: none counts as served,
+    so the loop stays the few forks it was before the defaults changed.
+    """
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n[modules.fleeting]\n')
+    daemon = start_daemon(path)
+    cooldown = daemon.wait_for("module.cooldown", of_module("fleeting"))
+    assert cooldown["retry_in"] == RestartPolicy().cooldown_interval.seconds
+    assert [r for r in daemon.events("module.backoff") if r["module"] == "fleeting"]
+    forks = [r for r in daemon.events("worker.forked") if r.get("module") == "fleeting"]
+    # Six counted deaths and the standbys between them (each standby dies too, and backs off).
+    assert len(forks) <= 3 * (RestartPolicy().max_failures + 1), len(forks)
+    status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]["fleeting"]
+    assert status["state"] == "cooldown"
