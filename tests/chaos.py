@@ -57,12 +57,17 @@ RESTART: dict[str, str | int | bool] = {
     "stable_after": "2s",
     "max_failures": 5,
     "standby": True,
+    "served_after": "1s",
+    "promote_at_once": True,
 }
 KNOBS: dict[str, tuple[str | int | bool, ...]] = {
     "max_failures": (4, 5, 6),
     "standby": (True, False),
     "initial_delay": ("5ms", "10ms", "20ms"),
     "stable_after": ("1s", "2s", "3s"),
+    # The policy before issue 20 too: every death counted, a standby waiting out the backoff.
+    "served_after": ("1s", "1h"),
+    "promote_at_once": (True, False),
 }
 
 #: Every module an episode may configure; CORE are in every first configuration.

@@ -10,6 +10,7 @@ defaults, still backs off and reaches cooldown.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -19,9 +20,12 @@ from pathlib import Path
 import pytest
 from ipa_modules.awb import pack_zones
 
-from ipad.client import BlockingClient, make_buffer
+from ipad.client import make_buffer
 from ipad.config.model import RestartPolicy
+from tests.client_drivers import Connect, Driver, connect
 from tests.daemon_process import REPO, TEST_MODULES, DaemonProcess, of_module, wait_until
+
+__all__ = ["connect"]  # the fixture that runs the test against both clients
 
 KILLS = 10
 SERVED = RestartPolicy().served_after.seconds
@@ -37,7 +41,7 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
-def _standby_loaded(client: BlockingClient) -> int | None:
+def _standby_loaded(client: Driver) -> int | None:
     """The awb worker's pid once it runs with a loaded standby behind it, else None."""
     awb = client.status().modules["awb"]
     if awb["state"] == "running" and awb["standby_pid"] is not None:
@@ -48,7 +52,10 @@ def _standby_loaded(client: BlockingClient) -> int | None:
 
 @pytest.mark.timeout(120)
 def test_a_killed_camera_module_is_served_after_every_kill_and_never_cools_down(
-    start_daemon: Callable[..., DaemonProcess], tmp_path: Path, daemon_env: dict[str, str]
+    start_daemon: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+    connect: Connect,
 ) -> None:
     """10 kills of a served awb worker: each followed by a served call; no backoff, no cooldown.
 
@@ -66,23 +73,23 @@ def test_a_killed_camera_module_is_served_after_every_kill_and_never_cools_down(
 
     stats = make_buffer(pack_zones([(4000, 5000, 4500, 100)] * 64))
     try:
-        with BlockingClient(daemon.socket) as client:
-            awb = client.request_proxy("awb")
-            awb.call("init")
-            awb.call("process_stats", {"frame": 0}, fds={"stats": stats})
-            killed: list[int] = []
-            for frame in range(1, KILLS + 1):
-                since = time.monotonic()
-                wait_until(lambda: _standby_loaded(client) is not None)
-                time.sleep(max(0.0, since + SERVED + 0.2 - time.monotonic()))  # it served
-                pid = _standby_loaded(client)
-                assert pid is not None
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                result = awb.call("process_stats", {"frame": frame}, fds={"stats": stats})
-                assert result["frame"] == frame
-            assert awb.recoveries == KILLS
-            awb_status = client.status().modules["awb"]
+        client = connect(daemon.socket)
+        awb = client.request_proxy("awb")
+        client.call(awb, "init")
+        client.call(awb, "process_stats", {"frame": 0}, {"stats": stats})
+        killed: list[int] = []
+        for frame in range(1, KILLS + 1):
+            since = time.monotonic()
+            wait_until(lambda: _standby_loaded(client) is not None)
+            time.sleep(max(0.0, since + SERVED + 0.2 - time.monotonic()))  # it served
+            pid = _standby_loaded(client)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            result = client.call(awb, "process_stats", {"frame": frame}, {"stats": stats})
+            assert result["frame"] == frame
+        assert client.attr(awb, "recoveries") == KILLS
+        awb_status = client.status().modules["awb"]
     finally:
         os.close(stats)
     assert awb_status["state"] == "running"
@@ -97,3 +104,25 @@ def test_a_killed_camera_module_is_served_after_every_kill_and_never_cools_down(
     states = [r["state"] for r in daemon.events("module.state_changed") if r["module"] == "awb"]
     assert "backoff" not in states
     assert "cooldown" not in states
+
+
+@pytest.mark.timeout(120)
+def test_a_module_dying_ms_after_every_start_still_cools_down(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A module that dies 20 ms after READY (fleeting) backs off and cools down by default.
+
+    Its deaths are runs far shorter than served_after: none counts as served,
+    so the loop stays the few forks it was before the defaults changed.
+    """
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n[modules.fleeting]\n')
+    daemon = start_daemon(path)
+    cooldown = daemon.wait_for("module.cooldown", of_module("fleeting"))
+    assert cooldown["retry_in"] == RestartPolicy().cooldown_interval.seconds
+    assert [r for r in daemon.events("module.backoff") if r["module"] == "fleeting"]
+    forks = [r for r in daemon.events("worker.forked") if r.get("module") == "fleeting"]
+    # Six counted deaths and the standbys between them (each standby dies too, and backs off).
+    assert len(forks) <= 3 * (RestartPolicy().max_failures + 1), len(forks)
+    status = json.loads(daemon.ctl("--json", "status").stdout)["modules"]["fleeting"]
+    assert status["state"] == "cooldown"

@@ -245,3 +245,34 @@ def test_a_stable_run_served_whatever_served_after_says() -> None:
         assert state(w) is WorkerState.STARTING
         w.ready(w.launched())
     assert WorkerState.COOLDOWN not in w.states_named()
+
+
+def test_a_standby_that_loads_during_a_backoff_is_promoted_at_once() -> None:
+    """Two quick deaths with no standby loaded: the standby that then loads ends the backoff."""
+    w = world()
+    w.running(standby=True)
+    w.exit(w.m.active)  # type: ignore[arg-type]  # the standby is promoted; a new one launches
+    w.now += 0.01
+    w.exit(w.m.active)  # type: ignore[arg-type]  # dead at once: no standby loaded yet
+    assert state(w) is WorkerState.BACKOFF
+    standby = w.launched(standby=True)
+    w.ready(standby)
+    assert state(w) is WorkerState.RUNNING
+    assert w.m.active == standby
+    assert Timer.RESTART not in w.timers
+    assert w.logged("module.backoff_skipped")
+
+
+def test_without_promote_at_once_a_standby_loaded_in_backoff_waits() -> None:
+    """promote_at_once = false: the standby waits for the backoff's end, as a fresh start would."""
+    w = world(promote_at_once=False)
+    w.running(standby=True)
+    w.exit(w.m.active)  # type: ignore[arg-type]
+    w.now += 0.01
+    w.exit(w.m.active)  # type: ignore[arg-type]
+    standby = w.launched(standby=True)
+    w.ready(standby)
+    assert state(w) is WorkerState.BACKOFF
+    w.fire(Timer.RESTART)
+    assert state(w) is WorkerState.RUNNING
+    assert w.m.active == standby

@@ -746,6 +746,13 @@ class Lifecycle(Generic[W]):
             self.standby_ready, self.standby_ready_at = True, self._now
             self.standby_code = event.code_id
             self._log("info", "worker.standby_ready", worker)
+            if self.state is WorkerState.BACKOFF and self.policy.promote_at_once:
+                # Loaded while a start waits out its backoff: it is that start, now.
+                self._log("info", "module.backoff_skipped", standby=True,
+                          consecutive_failures=self.tracker.consecutive)  # fmt: skip
+                self._emit(CancelTimer(Timer.RESTART))
+                self._start()
+                return
             self._emit(FillStandby(worker))
             return
         if worker is not self.active or worker in self.ending or self.stopping:
