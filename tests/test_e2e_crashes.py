@@ -13,7 +13,16 @@ import pytest
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
-from tests.daemon_process import REPO, TEST_MODULES, WAIT, DaemonProcess, of_module, write_config
+from ipad.daemon.crashes import RING_SIZE
+from tests.daemon_process import (
+    REPO,
+    TEST_MODULES,
+    WAIT,
+    DaemonProcess,
+    of_module,
+    wait_until,
+    write_config,
+)
 from tests.privileges import NOBODY, as_user, needs_setpriv
 
 pytestmark = pytest.mark.timeout(90)
@@ -227,3 +236,24 @@ def test_a_worker_that_crashes_as_it_loads_leaves_its_stack(
     state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "crashy_load"
                             and r["state"] == "exited")  # fmt: skip
     assert state["reason"].startswith("failed to start")
+
+
+def test_a_flood_of_crashes_keeps_the_ring_bounded(start_daemon: Start, tmp_path: Path) -> None:
+    """A crash loop with no cooldown in sight: the daemon keeps 16 reports, counts the rest."""
+    modules = (
+        "[modules.crashy_load]\n[modules.crashy_load.restart]\nmax_failures = 1000\n"
+        'initial_delay = "1ms"\nmax_delay = "2ms"\nstandby = false\n'
+    )
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules), wait=False)
+
+    def enough() -> bool:
+        return len(daemon.events("worker.crash_report")) > 2 * RING_SIZE
+
+    wait_until(enough, timeout=60)
+    reply = json.loads(daemon.ctl("crashes", "crashy_load", "--json", "-n", "1000").stdout)
+    assert len(reply["crashes"]) == RING_SIZE
+    assert reply["dropped"] >= RING_SIZE
+    assert reply["left_off"] == 0
+    pids = [r["worker_pid"] for r in reply["crashes"]]
+    assert len(set(pids)) == RING_SIZE  # each a crash of its own, oldest first
+    assert [r["time"] for r in reply["crashes"]] == sorted(r["time"] for r in reply["crashes"])
