@@ -257,3 +257,23 @@ def test_a_flood_of_crashes_keeps_the_ring_bounded(start_daemon: Start, tmp_path
     pids = [r["worker_pid"] for r in reply["crashes"]]
     assert len(set(pids)) == RING_SIZE  # each a crash of its own, oldest first
     assert [r["time"] for r in reply["crashes"]] == sorted(r["time"] for r in reply["crashes"])
+
+
+def test_a_crash_in_a_proxy_s_own_worker_is_the_module_s(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """With isolation per proxy the report names that proxy and outlives its worker's cell."""
+    modules = '[modules.crashy]\nisolation = "proxy"\n'
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules))
+    with BlockingClient(daemon.socket) as client:
+        first, second = client.request_proxy("crashy"), client.request_proxy("crashy")
+        pid = second.call("pid")
+        with pytest.raises(ipc.WorkerCrashed) as caught:
+            second.call("segfault")
+        assert caught.value.details["cause"] == "worker exited with signal SIGSEGV in segfault()"
+        daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+        second.release()
+        assert isinstance(first.call("pid"), int)  # the other proxy's worker did not end
+    [record] = crashes(daemon, "crashy")
+    assert (record["worker_pid"], record["proxy_id"], record["method"]) == (
+        pid, second.proxy_id, "segfault")  # fmt: skip
