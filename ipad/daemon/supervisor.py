@@ -545,6 +545,13 @@ class ModuleSupervisor:
             words = read_last_words(worker)
             self.post(Hung(worker, how, words.in_flight if words is not None else None))
 
+    def crash_of(self, worker_pid: int) -> CrashRecord | None:
+        """The crash report of the worker ``worker_pid``, if this module keeps one."""
+        if self.crashes is None:
+            return None
+        return next((c for c in reversed(self.crashes.records()) if c.worker_pid == worker_pid),
+                    None)  # fmt: skip
+
     def keep_crash(self, crash: CrashRecord) -> None:
         """Keep ``crash`` in this module's ring (made at its first crash)."""
         if self.crashes is None:
