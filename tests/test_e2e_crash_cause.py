@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from ipad import client as ipc
+from ipad.client import BlockingClient
+from ipad.protocol import wire as p
 from tests.client_drivers import Connect, connect
 from tests.daemon_process import TEST_MODULES, DaemonProcess, write_config
 
@@ -92,3 +94,16 @@ def test_ipadctl_call_prints_the_cause(start_daemon: Start, tmp_path: Path) -> N
     result = daemon.ctl("call", "crashy", "segfault", check=False)
     assert result.returncode == 1
     assert "signal SIGSEGV in segfault()" in result.stderr
+
+
+def test_proxy_cause_answers_only_for_the_asker_s_own_proxies(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Another client's proxy is unknown to PROXY_CAUSE; a live one's answer is valid, no reason."""
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules="[modules.crashy]\n"))
+    with BlockingClient(daemon.socket) as owner, BlockingClient(daemon.socket) as other:
+        proxy = owner.request_proxy("crashy")
+        with pytest.raises(ipc.UnknownProxy):
+            other.request(p.ProxyCause(proxy.proxy_id), p.ProxyCauseReply, timeout=10)
+        reply = owner.request(p.ProxyCause(proxy.proxy_id), p.ProxyCauseReply, timeout=10)
+        assert (reply.state, reply.reason) == ("valid", "")  # its worker did not end
