@@ -88,7 +88,7 @@ def test_a_scribbled_claim_is_clipped_and_disbelieved() -> None:
     """A length past the room, control bytes and a future time read as a clipped, inert claim."""
     board = new_board()
     try:
-        header = struct.pack("<QQIQQH", 0, 1, 0, 2**63, 7, 65535)
+        header = struct.pack("=QQQQIH", 0, 1, 2**63, 7, 0, 65535)
         os.pwrite(board, header + b"\x1b[2J" * 100, 0)
         claim = read_claim(board)
         assert claim is not None
@@ -116,6 +116,29 @@ def test_the_board_cannot_grow_and_its_dump_is_read_bounded() -> None:
         assert os.fstat(board).st_size == FILE_SIZE
         assert read_dump(board) == "A" * DUMP_SIZE
         assert read_dump(board, 10) == "A" * 10
+    finally:
+        os.close(board)
+
+
+def test_a_repeated_claim_rewrites_only_its_time() -> None:
+    """The same method on the same instance again: a new ``since``, the same name; another: both."""
+    board = new_board()
+    try:
+        beater = Beater(board, 1.0)
+        beater.enter()
+        beater.claim(b"process", 3)
+        first = read_claim(board)
+        beater.claim(b"process", 3)
+        again = read_claim(board)
+        beater.claim(b"init", 4)
+        other = read_claim(board)
+        assert first is not None
+        assert again is not None
+        assert other is not None
+        assert (again.method, again.instance_id) == ("process", 3)
+        assert again.age is not None
+        assert first.age is not None
+        assert (other.method, other.instance_id) == ("init", 4)
     finally:
         os.close(board)
 

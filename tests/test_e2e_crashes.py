@@ -13,7 +13,16 @@ import pytest
 
 from ipad import client as ipc
 from ipad.client import BlockingClient
-from tests.daemon_process import REPO, TEST_MODULES, WAIT, DaemonProcess, of_module, write_config
+from ipad.daemon.crashes import RING_SIZE
+from tests.daemon_process import (
+    REPO,
+    TEST_MODULES,
+    WAIT,
+    DaemonProcess,
+    of_module,
+    wait_until,
+    write_config,
+)
 from tests.privileges import NOBODY, as_user, needs_setpriv
 
 pytestmark = pytest.mark.timeout(90)
@@ -227,3 +236,44 @@ def test_a_worker_that_crashes_as_it_loads_leaves_its_stack(
     state = daemon.wait_for("module.state_changed", lambda r: r["module"] == "crashy_load"
                             and r["state"] == "exited")  # fmt: skip
     assert state["reason"].startswith("failed to start")
+
+
+def test_a_flood_of_crashes_keeps_the_ring_bounded(start_daemon: Start, tmp_path: Path) -> None:
+    """A crash loop with no cooldown in sight: the daemon keeps 16 reports, counts the rest."""
+    modules = (
+        "[modules.crashy_load]\n[modules.crashy_load.restart]\nmax_failures = 1000\n"
+        'initial_delay = "1ms"\nmax_delay = "2ms"\nstandby = false\n'
+    )
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules), wait=False)
+
+    def enough() -> bool:
+        return len(daemon.events("worker.crash_report")) > 2 * RING_SIZE
+
+    wait_until(enough, timeout=60)
+    reply = json.loads(daemon.ctl("crashes", "crashy_load", "--json", "-n", "1000").stdout)
+    assert len(reply["crashes"]) == RING_SIZE
+    assert reply["dropped"] >= RING_SIZE
+    assert reply["left_off"] == 0
+    pids = [r["worker_pid"] for r in reply["crashes"]]
+    assert len(set(pids)) == RING_SIZE  # each a crash of its own, oldest first
+    assert [r["time"] for r in reply["crashes"]] == sorted(r["time"] for r in reply["crashes"])
+
+
+def test_a_crash_in_a_proxy_s_own_worker_is_the_module_s(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """With isolation per proxy the report names that proxy and outlives its worker's cell."""
+    modules = '[modules.crashy]\nisolation = "proxy"\n'
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules))
+    with BlockingClient(daemon.socket) as client:
+        first, second = client.request_proxy("crashy"), client.request_proxy("crashy")
+        pid = second.call("pid")
+        with pytest.raises(ipc.WorkerCrashed) as caught:
+            second.call("segfault")
+        assert caught.value.details["cause"] == "worker exited with signal SIGSEGV in segfault()"
+        daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+        second.release()
+        assert isinstance(first.call("pid"), int)  # the other proxy's worker did not end
+    [record] = crashes(daemon, "crashy")
+    assert (record["worker_pid"], record["proxy_id"], record["method"]) == (
+        pid, second.proxy_id, "segfault")  # fmt: skip

@@ -608,3 +608,21 @@ def test_bare_c_worker_refuses_a_65th_instance(c_bin: Path) -> None:
             for pair in pairs:
                 for end in pair:
                     end.close()
+
+
+def test_a_native_worker_crash_is_reported_by_its_signal_alone(
+    start_daemon: Start, c_env: dict[str, str], c_bin: Path, tmp_path: Path
+) -> None:
+    """A C worker writes no claim nor stack on its board: its crash report has the signal only."""
+    config = write_config(tmp_path, c_bin, '[modules.echo]\nworker = "ipad-echo-worker"\n')
+    daemon = start_daemon(config, env=c_env)
+    pid = daemon.worker_pids()["echo"]
+    os.kill(pid, signal.SIGSEGV)
+    report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == pid)
+    assert (report["kind"], report["signal"], report["method"], report["stack"]) == (
+        "signal SIGSEGV",
+        "SIGSEGV",
+        None,
+        "",
+    )
+    daemon.wait_for("worker.ready", lambda r: r.get("module") == "echo" and r["worker_pid"] != pid)

@@ -170,6 +170,8 @@ def test_a_worker_that_lies_on_the_wire_is_killed_for_it(
         assert violation in killed["reason"]
         exited = daemon.wait_for("worker.exited", lambda r: r["worker_pid"] == first)
         assert exited["cause"] == "protocol"
+        report = daemon.wait_for("worker.crash_report", lambda r: r["worker_pid"] == first)
+        assert report["kind"] == "protocol"
         assert len(daemon.events("reply.dropped")) <= UNSOLICITED_BURST
         others_unharmed(daemon, client, baseline)
         wait_until(lambda: proxy.call("ping", timeout=5) == "pong", timeout=20)

@@ -517,23 +517,25 @@ class BlockingProxy(ProxyCore):
         return _Failed(not_sent(self.module, exc, self.reason))
 
     def _await_cause(self, deadline: float | None) -> None:
-        """Learn, within a bounded moment, why the worker died: its invalid event, or PROXY_CAUSE.
+        """Learn, within a bounded moment, why the worker died: PROXY_CAUSE, or its invalid event.
 
-        A subscribed client reads its events for the proxy's "invalid"; any other
-        asks the daemon (if it speaks PROXY_CAUSE), which answers once it knows.
+        A daemon that speaks PROXY_CAUSE is asked about the worker the call ran
+        on: it answers once it knows that worker's end (an invalid event may be
+        about an earlier one). An older daemon's invalid event, if subscribed.
         """
         client, conn = self.client, self._daemon_conn
         end = time.monotonic() + CAUSE_WAIT
         end = end if deadline is None else min(end, deadline)
-        if conn is not client._conn or self.cause is not None:
+        if conn is not client._conn:
             return
-        if not client.subscribed:
-            if client.welcome.minor < p.MINOR_PROXY_CAUSE:
-                return
+        if client.welcome.minor >= p.MINOR_PROXY_CAUSE:
+            asked = p.ProxyCause(self.proxy_id, self.info.worker_pid)
             with contextlib.suppress(IpadError, OSError):
-                reply = conn.request(p.ProxyCause(self.proxy_id), deadline=end).message
+                reply = conn.request(asked, deadline=end).message
                 if isinstance(reply, p.ProxyCauseReply) and reply.state == "invalid":
                     self.learned_cause(reply.reason)
+            return
+        if not client.subscribed:
             return
         while self.cause is None and conn.closed_reason is None and time.monotonic() < end:
             try:

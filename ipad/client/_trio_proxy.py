@@ -297,28 +297,31 @@ class Proxy(ProxyCore):
             self._signal()
 
     async def _await_cause(self, bounds: Bounds) -> None:
-        """Learn, within a bounded moment, why the worker died: its invalid event, or PROXY_CAUSE.
+        """Learn, within a bounded moment, why the worker died: PROXY_CAUSE, or its invalid event.
 
-        A subscribed client waits for the proxy's "invalid" event; any other
-        asks the daemon (if it speaks PROXY_CAUSE), which answers once it knows.
+        A daemon that speaks PROXY_CAUSE is asked about the worker the call ran
+        on: it answers once it knows that worker's end (an invalid event may be
+        about an earlier one). An older daemon's invalid event, if subscribed.
         """
         client = self.client
         end = trio.current_time() + CAUSE_WAIT
         end = end if bounds.deadline is None else min(end, bounds.deadline)
         with trio.move_on_at(end):
-            if not client.subscribed:
-                welcome = client.welcome
-                if welcome is None or welcome.minor < p.MINOR_PROXY_CAUSE:
-                    return
+            welcome = client.welcome
+            if welcome is not None and welcome.minor >= p.MINOR_PROXY_CAUSE:
                 if client.conn is not self.granted_on:
                     return
+                asked = p.ProxyCause(self.proxy_id, self.info.worker_pid)
                 with contextlib.suppress(IpadError):
-                    reply = await client.request(p.ProxyCause(self.proxy_id), p.ProxyCauseReply)
-                    if reply.state == "invalid" and self.cause is None:
+                    reply = await client.request(asked, p.ProxyCauseReply)
+                    if reply.state == "invalid":
                         self.learned_cause(reply.reason)
                 return
+            if not client.subscribed:
+                return
             while self.cause is None and not self.closed:
-                self._news = trio.Event()
+                if self._news.is_set():  # shared by every call waiting: replaced once spent
+                    self._news = trio.Event()
                 await self._news.wait()
 
     def _disconnected(self, reason: str) -> None:

@@ -29,6 +29,7 @@ import trio
 from ipad.config.check import ModulePlan
 from ipad.config.model import RestartPolicy
 from ipad.config.proxy_kinds import ProxyKind
+from ipad.daemon.crashes import CrashRecord
 from ipad.daemon.lifecycle import HALT_REASON, Effect, Log, SetState
 from ipad.daemon.states import ProxyState, WorkerState
 from ipad.daemon.supervisor import ModuleSupervisor, ModuleUnavailable, Shared
@@ -81,6 +82,10 @@ class WorkerCell(ModuleSupervisor):
         if isinstance(effect, Log) and self.proxy_id is not None:
             effect = attrs.evolve(effect, fields={**effect.fields, "proxy_id": self.proxy_id})
         super()._carry_out(effect)
+
+    def keep_crash(self, crash: CrashRecord) -> None:
+        """Into the module's ring: a cell ends with its proxy, its crashes must not."""
+        self.owner.keep_crash(crash)
 
     def _publish(self, change: SetState[WorkerProcess]) -> None:
         """Kept from the clients: the module's state is the owner's to publish."""

@@ -24,7 +24,7 @@ from ipad._version import __version__
 from ipad.config.access import AccessPolicy, Peer, Rule, peer_of
 from ipad.config.model import ClientLimits, RestartPolicy
 from ipad.daemon.bounds import fit_entries
-from ipad.daemon.crashes import CAUSE_WAIT
+from ipad.daemon.crashes import CAUSE_WAIT, CrashRecord
 from ipad.daemon.events import EventBus, Subscription
 from ipad.daemon.log_ring import log_reply
 from ipad.daemon.metrics import refusal_reason
@@ -548,10 +548,27 @@ class Session:
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
             return
-        await self.server.events.wait_until(lambda: record.state is not ProxyState.VALID,
-                                            CAUSE_WAIT)  # fmt: skip
-        reply = p.ProxyCauseReply(record.proxy_id, record.state.value, record.reason or "")
-        await self._reply(frame, reply)
+        pid = message.worker_pid or record.worker_pid
+        supervisors = self.server.supervisors
+
+        def crash() -> CrashRecord | None:
+            serving = supervisors.get(record.served_by)
+            return serving.crash_of(pid) if serving is not None and pid else None
+
+        def known() -> bool:
+            if record.state is ProxyState.CLOSED or crash() is not None:
+                return True
+            serving = supervisors.get(record.served_by)
+            running = serving.running_pid_for(record.proxy_id) if serving is not None else None
+            # Invalid, and not on that worker any more: its end was told (a stop, a restart).
+            # Invalid while that worker still runs is an earlier end's state: wait for this one.
+            return record.state is not ProxyState.VALID and running != pid
+
+        await self.server.events.wait_until(known, CAUSE_WAIT)
+        crashed = crash()
+        reason = crashed.reason if crashed is not None else record.reason or ""
+        state = "invalid" if crashed is not None else record.state.value
+        await self._reply(frame, p.ProxyCauseReply(record.proxy_id, state, reason))
 
     async def _reopen_proxy(self, frame: p.Frame, message: p.ReopenProxy) -> None:
         """A new instance for a proxy whose channel broke; it stays invalid until ready.

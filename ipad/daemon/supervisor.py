@@ -39,6 +39,7 @@ from ipad.daemon import memory_cgroup
 from ipad.daemon.backoff import RestartTracker
 from ipad.daemon.cgroup import clear_cgroup
 from ipad.daemon.crashes import (
+    CrashRecord,
     CrashRing,
     LastWords,
     crash_record,
@@ -661,6 +662,19 @@ class ModuleSupervisor:
             words = read_last_words(worker)
             self.post(Hung(worker, how, words.in_flight if words is not None else None))
 
+    def crash_of(self, worker_pid: int) -> CrashRecord | None:
+        """The crash report of the worker ``worker_pid``, if this module keeps one."""
+        if self.crashes is None:
+            return None
+        return next((c for c in reversed(self.crashes.records()) if c.worker_pid == worker_pid),
+                    None)  # fmt: skip
+
+    def keep_crash(self, crash: CrashRecord) -> None:
+        """Keep ``crash`` in this module's ring (made at its first crash)."""
+        if self.crashes is None:
+            self.crashes = CrashRing()
+        self.crashes.add(crash)
+
     def _record_crash(self, worker: WorkerProcess, kind: str, reason: str) -> None:
         """Keep and log a crash report of ``worker`` (docs/operations.md, "Crash reports")."""
         words = self._last_words.pop(worker, None) if self._last_words is not None else None
@@ -672,9 +686,7 @@ class ModuleSupervisor:
                     proxy_id = record.proxy_id
                     break
         crash = crash_record(self.name, worker, kind, reason, words, proxy_id)
-        if self.crashes is None:
-            self.crashes = CrashRing()
-        self.crashes.add(crash)
+        self.keep_crash(crash)
         log.error("worker.crash_report", module=self.name, worker_pid=crash.worker_pid,
                   kind=crash.kind, exit_status=crash.exit_status, signal=crash.signal,
                   method=crash.method, proxy_id=crash.proxy_id, stack=crash.stack)  # fmt: skip

@@ -383,6 +383,8 @@ class ProxyCause(Message, frozen=True):
 
     TYPE = MsgType.PROXY_CAUSE
     proxy_id: int
+    #: The worker whose end the client saw (its grant's ``worker_pid``); 0: the proxy's own.
+    worker_pid: int = 0
 
 
 class ProxyCauseReply(Message, frozen=True):

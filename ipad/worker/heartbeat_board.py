@@ -51,8 +51,11 @@ BOARD_SIZE = 16
 #: Where the beat counter ends: the rest is the call counter.
 BEAT_SIZE = 8
 
-#: After the counters, the claim: flags, since (CLOCK_MONOTONIC ns), instance id, text length.
-CLAIM_HEADER = struct.Struct("<IQQH")
+#: After the counters, the claim, in native order as they are: since (CLOCK_MONOTONIC ns),
+#: instance id, flags, text length.
+CLAIM_HEADER = struct.Struct("=QQIH")
+#: The claim's ``since`` as the third of the board's 64-bit words (written alone per call).
+SINCE_WORD = 2
 #: The claim's text (the method's name) starts here and ends by ``CLAIM_END``.
 CLAIM_TEXT = BOARD_SIZE + CLAIM_HEADER.size
 CLAIM_END = 256
@@ -121,7 +124,7 @@ def read_claim(fd: int) -> Claim | None:
         return None
     if len(data) < CLAIM_END or call_running(data) is None:
         return None
-    _, since, instance_id, length = CLAIM_HEADER.unpack_from(data, BOARD_SIZE)
+    since, instance_id, _, length = CLAIM_HEADER.unpack_from(data, BOARD_SIZE)
     text = data[CLAIM_TEXT : CLAIM_TEXT + min(length, CLAIM_END - CLAIM_TEXT)]
     method = text.decode("utf-8", "replace")
     if not method.isprintable() or not method:
@@ -138,7 +141,7 @@ def dumps_on_sigusr1(fd: int) -> bool:
     except OSError:
         return False
     return len(data) == CLAIM_TEXT and bool(
-        CLAIM_HEADER.unpack_from(data, BOARD_SIZE)[0] & DUMPS_ON_SIGUSR1
+        CLAIM_HEADER.unpack_from(data, BOARD_SIZE)[2] & DUMPS_ON_SIGUSR1
     )
 
 
@@ -159,8 +162,13 @@ class Beater:
         #: A board with room for a claim and a dump (see the module's docstring).
         self.full = os.fstat(fd).st_size >= FILE_SIZE
         self._map = mmap.mmap(fd, CLAIM_END if self.full else BOARD_SIZE)
-        self._counter = memoryview(self._map)[:BOARD_SIZE].cast("Q")
+        self._counter = memoryview(self._map)[: BOARD_SIZE + 8 if self.full else BOARD_SIZE].cast(
+            "Q"
+        )
         self._flags = 0
+        #: What the claim names now: a call of the same method on the same instance
+        #: (every frame's ``process``) rewrites only its ``since``.
+        self._claimed: tuple[bytes, int] | None = None
         #: Module code entered and left: odd while it runs.
         self.calls = 0
         #: How long the loop may wait for anything before it must beat again.
@@ -173,11 +181,15 @@ class Beater:
 
     def claim(self, label: bytes, instance_id: int) -> None:
         """Say which module code runs next (``label``: its name, already cut to the room)."""
-        if self.full:
-            CLAIM_HEADER.pack_into(
-                self._map, BOARD_SIZE, self._flags, time.monotonic_ns(), instance_id, len(label)
-            )
-            self._map[CLAIM_TEXT : CLAIM_TEXT + len(label)] = label
+        if not self.full:
+            return
+        now = time.monotonic_ns()
+        if self._claimed == (label, instance_id):
+            self._counter[SINCE_WORD] = now
+            return
+        CLAIM_HEADER.pack_into(self._map, BOARD_SIZE, now, instance_id, self._flags, len(label))
+        self._map[CLAIM_TEXT : CLAIM_TEXT + len(label)] = label
+        self._claimed = (label, instance_id)
 
     def dump_to(self, fd: int) -> int | None:
         """A descriptor at the board's dump area for faulthandler (None: no room on this board).
@@ -190,7 +202,8 @@ class Beater:
         dump = os.dup(fd)
         os.lseek(dump, DUMP_OFFSET, os.SEEK_SET)
         self._flags |= DUMPS_ON_SIGUSR1
-        CLAIM_HEADER.pack_into(self._map, BOARD_SIZE, self._flags, 0, 0, 0)
+        CLAIM_HEADER.pack_into(self._map, BOARD_SIZE, 0, 0, self._flags, 0)
+        self._claimed = None
         return dump
 
     def beat(self) -> None:

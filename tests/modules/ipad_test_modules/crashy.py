@@ -76,8 +76,8 @@ class Crashy(IPAModule):
         """Fill the claim and the dump area with lies and terminal escapes, then segfault."""
         for fd in _board_fds():
             garbage = b"\x1b[2J\x1b]0;owned\x07" * 40
-            # flags, since (the far future), instance id, a length far past the room
-            os.pwrite(fd, struct.pack("<IQQH", 0xFFFFFFFF, 2**63, 2**64 - 1, 65535), CLAIM_AT)
+            # since (the far future), instance id, flags, a length far past the room
+            os.pwrite(fd, struct.pack("=QQIH", 2**63, 2**64 - 1, 0xFFFFFFFF, 65535), CLAIM_AT)
             os.pwrite(fd, garbage, CLAIM_AT + 22)
             try:  # at faulthandler's offset, on past the area's end (its sealed size stops it)
                 while os.write(fd, garbage * 200):
