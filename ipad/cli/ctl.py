@@ -18,6 +18,7 @@ import msgspec
 
 from ipad._version import __version__
 from ipad.cli import ctl_crashes, ctl_events, ctl_logs, ctl_metrics, ctl_module, ctl_session
+from ipad.cli.ctl_io import shown
 from ipad.client._blocking import BlockingClient
 from ipad.client._buffers import make_buffer
 from ipad.client._describe import schema_text
@@ -287,9 +288,9 @@ def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None
         error = {"code": code, "message": message, "details": details or {}}
         print(json.dumps({"error": error}))
     else:
-        print(f"ipadctl: {message}", file=sys.stderr)
+        print(f"ipadctl: {shown(message)}", file=sys.stderr)
         if details and "traceback" in details:
-            print(details["traceback"], file=sys.stderr)
+            print(shown(details["traceback"], "\n\t"), file=sys.stderr)
 
 
 def _print_json(value: object) -> None:
@@ -306,8 +307,8 @@ def _status(client: BlockingClient, args: argparse.Namespace) -> int:
             return EXIT_NO_SUCH_MODULE
         modules = {args.module: modules[args.module]}
     # As `systemctl status`: 3 when a unit shown is not active (an omitted entry is not shown).
-    shown = [m for name, m in modules.items() if name != OMITTED]
-    status = 0 if all(m.get("state") == "running" for m in shown) else EXIT_NOT_RUNNING
+    listed = [m for name, m in modules.items() if name != OMITTED]
+    status = 0 if all(m.get("state") == "running" for m in listed) else EXIT_NOT_RUNNING
     if args.json:
         _print_json({"daemon": reply.daemon, "modules": modules})
         return status
@@ -379,18 +380,18 @@ def _describe(client: BlockingClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(reply)
         return 0
-    print(f"{reply.module} {reply.version}: {len(reply.methods)} methods")
+    print(shown(f"{reply.module} {reply.version}: {len(reply.methods)} methods"))
     if reply.note:
-        print(f"({reply.note})")
+        print(f"({shown(reply.note)})")
     for method in reply.methods:
         params = ", ".join(_param_text(prm) for prm in method.params or ())
         result = schema_text(method.result) if method.result is not None else "?"
         marks = [m for m in ("setup" if method.setup else "",
                              f"undoes {method.undoes}" if method.undoes else "") if m]  # fmt: skip
         sig = f"{method.name}({params if method.params is not None else '?'}) -> {result}"
-        print(f"\n  {sig}" + (f"  [{', '.join(marks)}]" if marks else ""))
-        for line in method.doc.splitlines():
-            print(f"      {line}".rstrip())
+        print("\n  " + shown(sig + (f"  [{', '.join(marks)}]" if marks else "")))
+        for line in method.doc.splitlines():  # a module's docstring: shown, never obeyed
+            print(f"      {shown(line)}".rstrip())
     if reply.types:
         print("\ntypes:")
     for name, schema in sorted(reply.types.items()):
@@ -401,9 +402,10 @@ def _describe(client: BlockingClient, args: argparse.Namespace) -> int:
                 f"{key}{'' if key in required else '?'}: {schema_text(sub)}"
                 for key, sub in props.items()
             )
-            print(f"  {name} {{{fields}}}")
+            print(shown(f"  {name} {{{fields}}}"))
         else:
-            print(f"  {name} = {schema_text({k: v for k, v in schema.items() if k != 'title'})}")
+            text = schema_text({k: v for k, v in schema.items() if k != "title"})
+            print(shown(f"  {name} = {text}"))
     return 0
 
 
@@ -436,11 +438,15 @@ def _call(client: BlockingClient, args: argparse.Namespace) -> int:
     finally:
         for fd in fds.values():
             os.close(fd)
-    _print_json(result) if args.json or not isinstance(result, str) else print(result)
+    if args.json or not isinstance(result, str):
+        _print_json(result)
+    else:
+        print(shown(result, "\n\t"))  # a module's string: its lines, none of its escapes
     return 0
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    rows = [[shown(cell) for cell in row] for row in rows]  # versions, reasons: a module's words
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -462,7 +468,7 @@ def _admin(client: BlockingClient, args: argparse.Namespace) -> int:
         print(f"{result['module']}: {result['state']}")
         if result["state"] != "running":
             why = result.get("reason") or result["state"]
-            print(f"ipadctl: {result['module']} did not start: {why}", file=sys.stderr)
+            print(f"ipadctl: {result['module']} did not start: {shown(why)}", file=sys.stderr)
     elif args.command == "reload":
         for key in ("added", "removed", "changed", "code_changed", "unchanged"):
             print(f"{key.replace('_', ' ')}: {', '.join(result.get(key, ())) or '-'}")

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from ipad.cli.ctl_io import shown
 from ipad.client._blocking import BlockingClient
 from ipad.protocol import wire as p
 from ipad.protocol.errors import IpadError
@@ -63,15 +64,17 @@ def crashes(client: BlockingClient, args: argparse.Namespace) -> int:
         print("no crashes recorded")
         return 0
     rows = [["TIME", "MODULE", "PID", "KIND", "METHOD", "PROXY", "RAN"]]
-    rows += [_row(record) for record in records]
+    rows += [[shown(cell) for cell in _row(record)] for record in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if not args.no_stack:
         for record in records:
-            print(f"\n{_when(record['time'])} {record['module']} pid {record['worker_pid']}: "
-                  f"{record['reason']}")  # fmt: skip
-            print(record["stack"] or "(no Python stack: a native worker, or none was written)")
+            print(f"\n{_when(record['time'])} {shown(record['module'])} pid "
+                  f"{record['worker_pid']}: {shown(record['reason'])}")  # fmt: skip
+            # The daemon escapes the stack already; a daemon of another version may not.
+            print(shown(record["stack"], "\n\t")
+                  or "(no Python stack: a native worker, or none was written)")  # fmt: skip
     return 0
 
 

@@ -18,6 +18,7 @@ from ipad.cli.ctl_io import (
     fail,
     json_line,
     local_time,
+    shown,
     until_interrupted,
 )
 from ipad.client._blocking import BlockingClient
@@ -54,11 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 def event_line(event: p.Event) -> str:
     """One event as the table shows it: local time, seq, kind:module, the other fields."""
     fields = " ".join(
-        f"{k}={v}"
+        f"{k}={shown(v)}"  # reasons and details quote modules: never an escape or a line
         for k, v in msgspec.to_builtins(event).items()
         if v not in (None, {}) and k not in ("seq", "kind", "module", "time")
     )
-    return f"{local_time(event.time)} {event.seq:6d} {event.kind}:{event.module} {fields}".rstrip()
+    where = shown(f"{event.kind}:{event.module}")
+    return f"{local_time(event.time)} {event.seq:6d} {where} {fields}".rstrip()
 
 
 def events(client: BlockingClient, args: argparse.Namespace) -> int:

@@ -23,15 +23,29 @@ EXIT_NOT_RUNNING = 3
 EXIT_NO_SUCH_MODULE = 4
 
 
+def shown(value: object, keep: str = "") -> str:
+    """``value`` as text for a terminal: every control character escaped but those in ``keep``.
+
+    What ipadctl prints comes in good part from modules (their log records, print()
+    lines, exception messages, crash stacks): a module is untrusted, so none of it
+    may reach the operator's terminal as escape sequences, or start a line of its
+    own that passes for a record of the daemon or of another module.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
 def fail(as_json: bool, code: str, message: str, details: Any = None) -> None:
     """Say what failed: ``{"error": ...}`` on stdout with --json, else on stderr."""
     if as_json:
         error = {"code": code, "message": message, "details": details or {}}
         print(json.dumps({"error": error}), flush=True)
     else:
-        print(f"ipadctl: {message}", file=sys.stderr, flush=True)
+        print(f"ipadctl: {shown(message)}", file=sys.stderr, flush=True)
         if details and "traceback" in details:
-            print(details["traceback"], file=sys.stderr)
+            print(shown(details["traceback"], "\n\t"), file=sys.stderr)
 
 
 def json_line(value: object) -> str:

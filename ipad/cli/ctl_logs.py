@@ -19,6 +19,7 @@ from ipad.cli.ctl_io import (
     fail,
     json_line,
     local_time,
+    shown,
     until_interrupted,
 )
 from ipad.client._blocking import BlockingClient
@@ -42,13 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def record_line(record: dict[str, object]) -> str:
     """One record as the table shows it: local time, level, event, the other fields."""
     when = record.get("time")
-    fields = " ".join(f"{k}={v}" for k, v in record.items()
+    # Module records, print() lines: a module's words, never a line or an escape of their own.
+    fields = " ".join(f"{shown(k)}={shown(v)}" for k, v in record.items()
                       if k not in ("seq", "time", "level", "event", "exception")
                       and v is not None)  # fmt: skip
     head = f"{local_time(when if isinstance(when, float) else None)} "
-    line = f"{head}{record.get('level', '')!s:<8} {record.get('event', '')} {fields}".rstrip()
+    level, event = shown(record.get("level", "")), shown(record.get("event", ""))
+    line = f"{head}{level:<8} {event} {fields}".rstrip()
     exception = record.get("exception")
-    return f"{line}\n{exception}" if exception else line
+    return f"{line}\n{shown(exception, chr(10) + chr(9))}" if exception else line
 
 
 def logs(client: BlockingClient, args: argparse.Namespace) -> int:
@@ -85,10 +88,10 @@ def _logs(client: BlockingClient, args: argparse.Namespace) -> int:
     if module is not None and not reply.records and module not in client.status().modules:
         fail(args.json, "unknown_module", f"no module {module!r}")
         return EXIT_NO_SUCH_MODULE
-    shown = _show(reply, args)
-    while reply.more and shown < wanted:
-        reply = _ask(client, args, wanted - shown, reply.cursor)
-        shown += _show(reply, args)
+    printed = _show(reply, args)
+    while reply.more and printed < wanted:
+        reply = _ask(client, args, wanted - printed, reply.cursor)
+        printed += _show(reply, args)
     cursor = reply.cursor
     while args.follow:
         reply = _ask(client, args, ALL, cursor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ipad.cli.ctl_io import EXIT_FAILED, EXIT_NO_SUCH_MODULE, fail, json_line
+from ipad.cli.ctl_io import EXIT_FAILED, EXIT_NO_SUCH_MODULE, fail, json_line, shown
 from ipad.client._blocking import BlockingClient
 from ipad.protocol import wire as p
 from ipad.protocol.errors import IpadError
@@ -32,5 +32,5 @@ def module_command(client: BlockingClient, args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         why = result.get("reason") or state
-        print(f"ipadctl: {result['module']} did not {args.command}: {why}", file=sys.stderr)
+        print(f"ipadctl: {result['module']} did not {args.command}: {shown(why)}", file=sys.stderr)
     return EXIT_FAILED

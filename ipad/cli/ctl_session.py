@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from ipad.cli.ctl_io import EXIT_FAILED, EXIT_USAGE, fail, json_line
+from ipad.cli.ctl_io import EXIT_FAILED, EXIT_USAGE, fail, json_line, shown
 from ipad.client._blocking import BlockingClient, BlockingProxy
 from ipad.client._buffers import make_buffer
 from ipad.protocol.errors import IpadError
@@ -104,7 +104,8 @@ def _run(proxy: BlockingProxy, args: argparse.Namespace, lines: TextIO) -> int:
             fail(args.json, exc.code, f"line {number}: {method}: {exc.message}", exc.details)
             status = status or EXIT_FAILED
         else:
-            text = result if isinstance(result, str) and not args.json else json_line(result)
+            text = (shown(result, "\n\t") if isinstance(result, str) and not args.json
+                    else json_line(result))  # fmt: skip
             print(text, flush=True)
             continue
         if not args.keep_going:
