@@ -97,7 +97,7 @@ def test_a_signed_modules_identity_is_its_signatures_and_matches_the_disk(tmp_pa
     assert package_identity(tmp_path, "af_pkg") == from_disk.package_id
 
 
-@pytest.mark.parametrize("bound", ["files", "depth", "bytes"])
+@pytest.mark.parametrize("bound", ["files", "depth", "bytes", "entries", "fifos"])
 def test_a_module_past_a_bound_has_no_identity_and_says_which(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str
 ) -> None:
@@ -114,10 +114,20 @@ def test_a_module_past_a_bound_has_no_identity_and_says_which(
         deep = package.joinpath(*["d"] * 5)
         deep.mkdir(parents=True)
         expected = "deeper than 3 directory levels"
-    else:
+    elif bound == "bytes":
         monkeypatch.setattr(code_identity, "MAX_BYTES", 1000)
         (package / "big.py").write_bytes(b"#" * 1001)
         expected = "more than 1000 bytes"
+    else:  # no code, but each a stat at every walk: a hostile tree of 10^5 of them
+        monkeypatch.setattr(code_identity, "MAX_ENTRIES", 10)
+        for index in range(11):
+            target = package / f"d{index}" if bound == "entries" else package / "sub" / f"f{index}"
+            if bound == "entries":
+                target.mkdir()
+            else:
+                target.parent.mkdir(exist_ok=True)
+                os.mkfifo(target)
+        expected = "more than 10 directory entries"
     with pytest.raises(CodeTooLarge, match=expected):
         CodeWatch(source).identify()
     assert package_identity(tmp_path, "af_pkg") is None
