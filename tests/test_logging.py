@@ -82,6 +82,22 @@ def test_console_shows_event_and_fields() -> None:
     assert "\x1b[" not in text  # no colours when not on a terminal
 
 
+def test_console_escapes_what_a_module_could_write() -> None:
+    """Escapes and newlines in values, keys and the logger column never reach the console raw."""
+    out = io.StringIO()
+    configure_logging(LogLevel.INFO, LogFormat.CONSOLE, stream=out)
+    forged = "2026-12-06T20:00:00Z [error    ] worker.crash_report module=echo"
+    structlog.get_logger("ipad").info(
+        "module.log", text="\x1b]0;owned\x07", where=f"x\n{forged}",
+        logger=f"lib\n{forged}", **{"k\x1b[2J": 1},
+    )  # fmt: skip
+    text = out.getvalue()
+    assert text.count("\n") == 1, text
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert "text=\\x1b]0;owned\\x07" in text  # shown, escaped once
+
+
 def test_field_names_follow_journald_rules() -> None:
     """Structlog keys map to valid journal field names, with well-known renames."""
     assert field_name("module") == "MODULE"

@@ -95,6 +95,31 @@ _NOT_IN_MESSAGE = frozenset(
 )
 
 
+def _terminal_safe(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Console only: every control character in a key or a string value escaped.
+
+    Modules' records, print() lines and field names reach this log (module.log,
+    worker.stderr): the console renderer prints a string without spaces as it
+    is, and the ``logger`` column always, so an escape sequence would reach the
+    terminal and a newline would start a line passing for another record.
+    """
+    if all(_printable(k) and (not isinstance(v, str) or _printable(v))
+           for k, v in event_dict.items()):  # fmt: skip
+        return event_dict
+    return {_escaped(k) if isinstance(k, str) else k: _escaped(v) if isinstance(v, str) else v
+            for k, v in event_dict.items()}  # fmt: skip
+
+
+def _printable(text: object) -> bool:
+    return not isinstance(text, str) or text.isprintable()
+
+
+def _escaped(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _drop_callsite(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key in ("filename", "lineno", "func_name"):
         event_dict.pop(key, None)
@@ -108,7 +133,7 @@ def renderers(fmt: LogFormat, stream: TextIO) -> list[Processor]:
     if fmt is LogFormat.JOURNAL:
         return [structlog.processors.format_exc_info, render_journal]
     colors = stream.isatty()
-    return [_drop_callsite, structlog.dev.ConsoleRenderer(colors=colors)]
+    return [_drop_callsite, _terminal_safe, structlog.dev.ConsoleRenderer(colors=colors)]
 
 
 def configure_logging(
