@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,15 @@ import pytest
 from ipad import client as ipc
 from ipad.cli import ctl, ctl_io
 from ipad.client import BlockingClient
-from ipad.daemon.log_ring import FIELD_CHARS, FIELDS, LogRing, log_reply
+from ipad.daemon.log_ring import (
+    FIELD_CHARS,
+    FIELDS,
+    RECORD_CHARS,
+    RECORDS,
+    RING_CHARS,
+    LogRing,
+    log_reply,
+)
 from ipad.protocol import wire as p
 from tests.client_drivers import Connect, connect
 from tests.daemon_process import (
@@ -359,6 +368,34 @@ def test_the_ring_keeps_the_last_records_clipped_and_pages_with_a_cursor() -> No
     assert 0 < len(full) < 50
     assert more
     assert len(msgspec.msgpack.encode(log_reply(p.Logs(lines=50), ring))) < p.MAX_PAYLOAD
+
+
+def test_the_ring_is_bounded_in_characters_whatever_modules_log() -> None:
+    """Records of 32 fields of 512 wide characters (a module's worst) keep the ring small."""
+    ring = LogRing()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(RECORDS):
+            wide = chr(0x10000 + n)  # 4 bytes a character in a Python string
+            ring.keep({"event": "module.log", "level": "info", "text": wide * 1024,
+                       **{f"field{i}": wide * 600 for i in range(31)}})  # fmt: skip
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 8 * RING_CHARS, held  # 35-66 MB before the bound
+    assert ring.chars <= RING_CHARS
+    newest = ring.records[-1]
+    assert newest["seq"] == RECORDS
+    assert sum(len(k) + len(v) for k, v in newest.items() if isinstance(v, str)) <= RECORD_CHARS
+    assert newest["fields_left_out"] > 0
+    assert newest["text"].endswith("\u2026")
+    # The daemon's own records, a few hundred characters each: all RECORDS are kept.
+    for n in range(RECORDS):
+        ring.keep({"event": "proxy.state_changed", "level": "info", "module": "awb",
+                   "proxy_id": n, "state": "valid", "worker_pid": 1234})  # fmt: skip
+    assert len(ring.records) == RECORDS
+    assert ring.records[0]["proxy_id"] == 0
 
 
 @pytest.mark.timeout(120)

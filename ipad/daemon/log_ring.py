@@ -4,7 +4,7 @@ Outside systemd the daemon's log is its stderr, gone once read (or never
 read); so a structlog step keeps a clipped copy of every record the daemon
 logs, whatever the output, in a ring of fixed size. Under systemd the
 journal has them all and ``ipadctl logs`` asks journalctl instead; the ring
-is kept all the same (it costs a bounded few hundred KiB).
+is kept all the same (it costs at most ``RING_CHARS`` characters of text).
 """
 
 from __future__ import annotations
@@ -22,13 +22,21 @@ from structlog.typing import EventDict, WrappedLogger
 
 from ipad.protocol import wire as p
 
-#: Records kept; the oldest go first. Fixed: at most RECORDS x (FIELDS x FIELD_CHARS) bytes.
+#: Records kept; the oldest go first.
 RECORDS = 1000
 #: Fields kept per record (the first ones: event and level first).
 FIELDS = 32
 #: Characters kept of a string field, and of a traceback.
 FIELD_CHARS = 512
 TRACEBACK_CHARS = 4096
+#: Characters of keys and string values one record keeps (its exception apart); the
+#: fields past it are left out and counted (``fields_left_out``).
+RECORD_CHARS = 4096
+#: Characters the whole ring holds; past it the oldest records go, whatever their number.
+#: Modules' records (module.log) reach the ring: counted in records alone, 1000 of them
+#: at 32 fields of 512 characters held 35 MB (66 MB in characters past U+FFFF), where
+#: the daemon's own records take a few hundred KiB.
+RING_CHARS = 512 * 1024
 #: Payload bytes of records one LOG_RECORDS carries (MAX_PAYLOAD is 256 KiB).
 REPLY_BYTES = 192 * 1024
 
@@ -48,7 +56,10 @@ class LogRing:
     """The last RECORDS records, numbered; also whether (and where) the journal has them all."""
 
     def __init__(self, size: int = RECORDS) -> None:
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self.records: collections.deque[dict[str, Any]] = collections.deque()
+        self.size = size
+        #: Characters the records hold between them (``_chars``).
+        self.chars = 0
         self.seq = 0
         #: Set by the logging set-up: the records go to journald.
         self.journal = False
@@ -63,16 +74,27 @@ class LogRing:
         """Append a clipped copy of one record."""
         self.seq += 1
         record: dict[str, Any] = {"seq": self.seq, "time": time.time()}
+        left = RECORD_CHARS
+        left_out = 0
         for key, value in event_dict.items():
-            if len(record) >= FIELDS + 2:
-                break
             if key in _LEFT_OUT:
+                continue
+            if len(record) >= FIELDS + 1 or left <= 0:  # room kept for fields_left_out
+                left_out += 1
                 continue
             if key == "exc_info" and value:
                 record["exception"] = clip(_traceback(value), TRACEBACK_CHARS)
-            else:
-                record[str(key)[:64]] = clip(value)
+                continue
+            name = str(key)[:64]
+            kept = clip(value, min(FIELD_CHARS, max(left - len(name), 1)))
+            record[name] = kept
+            left -= len(name) + (len(kept) if isinstance(kept, str) else 0)
+        if left_out:
+            record["fields_left_out"] = left_out
         self.records.append(record)
+        self.chars += _chars(record)
+        while len(self.records) > self.size or (self.chars > RING_CHARS and len(self.records) > 1):
+            self.chars -= _chars(self.records.popleft())
 
     def query(self, module: str | None, lines: int, after: int | None) -> tuple[
         list[dict[str, Any]], int, bool
@@ -105,6 +127,11 @@ class LogRing:
         if invocation:
             return [f"_SYSTEMD_INVOCATION_ID={invocation}"]
         return [f"_PID={os.getpid()}"]
+
+
+def _chars(record: dict[str, Any]) -> int:
+    """The characters of a kept record's keys and strings (what its size grows with)."""
+    return sum(len(k) + (len(v) if isinstance(v, str) else 0) for k, v in record.items())
 
 
 def _traceback(exc_info: object) -> str:
