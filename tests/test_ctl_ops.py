@@ -390,12 +390,17 @@ def test_the_ring_is_bounded_in_characters_whatever_modules_log() -> None:
     assert sum(len(k) + len(v) for k, v in newest.items() if isinstance(v, str)) <= RECORD_CHARS
     assert newest["fields_left_out"] > 0
     assert newest["text"].endswith("\u2026")
-    # The daemon's own records, a few hundred characters each: all RECORDS are kept.
+    # The daemon's own records, a few hundred characters each: all RECORDS are kept, and
+    # a module's flood after them pushes out none (only its own kind).
     for n in range(RECORDS):
         ring.keep({"event": "proxy.state_changed", "level": "info", "module": "awb",
                    "proxy_id": n, "state": "valid", "worker_pid": 1234})  # fmt: skip
-    assert len(ring.records) == RECORDS
-    assert ring.records[0]["proxy_id"] == 0
+    for _ in range(RECORDS):
+        ring.keep({"event": "worker.stderr", "module": "evil", "text": "w" * 4000})
+    own = [r for r in ring.records if r["event"] == "proxy.state_changed"]
+    assert [r["proxy_id"] for r in own] == list(range(RECORDS))
+    assert ring.records[-1]["seq"] == ring.seq  # oldest first, merged by number
+    assert [r["seq"] for r in ring.records] == sorted(r["seq"] for r in ring.records)
 
 
 @pytest.mark.timeout(120)

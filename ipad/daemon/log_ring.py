@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import os
 import sys
 import time
@@ -32,11 +33,15 @@ TRACEBACK_CHARS = 4096
 #: Characters of keys and string values one record keeps (its exception apart); the
 #: fields past it are left out and counted (``fields_left_out``).
 RECORD_CHARS = 4096
-#: Characters the whole ring holds; past it the oldest records go, whatever their number.
-#: Modules' records (module.log) reach the ring: counted in records alone, 1000 of them
-#: at 32 fields of 512 characters held 35 MB (66 MB in characters past U+FFFF), where
-#: the daemon's own records take a few hundred KiB.
+#: Characters each of the ring's two parts holds; past it its oldest records go, whatever
+#: their number. Modules' records (module.log) reach the ring: counted in records alone,
+#: 1000 of them at 32 fields of 512 characters held 35 MB (66 MB in characters past
+#: U+FFFF), where the daemon's own records take a few hundred KiB.
 RING_CHARS = 512 * 1024
+#: Records whose text a module wrote (its log, its exceptions, its print() lines): kept
+#: apart from the daemon's own, so that a module that logs all it may (the rate limits let
+#: hundreds of records through each 10 s) pushes out none of the daemon's records.
+MODULE_WORDS = frozenset({"module.log", "module.exception", "worker.stderr"})
 #: Payload bytes of records one LOG_RECORDS carries (MAX_PAYLOAD is 256 KiB).
 REPLY_BYTES = 192 * 1024
 
@@ -52,17 +57,45 @@ def clip(value: object, limit: int = FIELD_CHARS) -> object:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-class LogRing:
-    """The last RECORDS records, numbered; also whether (and where) the journal has them all."""
+class _Part:
+    """Records of one kind, the oldest dropped past ``size`` records or RING_CHARS characters."""
 
-    def __init__(self, size: int = RECORDS) -> None:
+    def __init__(self, size: int) -> None:
         self.records: collections.deque[dict[str, Any]] = collections.deque()
         self.size = size
         #: Characters the records hold between them (``_chars``).
         self.chars = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.chars += _chars(record)
+        while len(self.records) > self.size or (self.chars > RING_CHARS and len(self.records) > 1):
+            self.chars -= _chars(self.records.popleft())
+
+
+class LogRing:
+    """The last records, numbered; also whether (and where) the journal has them all.
+
+    Two parts, each of at most ``size`` records and RING_CHARS characters: the
+    daemon's own records, and those whose text a module wrote (MODULE_WORDS).
+    """
+
+    def __init__(self, size: int = RECORDS) -> None:
+        self._own = _Part(size)
+        self._words = _Part(size)
         self.seq = 0
         #: Set by the logging set-up: the records go to journald.
         self.journal = False
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record kept, oldest first."""
+        return list(heapq.merge(self._own.records, self._words.records, key=_seq))
+
+    @property
+    def chars(self) -> int:
+        """Characters the records hold between them."""
+        return self._own.chars + self._words.chars
 
     def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
         """The structlog step: keep a clipped copy; never fail the record itself."""
@@ -91,10 +124,7 @@ class LogRing:
             left -= len(name) + (len(kept) if isinstance(kept, str) else 0)
         if left_out:
             record["fields_left_out"] = left_out
-        self.records.append(record)
-        self.chars += _chars(record)
-        while len(self.records) > self.size or (self.chars > RING_CHARS and len(self.records) > 1):
-            self.chars -= _chars(self.records.popleft())
+        (self._words if event_dict.get("event") in MODULE_WORDS else self._own).add(record)
 
     def query(self, module: str | None, lines: int, after: int | None) -> tuple[
         list[dict[str, Any]], int, bool
@@ -127,6 +157,11 @@ class LogRing:
         if invocation:
             return [f"_SYSTEMD_INVOCATION_ID={invocation}"]
         return [f"_PID={os.getpid()}"]
+
+
+def _seq(record: dict[str, Any]) -> int:
+    seq: int = record["seq"]
+    return seq
 
 
 def _chars(record: dict[str, Any]) -> int:
