@@ -488,7 +488,8 @@ def test_stop_of_a_module_whose_worker_is_stuck_in_a_call(
     )
     daemon = start_daemon(config)
     pid = json.loads(daemon.ctl("--json", "call", "stuck", "pid").stdout)
-    blocked = Follower(daemon, "call", "stuck", "block_beating", '{"seconds": 60, "mark": "x"}')
+    mark = json.dumps({"seconds": 60, "mark": str(tmp_path / "blocked")})  # not in the cwd
+    blocked = Follower(daemon, "call", "stuck", "block_beating", mark)
     time.sleep(0.5)  # the call is in the worker, its loop blocked
     began = time.monotonic()
     assert daemon.ctl("stop", "stuck").stdout == "stuck: stopped\n"
