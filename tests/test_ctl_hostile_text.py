@@ -74,6 +74,7 @@ def test_ipadctl_shows_a_modules_words_escaped(
     assert not [line for line in logs.splitlines() if line.startswith(FORGED)]
     crashes = daemon.ctl("crashes", "chatty").stdout
     clean(crashes)
+    assert "Fatal Python error" in crashes
     events = daemon.ctl("events", "chatty", "-n", "50").stdout
     clean(events)
     # A module's exception message, as `ipadctl call` reports it.
@@ -82,3 +83,21 @@ def test_ipadctl_shows_a_modules_words_escaped(
     assert failed.returncode == 1
     assert "\\x1b[2J" in failed.stderr, failed.stderr
     clean(failed.stdout + failed.stderr)
+
+
+def test_a_forged_stack_cannot_pass_for_another_crash(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """What a module writes where its stacks go shows indented, under its own crash's header."""
+    config = f'[daemon]\nmodule_dirs = ["{TEST_MODULES}"]\n'
+    daemon = start_daemon(write_config(tmp_path, config, modules="[modules.crashy]\n"))
+    header = "2026-12-06 20:00:00 echo pid 4242: worker exited with signal SIGSEGV in process()"
+    with BlockingClient(daemon.socket) as client:
+        proxy = client.request_proxy("crashy")
+        with pytest.raises(IpadError):
+            proxy.call("forge_then_segfault", {"text": f"\n{header}\n"}, timeout=WAIT)
+    report = daemon.wait_for("worker.crash_report")
+    assert header in report["stack"]  # the daemon keeps the worker's word as it was
+    crashes = daemon.ctl("crashes", "crashy").stdout
+    assert f"    {header}" in crashes
+    assert not [line for line in crashes.splitlines() if line.startswith(header)], crashes

@@ -72,8 +72,10 @@ def crashes(client: BlockingClient, args: argparse.Namespace) -> int:
         for record in records:
             print(f"\n{_when(record['time'])} {shown(record['module'])} pid "
                   f"{record['worker_pid']}: {shown(record['reason'])}")  # fmt: skip
-            # The daemon escapes the stack already; a daemon of another version may not.
-            print(shown(record["stack"], "\n\t")
+            # The stack is the worker's word: indented, no line of it passes for a header.
+            # The daemon escapes it already; a daemon of another version may not.
+            stack = shown(record["stack"], "\n\t")
+            print("\n".join(f"    {line}".rstrip() for line in stack.splitlines())
                   or "(no Python stack: a native worker, or none was written)")  # fmt: skip
     return 0
 

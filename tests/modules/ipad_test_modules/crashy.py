@@ -72,6 +72,13 @@ class Crashy(IPAModule):
         ctypes.string_at(0)
         return len(fds)
 
+    def forge_then_segfault(self, text: str) -> None:
+        """Write ``text`` where faulthandler's stacks go, before them, then segfault."""
+        for fd in _board_fds():
+            if os.lseek(fd, 0, os.SEEK_CUR) > 0:  # faulthandler's, at the dump area
+                os.write(fd, text.encode())
+        ctypes.string_at(0)
+
     def scribble_then_segfault(self) -> None:
         """Fill the claim and the dump area with lies and terminal escapes, then segfault."""
         for fd in _board_fds():
