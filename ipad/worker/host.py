@@ -118,7 +118,8 @@ class Method:
         self.setup = setup
         self.undoes = undoes
         self.signature = inspect.signature(function)
-        hints = typing.get_type_hints(function)
+        # With Annotated kept: msgspec.Meta constraints are checked and described.
+        hints = typing.get_type_hints(function, include_extras=True)
         self.types: dict[str, Any] = {}
         self.buffers: set[str] = set()
         for param in list(self.signature.parameters.values())[1:]:  # skip self
