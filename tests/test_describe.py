@@ -450,10 +450,10 @@ def test_ipadctl_describe_prints_methods_and_json(start_daemon: Start, tmp_path:
     }  # fmt: skip
     assert after["types"]["Checksum"]["required"] == ["size", "crc32"]
     unknown = daemon.ctl("describe", "nope", check=False)
-    assert unknown.returncode == 1
+    assert unknown.returncode == 4  # unknown module, as status (docs/operations.md)
     assert unknown.stderr == "ipadctl: no module 'nope'; modules: agc, awb, echo\n"
     unknown_json = daemon.ctl("--json", "describe", "nope", check=False)
-    assert unknown_json.returncode == 1
+    assert unknown_json.returncode == 4
     assert json.loads(unknown_json.stdout)["error"]["code"] == "unknown_module"
 
 
