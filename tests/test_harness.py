@@ -147,6 +147,10 @@ def test_a_missing_tuning_file_lists_the_paths_tried(tmp_path: Path) -> None:
     with pytest.raises(TuningFileNotFound, match="orphan") as caught:
         ModuleHarness(tmp_path / "mods" / "orphan.toml", tuning_dirs=[tmp_path / "tuning"])
     assert tmp_path / "tuning" / "orphan" / "uncalibrated.toml" in caught.value.tried
+    assert "pass tuning_dirs=[<dir>]" in str(
+        caught.value
+    )  # the harness's arguments, not the daemon's
+    assert "[daemon] tuning_dirs" not in str(caught.value)
 
 
 def test_a_bad_manifest_is_refused_with_its_problems(tmp_path: Path) -> None:
