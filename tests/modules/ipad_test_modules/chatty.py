@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import socket
 from typing import Any
 
@@ -73,8 +74,13 @@ class Chatty(IPAModule):
                                len(payload))  # fmt: skip
         os.write(CONTROL_FD, header + payload)
 
-    def raw_log(self, count: int, text_size: int = 10, fields: int = 0) -> int:
-        """Write ``count`` MODULE_LOG packets to the control socket itself; how many went."""
+    def raw_log(self, count: int, text_size: int = 10, fields: int = 0, wait: bool = False) -> int:
+        """Write ``count`` MODULE_LOG packets to the control socket itself; how many went.
+
+        ``wait``: when the socket is full, wait (up to a second) for the daemon to read
+        instead of dropping the packet, so that all of them reach it however loaded
+        the machine is (a tight loop otherwise fills the buffer before the daemon runs).
+        """
         record = p.ModuleLog(
             "warning", "x" * text_size, {f"f{n}": n for n in range(fields)}, instance_id=1
         )
@@ -86,7 +92,12 @@ class Chatty(IPAModule):
                 try:
                     control.send(packet, socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    continue
+                    if not (wait and select.select([], [control], [], 1.0)[1]):
+                        continue
+                    try:
+                        control.send(packet, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
                 sent += 1
         finally:
             control.close()
