@@ -102,10 +102,17 @@ class WorkerCell(ModuleSupervisor):
     def _invalidate(self, worker: WorkerProcess, reason: str) -> None:
         """Only this cell's proxy turns invalid: the others' workers did not end."""
         record = self.proxies.get(self.proxy_id) if self.proxy_id is not None else None
-        if record is None or record.state not in (ProxyState.VALID, ProxyState.PENDING):
+        if record is None:
+            return
+        details: dict[str, object] = {"isolation": "proxy"}
+        if record.state is ProxyState.INVALID:
+            if record.reattached and record.worker_pid == worker.pid:  # PROXY_READY not read
+                self.proxies.invalid_again(record, reason, details)
+            return
+        if record.state not in (ProxyState.VALID, ProxyState.PENDING):
             return
         if record.worker_pid == worker.pid or record.state is ProxyState.PENDING:
-            self.proxies.set_state(record, ProxyState.INVALID, reason, {"isolation": "proxy"})
+            self.proxies.set_state(record, ProxyState.INVALID, reason, details)
 
     def _proxy_of_instance(self, instance_id: int) -> int | None:
         """The cell's proxy: its worker serves no other."""

@@ -524,6 +524,7 @@ class Session:
         record.instance_id = instance_id
         record.served_by = serving.name
         record.worker_pid = serving.worker_pid_for(record.proxy_id)
+        record.reattached = record.state is ProxyState.INVALID
         return channel
 
     async def _grant(

@@ -874,11 +874,16 @@ class ModuleSupervisor:
         return all(r.state is not ProxyState.INVALID for r in self.proxies.of_module(self.name))
 
     def _invalidate(self, worker: WorkerProcess, reason: str) -> None:
-        """Every proxy whose instance lived in ``worker`` (or waited for one) turns invalid."""
+        """Every proxy whose instance lived in ``worker`` (or waited for one) turns invalid.
+
+        One reopened on it while invalid is announced invalid again, with this end's reason.
+        """
         for record in self.proxies.of_module(self.name):
             mine = record.worker_pid == worker.pid or record.state is ProxyState.PENDING
             if mine and record.state in (ProxyState.VALID, ProxyState.PENDING):
                 self.proxies.set_state(record, ProxyState.INVALID, reason)
+            elif mine and record.reattached:  # reopened on it, its PROXY_READY not read yet
+                self.proxies.invalid_again(record, reason)
 
     def _sweep(self, worker: WorkerProcess) -> None:
         """Clear what an exited worker left: its cgroup, next; its descriptors, now.
