@@ -511,8 +511,11 @@ class ModuleSupervisor:
             self._handling = False
 
     def _count_restart(self, event: Event) -> None:
-        """Count a restart by reason, and when the module went down (ipad/daemon/metrics.py)."""
-        if isinstance(event, Stop):
+        """Count a restart by reason, and when the module went down (ipad/daemon/metrics.py).
+
+        A stop, the operator's too, ends the outage: a start after it is no recovery.
+        """
+        if isinstance(event, Stop | Halt):
             self._down_since = None
         reason = restart_reason(self.machine, event)
         if reason is not None:
