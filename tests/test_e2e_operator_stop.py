@@ -178,3 +178,9 @@ def test_a_start_after_the_operator_stopped_a_failing_module_is_no_recovery(
     found = metrics(daemon)
     assert of(found, "ipad_module_recovery_seconds_count", module="faulty") == 1
     assert of(found, "ipad_module_restarts_total", module="faulty", reason="signal") == 1
+    # `restart` of a stopped module starts it, as `start` does: no worker ended, no restart.
+    assert daemon.ctl("stop", "faulty").stdout == "faulty: stopped\n"
+    assert daemon.ctl("restart", "faulty").stdout == "faulty: running\n"
+    found = metrics(daemon)
+    assert of(found, "ipad_module_restarts_total", module="faulty", reason="operator") == 0
+    assert of(found, "ipad_module_recovery_seconds_count", module="faulty") == 1
