@@ -113,12 +113,13 @@ def test_code_edited_while_stopped_runs_when_started(
     assert json.loads(daemon.ctl("--json", "reload").stdout)["changed"] == []
 
 
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
 @pytest.mark.parametrize("state", ["stopped", "stopping"])
 def test_the_daemon_stops_cleanly_with_a_module_stopped_by_the_operator(
-    start_daemon: Start, tmp_path: Path, state: str
+    start_daemon: Start, tmp_path: Path, state: str, isolation: str
 ) -> None:
     """SIGTERM while a module is stopped by the operator, or its stuck worker still ends."""
-    daemon = stuck_daemon(start_daemon, tmp_path, "module")
+    daemon = stuck_daemon(start_daemon, tmp_path, isolation)
     mark = tmp_path / "mark"
     blocked = daemon.ctl_argv("call", "stuck", "block_beating",
                               json.dumps({"seconds": 60, "mark": str(mark)}))  # fmt: skip
