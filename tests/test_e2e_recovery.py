@@ -315,3 +315,50 @@ def test_a_proxy_ready_read_after_the_new_worker_died_leaves_the_proxy_invalid(
         ("invalid", "worker exited with signal SIGKILL", second),
         ("valid", "recovered", third),
     ]
+
+
+def test_the_cause_of_a_reopened_proxy_s_end_is_that_end_s_not_the_crash_before(
+    start_daemon: Start, tmp_path: Path, raw_connect: RawConnect
+) -> None:
+    """PROXY_CAUSE about a worker a proxy was reopened on: its own end (an operator's stop).
+
+    The proxy is invalid from the crash before, its PROXY_READY not sent: asked
+    while that worker still runs, the daemon answers once the worker's end is
+    known, not at the stop's first step with the earlier crash's reason.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    sock.send(p.encode(p.Hello((p.PROTOCOL_VERSION,), "raw", minor=p.PROTOCOL_MINOR), 1))
+    welcome = receive(sock)
+    assert welcome is not None
+    assert isinstance(welcome.message, p.Welcome)
+    channels: list[int] = []
+
+    def ask(message: p.Message, request_id: int) -> p.Message:
+        sock.send(p.encode(message, request_id))
+        frame = receive(sock)
+        assert frame is not None
+        assert frame.request_id == request_id
+        channels.extend(frame.fds)
+        return frame.message
+
+    try:
+        granted = ask(p.RequestProxy("echo"), 2)
+        assert isinstance(granted, p.ProxyGranted), granted
+        proxy_id, first = granted.proxy_id, granted.worker_pid
+        os.kill(first, signal.SIGKILL)
+        reopened = ask(p.ReopenProxy(proxy_id), 3)
+        assert isinstance(reopened, p.ProxyGranted), reopened
+        second = reopened.worker_pid
+        sock.send(p.encode(p.ProxyCause(proxy_id, second), 4))  # its worker runs: it waits
+        with BlockingClient(daemon.socket) as admin:
+            assert admin.admin("stop", "echo")["state"] == "stopped"
+        frame = receive(sock)
+        assert frame is not None
+        assert frame.request_id == 4
+        reply = frame.message
+        assert isinstance(reply, p.ProxyCauseReply), reply
+        assert reply.state == "invalid"
+        assert reply.reason.startswith("module echo stopped by operator ("), reply.reason
+    finally:
+        p.close_fds(channels)
