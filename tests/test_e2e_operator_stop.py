@@ -95,17 +95,25 @@ def test_a_call_in_flight_when_the_operator_stops_says_so_and_is_no_crash(
     assert of(metrics(daemon), "ipad_module_up", module="stuck") == 1
 
 
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
+@pytest.mark.parametrize("reload", [False, True], ids=["start", "reload-then-start"])
 def test_code_edited_while_stopped_runs_when_started(
-    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str], reload: bool, isolation: str
 ) -> None:
-    """Stop, edit, start: the first worker runs the edit (no standby of the old code kept)."""
-    module = Module(tmp_path)
+    """Stop, edit (reload: says so, keeps it stopped), start: the first worker runs the edit."""
+    module = Module(tmp_path, isolation=isolation)
     daemon = start_daemon(module.config, env=module.env(daemon_env))
     assert value_of_new_proxy(daemon) == 1
-    wait_until(lambda: status(daemon)["standby_code_id"] is not None)
+    if isolation == "module":  # a per-proxy module keeps a loaded spare instead
+        wait_until(lambda: status(daemon)["standby_code_id"] is not None)
     before = status(daemon)["code_id"]
     assert daemon.ctl("stop", "af").stdout == "af: stopped\n"
     module.edit(2)
+    if reload:
+        reloaded = json.loads(daemon.ctl("--json", "reload").stdout)
+        assert reloaded["code_changed"] == ["af"], reloaded
+        assert (status(daemon)["state"], status(daemon)["reason"]) == (
+            "stopped", "stopped by operator")  # fmt: skip
     assert daemon.ctl("start", "af").stdout == "af: running\n"
     assert value_of_new_proxy(daemon) == 2
     assert status(daemon)["code_id"] not in (None, before)
