@@ -122,34 +122,46 @@ def test_code_edited_while_stopped_runs_when_started(
 
 
 @pytest.mark.parametrize("isolation", ["module", "proxy"])
-@pytest.mark.parametrize("state", ["stopped", "stopping"])
+@pytest.mark.parametrize("state", ["stopped", "stopping", "started-while-stopping"])
 def test_the_daemon_stops_cleanly_with_a_module_stopped_by_the_operator(
     start_daemon: Start, tmp_path: Path, state: str, isolation: str
 ) -> None:
-    """SIGTERM while a module is stopped by the operator, or its stuck worker still ends."""
+    """SIGTERM while stopped by the operator, stopping, or started while stopping: clean.
+
+    The module's stuck worker still ends, or a start waits for it to go: the
+    daemon exits cleanly within its bound, and every ipadctl with it.
+    """
     daemon = stuck_daemon(start_daemon, tmp_path, isolation)
     mark = tmp_path / "mark"
     blocked = daemon.ctl_argv("call", "stuck", "block_beating",
                               json.dumps({"seconds": 60, "mark": str(mark)}))  # fmt: skip
-    caller = subprocess.Popen(blocked, env=daemon.env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    procs = [subprocess.Popen(blocked, env=daemon.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)]  # fmt: skip
     try:
         wait_until(mark.exists)
         stopper = subprocess.Popen(daemon.ctl_argv("stop", "stuck"), env=daemon.env,
                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(stopper)
         if state == "stopped":
             assert stopper.communicate(timeout=WAIT)[0] == "stuck: stopped\n"
         else:
             wait_until(lambda: status(daemon, "stuck")["state"] == "stopping")
+        if state == "started-while-stopping":
+            procs.append(subprocess.Popen(daemon.ctl_argv("start", "stuck"), env=daemon.env,
+                                          stdout=subprocess.PIPE, text=True))  # fmt: skip
+            daemon.wait_for("module.start_requested", lambda r: r.get("module") == "stuck")
         report = daemon.stop_cleanly("sigterm")
         report.check()
-        stopper.communicate(timeout=WAIT)
-        _, stderr = caller.communicate(timeout=WAIT)
-        assert caller.returncode == 1, stderr
+        for proc in procs:
+            proc.communicate(timeout=WAIT)
+        assert procs[0].returncode == 1  # the call failed with its worker
+        if state == "started-while-stopping":
+            assert procs[2].returncode == 1  # it never started: the daemon stopped
     finally:
-        if caller.poll() is None:
-            caller.kill()
-            caller.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_a_start_after_the_operator_stopped_a_failing_module_is_no_recovery(
