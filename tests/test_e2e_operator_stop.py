@@ -205,3 +205,33 @@ def test_a_start_after_the_operator_stopped_a_failing_module_is_no_recovery(
     found = metrics(daemon)
     assert of(found, "ipad_module_restarts_total", module="faulty", reason="operator") == 0
     assert of(found, "ipad_module_recovery_seconds_count", module="faulty") == 1
+
+
+def test_stop_during_an_operators_restart_wins(
+    start_daemon: Start, tmp_path: Path, connect: Connect
+) -> None:
+    """`stop` while `restart` still ends a stuck worker: stopped, and everyone is told so."""
+    daemon = stuck_daemon(start_daemon, tmp_path, "module")
+    driver = connect(daemon.socket)
+    proxy = driver.request_proxy("stuck")
+    mark = tmp_path / "mark"
+    args = {"seconds": 60, "mark": str(mark)}
+    thread, outcome = call_in_thread(lambda: driver.call(proxy, "block_beating", args, timeout=30))
+    wait_until(mark.exists)
+    restarting = subprocess.Popen(daemon.ctl_argv("restart", "stuck"), env=daemon.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        daemon.wait_for("module.restart_requested", lambda r: r.get("module") == "stuck")
+        assert daemon.ctl("stop", "stuck").stdout == "stuck: stopped\n"
+        out, err = restarting.communicate(timeout=WAIT)
+        assert restarting.returncode == 1, (out, err)
+        assert "did not start: stopped by operator" in err
+    finally:
+        if restarting.poll() is None:
+            restarting.kill()
+            restarting.wait()
+    thread.join(WAIT)
+    [error] = outcome
+    assert isinstance(error, ipc.WorkerCrashed), error
+    assert "module stuck stopped by operator (" in error.message, error.message
+    assert status(daemon, "stuck")["state"] == "stopped"
