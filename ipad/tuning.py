@@ -207,7 +207,7 @@ def _read_class(tuning: Any, cls: type[T], prefix: str) -> T:
     fields = _fields(cls)
     assert fields is not None  # noqa: S101 - callers checked
     _check_known(tuning, list(fields), prefix)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # msgspec.Meta constraints stay
     values: dict[str, Any] = {}
     for name, raw in tuning.items():
         key = prefix + name

@@ -488,16 +488,17 @@ def test_stop_of_a_module_whose_worker_is_stuck_in_a_call(
     )
     daemon = start_daemon(config)
     pid = json.loads(daemon.ctl("--json", "call", "stuck", "pid").stdout)
-    mark = json.dumps({"seconds": 60, "mark": str(tmp_path / "blocked")})  # not in the cwd
-    blocked = Follower(daemon, "call", "stuck", "block_beating", mark)
-    time.sleep(0.5)  # the call is in the worker, its loop blocked
+    mark = tmp_path / "mark"  # not a relative path: that wrote a file into the checkout
+    blocked = Follower(daemon, "call", "stuck", "block_beating",
+                       json.dumps({"seconds": 60, "mark": str(mark)}))  # fmt: skip
+    wait_until(mark.exists)  # the call is in the worker, its loop blocked
     began = time.monotonic()
     assert daemon.ctl("stop", "stuck").stdout == "stuck: stopped\n"
     assert time.monotonic() - began < 2.0 + 3.0  # its stop_timeout, plus a loaded machine's margin
     assert not alive(pid)
     status, stderr = blocked.end(None)
     assert status == 1, stderr
-    # The call in flight fails (its cause, "stopped by operator", is not in a call's error
-    # yet: "stuck worker closed the connection"; the proxy's invalid event carries it).
-    assert stderr.startswith("ipadctl: stuck "), stderr
+    # The call in flight fails, saying why (PROXY_CAUSE: the reason its proxy turned invalid).
+    assert stderr.startswith("ipadctl: stuck worker died during the call: module stuck stopped "
+                             "by operator ("), stderr  # fmt: skip
     assert daemon.ctl("start", "stuck").stdout == "stuck: running\n"

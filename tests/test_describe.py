@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
 import msgspec
@@ -266,6 +266,28 @@ def test_arguments_are_checked_against_the_schema_naming_the_parameter() -> None
         awb.check("awb", "shout", {}, None)
 
 
+class Constrained(IPAModule):
+    """A parameter with a msgspec constraint, as a module may annotate it."""
+
+    def scale(self, gain: Annotated[float, msgspec.Meta(gt=0)]) -> float:
+        """Twice the gain."""
+        return 2 * gain
+
+
+def test_msgspec_constraints_on_a_parameter_are_described_and_enforced() -> None:
+    """Annotated[float, Meta(gt=0)]: the worker refuses 0 naming the argument; clients check it."""
+    method = host.method_table(Constrained)["scale"]
+    assert method.bind(p.Call("scale", {"gain": 2}), ()) == {"gain": 2.0}
+    with pytest.raises(ValueError, match=r"scale\(\) argument 'gain': Expected `float` > 0"):
+        method.bind(p.Call("scale", {"gain": 0}), ())
+    specs, types = method_specs(Constrained)
+    (param,) = next(m for m in specs if m.name == "scale").params or ()
+    assert param.schema == {"type": "number", "exclusiveMinimum": 0}
+    description = Description(specs, types)
+    with pytest.raises(ipc.BadArguments, match="argument 'gain'"):
+        description.check("constrained", "scale", {"gain": 0}, None)
+
+
 def test_attrs_instances_pass_as_arguments() -> None:
     """An attrs instance of the described type, nested in a dict too, is checked as sent."""
     from ipa_modules.types import SensorInfo, SensorLimits  # noqa: PLC0415 - the shipped types
@@ -428,7 +450,7 @@ def test_ipadctl_describe_prints_methods_and_json(start_daemon: Start, tmp_path:
     }  # fmt: skip
     assert after["types"]["Checksum"]["required"] == ["size", "crc32"]
     unknown = daemon.ctl("describe", "nope", check=False)
-    assert unknown.returncode == 4  # no such module (docs/operations.md, exit statuses)
+    assert unknown.returncode == 4  # unknown module, as status (docs/operations.md)
     assert unknown.stderr == "ipadctl: no module 'nope'; modules: agc, awb, echo\n"
     unknown_json = daemon.ctl("--json", "describe", "nope", check=False)
     assert unknown_json.returncode == 4

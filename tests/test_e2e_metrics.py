@@ -297,6 +297,10 @@ def test_ipadctl_metrics_options_and_exit_statuses(start_daemon: Start, tmp_path
     unknown = daemon.ctl("metrics", "nosuch", check=False)
     assert unknown.returncode == 4
     assert "no module 'nosuch'; modules: echo, statsliar" in unknown.stderr
+    for command in ("metrics", "crashes"):  # --json: the error as JSON, as every command's
+        as_json = daemon.ctl(command, "nosuch", "--json", check=False)
+        assert as_json.returncode == 4, as_json.stderr
+        assert json.loads(as_json.stdout)["error"]["code"] == "unknown_module"
     assert "OpenMetrics" in daemon.ctl("metrics", "--help").stdout
 
 

@@ -236,7 +236,7 @@ def test_a_raw_flood_is_a_protocol_violation(start_daemon: Start, tmp_path: Path
     with BlockingClient(daemon.socket) as client:
         proxy = client.request_proxy("chatty")
         with contextlib.suppress(IpadError):  # it may be killed before it answers
-            proxy.call("raw_log", {"count": 20_000}, timeout=WAIT)
+            proxy.call("raw_log", {"count": 20_000, "wait": True}, timeout=WAIT)
     violation = daemon.wait_for("worker.protocol_violation", of_module("chatty"))
     assert violation["worker_pid"] == pid
     assert "MODULE_LOG" in violation["reason"]

@@ -12,14 +12,16 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from ipad.client import BlockingClient, UnsupportedVersion, make_buffer
+from ipad.client import BlockingClient, UnsupportedVersion, make_buffer, open_client
 from ipad.daemon.spawn import StartedProcess, start_process
 from ipad.protocol import wire as p
 from ipad.protocol.fdpass import recv_packet, send_packet
@@ -170,6 +172,33 @@ def test_clients_work_with_a_daemon_of_another_minor(
         assert p.MsgType.REOPEN_PROXY not in fake.received
         driver.release(proxy)
         driver.close()
+
+
+@pytest.mark.timeout(60)
+def test_stop_of_one_module_is_never_sent_to_a_daemon_that_would_stop_itself(
+    tmp_path: Path,
+) -> None:
+    """Before minor 3, ADMIN stop ignored its module: both clients and ipadctl refuse to send it."""
+    with FakeDaemon(tmp_path / "fake.sock", newer=False) as fake:
+        with BlockingClient(fake.path) as client:
+            for command in ("stop", "start"):
+                with pytest.raises(UnsupportedVersion, match="needs minor 3") as refused:
+                    client.admin(command, "echo")
+                assert refused.value.details == {"minor": 0, "needed": 3}
+
+        async def trio_admin() -> None:
+            async with open_client(fake.path) as client:
+                with pytest.raises(UnsupportedVersion, match="stop of one module needs minor 3"):
+                    await client.admin("stop", "echo")
+
+        trio.run(trio_admin)
+        ctl = subprocess.run(
+            [sys.executable, "-m", "ipad.cli.ctl", "--socket", str(fake.path), "stop", "echo"],
+            capture_output=True, text=True, timeout=WAIT, check=False, cwd=REPO,
+        )  # fmt: skip
+        assert ctl.returncode == 1, ctl.stderr
+        assert "stop of one module needs minor 3" in ctl.stderr
+        assert p.MsgType.ADMIN not in fake.received
 
 
 @pytest.mark.timeout(60)

@@ -244,18 +244,22 @@ def test_a_spare_answered_as_its_standby_dies_is_closed(
     assert_fds_back(daemon, baseline)
 
 
+@pytest.mark.parametrize("isolation", ["module", "proxy"])
 def test_a_proxy_ready_read_after_the_new_worker_died_leaves_the_proxy_invalid(
-    start_daemon: Start, tmp_path: Path, raw_connect: RawConnect
+    start_daemon: Start, tmp_path: Path, raw_connect: RawConnect, isolation: str
 ) -> None:
-    """PROXY_READY read once the reopened proxy's worker died too: PROXY_STATE invalid, no event.
+    """The reopened proxy's worker dies before PROXY_READY is read: announced, and stays invalid.
 
     A client sends PROXY_READY without waiting for its answer, so the new
     worker may die before the daemon reads it: the proxy was never valid on
-    that worker, and the daemon does not say it was. It stays invalid, and the
-    next recovery publishes it valid. Here the daemon is made to see the death
-    first, every time (in a client's hands this ordering is a race).
+    that worker, and the daemon does not say it was (PROXY_STATE invalid). But
+    the client counted itself valid: that worker's end gets an invalid event of
+    its own, with its reason. The next recovery publishes it valid. Here the
+    daemon is made to see the death first, every time (in a client's hands this
+    ordering is a race).
     """
-    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    modules = f'[modules.echo]\nisolation = "{isolation}"\n'
+    daemon = start_daemon(write_config(tmp_path, modules=modules))
     sock = raw_connect(daemon.socket)
     hello(sock)
     channels: list[int] = []  # kept open: closing one would close or empty its proxy
@@ -272,9 +276,9 @@ def test_a_proxy_ready_read_after_the_new_worker_died_leaves_the_proxy_invalid(
 
     def kill_and_see(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
-        daemon.wait_for(
-            "module.state_changed", lambda r: r["state"] == "exited" and r["worker_pid"] == pid
-        )
+        # A per-proxy worker's states are logged as its proxy's, not its module's.
+        kind = "module.state_changed" if isolation == "module" else "proxy.worker_state"
+        daemon.wait_for(kind, lambda r: r["state"] == "exited" and r["worker_pid"] == pid)
 
     try:
         granted = ask(p.RequestProxy("echo"))
@@ -308,5 +312,53 @@ def test_a_proxy_ready_read_after_the_new_worker_died_leaves_the_proxy_invalid(
     assert changes == [
         ("valid", None, first),
         ("invalid", "worker exited with signal SIGKILL", first),
+        ("invalid", "worker exited with signal SIGKILL", second),
         ("valid", "recovered", third),
     ]
+
+
+def test_the_cause_of_a_reopened_proxy_s_end_is_that_end_s_not_the_crash_before(
+    start_daemon: Start, tmp_path: Path, raw_connect: RawConnect
+) -> None:
+    """PROXY_CAUSE about a worker a proxy was reopened on: its own end (an operator's stop).
+
+    The proxy is invalid from the crash before, its PROXY_READY not sent: asked
+    while that worker still runs, the daemon answers once the worker's end is
+    known, not at the stop's first step with the earlier crash's reason.
+    """
+    daemon = start_daemon(write_config(tmp_path, modules=ECHO))
+    sock = raw_connect(daemon.socket)
+    sock.send(p.encode(p.Hello((p.PROTOCOL_VERSION,), "raw", minor=p.PROTOCOL_MINOR), 1))
+    welcome = receive(sock)
+    assert welcome is not None
+    assert isinstance(welcome.message, p.Welcome)
+    channels: list[int] = []
+
+    def ask(message: p.Message, request_id: int) -> p.Message:
+        sock.send(p.encode(message, request_id))
+        frame = receive(sock)
+        assert frame is not None
+        assert frame.request_id == request_id
+        channels.extend(frame.fds)
+        return frame.message
+
+    try:
+        granted = ask(p.RequestProxy("echo"), 2)
+        assert isinstance(granted, p.ProxyGranted), granted
+        proxy_id, first = granted.proxy_id, granted.worker_pid
+        os.kill(first, signal.SIGKILL)
+        reopened = ask(p.ReopenProxy(proxy_id), 3)
+        assert isinstance(reopened, p.ProxyGranted), reopened
+        second = reopened.worker_pid
+        sock.send(p.encode(p.ProxyCause(proxy_id, second), 4))  # its worker runs: it waits
+        with BlockingClient(daemon.socket) as admin:
+            assert admin.admin("stop", "echo")["state"] == "stopped"
+        frame = receive(sock)
+        assert frame is not None
+        assert frame.request_id == 4
+        reply = frame.message
+        assert isinstance(reply, p.ProxyCauseReply), reply
+        assert reply.state == "invalid"
+        assert reply.reason.startswith("module echo stopped by operator ("), reply.reason
+    finally:
+        p.close_fds(channels)

@@ -108,11 +108,12 @@ def assert_confined(report: dict[str, Any], *, uid: int) -> None:
     assert fds["1"] == fds["2"]
     assert fds["3"].startswith("socket:")
     # Above 3 only what the worker host opened itself: its epoll, its heartbeat board
-    # (the mapping keeps a descriptor of it, and faulthandler writes crash stacks
-    # through another), its instances' channels.
+    # (each of its two mappings, the beat and claim and the call statistics, keeps a
+    # descriptor of it, and faulthandler writes crash stacks through a third), its
+    # instances' channels.
     later = [target for fd, target in fds.items() if int(fd) > 3]
     own = ("anon_inode:[eventpoll]", "/memfd:ipad-heartbeat (deleted)")
-    assert [later.count(target) for target in own] == [1, 2], later
+    assert [later.count(target) for target in own] == [1, 3], later
     assert all(t.startswith("socket:") for t in later if t not in own), later
     writable = {m["point"] for m in report["mounts"] if "rw" in m["options"]}
     assert writable == {"/tmp", "/proc"}, writable

@@ -4,13 +4,15 @@ The module lives outside workers/modules, in a module directory of its own,
 as a vendor's would; it is served by a real daemon under ``proxy =
 "sandboxed"``. From inside its worker it reports what it can import: ipad's
 public helpers, the daemon's Python environment, a package vendored in its
-own directory, but not the shipped modules' ``ipa_modules``. A tuning file
+own directory, but not the shipped modules' ``ipa_modules`` nor a package on the
+daemon's ``$PYTHONPATH``. A tuning file
 with a misspelt key fails its start, with the key named in the error.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,8 +123,14 @@ def test_a_sandboxed_third_party_module_uses_the_public_tuning_helpers(
 ) -> None:
     """ipad.tuning imports in the sandbox and reads the file; a misspelt key fails the start."""
     modules, tuning = _vendor_tree(tmp_path / "tree")
+    # A dependency on the daemon's $PYTHONPATH: workers run python -I, which ignores it.
+    elsewhere = tmp_path / "tree" / "pythonpath"
+    _write(elsewhere / "pythonpath_dep" / "__init__.py", "VALUE = 1\n")
+    elsewhere.chmod(0o755)
     config = write_config(tmp_path, CONFIG.format(modules=modules), modules=MODULES)
-    env = {**daemon_env, "IPAD_CONFIG_PATH": f"{tuning}:{daemon_env['IPAD_CONFIG_PATH']}"}
+    pythonpath = os.pathsep.join(filter(None, [str(elsewhere), daemon_env.get("PYTHONPATH")]))
+    env = {**daemon_env, "IPAD_CONFIG_PATH": f"{tuning}:{daemon_env['IPAD_CONFIG_PATH']}",
+           "PYTHONPATH": pythonpath}  # fmt: skip
     daemon = start_daemon(config, env=env)
     daemon.wait_for("worker.ready", lambda r: r.get("module") == "vendor")
     # Asked while its start still loads, vendorbad would answer "starting".
@@ -133,7 +141,7 @@ def test_a_sandboxed_third_party_module_uses_the_public_tuning_helpers(
         seen = vendor.call(
             "imports",
             {"names": ["ipad.tuning", "ipad.ipa", "attrs", "msgspec", "vendored_dep",
-                       "ipa_modules.types", "ipad.testing"]},
+                       "ipa_modules.types", "ipad.testing", "pythonpath_dep"]},
         )  # fmt: skip
         # The daemon's Python environment and the module's own directory are in its view;
         # the shipped modules' directory is shown empty to it. (With awb or agc enabled,
@@ -142,7 +150,7 @@ def test_a_sandboxed_third_party_module_uses_the_public_tuning_helpers(
         assert seen == {
             "ipad.tuning": "ok", "ipad.ipa": "ok", "attrs": "ok", "msgspec": "ok",
             "vendored_dep": "ok", "ipa_modules.types": "ModuleNotFoundError",
-            "ipad.testing": "ok",
+            "ipad.testing": "ok", "pythonpath_dep": "ModuleNotFoundError",
         }  # fmt: skip
         assert vendor.info.module_version == "0.3.0"  # __version__, as status shows it
         with pytest.raises(ModuleUnavailable, match=r"lens\.stpes") as refused:

@@ -141,12 +141,23 @@ def test_a_bad_tuning_key_fails_the_load_naming_it(tmp_path: Path) -> None:
         ModuleHarness(AWB, tuning="typo.toml", tuning_dirs=[tmp_path]).start()
 
 
+def test_a_tuning_file_that_is_not_toml_fails_the_load_naming_the_file(tmp_path: Path) -> None:
+    """Invalid TOML: the load fails with the file's path, not only the parser's line and column."""
+    bad = write_file(tmp_path / "awb" / "broken.toml", "[grid\n")
+    with pytest.raises(ModuleError, match=f"tuning file {bad} is not valid TOML: Expected"):
+        ModuleHarness(AWB, tuning="broken.toml", tuning_dirs=[tmp_path]).start()
+
+
 def test_a_missing_tuning_file_lists_the_paths_tried(tmp_path: Path) -> None:
     """With no tuning file anywhere the harness says where it looked, as the daemon does."""
     write_file(tmp_path / "mods" / "orphan.toml", _manifest("orphan", "ipa_orphan:Orphan"))
     with pytest.raises(TuningFileNotFound, match="orphan") as caught:
         ModuleHarness(tmp_path / "mods" / "orphan.toml", tuning_dirs=[tmp_path / "tuning"])
     assert tmp_path / "tuning" / "orphan" / "uncalibrated.toml" in caught.value.tried
+    assert "pass tuning_dirs=[<dir>]" in str(
+        caught.value
+    )  # the harness's arguments, not the daemon's
+    assert "[daemon] tuning_dirs" not in str(caught.value)
 
 
 def test_a_bad_manifest_is_refused_with_its_problems(tmp_path: Path) -> None:

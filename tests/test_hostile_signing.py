@@ -283,6 +283,39 @@ except verified_import.CodeRefused as exc:
     )
 
 
+def test_a_dependency_beside_the_signed_package_is_refused_saying_where_it_belongs(
+    tmp_path: Path,
+) -> None:
+    """A package beside the signed one is refused with where it belongs; one added inside is not."""
+    signed = Signed(tmp_path)
+    (signed.modules / "besidedep").mkdir()
+    (signed.modules / "besidedep" / "__init__.py").write_text("VALUE = 7\n")
+    (signed.package / "added.py").write_text("VALUE = 8\n")
+    script = f"""
+import json, sys
+from ipad.config import signing as _signing
+from ipad.worker import verified_import
+from pathlib import Path
+manifest = Path({str(signed.manifest)!r})
+sys.path.insert(0, str(manifest.parent))
+verified_import.install(str(manifest.parent), json.loads(_signing.signature_path(manifest).read_text())["files"])
+for name in ("besidedep", "ipad_test_modules.added"):
+    try:
+        __import__(name)
+    except verified_import.CodeRefused as exc:
+        print(exc.refused_code)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=30, check=True)  # fmt: skip
+    beside, added = out.stdout.strip().splitlines()
+    assert beside.startswith(f"{signed.modules / 'besidedep'}: not covered by the signature, ")
+    assert "ipad_test_modules/_vendor/" in beside
+    assert (
+        added
+        == f"{signed.package / 'added.py'}: not covered by the signature (added after signing?)"
+    )
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as root and as nobody (setpriv)")
 @needs_setpriv
 @pytest.mark.parametrize("daemon_user", ["root", "nobody"])

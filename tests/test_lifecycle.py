@@ -629,6 +629,19 @@ def test_halt_invalidates_with_the_operators_reason_and_does_not_restart() -> No
     assert w.logged("module.stop_requested")
 
 
+def test_halt_during_an_operators_restart_reads_stopped_by_operator() -> None:
+    """Stopped while its restart still ends the worker: its proxies read the stop, not "restarting"."""
+    w = world()
+    active = w.running()
+    w.feed(Restart())
+    w.feed(Halt())
+    w.exit(active, ExitStatus(signal=15))
+    assert w.invalidated == [(active, "module awb stopped by operator (signal SIGTERM)")]
+    w.drain()
+    assert w.states[-1] == (WorkerState.STOPPED, HALT_REASON)
+    assert not any(w.launching.values())
+
+
 def test_resume_while_the_halt_still_ends_workers_starts_once_they_are_gone() -> None:
     """Started again before its workers ended, the module starts the moment the last one goes."""
     w = world()

@@ -24,6 +24,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
+from ipad.config.model import RestartPolicy
+from ipad.daemon.lifecycle import Halt, LaunchFailed, Lifecycle, Restart, Start
 from ipad.daemon.metrics import (
     CALL_BURST,
     MAX_CALL_RATE,
@@ -33,6 +35,7 @@ from ipad.daemon.metrics import (
     ModuleMetrics,
     families,
     render,
+    restart_reason,
 )
 from ipad.daemon.metrics_file import MetricsFile, write_atomically
 from ipad.daemon.states import WorkerState
@@ -298,3 +301,18 @@ async def test_failed_writes_are_logged_rate_limited(tmp_path: Path) -> None:
     missing.parent.mkdir()
     assert await writer.write(missing)
     assert missing.read_text() == "text\n"
+
+
+def test_what_the_operator_stops_is_no_restart() -> None:
+    """A launch cancelled by ``ipadctl stop MODULE``, and anything while stopped, counts none."""
+    machine: Lifecycle[int] = Lifecycle("awb", RestartPolicy())
+    machine.handle(Start(), 0.0)
+    assert machine.launching
+    assert restart_reason(machine, LaunchFailed("spawn failed")) == "start_failed"
+    machine.handle(Halt(), 0.1)  # the launch in flight is cancelled: its failure comes back
+    assert machine.halting
+    assert restart_reason(machine, LaunchFailed("cancelled")) is None
+    machine.handle(LaunchFailed("cancelled"), 0.2)
+    assert machine.state is WorkerState.STOPPED
+    assert machine.halted
+    assert restart_reason(machine, Restart()) is None  # it starts the module: no worker ended

@@ -6,16 +6,20 @@ the daemon's gate is fed decoded records and its log captured.
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
 import trio
 import trio.testing
 
+from ipad.config.model import LogFormat
+from ipad.daemon.log_setup import renderers
 from ipad.daemon.modlog import ModuleLogGate, field_key
 from ipad.daemon.reactor import Timers
 from ipad.ipa import ModuleContext, ModuleLog
@@ -172,6 +176,28 @@ def test_a_record_is_bounded_before_it_is_sent(
     assert len(record.traceback) < b.MAX_LOG_TRACEBACK + 40
 
 
+def test_a_record_without_logger_or_traceback_renders_without_none() -> None:
+    """context.log's records (no logger, no traceback) show no "[None]" on the console."""
+    gate = ModuleLogGate("lsc", 42)
+    plain = p.ModuleLog("info", "lsc.configured", {"rows": 2}, instance_id=1, method="configure")
+    routed = p.ModuleLog("warning", "gain clipped", {}, instance_id=1, logger="ipa_lsc")
+    with structlog.testing.capture_logs() as logs:
+        assert gate.receive(plain, 0.0) is None
+        assert gate.receive(routed, 0.0) is None
+    assert "logger" not in logs[0]
+    assert "traceback" not in logs[0]
+    assert logs[1]["logger"] == "ipa_lsc"
+    lines: list[str] = []
+    for record in logs:
+        rendered: Any = {k: v for k, v in record.items() if k != "log_level"}
+        for processor in renderers(LogFormat.CONSOLE, io.StringIO()):
+            rendered = processor(None, "info", rendered)
+        lines.append(rendered)
+    assert "[None]" not in lines[0], lines[0]
+    assert "traceback=" not in lines[0], lines[0]
+    assert "[ipa_lsc]" in lines[1], lines[1]
+
+
 def test_the_gate_logs_at_the_records_level_and_kills_a_flood() -> None:
     """The daemon logs up to its burst, counts the drops, and past its margin names a violation."""
     gate = ModuleLogGate("cam", 42, proxy_of=lambda instance: 7 if instance == 3 else None)
@@ -183,7 +209,7 @@ def test_the_gate_logs_at_the_records_level_and_kills_a_flood() -> None:
     assert logged == {
         "event": "module.log", "log_level": "warning", "text": "gain.clamped", "gain": 3.5,
         "field_module": "awb", "module": "cam", "worker_pid": 42, "instance": 3, "proxy_id": 7,
-        "method": "process", "logger": None, "traceback": None,
+        "method": "process",
     }  # fmt: skip
     with structlog.testing.capture_logs() as logs:
         results = [gate.receive(record, 1.0) for _ in range(b.DAEMON_LOG_BURST - 1)]

@@ -352,6 +352,27 @@ def test_generated_config_is_valid(tmp_path: Path) -> None:
         write_config(tmp_path / "bad.toml", module_dirs=[], modules={"a/b": {}})
 
 
+def test_extra_config_merges_with_the_generated_tables(tmp_path: Path) -> None:
+    """extra_config may set keys of the tables write_config writes itself ([signatures], [daemon])."""
+    key = tmp_path / "vendor.pub"
+    config = write_config(
+        tmp_path / "config.toml",
+        module_dirs=[TEST_MODULES],
+        modules={"echo": {"tuning": "echo.toml"}},
+        trusted_keys=[key],
+        extra='[signatures]\nrequire_signature = true\n[daemon]\nlog_level = "debug"\n'
+        '[modules.echo]\ntuning = "other.toml"\nrestart = { max_failures = 2 }\n',
+    )
+    data = tomllib.loads(config.read_text())
+    assert data["signatures"] == {"trusted_keys": [str(key)], "require_signature": True}
+    assert data["daemon"] == {"module_dirs": [str(TEST_MODULES)], "log_level": "debug"}
+    assert data["modules"]["echo"] == {
+        "tuning": "echo.toml", "restart": {"max_failures": 2}, "proxy": "sandboxed"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="extra configuration is not valid TOML"):
+        write_config(tmp_path / "bad.toml", module_dirs=[], modules={}, extra="[daemon")
+
+
 #: run_daemon as another user: the probe module's report and what the daemon started.
 AS_NOBODY = """
 import json, sys
@@ -454,6 +475,31 @@ def test_signed_module_needs_its_key(tmp_path: Path) -> None:
     result = run_inner(project)
     assert result.returncode == 0, outcome(result)
     assert "1 passed" in result.stdout
+
+
+def test_signature_start_failures_hint_at_their_own_fix(tmp_path: Path) -> None:
+    """A stale signature hints at signing again, a missing one under require_signature at signing."""
+    project = make_project(tmp_path, "")
+    for args in (["keygen", "vendor.pem", "vendor.pub"], ["sign", "af", "--key", "vendor.pem"]):
+        subprocess.run([sys.executable, "-m", "ipad.cli.ctl", *args], cwd=project, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+    module = project / "af" / "ipa_af" / "__init__.py"
+    module.write_text(MODULE + "# edited after signing\n")
+    dirs, tuning = [project / "af"], [project / "af" / "tuning"]
+    keys = [project / "vendor.pub"]
+    with pytest.raises(DaemonStartError) as stale, run_daemon(module_dirs=dirs, tuning_dirs=tuning,
+                                                              modules=["af"], trusted_keys=keys):  # fmt: skip
+        pass
+    assert "tampered" in str(stale.value)
+    assert "sign the module again" in str(stale.value)
+    assert "ipad_trusted_keys" not in str(stale.value)
+    (project / "af" / "af.toml.sig").unlink()
+    required = "[signatures]\nrequire_signature = true\n"
+    with pytest.raises(DaemonStartError) as unsigned, run_daemon(module_dirs=dirs, tuning_dirs=tuning,
+                                                                 modules=["af"], extra_config=required):  # fmt: skip
+        pass
+    assert "not signed" in str(unsigned.value)
+    assert "hint: signatures are required" in str(unsigned.value)
 
 
 def test_loading_the_plugin_stays_light() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from typing import Annotated
 
 import attrs
 import msgspec
@@ -114,6 +115,32 @@ def test_dataclasses_and_structs_are_schemas_too() -> None:
     for schema in (Plain, Struct):
         with pytest.raises(TuningError, match="did you mean 'gain'"):
             read_tuning({"gian": 2}, schema)
+
+
+class Limits(msgspec.Struct):
+    """msgspec constraints on a schema's fields (module level: annotations resolve here)."""
+
+    gain: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    name: Annotated[str, msgspec.Meta(max_length=4)] = "x"
+
+
+@dataclasses.dataclass
+class PlainLimits:
+    """The same constraint on a dataclass's field."""
+
+    gain: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+
+
+def test_msgspec_constraints_of_a_field_are_checked() -> None:
+    """Annotated[..., msgspec.Meta(...)] is checked as the key is read, naming the key."""
+    assert read_tuning({"gain": 2}, Limits) == Limits(gain=2.0)
+    assert read_tuning({"gain": 2}, PlainLimits) == PlainLimits(gain=2.0)
+    for schema in (Limits, PlainLimits):
+        with pytest.raises(TuningError, match=r"tuning key 'gain': Expected `float` > 0") as bad:
+            read_tuning({"gain": 0}, schema)
+        assert bad.value.key == "gain"
+    with pytest.raises(TuningError, match="tuning key 'name'"):
+        read_tuning({"name": "too long"}, Limits)
 
 
 def test_anything_else_is_not_a_schema() -> None:

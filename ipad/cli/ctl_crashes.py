@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
 from ipad.cli.ctl_io import shown
 from ipad.client._blocking import BlockingClient
-from ipad.protocol import wire as p
-from ipad.protocol.errors import IpadError
 
 DESCRIPTION = (
     "Show the recent crash reports of every module, or only MODULE's, oldest first: time, "
@@ -27,8 +24,6 @@ DESCRIPTION = (
 
 #: Records shown unless -n says otherwise.
 DEFAULT_COUNT = 10
-#: Exit status for an unknown module (as ipadctl's EXIT_NO_SUCH_MODULE).
-EXIT_NO_SUCH_MODULE = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,17 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def crashes(client: BlockingClient, args: argparse.Namespace) -> int:
-    """Print the crash reports; exit 4 for an unknown module."""
-    try:
-        result = client.admin("crashes", args.module, timeout=args.timeout)
-    except IpadError as exc:
-        if exc.code != p.ErrorCode.UNKNOWN_MODULE.value:
-            raise
-        if args.json:
-            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
-        else:
-            print(f"ipadctl: {exc.message}", file=sys.stderr)
-        return EXIT_NO_SUCH_MODULE
+    """Print the crash reports; an error (an unknown module: exit 4) is ipadctl's to print."""
+    result = client.admin("crashes", args.module, timeout=args.timeout)
     records: list[dict[str, Any]] = list(result.get("crashes", []))
     records = records[-args.lines :] if args.lines > 0 else []
     if args.json:

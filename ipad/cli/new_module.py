@@ -75,18 +75,23 @@ Tuning keys (``tuning/$name/uncalibrated.toml``): ``gain``, a number > 0
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping
-from typing import Any
+from typing import Annotated
 
+import msgspec
 from ipad.ipa import IPAModule, ModuleContext, setup
+from ipad.tuning import read_tuning
 
 #: The module's version: the worker reports it (``ipadctl status``). Keep it equal to
 #: the manifest's ``version``.
 __version__ = "$version"
 
-#: The tuning keys and their defaults.
-TUNING_DEFAULTS: dict[str, float] = {"gain": 1.0}
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The tuning file's keys, each optional; read_tuning refuses others, naming the key."""
+
+    #: Multiplies every estimate.
+    gain: Annotated[float, msgspec.Meta(gt=0)] = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,25 +118,12 @@ class Estimate:
     correction: float
 
 
-def read_gain(tuning: Mapping[str, Any]) -> float:
-    """The tuning's ``gain``; ValueError naming the key if unknown or bad."""
-    for key in tuning:
-        if key not in TUNING_DEFAULTS:
-            known = ", ".join(TUNING_DEFAULTS)
-            raise ValueError(f"tuning key {key!r}: unknown (known: {known})")
-    gain = tuning.get("gain", TUNING_DEFAULTS["gain"])
-    number = isinstance(gain, int | float) and not isinstance(gain, bool)
-    if not number or not 0 < gain < math.inf:
-        raise ValueError(f"tuning key 'gain': {gain!r} is not a number > 0")
-    return float(gain)
-
-
 class $cls(IPAModule):
     """One instance per proxy: each camera's state is its own."""
 
     def __init__(self, context: ModuleContext) -> None:
         super().__init__(context)
-        self.gain = read_gain(context.tuning)
+        self.gain = read_tuning(context.tuning, Tuning).gain
         self.settings = Settings()
         self.sensor: SensorInfo | None = None
 
@@ -165,6 +157,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from ipad.client import ModuleError
 from ipad.testing import ModuleHarness
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -183,6 +177,15 @@ def test_process_estimates_from_the_tuning() -> None:
         inst.call("configure", sensor_info=SENSOR)
         result = inst.call("process", frame=1, luminance=0.25)
         assert result == {"frame": 1, "correction": 0.25}
+
+
+def test_a_bad_tuning_value_stops_the_start(tmp_path: Path) -> None:
+    """gain = 0: the module does not start, and the error names the key."""
+    (tmp_path / "$name").mkdir()
+    (tmp_path / "$name" / "bad.toml").write_text("gain = 0\\n")
+    bad = ModuleHarness(MANIFEST, tuning="bad.toml", tuning_dirs=[tmp_path])
+    with pytest.raises(ModuleError, match="tuning key 'gain'"), bad:
+        pass
 '''
 
 DAEMON_TEST = '''\

@@ -32,6 +32,7 @@ from ipad.client._core import (
     M,
     ProxyInfo,
     build_call,
+    check_admin,
     check_describe,
     expect,
     not_sent,
@@ -758,7 +759,12 @@ class BlockingClient:
         return reply
 
     def admin(self, command: str, module: str | None = None, timeout: float | None = None) -> Any:
-        """An operator's command: ``restart`` (a module), ``reload`` or ``stop``."""
+        """An operator's command: ``restart`` (a module), ``reload``, ``stop``, ``start``...
+
+        UnsupportedVersion, nothing sent, for ``stop``/``start`` of a module to a
+        daemon before minor 3 (it would stop itself).
+        """
+        check_admin(self.welcome, command, module)
         reply: p.AdminDone = self.request(p.Admin(command, module), p.AdminDone, timeout)
         return reply.result
 

@@ -51,6 +51,23 @@ def check_describe(welcome: p.Welcome | None) -> None:
         )
 
 
+def check_admin(welcome: p.Welcome | None, command: str, module: str | None) -> None:
+    """UnsupportedVersion, nothing sent, for ADMIN ``stop``/``start`` MODULE to an older daemon.
+
+    A daemon before minor 3 ignores ADMIN's module for ``stop``: it would stop
+    itself, every module with it (a new ipadctl against a daemon not yet
+    restarted after an upgrade).
+    """
+    minor = welcome.minor if welcome is not None else 0
+    if command in ("stop", "start") and module is not None and minor < p.MINOR_MODULE_STOP:
+        raise UnsupportedVersion(
+            f"the daemon speaks protocol minor {minor}: {command} of one module needs minor "
+            f"{p.MINOR_MODULE_STOP} (an older daemon would take 'stop MODULE' for a stop of "
+            "itself); restart the daemon to run this version, or use 'restart MODULE'",
+            {"minor": minor, "needed": p.MINOR_MODULE_STOP},
+        )
+
+
 @attrs.frozen
 class ProxyInfo:
     """What the daemon told us about a granted proxy."""

@@ -30,6 +30,7 @@ from ipad.client._core import (
     Backoff,
     M,
     ProxyInfo,
+    check_admin,
     check_describe,
     expect,
     not_sent,
@@ -173,7 +174,12 @@ class Client:
         return reply
 
     async def admin(self, command: str, module: str | None = None) -> Any:
-        """An operator's command: ``restart`` (a module), ``reload`` or ``stop``."""
+        """An operator's command: ``restart`` (a module), ``reload``, ``stop``, ``start``...
+
+        UnsupportedVersion, nothing sent, for ``stop``/``start`` of a module to a
+        daemon before minor 3 (it would stop itself).
+        """
+        check_admin(self.welcome, command, module)
         reply = await self.request(p.Admin(command, module), p.AdminDone)
         return reply.result
 

@@ -22,9 +22,10 @@ CONFIG_PATH_ENV = "IPAD_CONFIG_PATH"
 class TuningFileNotFound(LookupError):
     """No tuning file was found for a module; ``tried`` lists every path looked at, in order."""
 
-    def __init__(self, module: str, tried: Iterable[Path] = ()) -> None:
+    def __init__(self, module: str, tried: Iterable[Path] = (), hint: str | None = None) -> None:
         self.module = module
         self.tried: tuple[Path, ...] = tuple(tried)
+        self._hint = hint
         super().__init__(module)
 
     def __str__(self) -> str:
@@ -36,6 +37,8 @@ class TuningFileNotFound(LookupError):
     @property
     def hint(self) -> str:
         """Where a tuning file can be put or named: the key and the environment variables."""
+        if self._hint is not None:  # said by the caller (ipad.testing: its own arguments)
+            return self._hint
         return (f"put it in <dir>/{self.module}/ for a <dir> in the configuration's "
                 f"[daemon] tuning_dirs or in ${CONFIG_PATH_ENV}, or name it in "
                 f"${tuning_env_var(self.module)}")  # fmt: skip

@@ -102,10 +102,17 @@ class WorkerCell(ModuleSupervisor):
     def _invalidate(self, worker: WorkerProcess, reason: str) -> None:
         """Only this cell's proxy turns invalid: the others' workers did not end."""
         record = self.proxies.get(self.proxy_id) if self.proxy_id is not None else None
-        if record is None or record.state not in (ProxyState.VALID, ProxyState.PENDING):
+        if record is None:
+            return
+        details: dict[str, object] = {"isolation": "proxy"}
+        if record.state is ProxyState.INVALID:
+            if record.reattached and record.worker_pid == worker.pid:  # PROXY_READY not read
+                self.proxies.invalid_again(record, reason, details)
+            return
+        if record.state not in (ProxyState.VALID, ProxyState.PENDING):
             return
         if record.worker_pid == worker.pid or record.state is ProxyState.PENDING:
-            self.proxies.set_state(record, ProxyState.INVALID, reason, {"isolation": "proxy"})
+            self.proxies.set_state(record, ProxyState.INVALID, reason, details)
 
     def _proxy_of_instance(self, instance_id: int) -> int | None:
         """The cell's proxy: its worker serves no other."""
@@ -338,9 +345,11 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
                 self._restarts += 1
             if cell.ready is not None:
                 self._ready = cell.ready
-        if cell is self._spare and not self._stopping:
+        if self._halted and not self._stopping:
+            self._follow_halt()
+        elif cell is self._spare and not self._stopping:
             self._follow_spare(change)
-        elif cell.proxy_id is not None and change.state is not WorkerState.STARTING:
+        if cell.proxy_id is not None and change.state is not WorkerState.STARTING:
             log.info("proxy.worker_state", module=self.name, proxy_id=cell.proxy_id,
                      state=change.state.value, reason=change.reason,
                      worker_pid=change.worker.pid if change.worker else None)  # fmt: skip
@@ -354,6 +363,17 @@ class ProxyIsolatedSupervisor(ModuleSupervisor):
         """
         if self.on_stable is not None and self.state is WorkerState.RUNNING:
             await self.on_stable(module)
+
+    def _follow_halt(self) -> None:
+        """Stopped by the operator: ``stopping`` until every worker is gone, then ``stopped``.
+
+        Not the spare's state alone: a proxy's worker stuck in a call may outlive it.
+        """
+        if self.halt_settled():
+            self._set_module_state(WorkerState.STOPPED, HALT_REASON)
+            self._first_state.set()
+        else:
+            self._set_module_state(WorkerState.STOPPING, "stopping")
 
     def _follow_spare(self, change: SetState[WorkerProcess]) -> None:
         """The module's state from its spare's (``module_state``)."""

@@ -918,6 +918,9 @@ class Lifecycle(Generic[W]):
         if self.active is not None:
             if self.state is WorkerState.STARTING:
                 self._emit(CancelLaunch())  # its LOAD
+            ending = self.ending.get(self.active)
+            if ending is not None and ending.why is Why.RESTART:  # the stop overrides it
+                ending.why, ending.text = Why.STOP, HALT_REASON
             self._end(self.active, Why.STOP, HALT_REASON, polite=running)
         if self.standby is not None:
             standby, self.standby, self.standby_ready = self.standby, None, False

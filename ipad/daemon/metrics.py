@@ -83,12 +83,15 @@ def restart_reason(machine: Lifecycle[Any], event: Event) -> str | None:  # noqa
     """Why ``event`` restarts the module's active worker (a label), or None if it does not.
 
     Read before the machine handles it: a stop, a standby's end, or the end of
-    a worker already being restarted by the operator is no restart.
+    a worker already being restarted by the operator is no restart; nor is a
+    restart of a module not started yet, or stopped by the operator (it starts
+    it, as ``ipadctl start`` does: no worker of it ends), nor anything that
+    ends while the operator's stop is under way (a launch it cancelled).
     """
-    if machine.stopping:
+    if machine.stopping or machine.halted or machine.halting:
         return None
     if isinstance(event, Restart):
-        return "operator"
+        return None if machine.state is WorkerState.STOPPED else "operator"
     if isinstance(event, LaunchFailed):
         return None if event.standby or machine.active is not None else "start_failed"
     if not isinstance(event, Exited) or event.worker is not machine.active:

@@ -151,6 +151,11 @@ class ModuleLogGate:
         proxy_id = None
         if instance is not None and self.proxy_of is not None:
             proxy_id = self.proxy_of(instance)
+        # Only when there is one: the console renderer shows a None logger as "[None]".
+        if record.logger:
+            fields["logger"] = b.clip(record.logger, b.MAX_LOG_NAME)
+        if record.traceback:
+            fields["traceback"] = b.clip_end(record.traceback, b.MAX_LOG_TRACEBACK)
         level = b.level_name(record.level)
         getattr(log, level)(
             "module.exception" if exception else "module.log",
@@ -161,6 +166,4 @@ class ModuleLogGate:
             instance=instance,
             proxy_id=proxy_id,
             method=b.clip(record.method, b.MAX_LOG_NAME) or None,
-            logger=b.clip(record.logger, b.MAX_LOG_NAME) or None,
-            traceback=b.clip_end(record.traceback, b.MAX_LOG_TRACEBACK) or None,
         )

@@ -30,6 +30,9 @@ class ProxyRecord:
     #: was: a module that breaks each new channel is paced like a crash loop, not served flat out.
     live_reopens: int = 0
     live_reopened_at: float = -math.inf
+    #: Given a new instance while invalid (REOPEN_PROXY) and not announced since: should that
+    #: worker end before PROXY_READY is read, its end is announced anew (``invalid_again``).
+    reattached: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.served_by:
@@ -70,6 +73,7 @@ class ProxyTable:
         """Move a proxy to ``state`` and publish it; return the event's sequence number."""
         record.state = advance_proxy(record.state, state)
         record.reason = reason
+        record.reattached = False
         if state is ProxyState.CLOSED:
             self._proxies.pop(record.proxy_id, None)
         event = self.events.publish(
@@ -82,6 +86,22 @@ class ProxyTable:
             details=details,
         )
         return event.seq
+
+    def invalid_again(
+        self, record: ProxyRecord, reason: str, details: dict[str, Any] | None = None
+    ) -> None:
+        """The worker an invalid proxy was reattached to ended before the proxy was valid again.
+
+        Its client replays its setup, counts itself valid and sends PROXY_READY
+        without waiting; a call that kills the new worker before the daemon read
+        it would otherwise go unannounced (the proxy was invalid already): its
+        invalid event, with the new end's reason, says so to every subscriber.
+        """
+        record.reason = reason
+        record.reattached = False
+        self.events.publish("proxy", record.module, proxy_id=record.proxy_id,
+                            state=ProxyState.INVALID.value, reason=reason,
+                            worker_pid=record.worker_pid, details=details)  # fmt: skip
 
     def close(self, record: ProxyRecord, reason: str) -> None:
         """Close a proxy unless it is closed already (a release and its channel's end may race)."""

@@ -42,6 +42,7 @@ from ipad.daemon.events import EventBus
 from ipad.daemon.heartbeat import Heartbeats
 from ipad.daemon.isolation import ProxyIsolatedSupervisor
 from ipad.daemon.launcher import Launcher
+from ipad.daemon.lifecycle import HALT_REASON
 from ipad.daemon.listener import open_listener
 from ipad.daemon.metrics import DaemonFacts, families, render
 from ipad.daemon.metrics_file import MetricsFile
@@ -677,7 +678,9 @@ class DaemonRuntime:
 
         await self.events.wait_until(settled, policy.stop_timeout.seconds +
                                      policy.start_timeout.seconds)  # fmt: skip
-        return {"module": module, "state": supervisor.state.value, "reason": supervisor.reason}
+        # Stopped by the operator meanwhile: it says so, not "stopping" while its workers end.
+        reason = HALT_REASON if supervisor.halted else supervisor.reason
+        return {"module": module, "state": supervisor.state.value, "reason": reason}
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration: start added modules, stop removed ones, restart changed ones.

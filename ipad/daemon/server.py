@@ -524,6 +524,7 @@ class Session:
         record.instance_id = instance_id
         record.served_by = serving.name
         record.worker_pid = serving.worker_pid_for(record.proxy_id)
+        record.reattached = record.state is ProxyState.INVALID
         return channel
 
     async def _grant(
@@ -561,8 +562,10 @@ class Session:
             serving = supervisors.get(record.served_by)
             running = serving.running_pid_for(record.proxy_id) if serving is not None else None
             # Invalid, and not on that worker any more: its end was told (a stop, a restart).
-            # Invalid while that worker still runs is an earlier end's state: wait for this one.
-            return record.state is not ProxyState.VALID and running != pid
+            # Invalid while that worker still runs is an earlier end's state: wait for this one;
+            # so is a proxy reopened on it whose end is not announced yet (ProxyRecord.reattached).
+            unannounced = record.reattached and record.worker_pid == pid
+            return record.state is not ProxyState.VALID and running != pid and not unannounced
 
         await self.server.events.wait_until(known, CAUSE_WAIT)
         crashed = crash()

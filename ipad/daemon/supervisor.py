@@ -511,8 +511,11 @@ class ModuleSupervisor:
             self._handling = False
 
     def _count_restart(self, event: Event) -> None:
-        """Count a restart by reason, and when the module went down (ipad/daemon/metrics.py)."""
-        if isinstance(event, Stop):
+        """Count a restart by reason, and when the module went down (ipad/daemon/metrics.py).
+
+        A stop, the operator's too, ends the outage: a start after it is no recovery.
+        """
+        if isinstance(event, Stop | Halt):
             self._down_since = None
         reason = restart_reason(self.machine, event)
         if reason is not None:
@@ -874,11 +877,16 @@ class ModuleSupervisor:
         return all(r.state is not ProxyState.INVALID for r in self.proxies.of_module(self.name))
 
     def _invalidate(self, worker: WorkerProcess, reason: str) -> None:
-        """Every proxy whose instance lived in ``worker`` (or waited for one) turns invalid."""
+        """Every proxy whose instance lived in ``worker`` (or waited for one) turns invalid.
+
+        One reopened on it while invalid is announced invalid again, with this end's reason.
+        """
         for record in self.proxies.of_module(self.name):
             mine = record.worker_pid == worker.pid or record.state is ProxyState.PENDING
             if mine and record.state in (ProxyState.VALID, ProxyState.PENDING):
                 self.proxies.set_state(record, ProxyState.INVALID, reason)
+            elif mine and record.reattached:  # reopened on it, its PROXY_READY not read yet
+                self.proxies.invalid_again(record, reason)
 
     def _sweep(self, worker: WorkerProcess) -> None:
         """Clear what an exited worker left: its cgroup, next; its descriptors, now.

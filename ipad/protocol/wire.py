@@ -57,6 +57,9 @@ MINOR_PROXY_CAUSE = 3
 MINOR_MODULE_LOG = 3
 #: The minor that brought EVENT's ``time`` and LOGS/LOG_RECORDS (``ipadctl events``, ``logs``).
 MINOR_CTL_LOGS = 3
+#: The minor that brought ADMIN ``stop``/``start`` of one module: a daemon before it took
+#: ``stop`` with a module for a stop of the daemon itself.
+MINOR_MODULE_STOP = 3
 HEADER = struct.Struct("<2sBBHHQI")
 HEADER_SIZE = HEADER.size
 

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,28 +146,57 @@ def write_config(
     root and as a user without user namespaces; a measure left out is logged
     (``sandbox.measure_unavailable``). ``trusted_keys`` are the public keys of
     signed modules (a signature that exists is checked: docs/security.md).
-    ``extra`` is TOML put before the modules.
+    ``extra`` is more TOML, merged table by table into what is generated (so
+    ``[signatures] require_signature = true`` or ``[daemon] log_level`` can be
+    given with the keys written here; its keys win); ``modules`` wins over its
+    ``[modules.<name>]`` tables. TOML that does not parse is a ValueError here.
     """
     for name in modules:
         if not MODULE_NAME.fullmatch(name):
             raise ValueError(f"invalid module name {name!r}: ASCII letters, digits, '_' and "
                              "'-', starting with a letter or digit")  # fmt: skip
-    dirs = [str(Path(d).resolve()) for d in module_dirs]
-    lines = ["[daemon]", f"module_dirs = {_toml(dirs, 'module_dirs')}", ""]
+    config: dict[str, Any] = {
+        "daemon": {"module_dirs": [str(Path(d).resolve()) for d in module_dirs]}
+    }
     if not strict_sandbox:
-        lines += ["[sandbox]", f"optional = {_toml(list(HOST_DEPENDENT_MEASURES), 'optional')}"]
+        config["sandbox"] = {"optional": list(HOST_DEPENDENT_MEASURES)}
     if trusted_keys:
-        keys = [str(Path(k).resolve()) for k in trusted_keys]
-        lines += ["", "[signatures]", f"trusted_keys = {_toml(keys, 'trusted_keys')}"]
-    lines += ["", extra, ""]
-    for name, table in modules.items():
-        lines.append(f"[modules.{name}]")
-        settings = {"proxy": proxy, **table}
-        for key, value in settings.items():
-            lines.append(f"{_toml_key(key)} = {_toml(value, f'modules.{name}.{key}')}")
-        lines.append("")
-    path.write_text("\n".join(lines))
+        config["signatures"] = {"trusted_keys": [str(Path(k).resolve()) for k in trusted_keys]}
+    try:
+        _merge(config, tomllib.loads(extra))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"extra configuration is not valid TOML: {exc}") from exc
+    _merge(
+        config, {"modules": {name: {"proxy": proxy, **table} for name, table in modules.items()}}
+    )
+    path.write_text("\n".join(_toml_tables(config, ())))
     return path
+
+
+def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> None:
+    """Merge ``update`` into ``into``: tables key by key, any other value replaced."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _toml_tables(table: Mapping[str, Any], prefix: tuple[str, ...]) -> list[str]:
+    """``table`` as TOML lines: its values under a ``[prefix]`` header, then its sub-tables."""
+    name = ".".join(prefix)
+    values = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+    lines = (
+        [f"[{'.'.join(_toml_key(k) for k in prefix)}]"] if prefix and (values or not table) else []
+    )
+    lines += [
+        f"{_toml_key(k)} = {_toml(v, f'{name}.{k}' if name else k)}" for k, v in values.items()
+    ]
+    lines += [""] if lines else []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            lines += _toml_tables(value, (*prefix, key))
+    return lines
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -326,11 +356,16 @@ class Daemon:
     def _hint(self) -> str:
         """What to do about a start failure whose cause the test's options can fix, if any."""
         text = json.dumps(self._records)
-        if "(signature)" in text or "not a trusted key" in text:
+        if "not a trusted key" in text:
             return (
                 "\n  hint: a signed module (a .sig beside its manifest) is checked against "
                 "trusted keys: pass trusted_keys=[...] (pytest: ini option ipad_trusted_keys)"
             )
+        if "the module is not signed" in text:
+            return "\n  hint: signatures are required: sign it with ipadctl sign DIR --key KEY"
+        if "(signature)" in text:
+            # Tampered, added or removed files: the key is right, the signature is stale.
+            return "\n  hint: sign the module again after every change: ipadctl sign DIR --key KEY"
         return ""
 
     # --- the log ------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from ipad.client._core import build_call
 from ipad.client._describe import Description
 from ipad.client._registry import BufferRegistry
 from ipad.config.manifest import Manifest, load_manifest
-from ipad.config.tuning import find_tuning_file
+from ipad.config.tuning import TuningFileNotFound, find_tuning_file
 from ipad.protocol import wire as p
 from ipad.protocol.errors import (
     Disconnected,
@@ -98,13 +98,20 @@ class ModuleHarness:
         self.module_dir = path.parent
         self.timeout = timeout
         #: The tuning file the worker host reads (TuningFileNotFound lists every path tried).
-        self.tuning_file: Path = find_tuning_file(
-            self.manifest.name,
-            tuning,
-            environ=dict(environ or {}),
-            privileged=False,
-            tuning_dirs=[Path(d).resolve() for d in tuning_dirs],
-        )
+        try:
+            self.tuning_file: Path = find_tuning_file(
+                self.manifest.name,
+                tuning,
+                environ=dict(environ or {}),
+                privileged=False,
+                tuning_dirs=[Path(d).resolve() for d in tuning_dirs],
+            )
+        except TuningFileNotFound as exc:
+            # The daemon's hint names its configuration; here the arguments decide.
+            name = self.manifest.name
+            hint = (f"put it in <dir>/{name}/ and pass tuning_dirs=[<dir>] (every module ships "
+                    f"{name}/uncalibrated.toml, empty if it has no tuning keys)")  # fmt: skip
+            raise TuningFileNotFound(name, exc.tried, hint) from None
         #: READY: the module's ``version`` (its ``__version__``, "0" without), methods, types.
         self.ready: p.Ready | None = None
         self.description = Description((), {})

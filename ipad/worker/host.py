@@ -118,7 +118,8 @@ class Method:
         self.setup = setup
         self.undoes = undoes
         self.signature = inspect.signature(function)
-        hints = typing.get_type_hints(function)
+        # With Annotated kept: msgspec.Meta constraints are checked and described.
+        hints = typing.get_type_hints(function, include_extras=True)
         self.types: dict[str, Any] = {}
         self.buffers: set[str] = set()
         for param in list(self.signature.parameters.values())[1:]:  # skip self
@@ -207,7 +208,10 @@ class LoadedModule:
         self.name = load.module
         self.version = str(getattr(sys.modules[module_name], "__version__", "0"))
         with open(load.tuning, encoding="utf-8") as file:  # noqa: PTH123 - no pathlib: see sandbox._write
-            self.tuning = tomllib.loads(file.read())
+            try:
+                self.tuning = tomllib.loads(file.read())
+            except tomllib.TOMLDecodeError as exc:  # name the file: the reason would not
+                raise ValueError(f"tuning file {load.tuning} is not valid TOML: {exc}") from None
         # One probe instance checks the tuning now: a bad tuning file fails the start,
         # with the module's own message, instead of every proxy request later.
         log = ModuleLog(sender.sink(0)) if sender is not None else None

@@ -51,6 +51,10 @@ class VerifiedCode:
         #: Relative path -> the verified bytes of each signed Python source file.
         self.sources: dict[str, bytes] = {}
         self.digests = dict(digests)
+        #: The signed top-level entries (the entry point's package): nothing beside them is.
+        self.signed_tops = sorted(
+            {n.split("/", 1)[0] for n in digests if "/" in n or n.endswith(".py")}
+        )
         for name, digest in sorted(digests.items()):
             path = os.path.join(self.root, name)
             try:
@@ -147,7 +151,18 @@ class VerifiedFinder:
                 if self.code.relative(candidate) in self.code.digests:  # an extension module
                     raise CodeRefused(candidate, "signed, but only Python source files can be "
                                       "imported from verified bytes")  # fmt: skip
-                raise CodeRefused(candidate, "not covered by the signature (added after signing?)")
+                raise CodeRefused(candidate, self._uncovered(candidate))
+
+    def _uncovered(self, candidate: str) -> str:
+        """Why ``candidate`` is refused: added to the package, or beside it (never signed)."""
+        rel = self.code.relative(candidate) or ""
+        tops = self.code.signed_tops
+        if not tops or rel.split(os.sep, 1)[0] in tops:
+            return "not covered by the signature (added after signing?)"
+        package = tops[0].removesuffix(".py")
+        return (f"not covered by the signature, which covers only the manifest and "
+                f"{', '.join(tops)}: put a dependency inside the package (say {package}/_vendor/) "
+                "and sign again")  # fmt: skip
 
 
 class VerifiedLoader:

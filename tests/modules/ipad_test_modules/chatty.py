@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import socket
 from typing import Any
 
@@ -73,24 +74,30 @@ class Chatty(IPAModule):
                                len(payload))  # fmt: skip
         os.write(CONTROL_FD, header + payload)
 
-    def raw_log(self, count: int, text_size: int = 10, fields: int = 0) -> int:
-        """Write ``count`` MODULE_LOG packets to the control socket itself; how many went."""
+    def raw_log(self, count: int, text_size: int = 10, fields: int = 0, wait: bool = False) -> int:
+        """Write ``count`` MODULE_LOG packets to the control socket itself; how many went.
+
+        ``wait``: when the socket is full, wait (up to a second) for the daemon to read
+        instead of dropping the packet, so that all of them reach it however loaded
+        the machine is (a tight loop otherwise fills the buffer before the daemon runs).
+        """
         record = p.ModuleLog(
             "warning", "x" * text_size, {f"f{n}": n for n in range(fields)}, instance_id=1
         )
         packet = p.encode(record)
         control = socket.socket(fileno=os.dup(CONTROL_FD))
-        # Waits for room: at MSG_DONTWAIT a loaded daemon read so few of them before the
-        # loop ended that the flood never passed its limit (a flaky test). Bounded all the
-        # same: a daemon that reads nothing for a while ends it.
-        control.settimeout(5.0)
         sent = 0
         try:
             for _ in range(count):
                 try:
-                    control.send(packet)
-                except TimeoutError:
-                    break
+                    control.send(packet, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if not (wait and select.select([], [control], [], 1.0)[1]):
+                        continue
+                    try:
+                        control.send(packet, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
                 sent += 1
         finally:
             control.close()
