@@ -107,3 +107,22 @@ def test_proxy_cause_answers_only_for_the_asker_s_own_proxies(
             other.request(p.ProxyCause(proxy.proxy_id), p.ProxyCauseReply, timeout=10)
         reply = owner.request(p.ProxyCause(proxy.proxy_id), p.ProxyCauseReply, timeout=10)
         assert (reply.state, reply.reason) == ("valid", "")  # its worker did not end
+
+
+def test_proxy_cause_says_nothing_of_another_client_s_worker(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Asked about a worker that never held the proxy (another client's), it answers for its own."""
+    modules = '[modules.crashy]\nisolation = "proxy"\n'
+    daemon = start_daemon(write_config(tmp_path, CRASHY, modules=modules))
+    with BlockingClient(daemon.socket) as victim, BlockingClient(daemon.socket) as prier:
+        crashed, own = victim.request_proxy("crashy"), prier.request_proxy("crashy")
+        crashed_pid, own_pid = crashed.call("pid"), own.call("pid")
+        assert crashed_pid != own_pid  # a worker each
+        with pytest.raises(ipc.WorkerCrashed, match="SIGSEGV"):
+            crashed.call("segfault")
+        reply = prier.request(
+            p.ProxyCause(own.proxy_id, crashed_pid), p.ProxyCauseReply, timeout=10
+        )
+        assert (reply.state, reply.reason) == ("valid", "")  # nothing of the other's crash
+        assert own.call("pid") == own_pid

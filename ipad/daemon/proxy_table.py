@@ -12,6 +12,10 @@ import attrs
 from ipad.daemon.events import EventBus
 from ipad.daemon.states import ProxyState, advance_proxy
 
+#: How many of a proxy's past workers PROXY_CAUSE may be asked about: a call fails on
+#: the worker it was sent to, which is the newest or, after a quick reopen, the one before.
+SERVED_PIDS_KEPT = 4
+
 
 @attrs.define
 class ProxyRecord:
@@ -33,6 +37,15 @@ class ProxyRecord:
     #: Given a new instance while invalid (REOPEN_PROXY) and not announced since: should that
     #: worker end before PROXY_READY is read, its end is announced anew (``invalid_again``).
     reattached: bool = False
+    #: The last workers that held its instance (newest last, ``SERVED_PIDS_KEPT`` at most):
+    #: PROXY_CAUSE answers about these only, never about another client's worker.
+    served_pids: tuple[int, ...] = ()
+
+    def served_on(self, pid: int | None) -> None:
+        """Its instance is now in worker ``pid``."""
+        self.worker_pid = pid
+        if pid is not None and pid not in self.served_pids:
+            self.served_pids = (*self.served_pids, pid)[-SERVED_PIDS_KEPT:]
 
     def __attrs_post_init__(self) -> None:
         if not self.served_by:

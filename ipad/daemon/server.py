@@ -523,7 +523,7 @@ class Session:
             return None
         record.instance_id = instance_id
         record.served_by = serving.name
-        record.worker_pid = serving.worker_pid_for(record.proxy_id)
+        record.served_on(serving.worker_pid_for(record.proxy_id))
         record.reattached = record.state is ProxyState.INVALID
         return channel
 
@@ -549,7 +549,9 @@ class Session:
         record = await self._own_proxy(frame, message.proxy_id)
         if record is None:
             return
-        pid = message.worker_pid or record.worker_pid
+        # Only a worker that held this proxy: another client's worker is not its business.
+        asked = message.worker_pid
+        pid = asked if asked and asked in record.served_pids else record.worker_pid
         supervisors = self.server.supervisors
 
         def crash() -> CrashRecord | None:
