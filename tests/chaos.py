@@ -613,7 +613,8 @@ class Episode:
             return Outcome(0, result=answer)
         if done.returncode == 0 and answer is not None:
             return Outcome(0, result=answer)
-        if done.returncode == 1 and isinstance(answer, dict) and "error" in answer:
+        # Refused: 1, or 4 for a module the daemon does not know (systemctl's "no such unit").
+        if done.returncode in (1, 4) and isinstance(answer, dict) and "error" in answer:
             outcome = Outcome(1, error=answer["error"])
             self.counts[f"ipadctl {args[0]} refused: {outcome.code}"] += 1
             if outcome.code == "internal":
