@@ -46,6 +46,7 @@ from tests.daemon_process import (
     wait_until,
     write_config,
 )
+from tests.raw_client import hello, receive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -453,3 +454,43 @@ def test_call_timeout_has_a_default_an_override_and_no_zero(tmp_path: Path) -> N
         with pytest.raises(ConfigError) as raised:
             parse_config(text, path)
         assert any("call_timeout: must not be zero" in str(x) for x in raised.value.problems)
+
+
+def test_a_proxy_released_while_its_instance_opens_is_not_granted(
+    start_daemon: Start, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """RELEASE_PROXY of a guessed id during the open: REQUEST_PROXY fails, the daemon serves on."""
+    flag = tmp_path / "slow"
+    flag.touch()
+    tuning = tmp_path / "stuck.toml"
+    tuning.write_text(f'slow_open_if_exists = "{flag}"\nopen_seconds = 1.0\n')
+    env = {**daemon_env, "IPAD_STUCK_TUNING_FILE": str(tuning)}
+    daemon = stuck_daemon(start_daemon, tmp_path, call_timeout=5.0, heartbeat_timeout=5.0,
+                          standby=False, env=env)  # fmt: skip
+    daemon.wait_for("worker.ready", of_module("stuck"))
+    with BlockingClient(daemon.socket) as client:
+        # The next proxy id, as a hostile client would guess it.
+        guessed = client.request_proxy("echo").proxy_id + 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+        raw.settimeout(WAIT)
+        raw.connect(str(daemon.socket))
+        hello(raw)
+        raw.send(p.encode(p.RequestProxy("stuck"), 2))
+        time.sleep(0.3)  # the instance is being constructed (1 s)
+        raw.send(p.encode(p.ReleaseProxy(guessed), 3))
+        replies: dict[int, p.Message] = {}
+        while len(replies) < 2:
+            frame = receive(raw)
+            assert frame is not None
+            frame.close_fds()
+            if frame.request_id in (2, 3):
+                replies[frame.request_id] = frame.message
+    assert isinstance(replies[3], p.Released)
+    assert isinstance(replies[2], p.Error)
+    assert replies[2].code == p.ErrorCode.UNKNOWN_PROXY.value, replies[2]
+    assert daemon.events("request.internal_error") == []
+    flag.unlink()
+    with BlockingClient(daemon.socket) as client:
+        assert client.request_proxy("stuck").call("pid", timeout=WAIT) > 0
+        assert client.status().daemon["proxies"] == 1
+    others_still_work(daemon)

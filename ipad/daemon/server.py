@@ -403,6 +403,14 @@ class Session:
         channel = await self._attach(frame, record, serving, new=True)
         if channel is None:
             return
+        if record.state is ProxyState.CLOSED:  # released (by a guessed id) while it opened
+            with channel:
+                if record.instance_id is not None:
+                    await serving.close_instance(record.instance_id, record.proxy_id)
+            await self._error(frame, p.ErrorCode.UNKNOWN_PROXY,
+                              f"proxy {record.proxy_id} was closed before it was granted: "
+                              f"{record.reason}")  # fmt: skip
+            return
         if serving is supervisor:
             seq = self.server.proxies.set_state(record, ProxyState.VALID)
         else:
