@@ -878,6 +878,18 @@ class Lifecycle(Generic[W]):
         if self.stopping:
             return  # stopping already: the first stop's reason stands
         self.stop_why = event.why
+        self._end_workers(event.why)
+        if self._idle():
+            self._finish_if_idle()
+        elif self.state is not WorkerState.STOPPING:  # not halting already
+            self._set(WorkerState.STOPPING, "stopping")
+
+    def _end_workers(self, text: str, *, over_restart: bool = False) -> None:
+        """What Stop and Halt share: no timer or launch goes on, every worker ends.
+
+        The active worker ends as stopped, with ``text`` for its clients; with
+        ``over_restart`` a restart already ending it turns into this stop.
+        """
         self._emit(CancelTimer(Timer.RESTART), CancelTimer(Timer.STABLE),
                    CancelTimer(Timer.STANDBY))  # fmt: skip
         if self.launching:
@@ -888,14 +900,13 @@ class Lifecycle(Generic[W]):
         if self.active is not None:
             if self.state is WorkerState.STARTING:
                 self._emit(CancelLaunch())  # its LOAD
-            self._end(self.active, Why.STOP, event.why, polite=running)
+            ending = self.ending.get(self.active)
+            if over_restart and ending is not None and ending.why is Why.RESTART:
+                ending.why, ending.text = Why.STOP, text
+            self._end(self.active, Why.STOP, text, polite=running)
         if self.standby is not None:
             standby, self.standby, self.standby_ready = self.standby, None, False
             self._end(standby, Why.RETIRED, polite=True)
-        if self._idle():
-            self._finish_if_idle()
-        elif self.state is not WorkerState.STOPPING:  # not halting already
-            self._set(WorkerState.STOPPING, "stopping")
 
     def _on_halt(self, _: Halt) -> None:
         """The operator stops the module: its workers end, its proxies turn invalid, none starts.
@@ -908,23 +919,7 @@ class Lifecycle(Generic[W]):
         self.halted = self.halting = True
         self._log("info", "module.stop_requested", reason=HALT_REASON)
         self.standby_waiting = False
-        self._emit(CancelTimer(Timer.RESTART), CancelTimer(Timer.STABLE),
-                   CancelTimer(Timer.STANDBY))  # fmt: skip
-        if self.launching:
-            self._emit(CancelLaunch())
-        if self.standby_launching:
-            self._emit(CancelLaunch(standby=True))
-        running = self.state is WorkerState.RUNNING
-        if self.active is not None:
-            if self.state is WorkerState.STARTING:
-                self._emit(CancelLaunch())  # its LOAD
-            ending = self.ending.get(self.active)
-            if ending is not None and ending.why is Why.RESTART:  # the stop overrides it
-                ending.why, ending.text = Why.STOP, HALT_REASON
-            self._end(self.active, Why.STOP, HALT_REASON, polite=running)
-        if self.standby is not None:
-            standby, self.standby, self.standby_ready = self.standby, None, False
-            self._end(standby, Why.RETIRED, polite=True)
+        self._end_workers(HALT_REASON, over_restart=True)
         if not self._idle():
             if self.state is not WorkerState.STOPPING:
                 self._set(WorkerState.STOPPING, "stopping")
