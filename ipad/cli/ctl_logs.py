@@ -28,6 +28,8 @@ from ipad.protocol.errors import Disconnected
 
 #: Seconds between two looks at the ring while following.
 POLL = 0.5
+#: Seconds journalctl gets to end after SIGTERM before it is killed.
+JOURNALCTL_STOP = 5.0
 #: What -n all asks the ring for: more than it ever holds.
 ALL = 1 << 20
 
@@ -129,5 +131,9 @@ def _journalctl(match: tuple[str, ...], args: argparse.Namespace) -> int:
         return child.wait()
     except (KeyboardInterrupt, Interrupted):  # journalctl -f ends on the same ^C
         child.terminate()
-        child.wait()
+        try:
+            child.wait(timeout=JOURNALCTL_STOP)
+        except subprocess.TimeoutExpired:  # a journalctl that ignores SIGTERM: ours to reap
+            child.kill()
+            child.wait()
         return 0
